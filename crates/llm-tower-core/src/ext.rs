@@ -1,0 +1,91 @@
+//! Typed request metadata carried in [`ChatRequest::extensions`](crate::ChatRequest).
+//!
+//! Layers never depend on each other; they talk through these extensions (on the way in)
+//! and through [`ResponseMeta`](crate::ResponseMeta) (on the way out).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The task type of a request (`"explain"`, `"classify"`, …): drives routing, cache TTLs,
+/// validators, limits and cost reports. The HTTP surface fills it from `x-llm-task`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskType(pub Arc<str>);
+
+/// The tenant a request is made for: scopes cache entries, limits, budgets and jobs.
+/// The HTTP surface derives it from the client's key, never from a header.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tenant(pub Arc<str>);
+
+/// A client-supplied idempotency key (`Idempotency-Key` header).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(pub Arc<str>);
+
+/// The instant by which the caller needs an answer. Layers that wait (rate limit, fallback
+/// back-off) never wait past it. Uses tokio's clock so paused-time tests control it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline(pub tokio::time::Instant);
+
+impl Deadline {
+    /// A deadline `after` from now.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use llm_tower_core::Deadline;
+    /// use std::time::Duration;
+    /// let d = Deadline::after(Duration::from_secs(5));
+    /// assert!(d.remaining() <= Duration::from_secs(5));
+    /// # }
+    /// ```
+    pub fn after(after: Duration) -> Self {
+        Self(tokio::time::Instant::now() + after)
+    }
+
+    /// Time left before the deadline (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(tokio::time::Instant::now())
+    }
+}
+
+/// Per-request cache policy. The HTTP surface maps `Cache-Control: no-cache` to
+/// [`CachePolicy::NoCache`] and `no-store` to [`CachePolicy::NoStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CachePolicy {
+    /// The cache layer's own rules decide.
+    #[default]
+    Default,
+    /// Do not answer from the cache, but store the fresh answer.
+    NoCache,
+    /// Neither read from nor write to the cache.
+    NoStore,
+    /// Cache this request even if it is not deterministic (the caller vouches for it).
+    Force,
+}
+
+macro_rules! string_ext {
+    ($ty:ident) => {
+        impl $ty {
+            /// The value as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl From<&str> for $ty {
+            fn from(s: &str) -> Self {
+                Self(Arc::from(s))
+            }
+        }
+        impl From<String> for $ty {
+            fn from(s: String) -> Self {
+                Self(Arc::from(s))
+            }
+        }
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+string_ext!(TaskType);
+string_ext!(Tenant);
+string_ext!(IdempotencyKey);

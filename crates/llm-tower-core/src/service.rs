@@ -1,0 +1,38 @@
+//! The LLM service alias and its boxed, cloneable form.
+
+use tower::util::BoxCloneSyncService;
+use tower_service::Service;
+
+use crate::{ChatRequest, LlmError, LlmResponse};
+
+/// Any `Service<ChatRequest, Response = LlmResponse, Error = LlmError>`; implemented for
+/// every such service, so it can be used as a bound (`S: LlmService`).
+pub trait LlmService: Service<ChatRequest, Response = LlmResponse, Error = LlmError> {}
+
+impl<S> LlmService for S where S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> {}
+
+/// A type-erased, cloneable, `Send + Sync` LLM service, for heterogeneous sets
+/// (fallback chains, route targets).
+pub type BoxLlmService = BoxCloneSyncService<ChatRequest, LlmResponse, LlmError>;
+
+/// Boxes an LLM service into a [`BoxLlmService`].
+///
+/// ```
+/// use llm_tower_core::{boxed, BoxLlmService, ChatRequest, ChatResponse, LlmError, LlmResponse};
+///
+/// let svc: BoxLlmService = boxed(tower::service_fn(|req: ChatRequest| async move {
+///     Ok::<_, LlmError>(LlmResponse::complete(ChatResponse::from_text(req.model, "hi")))
+/// }));
+/// # let _ = svc;
+/// ```
+pub fn boxed<S>(service: S) -> BoxLlmService
+where
+    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(service)
+}

@@ -1,0 +1,188 @@
+//! A Redis connection with a hard timeout on every operation and a circuit breaker.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+/// Settings of a [`RedisConn`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Hard limit on each operation (connect, command, script). Default 50 ms: a store
+    /// slower than that costs more than it saves.
+    pub op_timeout: Duration,
+    /// Consecutive failures that open the breaker. Default 5.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before one probe is let through. Default 5 s.
+    pub cooldown: Duration,
+    /// Prefix of every key this crate writes. Default `llm-tower:`.
+    pub key_prefix: String,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            op_timeout: Duration::from_millis(50),
+            failure_threshold: 5,
+            cooldown: Duration::from_secs(5),
+            key_prefix: "llm-tower:".to_owned(),
+        }
+    }
+}
+
+/// Why a Redis operation did not give a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisStoreError {
+    /// The breaker is open: Redis failed repeatedly and is not tried until the cooldown ends.
+    CircuitOpen,
+    /// The operation did not finish within the timeout.
+    Timeout,
+    /// Redis answered with an error, or the connection failed.
+    Redis(String),
+}
+
+impl fmt::Display for RedisStoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisStoreError::CircuitOpen => f.write_str("redis circuit breaker is open"),
+            RedisStoreError::Timeout => f.write_str("redis operation timed out"),
+            RedisStoreError::Redis(e) => write!(f, "redis error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RedisStoreError {}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+/// A shared Redis connection: a `ConnectionManager` (reconnects by itself) behind a hard
+/// per-operation timeout and a circuit breaker. Cheap to clone; clones share the breaker.
+#[derive(Clone)]
+pub struct RedisConn {
+    manager: ConnectionManager,
+    opts: Arc<RedisOptions>,
+    breaker: Arc<Mutex<BreakerState>>,
+    failures: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: never print it.
+        f.debug_struct("RedisConn")
+            .field("opts", &self.opts)
+            .field("failures", &self.failures.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConn {
+    /// Connects to `url` (`redis://host:port/db`). Fails if the first connection cannot be
+    /// made within the timeout; later outages are handled by the breaker.
+    pub async fn connect(url: &str, opts: RedisOptions) -> Result<Self, RedisStoreError> {
+        let client = redis::Client::open(url).map_err(|e| RedisStoreError::Redis(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(opts.op_timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(opts.op_timeout))
+            .set_number_of_retries(1);
+        let manager = tokio::time::timeout(
+            opts.op_timeout.max(Duration::from_secs(1)),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| RedisStoreError::Timeout)?
+        .map_err(|e| RedisStoreError::Redis(e.to_string()))?;
+        Ok(Self {
+            manager,
+            opts: Arc::new(opts),
+            breaker: Arc::default(),
+            failures: Arc::default(),
+        })
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &RedisOptions {
+        &self.opts
+    }
+
+    /// `prefix + key`.
+    pub fn key(&self, key: &str) -> String {
+        let mut k = String::with_capacity(self.opts.key_prefix.len() + key.len());
+        k.push_str(&self.opts.key_prefix);
+        k.push_str(key);
+        k
+    }
+
+    /// Failed operations so far (timeouts, errors, rejections by the open breaker).
+    pub fn failure_count(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the breaker is open now.
+    pub fn is_open(&self) -> bool {
+        let st = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.open_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Runs `op` on a connection under the timeout and the breaker.
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, RedisStoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.admit()?;
+        let result = match tokio::time::timeout(self.opts.op_timeout, op(self.manager.clone())).await {
+            Err(_) => Err(RedisStoreError::Timeout),
+            Ok(Err(e)) => Err(RedisStoreError::Redis(e.to_string())),
+            Ok(Ok(v)) => Ok(v),
+        };
+        self.record(result.is_ok());
+        result
+    }
+
+    fn admit(&self) -> Result<(), RedisStoreError> {
+        let mut st = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match st.open_until {
+            Some(until) if Instant::now() < until => {
+                drop(st);
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                Err(RedisStoreError::CircuitOpen)
+            }
+            Some(_) if st.probing => {
+                // Half-open: one probe is in flight; the rest wait for its verdict.
+                drop(st);
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                Err(RedisStoreError::CircuitOpen)
+            }
+            Some(_) => {
+                st.probing = true;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        let mut st = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.probing = false;
+        if ok {
+            st.consecutive_failures = 0;
+            st.open_until = None;
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            st.consecutive_failures += 1;
+            if st.consecutive_failures >= self.opts.failure_threshold || st.open_until.is_some() {
+                st.open_until = Some(Instant::now() + self.opts.cooldown);
+            }
+        }
+    }
+}

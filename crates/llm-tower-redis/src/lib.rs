@@ -1,0 +1,10 @@
+//! Redis stores for llm-tower, so that many gateway replicas share one cache, one set of
+//! rate limits and one budget.
+//!
+//! Every operation runs through [`RedisConn`]: a hard timeout and a circuit breaker, so a
+//! Redis outage never hangs a request; each store documents whether it fails open or closed.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod conn;
+
+pub use conn::{RedisConn, RedisOptions, RedisStoreError};

@@ -1,0 +1,1 @@
+//! The `cache` layer (being built).

@@ -1,0 +1,1 @@
+//! The `fallback` layer (being built).

@@ -1,0 +1,1 @@
+//! The `validate` layer (being built).
