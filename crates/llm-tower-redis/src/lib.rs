@@ -6,5 +6,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod conn;
-
 pub use conn::{RedisConn, RedisOptions, RedisStoreError};
+
+pub mod budget;
+pub mod cache;
+pub mod rate_limit;

@@ -1,0 +1,1 @@
+//! Redis `budget` store (being built).

@@ -1,0 +1,1 @@
+//! Redis `cache` store (being built).

@@ -1,0 +1,1 @@
+//! Redis `rate_limit` store (being built).
