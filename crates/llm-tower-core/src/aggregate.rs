@@ -1,7 +1,9 @@
 //! Turning streams into complete responses and back.
 
 use crate::request::{Content, Extra, FunctionCall, Message, Role, ToolCall};
-use crate::response::{ChatChunk, ChatResponse, Choice, ChunkChoice, Delta, FunctionCallDelta, ToolCallDelta, Usage};
+use crate::response::{
+    ChatChunk, ChatResponse, Choice, ChunkChoice, Delta, FunctionCallDelta, ToolCallDelta, Usage,
+};
 
 /// Assembles [`ChatChunk`]s into the [`ChatResponse`] they add up to: text and tool-call
 /// fragments concatenated per choice, the finish reason and the final usage kept.

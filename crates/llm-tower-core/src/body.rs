@@ -156,11 +156,8 @@ impl Stream for ChunkStream {
                 Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(None) => {
-                let usage = self.usage.take();
-                self.finish(Outcome::Completed {
-                    usage: usage.clone(),
-                });
-                self.usage = usage;
+                let usage = self.usage.clone();
+                self.finish(Outcome::Completed { usage });
                 Poll::Ready(None)
             }
         }

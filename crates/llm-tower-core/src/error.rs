@@ -47,9 +47,9 @@ impl ErrorKind {
             ErrorKind::RateLimited | ErrorKind::BudgetExceeded => 429,
             ErrorKind::Timeout => 504,
             ErrorKind::Unavailable | ErrorKind::Overloaded => 503,
-            ErrorKind::BadRequest | ErrorKind::ContextLengthExceeded | ErrorKind::ContentFiltered => {
-                400
-            }
+            ErrorKind::BadRequest
+            | ErrorKind::ContextLengthExceeded
+            | ErrorKind::ContentFiltered => 400,
             ErrorKind::Auth => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::InvalidOutput | ErrorKind::Transport => 502,
@@ -67,9 +67,9 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout_error",
             ErrorKind::Unavailable => "service_unavailable_error",
             ErrorKind::Overloaded => "overloaded_error",
-            ErrorKind::BadRequest | ErrorKind::ContextLengthExceeded | ErrorKind::ContentFiltered => {
-                "invalid_request_error"
-            }
+            ErrorKind::BadRequest
+            | ErrorKind::ContextLengthExceeded
+            | ErrorKind::ContentFiltered => "invalid_request_error",
             ErrorKind::Auth => "authentication_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::InvalidOutput => "invalid_output_error",
@@ -252,7 +252,12 @@ impl LlmError {
         let mut msg = format!("All LLM providers failed ({} attempts).", attempts.len());
         for (i, a) in attempts.iter().enumerate() {
             let who = a.provider().unwrap_or("target");
-            msg.push_str(&format!(" [{}] {who}: {} ({});", i + 1, a.message(), a.kind()));
+            msg.push_str(&format!(
+                " [{}] {who}: {} ({});",
+                i + 1,
+                a.message(),
+                a.kind()
+            ));
         }
         let mut e = Self::new(last.kind(), msg);
         // The soonest retry-after any attempt gave is when trying again makes sense.
@@ -369,7 +374,8 @@ impl LlmError {
 impl fmt::Debug for LlmError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("LlmError");
-        d.field("kind", &self.0.kind).field("message", &self.0.message);
+        d.field("kind", &self.0.kind)
+            .field("message", &self.0.message);
         if let Some(p) = &self.0.provider {
             d.field("provider", p);
         }

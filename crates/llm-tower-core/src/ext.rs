@@ -42,7 +42,8 @@ impl Deadline {
 
     /// Time left before the deadline (zero once passed).
     pub fn remaining(&self) -> Duration {
-        self.0.saturating_duration_since(tokio::time::Instant::now())
+        self.0
+            .saturating_duration_since(tokio::time::Instant::now())
     }
 }
 

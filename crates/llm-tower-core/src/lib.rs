@@ -52,8 +52,7 @@ pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
 pub use error::{ErrorKind, LlmError};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 pub use meta::{
-    Attempt, AttemptError, CacheStatus, Cost, LocalLimits, NanoUsd, RateLimitHeadroom,
-    ResponseMeta,
+    Attempt, AttemptError, CacheStatus, Cost, LocalLimits, NanoUsd, RateLimitHeadroom, ResponseMeta,
 };
 pub use request::{
     ChatRequest, Content, ContentPart, Extra, FunctionCall, FunctionDef, ImageUrl, InputAudio,

@@ -129,7 +129,11 @@ pub struct ResponseMeta {
 impl ResponseMeta {
     /// How many attempts were made (1 when no fallback layer ran).
     pub fn attempt_count(&self) -> usize {
-        self.attempts.iter().filter(|a| !is_skipped(a)).count().max(1)
+        self.attempts
+            .iter()
+            .filter(|a| !is_skipped(a))
+            .count()
+            .max(1)
     }
 }
 

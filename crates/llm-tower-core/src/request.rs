@@ -3,8 +3,8 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Number, Value};
 
-use crate::ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 use crate::LlmError;
+use crate::ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 
 /// A JSON object holding fields this crate does not type; written back unchanged.
 pub type Extra = Map<String, Value>;
@@ -425,7 +425,7 @@ impl Message {
 }
 
 /// Message content: a plain string or a list of parts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Content {
     /// Plain text.
@@ -445,8 +445,43 @@ impl Content {
     fn text_len(&self) -> usize {
         match self {
             Content::Text(s) => s.len(),
-            Content::Parts(parts) => parts.iter().filter_map(ContentPart::text).map(str::len).sum(),
+            Content::Parts(parts) => parts
+                .iter()
+                .filter_map(ContentPart::text)
+                .map(str::len)
+                .sum(),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A hand-written visitor (not `untagged`) so a bad part reports its own error and
+        // path instead of "did not match any variant".
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Content, E> {
+                Ok(Content::Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Content, E> {
+                Ok(Content::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Content, A::Error> {
+                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+                while let Some(p) = seq.next_element::<ContentPart>()? {
+                    parts.push(p);
+                }
+                Ok(Content::Parts(parts))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -554,7 +589,9 @@ impl Serialize for ContentPart {
         use serde::ser::Error;
         let (kind, key, value, extra) = match self {
             ContentPart::Other(m) => return m.serialize(s),
-            ContentPart::Text { text, extra } => ("text", "text", Value::from(text.as_str()), extra),
+            ContentPart::Text { text, extra } => {
+                ("text", "text", Value::from(text.as_str()), extra)
+            }
             ContentPart::ImageUrl { image_url, extra } => (
                 "image_url",
                 "image_url",
@@ -606,13 +643,19 @@ impl<'de> Deserialize<'de> for ContentPart {
                 let v = take(&mut m, "image_url")?;
                 let image_url = serde_json::from_value(v).map_err(D::Error::custom)?;
                 m.remove("type");
-                ContentPart::ImageUrl { image_url, extra: m }
+                ContentPart::ImageUrl {
+                    image_url,
+                    extra: m,
+                }
             }
             "input_audio" => {
                 let v = take(&mut m, "input_audio")?;
                 let input_audio = serde_json::from_value(v).map_err(D::Error::custom)?;
                 m.remove("type");
-                ContentPart::InputAudio { input_audio, extra: m }
+                ContentPart::InputAudio {
+                    input_audio,
+                    extra: m,
+                }
             }
             "refusal" => {
                 let Value::String(refusal) = take(&mut m, "refusal")? else {

@@ -58,7 +58,10 @@ impl ChatResponse {
 
     /// The text of the first choice (empty if none).
     pub fn text(&self) -> String {
-        self.choices.first().map(|c| c.message.text()).unwrap_or_default()
+        self.choices
+            .first()
+            .map(|c| c.message.text())
+            .unwrap_or_default()
     }
 }
 
@@ -340,5 +343,9 @@ pub(crate) fn unix_now() -> u64 {
 pub(crate) fn next_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    format!("{:x}{:06x}", unix_now(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{:06x}",
+        unix_now(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }

@@ -9,9 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, LlmError, LlmResponse, Usage,
-};
+use llm_tower_core::{ChatChunk, ChatRequest, ChatResponse, LlmError, LlmResponse, Usage};
 use tower_service::Service;
 
 /// What the mock does for one call.
@@ -34,6 +32,8 @@ pub struct Step {
     action: Action,
 }
 
+type RespondFn = Arc<dyn Fn(&ChatRequest) -> Result<LlmResponse, LlmError> + Send + Sync>;
+
 #[derive(Clone)]
 enum Action {
     Reply {
@@ -50,7 +50,7 @@ enum Action {
         finish: bool,
     },
     Hang,
-    Respond(Arc<dyn Fn(&ChatRequest) -> Result<LlmResponse, LlmError> + Send + Sync>),
+    Respond(RespondFn),
 }
 
 impl Step {
@@ -258,7 +258,9 @@ impl MockLlm {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panicking test thread must not hide the records from the others.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -313,7 +315,10 @@ impl Service<ChatRequest> for MockLlm {
 
 /// Rough usage estimate for scripted answers: 4 bytes a token.
 fn estimate(req: &ChatRequest, text_len: usize) -> Usage {
-    Usage::new((req.prompt_text_len() / 4 + 1) as u64, (text_len / 4 + 1) as u64)
+    Usage::new(
+        (req.prompt_text_len() / 4 + 1) as u64,
+        (text_len / 4 + 1) as u64,
+    )
 }
 
 fn run(action: Action, req: &ChatRequest) -> Result<LlmResponse, LlmError> {
@@ -350,25 +355,22 @@ fn run(action: Action, req: &ChatRequest) -> Result<LlmResponse, LlmError> {
             let model = req.model.clone();
             let id = format!("chatcmpl-mock-{}", uuid_like());
             let mut items: Vec<(Duration, Result<ChatChunk, LlmError>)> = Vec::new();
-            for (i, text) in chunks.iter().enumerate() {
-                if let Some((n, err)) = &fail_after {
-                    if i == *n {
-                        items.push((delay, Err(err.clone())));
-                        break;
-                    }
-                }
+            // `fail_after(n)` yields min(n, len) chunks, then the error.
+            let keep = fail_after
+                .as_ref()
+                .map_or(chunks.len(), |(n, _)| (*n).min(chunks.len()));
+            for (i, text) in chunks.iter().take(keep).enumerate() {
                 let d = if i == 0 { first_delay } else { delay };
-                items.push((d, Ok(ChatChunk::text(id.clone(), model.clone(), text.clone()))));
+                items.push((
+                    d,
+                    Ok(ChatChunk::text(id.clone(), model.clone(), text.clone())),
+                ));
             }
-            let failed = matches!(items.last(), Some((_, Err(_))));
-            if !failed {
-                if let Some((n, err)) = &fail_after {
-                    if *n >= chunks.len() {
-                        items.push((delay, Err(err.clone())));
-                    }
-                }
+            let failed = fail_after.is_some();
+            if let Some((_, err)) = fail_after {
+                let d = if keep == 0 { first_delay } else { delay };
+                items.push((d, Err(err)));
             }
-            let failed = matches!(items.last(), Some((_, Err(_))));
             if finish && !failed {
                 let mut last = ChatChunk::text(id.clone(), model.clone(), "");
                 last.choices[0].delta.content = None;
