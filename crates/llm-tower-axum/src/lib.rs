@@ -1,1 +1,81 @@
-//! placeholder
+//! The OpenAI-compatible HTTP surface of llm-tower, as an axum [`Router`](axum::Router)
+//! over any LLM service: `Service<ChatRequest, Response = LlmResponse, Error = LlmError>`.
+//!
+//! # Overview
+//!
+//! - [`OpenAiRouter`]: the consuming builder: `POST /v1/chat/completions` (JSON and SSE),
+//!   `GET /v1/models`, `GET /healthz`, `GET /metrics`; OpenAI-format errors for
+//!   everything, including 404/405/413 and panics.
+//! - [`AuthLayer`] / [`ClientKeys`]: `Authorization: Bearer <key>` → [`Tenant`](llm_tower_core::Tenant)
+//!   in the request extensions; reusable on other routers (jobs).
+//! - [`error_response`] / [`OpenAiError`]: an [`LlmError`](llm_tower_core::LlmError) as
+//!   an HTTP response (status, OpenAI JSON, `retry-after`).
+//! - [`Metrics`]: Prometheus metrics (private recorder by default, or installed globally).
+//! - [`headers`]: the header names and the header ↔ extension / meta mapping.
+//! - [`sse_body`]: OpenAI's SSE framing of a chunk stream.
+//! - [`serve`]: serving with graceful shutdown and a deadline.
+//!
+//! # Behaviour
+//!
+//! - **Streams.** With `"stream": true` the answer is `text/event-stream`: one
+//!   `data: {chunk}\n\n` per chunk, then `data: [DONE]\n\n`. Headers are sent when the
+//!   first chunk is ready, so a failure before it is an ordinary HTTP error; a failure
+//!   after it is sent as `data: {"error": {...}}\n\n` and the stream ends **without**
+//!   `[DONE]`. A complete answer to a stream request is converted to chunks; a stream
+//!   answer to a non-stream request is aggregated.
+//! - **Response headers**: `x-request-id`, `x-llm-provider`, `x-llm-model`,
+//!   `x-llm-cache`, `x-llm-attempts`, `x-llm-cost-usd`, `x-ratelimit-remaining-requests`
+//!   / `-tokens` (when a local limit applies) and `server-timing: gateway;dur=…,
+//!   upstream;dur=…` (milliseconds; gateway = time to headers − upstream time).
+//! - **Request headers**: `x-llm-task` → `TaskType`, `idempotency-key` →
+//!   `IdempotencyKey`, `cache-control: no-cache` / `no-store` → `CachePolicy`. The tenant
+//!   only ever comes from the client key. The request id is also put into the
+//!   `ChatRequest` extensions as a `tower_http::request_id::RequestId`.
+//! - **Authentication** is off when no key is configured (tenant `"anonymous"`).
+//!   `/healthz` and `/metrics` never require a key.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use http_body_util::BodyExt;
+//! use llm_tower_axum::OpenAiRouter;
+//! use llm_tower_core::{ChatRequest, ChatResponse, LlmError, LlmResponse};
+//! use tower::ServiceExt;
+//!
+//! let llm = tower::service_fn(|req: ChatRequest| async move {
+//!     Ok::<_, LlmError>(LlmResponse::complete(ChatResponse::from_text(req.model, "Hello!")))
+//! });
+//! let app = OpenAiRouter::new(llm).models(["gpt-4o-mini"]).into_router();
+//!
+//! let req = http::Request::post("/v1/chat/completions")
+//!     .body(axum::body::Body::from(
+//!         r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi"}],"stream":true}"#,
+//!     ))
+//!     .unwrap();
+//! let resp = app.oneshot(req).await.unwrap();
+//! assert_eq!(resp.headers()["content-type"], "text/event-stream");
+//! let body = resp.into_body().collect().await.unwrap().to_bytes();
+//! assert!(body.ends_with(b"data: [DONE]\n\n"));
+//! # }
+//! ```
+//!
+//! # Supported Rust versions
+//!
+//! The workspace's `rust-version` (1.94) is the minimum supported.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod auth;
+mod error;
+pub mod headers;
+mod metrics;
+mod router;
+mod serve;
+mod sse;
+
+pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
+pub use error::{OpenAiError, error_response};
+pub use metrics::Metrics;
+pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, ModelEntry, OpenAiRouter};
+pub use serve::{ShutdownOutcome, serve};
+pub use sse::sse_body;

@@ -1,0 +1,421 @@
+//! Prometheus metrics of the HTTP surface, recorded with the `metrics` crate.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `llm_requests_total` | counter | `task`, `model`, `provider`, `tenant`, `status` (`ok`, the error kind, `dropped`: a stream the client left, `client_closed`: the client left before the headers) |
+//! | `llm_request_duration_seconds` | histogram | `task`, `model`, `provider`, `tenant` (streams: until the end of the stream) |
+//! | `llm_upstream_duration_seconds` | histogram | same (streams: to the first chunk) |
+//! | `llm_input_tokens_total`, `llm_output_tokens_total`, `llm_cached_input_tokens_total` | counter | same |
+//! | `llm_cost_nano_usd_total` | counter | same (integer nano-dollars) |
+//! | `llm_cache_total` | counter | same + `cache` (`hit`, `miss`, `bypass`) |
+//! | `llm_fallbacks_total` | counter | `task`, `model`, `tenant`, `provider` (the target that failed), `reason` (error kind), `skipped` |
+//! | `llm_validation_failures_total` | counter | same as requests (an `invalid_output` error reached the client) |
+//! | `llm_rate_limited_total` | counter | same as requests (a `rate_limited` or `budget_exceeded` error reached the client) |
+//!
+//! Requests refused before an LLM call (bad body, auth) count in `llm_requests_total` with
+//! their error kind as `status` and an empty `model`/`provider`.
+//!
+//! [`Metrics::prometheus`] (the default of [`OpenAiRouter`](crate::OpenAiRouter)) builds
+//! a private recorder that is **not** installed globally: only this crate's metrics reach
+//! `/metrics`. [`Metrics::install_prometheus`] installs it as the global recorder instead,
+//! so the metrics of other layers show up on the same page.
+//!
+//! ```
+//! use llm_tower_axum::Metrics;
+//!
+//! let metrics = Metrics::prometheus();
+//! assert!(metrics.render().is_some());
+//! let off = Metrics::disabled();
+//! assert!(off.render().is_none());
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use llm_tower_core::{Attempt, CacheStatus, LlmError, Usage};
+use metrics::{Counter, Histogram, Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics_exporter_prometheus::{
+    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+/// Buckets for the latency histograms, in seconds (LLM calls: 50 ms … 2 min).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+
+enum Target {
+    Local(PrometheusRecorder),
+    Global,
+    Disabled,
+}
+
+struct Inner {
+    target: Target,
+    handle: Option<PrometheusHandle>,
+    // Registered handles per label set: registering through the recorder on every
+    // request (building and hashing the key) costs more than the rest of the router.
+    handles: RwLock<HashMap<Labels, Arc<Handles>>>,
+}
+
+/// Most label sets a [`Metrics`] keeps registered handles for; past it (client-chosen
+/// task or model names), metrics are still recorded, just without the shortcut.
+const MAX_CACHED_LABEL_SETS: usize = 4096;
+
+/// The handles every answered request touches.
+struct Handles {
+    ok: Counter,
+    duration: Histogram,
+    upstream: Histogram,
+    input: Counter,
+    output: Counter,
+    cached: Counter,
+    cost: Counter,
+}
+
+impl Handles {
+    fn noop() -> Self {
+        Self {
+            ok: Counter::noop(),
+            duration: Histogram::noop(),
+            upstream: Histogram::noop(),
+            input: Counter::noop(),
+            output: Counter::noop(),
+            cached: Counter::noop(),
+            cost: Counter::noop(),
+        }
+    }
+
+    fn register(labels: &Labels) -> Self {
+        let base = labels.base();
+        let mut ok = base.to_vec();
+        ok.push(("status", "ok".to_owned()));
+        Self {
+            ok: counter!("llm_requests_total", &ok),
+            duration: histogram!("llm_request_duration_seconds", &base),
+            upstream: histogram!("llm_upstream_duration_seconds", &base),
+            input: counter!("llm_input_tokens_total", &base),
+            output: counter!("llm_output_tokens_total", &base),
+            cached: counter!("llm_cached_input_tokens_total", &base),
+            cost: counter!("llm_cost_nano_usd_total", &base),
+        }
+    }
+}
+
+/// Where the HTTP surface records its metrics and what `/metrics` renders.
+/// Cheap to clone (an `Arc`).
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = match self.inner.target {
+            Target::Local(_) => "local",
+            Target::Global => "global",
+            Target::Disabled => "disabled",
+        };
+        f.debug_struct("Metrics")
+            .field("target", &target)
+            .field("renders", &self.inner.handle.is_some())
+            .finish()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::prometheus()
+    }
+}
+
+impl Metrics {
+    /// A [`PrometheusBuilder`] with this crate's histogram buckets, to customise and pass
+    /// to [`from_recorder`](Self::from_recorder) (or install yourself and use
+    /// [`global`](Self::global)).
+    pub fn prometheus_builder() -> PrometheusBuilder {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            // Only an empty bucket list is refused; ours is not, but never panic for it.
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+    }
+
+    /// A private Prometheus recorder (not installed globally); `/metrics` renders it.
+    pub fn prometheus() -> Self {
+        Self::from_recorder(Self::prometheus_builder().build_recorder())
+    }
+
+    /// Records into `recorder` without installing it globally; `/metrics` renders it.
+    pub fn from_recorder(recorder: PrometheusRecorder) -> Self {
+        let handle = recorder.handle();
+        let metrics = Self {
+            inner: Arc::new(Inner {
+                target: Target::Local(recorder),
+                handle: Some(handle),
+                handles: RwLock::default(),
+            }),
+        };
+        metrics.record(describe);
+        metrics
+    }
+
+    /// Builds the Prometheus recorder and installs it as the process-wide `metrics`
+    /// recorder, so metrics recorded by other layers appear on `/metrics` too.
+    ///
+    /// # Errors
+    ///
+    /// If a global recorder is already installed.
+    pub fn install_prometheus() -> Result<Self, BuildError> {
+        let handle = Self::prometheus_builder().install_recorder()?;
+        Ok(Self::global(Some(handle)))
+    }
+
+    /// Records through whatever global `metrics` recorder the application installed;
+    /// `/metrics` renders `handle` if given (else `/metrics` answers 404).
+    pub fn global(handle: Option<PrometheusHandle>) -> Self {
+        let metrics = Self {
+            inner: Arc::new(Inner {
+                target: Target::Global,
+                handle,
+                handles: RwLock::default(),
+            }),
+        };
+        metrics.record(describe);
+        metrics
+    }
+
+    /// Records nothing; `/metrics` answers 404.
+    pub fn disabled() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                target: Target::Disabled,
+                handle: None,
+                handles: RwLock::default(),
+            }),
+        }
+    }
+
+    /// The handle `/metrics` renders, if any.
+    pub fn handle(&self) -> Option<&PrometheusHandle> {
+        self.inner.handle.as_ref()
+    }
+
+    /// The Prometheus text page, if this has a handle.
+    pub fn render(&self) -> Option<String> {
+        self.inner.handle.as_ref().map(|h| {
+            // Rendering is the natural upkeep point: no background task is needed.
+            h.run_upkeep();
+            h.render()
+        })
+    }
+
+    fn record(&self, f: impl FnOnce()) {
+        match &self.inner.target {
+            Target::Local(r) => metrics::with_local_recorder(r, f),
+            Target::Global => f(),
+            Target::Disabled => {}
+        }
+    }
+
+    pub(crate) fn observe(&self, o: &Observation<'_>) {
+        if matches!(self.inner.target, Target::Disabled) {
+            return;
+        }
+        let handles = self.handles(o.labels);
+        o.emit_common(&handles);
+        if o.has_rare() {
+            self.record(|| o.emit_rare());
+        }
+    }
+
+    fn handles(&self, labels: &Labels) -> Arc<Handles> {
+        let cached = self
+            .inner
+            .handles
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(labels)
+            .cloned();
+        if let Some(h) = cached {
+            return h;
+        }
+        let mut fresh = None;
+        self.record(|| fresh = Some(Arc::new(Handles::register(labels))));
+        let Some(h) = fresh else {
+            // Unreachable: `record` runs the closure for every enabled target.
+            return Arc::new(Handles::noop());
+        };
+        let mut map = self
+            .inner
+            .handles
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.len() < MAX_CACHED_LABEL_SETS {
+            map.insert(labels.clone(), h.clone());
+        }
+        h
+    }
+}
+
+fn describe() {
+    describe_counter!("llm_requests_total", "LLM requests answered, by status");
+    describe_histogram!(
+        "llm_request_duration_seconds",
+        Unit::Seconds,
+        "Total request time at the gateway (streams: until the end)"
+    );
+    describe_histogram!(
+        "llm_upstream_duration_seconds",
+        Unit::Seconds,
+        "Time spent waiting for the upstream (streams: to the first chunk)"
+    );
+    describe_counter!("llm_input_tokens_total", "Prompt tokens");
+    describe_counter!("llm_output_tokens_total", "Completion tokens");
+    describe_counter!(
+        "llm_cached_input_tokens_total",
+        "Prompt tokens served from the provider's prompt cache"
+    );
+    describe_counter!("llm_cost_nano_usd_total", "Cost in nano-dollars");
+    describe_counter!("llm_cache_total", "Response cache lookups by result");
+    describe_counter!(
+        "llm_fallbacks_total",
+        "Fallback attempts that failed or were skipped, by reason"
+    );
+    describe_counter!(
+        "llm_validation_failures_total",
+        "Requests that ended with invalid model output"
+    );
+    describe_counter!(
+        "llm_rate_limited_total",
+        "Requests refused by a rate limit or budget"
+    );
+}
+
+/// The labels of one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Labels {
+    pub(crate) task: String,
+    pub(crate) model: String,
+    pub(crate) provider: String,
+    pub(crate) tenant: String,
+}
+
+impl Labels {
+    fn base(&self) -> [(&'static str, String); 4] {
+        [
+            ("task", self.task.clone()),
+            ("model", self.model.clone()),
+            ("provider", self.provider.clone()),
+            ("tenant", self.tenant.clone()),
+        ]
+    }
+}
+
+/// One fallback attempt that did not serve.
+#[derive(Debug, Clone)]
+pub(crate) struct FailedAttempt {
+    pub(crate) target: String,
+    pub(crate) reason: &'static str,
+    pub(crate) skipped: bool,
+}
+
+impl FailedAttempt {
+    pub(crate) fn from_meta(attempts: &[Attempt]) -> Vec<Self> {
+        attempts
+            .iter()
+            .filter_map(|a| {
+                a.error.as_ref().map(|e| Self {
+                    target: a.target.to_string(),
+                    reason: e.kind.as_str(),
+                    skipped: e.skipped,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn from_error(error: &LlmError) -> Vec<Self> {
+        error
+            .attempts()
+            .iter()
+            .map(|e| Self {
+                target: e.provider().unwrap_or("unknown").to_owned(),
+                reason: e.kind().as_str(),
+                skipped: false,
+            })
+            .collect()
+    }
+}
+
+/// Everything recorded about one finished request.
+#[derive(Debug)]
+pub(crate) struct Observation<'a> {
+    pub(crate) labels: &'a Labels,
+    pub(crate) status: &'a str,
+    pub(crate) total: Duration,
+    pub(crate) upstream: Option<Duration>,
+    pub(crate) usage: Option<&'a Usage>,
+    pub(crate) cost_nano_usd: Option<u64>,
+    pub(crate) cache: CacheStatus,
+    pub(crate) fallbacks: &'a [FailedAttempt],
+}
+
+impl Observation<'_> {
+    fn emit_common(&self, h: &Handles) {
+        if self.status == "ok" {
+            h.ok.increment(1);
+        }
+        h.duration.record(self.total.as_secs_f64());
+        if let Some(up) = self.upstream {
+            h.upstream.record(up.as_secs_f64());
+        }
+        if let Some(u) = self.usage {
+            h.input.increment(u.prompt_tokens);
+            h.output.increment(u.completion_tokens);
+            let cached = u.cached_tokens();
+            if cached > 0 {
+                h.cached.increment(cached);
+            }
+        }
+        if let Some(nano) = self.cost_nano_usd {
+            h.cost.increment(nano);
+        }
+    }
+
+    /// Whether anything beyond the common handles must be recorded.
+    fn has_rare(&self) -> bool {
+        self.status != "ok" || self.cache != CacheStatus::None || !self.fallbacks.is_empty()
+    }
+
+    fn emit_rare(&self) {
+        let base = self.labels.base();
+        if self.status != "ok" {
+            let mut with_status = base.to_vec();
+            with_status.push(("status", self.status.to_owned()));
+            counter!("llm_requests_total", &with_status).increment(1);
+        }
+        if self.cache != CacheStatus::None {
+            let mut l = base.to_vec();
+            l.push(("cache", self.cache.as_str().to_owned()));
+            counter!("llm_cache_total", &l).increment(1);
+        }
+        for f in self.fallbacks {
+            let l = [
+                ("task", self.labels.task.clone()),
+                ("model", self.labels.model.clone()),
+                ("tenant", self.labels.tenant.clone()),
+                ("provider", f.target.clone()),
+                ("reason", f.reason.to_owned()),
+                ("skipped", f.skipped.to_string()),
+            ];
+            counter!("llm_fallbacks_total", &l).increment(1);
+        }
+        match self.status {
+            "invalid_output" => counter!("llm_validation_failures_total", &base).increment(1),
+            "rate_limited" | "budget_exceeded" => {
+                counter!("llm_rate_limited_total", &base).increment(1);
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,723 @@
+//! [`OpenAiRouter`]: the consuming builder of the OpenAI-compatible axum `Router`.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderValue, Method, StatusCode, Uri, header};
+use http_body_util::BodyExt;
+use llm_tower_core::{CacheStatus, ChatRequest, LlmError, LlmResponse, Outcome, Tenant, Usage};
+use serde::Serialize;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tracing::Instrument;
+
+use crate::auth::{ANONYMOUS_TENANT, AuthLayer, ClientKeys};
+use crate::error::{error_response, status_response};
+use crate::headers::{self, X_REQUEST_ID};
+use crate::metrics::{FailedAttempt, Labels, Metrics, Observation};
+use crate::sse::SseStream;
+
+/// Default request body limit: 4 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// One entry of `GET /v1/models`: a model, or an alias standing for one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelEntry {
+    /// The name clients send as `model`.
+    pub id: String,
+    /// The `owned_by` field (`"llm-tower"` unless set).
+    pub owned_by: String,
+    /// For an alias: the model it stands for (a non-standard `alias_for` field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias_for: Option<String>,
+}
+
+impl ModelEntry {
+    /// A model named `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            owned_by: "llm-tower".into(),
+            alias_for: None,
+        }
+    }
+
+    /// An alias `id` for `target`.
+    pub fn alias(id: impl Into<String>, target: impl Into<String>) -> Self {
+        Self {
+            alias_for: Some(target.into()),
+            ..Self::new(id)
+        }
+    }
+
+    /// Sets `owned_by` (the provider, say).
+    #[must_use]
+    pub fn owned_by(mut self, owner: impl Into<String>) -> Self {
+        self.owned_by = owner.into();
+        self
+    }
+}
+
+impl<T: Into<String>> From<T> for ModelEntry {
+    fn from(id: T) -> Self {
+        Self::new(id)
+    }
+}
+
+/// Makes `x-request-id` values: time-ordered UUID v7s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MakeRequestUuidV7;
+
+impl MakeRequestId for MakeRequestUuidV7 {
+    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// The consuming builder of the OpenAI-compatible `Router` over the LLM service `S`.
+///
+/// Routes of [`into_router`](Self::into_router):
+///
+/// | route | auth | answer |
+/// |---|---|---|
+/// | `POST /v1/chat/completions` | yes | JSON, or SSE when `"stream": true` |
+/// | `GET /v1/models` | yes | the configured [`models`](Self::models) |
+/// | `GET /healthz` | no | `{"status":"ok"}` |
+/// | `GET /metrics` | no | Prometheus text ([`Metrics::render`]); 404 when disabled |
+/// | anything else | — | 404 (405 for a wrong method), OpenAI error JSON |
+///
+/// Every response carries `x-request-id` (the client's, or a new UUID v7). Every error,
+/// including from routers added with [`merge`](Self::merge), has an OpenAI error body;
+/// a panicking handler gives a 500 with one.
+///
+/// Readiness: each request drives a clone of `S` to readiness inside its own future
+/// (axum's model), so a service that is not ready delays requests, never the router.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use llm_tower_axum::{ClientKeys, ModelEntry, OpenAiRouter};
+/// use llm_tower_core::{ChatRequest, ChatResponse, LlmError, LlmResponse};
+/// use tower::ServiceExt;
+///
+/// let llm = tower::service_fn(|req: ChatRequest| async move {
+///     Ok::<_, LlmError>(LlmResponse::complete(ChatResponse::from_text(req.model, "Hello!")))
+/// });
+/// let app = OpenAiRouter::new(llm)
+///     .models([ModelEntry::new("gpt-4o-mini"), ModelEntry::alias("fast", "gpt-4o-mini")])
+///     .client_keys(ClientKeys::new().with_key("sk-1", "team-a"))
+///     .body_limit(1 << 20)
+///     .into_router();
+///
+/// let req = http::Request::post("/v1/chat/completions")
+///     .header("authorization", "Bearer sk-1")
+///     .header("content-type", "application/json")
+///     .body(axum::body::Body::from(r#"{"model":"fast","messages":[{"role":"user","content":"Hi"}]}"#))
+///     .unwrap();
+/// let resp = app.oneshot(req).await.unwrap();
+/// assert_eq!(resp.status(), 200);
+/// assert!(resp.headers().contains_key("x-request-id"));
+/// # }
+/// ```
+pub struct OpenAiRouter<S> {
+    service: S,
+    models: Vec<ModelEntry>,
+    auth: AuthLayer,
+    body_limit: usize,
+    metrics: Metrics,
+    protected: Vec<Router>,
+    public: Vec<Router>,
+}
+
+impl<S> fmt::Debug for OpenAiRouter<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiRouter")
+            .field("models", &self.models)
+            .field("auth", &self.auth)
+            .field("body_limit", &self.body_limit)
+            .field("metrics", &self.metrics)
+            .field("merged", &(self.protected.len() + self.public.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> OpenAiRouter<S>
+where
+    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// A router over `service` with no models listed, authentication off (tenant
+    /// `"anonymous"`), a 4 MiB body limit and a private Prometheus recorder.
+    pub fn new(service: S) -> Self {
+        Self {
+            service,
+            models: Vec::new(),
+            auth: AuthLayer::new(ClientKeys::new()),
+            body_limit: DEFAULT_BODY_LIMIT,
+            metrics: Metrics::prometheus(),
+            protected: Vec::new(),
+            public: Vec::new(),
+        }
+    }
+
+    /// The models and aliases `GET /v1/models` lists (replaces earlier ones).
+    #[must_use]
+    pub fn models<I>(mut self, models: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<ModelEntry>,
+    {
+        self.models = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The client keys; requests to `/v1/*` without one of them get 401. Empty (the
+    /// default): authentication off, tenant `"anonymous"`.
+    #[must_use]
+    pub fn client_keys(mut self, keys: ClientKeys) -> Self {
+        self.auth = AuthLayer::new(keys);
+        self
+    }
+
+    /// Uses this authentication layer (share one with another router, e.g. jobs).
+    #[must_use]
+    pub fn auth(mut self, auth: AuthLayer) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The authentication layer in use, to wrap other routers with the same keys.
+    pub fn auth_layer(&self) -> AuthLayer {
+        self.auth.clone()
+    }
+
+    /// Largest accepted chat request body, in bytes (default 4 MiB); bigger gets 413.
+    #[must_use]
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Where metrics go and what `/metrics` renders (default [`Metrics::prometheus`]).
+    #[must_use]
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Adds routes **behind the authentication layer** (the jobs router): its handlers
+    /// read `Extension<Tenant>`. They also get the request id, panic protection and
+    /// OpenAI-format errors. The router must not set its own fallback.
+    #[must_use]
+    pub fn merge_authenticated(mut self, router: Router) -> Self {
+        self.protected.push(router);
+        self
+    }
+
+    /// Adds routes without authentication (they still get the request id, panic
+    /// protection and OpenAI-format errors). The router must not set its own fallback.
+    #[must_use]
+    pub fn merge(mut self, router: Router) -> Self {
+        self.public.push(router);
+        self
+    }
+
+    /// Builds the `Router`.
+    pub fn into_router(self) -> Router {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let models = models_json(&self.models, created);
+        let state = Arc::new(AppState {
+            service: self.service,
+            body_limit: self.body_limit,
+            metrics: self.metrics,
+            models,
+        });
+
+        let mut protected: Router = Router::new()
+            .route("/v1/chat/completions", post(chat::<S>))
+            .route("/v1/models", get(list_models::<S>))
+            .with_state(state.clone());
+        for r in self.protected {
+            protected = protected.merge(r);
+        }
+        let mut app = protected.route_layer(self.auth).merge(
+            Router::new()
+                .route("/healthz", get(healthz))
+                .route("/metrics", get(render_metrics::<S>))
+                .with_state(state),
+        );
+        for r in self.public {
+            app = app.merge(r);
+        }
+        app.fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(
+                ServiceBuilder::new()
+                    .layer(SetRequestIdLayer::x_request_id(MakeRequestUuidV7))
+                    .layer(PropagateRequestIdLayer::x_request_id())
+                    .layer(CatchPanicLayer::custom(panic_response))
+                    .layer(axum::middleware::map_response(json_errors)),
+            )
+    }
+}
+
+struct AppState<S> {
+    service: S,
+    body_limit: usize,
+    metrics: Metrics,
+    models: Bytes,
+}
+
+fn models_json(models: &[ModelEntry], created: u64) -> Bytes {
+    #[derive(Serialize)]
+    struct Item<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        owned_by: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        alias_for: Option<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct List<'a> {
+        object: &'static str,
+        data: Vec<Item<'a>>,
+    }
+    let list = List {
+        object: "list",
+        data: models
+            .iter()
+            .map(|m| Item {
+                id: &m.id,
+                object: "model",
+                created,
+                owned_by: &m.owned_by,
+                alias_for: m.alias_for.as_deref(),
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&list).map_or_else(
+        |_| Bytes::from_static(br#"{"object":"list","data":[]}"#),
+        Bytes::from,
+    )
+}
+
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut resp = Response::new(body.into());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn list_models<S>(State(st): State<Arc<AppState<S>>>) -> Response {
+    json_response(StatusCode::OK, st.models.clone())
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, r#"{"status":"ok"}"#)
+}
+
+async fn render_metrics<S>(State(st): State<Arc<AppState<S>>>) -> Response {
+    match st.metrics.render() {
+        Some(text) => {
+            let mut resp = Response::new(Body::from(text));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        None => status_response(StatusCode::NOT_FOUND, "metrics are disabled"),
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    status_response(
+        StatusCode::NOT_FOUND,
+        format!("Invalid URL ({method} {})", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    status_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("Method {method} is not allowed for {}", uri.path()),
+    )
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %detail, "handler panicked");
+    status_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+}
+
+/// Largest plain-text error body rewritten into JSON (axum rejections are short).
+const MAX_REWRITTEN_ERROR: usize = 16 * 1024;
+
+/// Gives every error response an OpenAI JSON body: empty ones (405, bare status codes)
+/// and plain-text ones (axum extractor rejections in merged routers) alike.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let message = match content_type.as_deref() {
+        None => status.canonical_reason().unwrap_or("error").to_owned(),
+        Some(ct) if ct.starts_with("text/plain") => {
+            let (parts, body) = resp.into_parts();
+            let text = match http_body_util::Limited::new(body, MAX_REWRITTEN_ERROR)
+                .collect()
+                .await
+            {
+                Ok(c) => String::from_utf8_lossy(&c.to_bytes()).trim().to_owned(),
+                Err(_) => String::new(),
+            };
+            let mut out = status_response(
+                status,
+                if text.is_empty() {
+                    status.canonical_reason().unwrap_or("error").to_owned()
+                } else {
+                    text
+                },
+            );
+            keep_headers(&parts.headers, &mut out);
+            return out;
+        }
+        Some(_) => return resp,
+    };
+    let (parts, _) = resp.into_parts();
+    let mut out = status_response(status, message);
+    keep_headers(&parts.headers, &mut out);
+    out
+}
+
+fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
+    for (name, value) in from {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            to.headers_mut().append(name, value.clone());
+        }
+    }
+}
+
+/// What is recorded when a request ends (at once, or when its stream finishes).
+struct Finish {
+    metrics: Metrics,
+    labels: Labels,
+    start: Instant,
+    upstream: Option<Duration>,
+    cost_nano_usd: Option<u64>,
+    cache: CacheStatus,
+    fallbacks: Vec<FailedAttempt>,
+}
+
+impl Finish {
+    fn record(&self, status: &str, usage: Option<&Usage>) {
+        let total = self.start.elapsed();
+        self.metrics.observe(&Observation {
+            labels: &self.labels,
+            status,
+            total,
+            upstream: self.upstream,
+            usage,
+            cost_nano_usd: self.cost_nano_usd,
+            cache: self.cache,
+            fallbacks: &self.fallbacks,
+        });
+        tracing::info!(
+            status,
+            duration_ms = total.as_secs_f64() * 1000.0,
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            "request finished"
+        );
+    }
+}
+
+/// Counts a request whose client went away while the handler was waiting (axum drops
+/// the handler future), so no accepted request goes unrecorded. Streams already sent
+/// are covered by the stream's own completion hook (`dropped`).
+struct CancelGuard {
+    armed: Option<(Metrics, Labels, Instant)>,
+}
+
+impl CancelGuard {
+    fn arm(metrics: &Metrics, labels: &Labels, start: Instant) -> Self {
+        Self {
+            armed: Some((metrics.clone(), labels.clone(), start)),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some((metrics, labels, start)) = self.armed.take() {
+            Finish {
+                metrics,
+                labels,
+                start,
+                upstream: None,
+                cost_nano_usd: None,
+                cache: CacheStatus::None,
+                fallbacks: Vec::new(),
+            }
+            .record("client_closed", None);
+        }
+    }
+}
+
+async fn chat<S>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response
+where
+    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let start = Instant::now();
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let tenant = req
+        .extensions()
+        .get::<Tenant>()
+        .cloned()
+        .unwrap_or_else(|| Tenant::from(ANONYMOUS_TENANT));
+    let span = tracing::info_span!(
+        "llm_request",
+        request_id = %request_id,
+        tenant = %tenant,
+        task = tracing::field::Empty,
+        model = tracing::field::Empty,
+        stream = tracing::field::Empty,
+    );
+    chat_inner(st, req, start, tenant).instrument(span).await
+}
+
+async fn chat_inner<S>(
+    st: Arc<AppState<S>>,
+    req: Request,
+    start: Instant,
+    tenant: Tenant,
+) -> Response
+where
+    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut labels = Labels {
+        tenant: tenant.to_string(),
+        ..Labels::default()
+    };
+    let (parts, body) = req.into_parts();
+    let reject = |labels: &Labels, err: &LlmError| {
+        Finish {
+            metrics: st.metrics.clone(),
+            labels: labels.clone(),
+            start,
+            upstream: None,
+            cost_nano_usd: None,
+            cache: CacheStatus::None,
+            fallbacks: FailedAttempt::from_error(err),
+        }
+        .record(err.kind().as_str(), None);
+        let mut resp = error_response(err);
+        headers::write_error_headers(resp.headers_mut(), err, start.elapsed());
+        resp
+    };
+
+    let bytes = match read_body(body, &parts.headers, st.body_limit).await {
+        Ok(b) => b,
+        Err((status, err)) => {
+            let mut resp = reject(&labels, &err);
+            *resp.status_mut() = status;
+            return resp;
+        }
+    };
+    let mut chat_req = match ChatRequest::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => return reject(&labels, &e),
+    };
+    drop(bytes);
+    if let Err(e) = headers::request_metadata(&parts.headers, &mut chat_req) {
+        return reject(&labels, &e);
+    }
+    chat_req.extensions.insert(tenant);
+    // Providers may forward it upstream; layers may log it.
+    if let Some(id) = parts.extensions.get::<RequestId>() {
+        chat_req.extensions.insert(id.clone());
+    }
+    labels.task = chat_req
+        .task_type()
+        .map_or_else(|| "none".to_owned(), ToString::to_string);
+    labels.model.clone_from(&chat_req.model);
+    let span = tracing::Span::current();
+    span.record("task", labels.task.as_str());
+    span.record("model", labels.model.as_str());
+    let wants_stream = chat_req.is_stream();
+    span.record("stream", wants_stream);
+    let include_usage = chat_req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+
+    let guard = CancelGuard::arm(&st.metrics, &labels, start);
+    let called = st.service.clone().oneshot(chat_req).await;
+    guard.disarm();
+    let mut resp = match called {
+        Ok(r) => r,
+        Err(e) => return reject(&labels, &e),
+    };
+    let meta = std::mem::take(&mut resp.meta);
+    if let Some(p) = &meta.provider {
+        labels.provider = p.to_string();
+    }
+    if let Some(m) = &meta.model {
+        labels.model.clone_from(m);
+    }
+    let finish = Finish {
+        metrics: st.metrics.clone(),
+        labels,
+        start,
+        upstream: meta.upstream_time,
+        cost_nano_usd: meta.cost.map(|c| c.nano_usd),
+        cache: meta.cache,
+        fallbacks: FailedAttempt::from_meta(&meta.attempts),
+    };
+
+    if !wants_stream {
+        let guard = CancelGuard::arm(&finish.metrics, &finish.labels, start);
+        let complete = resp.into_complete().await;
+        guard.disarm();
+        return match complete {
+            Ok(body) => {
+                finish.record("ok", body.usage.as_ref().or(meta.usage.as_ref()));
+                match serde_json::to_vec(&body) {
+                    Ok(json) => {
+                        let mut out = json_response(StatusCode::OK, json);
+                        headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
+                        out
+                    }
+                    Err(e) => error_response(&LlmError::internal(format!(
+                        "cannot encode the response: {e}"
+                    ))),
+                }
+            }
+            Err(e) => {
+                finish.record(e.kind().as_str(), None);
+                let mut out = error_response(&e);
+                headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
+                out
+            }
+        };
+    }
+
+    let mut stream = resp.into_stream();
+    stream.on_finish(move |outcome: &Outcome| {
+        let status = match outcome {
+            Outcome::Completed { .. } => "ok",
+            Outcome::Failed { error, .. } => error.kind().as_str(),
+            Outcome::Dropped { .. } => "dropped",
+        };
+        finish.record(status, outcome.usage());
+    });
+    // Headers go out with the first chunk: an upstream that fails before it still gets a
+    // proper HTTP error status (the commit point), and the timing is time-to-headers.
+    let first = match stream.next().await {
+        Some(Ok(chunk)) => Some(chunk),
+        Some(Err(e)) => {
+            let mut out = error_response(&e);
+            headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
+            return out;
+        }
+        None => None,
+    };
+    let mut out = Response::new(Body::from_stream(SseStream::new(
+        first,
+        stream,
+        include_usage,
+    )));
+    let h = out.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers::write_meta_headers(h, &meta, start.elapsed());
+    out.into_response()
+}
+
+/// Reads the body up to `limit` bytes; too big is 413, a broken body is 400.
+async fn read_body(
+    body: Body,
+    headers: &http::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, (StatusCode, LlmError)> {
+    let too_big = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            LlmError::bad_request(format!("request body exceeds the limit of {limit} bytes"))
+                .with_code("request_too_large"),
+        )
+    };
+    // Refuse at once when the client announces a body over the limit.
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(too_big());
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Err(e) => Err((
+            StatusCode::BAD_REQUEST,
+            LlmError::bad_request(format!("cannot read the request body: {e}")),
+        )),
+    }
+}
