@@ -2,10 +2,17 @@
 //!
 //! - [`MockLlm`]: a scriptable in-process LLM service (responses, errors, latency, streams
 //!   that fail after N chunks), recording the requests it saw.
-//! - (the mock HTTP upstream, speaking the OpenAI and Anthropic APIs, lives in `upstream`
-//!   and is also the `llm-tower-mock` binary.)
+//! - [`MockUpstream`]: a real mock HTTP upstream speaking the OpenAI and Anthropic APIs
+//!   (JSON and SSE, error statuses with the providers' bodies and headers, latency, dropped
+//!   and malformed streams), scripted with [`Scenario`]s; also the `llm-tower-mock` binary.
+//! - [`SimulatedLlm`]: an in-process simulated provider for demos (no network, no key):
+//!   plausible deterministic answers, streaming word by word, usage, scripted failures.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod mock;
+mod simulated;
+pub mod upstream;
 
 pub use mock::{MockFuture, MockLlm, Step};
+pub use simulated::{SimulatedFuture, SimulatedLlm, SimulatedLlmBuilder};
+pub use upstream::{MockUpstream, MockUpstreamBuilder, RecordedRequest, SCENARIO_HEADER, Scenario};

@@ -1,0 +1,575 @@
+//! [`SimulatedLlm`]: an in-process stand-in for a real provider, for demos and examples.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use llm_tower_core::{
+    ChatChunk, ChatRequest, ChatResponse, ErrorKind, LlmError, LlmResponse, ResponseBody,
+    ResponseMeta, Role, Usage,
+};
+use serde_json::{Map, Value, json};
+use tower_service::Service;
+
+type AnswerFn = Arc<dyn Fn(&ChatRequest) -> String + Send + Sync>;
+
+/// A simulated LLM: answers every request in process, with no network and no key, like a
+/// provider would: after a time to first token, streamed word by word when the request
+/// streams, with usage estimated at ~4 bytes a token, and with scripted periodic failures so
+/// fallback chains have something to do in a demo.
+///
+/// The answer is deterministic and derived from the prompt. A request whose
+/// `response_format` is `json_object` gets `{"answer": "..."}`; one with a `json_schema` gets
+/// a JSON value that satisfies the schema (its `enum`/`const` values, required properties,
+/// types), so validation demos pass.
+///
+/// Clones share the call counter (so `fail_every` counts across clones). Time uses tokio's
+/// clock: `tokio::time::pause()` makes the delays instant in tests.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), llm_tower_core::LlmError> {
+/// # tokio::time::pause();
+/// use llm_tower_core::{ChatRequest, ErrorKind, Message};
+/// use llm_tower_test::SimulatedLlm;
+/// use std::time::Duration;
+/// use tower::{Service, ServiceExt};
+///
+/// let mut llm = SimulatedLlm::builder("sim-fast")
+///     .model("sim-small")
+///     .latency(Duration::from_millis(250))
+///     .token_delay(Duration::from_millis(15))
+///     .fail_every(3, ErrorKind::RateLimited) // calls 3, 6, 9 … answer 429
+///     .build();
+///
+/// let req = ChatRequest::new("any", vec![Message::user("What is tower?")]);
+/// let resp = llm.ready().await?.call(req.clone()).await?;
+/// assert_eq!(resp.meta.provider.as_deref(), Some("sim-fast"));
+/// assert_eq!(resp.meta.model.as_deref(), Some("sim-small"));
+/// let text = resp.into_complete().await?.text();
+/// assert!(text.contains("tower"));
+///
+/// llm.ready().await?.call(req.clone()).await?;
+/// let err = llm.ready().await?.call(req).await.unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::RateLimited);
+/// assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SimulatedLlm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    model: Option<String>,
+    latency: Duration,
+    token_delay: Duration,
+    failure: Option<(u64, ErrorKind)>,
+    retry_after: Duration,
+    answer: Option<AnswerFn>,
+    calls: AtomicU64,
+}
+
+impl fmt::Debug for SimulatedLlm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("SimulatedLlm")
+            .field("name", &i.name)
+            .field("model", &i.model)
+            .field("latency", &i.latency)
+            .field("token_delay", &i.token_delay)
+            .field("failure", &i.failure)
+            .field("calls", &self.calls())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`SimulatedLlm`]. Defaults: 200 ms to the first token, 20 ms a word, never fails,
+/// serves the requested model.
+#[derive(Clone)]
+pub struct SimulatedLlmBuilder {
+    name: Arc<str>,
+    model: Option<String>,
+    latency: Duration,
+    token_delay: Duration,
+    failure: Option<(u64, ErrorKind)>,
+    retry_after: Duration,
+    answer: Option<AnswerFn>,
+}
+
+impl fmt::Debug for SimulatedLlmBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimulatedLlmBuilder")
+            .field("name", &self.name)
+            .field("model", &self.model)
+            .field("latency", &self.latency)
+            .field("token_delay", &self.token_delay)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimulatedLlmBuilder {
+    /// The model reported in responses and [`ResponseMeta::model`] (default: the request's).
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Time to the first token (the whole wait before a complete response starts).
+    pub fn latency(mut self, d: Duration) -> Self {
+        self.latency = d;
+        self
+    }
+
+    /// Delay per streamed word. A complete response waits for all of them too, as a real
+    /// model generates every token before answering.
+    pub fn token_delay(mut self, d: Duration) -> Self {
+        self.token_delay = d;
+        self
+    }
+
+    /// Every `n`-th call (the n-th, 2n-th, …) fails with `kind`, after the latency. Rate
+    /// limited and overloaded errors carry a retry-after ([`retry_after`](Self::retry_after),
+    /// default 1 s). `n = 0` never fails.
+    pub fn fail_every(mut self, n: u64, kind: ErrorKind) -> Self {
+        self.failure = (n > 0).then_some((n, kind));
+        self
+    }
+
+    /// The retry-after of scripted rate-limited / overloaded / unavailable failures.
+    pub fn retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = d;
+        self
+    }
+
+    /// Generate the answer text with `f` instead of the built-in generator (JSON modes are
+    /// then up to `f`).
+    pub fn answer_with<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&ChatRequest) -> String + Send + Sync + 'static,
+    {
+        self.answer = Some(Arc::new(f));
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> SimulatedLlm {
+        SimulatedLlm {
+            inner: Arc::new(Inner {
+                name: self.name,
+                model: self.model,
+                latency: self.latency,
+                token_delay: self.token_delay,
+                failure: self.failure,
+                retry_after: self.retry_after,
+                answer: self.answer,
+                calls: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl SimulatedLlm {
+    /// A simulated provider named `name` with the default settings.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self::builder(name).build()
+    }
+
+    /// A builder for a simulated provider named `name`.
+    pub fn builder(name: impl Into<Arc<str>>) -> SimulatedLlmBuilder {
+        SimulatedLlmBuilder {
+            name: name.into(),
+            model: None,
+            latency: Duration::from_millis(200),
+            token_delay: Duration::from_millis(20),
+            failure: None,
+            retry_after: Duration::from_secs(1),
+            answer: None,
+        }
+    }
+
+    /// The provider name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Calls so far (shared by clones).
+    pub fn calls(&self) -> u64 {
+        self.inner.calls.load(Ordering::Relaxed)
+    }
+
+    /// The answer this service gives `req` (without delays or failures).
+    pub fn answer_text(&self, req: &ChatRequest) -> String {
+        match &self.inner.answer {
+            Some(f) => f(req),
+            None => generate(req),
+        }
+    }
+
+    fn failure(&self, call: u64) -> Option<LlmError> {
+        let (n, kind) = self.inner.failure?;
+        if !call.is_multiple_of(n) {
+            return None;
+        }
+        let name = &self.inner.name;
+        let mut err = LlmError::new(
+            kind,
+            format!("{name}: simulated {} (call {call})", kind.as_str()),
+        )
+        .with_provider(name.to_string())
+        .with_upstream_status(match kind {
+            ErrorKind::Overloaded => 529,
+            ErrorKind::Unavailable => 503,
+            other => other.status(),
+        });
+        if matches!(
+            kind,
+            ErrorKind::RateLimited | ErrorKind::Overloaded | ErrorKind::Unavailable
+        ) {
+            err = err.with_retry_after(self.inner.retry_after);
+        }
+        Some(err)
+    }
+}
+
+/// The future of [`SimulatedLlm`].
+pub struct SimulatedFuture(Pin<Box<dyn Future<Output = Result<LlmResponse, LlmError>> + Send>>);
+
+impl fmt::Debug for SimulatedFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SimulatedFuture")
+    }
+}
+
+impl Future for SimulatedFuture {
+    type Output = Result<LlmResponse, LlmError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl Service<ChatRequest> for SimulatedLlm {
+    type Response = LlmResponse;
+    type Error = LlmError;
+    type Future = SimulatedFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ChatRequest) -> SimulatedFuture {
+        let call = self.inner.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let this = self.clone();
+        SimulatedFuture(Box::pin(async move {
+            let inner = &this.inner;
+            if req.messages.is_empty() {
+                return Err(LlmError::bad_request("'messages' must not be empty")
+                    .with_param("messages")
+                    .with_provider(inner.name.to_string()));
+            }
+            let started = tokio::time::Instant::now();
+            if !inner.latency.is_zero() {
+                tokio::time::sleep(inner.latency).await;
+            }
+            if let Some(err) = this.failure(call) {
+                return Err(err);
+            }
+            let model = inner.model.clone().unwrap_or_else(|| req.model.clone());
+            let (text, finish) = limit_words(this.answer_text(&req), req.output_limit());
+            let usage = Usage::new(
+                estimate_tokens(req.prompt_text_len()),
+                estimate_tokens(text.len()),
+            );
+            let mut meta = ResponseMeta {
+                provider: Some(inner.name.clone()),
+                model: Some(model.clone()),
+                ..ResponseMeta::default()
+            };
+            let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
+            if req.is_stream() {
+                meta.upstream_time = Some(started.elapsed());
+                let id = next_id();
+                let delay = inner.token_delay;
+                let mut items: Vec<ChatChunk> = words
+                    .into_iter()
+                    .map(|w| ChatChunk::text(id.clone(), model.clone(), w))
+                    .collect();
+                let mut last = ChatChunk::text(id.clone(), model.clone(), "");
+                last.choices[0].delta.content = None;
+                last.choices[0].finish_reason = Some(Some(finish.to_owned()));
+                items.push(last);
+                let mut u = ChatChunk::text(id, model, "");
+                u.choices.clear();
+                u.usage = Some(Some(usage));
+                items.push(u);
+                let n_words = items.len() - 2;
+                let stream = futures_util::stream::iter(items.into_iter().enumerate()).then(
+                    move |(i, chunk)| async move {
+                        // The first word comes after the latency; each next one a delay later.
+                        if i > 0 && i < n_words && !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        Ok(chunk)
+                    },
+                );
+                Ok(LlmResponse {
+                    body: ResponseBody::Stream(llm_tower_core::ChunkStream::new(stream)),
+                    meta,
+                })
+            } else {
+                let gen_time = inner.token_delay.saturating_mul(
+                    u32::try_from(words.len().saturating_sub(1)).unwrap_or(u32::MAX),
+                );
+                if !gen_time.is_zero() {
+                    tokio::time::sleep(gen_time).await;
+                }
+                let mut resp = ChatResponse::from_text(model, text);
+                resp.choices[0].finish_reason = Some(finish.to_owned());
+                resp.usage = Some(usage.clone());
+                meta.usage = Some(usage);
+                meta.upstream_time = Some(started.elapsed());
+                Ok(LlmResponse {
+                    body: ResponseBody::Complete(resp),
+                    meta,
+                })
+            }
+        }))
+    }
+}
+
+fn next_id() -> String {
+    static N: AtomicU64 = AtomicU64::new(1);
+    format!("chatcmpl-sim{:012}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// ~4 bytes a token, at least one.
+fn estimate_tokens(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4).max(1)
+}
+
+/// Cut the answer at the request's output limit (in ~4-byte tokens), like `finish_reason:
+/// "length"`. JSON answers are never cut (they would stop being JSON).
+fn limit_words(text: String, limit: Option<u64>) -> (String, &'static str) {
+    let Some(limit) = limit else {
+        return (text, "stop");
+    };
+    if estimate_tokens(text.len()) <= limit || text.starts_with(['{', '[']) {
+        return (text, "stop");
+    }
+    let max_bytes = usize::try_from(limit.saturating_mul(4)).unwrap_or(usize::MAX);
+    let mut out = String::new();
+    for w in text.split_inclusive(' ') {
+        if out.len() + w.len() > max_bytes {
+            break;
+        }
+        out.push_str(w);
+    }
+    (out.trim_end().to_owned(), "length")
+}
+
+/// FNV-1a: a stable hash, so answers are the same across runs and machines.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+const OPENERS: &[&str] = &[
+    "Good question.",
+    "Here is a short answer.",
+    "In brief:",
+    "Sure.",
+];
+const BODIES: &[&str] = &[
+    "The key idea is to start with the simplest thing that works, measure it, and only then add complexity where the numbers show a need.",
+    "It mostly depends on your constraints: latency, cost and how much correctness matters for this step.",
+    "A practical approach is to split the problem into small steps, check each result, and keep a fallback for when a step fails.",
+    "Most teams get there by caching what repeats, routing easy work to a cheaper model and keeping the expensive one for hard cases.",
+];
+const CLOSERS: &[&str] = &[
+    "Let me know if you want more detail.",
+    "I can go deeper on any part of this.",
+    "Hope that helps.",
+    "",
+];
+
+fn last_user_text(req: &ChatRequest) -> String {
+    req.messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .map(|m| m.text())
+        .unwrap_or_default()
+}
+
+fn system_text(req: &ChatRequest) -> String {
+    req.messages
+        .iter()
+        .filter(|m| m.role == Role::System)
+        .map(|m| m.text())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The built-in deterministic answer.
+fn generate(req: &ChatRequest) -> String {
+    let prompt = last_user_text(req);
+    let h = fnv(&prompt) ^ fnv(&req.model).rotate_left(7);
+    let task = req
+        .task_type()
+        .map(|t| t.0.to_ascii_lowercase())
+        .unwrap_or_default();
+    let hint = format!("{task} {}", system_text(req).to_ascii_lowercase());
+    let prose = if hint.contains("classif") {
+        ["positive", "negative", "neutral"][(h % 3) as usize].to_owned()
+    } else if hint.contains("summar") {
+        let words: Vec<&str> = prompt.split_whitespace().take(12).collect();
+        format!("Summary: {}.", words.join(" ").trim_end_matches('.'))
+    } else {
+        let topic: Vec<&str> = prompt.split_whitespace().take(8).collect();
+        let topic = topic.join(" ");
+        let pick =
+            |list: &[&'static str], shift: u32| list[((h >> shift) % list.len() as u64) as usize];
+        let mut s = format!(
+            "{} About \"{}\": {}",
+            pick(OPENERS, 0),
+            topic.trim_end_matches(['?', '.', '!']),
+            pick(BODIES, 8)
+        );
+        let closer = pick(CLOSERS, 16);
+        if !closer.is_empty() {
+            s.push(' ');
+            s.push_str(closer);
+        }
+        s
+    };
+    match req.response_format.as_ref().map(|f| f.kind.as_str()) {
+        Some("json_object") => json!({ "answer": prose }).to_string(),
+        Some("json_schema") => {
+            let schema = req
+                .response_format
+                .as_ref()
+                .and_then(|f| f.json_schema.as_ref())
+                .and_then(|s| s.schema.clone())
+                .unwrap_or(Value::Null);
+            let v = value_for_schema(&schema, &schema, &prose, 0);
+            v.to_string()
+        }
+        _ => prose,
+    }
+}
+
+/// A value that satisfies `schema` (the common subset: type, enum, const, properties,
+/// required, items, minItems, anyOf/oneOf/allOf, local `$ref`s, numeric minimum).
+fn value_for_schema(schema: &Value, root: &Value, text: &str, depth: usize) -> Value {
+    if depth > 16 {
+        return Value::Null;
+    }
+    let Some(obj) = schema.as_object() else {
+        // `true`, or no schema at all: anything goes; answer an object like json_object.
+        return json!({ "answer": text });
+    };
+    if let Some(r) = obj.get("$ref").and_then(Value::as_str)
+        && let Some(target) = r.strip_prefix('#').and_then(|p| root.pointer(p))
+    {
+        return value_for_schema(target, root, text, depth + 1);
+    }
+    if let Some(c) = obj.get("const") {
+        return c.clone();
+    }
+    if let Some(first) = obj
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(first) = obj
+            .get(key)
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+        {
+            return value_for_schema(first, root, text, depth + 1);
+        }
+    }
+    if let Some(all) = obj.get("allOf").and_then(Value::as_array) {
+        // Merge object parts; otherwise the first part decides.
+        let mut merged = Map::new();
+        for part in all {
+            match value_for_schema(part, root, text, depth + 1) {
+                Value::Object(m) => merged.extend(m),
+                other if merged.is_empty() => return other,
+                _ => {}
+            }
+        }
+        return Value::Object(merged);
+    }
+    let ty = match obj.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ if obj.contains_key("properties") => "object",
+        _ if obj.contains_key("items") => "array",
+        _ => "object",
+    };
+    match ty {
+        "object" => {
+            let mut m = Map::new();
+            if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+                for (k, sub) in props {
+                    m.insert(k.clone(), value_for_schema(sub, root, text, depth + 1));
+                }
+            } else if obj.get("additionalProperties") != Some(&Value::Bool(false)) {
+                m.insert("answer".to_owned(), Value::String(text.to_owned()));
+            }
+            Value::Object(m)
+        }
+        "array" => {
+            let n = obj
+                .get("minItems")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .max(1);
+            let item = obj.get("items").unwrap_or(&Value::Null);
+            let items = (0..n.min(16))
+                .map(|_| value_for_schema(item, root, text, depth + 1))
+                .collect();
+            Value::Array(items)
+        }
+        "string" => {
+            let mut s = text.to_owned();
+            if let Some(max) = obj.get("maxLength").and_then(Value::as_u64) {
+                s = s
+                    .chars()
+                    .take(usize::try_from(max).unwrap_or(usize::MAX))
+                    .collect();
+            }
+            if let Some(min) = obj.get("minLength").and_then(Value::as_u64) {
+                while (s.chars().count() as u64) < min {
+                    s.push('.');
+                }
+            }
+            Value::String(s)
+        }
+        "integer" => json!(
+            obj.get("minimum").and_then(Value::as_i64).unwrap_or(1).max(
+                obj.get("exclusiveMinimum")
+                    .and_then(Value::as_i64)
+                    .map_or(i64::MIN, |m| m + 1)
+            )
+        ),
+        "number" => json!(obj.get("minimum").and_then(Value::as_f64).unwrap_or(1.0)),
+        "boolean" => Value::Bool(true),
+        _ => Value::Null,
+    }
+}
