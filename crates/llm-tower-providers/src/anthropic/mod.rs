@@ -1,0 +1,326 @@
+//! The Anthropic Messages provider (`POST {base_url}/v1/messages`) and its translation
+//! to and from the chat-completions shapes.
+
+pub(crate) mod translate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::HeaderName;
+use llm_tower_core::{ChatRequest, LlmError, LlmResponse};
+use serde::Deserialize;
+use serde_json::Value;
+use tower_service::Service;
+
+pub use translate::{
+    TranslateOptions, finish_reason, from_messages_response, to_messages_request, usage_from,
+};
+
+use crate::classify;
+use crate::common::{Endpoint, ResponseFuture, SseStream, map_model, until_deadline};
+use crate::http::HttpClient;
+use crate::openai::resolve_key;
+use crate::secret::ApiKey;
+use translate::AnthropicDecoder;
+
+/// Settings of an [`AnthropicProvider`]; deserializable from the gateway's TOML.
+///
+/// ```
+/// use llm_tower_providers::AnthropicConfig;
+///
+/// let cfg: AnthropicConfig = serde_json::from_value(serde_json::json!({
+///     "prompt_caching": true,
+///     "models": {"smart": "claude-sonnet-4-5"},
+///     "beta": ["token-efficient-tools-2025-02-19"]
+/// })).unwrap();
+/// assert!(cfg.prompt_caching);
+/// assert_eq!(cfg.api_key_env, None); // ANTHROPIC_API_KEY is read for api.anthropic.com
+/// ```
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnthropicConfig {
+    /// Provider name in meta, errors and logs. Default `anthropic`.
+    pub name: String,
+    /// API base without the version path; `/v1/messages` is appended. Default
+    /// `https://api.anthropic.com`.
+    pub base_url: String,
+    /// The key itself (prefer `api_key_env` in files).
+    pub api_key: Option<ApiKey>,
+    /// Environment variable read when `api_key` is absent. Default: `ANTHROPIC_API_KEY`
+    /// for `api.anthropic.com`, none for other hosts (a key is never sent elsewhere by
+    /// accident).
+    pub api_key_env: Option<String>,
+    /// `anthropic-version` header. Default `2023-06-01`.
+    pub version: String,
+    /// `anthropic-beta` features, sent comma-separated.
+    pub beta: Vec<String>,
+    /// Extra request headers.
+    pub headers: BTreeMap<String, String>,
+    /// Model mapping: alias → provider model.
+    pub models: HashMap<String, String>,
+    /// Model used when a request names none.
+    pub default_model: Option<String>,
+    /// `max_tokens` when the request sets no limit (the API requires one). Default 4096.
+    pub default_max_tokens: u64,
+    /// Prompt caching: mark the system prompt and the tool definitions with
+    /// `cache_control` so repeated calls read them from Anthropic's cache. Default `false`.
+    pub prompt_caching: bool,
+    /// Cache TTL for prompt caching (`"5m"` or `"1h"`); default: Anthropic's (5 minutes).
+    pub cache_ttl: Option<String>,
+}
+
+impl Default for AnthropicConfig {
+    fn default() -> Self {
+        Self {
+            name: "anthropic".to_owned(),
+            base_url: "https://api.anthropic.com".to_owned(),
+            api_key: None,
+            api_key_env: None,
+            version: "2023-06-01".to_owned(),
+            beta: Vec::new(),
+            headers: BTreeMap::new(),
+            models: HashMap::new(),
+            default_model: None,
+            default_max_tokens: 4096,
+            prompt_caching: false,
+            cache_ttl: None,
+        }
+    }
+}
+
+impl AnthropicConfig {
+    /// A config for `base_url` with the other fields at their defaults.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            ..Self::default()
+        }
+    }
+    /// Sets the provider name.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// Sets the key.
+    #[must_use]
+    pub fn api_key(mut self, key: ApiKey) -> Self {
+        self.api_key = Some(key);
+        self
+    }
+    /// Sets the environment variable holding the key (`None`: the default rule).
+    #[must_use]
+    pub fn api_key_env(mut self, var: Option<String>) -> Self {
+        self.api_key_env = var;
+        self
+    }
+    /// Adds an extra header.
+    #[must_use]
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+    /// Maps `alias` to the provider's `model`.
+    #[must_use]
+    pub fn model(mut self, alias: impl Into<String>, model: impl Into<String>) -> Self {
+        self.models.insert(alias.into(), model.into());
+        self
+    }
+    /// Turns prompt caching on or off.
+    #[must_use]
+    pub fn prompt_caching(mut self, on: bool) -> Self {
+        self.prompt_caching = on;
+        self
+    }
+}
+
+impl fmt::Debug for AnthropicConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnthropicConfig")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key)
+            .field("api_key_env", &self.api_key_env)
+            .field("version", &self.version)
+            .field("beta", &self.beta)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("models", &self.models)
+            .field("default_model", &self.default_model)
+            .field("default_max_tokens", &self.default_max_tokens)
+            .field("prompt_caching", &self.prompt_caching)
+            .field("cache_ttl", &self.cache_ttl)
+            .finish()
+    }
+}
+
+/// The Anthropic Messages API as an LLM service: it takes chat-completions requests and
+/// answers chat-completions responses and chunks.
+///
+/// - Translation both ways ([`to_messages_request`], [`from_messages_response`]): system
+///   prompt, multi-part content and images, tools, tool use and tool results, stop
+///   reasons, usage with `cache_creation_input_tokens` / `cache_read_input_tokens`
+///   (in `prompt_tokens_details.cache_write_tokens` / `cached_tokens`).
+/// - Streams: `message_start` → role chunk, `content_block_*` → text / tool-call deltas,
+///   `message_delta` → finish reason, `message_stop` → final usage chunk; `ping` is
+///   skipped; an `error` event ends the stream with the classified error, and a stream
+///   that ends without `message_stop` ends with an error.
+/// - Prompt caching ([`AnthropicConfig::prompt_caching`]) marks the system prompt and
+///   tool definitions with `cache_control`.
+/// - Meta: provider name, model served, usage, headroom from `anthropic-ratelimit-*`,
+///   time to response headers. Always ready, like [`OpenAiProvider`](crate::OpenAiProvider).
+///
+/// Not mapped: `response_format` (the Messages API has no equivalent here; it is ignored)
+/// and `n` > 1 (refused).
+///
+/// ```
+/// use llm_tower_providers::{AnthropicConfig, AnthropicProvider, ApiKey, HttpClient};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let client = HttpClient::with_defaults().unwrap();
+/// let cfg = AnthropicConfig::default()
+///     .api_key(ApiKey::new("sk-ant-test"))
+///     .prompt_caching(true)
+///     .model("smart", "claude-sonnet-4-5");
+/// let claude = AnthropicProvider::new(cfg, &client).unwrap();
+/// assert!(!format!("{claude:?}").contains("sk-ant-test"));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct AnthropicProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    models: HashMap<String, String>,
+    default_model: Option<String>,
+    opts: TranslateOptions,
+}
+
+impl AnthropicProvider {
+    /// Builds the provider on the shared `client`. Fails (bad request) on an invalid base
+    /// URL, header or version. A missing key is not an error here (check
+    /// [`has_api_key`](Self::has_api_key) to warn at startup): requests then fail with the
+    /// provider's `401`, classified as [`ErrorKind::Auth`](llm_tower_core::ErrorKind::Auth).
+    pub fn new(config: AnthropicConfig, client: &HttpClient) -> Result<Self, LlmError> {
+        let key = resolve_key(
+            config.api_key.as_ref(),
+            config.api_key_env.as_deref(),
+            &config.base_url,
+            ("api.anthropic.com", "ANTHROPIC_API_KEY"),
+        );
+        let mut headers = config.headers.clone();
+        headers.insert("anthropic-version".into(), config.version.clone());
+        if !config.beta.is_empty() {
+            headers.insert("anthropic-beta".into(), config.beta.join(","));
+        }
+        let auth = key
+            .as_ref()
+            .map(|k| (HeaderName::from_static("x-api-key"), k.expose().to_owned()));
+        let endpoint = Endpoint::new(
+            &config.name,
+            &config.base_url,
+            "/v1/messages",
+            auth,
+            key,
+            &headers,
+            client.clone(),
+        )?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                models: config.models,
+                default_model: config.default_model,
+                opts: TranslateOptions {
+                    default_max_tokens: config.default_max_tokens,
+                    prompt_caching: config.prompt_caching,
+                    cache_ttl: config.cache_ttl,
+                },
+            }),
+        })
+    }
+
+    /// The provider name.
+    pub fn name(&self) -> &str {
+        &self.inner.endpoint.provider
+    }
+
+    /// Whether a key is configured.
+    pub fn has_api_key(&self) -> bool {
+        self.inner.endpoint.key.is_some()
+    }
+
+    /// The full Messages URL.
+    pub fn url(&self) -> &http::Uri {
+        &self.inner.endpoint.url
+    }
+
+    /// The Messages API body this provider would send for `req`.
+    pub fn request_body(&self, req: &ChatRequest) -> Result<Value, LlmError> {
+        let mut model = req.model.clone();
+        map_model(
+            &mut model,
+            &self.inner.models,
+            self.inner.default_model.as_deref(),
+        );
+        let mut body =
+            to_messages_request(req, &self.inner.opts).map_err(|e| e.with_provider(self.name()))?;
+        body["model"] = Value::from(model);
+        Ok(body)
+    }
+
+    async fn run(self, req: ChatRequest) -> Result<LlmResponse, LlmError> {
+        let body = self.request_body(&req)?;
+        let model = body["model"].as_str().unwrap_or_default().to_owned();
+        let bytes = serde_json::to_vec(&body).map_err(|e| {
+            LlmError::bad_request(format!("cannot encode the request: {e}"))
+                .with_provider(self.name())
+        })?;
+        let stream = req.is_stream();
+        let ep = &self.inner.endpoint;
+        let (resp, upstream_time) = ep.send(bytes, stream, req.deadline()).await?;
+        let (parts, body) = resp.into_parts();
+        let headroom = classify::headroom(&parts.headers);
+        let mut out = if stream {
+            let decoder = AnthropicDecoder::new(ep.provider.clone(), ep.key.clone(), model.clone());
+            let mut r = LlmResponse::stream(SseStream::new(body, decoder, ep.provider.clone()));
+            r.meta.model = Some(model);
+            r
+        } else {
+            let bytes = until_deadline(&ep.provider, req.deadline(), ep.read_body(body)).await?;
+            let v: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| classify::malformed(&ep.provider, "JSON in the response", e))?;
+            LlmResponse::complete(from_messages_response(&v, &ep.provider)?)
+        };
+        out.meta.provider = Some(ep.provider.clone());
+        out.meta.headroom = headroom;
+        out.meta.upstream_time = Some(upstream_time);
+        Ok(out)
+    }
+}
+
+impl fmt::Debug for AnthropicProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnthropicProvider")
+            .field("endpoint", &self.inner.endpoint)
+            .field("models", &self.inner.models)
+            .field("options", &self.inner.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<ChatRequest> for AnthropicProvider {
+    type Response = LlmResponse;
+    type Error = LlmError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the pooled client queues nothing of its own.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ChatRequest) -> ResponseFuture {
+        ResponseFuture::new(self.clone().run(req))
+    }
+}

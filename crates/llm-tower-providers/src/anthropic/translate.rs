@@ -1,0 +1,787 @@
+//! ChatRequest → Messages API request, Messages API response → ChatResponse, and the
+//! streaming event decoder.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use llm_tower_core::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, ContentPart, Delta, Extra,
+    FunctionCall, FunctionCallDelta, LlmError, Message, PromptTokensDetails, Role, ToolCall,
+    ToolCallDelta, Usage,
+};
+use serde_json::{Map, Value, json};
+
+use crate::classify;
+use crate::common::Decoder;
+use crate::secret::ApiKey;
+use crate::sse::SseEvent;
+
+/// How a [`ChatRequest`] becomes a Messages API request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TranslateOptions {
+    /// `max_tokens` when the request sets no output limit (the Messages API requires one).
+    pub default_max_tokens: u64,
+    /// Mark the system prompt and the tool definitions with `cache_control`.
+    pub prompt_caching: bool,
+    /// The cache TTL (`"5m"`, `"1h"`); `None` = the provider's default (5 minutes).
+    pub cache_ttl: Option<String>,
+}
+
+impl Default for TranslateOptions {
+    fn default() -> Self {
+        Self {
+            default_max_tokens: 4096,
+            prompt_caching: false,
+            cache_ttl: None,
+        }
+    }
+}
+
+/// Request fields that are Anthropic's own and pass through unchanged when present in the
+/// request's unknown fields.
+const PASSTHROUGH: &[&str] = &[
+    "top_k",
+    "thinking",
+    "stop_sequences",
+    "container",
+    "mcp_servers",
+    "context_management",
+];
+
+/// Content block types that are Anthropic's own; such parts pass through unchanged.
+const NATIVE_BLOCKS: &[&str] = &[
+    "image",
+    "document",
+    "tool_use",
+    "tool_result",
+    "thinking",
+    "redacted_thinking",
+    "search_result",
+    "server_tool_use",
+    "web_search_tool_result",
+    "container_upload",
+];
+
+fn bad(msg: impl Into<String>) -> LlmError {
+    LlmError::bad_request(msg.into()).with_provider("anthropic")
+}
+
+/// Translates a chat-completions request into a Messages API request body.
+///
+/// System and developer messages become `system`; tool results become `tool_result`
+/// blocks in user turns; consecutive turns of one role are merged (the API requires
+/// alternation); images become `image` blocks (base64 from `data:` URLs, else `url`);
+/// tools, `tool_choice` (`parallel_tool_calls: false` → `disable_parallel_tool_use`),
+/// `stop`, `user` (→ `metadata.user_id`) are mapped; `n > 1` and audio input are refused
+/// with a bad request. With [`TranslateOptions::prompt_caching`], the last system block
+/// and the last tool carry `cache_control`.
+///
+/// ```
+/// use llm_tower_core::{ChatRequest, Message};
+/// use llm_tower_providers::anthropic::{to_messages_request, TranslateOptions};
+///
+/// let req = ChatRequest::new("claude", vec![Message::system("Be brief."), Message::user("Hi")]);
+/// let opts = TranslateOptions { prompt_caching: true, ..TranslateOptions::default() };
+/// let body = to_messages_request(&req, &opts).unwrap();
+/// assert_eq!(body["system"][0]["text"], "Be brief.");
+/// assert_eq!(body["system"][0]["cache_control"]["type"], "ephemeral");
+/// assert_eq!(body["messages"][0]["role"], "user");
+/// assert_eq!(body["max_tokens"], 4096);
+/// ```
+pub fn to_messages_request(req: &ChatRequest, opts: &TranslateOptions) -> Result<Value, LlmError> {
+    if req.n.is_some_and(|n| n > 1) {
+        return Err(bad("Anthropic does not support `n` > 1").with_param("n"));
+    }
+    let mut system: Vec<Value> = Vec::new();
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        let (role, blocks) = match &m.role {
+            Role::System | Role::Developer => {
+                for b in content_blocks(m.content(), i)? {
+                    if b.get("type").and_then(Value::as_str) != Some("text") {
+                        return Err(bad(format!(
+                            "messages[{i}]: a system message may hold only text"
+                        ))
+                        .with_param(format!("messages[{i}].content")));
+                    }
+                    system.push(b);
+                }
+                continue;
+            }
+            Role::User => ("user", content_blocks(m.content(), i)?),
+            Role::Assistant => ("assistant", assistant_blocks(m, i)?),
+            Role::Tool => ("user", vec![tool_result(m, i)?]),
+            other => {
+                return Err(bad(format!(
+                    "messages[{i}]: role `{}` is not supported by Anthropic",
+                    other.as_str()
+                ))
+                .with_param(format!("messages[{i}].role")));
+            }
+        };
+        if blocks.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some((r, prev)) if *r == role => prev.extend(blocks),
+            _ => turns.push((role, blocks)),
+        }
+    }
+    if turns.is_empty() {
+        return Err(bad("the request has no user or assistant message").with_param("messages"));
+    }
+
+    let mut body = Map::new();
+    body.insert("model".into(), Value::from(req.model.as_str()));
+    body.insert(
+        "max_tokens".into(),
+        Value::from(req.output_limit().unwrap_or(opts.default_max_tokens)),
+    );
+    let cache_control = || {
+        let mut cc = json!({"type": "ephemeral"});
+        if let Some(ttl) = &opts.cache_ttl {
+            cc["ttl"] = Value::from(ttl.as_str());
+        }
+        cc
+    };
+    if !system.is_empty() {
+        if opts.prompt_caching {
+            if let Some(Value::Object(last)) = system.last_mut() {
+                last.entry("cache_control").or_insert_with(cache_control);
+            }
+            body.insert("system".into(), Value::Array(system));
+        } else if let [Value::Object(only)] = &system[..]
+            && only.len() == 2
+        {
+            body.insert("system".into(), only["text"].clone());
+        } else {
+            body.insert("system".into(), Value::Array(system));
+        }
+    }
+    body.insert(
+        "messages".into(),
+        Value::Array(
+            turns
+                .into_iter()
+                .map(|(role, content)| json!({"role": role, "content": content}))
+                .collect(),
+        ),
+    );
+    if let Some(t) = &req.temperature {
+        body.insert("temperature".into(), Value::Number(t.clone()));
+    }
+    if let Some(p) = &req.top_p {
+        body.insert("top_p".into(), Value::Number(p.clone()));
+    }
+    if req.is_stream() {
+        body.insert("stream".into(), Value::Bool(true));
+    }
+    match req.extra.get("stop") {
+        Some(Value::String(s)) => {
+            body.insert("stop_sequences".into(), json!([s]));
+        }
+        Some(Value::Array(a)) if !a.is_empty() => {
+            body.insert("stop_sequences".into(), Value::Array(a.clone()));
+        }
+        _ => {}
+    }
+    let mut metadata = match req.extra.get("metadata") {
+        // OpenAI's `metadata` is free-form; Anthropic accepts only `user_id`.
+        Some(Value::Object(m)) => m
+            .get("user_id")
+            .map(|u| Map::from_iter([("user_id".to_owned(), u.clone())]))
+            .unwrap_or_default(),
+        _ => Map::new(),
+    };
+    if let Some(user) = &req.user {
+        metadata.insert("user_id".into(), Value::from(user.as_str()));
+    }
+    if !metadata.is_empty() {
+        body.insert("metadata".into(), Value::Object(metadata));
+    }
+    if let Some(tools) = &req.tools {
+        let mut out = Vec::with_capacity(tools.len());
+        for (i, t) in tools.iter().enumerate() {
+            out.push(match (&*t.kind, &t.function) {
+                ("function", Some(f)) => {
+                    let mut tool = Map::new();
+                    tool.insert("name".into(), Value::from(f.name.as_str()));
+                    if let Some(d) = &f.description {
+                        tool.insert("description".into(), Value::from(d.as_str()));
+                    }
+                    tool.insert(
+                        "input_schema".into(),
+                        f.parameters
+                            .clone()
+                            .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                    );
+                    if let Some(cc) = t.extra.get("cache_control") {
+                        tool.insert("cache_control".into(), cc.clone());
+                    }
+                    Value::Object(tool)
+                }
+                ("function", None) => {
+                    return Err(bad(format!("tools[{i}]: a function tool needs `function`"))
+                        .with_param(format!("tools[{i}]")));
+                }
+                // Anthropic's own tool types (`web_search_20250305`, `bash_20250124`, …).
+                (kind, _) => {
+                    let mut tool = t.extra.clone();
+                    tool.insert("type".into(), Value::from(kind));
+                    Value::Object(tool)
+                }
+            });
+        }
+        if opts.prompt_caching
+            && let Some(Value::Object(last)) = out.last_mut()
+        {
+            last.entry("cache_control").or_insert_with(cache_control);
+        }
+        if !out.is_empty() {
+            body.insert("tools".into(), Value::Array(out));
+        }
+    }
+    let mut choice = match &req.tool_choice {
+        None => None,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Some(json!({"type": "auto"})),
+            "none" => Some(json!({"type": "none"})),
+            "required" => Some(json!({"type": "any"})),
+            other => {
+                return Err(bad(format!("unknown tool_choice `{other}`")).with_param("tool_choice"));
+            }
+        },
+        Some(Value::Object(o)) => {
+            match o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+            {
+                Some(name) => Some(json!({"type": "tool", "name": name})),
+                // Already in Anthropic's shape (`{"type": "any"}`, `{"type": "tool", "name"}`).
+                None if o.contains_key("type") => Some(Value::Object(o.clone())),
+                None => return Err(bad("invalid tool_choice").with_param("tool_choice")),
+            }
+        }
+        Some(_) => return Err(bad("invalid tool_choice").with_param("tool_choice")),
+    };
+    if req.extra.get("parallel_tool_calls") == Some(&Value::Bool(false)) && req.tools.is_some() {
+        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
+        c["disable_parallel_tool_use"] = Value::Bool(true);
+    }
+    if let Some(c) = choice {
+        body.insert("tool_choice".into(), c);
+    }
+    for key in PASSTHROUGH {
+        if let Some(v) = req.extra.get(*key) {
+            body.insert((*key).to_owned(), v.clone());
+        }
+    }
+    Ok(Value::Object(body))
+}
+
+fn content_blocks(content: Option<&Content>, i: usize) -> Result<Vec<Value>, LlmError> {
+    let Some(content) = content else {
+        return Ok(Vec::new());
+    };
+    match content {
+        Content::Text(t) if t.is_empty() => Ok(Vec::new()),
+        Content::Text(t) => Ok(vec![json!({"type": "text", "text": t})]),
+        Content::Parts(parts) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for (j, p) in parts.iter().enumerate() {
+                match p {
+                    ContentPart::Text { text, extra }
+                    | ContentPart::Refusal {
+                        refusal: text,
+                        extra,
+                    } => {
+                        if text.is_empty() {
+                            continue;
+                        }
+                        let mut b = Map::new();
+                        b.insert("type".into(), "text".into());
+                        b.insert("text".into(), Value::from(text.as_str()));
+                        if let Some(cc) = extra.get("cache_control") {
+                            b.insert("cache_control".into(), cc.clone());
+                        }
+                        out.push(Value::Object(b));
+                    }
+                    ContentPart::ImageUrl { image_url, extra } => {
+                        let mut b = image_block(&image_url.url)
+                            .map_err(|m| bad(format!("messages[{i}].content[{j}]: {m}")))?;
+                        if let Some(cc) = extra.get("cache_control") {
+                            b["cache_control"] = cc.clone();
+                        }
+                        out.push(b);
+                    }
+                    ContentPart::InputAudio { .. } => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}]: Anthropic does not accept audio input"
+                        ))
+                        .with_param(format!("messages[{i}].content[{j}]")));
+                    }
+                    ContentPart::Other(m) => {
+                        let kind = m.get("type").and_then(Value::as_str).unwrap_or("");
+                        if NATIVE_BLOCKS.contains(&kind) {
+                            out.push(Value::Object(m.clone()));
+                        } else {
+                            return Err(bad(format!(
+                                "messages[{i}].content[{j}]: content part `{kind}` is not supported by Anthropic"
+                            ))
+                            .with_param(format!("messages[{i}].content[{j}]")));
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// `data:<media>;base64,<data>` → a base64 source; anything else → a URL source.
+fn image_block(url: &str) -> Result<Value, String> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| "malformed data: URL".to_owned())?;
+        let media = meta
+            .strip_suffix(";base64")
+            .ok_or_else(|| "image data: URLs must be base64".to_owned())?;
+        return Ok(json!({
+            "type": "image",
+            "source": {"type": "base64", "media_type": media, "data": data}
+        }));
+    }
+    Ok(json!({"type": "image", "source": {"type": "url", "url": url}}))
+}
+
+fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<Value>, LlmError> {
+    let mut out = content_blocks(m.content(), i)?;
+    for (j, tc) in m.tool_calls.iter().flatten().enumerate() {
+        let args = tc.function.arguments.trim();
+        let input: Value = if args.is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(args).map_err(|e| {
+                bad(format!(
+                    "messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}"
+                ))
+                .with_param(format!("messages[{i}].tool_calls[{j}].function.arguments"))
+            })?
+        };
+        out.push(json!({
+            "type": "tool_use",
+            "id": tc.id,
+            "name": tc.function.name,
+            "input": input,
+        }));
+    }
+    Ok(out)
+}
+
+fn tool_result(m: &Message, i: usize) -> Result<Value, LlmError> {
+    let id = m.tool_call_id.as_deref().ok_or_else(|| {
+        bad(format!(
+            "messages[{i}]: a tool message needs `tool_call_id`"
+        ))
+        .with_param(format!("messages[{i}].tool_call_id"))
+    })?;
+    let mut b = Map::new();
+    b.insert("type".into(), "tool_result".into());
+    b.insert("tool_use_id".into(), Value::from(id));
+    match m.content() {
+        Some(Content::Text(t)) => {
+            b.insert("content".into(), Value::from(t.as_str()));
+        }
+        Some(c @ Content::Parts(_)) => {
+            b.insert("content".into(), Value::Array(content_blocks(Some(c), i)?));
+        }
+        None => {}
+    }
+    if m.extra.get("is_error") == Some(&Value::Bool(true)) {
+        b.insert("is_error".into(), Value::Bool(true));
+    }
+    Ok(Value::Object(b))
+}
+
+/// Maps an Anthropic `stop_reason` to an OpenAI `finish_reason`.
+pub fn finish_reason(stop_reason: &str) -> &str {
+    match stop_reason {
+        "end_turn" | "stop_sequence" | "pause_turn" => "stop",
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        other => other,
+    }
+}
+
+/// Maps Anthropic usage (`input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
+/// `cache_read_input_tokens`) to [`Usage`]: `prompt_tokens` counts all input, cached
+/// reads included, and the cache reads / writes go to `prompt_tokens_details`.
+pub fn usage_from(v: &Value) -> Usage {
+    let n = |k: &str| v.get(k).and_then(Value::as_u64);
+    let input = n("input_tokens").unwrap_or(0);
+    let output = n("output_tokens").unwrap_or(0);
+    let write = n("cache_creation_input_tokens");
+    let read = n("cache_read_input_tokens");
+    let prompt = input + write.unwrap_or(0) + read.unwrap_or(0);
+    let mut u = Usage::new(prompt, output);
+    if write.is_some() || read.is_some() {
+        u.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: Some(read.unwrap_or(0)),
+            cache_write_tokens: write,
+            ..PromptTokensDetails::default()
+        });
+    }
+    u
+}
+
+/// Translates a Messages API response into a chat-completions response: text blocks
+/// joined, `tool_use` blocks as tool calls (input serialized as the arguments string),
+/// `thinking` blocks in `message.reasoning_content`, stop reason and usage mapped.
+///
+/// ```
+/// use llm_tower_providers::anthropic::from_messages_response;
+/// let resp = from_messages_response(&serde_json::json!({
+///     "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+///     "content": [{"type": "text", "text": "Hi!"}],
+///     "stop_reason": "end_turn",
+///     "usage": {"input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 90}
+/// }), "anthropic").unwrap();
+/// assert_eq!(resp.text(), "Hi!");
+/// assert_eq!(resp.choices[0].finish_reason.as_deref(), Some("stop"));
+/// let usage = resp.usage.unwrap();
+/// assert_eq!((usage.prompt_tokens, usage.cached_tokens()), (100, 90));
+/// ```
+pub fn from_messages_response(v: &Value, provider: &str) -> Result<ChatResponse, LlmError> {
+    let malformed = |what: &str| classify::malformed(provider, "Messages API response", what);
+    let obj = v
+        .as_object()
+        .ok_or_else(|| malformed("not a JSON object"))?;
+    if obj.get("type").and_then(Value::as_str) == Some("error") {
+        return Err(classify::classify_inline(provider, v, None)
+            .unwrap_or_else(|| malformed("an error without details")));
+    }
+    let content = obj
+        .get("content")
+        .and_then(Value::as_array)
+        .ok_or_else(|| malformed("missing `content`"))?;
+    let mut text: Option<String> = None;
+    let mut reasoning: Option<String> = None;
+    let mut calls = Vec::new();
+    for block in content {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                let t = block.get("text").and_then(Value::as_str).unwrap_or("");
+                text.get_or_insert_with(String::new).push_str(t);
+            }
+            Some("thinking") => {
+                let t = block.get("thinking").and_then(Value::as_str).unwrap_or("");
+                reasoning.get_or_insert_with(String::new).push_str(t);
+            }
+            Some("tool_use") => {
+                let id = block.get("id").and_then(Value::as_str).unwrap_or("");
+                let name = block
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| malformed("a tool_use block without `name`"))?;
+                let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
+                calls.push(ToolCall {
+                    id: id.to_owned(),
+                    kind: "function".into(),
+                    function: FunctionCall {
+                        name: name.to_owned(),
+                        arguments: input.to_string(),
+                        extra: Extra::new(),
+                    },
+                    extra: Extra::new(),
+                });
+            }
+            _ => {} // redacted thinking, server tool blocks: nothing to map
+        }
+    }
+    let mut extra = Extra::new();
+    if let Some(r) = reasoning {
+        extra.insert("reasoning_content".into(), Value::from(r));
+    }
+    let tool_calls = (!calls.is_empty()).then_some(calls);
+    let content = match text {
+        Some(t) => Some(Some(Content::Text(t))),
+        None if tool_calls.is_some() => Some(None),
+        None => Some(Some(Content::Text(String::new()))),
+    };
+    let finish = obj
+        .get("stop_reason")
+        .and_then(Value::as_str)
+        .map(|r| finish_reason(r).to_owned());
+    Ok(ChatResponse {
+        id: obj
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+        object: "chat.completion".into(),
+        created: unix_now(),
+        model: obj
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+        choices: vec![Choice {
+            index: 0,
+            message: Message {
+                role: Role::Assistant,
+                content,
+                tool_calls,
+                extra,
+                ..Message::default()
+            },
+            finish_reason: finish,
+            extra: Extra::new(),
+        }],
+        usage: obj.get("usage").map(usage_from),
+        extra: Extra::new(),
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Clone, Copy)]
+enum Block {
+    Text,
+    Tool(u32),
+    Thinking,
+    Other,
+}
+
+/// Anthropic streaming events → chunks. See [`AnthropicProvider`](super::AnthropicProvider).
+pub(crate) struct AnthropicDecoder {
+    provider: Arc<str>,
+    key: Option<ApiKey>,
+    id: String,
+    model: String,
+    created: u64,
+    blocks: Vec<Block>,
+    tools: u32,
+    usage: Value,
+    started: bool,
+    done: bool,
+}
+
+impl AnthropicDecoder {
+    pub(crate) fn new(provider: Arc<str>, key: Option<ApiKey>, model: String) -> Self {
+        Self {
+            provider,
+            key,
+            id: String::new(),
+            model,
+            created: unix_now(),
+            blocks: Vec::new(),
+            tools: 0,
+            usage: Value::Object(Map::new()),
+            started: false,
+            done: false,
+        }
+    }
+
+    fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatChunk {
+        ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: Some(finish),
+                extra: Extra::new(),
+            }],
+            usage: None,
+            extra: Extra::new(),
+        }
+    }
+
+    fn malformed(&self, what: impl std::fmt::Display) -> LlmError {
+        classify::malformed(&self.provider, "stream event", what)
+    }
+
+    fn merge_usage(&mut self, u: Option<&Value>) {
+        if let (Some(Value::Object(src)), Value::Object(dst)) = (u, &mut self.usage) {
+            for (k, v) in src {
+                if !v.is_null() {
+                    dst.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+
+    fn block_mut(&mut self, index: usize) -> &mut Block {
+        if self.blocks.len() <= index {
+            self.blocks.resize(index + 1, Block::Other);
+        }
+        &mut self.blocks[index]
+    }
+}
+
+fn text_delta(text: &str) -> Delta {
+    Delta {
+        content: Some(Some(text.to_owned())),
+        ..Delta::default()
+    }
+}
+
+fn tool_delta(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> Delta {
+    Delta {
+        tool_calls: Some(vec![ToolCallDelta {
+            index,
+            id: id.map(str::to_owned),
+            kind: id.map(|_| "function".to_owned()),
+            function: Some(FunctionCallDelta {
+                name: name.map(str::to_owned),
+                arguments: Some(args.to_owned()),
+                extra: Extra::new(),
+            }),
+            extra: Extra::new(),
+        }]),
+        ..Delta::default()
+    }
+}
+
+impl Decoder for AnthropicDecoder {
+    fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError> {
+        let v: Value = serde_json::from_slice(ev.data()).map_err(|e| self.malformed(e))?;
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .or(ev.event())
+            .unwrap_or("");
+        if kind != "message_start" && kind != "ping" && kind != "error" && !self.started {
+            return Err(self.malformed(format!("`{kind}` before `message_start`")));
+        }
+        let index = || v.get("index").and_then(Value::as_u64).map(|i| i as usize);
+        match kind {
+            "message_start" => {
+                let msg = v
+                    .get("message")
+                    .ok_or_else(|| self.malformed("message_start without `message`"))?;
+                self.started = true;
+                if let Some(id) = msg.get("id").and_then(Value::as_str) {
+                    self.id = id.to_owned();
+                }
+                if let Some(m) = msg.get("model").and_then(Value::as_str) {
+                    self.model = m.to_owned();
+                }
+                self.merge_usage(msg.get("usage"));
+                out.push_back(self.chunk(
+                    Delta {
+                        role: Some(Role::Assistant),
+                        content: Some(Some(String::new())),
+                        ..Delta::default()
+                    },
+                    None,
+                ));
+            }
+            "content_block_start" => {
+                let i =
+                    index().ok_or_else(|| self.malformed("content_block_start without `index`"))?;
+                let block = v.get("content_block").cloned().unwrap_or(Value::Null);
+                match block.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        *self.block_mut(i) = Block::Text;
+                        if let Some(t) = block
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .filter(|t| !t.is_empty())
+                        {
+                            out.push_back(self.chunk(text_delta(t), None));
+                        }
+                    }
+                    Some("tool_use") => {
+                        let t = self.tools;
+                        self.tools += 1;
+                        *self.block_mut(i) = Block::Tool(t);
+                        let id = block.get("id").and_then(Value::as_str).unwrap_or("");
+                        let name = block.get("name").and_then(Value::as_str).unwrap_or("");
+                        // `input` is `{}` here; the arguments arrive as `input_json_delta`.
+                        let args = match block.get("input") {
+                            Some(Value::Object(o)) if !o.is_empty() => {
+                                Value::Object(o.clone()).to_string()
+                            }
+                            _ => String::new(),
+                        };
+                        out.push_back(self.chunk(tool_delta(t, Some(id), Some(name), &args), None));
+                    }
+                    Some("thinking") => *self.block_mut(i) = Block::Thinking,
+                    _ => *self.block_mut(i) = Block::Other,
+                }
+            }
+            "content_block_delta" => {
+                let i =
+                    index().ok_or_else(|| self.malformed("content_block_delta without `index`"))?;
+                let delta = v
+                    .get("delta")
+                    .ok_or_else(|| self.malformed("content_block_delta without `delta`"))?;
+                let block = self.blocks.get(i).copied().unwrap_or(Block::Other);
+                match (delta.get("type").and_then(Value::as_str), block) {
+                    (Some("text_delta"), _) => {
+                        let t = delta.get("text").and_then(Value::as_str).unwrap_or("");
+                        out.push_back(self.chunk(text_delta(t), None));
+                    }
+                    (Some("input_json_delta"), Block::Tool(t)) => {
+                        let p = delta
+                            .get("partial_json")
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
+                        out.push_back(self.chunk(tool_delta(t, None, None, p), None));
+                    }
+                    (Some("thinking_delta"), _) => {
+                        let t = delta.get("thinking").and_then(Value::as_str).unwrap_or("");
+                        let mut d = Delta::default();
+                        d.extra.insert("reasoning_content".into(), Value::from(t));
+                        out.push_back(self.chunk(d, None));
+                    }
+                    _ => {} // signature deltas, citations, server tool input
+                }
+            }
+            "content_block_stop" | "ping" => {}
+            "message_delta" => {
+                self.merge_usage(v.get("usage"));
+                if let Some(r) = v
+                    .get("delta")
+                    .and_then(|d| d.get("stop_reason"))
+                    .and_then(Value::as_str)
+                {
+                    out.push_back(self.chunk(Delta::default(), Some(finish_reason(r).to_owned())));
+                }
+            }
+            "message_stop" => {
+                self.done = true;
+                let mut last = self.chunk(Delta::default(), None);
+                last.choices.clear();
+                last.usage = Some(Some(usage_from(&self.usage)));
+                out.push_back(last);
+            }
+            "error" => {
+                return Err(
+                    classify::classify_inline(&self.provider, &v, self.key.as_ref())
+                        .unwrap_or_else(|| self.malformed("an error event without details")),
+                );
+            }
+            _ => {} // new event types are ignored, as Anthropic's versioning policy asks
+        }
+        Ok(())
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn terminal(&self) -> &'static str {
+        "message_stop"
+    }
+}

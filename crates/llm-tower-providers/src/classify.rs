@@ -1,0 +1,587 @@
+//! Error classification (status code, headers, body) and rate-limit headroom parsing.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, StatusCode};
+use llm_tower_core::{ErrorKind, LlmError, RateLimitHeadroom};
+use serde_json::Value;
+
+use crate::secret::{ApiKey, scrub};
+
+/// Longest upstream message kept in an error.
+const MAX_MESSAGE: usize = 1000;
+
+/// What an upstream error body said, in either the OpenAI (`{"error": {"message", "type",
+/// "code", "param"}}`) or the Anthropic (`{"type": "error", "error": {"type", "message"}}`)
+/// shape.
+#[derive(Debug, Default)]
+pub(crate) struct UpstreamError {
+    pub(crate) message: Option<String>,
+    pub(crate) kind: Option<String>,
+    pub(crate) code: Option<String>,
+    pub(crate) param: Option<String>,
+}
+
+impl UpstreamError {
+    pub(crate) fn from_value(v: &Value) -> Option<Self> {
+        let err = v.get("error")?;
+        let s = |v: Option<&Value>| match v {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        Some(match err {
+            Value::String(m) => Self {
+                message: Some(m.clone()),
+                ..Self::default()
+            },
+            Value::Object(_) => Self {
+                message: s(err.get("message")),
+                kind: s(err.get("type")),
+                code: s(err.get("code")),
+                param: s(err.get("param")),
+            },
+            _ => return None,
+        })
+    }
+
+    fn from_body(body: &[u8]) -> Self {
+        serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| Self::from_value(&v))
+            .unwrap_or_default()
+    }
+
+    fn mentions(&self, needles: &[&str]) -> bool {
+        let hay = |s: &Option<String>| {
+            s.as_deref()
+                .is_some_and(|s| needles.iter().any(|n| s.to_ascii_lowercase().contains(n)))
+        };
+        hay(&self.message) || hay(&self.code) || hay(&self.kind)
+    }
+
+    /// The kind the body alone implies (used for every status, and for errors that arrive
+    /// inside a 200 response or a stream).
+    fn kind_from_body(&self) -> Option<ErrorKind> {
+        if self.mentions(&[
+            "context_length_exceeded",
+            "maximum context length",
+            "context window",
+            "prompt is too long",
+            "too many tokens",
+        ]) {
+            return Some(ErrorKind::ContextLengthExceeded);
+        }
+        if self.mentions(&[
+            "content_filter",
+            "content filtering",
+            "content_policy",
+            "content policy",
+            "content management policy",
+            "safety system",
+            "responsibleaipolicyviolation",
+        ]) {
+            return Some(ErrorKind::ContentFiltered);
+        }
+        match self.kind.as_deref() {
+            Some("overloaded_error") => Some(ErrorKind::Overloaded),
+            Some("rate_limit_error" | "rate_limit_exceeded") => Some(ErrorKind::RateLimited),
+            Some("authentication_error" | "permission_error") => Some(ErrorKind::Auth),
+            Some("not_found_error") => Some(ErrorKind::NotFound),
+            Some("api_error" | "server_error" | "service_unavailable_error") => {
+                Some(ErrorKind::Unavailable)
+            }
+            Some("timeout_error") => Some(ErrorKind::Timeout),
+            Some("invalid_request_error" | "request_too_large") => Some(ErrorKind::BadRequest),
+            _ => None,
+        }
+    }
+}
+
+/// Classifies a non-success upstream response.
+pub(crate) fn classify_status(
+    provider: &str,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    key: Option<&ApiKey>,
+) -> LlmError {
+    let up = UpstreamError::from_body(body);
+    let by_body = up.kind_from_body();
+    let kind = match status.as_u16() {
+        429 => ErrorKind::RateLimited,
+        529 => ErrorKind::Overloaded,
+        401 | 403 => ErrorKind::Auth,
+        408 => ErrorKind::Timeout,
+        504 => by_body.unwrap_or(ErrorKind::Timeout),
+        // Redirects are not followed: the base URL is wrong or a proxy is in the way.
+        300..=399 => ErrorKind::Transport,
+        500..=599 => match by_body {
+            Some(k @ (ErrorKind::Overloaded | ErrorKind::RateLimited)) => k,
+            _ => ErrorKind::Unavailable,
+        },
+        404 => by_body
+            .filter(|k| *k != ErrorKind::BadRequest)
+            .unwrap_or(ErrorKind::NotFound),
+        _ => match by_body {
+            // A 4xx that is not a rate limit is the request's fault, whatever the type says.
+            Some(ErrorKind::Unavailable | ErrorKind::Timeout) | None => ErrorKind::BadRequest,
+            Some(k) => k,
+        },
+    };
+    let detail = match &up.message {
+        Some(m) => m.clone(),
+        None if body.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("no error body")
+            .to_owned(),
+        None => String::from_utf8_lossy(body).into_owned(),
+    };
+    let message = format!(
+        "{provider} answered HTTP {}: {}",
+        status.as_u16(),
+        truncate(&scrub(&detail, key))
+    );
+    let mut err = LlmError::new(kind, message)
+        .with_provider(provider)
+        .with_upstream_status(status.as_u16());
+    if let Some(code) = up.code.or(up.kind) {
+        err = err.with_code(scrub(&code, key));
+    }
+    if let Some(param) = up.param {
+        err = err.with_param(param);
+    }
+    let retry_after = retry_after(headers).or_else(|| {
+        // No retry-after: the reset of the exhausted provider window says when.
+        let h = headroom(headers)?;
+        match (h.remaining_requests, h.remaining_tokens) {
+            (Some(0), _) => h.reset_requests,
+            (_, Some(0)) => h.reset_tokens,
+            _ => None,
+        }
+    });
+    if let Some(after) = retry_after
+        && matches!(
+            kind,
+            ErrorKind::RateLimited | ErrorKind::Overloaded | ErrorKind::Unavailable
+        )
+    {
+        err = err.with_retry_after(after);
+    }
+    err
+}
+
+/// Classifies an error object that arrived inside a 200 body or a stream event.
+pub(crate) fn classify_inline(provider: &str, v: &Value, key: Option<&ApiKey>) -> Option<LlmError> {
+    let up = UpstreamError::from_value(v)?;
+    let kind = up.kind_from_body().unwrap_or(ErrorKind::Unavailable);
+    let detail = up
+        .message
+        .clone()
+        .unwrap_or_else(|| "unspecified error".to_owned());
+    let mut err = LlmError::new(
+        kind,
+        format!(
+            "{provider} sent an error: {}",
+            truncate(&scrub(&detail, key))
+        ),
+    )
+    .with_provider(provider);
+    if let Some(code) = up.code.or(up.kind) {
+        err = err.with_code(scrub(&code, key));
+    }
+    Some(err)
+}
+
+/// A clear error for garbage from upstream: names the provider, never panics.
+pub(crate) fn malformed(provider: &str, what: &str, detail: impl std::fmt::Display) -> LlmError {
+    LlmError::transport(format!("{provider} sent malformed {what}: {detail}"))
+        .with_provider(provider)
+}
+
+/// A transport failure (connect, reset, TLS…) with its cause chain.
+pub(crate) fn transport(
+    provider: &str,
+    what: &str,
+    err: &(dyn std::error::Error + 'static),
+) -> LlmError {
+    let mut msg = format!("{provider}: {what}: {err}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    LlmError::transport(msg).with_provider(provider)
+}
+
+fn truncate(s: &str) -> String {
+    let s = s.trim();
+    if s.len() <= MAX_MESSAGE {
+        return s.to_owned();
+    }
+    let mut end = MAX_MESSAGE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// `retry-after-ms`, then `retry-after` (delay seconds or an HTTP date).
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let v = get("retry-after")?;
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The provider's rate-limit headroom from OpenAI-style `x-ratelimit-*` or Anthropic
+/// `anthropic-ratelimit-*` headers; `None` when neither is present.
+pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let num = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
+    let reset = |name: &str| get(name).and_then(parse_reset);
+    let mut h = RateLimitHeadroom {
+        remaining_requests: num("x-ratelimit-remaining-requests"),
+        remaining_tokens: num("x-ratelimit-remaining-tokens"),
+        limit_requests: num("x-ratelimit-limit-requests"),
+        limit_tokens: num("x-ratelimit-limit-tokens"),
+        reset_requests: reset("x-ratelimit-reset-requests"),
+        reset_tokens: reset("x-ratelimit-reset-tokens"),
+    };
+    // Anthropic reports combined tokens, and input / output tokens separately; the
+    // tightest of them is the headroom.
+    const TOKENS_REMAINING: [&str; 3] = [
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-remaining",
+    ];
+    const TOKENS_LIMIT: [&str; 3] = [
+        "anthropic-ratelimit-tokens-limit",
+        "anthropic-ratelimit-input-tokens-limit",
+        "anthropic-ratelimit-output-tokens-limit",
+    ];
+    const TOKENS_RESET: [&str; 3] = [
+        "anthropic-ratelimit-tokens-reset",
+        "anthropic-ratelimit-input-tokens-reset",
+        "anthropic-ratelimit-output-tokens-reset",
+    ];
+    if h == RateLimitHeadroom::default() {
+        h.remaining_requests = num("anthropic-ratelimit-requests-remaining");
+        h.limit_requests = num("anthropic-ratelimit-requests-limit");
+        h.reset_requests = reset("anthropic-ratelimit-requests-reset");
+        h.remaining_tokens = TOKENS_REMAINING.iter().filter_map(|n| num(n)).min();
+        h.limit_tokens = TOKENS_LIMIT.iter().filter_map(|n| num(n)).min();
+        h.reset_tokens = TOKENS_RESET.iter().filter_map(|n| reset(n)).max();
+    }
+    (h != RateLimitHeadroom::default()).then_some(h)
+}
+
+/// A reset value: OpenAI's Go-style durations (`1s`, `6m0s`, `20ms`, `1h2m3.5s`), plain
+/// seconds, or an RFC 3339 timestamp (Anthropic), as the time left from now.
+pub(crate) fn parse_reset(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    if let Some(d) = parse_go_duration(v) {
+        return Some(d);
+    }
+    let at = parse_rfc3339(v)?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+fn parse_go_duration(v: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut rest = v;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    total.is_finite().then(|| Duration::from_secs_f64(total))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.
+fn parse_rfc3339(v: &str) -> Option<SystemTime> {
+    let b = v.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| v.get(r)?.parse::<i64>().ok();
+    let (year, month, day) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hour, min, sec) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac = 0f64;
+    if b[i] == b'.' {
+        let end = v[i + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(v.len(), |e| e + i + 1);
+        frac = v[i..end].parse::<f64>().ok()?;
+        i = end;
+    }
+    let offset = match v.get(i..)? {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6
+            && matches!(tz.as_bytes()[0], b'+' | b'-')
+            && tz.as_bytes()[3] == b':' =>
+        {
+            let h = tz[1..3].parse::<i64>().ok()?;
+            let m = tz[4..6].parse::<i64>().ok()?;
+            (h * 3600 + m * 60) * if tz.starts_with('-') { -1 } else { 1 }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_secs_f64(frac))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(
+            parse_reset("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_reset("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_reset("soon"), None);
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(
+            parse_rfc3339("1970-01-02T00:00:00Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_rfc3339("2024-03-01T12:00:00+01:00"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_709_290_800))
+        );
+        assert!(parse_rfc3339("2024-13-01T00:00:00Z").is_none());
+        // A reset in the past is "now".
+        assert_eq!(parse_reset("2001-01-01T00:00:00.5Z"), Some(Duration::ZERO));
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
+        let _ = soon;
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "2")])),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "1500")])),
+            Some(Duration::from_millis(1500))
+        );
+        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let got = retry_after(&headers(&[("retry-after", &date)])).unwrap();
+        assert!(got > Duration::from_secs(100) && got <= Duration::from_secs(120));
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(120));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", &past)])),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "later")])), None);
+    }
+
+    #[test]
+    fn headroom_both_styles() {
+        let h = headroom(&headers(&[
+            ("x-ratelimit-remaining-requests", "9"),
+            ("x-ratelimit-remaining-tokens", "1000"),
+            ("x-ratelimit-limit-requests", "10"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ]))
+        .unwrap();
+        assert_eq!(h.remaining_requests, Some(9));
+        assert_eq!(h.remaining_tokens, Some(1000));
+        assert_eq!(h.limit_requests, Some(10));
+        assert_eq!(h.reset_tokens, Some(Duration::from_secs(360)));
+        let h = headroom(&headers(&[
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-input-tokens-remaining", "3000"),
+            ("anthropic-ratelimit-output-tokens-remaining", "800"),
+            ("anthropic-ratelimit-requests-reset", "2001-01-01T00:00:00Z"),
+        ]))
+        .unwrap();
+        assert_eq!(h.remaining_requests, Some(49));
+        assert_eq!(h.remaining_tokens, Some(800));
+        assert_eq!(h.reset_requests, Some(Duration::ZERO));
+        assert!(headroom(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn status_kinds() {
+        let k = |status: u16, body: &str| {
+            classify_status(
+                "p",
+                StatusCode::from_u16(status).unwrap(),
+                &HeaderMap::new(),
+                body.as_bytes(),
+                None,
+            )
+            .kind()
+        };
+        assert_eq!(k(429, ""), ErrorKind::RateLimited);
+        assert_eq!(k(500, ""), ErrorKind::Unavailable);
+        assert_eq!(k(502, "<html>bad gateway</html>"), ErrorKind::Unavailable);
+        assert_eq!(k(503, ""), ErrorKind::Unavailable);
+        assert_eq!(k(529, ""), ErrorKind::Overloaded);
+        assert_eq!(
+            k(
+                500,
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+            ),
+            ErrorKind::Overloaded
+        );
+        assert_eq!(
+            k(
+                400,
+                r#"{"error":{"message":"too long","code":"context_length_exceeded"}}"#
+            ),
+            ErrorKind::ContextLengthExceeded
+        );
+        assert_eq!(
+            k(
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}"#
+            ),
+            ErrorKind::ContextLengthExceeded
+        );
+        assert_eq!(
+            k(
+                400,
+                r#"{"error":{"message":"flagged","code":"content_policy_violation"}}"#
+            ),
+            ErrorKind::ContentFiltered
+        );
+        assert_eq!(k(401, ""), ErrorKind::Auth);
+        assert_eq!(k(403, ""), ErrorKind::Auth);
+        assert_eq!(
+            k(
+                404,
+                r#"{"error":{"message":"no such model","type":"invalid_request_error"}}"#
+            ),
+            ErrorKind::NotFound
+        );
+        assert_eq!(k(400, "{}"), ErrorKind::BadRequest);
+        assert_eq!(k(422, "not json"), ErrorKind::BadRequest);
+        assert_eq!(k(307, ""), ErrorKind::Transport);
+        assert_eq!(k(504, ""), ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn rate_limit_retry_after_from_reset_headers() {
+        let e = classify_status(
+            "p",
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "3s"),
+            ]),
+            b"",
+            None,
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(e.provider(), Some("p"));
+        assert_eq!(e.upstream_status(), Some(429));
+    }
+
+    #[test]
+    fn key_is_scrubbed_from_messages() {
+        let key = ApiKey::new("sk-very-secret");
+        let e = classify_status(
+            "p",
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            br#"{"error":{"message":"Incorrect API key provided: sk-very-secret","code":"invalid_api_key"}}"#,
+            Some(&key),
+        );
+        assert!(!e.message().contains("sk-very-secret"));
+        assert!(!format!("{e:?} {e}").contains("sk-very-secret"));
+    }
+}

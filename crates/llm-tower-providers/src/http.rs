@@ -1,0 +1,198 @@
+//! The shared HTTP transport: one pooled hyper client with rustls, built once.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use llm_tower_core::LlmError;
+use serde::Deserialize;
+
+/// Settings of the shared [`HttpClient`]. Every field has a default, so an empty TOML
+/// table (or `HttpClientConfig::default()`) gives a production-ready client.
+///
+/// ```
+/// use llm_tower_providers::HttpClientConfig;
+/// let cfg: HttpClientConfig = serde_json::from_str(r#"{"connect_timeout_ms": 2000}"#).unwrap();
+/// assert_eq!(cfg.connect_timeout_ms, 2000);
+/// assert_eq!(cfg.pool_max_idle_per_host, HttpClientConfig::default().pool_max_idle_per_host);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpClientConfig {
+    /// TCP connect timeout, in milliseconds (TLS handshake not included). Default 10 000.
+    pub connect_timeout_ms: u64,
+    /// How long an idle pooled connection is kept, in milliseconds. Default 90 000.
+    pub pool_idle_timeout_ms: u64,
+    /// At most this many idle connections are kept per host. Default 64.
+    pub pool_max_idle_per_host: usize,
+    /// TCP keep-alive interval, in milliseconds (`0` = off). Default 30 000.
+    pub tcp_keepalive_ms: u64,
+    /// HTTP/2 PING interval on idle connections, in milliseconds (`0` = off). Default 30 000.
+    pub http2_keepalive_ms: u64,
+    /// Which root certificates to trust. Default [`TlsRoots::Webpki`].
+    pub tls_roots: TlsRoots,
+    /// Speak only HTTP/2 (also over plain `http://`, "prior knowledge"). Default `false`:
+    /// HTTP/2 is negotiated by ALPN over TLS, HTTP/1.1 otherwise.
+    pub http2_only: bool,
+}
+
+impl Default for HttpClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 10_000,
+            pool_idle_timeout_ms: 90_000,
+            pool_max_idle_per_host: 64,
+            tcp_keepalive_ms: 30_000,
+            http2_keepalive_ms: 30_000,
+            http2_only: false,
+            tls_roots: TlsRoots::Webpki,
+        }
+    }
+}
+
+/// The root certificates an [`HttpClient`] trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsRoots {
+    /// The Mozilla roots built into the binary (`webpki-roots`): the same everywhere, no
+    /// system files read.
+    #[default]
+    Webpki,
+    /// The operating system's certificate store (for corporate TLS proxies); needs the
+    /// `native-roots` cargo feature, else [`HttpClient::new`] fails with a clear error.
+    Native,
+}
+
+type HyperClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The HTTP transport shared by every provider: a hyper 1 pooled client (hyper-util's
+/// `client::legacy::Client`) over rustls with the `ring` crypto provider and the Mozilla
+/// (webpki) root certificates (or the system's, see [`TlsRoots`]), HTTP/1.1 and HTTP/2 (ALPN), keep-alive, a connect timeout
+/// and a bounded idle pool.
+///
+/// Build it **once** and hand the same value (it is a cheap `Clone`, an `Arc`) to every
+/// provider: connections are pooled per scheme + host + port, so providers that point at
+/// the same host share connections, and no request ever sets up TLS configuration or a
+/// client of its own.
+///
+/// The client is always ready: it has no request limit of its own (put
+/// `tower::limit::ConcurrencyLimit` above a provider to bound in-flight requests).
+///
+/// The crypto provider is passed explicitly, so no process-wide rustls `CryptoProvider`
+/// needs installing.
+///
+/// ```
+/// use llm_tower_providers::{HttpClient, HttpClientConfig};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let client = HttpClient::new(HttpClientConfig::default()).unwrap();
+/// let same_pool = client.clone();
+/// # let _ = same_pool;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Arc<HyperClient>,
+    config: Arc<HttpClientConfig>,
+}
+
+impl HttpClient {
+    /// Builds the client. Fails only if the TLS configuration cannot be built.
+    ///
+    /// Needs no runtime to build, but requests must run on a Tokio runtime.
+    pub fn new(config: HttpClientConfig) -> Result<Self, LlmError> {
+        let provider = rustls::crypto::ring::default_provider();
+        let mut http = HttpConnector::new();
+        // The HTTPS connector wraps this one; it handles `https://` itself.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(non_zero(config.connect_timeout_ms));
+        http.set_keepalive(non_zero(config.tcp_keepalive_ms));
+        let tls_error = |e: &dyn std::fmt::Display| {
+            LlmError::internal(format!("cannot build the TLS configuration: {e}"))
+        };
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match config.tls_roots {
+            TlsRoots::Webpki => builder
+                .with_provider_and_webpki_roots(provider)
+                .map_err(|e| tls_error(&e))?,
+            #[cfg(feature = "native-roots")]
+            TlsRoots::Native => builder
+                .with_provider_and_native_roots(provider)
+                .map_err(|e| tls_error(&e))?,
+            #[cfg(not(feature = "native-roots"))]
+            TlsRoots::Native => {
+                return Err(tls_error(
+                    &"`tls_roots = \"native\"` needs llm-tower-providers' `native-roots` feature",
+                ));
+            }
+        };
+        let https = builder
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(non_zero(config.pool_idle_timeout_ms))
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .http2_only(config.http2_only)
+            .http2_adaptive_window(true);
+        if let Some(interval) = non_zero(config.http2_keepalive_ms) {
+            builder
+                .http2_keep_alive_interval(interval)
+                .http2_keep_alive_timeout(Duration::from_secs(20))
+                .http2_keep_alive_while_idle(false);
+        }
+        let client = builder.build(https);
+        Ok(Self {
+            inner: Arc::new(client),
+            config: Arc::new(config),
+        })
+    }
+
+    /// A client with [`HttpClientConfig::default`].
+    pub fn with_defaults() -> Result<Self, LlmError> {
+        Self::new(HttpClientConfig::default())
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &HttpClientConfig {
+        &self.config
+    }
+
+    /// Whether `other` shares this client's connection pool.
+    pub fn shares_pool_with(&self, other: &HttpClient) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Sends one request through the pool.
+    pub(crate) fn send(
+        &self,
+        req: http::Request<Full<Bytes>>,
+    ) -> hyper_util::client::legacy::ResponseFuture {
+        self.inner.request(req)
+    }
+}
+
+impl fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn non_zero(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+/// The response type of the transport.
+pub(crate) type HttpResponse = http::Response<Incoming>;

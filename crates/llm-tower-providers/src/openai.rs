@@ -1,0 +1,407 @@
+//! The OpenAI-compatible provider (`POST {base_url}/chat/completions`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use llm_tower_core::{ChatChunk, ChatRequest, ChatResponse, LlmError, LlmResponse, StreamOptions};
+use serde::Deserialize;
+use serde_json::Value;
+use tower_service::Service;
+
+use crate::classify;
+use crate::common::{Decoder, Endpoint, ResponseFuture, SseStream, map_model, until_deadline};
+use crate::http::HttpClient;
+use crate::secret::ApiKey;
+use crate::sse::SseEvent;
+
+/// Settings of an [`OpenAiProvider`]; deserializable from the gateway's TOML.
+///
+/// The key comes from `api_key` or, when that is absent, from the environment variable
+/// named by `api_key_env`. With neither, and `base_url` on `api.openai.com`,
+/// `OPENAI_API_KEY` is read; for any other host nothing is (so an OpenAI key is never sent
+/// to another provider by accident). A provider without key (a local vLLM, Ollama or
+/// LM Studio) sends no `authorization` header.
+///
+/// ```
+/// use llm_tower_providers::OpenAiConfig;
+///
+/// let cfg: OpenAiConfig = serde_json::from_value(serde_json::json!({
+///     "name": "groq",
+///     "base_url": "https://api.groq.com/openai/v1",
+///     "api_key_env": "GROQ_API_KEY",
+///     "models": {"fast": "llama-3.1-8b-instant"},
+///     "headers": {"x-team": "search"}
+/// })).unwrap();
+/// assert_eq!(cfg.models["fast"], "llama-3.1-8b-instant");
+/// assert!(OpenAiConfig::default().base_url.starts_with("https://api.openai.com"));
+/// ```
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Provider name in [`ResponseMeta::provider`](llm_tower_core::ResponseMeta), errors and
+    /// logs. Default `openai`.
+    pub name: String,
+    /// The API base, up to and including the version (`https://api.openai.com/v1`,
+    /// `https://openrouter.ai/api/v1`, `http://localhost:11434/v1`); `/chat/completions`
+    /// is appended.
+    pub base_url: String,
+    /// The key itself (prefer `api_key_env` in files).
+    pub api_key: Option<ApiKey>,
+    /// Environment variable read when `api_key` is absent; a variable that is not set
+    /// means "no key". Default: `OPENAI_API_KEY` for `api.openai.com`, none elsewhere.
+    pub api_key_env: Option<String>,
+    /// Extra request headers (`HTTP-Referer`, `OpenAI-Organization`, …).
+    pub headers: BTreeMap<String, String>,
+    /// Model mapping: alias → provider model, applied to `model` before sending.
+    pub models: HashMap<String, String>,
+    /// Model used when a request names none.
+    pub default_model: Option<String>,
+    /// Ask for `stream_options.include_usage` on streams so they end with usage.
+    /// Default `true`; turn off only for servers that reject the field.
+    pub stream_usage: bool,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            name: "openai".to_owned(),
+            base_url: "https://api.openai.com/v1".to_owned(),
+            api_key: None,
+            api_key_env: None,
+            headers: BTreeMap::new(),
+            models: HashMap::new(),
+            default_model: None,
+            stream_usage: true,
+        }
+    }
+}
+
+impl OpenAiConfig {
+    /// A config for `base_url` with the other fields at their defaults.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            ..Self::default()
+        }
+    }
+    /// Sets the provider name.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// Sets the key.
+    #[must_use]
+    pub fn api_key(mut self, key: ApiKey) -> Self {
+        self.api_key = Some(key);
+        self
+    }
+    /// Sets the environment variable holding the key (`None`: the default rule).
+    #[must_use]
+    pub fn api_key_env(mut self, var: Option<String>) -> Self {
+        self.api_key_env = var;
+        self
+    }
+    /// Adds an extra header.
+    #[must_use]
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+    /// Maps `alias` to the provider's `model`.
+    #[must_use]
+    pub fn model(mut self, alias: impl Into<String>, model: impl Into<String>) -> Self {
+        self.models.insert(alias.into(), model.into());
+        self
+    }
+}
+
+impl fmt::Debug for OpenAiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiConfig")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key)
+            .field("api_key_env", &self.api_key_env)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("models", &self.models)
+            .field("default_model", &self.default_model)
+            .field("stream_usage", &self.stream_usage)
+            .finish()
+    }
+}
+
+/// Resolves the key: explicit, else the named environment variable, else the vendor's
+/// own variable when `base_url` points at the vendor's host (never another host's).
+pub(crate) fn resolve_key(
+    explicit: Option<&ApiKey>,
+    env: Option<&str>,
+    base_url: &str,
+    vendor: (&str, &str),
+) -> Option<ApiKey> {
+    if let Some(k) = explicit {
+        return Some(k.clone());
+    }
+    let var = match env {
+        Some(v) => v,
+        None => {
+            let host = base_url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_ascii_lowercase));
+            if host.as_deref() != Some(vendor.0) {
+                return None;
+            }
+            vendor.1
+        }
+    };
+    ApiKey::from_env(var).ok()
+}
+
+/// An OpenAI-compatible chat-completions client as an LLM service: OpenAI, OpenRouter,
+/// Groq, Together, vLLM, Ollama, LM Studio, anything speaking `/v1/chat/completions`.
+///
+/// - The body sent is the caller's [`ChatRequest`] with every unknown field preserved;
+///   only `model` (the mapping) and, for streams, `stream_options.include_usage` change.
+/// - Streams are parsed from SSE and end with the usage chunk; a stream that ends
+///   without `data: [DONE]` ends with an error.
+/// - [`ResponseMeta`](llm_tower_core::ResponseMeta) gets the provider name, the model
+///   served, usage (complete responses; streams report it through the completion hook),
+///   rate-limit headroom from `x-ratelimit-*` and the time to the response headers.
+/// - Always ready (`poll_ready` returns `Ready` at once): bound concurrency with
+///   `tower::limit::ConcurrencyLimit` above it.
+///
+/// ```
+/// use llm_tower_providers::{ApiKey, HttpClient, OpenAiConfig, OpenAiProvider};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let client = HttpClient::with_defaults().unwrap();
+/// let cfg = OpenAiConfig::new("http://localhost:11434/v1")
+///     .name("ollama")
+///     .api_key_env(None)
+///     .model("small", "llama3.2:1b");
+/// let ollama = OpenAiProvider::new(cfg, &client).unwrap();
+/// assert_eq!(ollama.name(), "ollama");
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct OpenAiProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    models: HashMap<String, String>,
+    default_model: Option<String>,
+    stream_usage: bool,
+}
+
+impl OpenAiProvider {
+    /// Builds the provider on the shared `client`. Fails (bad request) on an invalid base
+    /// URL or header; a key that is not configured is not an error (local servers).
+    pub fn new(config: OpenAiConfig, client: &HttpClient) -> Result<Self, LlmError> {
+        let key = resolve_key(
+            config.api_key.as_ref(),
+            config.api_key_env.as_deref(),
+            &config.base_url,
+            ("api.openai.com", "OPENAI_API_KEY"),
+        );
+        let auth = key.as_ref().map(|k| {
+            (
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", k.expose()),
+            )
+        });
+        let endpoint = Endpoint::new(
+            &config.name,
+            &config.base_url,
+            "/chat/completions",
+            auth,
+            key,
+            &config.headers,
+            client.clone(),
+        )?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                models: config.models,
+                default_model: config.default_model,
+                stream_usage: config.stream_usage,
+            }),
+        })
+    }
+
+    /// The provider name.
+    pub fn name(&self) -> &str {
+        &self.inner.endpoint.provider
+    }
+
+    /// Whether a key is configured.
+    pub fn has_api_key(&self) -> bool {
+        self.inner.endpoint.key.is_some()
+    }
+
+    /// The full chat-completions URL.
+    pub fn url(&self) -> &http::Uri {
+        &self.inner.endpoint.url
+    }
+
+    /// The request body this provider would send for `req` (model mapped, stream usage
+    /// requested), as JSON.
+    pub fn request_body(&self, req: &ChatRequest) -> Result<Vec<u8>, LlmError> {
+        let mut req = req.clone();
+        self.prepare(&mut req);
+        self.encode(&req)
+    }
+
+    fn prepare(&self, req: &mut ChatRequest) {
+        map_model(
+            &mut req.model,
+            &self.inner.models,
+            self.inner.default_model.as_deref(),
+        );
+        if req.is_stream() && self.inner.stream_usage {
+            req.stream_options
+                .get_or_insert_with(StreamOptions::default)
+                .include_usage = Some(true);
+        }
+    }
+
+    fn encode(&self, req: &ChatRequest) -> Result<Vec<u8>, LlmError> {
+        serde_json::to_vec(req).map_err(|e| {
+            LlmError::bad_request(format!("cannot encode the request: {e}"))
+                .with_provider(self.name())
+        })
+    }
+
+    async fn run(self, mut req: ChatRequest) -> Result<LlmResponse, LlmError> {
+        self.prepare(&mut req);
+        let body = self.encode(&req)?;
+        let stream = req.is_stream();
+        let ep = &self.inner.endpoint;
+        let (resp, upstream_time) = ep.send(body, stream, req.deadline()).await?;
+        let (parts, body) = resp.into_parts();
+        let headroom = classify::headroom(&parts.headers);
+        let mut out = if stream && !is_json(&parts.headers) {
+            let decoder = OpenAiDecoder {
+                provider: ep.provider.clone(),
+                key: ep.key.clone(),
+                done: false,
+            };
+            let mut r = LlmResponse::stream(SseStream::new(body, decoder, ep.provider.clone()));
+            r.meta.model = Some(req.model);
+            r
+        } else {
+            // A server may answer a stream request with one JSON document; take it as is.
+            let bytes = until_deadline(&ep.provider, req.deadline(), ep.read_body(body)).await?;
+            LlmResponse::complete(parse_response(&ep.provider, &bytes, ep.key.as_ref())?)
+        };
+        out.meta.provider = Some(ep.provider.clone());
+        out.meta.headroom = headroom;
+        out.meta.upstream_time = Some(upstream_time);
+        Ok(out)
+    }
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Parses a complete response; an error object in a 200 body is classified.
+fn parse_response(
+    provider: &str,
+    bytes: &[u8],
+    key: Option<&ApiKey>,
+) -> Result<ChatResponse, LlmError> {
+    match serde_json::from_slice::<ChatResponse>(bytes) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            if let Ok(v) = serde_json::from_slice::<Value>(bytes)
+                && let Some(err) = classify::classify_inline(provider, &v, key)
+            {
+                return Err(err);
+            }
+            Err(classify::malformed(provider, "JSON in the response", e))
+        }
+    }
+}
+
+impl fmt::Debug for OpenAiProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiProvider")
+            .field("endpoint", &self.inner.endpoint)
+            .field("models", &self.inner.models)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<ChatRequest> for OpenAiProvider {
+    type Response = LlmResponse;
+    type Error = LlmError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the pooled client queues nothing of its own.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ChatRequest) -> ResponseFuture {
+        ResponseFuture::new(self.clone().run(req))
+    }
+}
+
+/// OpenAI SSE: `data: {chunk}` events, then `data: [DONE]`.
+pub(crate) struct OpenAiDecoder {
+    pub(crate) provider: Arc<str>,
+    pub(crate) key: Option<ApiKey>,
+    pub(crate) done: bool,
+}
+
+impl Decoder for OpenAiDecoder {
+    fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError> {
+        let data = ev.data();
+        if data == b"[DONE]" {
+            self.done = true;
+            return Ok(());
+        }
+        let is_error_event = ev.event() == Some("error");
+        match serde_json::from_slice::<ChatChunk>(data) {
+            Ok(chunk) if !is_error_event && !chunk.extra.contains_key("error") => {
+                out.push_back(chunk);
+                Ok(())
+            }
+            parsed => {
+                if let Ok(v) = serde_json::from_slice::<Value>(data)
+                    && let Some(err) =
+                        classify::classify_inline(&self.provider, &v, self.key.as_ref())
+                {
+                    return Err(err);
+                }
+                match parsed {
+                    Err(e) => Err(classify::malformed(
+                        &self.provider,
+                        "JSON in a stream event",
+                        e,
+                    )),
+                    Ok(_) => Err(LlmError::unavailable(format!(
+                        "{}: the stream reported an error",
+                        self.provider
+                    ))
+                    .with_provider(&*self.provider)),
+                }
+            }
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn terminal(&self) -> &'static str {
+        "data: [DONE]"
+    }
+}

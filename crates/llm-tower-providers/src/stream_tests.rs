@@ -1,0 +1,185 @@
+//! Chunk-level properties of the SSE → chunk pipeline of both providers: any split of the
+//! body gives the same chunks, and any truncation before the terminal event is an error.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body::Frame;
+use http_body_util::StreamBody;
+use llm_tower_core::{ChatChunk, ErrorKind, LlmError};
+use proptest::prelude::*;
+
+use crate::anthropic::translate::AnthropicDecoder;
+use crate::common::{Decoder, SseStream};
+use crate::openai::OpenAiDecoder;
+
+const OPENAI: &[u8] = b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n\
+: keep-alive\n\n\
+data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}],\"usage\":null}\r\n\r\n\
+data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo \xe2\x9c\x93\"},\"finish_reason\":null}],\"usage\":null}\n\n\
+data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
+data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3,\"total_tokens\":12}}\n\n\
+data: [DONE]\n\n";
+
+const ANTHROPIC: &[u8] = b"event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1,\"cache_read_input_tokens\":20}}}\n\n\
+event: content_block_start\n\
+data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: ping\n\
+data: {\"type\": \"ping\"}\n\n\
+event: content_block_delta\r\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\r\n\r\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"! \xc3\xa9\"}}\n\n\
+event: content_block_stop\n\
+data: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\n\
+data: {\"type\":\"message_stop\"}\n\n";
+
+fn openai() -> OpenAiDecoder {
+    OpenAiDecoder {
+        provider: Arc::from("openai"),
+        key: None,
+        done: false,
+    }
+}
+
+fn anthropic() -> AnthropicDecoder {
+    AnthropicDecoder::new(Arc::from("anthropic"), None, "m".into())
+}
+
+/// Runs the stream over `parts` (one body frame each).
+fn run<D: Decoder>(parts: Vec<Bytes>, decoder: D) -> (Vec<ChatChunk>, Option<LlmError>) {
+    let frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
+        parts.into_iter().map(|b| Ok(Frame::data(b))).collect();
+    let body = StreamBody::new(futures_util::stream::iter(frames));
+    let mut stream = SseStream::new(body, decoder, Arc::from("p"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(c) => out.push(c),
+                Err(e) => {
+                    assert!(stream.next().await.is_none());
+                    return (out, Some(e));
+                }
+            }
+        }
+        (out, None)
+    })
+}
+
+fn split(data: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+    let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+    cuts.sort_unstable();
+    let mut out = Vec::new();
+    let mut prev = 0;
+    for c in cuts {
+        out.push(Bytes::copy_from_slice(&data[prev..c]));
+        prev = c;
+    }
+    out.push(Bytes::copy_from_slice(&data[prev..]));
+    out
+}
+
+/// Created timestamps are per-stream for Anthropic; compare everything else.
+fn normalized(mut chunks: Vec<ChatChunk>) -> Vec<ChatChunk> {
+    for c in &mut chunks {
+        c.created = 0;
+    }
+    chunks
+}
+
+#[test]
+fn whole_streams_decode() {
+    let (chunks, err) = run(vec![Bytes::from_static(OPENAI)], openai());
+    assert!(err.is_none());
+    assert_eq!(chunks.len(), 5);
+    assert_eq!(chunks.last().unwrap().usage().unwrap().total_tokens, 12);
+
+    let (chunks, err) = run(vec![Bytes::from_static(ANTHROPIC)], anthropic());
+    assert!(err.is_none(), "{err:?}");
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .filter_map(|c| c.delta.text())
+        .collect();
+    assert_eq!(text, "Hello! é");
+    let u = chunks.last().unwrap().usage().unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.cached_tokens()),
+        (45, 15, 20)
+    );
+}
+
+#[test]
+fn every_truncation_before_the_terminal_event_is_an_error() {
+    for (data, terminal) in [
+        (OPENAI, &b"data: [DONE]"[..]),
+        (ANTHROPIC, &b"data: {\"type\":\"message_stop\"}"[..]),
+    ] {
+        let end = memchr::memmem::rfind(data, terminal).unwrap() + terminal.len();
+        for cut in 0..end {
+            let parts = vec![Bytes::copy_from_slice(&data[..cut])];
+            let (_, err) = if data == OPENAI {
+                run(parts, openai())
+            } else {
+                run(parts, anthropic())
+            };
+            let err = err.unwrap_or_else(|| panic!("a stream cut at {cut} ended cleanly"));
+            assert_eq!(err.kind(), ErrorKind::Transport, "cut at {cut}: {err}");
+        }
+        // Cut right after the terminal event's data line: still complete.
+        let parts = vec![Bytes::copy_from_slice(&data[..end])];
+        let (_, err) = if data == OPENAI {
+            run(parts, openai())
+        } else {
+            run(parts, anthropic())
+        };
+        assert!(err.is_none());
+    }
+}
+
+#[test]
+fn body_error_mid_stream_is_transport() {
+    let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+        Ok(Frame::data(Bytes::from_static(&OPENAI[..300]))),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset by peer",
+        )),
+    ];
+    let body = StreamBody::new(futures_util::stream::iter(frames));
+    let mut stream = SseStream::new(body, openai(), Arc::from("openai"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let items: Vec<_> = rt.block_on(async { (&mut stream).collect::<Vec<_>>().await });
+    let err = items.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transport);
+    assert!(err.message().contains("reset by peer"), "{err}");
+}
+
+proptest! {
+    #[test]
+    fn openai_any_chunking_same_chunks(cuts in proptest::collection::vec(any::<usize>(), 0..30)) {
+        let whole = run(vec![Bytes::from_static(OPENAI)], openai());
+        let parts = run(split(OPENAI, &cuts), openai());
+        prop_assert!(parts.1.is_none());
+        prop_assert_eq!(parts.0, whole.0);
+    }
+
+    #[test]
+    fn anthropic_any_chunking_same_chunks(cuts in proptest::collection::vec(any::<usize>(), 0..30)) {
+        let whole = run(vec![Bytes::from_static(ANTHROPIC)], anthropic());
+        let parts = run(split(ANTHROPIC, &cuts), anthropic());
+        prop_assert!(parts.1.is_none());
+        prop_assert_eq!(normalized(parts.0), normalized(whole.0));
+    }
+}
