@@ -109,6 +109,26 @@ impl RedisConn {
         })
     }
 
+    /// Like [`connect`](Self::connect) but does not connect now: the first operation does.
+    /// Use it when the process must start even while Redis is down (the stores then fail
+    /// open or closed, per their policy, until Redis answers). Fails only on a malformed URL.
+    /// Must be called inside a tokio runtime.
+    pub fn connect_lazy(url: &str, opts: RedisOptions) -> Result<Self, RedisStoreError> {
+        let client = redis::Client::open(url).map_err(|e| RedisStoreError::Redis(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(opts.op_timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(opts.op_timeout))
+            .set_number_of_retries(1);
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| RedisStoreError::Redis(e.to_string()))?;
+        Ok(Self {
+            manager,
+            opts: Arc::new(opts),
+            breaker: Arc::default(),
+            failures: Arc::default(),
+        })
+    }
+
     /// The options in force.
     pub fn options(&self) -> &RedisOptions {
         &self.opts

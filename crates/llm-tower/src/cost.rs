@@ -1,1 +1,0 @@
-//! The `cost` layer (being built).

@@ -1,0 +1,271 @@
+//! The price table.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use llm_tower_core::{NanoUsd, Usage};
+use serde::{Deserialize, Deserializer};
+
+/// The price of one model, in integer nano-dollars (1e-9 USD) **per token**.
+///
+/// Converted once, at load time, from the usual dollars per million tokens:
+/// `nano per token = round(usd_per_mtok × 1000)`, so prices are exact to $0.001 per
+/// million tokens and every total is an integer sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModelPrice {
+    /// Input (prompt) tokens billed at the full price.
+    pub input: NanoUsd,
+    /// Output (completion, reasoning included) tokens.
+    pub output: NanoUsd,
+    /// Input tokens read from the provider's prompt cache.
+    pub cached_input: NanoUsd,
+}
+
+/// A price that is negative, not a number, or absurdly large.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidPrice(String);
+
+impl fmt::Display for InvalidPrice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidPrice {}
+
+/// Converts dollars per million tokens to nano-dollars per token (rounded).
+fn per_mtok_to_nano(usd: f64, what: &str) -> Result<NanoUsd, InvalidPrice> {
+    // $1M per million tokens is far beyond any real price: a typo, most likely.
+    if !usd.is_finite() || !(0.0..=1_000_000.0).contains(&usd) {
+        return Err(InvalidPrice(format!(
+            "{what}: {usd} USD per million tokens is not a valid price"
+        )));
+    }
+    Ok((usd * 1000.0).round() as NanoUsd)
+}
+
+/// Converts dollars to nano-dollars (rounded), for budget limits read from configuration.
+/// `None` for negative, non-finite or overflowing amounts.
+///
+/// ```
+/// assert_eq!(llm_tower::cost::usd_to_nano(1.5), Some(1_500_000_000));
+/// assert_eq!(llm_tower::cost::usd_to_nano(-1.0), None);
+/// ```
+pub fn usd_to_nano(usd: f64) -> Option<NanoUsd> {
+    let nano = usd * 1e9;
+    (usd.is_finite() && usd >= 0.0 && nano < u64::MAX as f64).then(|| nano.round() as NanoUsd)
+}
+
+impl ModelPrice {
+    /// A price in nano-dollars per token.
+    pub const fn per_token_nano(input: NanoUsd, output: NanoUsd, cached_input: NanoUsd) -> Self {
+        Self {
+            input,
+            output,
+            cached_input,
+        }
+    }
+
+    /// A price in dollars per million tokens (the providers' price lists); `cached_input`
+    /// defaults to the input price.
+    ///
+    /// ```
+    /// use llm_tower::cost::ModelPrice;
+    /// let p = ModelPrice::per_mtok_usd(0.15, 0.6, Some(0.075)).unwrap();
+    /// assert_eq!((p.input, p.output, p.cached_input), (150, 600, 75));
+    /// ```
+    pub fn per_mtok_usd(
+        input: f64,
+        output: f64,
+        cached_input: Option<f64>,
+    ) -> Result<Self, InvalidPrice> {
+        let input = per_mtok_to_nano(input, "input_per_mtok_usd")?;
+        Ok(Self {
+            input,
+            output: per_mtok_to_nano(output, "output_per_mtok_usd")?,
+            cached_input: match cached_input {
+                Some(c) => per_mtok_to_nano(c, "cached_input_per_mtok_usd")?,
+                None => input,
+            },
+        })
+    }
+
+    /// The cost of `usage`: uncached input at the input price, cached input at the cached
+    /// price, output at the output price (saturating, never wrapping).
+    pub fn cost(&self, usage: &Usage) -> NanoUsd {
+        let cached = usage.cached_tokens().min(usage.prompt_tokens);
+        usage
+            .uncached_prompt_tokens()
+            .saturating_mul(self.input)
+            .saturating_add(cached.saturating_mul(self.cached_input))
+            .saturating_add(usage.completion_tokens.saturating_mul(self.output))
+    }
+
+    /// The cost of `prompt_tokens` uncached input and `output_tokens` output.
+    pub fn estimate(&self, prompt_tokens: u64, output_tokens: u64) -> NanoUsd {
+        prompt_tokens
+            .saturating_mul(self.input)
+            .saturating_add(output_tokens.saturating_mul(self.output))
+    }
+}
+
+/// One entry of a price table as configuration writes it (dollars per million tokens).
+///
+/// ```toml
+/// [prices."gpt-4o-mini"]
+/// input_per_mtok_usd = 0.15
+/// output_per_mtok_usd = 0.6
+/// cached_input_per_mtok_usd = 0.075   # optional; defaults to the input price
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// Input price, USD per million tokens.
+    pub input_per_mtok_usd: f64,
+    /// Output price, USD per million tokens.
+    pub output_per_mtok_usd: f64,
+    /// Cached-input price, USD per million tokens (default: the input price).
+    #[serde(default)]
+    pub cached_input_per_mtok_usd: Option<f64>,
+}
+
+impl TryFrom<PriceConfig> for ModelPrice {
+    type Error = InvalidPrice;
+    fn try_from(c: PriceConfig) -> Result<Self, InvalidPrice> {
+        ModelPrice::per_mtok_usd(
+            c.input_per_mtok_usd,
+            c.output_per_mtok_usd,
+            c.cached_input_per_mtok_usd,
+        )
+    }
+}
+
+/// Prices per model, with a forgiving lookup ([`get`](Self::get)).
+///
+/// Deserializes from a map of model name to [`PriceConfig`] (JSON, TOML, …), converting
+/// to integer nano-dollars per token at load time:
+///
+/// ```
+/// use llm_tower::cost::PriceTable;
+/// let table: PriceTable = serde_json::from_str(r#"{
+///     "gpt-4o-mini": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6,
+///                     "cached_input_per_mtok_usd": 0.075},
+///     "claude-3-5-haiku": {"input_per_mtok_usd": 0.8, "output_per_mtok_usd": 4.0}
+/// }"#).unwrap();
+/// let (name, price) = table.get("gpt-4o-mini-2024-07-18").unwrap();
+/// assert_eq!((name, price.input), ("gpt-4o-mini", 150));
+/// assert_eq!(table.get("claude-3-5-haiku-20241022").unwrap().0, "claude-3-5-haiku");
+/// assert!(table.get("unknown-model").is_none());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PriceTable {
+    prices: HashMap<String, ModelPrice>,
+}
+
+impl<'de> Deserialize<'de> for PriceTable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: HashMap<String, PriceConfig> = HashMap::deserialize(d)?;
+        let mut prices = HashMap::with_capacity(raw.len());
+        for (model, cfg) in raw {
+            let price = ModelPrice::try_from(cfg)
+                .map_err(|e| serde::de::Error::custom(format!("price of `{model}`: {e}")))?;
+            prices.insert(model, price);
+        }
+        Ok(Self { prices })
+    }
+}
+
+impl PriceTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the price of `model`.
+    #[must_use]
+    pub fn with(mut self, model: impl Into<String>, price: ModelPrice) -> Self {
+        self.insert(model, price);
+        self
+    }
+
+    /// Adds (or replaces) the price of `model`.
+    pub fn insert(&mut self, model: impl Into<String>, price: ModelPrice) {
+        self.prices.insert(model.into(), price);
+    }
+
+    /// Number of models priced.
+    pub fn len(&self) -> usize {
+        self.prices.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.prices.is_empty()
+    }
+
+    /// The price of `model` and the table entry it matched. Lookup order:
+    ///
+    /// 1. the exact name;
+    /// 2. without a provider prefix (`openai/gpt-4o-mini` → `gpt-4o-mini`);
+    /// 3. without a date suffix (`-2024-07-18`, `-20241022`, `@20241022`);
+    /// 4. the longest entry that is a prefix of the name ending at a `-`, `:` or `@`
+    ///    (`gpt-4o-mini-audio` → `gpt-4o-mini`, `llama3:8b` → `llama3`).
+    pub fn get(&self, model: &str) -> Option<(&str, ModelPrice)> {
+        let found = |m: &str| self.prices.get_key_value(m).map(|(k, p)| (k.as_str(), *p));
+        if let Some(hit) = found(model) {
+            return Some(hit);
+        }
+        let base = model.rsplit_once('/').map_or(model, |(_, m)| m);
+        if let Some(hit) = found(base) {
+            return Some(hit);
+        }
+        let undated = strip_date(base);
+        if undated.len() != base.len()
+            && let Some(hit) = found(undated)
+        {
+            return Some(hit);
+        }
+        let mut best: Option<(&str, ModelPrice)> = None;
+        for (k, p) in &self.prices {
+            let boundary = base
+                .strip_prefix(k.as_str())
+                .is_some_and(|rest| rest.starts_with(['-', ':', '@']));
+            if boundary && best.is_none_or(|(b, _)| k.len() > b.len()) {
+                best = Some((k.as_str(), *p));
+            }
+        }
+        best
+    }
+
+    /// Every entry.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &ModelPrice)> {
+        self.prices.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// `name-2024-07-18` / `name-20241022` / `name@20241022` → `name`.
+fn strip_date(m: &str) -> &str {
+    let b = m.as_bytes();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    // -YYYY-MM-DD
+    if b.len() > 11 {
+        let t = &b[b.len() - 11..];
+        if t[0] == b'-'
+            && digits(&t[1..5])
+            && t[5] == b'-'
+            && digits(&t[6..8])
+            && t[8] == b'-'
+            && digits(&t[9..])
+        {
+            return &m[..m.len() - 11];
+        }
+    }
+    // -YYYYMMDD or @YYYYMMDD
+    if b.len() > 9 {
+        let t = &b[b.len() - 9..];
+        if (t[0] == b'-' || t[0] == b'@') && digits(&t[1..]) {
+            return &m[..m.len() - 9];
+        }
+    }
+    m
+}

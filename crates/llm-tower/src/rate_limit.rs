@@ -1,1 +1,0 @@
-//! The `rate_limit` layer (being built).

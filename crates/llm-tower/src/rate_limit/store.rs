@@ -1,0 +1,323 @@
+//! Rate-limit stores: the trait and the in-memory store.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use llm_tower_core::LlmError;
+use tokio::time::Instant;
+
+/// One bucket a request must take from: its key, its limit per window, and the amount
+/// (1 for a request bucket, the token estimate for a token bucket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketCheck {
+    /// The bucket's key (rule name plus the request's tenant/model/task, as the rule says).
+    pub key: String,
+    /// Capacity: units allowed per window.
+    pub limit: u64,
+    /// The window over which `limit` refills.
+    pub window: Duration,
+    /// Units this request takes.
+    pub amount: u64,
+}
+
+/// A correction to a token bucket once the actual usage is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSettle {
+    /// The bucket's key.
+    pub key: String,
+    /// Capacity of the bucket.
+    pub limit: u64,
+    /// Refill window of the bucket.
+    pub window: Duration,
+    /// Units to take (positive: the call used more than reserved, the bucket may go into
+    /// debt) or give back (negative: it used less; never above the capacity).
+    pub delta: i64,
+}
+
+/// The answer of a store to [`RateLimitStore::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    /// Every bucket had room; each was charged. `remaining[i]` is what is left in bucket `i`
+    /// (`None` when unknown, e.g. a Redis store failing open).
+    Allowed {
+        /// Units left per bucket, in the order of the checks.
+        remaining: Vec<Option<u64>>,
+    },
+    /// Bucket `index` had no room; **nothing** was charged.
+    Limited {
+        /// The bucket that refused.
+        index: usize,
+        /// When that bucket will have room for this request.
+        retry_after: Duration,
+    },
+}
+
+/// The future of [`RateLimitStore::acquire`].
+pub type AcquireFuture = Pin<Box<dyn Future<Output = Result<Acquire, LlmError>> + Send>>;
+
+/// Where the buckets live. All buckets of one request are checked and charged **atomically,
+/// all or nothing**: if one refuses, none is charged.
+///
+/// Buckets are token buckets (equivalent to GCRA): a bucket holds up to `limit` units and
+/// refills continuously at `limit / window`; an absent bucket is full. Settling may push a
+/// bucket below zero (debt), which later requests wait out.
+///
+/// Implementations: [`InMemoryRateLimitStore`] here, and a Redis store in `llm-tower-redis`.
+pub trait RateLimitStore: Send + Sync + fmt::Debug + 'static {
+    /// Checks and charges every bucket at once. A store that cannot answer either fails
+    /// open (`Allowed` with unknown remaining) or closed (`Err`), as it documents.
+    fn acquire(&self, checks: &[BucketCheck]) -> AcquireFuture;
+
+    /// A synchronous answer, for stores that can give one without I/O (the layer then
+    /// skips the boxed future). The default is `None`: use [`acquire`](Self::acquire).
+    fn acquire_now(&self, checks: &[BucketCheck]) -> Option<Result<Acquire, LlmError>> {
+        let _ = checks;
+        None
+    }
+
+    /// Applies corrections once the actual usage is known. Runs from a completion hook, so
+    /// it must not block; a networked store sends it in the background (and documents it).
+    fn settle(&self, settles: &[BucketSettle]);
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    level: f64,
+    at: Instant,
+    limit: u64,
+    window: Duration,
+}
+
+impl Bucket {
+    fn full(limit: u64, window: Duration, now: Instant) -> Self {
+        Self {
+            level: limit as f64,
+            at: now,
+            limit,
+            window,
+        }
+    }
+
+    /// The level at `now`, refilled at `limit / window`, capped at `limit`.
+    fn level_at(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        let rate = self.limit as f64 / self.window.as_secs_f64().max(1e-9);
+        (self.level + elapsed * rate).min(self.limit as f64)
+    }
+
+    fn is_full_at(&self, now: Instant) -> bool {
+        self.level_at(now) >= self.limit as f64
+    }
+}
+
+/// How long until a bucket at `level` holds `amount` units.
+pub(crate) fn time_to_refill(level: f64, amount: u64, limit: u64, window: Duration) -> Duration {
+    let missing = amount as f64 - level;
+    if missing <= 0.0 {
+        return Duration::ZERO;
+    }
+    let secs = missing * window.as_secs_f64() / (limit.max(1) as f64);
+    // Round up to the millisecond so that waking up at retry-after finds room.
+    Duration::from_millis((secs * 1000.0).ceil() as u64)
+}
+
+/// Buckets in a bounded in-process map, on tokio's clock (so paused-time tests control it).
+///
+/// # Why not `governor`
+///
+/// `governor`'s keyed limiter can take `n` cells (`check_key_n`) but cannot give them back
+/// or take more afterwards, so a token reservation cannot be settled with the actual usage,
+/// and a multi-bucket request cannot be all-or-nothing. This store implements the same
+/// algorithm (a token bucket, equivalent to GCRA) with reserve, settle and debt.
+///
+/// # Memory
+///
+/// A bucket that has refilled to its capacity is the same as an absent one, so it is
+/// removed. [`retain_recent`](Self::retain_recent) does that; the store also runs it every
+/// 4096 operations and whenever the map exceeds `max_keys` (default 100 000). If the map is
+/// still over `max_keys` after that, the least recently used buckets are evicted (their
+/// keys then start again from a full bucket), so memory stays bounded whatever the keys.
+///
+/// Cheap to share: put it in an `Arc`; [`RateLimitLayer`](super::RateLimitLayer) does.
+pub struct InMemoryRateLimitStore {
+    buckets: Mutex<HashMap<String, Bucket>>,
+    ops: AtomicU64,
+    max_keys: usize,
+}
+
+impl fmt::Debug for InMemoryRateLimitStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InMemoryRateLimitStore")
+            .field("keys", &self.len())
+            .field("max_keys", &self.max_keys)
+            .finish()
+    }
+}
+
+impl Default for InMemoryRateLimitStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const GC_EVERY: u64 = 4096;
+
+impl InMemoryRateLimitStore {
+    /// An empty store holding at most 100 000 buckets.
+    pub fn new() -> Self {
+        Self::with_max_keys(100_000)
+    }
+
+    /// An empty store holding at most `max_keys` buckets (at least 1).
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        Self {
+            buckets: Mutex::new(HashMap::new()),
+            ops: AtomicU64::new(0),
+            max_keys: max_keys.max(1),
+        }
+    }
+
+    /// Number of buckets held now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Units left in bucket `key` now (`None` if the bucket is absent, i.e. full).
+    pub fn remaining(&self, key: &str) -> Option<u64> {
+        let now = Instant::now();
+        self.lock()
+            .get(key)
+            .map(|b| b.level_at(now).max(0.0).floor() as u64)
+    }
+
+    /// Removes every bucket that has refilled to its capacity (it is the same as absent).
+    /// Runs by itself every 4096 operations; call it from a maintenance task if you want
+    /// memory back sooner.
+    pub fn retain_recent(&self) {
+        let now = Instant::now();
+        let mut map = self.lock();
+        map.retain(|_, b| !b.is_full_at(now));
+        Self::enforce_cap(&mut map, self.max_keys);
+    }
+
+    fn enforce_cap(map: &mut HashMap<String, Bucket>, max_keys: usize) {
+        if map.len() <= max_keys {
+            return;
+        }
+        // Evict the least recently touched buckets down to 90% of the cap, so that this
+        // O(n) pass does not run on every insert.
+        let target = max_keys - max_keys / 10;
+        let mut ages: Vec<Instant> = map.values().map(|b| b.at).collect();
+        let cut_idx = map.len() - target;
+        let (_, cut, _) = ages.select_nth_unstable(cut_idx.saturating_sub(1));
+        let cut = *cut;
+        map.retain(|_, b| b.at > cut);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bucket>> {
+        self.buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn maybe_gc(&self, map: &mut HashMap<String, Bucket>, now: Instant) {
+        let n = self.ops.fetch_add(1, Ordering::Relaxed);
+        if map.len() > self.max_keys || (n % GC_EVERY == GC_EVERY - 1) {
+            map.retain(|_, b| !b.is_full_at(now));
+            Self::enforce_cap(map, self.max_keys);
+        }
+    }
+
+    /// The synchronous all-or-nothing check and charge.
+    pub fn try_acquire(&self, checks: &[BucketCheck]) -> Acquire {
+        let now = Instant::now();
+        let mut map = self.lock();
+        // First pass: look only, so that a refusal charges nothing.
+        let mut levels = [0f64; 8];
+        let mut levels_vec = Vec::new();
+        let many = checks.len() > levels.len();
+        if many {
+            levels_vec.resize(checks.len(), 0.0);
+        }
+        for (i, c) in checks.iter().enumerate() {
+            let level = match map.get(&c.key) {
+                // A changed limit or window (new config) takes effect at once.
+                Some(b) if b.limit == c.limit && b.window == c.window => b.level_at(now),
+                Some(b) => b.level_at(now).min(c.limit as f64),
+                None => c.limit as f64,
+            };
+            if level < c.amount as f64 {
+                return Acquire::Limited {
+                    index: i,
+                    retry_after: time_to_refill(level, c.amount, c.limit, c.window),
+                };
+            }
+            if many {
+                levels_vec[i] = level;
+            } else {
+                levels[i] = level;
+            }
+        }
+        let mut remaining = Vec::with_capacity(checks.len());
+        for (i, c) in checks.iter().enumerate() {
+            let before = if many { levels_vec[i] } else { levels[i] };
+            let level = before - c.amount as f64;
+            remaining.push(Some(level.max(0.0).floor() as u64));
+            let bucket = Bucket {
+                level,
+                at: now,
+                limit: c.limit,
+                window: c.window,
+            };
+            match map.get_mut(&c.key) {
+                Some(b) => *b = bucket,
+                None => {
+                    map.insert(c.key.clone(), bucket);
+                }
+            }
+        }
+        self.maybe_gc(&mut map, now);
+        Acquire::Allowed { remaining }
+    }
+}
+
+impl RateLimitStore for InMemoryRateLimitStore {
+    fn acquire(&self, checks: &[BucketCheck]) -> AcquireFuture {
+        let r = self.try_acquire(checks);
+        Box::pin(std::future::ready(Ok(r)))
+    }
+
+    fn acquire_now(&self, checks: &[BucketCheck]) -> Option<Result<Acquire, LlmError>> {
+        Some(Ok(self.try_acquire(checks)))
+    }
+
+    fn settle(&self, settles: &[BucketSettle]) {
+        let now = Instant::now();
+        let mut map = self.lock();
+        for s in settles {
+            let settled = |b: &Bucket| Bucket {
+                level: (b.level_at(now) - s.delta as f64).min(s.limit as f64),
+                at: now,
+                limit: s.limit,
+                window: s.window,
+            };
+            // Look up before inserting, so the common case does not copy the key.
+            if let Some(b) = map.get_mut(&s.key) {
+                *b = settled(b);
+            } else {
+                let b = settled(&Bucket::full(s.limit, s.window, now));
+                map.insert(s.key.clone(), b);
+            }
+        }
+    }
+}
