@@ -1,0 +1,259 @@
+//! The [`JobStore`] trait and its two implementations: [`SqliteStore`] (embedded, one
+//! file, the default) and [`PostgresStore`] (many replicas share one queue).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::types::{Finish, Job, JobError, JobId, Lease, NewJob, Submitted};
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// The future every [`JobStore`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, JobError>> + Send + 'a>>;
+
+/// Where jobs and recorded step outputs live. All times are Unix milliseconds passed in by
+/// the caller (wall clock in production), so the store itself has no clock and tests can
+/// move time freely.
+///
+/// Every write a worker makes names its [`Lease`]; a write whose epoch is no longer the
+/// job's current one (the lease expired and another worker claimed the job, or the job was
+/// cancelled) fails with [`JobError::LeaseLost`] and changes nothing. That fencing is what
+/// makes "never run by two workers at once" hold for the effects that matter.
+pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates a job, or returns the job already created under the same
+    /// `(tenant, idempotency key)` when the kind and input are equal; different input
+    /// under a used key is [`JobError::Conflict`].
+    fn submit(&self, job: NewJob, now: i64) -> StoreFuture<'_, Submitted>;
+
+    /// The tenant's job, unless unknown, another tenant's, or expired.
+    fn get<'a>(&'a self, tenant: &'a str, id: JobId, now: i64) -> StoreFuture<'a, Option<Job>>;
+
+    /// Cancels a queued or running job (a finished job is returned unchanged); `None` when
+    /// the tenant has no such job. `expires_at` becomes `now + retention_ms`.
+    fn cancel<'a>(
+        &'a self,
+        tenant: &'a str,
+        id: JobId,
+        now: i64,
+        retention_ms: i64,
+    ) -> StoreFuture<'a, Option<Job>>;
+
+    /// Claims the most urgent runnable job of one of `kinds`: a queued job whose `run_at`
+    /// has come, or a running job whose lease expired (its worker died). Increments the
+    /// attempts and the lease epoch; the lease lasts until `now + lease_ms`. Concurrent
+    /// claims never return the same job.
+    fn claim<'a>(
+        &'a self,
+        kinds: &'a [String],
+        worker: &'a str,
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, Option<(Job, Lease)>>;
+
+    /// Extends the lease to `now + lease_ms`. `Ok(false)` when the lease is no longer
+    /// current (cancelled, or claimed by another worker): the worker must stop.
+    fn renew(&self, lease: Lease, now: i64, lease_ms: i64) -> StoreFuture<'_, bool>;
+
+    /// The recorded step outputs of a job, as `(name, JSON output)`.
+    fn steps(&self, id: JobId) -> StoreFuture<'_, Vec<(String, serde_json::Value)>>;
+
+    /// Records one completed step's output (fenced).
+    fn record_step<'a>(
+        &'a self,
+        lease: Lease,
+        name: &'a str,
+        output: &'a serde_json::Value,
+        now: i64,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Stores the job's progress (fenced).
+    fn set_progress<'a>(
+        &'a self,
+        lease: Lease,
+        progress: &'a crate::Progress,
+        now: i64,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Ends the attempt (fenced): success, failure, retry later, or release.
+    fn finish(
+        &self,
+        lease: Lease,
+        finish: Finish,
+        now: i64,
+        retention_ms: i64,
+    ) -> StoreFuture<'_, ()>;
+
+    /// Deletes finished jobs (and their steps) whose retention ended; returns how many.
+    fn purge_expired(&self, now: i64) -> StoreFuture<'_, u64>;
+
+    /// Runs until dropped, calling `wake.notify_waiters()` whenever another process
+    /// submitted or released work (PostgreSQL: `LISTEN`). The default waits forever:
+    /// an embedded store only has in-process submitters, which wake workers directly.
+    fn listen(&self, wake: Arc<Notify>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        drop(wake);
+        Box::pin(std::future::pending())
+    }
+}
+
+impl<S: JobStore + ?Sized> JobStore for Arc<S> {
+    fn submit(&self, job: NewJob, now: i64) -> StoreFuture<'_, Submitted> {
+        (**self).submit(job, now)
+    }
+    fn get<'a>(&'a self, tenant: &'a str, id: JobId, now: i64) -> StoreFuture<'a, Option<Job>> {
+        (**self).get(tenant, id, now)
+    }
+    fn cancel<'a>(
+        &'a self,
+        tenant: &'a str,
+        id: JobId,
+        now: i64,
+        retention_ms: i64,
+    ) -> StoreFuture<'a, Option<Job>> {
+        (**self).cancel(tenant, id, now, retention_ms)
+    }
+    fn claim<'a>(
+        &'a self,
+        kinds: &'a [String],
+        worker: &'a str,
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, Option<(Job, Lease)>> {
+        (**self).claim(kinds, worker, now, lease_ms)
+    }
+    fn renew(&self, lease: Lease, now: i64, lease_ms: i64) -> StoreFuture<'_, bool> {
+        (**self).renew(lease, now, lease_ms)
+    }
+    fn steps(&self, id: JobId) -> StoreFuture<'_, Vec<(String, serde_json::Value)>> {
+        (**self).steps(id)
+    }
+    fn record_step<'a>(
+        &'a self,
+        lease: Lease,
+        name: &'a str,
+        output: &'a serde_json::Value,
+        now: i64,
+    ) -> StoreFuture<'a, ()> {
+        (**self).record_step(lease, name, output, now)
+    }
+    fn set_progress<'a>(
+        &'a self,
+        lease: Lease,
+        progress: &'a crate::Progress,
+        now: i64,
+    ) -> StoreFuture<'a, ()> {
+        (**self).set_progress(lease, progress, now)
+    }
+    fn finish(
+        &self,
+        lease: Lease,
+        finish: Finish,
+        now: i64,
+        retention_ms: i64,
+    ) -> StoreFuture<'_, ()> {
+        (**self).finish(lease, finish, now, retention_ms)
+    }
+    fn purge_expired(&self, now: i64) -> StoreFuture<'_, u64> {
+        (**self).purge_expired(now)
+    }
+    fn listen(&self, wake: Arc<Notify>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        (**self).listen(wake)
+    }
+}
+
+/// The columns every query returns (a literal, for `concat!`).
+macro_rules! cols {
+    () => {
+        "id, tenant, kind, input, idempotency_key, status, priority, attempts, max_attempts, \
+         timeout_ms, backoff_ms, run_at, lease_epoch, result, error, progress, created_at, \
+         updated_at, started_at, finished_at, expires_at"
+    };
+}
+pub(crate) use cols;
+
+/// Maps a row (SQLite or PostgreSQL) to a [`Job`]: both stores use the same column names
+/// and types (TEXT and 64-bit integers).
+macro_rules! job_from_row {
+    ($row:expr) => {{
+        use sqlx::Row as _;
+        let row = $row;
+        (|| -> Result<$crate::Job, $crate::JobError> {
+            let id: String = row.try_get("id").map_err($crate::JobError::store)?;
+            let status: String = row.try_get("status").map_err($crate::JobError::store)?;
+            let input: String = row.try_get("input").map_err($crate::JobError::store)?;
+            let result: Option<String> = row.try_get("result").map_err($crate::JobError::store)?;
+            let error: Option<String> = row.try_get("error").map_err($crate::JobError::store)?;
+            let progress: Option<String> =
+                row.try_get("progress").map_err($crate::JobError::store)?;
+            let attempts: i64 = row.try_get("attempts").map_err($crate::JobError::store)?;
+            let max_attempts: i64 = row
+                .try_get("max_attempts")
+                .map_err($crate::JobError::store)?;
+            let timeout_ms: Option<i64> =
+                row.try_get("timeout_ms").map_err($crate::JobError::store)?;
+            let backoff_ms: i64 = row.try_get("backoff_ms").map_err($crate::JobError::store)?;
+            Ok($crate::Job {
+                id: id.parse().map_err($crate::JobError::store)?,
+                tenant: row.try_get("tenant").map_err($crate::JobError::store)?,
+                kind: row.try_get("kind").map_err($crate::JobError::store)?,
+                input: serde_json::from_str(&input).map_err($crate::JobError::store)?,
+                idempotency_key: row
+                    .try_get("idempotency_key")
+                    .map_err($crate::JobError::store)?,
+                status: $crate::JobStatus::parse(&status)
+                    .ok_or_else(|| $crate::JobError::Store(format!("unknown status {status}")))?,
+                priority: row.try_get("priority").map_err($crate::JobError::store)?,
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                max_attempts: u32::try_from(max_attempts).unwrap_or(1),
+                timeout_ms: timeout_ms.and_then(|t| u64::try_from(t).ok()),
+                backoff_ms: u64::try_from(backoff_ms).unwrap_or(0),
+                run_at: row.try_get("run_at").map_err($crate::JobError::store)?,
+                lease_epoch: row
+                    .try_get("lease_epoch")
+                    .map_err($crate::JobError::store)?,
+                result: result
+                    .map(|s| serde_json::from_str(&s))
+                    .transpose()
+                    .map_err($crate::JobError::store)?,
+                error: error
+                    .map(|s| serde_json::from_str(&s))
+                    .transpose()
+                    .map_err($crate::JobError::store)?,
+                progress: progress
+                    .map(|s| serde_json::from_str(&s))
+                    .transpose()
+                    .map_err($crate::JobError::store)?,
+                created_at: row.try_get("created_at").map_err($crate::JobError::store)?,
+                updated_at: row.try_get("updated_at").map_err($crate::JobError::store)?,
+                started_at: row.try_get("started_at").map_err($crate::JobError::store)?,
+                finished_at: row
+                    .try_get("finished_at")
+                    .map_err($crate::JobError::store)?,
+                expires_at: row.try_get("expires_at").map_err($crate::JobError::store)?,
+            })
+        })()
+    }};
+}
+pub(crate) use job_from_row;
+
+/// Whether an existing job matches a repeated submit (same kind and input).
+pub(crate) fn same_request(existing: &Job, new: &NewJob) -> Result<(), JobError> {
+    if existing.kind == new.kind && existing.input == new.input {
+        Ok(())
+    } else {
+        Err(JobError::Conflict(format!(
+            "the idempotency key {:?} was already used with a different request",
+            new.options.idempotency_key.as_deref().unwrap_or_default()
+        )))
+    }
+}
+
+pub(crate) fn json_text(v: &impl serde::Serialize) -> Result<String, JobError> {
+    serde_json::to_string(v).map_err(JobError::store)
+}
