@@ -131,5 +131,7 @@ fn errors_are_small_cloneable_and_send() {
     );
     let e = LlmError::transport("reset").with_source(std::io::Error::other("io"));
     assert!(std::error::Error::source(&e).is_some());
-    assert_eq!(e.clone().to_string(), "transport: reset");
+    let copy = e.clone();
+    assert_eq!(copy.to_string(), "transport: reset");
+    assert_eq!(copy.kind(), e.kind());
 }
