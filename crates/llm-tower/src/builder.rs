@@ -15,18 +15,104 @@ mod sealed {
 pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     // Each layer's helper adds its methods in its own feature-gated block below.
     // ===== route =====
+    /// Adds a [`RouteLayer`](crate::route::RouteLayer): picks a target and model per request
+    /// by model alias or task type. See [`crate::route`].
+    #[cfg(feature = "route")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "route")))]
+    fn route(
+        self,
+        layer: crate::route::RouteLayer,
+    ) -> ServiceBuilder<Stack<crate::route::RouteLayer, L>>;
     // ===== fallback =====
+    /// Adds a [`FallbackLayer`](crate::fallback::FallbackLayer): the inner service becomes the
+    /// primary of a fallback chain. See [`crate::fallback`].
+    #[cfg(feature = "fallback")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
+    fn fallback(
+        self,
+        layer: crate::fallback::FallbackLayer,
+    ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer, L>>;
     // ===== validate =====
+    /// Adds a [`ValidateLayer`](crate::validate::ValidateLayer): checks outputs and retries
+    /// once with a format reminder. See [`crate::validate`].
+    #[cfg(feature = "validate")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "validate")))]
+    fn validate(
+        self,
+        layer: crate::validate::ValidateLayer,
+    ) -> ServiceBuilder<Stack<crate::validate::ValidateLayer, L>>;
     // ===== cache =====
+    /// Answers identical deterministic requests from a cache. See [`crate::cache`].
+    #[cfg(feature = "cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+    fn cache(
+        self,
+        layer: crate::cache::CacheLayer,
+    ) -> ServiceBuilder<Stack<crate::cache::CacheLayer, L>>;
     // ===== rate-limit =====
+    /// Adds a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer): requests and tokens per window.
+    ///
+    /// See [`crate::rate_limit`]. (Not `rate_limit`: tower's own `ServiceBuilder::rate_limit`
+    /// would shadow it.)
+    #[cfg(feature = "rate-limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
+    fn llm_rate_limit(
+        self,
+        layer: crate::rate_limit::RateLimitLayer,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer, L>>;
     // ===== cost =====
+    /// Adds a [`CostLayer`](crate::cost::CostLayer): prices responses, totals them, enforces budgets.
+    ///
+    /// See [`crate::cost`].
+    #[cfg(feature = "cost")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cost")))]
+    fn cost(self, layer: crate::cost::CostLayer) -> ServiceBuilder<Stack<crate::cost::CostLayer, L>>;
 }
 
 impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
     // ===== route impl =====
+    #[cfg(feature = "route")]
+    fn route(
+        self,
+        layer: crate::route::RouteLayer,
+    ) -> ServiceBuilder<Stack<crate::route::RouteLayer, L>> {
+        self.layer(layer)
+    }
     // ===== fallback impl =====
+    #[cfg(feature = "fallback")]
+    fn fallback(
+        self,
+        layer: crate::fallback::FallbackLayer,
+    ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer, L>> {
+        self.layer(layer)
+    }
     // ===== validate impl =====
+    #[cfg(feature = "validate")]
+    fn validate(
+        self,
+        layer: crate::validate::ValidateLayer,
+    ) -> ServiceBuilder<Stack<crate::validate::ValidateLayer, L>> {
+        self.layer(layer)
+    }
     // ===== cache impl =====
+    #[cfg(feature = "cache")]
+    fn cache(
+        self,
+        layer: crate::cache::CacheLayer,
+    ) -> ServiceBuilder<Stack<crate::cache::CacheLayer, L>> {
+        self.layer(layer)
+    }
     // ===== rate-limit impl =====
+    #[cfg(feature = "rate-limit")]
+    fn llm_rate_limit(
+        self,
+        layer: crate::rate_limit::RateLimitLayer,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer, L>> {
+        self.layer(layer)
+    }
     // ===== cost impl =====
+    #[cfg(feature = "cost")]
+    fn cost(self, layer: crate::cost::CostLayer) -> ServiceBuilder<Stack<crate::cost::CostLayer, L>> {
+        self.layer(layer)
+    }
 }

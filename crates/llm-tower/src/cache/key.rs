@@ -1,0 +1,506 @@
+//! Cache keys: a blake3 hash of the request fields that change the answer, scoped by tenant.
+
+use std::fmt;
+
+use llm_tower_core::{
+    ChatRequest, Content, ContentPart, Extra, FunctionCall, FunctionDef, ImageUrl, InputAudio,
+    JsonSchemaFormat, Message, ResponseFormat, Role, Tool, ToolCall,
+};
+use serde_json::{Map, Number, Value};
+
+/// Top-level request fields that never change the answer, so they are left out of the key:
+///
+/// | field | why it is ignored |
+/// |---|---|
+/// | `user` | end-user id for abuse monitoring |
+/// | `stream` | a stored answer is replayed as a stream or assembled into one response |
+/// | `stream_options` | only asks for a usage chunk |
+/// | `metadata` | tags for the provider's dashboards |
+/// | `store` | whether the provider keeps the completion |
+/// | `service_tier` | latency/price tier, not the answer |
+/// | `safety_identifier` | successor of `user` |
+/// | `prompt_cache_key`, `prompt_cache_retention` | provider prompt-cache routing hints |
+///
+/// Every other field — typed (`model`, `messages`, `tools`, `tool_choice`,
+/// `response_format`, `temperature`, `top_p`, `seed`, `max_tokens`,
+/// `max_completion_tokens`, `n`) or not (`stop`, `logprobs`, `top_logprobs`,
+/// `presence_penalty`, `frequency_penalty`, `logit_bias`, `parallel_tool_calls`,
+/// `reasoning_effort`, `modalities`, `prediction`, any future field …) — is part of the key.
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "stream",
+    "stream_options",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+];
+
+/// Bumped whenever the key encoding changes, so old entries are simply never found again.
+const KEY_VERSION: &[u8] = b"llm-tower-cache-key-v1";
+
+/// A cache key: the 32-byte blake3 hash of a request's answer-changing fields, its
+/// [`Tenant`](llm_tower_core::Tenant) and its [`TaskType`](llm_tower_core::TaskType).
+///
+/// What goes in, in order: a version tag; the tenant (absent ≠ empty); the task type (a
+/// route layer may pick a different model per task, so two tasks never share an entry);
+/// then every request field except those in [`IGNORED_FIELDS`]. The encoding is
+/// canonical: every value is tagged and length-prefixed (no two different requests encode
+/// the same), JSON object keys are hashed in sorted order (so `{"a":1,"b":2}` and
+/// `{"b":2,"a":1}` agree) and integral numbers hash the same whatever their spelling
+/// (`0`, `0.0`). Nothing is serialized into an intermediate buffer: the fields stream into
+/// the hasher through a small stack buffer.
+///
+/// ```
+/// use llm_tower::cache::CacheKey;
+/// use llm_tower::{ChatRequest, Message};
+///
+/// let mut a = ChatRequest::new("gpt-4o-mini", vec![Message::user("Hi")]);
+/// a.temperature = Some(0.into());
+/// let mut b = a.clone();
+/// b.user = Some("alice".into()); // does not change the answer
+/// assert_eq!(CacheKey::for_request(&a), CacheKey::for_request(&b));
+/// b.temperature = Some(1.into()); // does
+/// assert_ne!(CacheKey::for_request(&a), CacheKey::for_request(&b));
+/// let c = a.clone().with_tenant("acme"); // tenants never share
+/// assert_ne!(CacheKey::for_request(&a), CacheKey::for_request(&c));
+/// assert_eq!(CacheKey::for_request(&a).to_hex().len(), 64);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// Computes the key of `req`.
+    pub fn for_request(req: &ChatRequest) -> Self {
+        let mut h = KeyHasher::new();
+        h.raw(KEY_VERSION);
+        h.opt(req.tenant().map(|t| t.as_str()), KeyHasher::str);
+        h.opt(req.task_type().map(|t| t.as_str()), KeyHasher::str);
+        h.request(req);
+        Self(h.finish())
+    }
+
+    /// Builds a key from raw bytes (e.g. read back from a store).
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex (64 characters), e.g. for a Redis key.
+    pub fn to_hex(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(HEX[usize::from(b >> 4)] as char);
+            s.push(HEX[usize::from(b & 0xf)] as char);
+        }
+        s
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The first 8 bytes identify an entry well enough in logs.
+        write!(f, "CacheKey({}…)", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+// Type tags of the encoding. Each value starts with one, so the encoding is prefix-free.
+const T_NONE: u8 = 0;
+const T_SOME: u8 = 1;
+const T_STR: u8 = 2;
+const T_NULL: u8 = 3;
+const T_FALSE: u8 = 4;
+const T_TRUE: u8 = 5;
+const T_INT: u8 = 6;
+const T_UINT: u8 = 7;
+const T_FLOAT: u8 = 8;
+const T_ARRAY: u8 = 9;
+const T_OBJECT: u8 = 10;
+const T_FIELD: u8 = 11;
+
+const BUF: usize = 4096;
+/// Encodings longer than this (more than one blake3 chunk) are zero-padded to `BUF`.
+const PAD_ABOVE: usize = 1024;
+
+/// A blake3 hasher fed through a stack buffer: many small writes become few large
+/// updates, which lets blake3 use its SIMD paths on multi-kilobyte requests.
+struct KeyHasher {
+    hasher: blake3::Hasher,
+    buf: [u8; BUF],
+    len: usize,
+    flushed: bool,
+}
+
+impl KeyHasher {
+    fn new() -> Self {
+        Self {
+            hasher: blake3::Hasher::new(),
+            buf: [0; BUF],
+            len: 0,
+            flushed: false,
+        }
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > BUF {
+            self.flush();
+            if bytes.len() > BUF / 2 {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn flush(&mut self) {
+        self.hasher.update(&self.buf[..self.len]);
+        self.len = 0;
+        self.flushed = true;
+    }
+
+    fn finish(mut self) -> [u8; 32] {
+        if !self.flushed && self.len > PAD_ABOVE {
+            // blake3 compresses the 1 KiB chunks of an input in parallel (SIMD) only when
+            // it sees several at once; a 1–4 KiB input is otherwise hashed one chunk after
+            // the other. Hashing the whole zero-filled buffer instead is faster for every
+            // typical request size. Still injective: the encoding is prefix-free (a fixed
+            // field sequence of tagged, length-prefixed values), so no encoding is another
+            // one plus zeros.
+            self.hasher.update(&self.buf);
+            return *self.hasher.finalize().as_bytes();
+        }
+        self.flush();
+        *self.hasher.finalize().as_bytes()
+    }
+
+    fn tag(&mut self, t: u8) {
+        self.raw(&[t]);
+    }
+
+    fn len_prefix(&mut self, n: usize) {
+        self.raw(&(n as u64).to_le_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        self.tag(T_STR);
+        self.len_prefix(s.len());
+        self.raw(s.as_bytes());
+    }
+
+    /// A named field: the name keeps `{"a": x}` apart from `{"b": x}`.
+    fn field(&mut self, name: &str) {
+        self.tag(T_FIELD);
+        self.len_prefix(name.len());
+        self.raw(name.as_bytes());
+    }
+
+    fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T)) {
+        match v {
+            None => self.tag(T_NONE),
+            Some(v) => {
+                self.tag(T_SOME);
+                f(self, v);
+            }
+        }
+    }
+
+    fn bool(&mut self, b: bool) {
+        self.tag(if b { T_TRUE } else { T_FALSE });
+    }
+
+    fn u64(&mut self, n: u64) {
+        self.tag(T_UINT);
+        self.raw(&n.to_le_bytes());
+    }
+
+    fn i64(&mut self, n: i64) {
+        if let Ok(u) = u64::try_from(n) {
+            self.u64(u);
+        } else {
+            self.tag(T_INT);
+            self.raw(&n.to_le_bytes());
+        }
+    }
+
+    fn number(&mut self, n: &Number) {
+        if let Some(u) = n.as_u64() {
+            self.u64(u);
+        } else if let Some(i) = n.as_i64() {
+            self.i64(i);
+        } else if let Some(f) = n.as_f64() {
+            // `1.0` and `1` mean the same to a provider: hash integral floats as integers.
+            if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                self.i64(f as i64);
+            } else {
+                self.tag(T_FLOAT);
+                self.raw(&f.to_bits().to_le_bytes());
+            }
+        } else {
+            // Only reachable with serde_json's arbitrary_precision: hash the spelling.
+            self.tag(T_FLOAT);
+            self.str(&n.to_string());
+        }
+    }
+
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::Null => self.tag(T_NULL),
+            Value::Bool(b) => self.bool(*b),
+            Value::Number(n) => self.number(n),
+            Value::String(s) => self.str(s),
+            Value::Array(a) => {
+                self.tag(T_ARRAY);
+                self.len_prefix(a.len());
+                for x in a {
+                    self.value(x);
+                }
+            }
+            Value::Object(m) => self.object(m, &[]),
+        }
+    }
+
+    /// A JSON object in sorted key order, leaving out `skip`ped keys.
+    fn object(&mut self, m: &Map<String, Value>, skip: &[&str]) {
+        self.tag(T_OBJECT);
+        let emit = |h: &mut Self, k: &String, v: &Value| {
+            if !skip.contains(&k.as_str()) {
+                h.field(k);
+                h.value(v);
+            }
+        };
+        // serde_json's default map is already sorted; with `preserve_order` it is not,
+        // and only then do we pay for sorting.
+        if m.keys().is_sorted() {
+            for (k, v) in m {
+                emit(self, k, v);
+            }
+        } else {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (k, v) in entries {
+                emit(self, k, v);
+            }
+        }
+        // Terminates the object, so nested objects cannot run into the next field.
+        self.tag(T_NONE);
+    }
+
+    fn extra(&mut self, extra: &Extra) {
+        self.field("extra");
+        self.object(extra, &[]);
+    }
+
+    fn vec<T>(&mut self, v: &[T], f: impl Fn(&mut Self, &T)) {
+        self.tag(T_ARRAY);
+        self.len_prefix(v.len());
+        for x in v {
+            f(self, x);
+        }
+    }
+
+    // Every typed struct below is destructured without `..`: a field added to the core
+    // types fails to compile here instead of being silently left out of the key.
+
+    fn request(&mut self, req: &ChatRequest) {
+        let ChatRequest {
+            model,
+            messages,
+            stream: _,
+            stream_options: _,
+            temperature,
+            top_p,
+            max_tokens,
+            max_completion_tokens,
+            n,
+            seed,
+            response_format,
+            tools,
+            tool_choice,
+            user: _,
+            extra,
+            extensions: _,
+        } = req;
+        self.field("model");
+        self.str(model);
+        self.field("messages");
+        self.vec(messages, Self::message);
+        self.field("temperature");
+        self.opt(temperature.as_ref(), Self::number);
+        self.field("top_p");
+        self.opt(top_p.as_ref(), Self::number);
+        // `max_tokens` and `max_completion_tokens` mean the same limit to most providers,
+        // but they are kept apart: a provider may treat them differently.
+        self.field("max_tokens");
+        self.opt(*max_tokens, Self::u64);
+        self.field("max_completion_tokens");
+        self.opt(*max_completion_tokens, Self::u64);
+        self.field("n");
+        // `n` absent and `n: 1` ask for the same single choice.
+        self.u64(n.unwrap_or(1));
+        self.field("seed");
+        self.opt(*seed, Self::i64);
+        self.field("response_format");
+        self.opt(response_format.as_ref(), Self::response_format);
+        self.field("tools");
+        self.opt(tools.as_deref(), |h, t| h.vec(t, Self::tool));
+        self.field("tool_choice");
+        self.opt(tool_choice.as_ref(), Self::value);
+        self.field("extra");
+        self.object(extra, IGNORED_FIELDS);
+    }
+
+    fn message(&mut self, m: &Message) {
+        let Message {
+            role,
+            content,
+            name,
+            tool_calls,
+            tool_call_id,
+            extra,
+        } = m;
+        self.role(role);
+        self.opt(content.as_ref(), |h, c| h.opt(c.as_ref(), Self::content));
+        self.opt(name.as_deref(), Self::str);
+        self.opt(tool_calls.as_deref(), |h, t| h.vec(t, Self::tool_call));
+        self.opt(tool_call_id.as_deref(), Self::str);
+        self.extra(extra);
+    }
+
+    fn role(&mut self, r: &Role) {
+        self.str(r.as_str());
+    }
+
+    fn content(&mut self, c: &Content) {
+        match c {
+            Content::Text(s) => {
+                self.tag(0);
+                self.str(s);
+            }
+            Content::Parts(parts) => {
+                self.tag(1);
+                self.vec(parts, Self::part);
+            }
+        }
+    }
+
+    fn part(&mut self, p: &ContentPart) {
+        match p {
+            ContentPart::Text { text, extra } => {
+                self.str("text");
+                self.str(text);
+                self.extra(extra);
+            }
+            ContentPart::ImageUrl { image_url, extra } => {
+                let ImageUrl {
+                    url,
+                    detail,
+                    extra: inner,
+                } = image_url;
+                self.str("image_url");
+                self.str(url);
+                self.opt(detail.as_deref(), Self::str);
+                self.extra(inner);
+                self.extra(extra);
+            }
+            ContentPart::InputAudio { input_audio, extra } => {
+                let InputAudio {
+                    data,
+                    format,
+                    extra: inner,
+                } = input_audio;
+                self.str("input_audio");
+                self.str(data);
+                self.str(format);
+                self.extra(inner);
+                self.extra(extra);
+            }
+            ContentPart::Refusal { refusal, extra } => {
+                self.str("refusal");
+                self.str(refusal);
+                self.extra(extra);
+            }
+            ContentPart::Other(m) => {
+                self.str("other");
+                self.object(m, &[]);
+            }
+        }
+    }
+
+    fn tool_call(&mut self, t: &ToolCall) {
+        let ToolCall {
+            id,
+            kind,
+            function,
+            extra,
+        } = t;
+        let FunctionCall {
+            name,
+            arguments,
+            extra: fextra,
+        } = function;
+        self.str(id);
+        self.str(kind);
+        self.str(name);
+        self.str(arguments);
+        self.extra(fextra);
+        self.extra(extra);
+    }
+
+    fn tool(&mut self, t: &Tool) {
+        let Tool {
+            kind,
+            function,
+            extra,
+        } = t;
+        self.str(kind);
+        self.opt(function.as_ref(), |h, f| {
+            let FunctionDef {
+                name,
+                description,
+                parameters,
+                extra,
+            } = f;
+            h.str(name);
+            h.opt(description.as_deref(), Self::str);
+            h.opt(parameters.as_ref(), Self::value);
+            h.extra(extra);
+        });
+        self.extra(extra);
+    }
+
+    fn response_format(&mut self, r: &ResponseFormat) {
+        let ResponseFormat {
+            kind,
+            json_schema,
+            extra,
+        } = r;
+        self.str(kind);
+        self.opt(json_schema.as_ref(), |h, s| {
+            let JsonSchemaFormat {
+                name,
+                schema,
+                strict,
+                extra,
+            } = s;
+            h.str(name);
+            h.opt(schema.as_ref(), Self::value);
+            h.opt(*strict, Self::bool);
+            h.extra(extra);
+        });
+        self.extra(extra);
+    }
+}

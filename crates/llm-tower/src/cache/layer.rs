@@ -1,0 +1,392 @@
+//! `CacheLayer`, the `Cache` service and its configuration.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use llm_tower_core::{CachePolicy, ChatRequest, LlmError, LlmResponse};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::flight::Flights;
+use super::future::{ResponseFuture, Slow};
+use super::{CacheKey, CacheStats, CacheStore, MemoryStore};
+
+type Predicate = Arc<dyn Fn(&ChatRequest) -> bool + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) default_ttl: Duration,
+    pub(crate) task_ttls: HashMap<Arc<str>, Duration>,
+    pub(crate) cacheable_tasks: HashSet<Arc<str>>,
+    pub(crate) cacheable_when: Option<Predicate>,
+    pub(crate) max_entry_bytes: usize,
+    pub(crate) store_timeout: Duration,
+    pub(crate) coalesce: bool,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("default_ttl", &self.default_ttl)
+            .field("task_ttls", &self.task_ttls)
+            .field("cacheable_tasks", &self.cacheable_tasks)
+            .field(
+                "cacheable_when",
+                &self.cacheable_when.as_ref().map(|_| "fn"),
+            )
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("store_timeout", &self.store_timeout)
+            .field("coalesce", &self.coalesce)
+            .finish()
+    }
+}
+
+/// Default capacity of [`CacheLayer::default`]'s in-memory store: 128 MiB.
+pub const DEFAULT_MEMORY_BYTES: u64 = 128 * 1024 * 1024;
+
+/// State shared by a layer and every service it made.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn CacheStore>,
+    pub(crate) config: Config,
+    pub(crate) stats: Arc<CacheStats>,
+    pub(crate) flights: Arc<Flights>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the layer does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Neither read nor write.
+    Bypass,
+    /// `no-cache`: do not read, store the fresh answer.
+    WriteOnly(Duration),
+    /// Read, coalesce, write.
+    Cache(Duration),
+}
+
+impl Shared {
+    pub(crate) fn ttl_for(&self, req: &ChatRequest) -> Duration {
+        req.task_type()
+            .and_then(|t| self.config.task_ttls.get(t.as_str()).copied())
+            .unwrap_or(self.config.default_ttl)
+    }
+
+    fn is_cacheable(&self, req: &ChatRequest) -> bool {
+        if let Some(f) = &self.config.cacheable_when {
+            return f(req);
+        }
+        req.temperature_f64() == Some(0.0)
+            || req.seed.is_some()
+            || req
+                .task_type()
+                .is_some_and(|t| self.config.cacheable_tasks.contains(t.as_str()))
+    }
+
+    pub(crate) fn decide(&self, req: &ChatRequest) -> Decision {
+        let policy = req.cache_policy();
+        if policy == CachePolicy::NoStore {
+            return Decision::Bypass;
+        }
+        let ttl = self.ttl_for(req);
+        if ttl.is_zero() {
+            return Decision::Bypass;
+        }
+        if policy != CachePolicy::Force && !self.is_cacheable(req) {
+            return Decision::Bypass;
+        }
+        if policy == CachePolicy::NoCache {
+            Decision::WriteOnly(ttl)
+        } else {
+            Decision::Cache(ttl)
+        }
+    }
+}
+
+/// Applies the [`Cache`] middleware. See the [module docs](crate::cache) for the rules and
+/// an example.
+///
+/// # Clone
+///
+/// Cloning the layer shares its store, its [`CacheStats`] and its in-flight table: every
+/// service made by any clone coalesces with the others and counts into the same stats.
+#[derive(Clone)]
+pub struct CacheLayer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for CacheLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheLayer")
+            .field("config", &self.shared.config)
+            .field("stats", &self.shared.stats.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for CacheLayer {
+    /// An in-memory cache of [`DEFAULT_MEMORY_BYTES`] with the default rules.
+    fn default() -> Self {
+        Self::in_memory(DEFAULT_MEMORY_BYTES)
+    }
+}
+
+impl CacheLayer {
+    /// A cache over `store`, with the defaults: TTL 1 h, only deterministic requests,
+    /// entries up to 1 MiB, store calls bounded by 250 ms, concurrent misses coalesced.
+    pub fn new<St: CacheStore>(store: St) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A cache over a shared, type-erased store.
+    pub fn from_arc(store: Arc<dyn CacheStore>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                config: Config {
+                    default_ttl: Duration::from_secs(3600),
+                    task_ttls: HashMap::new(),
+                    cacheable_tasks: HashSet::new(),
+                    cacheable_when: None,
+                    max_entry_bytes: 1024 * 1024,
+                    store_timeout: Duration::from_millis(250),
+                    coalesce: true,
+                },
+                stats: Arc::default(),
+                flights: Arc::default(),
+            }),
+        }
+    }
+
+    /// A cache over a [`MemoryStore`] of `max_bytes`.
+    pub fn in_memory(max_bytes: u64) -> Self {
+        Self::new(MemoryStore::new(max_bytes))
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        // Builder methods run before any service exists, so this is the only handle; if
+        // not (a clone was taken), fork the state rather than mutate what others share.
+        if Arc::get_mut(&mut self.shared).is_none() {
+            self.shared = Arc::new(Shared {
+                store: self.shared.store.clone(),
+                config: self.shared.config.clone(),
+                stats: self.shared.stats.clone(),
+                flights: self.shared.flights.clone(),
+            });
+        }
+        let shared = Arc::get_mut(&mut self.shared).expect("unique after the fork above");
+        &mut shared.config
+    }
+
+    /// TTL of requests whose task type has no TTL of its own. Default 1 hour.
+    /// `Duration::ZERO` disables caching for them.
+    #[must_use]
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.config_mut().default_ttl = ttl;
+        self
+    }
+
+    /// TTL for requests of task type `task` (the [`TaskType`](llm_tower_core::TaskType)
+    /// extension), e.g. explanations 24 h, recommendations 10 min. `Duration::ZERO` means
+    /// never cache this task (personalised answers), even with [`CachePolicy::Force`].
+    #[must_use]
+    pub fn task_ttl(mut self, task: impl Into<Arc<str>>, ttl: Duration) -> Self {
+        self.config_mut().task_ttls.insert(task.into(), ttl);
+        self
+    }
+
+    /// Caches requests of task type `task` even when they are not deterministic (the
+    /// application accepts one sampled answer for everyone).
+    #[must_use]
+    pub fn cacheable_task(mut self, task: impl Into<Arc<str>>) -> Self {
+        self.config_mut().cacheable_tasks.insert(task.into());
+        self
+    }
+
+    /// Replaces the default "deterministic" rule (temperature 0, or a seed, or a
+    /// [`cacheable_task`](Self::cacheable_task)) by `f`. Per-request policies and zero TTLs
+    /// still apply.
+    #[must_use]
+    pub fn cacheable_when<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&ChatRequest) -> bool + Send + Sync + 'static,
+    {
+        self.config_mut().cacheable_when = Some(Arc::new(f));
+        self
+    }
+
+    /// Largest answer stored, in bytes of compact JSON. Default 1 MiB. A stream longer
+    /// than this is still served, just not stored.
+    #[must_use]
+    pub fn max_entry_bytes(mut self, bytes: usize) -> Self {
+        self.config_mut().max_entry_bytes = bytes;
+        self
+    }
+
+    /// Bound on each store call (`get`, `put`); past it the call counts as an error and the
+    /// request is served from upstream. Default 250 ms.
+    #[must_use]
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().store_timeout = timeout;
+        self
+    }
+
+    /// Whether concurrent identical misses share one upstream call. Default `true`.
+    #[must_use]
+    pub fn coalesce(mut self, enabled: bool) -> Self {
+        self.config_mut().coalesce = enabled;
+        self
+    }
+
+    /// The counters, shared by every service of this layer.
+    pub fn stats(&self) -> Arc<CacheStats> {
+        self.shared.stats.clone()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn CacheStore> {
+        &self.shared.store
+    }
+
+    /// The TTL this layer would give `req` (before policy and determinism checks).
+    pub fn ttl_for(&self, req: &ChatRequest) -> Duration {
+        self.shared.ttl_for(req)
+    }
+}
+
+impl<S> Layer<S> for CacheLayer {
+    type Service = Cache<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Cache {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Answers identical deterministic requests from a [`CacheStore`]. See the
+/// [module docs](crate::cache) for the rules and an example.
+///
+/// Readiness: `poll_ready` delegates to the inner service. A hit drops that readiness
+/// unused; a miss calls the very instance that was polled ready (moved into the future,
+/// a clone left behind). A request that waits for an identical in-flight request releases
+/// it while waiting and, if it must call upstream after all, drives readiness of a clone.
+pub struct Cache<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: Clone> Clone for Cache<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Cache<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<S> Cache<S> {
+    /// Wraps `inner` with `layer`'s cache.
+    pub fn new(inner: S, layer: &CacheLayer) -> Self {
+        layer.layer(inner)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<CacheStats> {
+        self.shared.stats.clone()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the cache, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Service<ChatRequest> for Cache<S>
+where
+    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = LlmResponse;
+    type Error = LlmError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LlmError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: ChatRequest) -> Self::Future {
+        let shared = &self.shared;
+        let (ttl, read) = match shared.decide(&req) {
+            Decision::Bypass => {
+                shared.stats.bypass();
+                return ResponseFuture::bypass(self.inner.call(req));
+            }
+            Decision::WriteOnly(ttl) => {
+                shared.stats.bypass();
+                (ttl, false)
+            }
+            Decision::Cache(ttl) => (ttl, true),
+        };
+        let key = CacheKey::for_request(&req);
+        let mut lookup = read;
+        if read {
+            match shared.store.get_now(&key) {
+                Some(Ok(Some(entry))) => {
+                    shared.stats.hit();
+                    // The early return: no inner call, no boxed future.
+                    return ResponseFuture::ready(Ok(entry.to_response(req.is_stream())));
+                }
+                Some(Ok(None)) => lookup = false,
+                Some(Err(e)) => {
+                    shared.stats.error();
+                    tracing::debug!(error = %e, "cache lookup failed; serving from upstream");
+                    lookup = false;
+                }
+                None => {}
+            }
+        }
+        // Move the instance that was polled ready into the future; keep a fresh clone.
+        let fresh = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        ResponseFuture::slow(Slow {
+            shared: shared.clone(),
+            inner: ready,
+            req,
+            key,
+            ttl,
+            lookup,
+            participate: read,
+        })
+    }
+}

@@ -1,0 +1,256 @@
+//! The store trait and what it stores.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use llm_tower_core::{
+    CacheStatus, ChatChunk, ChatResponse, ChunkStream, LlmResponse, ResponseBody, ResponseMeta,
+    StreamAccumulator, Usage,
+};
+use serde::{Deserialize, Serialize};
+
+use super::CacheKey;
+
+/// A boxed, `Send` future, as [`CacheStore`] methods return it (the trait stays
+/// object-safe, so a layer can hold any store as `Arc<dyn CacheStore>`).
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// Why a store operation failed. The cache fails open: the layer treats it as a miss,
+/// serves from upstream and counts it in [`CacheStats::errors`](super::CacheStats::errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    message: String,
+}
+
+impl StoreError {
+    /// An error with this message. Never put secrets (URLs with passwords) in it.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cache store error: {}", self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Where cached answers live. Implemented by [`MemoryStore`](super::MemoryStore) here and
+/// by `llm_tower_redis::cache::RedisCacheStore`.
+///
+/// Contract: `get` returns `Ok(None)` for a missing or expired entry; `put` stores `entry`
+/// under `key` for `ttl` (always > 0), replacing any previous entry. Both may fail; the
+/// layer then serves from upstream (fails open). The layer bounds each call with its own
+/// timeout ([`CacheLayer::store_timeout`](super::CacheLayer::store_timeout)), so a store
+/// need not, but a network store should still bound its own I/O.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use std::collections::HashMap;
+/// use std::time::Duration;
+/// use llm_tower::cache::{CacheKey, CacheStore, CachedEntry, StoreFuture};
+///
+/// /// A toy store without expiry or bounds.
+/// #[derive(Debug, Default)]
+/// struct MapStore(Arc<Mutex<HashMap<CacheKey, Arc<CachedEntry>>>>);
+///
+/// impl CacheStore for MapStore {
+///     fn get(&self, key: CacheKey) -> StoreFuture<Option<Arc<CachedEntry>>> {
+///         let hit = self.0.lock().unwrap().get(&key).cloned();
+///         Box::pin(async move { Ok(hit) })
+///     }
+///     fn put(&self, key: CacheKey, entry: Arc<CachedEntry>, _ttl: Duration) -> StoreFuture<()> {
+///         self.0.lock().unwrap().insert(key, entry);
+///         Box::pin(async { Ok(()) })
+///     }
+/// }
+/// let _layer = llm_tower::cache::CacheLayer::new(MapStore::default());
+/// ```
+pub trait CacheStore: Send + Sync + 'static {
+    /// Reads the entry stored under `key`.
+    fn get(&self, key: CacheKey) -> StoreFuture<Option<Arc<CachedEntry>>>;
+
+    /// Stores `entry` under `key` for `ttl`.
+    fn put(&self, key: CacheKey, entry: Arc<CachedEntry>, ttl: Duration) -> StoreFuture<()>;
+
+    /// A synchronous lookup for stores that can answer without I/O: `Some(result)` if the
+    /// store answered now, `None` to fall back to [`get`](Self::get). The layer uses it
+    /// to answer a hit from `call` without allocating a future. Default: `None`.
+    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<Arc<CachedEntry>>, StoreError>> {
+        let _ = key;
+        None
+    }
+}
+
+impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
+    fn get(&self, key: CacheKey) -> StoreFuture<Option<Arc<CachedEntry>>> {
+        (**self).get(key)
+    }
+    fn put(&self, key: CacheKey, entry: Arc<CachedEntry>, ttl: Duration) -> StoreFuture<()> {
+        (**self).put(key, entry, ttl)
+    }
+    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<Arc<CachedEntry>>, StoreError>> {
+        (**self).get_now(key)
+    }
+}
+
+/// The stored body: a complete response, or the chunks of a streamed one.
+// Entries live behind an `Arc`, so the size of the enum itself does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CachedBody {
+    /// A complete response.
+    #[serde(rename = "r")]
+    Complete(ChatResponse),
+    /// Every chunk of a stream that completed, in order.
+    #[serde(rename = "c")]
+    Chunks(Vec<ChatChunk>),
+}
+
+/// A cached answer: the body plus what a hit reports in [`ResponseMeta`] (the original
+/// usage, so cost layers can count the tokens saved, and who served it first).
+/// Serializes to compact JSON with one-letter field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedEntry {
+    /// The answer.
+    #[serde(rename = "b")]
+    pub body: CachedBody,
+    /// The usage of the original call.
+    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// The provider that served the original call.
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The model that served the original call.
+    #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl CachedEntry {
+    /// An entry for a complete response and the meta it was served with.
+    pub fn complete(response: ChatResponse, meta: &ResponseMeta) -> Self {
+        let usage = meta.usage.clone().or_else(|| response.usage.clone());
+        Self {
+            body: CachedBody::Complete(response),
+            usage,
+            provider: meta.provider.as_deref().map(str::to_owned),
+            model: meta.model.clone(),
+        }
+    }
+
+    /// An entry for the chunks of a completed stream.
+    pub fn chunks(chunks: Vec<ChatChunk>, usage: Option<Usage>, meta: &ResponseMeta) -> Self {
+        let usage = usage.or_else(|| chunks.iter().rev().find_map(|c| c.usage().cloned()));
+        Self {
+            body: CachedBody::Chunks(chunks),
+            usage,
+            provider: meta.provider.as_deref().map(str::to_owned),
+            model: meta.model.clone(),
+        }
+    }
+
+    /// Whether the answer is complete enough to be served again: at least one choice,
+    /// and (for a stream) every choice ended with a finish reason. A stream cut short
+    /// without an error is therefore never stored.
+    pub fn is_complete(&self) -> bool {
+        match &self.body {
+            CachedBody::Complete(r) => !r.choices.is_empty(),
+            CachedBody::Chunks(chunks) => {
+                let mut acc = StreamAccumulator::default();
+                for c in chunks {
+                    acc.push(c);
+                }
+                let r = acc.finish();
+                !r.choices.is_empty() && r.choices.iter().all(|c| c.finish_reason.is_some())
+            }
+        }
+    }
+
+    /// Approximate size in bytes (its compact JSON length), for byte-bounded stores.
+    pub fn approx_size(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Count(0);
+        // Serializing these plain data types cannot fail; fall back to a guess if it did.
+        match serde_json::to_writer(&mut c, self) {
+            Ok(()) => c.0,
+            Err(_) => 4096,
+        }
+    }
+
+    /// The meta a hit reports: cache status [`CacheStatus::Hit`], the original usage,
+    /// provider and model.
+    pub fn hit_meta(&self) -> ResponseMeta {
+        ResponseMeta {
+            provider: self.provider.as_deref().map(Arc::from),
+            model: self.model.clone(),
+            cache: CacheStatus::Hit,
+            usage: self.usage.clone(),
+            ..ResponseMeta::default()
+        }
+    }
+
+    /// The answer as a response for a request that does (`stream`) or does not stream: a
+    /// stored stream is replayed chunk by chunk or assembled with [`StreamAccumulator`];
+    /// a stored complete response is returned as is or replayed through
+    /// [`ChatResponse::to_chunks`].
+    pub fn to_response(&self, stream: bool) -> LlmResponse {
+        let meta = self.hit_meta();
+        let body = match (&self.body, stream) {
+            (CachedBody::Complete(r), false) => ResponseBody::Complete(self.with_usage(r)),
+            (CachedBody::Complete(r), true) => {
+                ResponseBody::Stream(replay(self.with_usage(r).to_chunks()))
+            }
+            (CachedBody::Chunks(c), true) => ResponseBody::Stream(replay(c.clone())),
+            (CachedBody::Chunks(c), false) => {
+                let mut acc = StreamAccumulator::default();
+                for chunk in c {
+                    acc.push(chunk);
+                }
+                let mut r = acc.finish();
+                if r.usage.is_none() {
+                    r.usage.clone_from(&self.usage);
+                }
+                ResponseBody::Complete(r)
+            }
+        };
+        LlmResponse { body, meta }
+    }
+}
+
+impl CachedEntry {
+    /// The stored response with the entry's usage filled in if the body had none, so the
+    /// body (or its usage chunk) reports the original usage like `meta.usage` does.
+    fn with_usage(&self, r: &ChatResponse) -> ChatResponse {
+        let mut r = r.clone();
+        if r.usage.is_none() {
+            r.usage.clone_from(&self.usage);
+        }
+        r
+    }
+}
+
+fn replay(chunks: Vec<ChatChunk>) -> ChunkStream {
+    ChunkStream::new(futures_util::stream::iter(chunks).map(Ok))
+}
