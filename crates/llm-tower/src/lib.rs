@@ -18,6 +18,55 @@
 //! ([`TaskType`](llm_tower_core::TaskType), [`Tenant`](llm_tower_core::Tenant), …) and
 //! [`ResponseMeta`](llm_tower_core::ResponseMeta). The core contract is re-exported at the
 //! crate root.
+//!
+//! # Example
+//!
+//! A primary model that answers 503 falls back to a backup; the stack also prices every
+//! answer, limits each tenant, caches deterministic requests and checks JSON outputs of the
+//! `extract` task. Order matters: outer layers see what inner layers produce (cost sees the
+//! cache's hits, the cache stores only validated answers).
+//!
+//! ```
+//! # #[cfg(all(feature = "cache", feature = "fallback", feature = "validate", feature = "rate-limit", feature = "cost"))]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), llm_tower::LlmError> {
+//! use std::time::Duration;
+//!
+//! use llm_tower::cache::CacheLayer;
+//! use llm_tower::cost::{CostLayer, ModelPrice, PriceTable};
+//! use llm_tower::fallback::{FallbackLayer, FallbackTarget};
+//! use llm_tower::rate_limit::{RateLimitLayer, Rule as Limit};
+//! use llm_tower::validate::{Rule, ValidateLayer};
+//! use llm_tower::{ChatRequest, LlmError, LlmServiceBuilderExt, Message};
+//! use llm_tower_test::{MockLlm, Step};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! let primary = MockLlm::new("primary").then(Step::error(LlmError::unavailable("503")));
+//! let backup = MockLlm::new("backup");
+//! let prices = PriceTable::new()
+//!     .with("gpt-4o-mini", ModelPrice::per_mtok_usd(0.15, 0.60, Some(0.075)).unwrap());
+//!
+//! let llm = ServiceBuilder::new()
+//!     .cost(CostLayer::new(prices))
+//!     .llm_rate_limit(
+//!         RateLimitLayer::new().rule(Limit::requests(600, Duration::from_secs(60)).per_tenant()),
+//!     )
+//!     .cache(CacheLayer::in_memory(64 << 20))
+//!     .validate(ValidateLayer::new().task("extract", Rule::json()))
+//!     .fallback(
+//!         FallbackLayer::new(vec![FallbackTarget::new("backup", backup)])
+//!             .first_chunk_timeout(Duration::from_secs(10)),
+//!     )
+//!     .service(primary);
+//!
+//! let req = ChatRequest::new("gpt-4o-mini", vec![Message::user("Hi")]).with_tenant("acme");
+//! let resp = llm.oneshot(req).await?;
+//! assert_eq!(resp.meta.attempt_count(), 2); // primary failed, backup served
+//! assert!(resp.meta.cost.is_some());
+//! # Ok(()) }
+//! # #[cfg(not(all(feature = "cache", feature = "fallback", feature = "validate", feature = "rate-limit", feature = "cost")))]
+//! # fn main() {}
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use llm_tower_core::*;
