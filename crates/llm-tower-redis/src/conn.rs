@@ -2,9 +2,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -149,7 +149,10 @@ impl RedisConn {
 
     /// Whether the breaker is open now.
     pub fn is_open(&self) -> bool {
-        let st = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self
+            .breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.open_until.is_some_and(|t| Instant::now() < t)
     }
 
@@ -160,17 +163,21 @@ impl RedisConn {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         self.admit()?;
-        let result = match tokio::time::timeout(self.opts.op_timeout, op(self.manager.clone())).await {
-            Err(_) => Err(RedisStoreError::Timeout),
-            Ok(Err(e)) => Err(RedisStoreError::Redis(e.to_string())),
-            Ok(Ok(v)) => Ok(v),
-        };
+        let result =
+            match tokio::time::timeout(self.opts.op_timeout, op(self.manager.clone())).await {
+                Err(_) => Err(RedisStoreError::Timeout),
+                Ok(Err(e)) => Err(RedisStoreError::Redis(e.to_string())),
+                Ok(Ok(v)) => Ok(v),
+            };
         self.record(result.is_ok());
         result
     }
 
     fn admit(&self) -> Result<(), RedisStoreError> {
-        let mut st = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut st = self
+            .breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match st.open_until {
             Some(until) if Instant::now() < until => {
                 drop(st);
@@ -192,7 +199,10 @@ impl RedisConn {
     }
 
     fn record(&self, ok: bool) {
-        let mut st = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut st = self
+            .breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.probing = false;
         if ok {
             st.consecutive_failures = 0;

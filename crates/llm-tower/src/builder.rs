@@ -66,7 +66,10 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// See [`crate::cost`].
     #[cfg(feature = "cost")]
     #[cfg_attr(docsrs, doc(cfg(feature = "cost")))]
-    fn cost(self, layer: crate::cost::CostLayer) -> ServiceBuilder<Stack<crate::cost::CostLayer, L>>;
+    fn cost(
+        self,
+        layer: crate::cost::CostLayer,
+    ) -> ServiceBuilder<Stack<crate::cost::CostLayer, L>>;
 }
 
 impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -112,7 +115,10 @@ impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
     }
     // ===== cost impl =====
     #[cfg(feature = "cost")]
-    fn cost(self, layer: crate::cost::CostLayer) -> ServiceBuilder<Stack<crate::cost::CostLayer, L>> {
+    fn cost(
+        self,
+        layer: crate::cost::CostLayer,
+    ) -> ServiceBuilder<Stack<crate::cost::CostLayer, L>> {
         self.layer(layer)
     }
 }
