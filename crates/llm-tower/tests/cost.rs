@@ -44,10 +44,13 @@ fn price_table_from_config_and_lookup() {
     )
     .unwrap();
     let p = t.get("gpt-4o-mini").unwrap().1;
-    assert_eq!((p.input, p.output, p.cached_input), (150, 600, 75));
+    assert_eq!(
+        (p.input, p.output, p.cached_input),
+        (150_000, 600_000, 75_000)
+    );
     assert_eq!(
         t.get("gpt-4o").unwrap().1.cached_input,
-        2500,
+        2_500_000,
         "defaults to input"
     );
     assert_eq!(t.get("gpt-4o-mini-2024-07-18").unwrap().0, "gpt-4o-mini");

@@ -82,7 +82,7 @@ pub use budget::{
     Budget, BudgetCharge, BudgetScope, BudgetSettle, BudgetStore, BudgetWindow,
     InMemoryBudgetStore, Reserve, ReserveFuture,
 };
-pub use price::{InvalidPrice, ModelPrice, PriceConfig, PriceTable, usd_to_nano};
+pub use price::{InvalidPrice, ModelPrice, PicoUsd, PriceConfig, PriceTable, usd_to_nano};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -6,19 +6,24 @@ use std::fmt;
 use llm_tower_core::{NanoUsd, Usage};
 use serde::{Deserialize, Deserializer};
 
-/// The price of one model, in integer nano-dollars (1e-9 USD) **per token**.
+/// Money in pico-dollars (1e-12 USD): the unit of per-token prices, fine enough that
+/// real price lists ($0.0375 per million tokens) are exact.
+pub type PicoUsd = u64;
+
+/// The price of one model, in integer pico-dollars (1e-12 USD) **per token**.
 ///
 /// Converted once, at load time, from the usual dollars per million tokens:
-/// `nano per token = round(usd_per_mtok × 1000)`, so prices are exact to $0.001 per
-/// million tokens and every total is an integer sum.
+/// `pico per token = round(usd_per_mtok × 1e6)`, so prices are exact to $0.000001 per
+/// million tokens. A response's cost is the integer sum over its tokens, rounded once to
+/// nano-dollars ([`NanoUsd`]), the unit of every total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ModelPrice {
     /// Input (prompt) tokens billed at the full price.
-    pub input: NanoUsd,
+    pub input: PicoUsd,
     /// Output (completion, reasoning included) tokens.
-    pub output: NanoUsd,
+    pub output: PicoUsd,
     /// Input tokens read from the provider's prompt cache.
-    pub cached_input: NanoUsd,
+    pub cached_input: PicoUsd,
 }
 
 /// A price that is negative, not a number, or absurdly large.
@@ -33,15 +38,15 @@ impl fmt::Display for InvalidPrice {
 
 impl std::error::Error for InvalidPrice {}
 
-/// Converts dollars per million tokens to nano-dollars per token (rounded).
-fn per_mtok_to_nano(usd: f64, what: &str) -> Result<NanoUsd, InvalidPrice> {
+/// Converts dollars per million tokens to pico-dollars per token (rounded).
+fn per_mtok_to_pico(usd: f64, what: &str) -> Result<PicoUsd, InvalidPrice> {
     // $1M per million tokens is far beyond any real price: a typo, most likely.
     if !usd.is_finite() || !(0.0..=1_000_000.0).contains(&usd) {
         return Err(InvalidPrice(format!(
             "{what}: {usd} USD per million tokens is not a valid price"
         )));
     }
-    Ok((usd * 1000.0).round() as NanoUsd)
+    Ok((usd * 1e6).round() as PicoUsd)
 }
 
 /// Converts dollars to nano-dollars (rounded), for budget limits read from configuration.
@@ -59,6 +64,15 @@ pub fn usd_to_nano(usd: f64) -> Option<NanoUsd> {
 impl ModelPrice {
     /// A price in nano-dollars per token.
     pub const fn per_token_nano(input: NanoUsd, output: NanoUsd, cached_input: NanoUsd) -> Self {
+        Self::per_token_pico(
+            input.saturating_mul(1000),
+            output.saturating_mul(1000),
+            cached_input.saturating_mul(1000),
+        )
+    }
+
+    /// A price in pico-dollars per token.
+    pub const fn per_token_pico(input: PicoUsd, output: PicoUsd, cached_input: PicoUsd) -> Self {
         Self {
             input,
             output,
@@ -72,19 +86,22 @@ impl ModelPrice {
     /// ```
     /// use llm_tower::cost::ModelPrice;
     /// let p = ModelPrice::per_mtok_usd(0.15, 0.6, Some(0.075)).unwrap();
-    /// assert_eq!((p.input, p.output, p.cached_input), (150, 600, 75));
+    /// assert_eq!((p.input, p.output, p.cached_input), (150_000, 600_000, 75_000));
+    /// // Prices below a nano-dollar per token stay exact.
+    /// let flash = ModelPrice::per_mtok_usd(0.0375, 0.15, Some(0.01875)).unwrap();
+    /// assert_eq!(flash.cached_input, 18_750);
     /// ```
     pub fn per_mtok_usd(
         input: f64,
         output: f64,
         cached_input: Option<f64>,
     ) -> Result<Self, InvalidPrice> {
-        let input = per_mtok_to_nano(input, "input_per_mtok_usd")?;
+        let input = per_mtok_to_pico(input, "input_per_mtok_usd")?;
         Ok(Self {
             input,
-            output: per_mtok_to_nano(output, "output_per_mtok_usd")?,
+            output: per_mtok_to_pico(output, "output_per_mtok_usd")?,
             cached_input: match cached_input {
-                Some(c) => per_mtok_to_nano(c, "cached_input_per_mtok_usd")?,
+                Some(c) => per_mtok_to_pico(c, "cached_input_per_mtok_usd")?,
                 None => input,
             },
         })
@@ -94,19 +111,28 @@ impl ModelPrice {
     /// price, output at the output price (saturating, never wrapping).
     pub fn cost(&self, usage: &Usage) -> NanoUsd {
         let cached = usage.cached_tokens().min(usage.prompt_tokens);
-        usage
-            .uncached_prompt_tokens()
-            .saturating_mul(self.input)
-            .saturating_add(cached.saturating_mul(self.cached_input))
-            .saturating_add(usage.completion_tokens.saturating_mul(self.output))
+        pico_to_nano(
+            mul(usage.uncached_prompt_tokens(), self.input)
+                + mul(cached, self.cached_input)
+                + mul(usage.completion_tokens, self.output),
+        )
     }
 
     /// The cost of `prompt_tokens` uncached input and `output_tokens` output.
     pub fn estimate(&self, prompt_tokens: u64, output_tokens: u64) -> NanoUsd {
-        prompt_tokens
-            .saturating_mul(self.input)
-            .saturating_add(output_tokens.saturating_mul(self.output))
+        pico_to_nano(mul(prompt_tokens, self.input) + mul(output_tokens, self.output))
     }
+}
+
+/// Tokens × price in u128: three such products cannot overflow it.
+fn mul(tokens: u64, price: PicoUsd) -> u128 {
+    u128::from(tokens) * u128::from(price)
+}
+
+/// Rounds a pico-dollar amount to nano-dollars (half up), once per response, saturating
+/// at `u64::MAX` rather than wrapping.
+fn pico_to_nano(pico: u128) -> NanoUsd {
+    NanoUsd::try_from((pico + 500) / 1000).unwrap_or(NanoUsd::MAX)
 }
 
 /// One entry of a price table as configuration writes it (dollars per million tokens).
@@ -153,7 +179,7 @@ impl TryFrom<PriceConfig> for ModelPrice {
 ///     "claude-3-5-haiku": {"input_per_mtok_usd": 0.8, "output_per_mtok_usd": 4.0}
 /// }"#).unwrap();
 /// let (name, price) = table.get("gpt-4o-mini-2024-07-18").unwrap();
-/// assert_eq!((name, price.input), ("gpt-4o-mini", 150));
+/// assert_eq!((name, price.input), ("gpt-4o-mini", 150_000));
 /// assert_eq!(table.get("claude-3-5-haiku-20241022").unwrap().0, "claude-3-5-haiku");
 /// assert!(table.get("unknown-model").is_none());
 /// ```
