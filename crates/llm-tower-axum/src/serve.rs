@@ -59,6 +59,11 @@ where
         tracing::info!("shutdown requested: draining in-flight requests");
         let _ = started_tx.send(());
     };
+    // TCP_NODELAY: SSE chunks are small writes; with Nagle on, each waits for the
+    // previous one's (delayed) ACK, adding up to ~40 ms per chunk.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, router)
         .with_graceful_shutdown(signal)
         .into_future();

@@ -1,2 +1,155 @@
-//! placeholder
-fn main() {}
+//! `llm-tower-proxy`: the OpenAI-compatible gateway, configured by one TOML file.
+//!
+//! ```text
+//! llm-tower-proxy [--config FILE]      serve (default: examples/proxy/demo.toml of this crate)
+//! llm-tower-proxy --config FILE --check  validate the file and the secrets it names, then exit
+//! llm-tower-proxy hash-key < key.txt     print the BLAKE3 digest of a client key (for key_blake3)
+//! ```
+//!
+//! Stops on ctrl-c or SIGTERM: stops accepting, lets in-flight requests and streams finish
+//! for `server.shutdown_grace_secs`, stops the jobs worker, then exits.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use llm_tower_axum::{ShutdownOutcome, serve};
+use llm_tower_proxy::config::{Config, blake3_hex};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "llm-tower-proxy",
+    version,
+    about = "OpenAI-compatible LLM gateway built from llm-tower layers"
+)]
+struct Cli {
+    /// The TOML configuration file (relative paths in it resolve against its directory).
+    #[arg(long, short, env = "LLM_TOWER_CONFIG", default_value_os_t = default_config())]
+    config: PathBuf,
+    /// Only validate the configuration (and that the secrets it names are set), then exit.
+    #[arg(long)]
+    check: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    json_logs: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read a client key from stdin and print its BLAKE3 digest, for `key_blake3`.
+    HashKey,
+}
+
+fn default_config() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/demo.toml"))
+}
+
+// See the mimalloc line in Cargo.toml for why.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::HashKey) = cli.command {
+        return hash_key();
+    }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if cli.json_logs {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_key() -> ExitCode {
+    let mut key = String::new();
+    if std::io::stdin().read_to_string(&mut key).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let key = key.trim_end_matches(['\n', '\r']);
+    if key.is_empty() {
+        return ExitCode::FAILURE;
+    }
+    #[allow(clippy::print_stdout)] // the command's output
+    {
+        println!("{}", blake3_hex(key));
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::from_file(&cli.config)?;
+    if cli.check {
+        config.resolve_secrets(|k| std::env::var(k).ok())?;
+        tracing::info!(config = %cli.config.display(), "configuration is valid");
+        return Ok(());
+    }
+    let mut gateway = llm_tower_proxy::build(&config, &|k: &str| std::env::var(k).ok()).await?;
+    let worker = gateway.spawn_worker();
+    let addr = config.listen_addr();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        config = %cli.config.display(),
+        providers = config.providers.len(),
+        chains = config.chains.len(),
+        "llm-tower-proxy listening"
+    );
+    let outcome = serve(
+        listener,
+        gateway.router.clone(),
+        shutdown_signal(),
+        gateway.grace,
+    )
+    .await?;
+    match outcome {
+        ShutdownOutcome::Graceful => tracing::info!("all in-flight requests finished"),
+        ShutdownOutcome::DeadlineExceeded => {
+            tracing::warn!("shutdown deadline passed; remaining requests were cut");
+        }
+    }
+    if let Some((handle, task)) = worker {
+        handle.shutdown();
+        // The worker has its own grace (the same), then releases unfinished jobs.
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

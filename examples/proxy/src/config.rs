@@ -1,0 +1,1447 @@
+//! The gateway's TOML configuration: one file, parsed strictly, validated at start.
+//!
+//! - Every table rejects unknown keys (`deny_unknown_fields`), so a typo fails the start
+//!   instead of being silently ignored.
+//! - Parse errors come from `toml`, whose message names the line and column. Validation
+//!   errors (a fallback chain naming a provider that does not exist, a zero limit, …) name
+//!   the line of the offending value too, through [`toml::Spanned`].
+//! - Secrets are never in the file: providers name the environment variable that holds
+//!   their key (`api_key_env = "OPENAI_API_KEY"`), client keys are given as an env var name
+//!   or as a BLAKE3 hash. Resolved secrets live in [`Secret`], whose `Debug` is redacted.
+//! - Relative paths (SQLite file, JSON Schema files) are resolved against the directory of
+//!   the config file, so `--config examples/proxy/demo.toml` works from any directory.
+//!
+//! ```
+//! use llm_tower_proxy::config::Config;
+//!
+//! let cfg = Config::parse(
+//!     r#"
+//!     [server]
+//!     listen = "127.0.0.1:0"
+//!
+//!     [providers.sim]
+//!     kind = "simulated"
+//!
+//!     [chains.default]
+//!     steps = [{ provider = "sim", model = "sim-small" }]
+//!
+//!     [routing]
+//!     default_chain = "default"
+//!     "#,
+//!     std::path::Path::new("."),
+//! )
+//! .unwrap();
+//! assert_eq!(cfg.chains["default"].get_ref().steps.len(), 1);
+//!
+//! // A typo is rejected, and the error names the line.
+//! let err = Config::parse("[server]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n", std::path::Path::new("."))
+//!     .unwrap_err();
+//! assert!(err.to_string().contains("line 3"), "{err}");
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error. Its `Display` names the file and the line, never a secret.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    Parse {
+        /// The file (or `<inline>`).
+        path: PathBuf,
+        /// `toml`'s message, which names the line and column.
+        message: String,
+    },
+    /// A value is well-formed but invalid (a reference to something undefined, a zero limit…).
+    Invalid {
+        /// The file (or `<inline>`).
+        path: PathBuf,
+        /// The 1-based line of the offending value, when known.
+        line: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required environment variable is unset or empty (only its NAME is reported).
+    MissingEnv {
+        /// The variable's name.
+        var: String,
+        /// What needs it.
+        needed_by: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Io { path, source } => {
+                write!(f, "cannot read config {}: {source}", path.display())
+            }
+            ConfigError::Parse { path, message } => {
+                write!(
+                    f,
+                    "invalid config {}: {}",
+                    path.display(),
+                    message.trim_end()
+                )
+            }
+            ConfigError::Invalid {
+                path,
+                line: Some(line),
+                message,
+            } => write!(
+                f,
+                "invalid config {}, line {line}: {message}",
+                path.display()
+            ),
+            ConfigError::Invalid {
+                path,
+                line: None,
+                message,
+            } => write!(f, "invalid config {}: {message}", path.display()),
+            ConfigError::MissingEnv { var, needed_by } => write!(
+                f,
+                "environment variable {var} is not set (needed by {needed_by})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A secret value read from the environment. `Debug` and `Display` print `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listen address, body limit, shutdown.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Upstream providers by name.
+    pub providers: BTreeMap<String, Spanned<ProviderConfig>>,
+    /// Fallback chains by name: what serves a route.
+    pub chains: BTreeMap<String, Spanned<ChainConfig>>,
+    /// Model aliases and routes by task type.
+    pub routing: RoutingConfig,
+    /// Response cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Client-side rate limits (per tenant, model or task).
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
+    /// Prices per model (USD per million tokens).
+    #[serde(default)]
+    pub prices: BTreeMap<String, Spanned<PriceConfig>>,
+    /// Spend budgets.
+    #[serde(default)]
+    pub budgets: BudgetsConfig,
+    /// Output validators by task type.
+    #[serde(default)]
+    pub validators: BTreeMap<String, Spanned<ValidatorConfig>>,
+    /// Client keys and tenants.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Async jobs.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    /// Where the file was loaded from (its directory resolves relative paths).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    #[serde(skip)]
+    source_path: PathBuf,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on (default `127.0.0.1:8080`).
+    #[serde(default = "default_listen")]
+    pub listen: Spanned<String>,
+    /// Largest accepted request body in bytes (default 1 MiB).
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: Spanned<u64>,
+    /// How long in-flight requests and streams may run after a shutdown signal (default 30 s).
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+    /// Serve `GET /metrics` (Prometheus text), default true.
+    #[serde(default = "yes")]
+    pub metrics: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            body_limit_bytes: default_body_limit(),
+            shutdown_grace_secs: default_grace(),
+            metrics: true,
+        }
+    }
+}
+
+fn default_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:8080".to_owned())
+}
+fn default_body_limit() -> Spanned<u64> {
+    Spanned::new(0..0, 1024 * 1024)
+}
+fn default_grace() -> u64 {
+    30
+}
+fn yes() -> bool {
+    true
+}
+
+/// The kind of a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible chat-completions API (OpenAI, OpenRouter, vLLM, Ollama, Groq…).
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// The built-in simulated provider (no network, no key), for demos and load tests.
+    Simulated,
+}
+
+impl ProviderKind {
+    /// `openai`, `anthropic` or `simulated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Simulated => "simulated",
+        }
+    }
+}
+
+/// `[providers.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// `openai`, `anthropic` or `simulated`.
+    pub kind: ProviderKind,
+    /// API base URL (default: the vendor's public API for `openai`/`anthropic`).
+    pub base_url: Option<Spanned<String>>,
+    /// NAME of the environment variable holding the API key (never the key itself).
+    pub api_key_env: Option<Spanned<String>>,
+    /// Renames models on the way to this provider (`"gpt-4o-mini" = "openai/gpt-4o-mini"`).
+    #[serde(default)]
+    pub model_map: BTreeMap<String, String>,
+    /// Extra request headers sent to this provider (`HTTP-Referer` for OpenRouter,
+    /// `OpenAI-Organization`, …). Not for secrets: those go in `api_key_env`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Anthropic only: mark stable system prompts cacheable (`cache_control`).
+    #[serde(default)]
+    pub prompt_caching: bool,
+    /// This provider's own limits (stay under the vendor's limits, keep headroom).
+    pub rate_limit: Option<Spanned<ProviderLimitConfig>>,
+    /// Behaviour of a `simulated` provider.
+    pub simulated: Option<Spanned<SimulatedConfig>>,
+}
+
+/// `[providers.<name>.rate_limit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderLimitConfig {
+    /// Requests per minute sent to this provider.
+    pub requests_per_minute: Option<u64>,
+    /// Tokens per minute sent to this provider.
+    pub tokens_per_minute: Option<u64>,
+    /// Move traffic to the next step of the chain while the provider reports fewer than
+    /// this many requests left in its window (`x-ratelimit-remaining-requests`), before it
+    /// answers 429. Default 0 (off).
+    #[serde(default)]
+    pub min_remaining_requests: u64,
+    /// Same for tokens left (`x-ratelimit-remaining-tokens`), beyond the request's estimate.
+    #[serde(default)]
+    pub min_remaining_tokens: u64,
+}
+
+/// `[providers.<name>.simulated]`: the simulated provider's behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedConfig {
+    /// Time to the first token, in milliseconds (default 50).
+    #[serde(default = "default_sim_latency")]
+    pub latency_ms: u64,
+    /// Delay per streamed word, in milliseconds (default 10).
+    #[serde(default = "default_sim_token")]
+    pub token_delay_ms: u64,
+    /// Every Nth call fails (0 = never), so fallback is visible.
+    #[serde(default)]
+    pub fail_every: u64,
+    /// How the scripted failures fail (default `unavailable`, a 503).
+    #[serde(default)]
+    pub fail_kind: SimulatedFailure,
+}
+
+/// The error kind of a simulated provider's scripted failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimulatedFailure {
+    /// 503.
+    #[default]
+    Unavailable,
+    /// 429 with retry-after.
+    RateLimited,
+    /// 529-style overload.
+    Overloaded,
+    /// A timeout.
+    Timeout,
+}
+
+impl Default for SimulatedConfig {
+    fn default() -> Self {
+        Self {
+            latency_ms: default_sim_latency(),
+            token_delay_ms: default_sim_token(),
+            fail_every: 0,
+            fail_kind: SimulatedFailure::default(),
+        }
+    }
+}
+
+fn default_sim_latency() -> u64 {
+    50
+}
+fn default_sim_token() -> u64 {
+    10
+}
+
+/// `[chains.<name>]`: an ordered fallback chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// The steps, tried in order.
+    pub steps: Vec<Spanned<ChainStep>>,
+    /// Total time for one attempt, in milliseconds.
+    pub attempt_timeout_ms: Option<u64>,
+    /// Time to the first streamed chunk, in milliseconds.
+    pub first_chunk_timeout_ms: Option<u64>,
+    /// Longest pause between streamed chunks, in milliseconds.
+    pub stall_timeout_ms: Option<u64>,
+    /// Circuit breaker: after 3 fall-back-worthy failures of a step within a minute, skip it
+    /// for this many seconds, then probe it with one request (default: the fallback
+    /// layer's own cooldown).
+    pub cooldown_secs: Option<u64>,
+}
+
+/// One step of a chain: a provider and the model to ask it for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainStep {
+    /// Provider name (a key of `[providers]`).
+    pub provider: String,
+    /// The model to ask for (default: the request's model).
+    pub model: Option<String>,
+}
+
+/// `[routing]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// The chain used when no alias and no task route matches.
+    pub default_chain: Spanned<String>,
+    /// Public model names → chain (the chain's steps name the real models).
+    #[serde(default)]
+    pub models: BTreeMap<String, Spanned<String>>,
+    /// Task type (`x-llm-task`) → chain. Takes precedence over the model alias.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, Spanned<String>>,
+}
+
+/// Where a store lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In this process (one machine).
+    #[default]
+    Memory,
+    /// In Redis (shared by replicas); needs `redis_url_env`.
+    Redis,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Turn the cache on (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `memory` (default) or `redis`.
+    #[serde(default = "memory_store")]
+    pub store: Spanned<StoreKind>,
+    /// NAME of the env var holding the Redis URL (store = "redis").
+    pub redis_url_env: Option<Spanned<String>>,
+    /// Memory the in-memory store may use, in MiB (default 64).
+    #[serde(default = "default_cache_mb")]
+    pub max_memory_mb: u64,
+    /// Task types whose answers are cached even when the request is not deterministic
+    /// (by default only `temperature = 0` or seeded requests are cached).
+    #[serde(default)]
+    pub cacheable_tasks: Vec<String>,
+    /// Default time to live, in seconds (default 3600).
+    #[serde(default = "default_ttl")]
+    pub ttl_secs: u64,
+    /// Time to live per task type, in seconds (0 = never cache that task).
+    #[serde(default)]
+    pub ttl_by_task: BTreeMap<String, u64>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: Spanned::new(0..0, StoreKind::Memory),
+            redis_url_env: None,
+            max_memory_mb: default_cache_mb(),
+            cacheable_tasks: Vec::new(),
+            ttl_secs: default_ttl(),
+            ttl_by_task: BTreeMap::new(),
+        }
+    }
+}
+
+fn memory_store() -> Spanned<StoreKind> {
+    Spanned::new(0..0, StoreKind::Memory)
+}
+
+fn sqlite_store() -> Spanned<JobsStoreKind> {
+    Spanned::new(0..0, JobsStoreKind::Sqlite)
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            store: memory_store(),
+            redis_url_env: None,
+            on_limit: OnLimit::default(),
+            max_wait_ms: default_max_wait(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        Self {
+            store: memory_store(),
+            redis_url_env: None,
+            limits: Vec::new(),
+        }
+    }
+}
+
+fn default_cache_mb() -> u64 {
+    64
+}
+fn default_ttl() -> u64 {
+    3600
+}
+
+/// `[rate_limits]`: limits on what clients send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// `memory` (default) or `redis`.
+    #[serde(default = "memory_store")]
+    pub store: Spanned<StoreKind>,
+    /// NAME of the env var holding the Redis URL (store = "redis").
+    pub redis_url_env: Option<Spanned<String>>,
+    /// Reject at once (default) or wait for room.
+    #[serde(default)]
+    pub on_limit: OnLimit,
+    /// Longest wait when `on_limit = "wait"`, in milliseconds (default 2000).
+    #[serde(default = "default_max_wait")]
+    pub max_wait_ms: u64,
+    /// The rules; every rule applies to every request, all or nothing.
+    #[serde(default)]
+    pub rules: Vec<Spanned<RateLimitRule>>,
+}
+
+/// What a rate-limit rule counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKey {
+    /// One bucket for everything.
+    Global,
+    /// One bucket per tenant.
+    Tenant,
+    /// One bucket per requested model.
+    Model,
+    /// One bucket per task type.
+    Task,
+}
+
+/// What to do when a limit is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Answer 429 with `retry-after` at once (default).
+    #[default]
+    Reject,
+    /// Wait for capacity up to `max_wait_ms`, then reject.
+    Wait,
+}
+
+/// `[[rate_limits.rules]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRule {
+    /// What the rule counts by.
+    pub key: LimitKey,
+    /// Requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Tokens per minute (reserved from an estimate, settled with actual usage).
+    pub tokens_per_minute: Option<u64>,
+}
+
+fn default_max_wait() -> u64 {
+    2000
+}
+
+/// `[prices.<model>]`: USD per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// Uncached input tokens.
+    pub input_per_mtok: f64,
+    /// Output tokens.
+    pub output_per_mtok: f64,
+    /// Cached input tokens (default: the input price).
+    pub cached_input_per_mtok: Option<f64>,
+}
+
+/// `[budgets]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetsConfig {
+    /// `memory` (default) or `redis`.
+    #[serde(default = "memory_store")]
+    pub store: Spanned<StoreKind>,
+    /// NAME of the env var holding the Redis URL (store = "redis").
+    pub redis_url_env: Option<Spanned<String>>,
+    /// The budgets.
+    #[serde(default)]
+    pub limits: Vec<Spanned<BudgetRule>>,
+}
+
+/// What a budget caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetScope {
+    /// All spend.
+    Global,
+    /// Spend per tenant.
+    Tenant,
+    /// Spend per task type.
+    Task,
+}
+
+/// The window a budget resets on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetWindow {
+    /// Resets every hour.
+    Hour,
+    /// Resets every UTC day.
+    Day,
+    /// Resets every UTC month.
+    Month,
+    /// Never resets.
+    Total,
+}
+
+/// `[[budgets.limits]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRule {
+    /// What the budget caps.
+    pub scope: BudgetScope,
+    /// Only this tenant / task (default: each one gets its own budget of this size).
+    pub only: Option<String>,
+    /// The cap, in USD.
+    pub usd: f64,
+    /// The window.
+    pub per: BudgetWindow,
+}
+
+/// `[validators.<task>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidatorConfig {
+    /// `json` (the output must parse) or `json_schema`.
+    pub kind: ValidatorKind,
+    /// Inline JSON Schema (a TOML table, or a string of JSON).
+    pub schema: Option<toml::Value>,
+    /// JSON Schema file, relative to the config file.
+    pub schema_file: Option<PathBuf>,
+}
+
+/// The kind of validator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValidatorKind {
+    /// The output must be valid JSON.
+    Json,
+    /// The output must be JSON valid against a schema.
+    JsonSchema,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The client keys. With none, the gateway is open and every request is tenant
+    /// `anonymous` (fine on 127.0.0.1, not elsewhere).
+    #[serde(default)]
+    pub keys: Vec<Spanned<ClientKeyConfig>>,
+}
+
+/// `[[auth.keys]]`: one client key and its tenant. Exactly one of `key_env`, `key_blake3`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKeyConfig {
+    /// The tenant the key belongs to.
+    pub tenant: String,
+    /// NAME of the env var holding the key.
+    pub key_env: Option<String>,
+    /// Lowercase hex BLAKE3 digest of the key (`llm-tower-proxy hash-key` prints it).
+    pub key_blake3: Option<String>,
+}
+
+/// Where jobs are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobsStoreKind {
+    /// One SQLite file (default).
+    #[default]
+    Sqlite,
+    /// PostgreSQL (replicas share one queue); needs `url_env`.
+    Postgres,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Serve `/v1/jobs` (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `sqlite` (default) or `postgres`.
+    #[serde(default = "sqlite_store")]
+    pub store: Spanned<JobsStoreKind>,
+    /// SQLite file, relative to the config file (default `llm-tower-jobs.db`).
+    #[serde(default = "default_jobs_path")]
+    pub path: PathBuf,
+    /// NAME of the env var holding the PostgreSQL URL (store = "postgres").
+    pub url_env: Option<Spanned<String>>,
+    /// Concurrent jobs run by this process (default 4).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: Spanned::new(0..0, JobsStoreKind::Sqlite),
+            path: default_jobs_path(),
+            url_env: None,
+            workers: default_workers(),
+        }
+    }
+}
+
+fn default_jobs_path() -> PathBuf {
+    PathBuf::from("llm-tower-jobs.db")
+}
+fn default_workers() -> usize {
+    4
+}
+
+/// Maps byte offsets of the source to 1-based lines.
+struct Lines<'a>(&'a str);
+
+impl Lines<'_> {
+    fn line(&self, span: &Range<usize>) -> Option<usize> {
+        if span.start == 0 && span.end == 0 {
+            return None; // a default value: not in the file
+        }
+        let upto = self.0.get(..span.start)?;
+        Some(upto.bytes().filter(|b| *b == b'\n').count() + 1)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        Self::parse_named(&text, &base, path)
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        Self::parse_named(text, base_dir, Path::new("<inline>"))
+    }
+
+    fn parse_named(text: &str, base_dir: &Path, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.base_dir = base_dir.to_path_buf();
+        cfg.source_path = path.to_path_buf();
+        cfg.validate(&Lines(text))?;
+        Ok(cfg)
+    }
+
+    /// Resolves a path from the file against the config file's directory.
+    pub fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The listen address (validated at load).
+    pub fn listen_addr(&self) -> SocketAddr {
+        // Validated in `validate`; the fallback is unreachable in practice.
+        self.server
+            .listen
+            .get_ref()
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// The JSON Schema of a validator, read from its inline value or its file.
+    pub fn validator_schema(
+        &self,
+        v: &ValidatorConfig,
+    ) -> Result<Option<serde_json::Value>, ConfigError> {
+        if let Some(inline) = &v.schema {
+            return Ok(Some(match inline {
+                toml::Value::String(s) => serde_json::from_str(s)
+                    .map_err(|e| self.invalid(None, format!("schema is not JSON: {e}")))?,
+                other => serde_json::to_value(other)
+                    .map_err(|e| self.invalid(None, format!("schema: {e}")))?,
+            }));
+        }
+        if let Some(file) = &v.schema_file {
+            let path = self.resolve_path(file);
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let value = serde_json::from_str(&text).map_err(|e| {
+                self.invalid(
+                    None,
+                    format!("schema file {} is not JSON: {e}", path.display()),
+                )
+            })?;
+            return Ok(Some(value));
+        }
+        Ok(None)
+    }
+
+    fn invalid(&self, line: Option<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source_path.clone(),
+            line,
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self, lines: &Lines<'_>) -> Result<(), ConfigError> {
+        let err = |span: &Range<usize>, msg: String| self.invalid(lines.line(span), msg);
+
+        // [server]
+        let listen = &self.server.listen;
+        if listen.get_ref().parse::<SocketAddr>().is_err() {
+            return Err(err(
+                &listen.span(),
+                format!(
+                    "server.listen = {:?} is not an address like 127.0.0.1:8080",
+                    listen.get_ref()
+                ),
+            ));
+        }
+        let limit = &self.server.body_limit_bytes;
+        if *limit.get_ref() == 0 {
+            return Err(err(
+                &limit.span(),
+                "server.body_limit_bytes must be > 0".into(),
+            ));
+        }
+
+        // [providers]
+        if self.providers.is_empty() {
+            return Err(self.invalid(None, "at least one [providers.<name>] is required"));
+        }
+        for (name, p) in &self.providers {
+            let span = p.span();
+            let p = p.get_ref();
+            match p.kind {
+                ProviderKind::Simulated => {
+                    if p.base_url.is_some() || p.api_key_env.is_some() || !p.headers.is_empty() {
+                        return Err(err(
+                            &span,
+                            format!(
+                                "provider {name:?} is simulated: base_url, api_key_env and headers do not apply"
+                            ),
+                        ));
+                    }
+                }
+                ProviderKind::Openai | ProviderKind::Anthropic => {
+                    if p.simulated.is_some() {
+                        return Err(err(
+                            &span,
+                            format!(
+                                "provider {name:?}: [simulated] applies only to kind = \"simulated\""
+                            ),
+                        ));
+                    }
+                    if let Some(url) = &p.base_url {
+                        let u = url.get_ref();
+                        if !(u.starts_with("http://") || u.starts_with("https://")) {
+                            return Err(err(
+                                &url.span(),
+                                format!(
+                                    "provider {name:?}: base_url {u:?} must start with http:// or https://"
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Some(env) = &p.api_key_env {
+                check_env_name(env.get_ref())
+                    .map_err(|m| err(&env.span(), format!("provider {name:?}: api_key_env {m}")))?;
+            }
+            if let Some(rl) = &p.rate_limit {
+                let r = rl.get_ref();
+                if r.requests_per_minute == Some(0) || r.tokens_per_minute == Some(0) {
+                    return Err(err(
+                        &rl.span(),
+                        format!("provider {name:?}: rate limits must be > 0"),
+                    ));
+                }
+            }
+            if p.prompt_caching && p.kind != ProviderKind::Anthropic {
+                return Err(err(
+                    &span,
+                    format!(
+                        "provider {name:?}: prompt_caching applies only to kind = \"anthropic\""
+                    ),
+                ));
+            }
+        }
+
+        // [chains]
+        if self.chains.is_empty() {
+            return Err(self.invalid(None, "at least one [chains.<name>] is required"));
+        }
+        for (name, c) in &self.chains {
+            let span = c.span();
+            let c = c.get_ref();
+            if c.steps.is_empty() {
+                return Err(err(&span, format!("chain {name:?} has no steps")));
+            }
+            for step in &c.steps {
+                let s = step.get_ref();
+                if !self.providers.contains_key(&s.provider) {
+                    return Err(err(
+                        &step.span(),
+                        format!(
+                            "chain {name:?} names provider {:?}, which is not defined (defined: {})",
+                            s.provider,
+                            self.providers
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
+            for (field, v) in [
+                ("attempt_timeout_ms", c.attempt_timeout_ms),
+                ("first_chunk_timeout_ms", c.first_chunk_timeout_ms),
+                ("stall_timeout_ms", c.stall_timeout_ms),
+            ] {
+                if v == Some(0) {
+                    return Err(err(&span, format!("chain {name:?}: {field} must be > 0")));
+                }
+            }
+        }
+
+        // [routing]
+        let chain_ref = |what: String, r: &Spanned<String>| {
+            if self.chains.contains_key(r.get_ref()) {
+                Ok(())
+            } else {
+                Err(err(
+                    &r.span(),
+                    format!(
+                        "{what} names chain {:?}, which is not defined (defined: {})",
+                        r.get_ref(),
+                        self.chains.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ))
+            }
+        };
+        chain_ref("routing.default_chain".into(), &self.routing.default_chain)?;
+        for (model, c) in &self.routing.models {
+            chain_ref(format!("routing.models.{model:?}"), c)?;
+        }
+        for (task, c) in &self.routing.tasks {
+            chain_ref(format!("routing.tasks.{task:?}"), c)?;
+        }
+
+        // [cache]
+        let store_env =
+            |what: &str, kind: &Spanned<StoreKind>, env: &Option<Spanned<String>>| match (
+                kind.get_ref(),
+                env,
+            ) {
+                (StoreKind::Redis, None) => Err(err(
+                    &kind.span(),
+                    format!("{what}: store = \"redis\" needs redis_url_env"),
+                )),
+                (StoreKind::Redis, Some(e)) => check_env_name(e.get_ref())
+                    .map_err(|m| err(&e.span(), format!("{what}: redis_url_env {m}"))),
+                (StoreKind::Memory, Some(e)) => Err(err(
+                    &e.span(),
+                    format!("{what}: redis_url_env applies only to store = \"redis\""),
+                )),
+                (StoreKind::Memory, None) => Ok(()),
+            };
+        store_env("cache", &self.cache.store, &self.cache.redis_url_env)?;
+        if self.cache.enabled && (self.cache.ttl_secs == 0 || self.cache.max_memory_mb == 0) {
+            return Err(self.invalid(None, "cache: ttl_secs and max_memory_mb must be > 0"));
+        }
+
+        // [rate_limits]
+        store_env(
+            "rate_limits",
+            &self.rate_limits.store,
+            &self.rate_limits.redis_url_env,
+        )?;
+        for rule in &self.rate_limits.rules {
+            let r = rule.get_ref();
+            if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
+                return Err(err(
+                    &rule.span(),
+                    "rate limit rule needs requests_per_minute or tokens_per_minute".into(),
+                ));
+            }
+            if r.requests_per_minute == Some(0) || r.tokens_per_minute == Some(0) {
+                return Err(err(&rule.span(), "rate limits must be > 0".into()));
+            }
+        }
+
+        // [prices]
+        for (model, p) in &self.prices {
+            let v = p.get_ref();
+            let all = [
+                Some(v.input_per_mtok),
+                Some(v.output_per_mtok),
+                v.cached_input_per_mtok,
+            ];
+            if all
+                .into_iter()
+                .flatten()
+                .any(|x| !x.is_finite() || !(0.0..=1e6).contains(&x))
+            {
+                return Err(err(
+                    &p.span(),
+                    format!("prices.{model:?}: prices must be finite, >= 0 and <= 1e6 USD"),
+                ));
+            }
+        }
+
+        for (model, p) in &self.prices {
+            let v = p.get_ref();
+            // The cost layer's own conversion, so what it would refuse fails here, with a line.
+            if let Err(e) = llm_tower::cost::ModelPrice::per_mtok_usd(
+                v.input_per_mtok,
+                v.output_per_mtok,
+                v.cached_input_per_mtok,
+            ) {
+                return Err(err(&p.span(), format!("prices.{model:?}: {e}")));
+            }
+        }
+
+        // [budgets]
+        store_env("budgets", &self.budgets.store, &self.budgets.redis_url_env)?;
+        for b in &self.budgets.limits {
+            let v = b.get_ref();
+            if !v.usd.is_finite() || v.usd <= 0.0 {
+                return Err(err(&b.span(), "budget usd must be > 0".into()));
+            }
+            if v.scope == BudgetScope::Global && v.only.is_some() {
+                return Err(err(&b.span(), "a global budget takes no `only`".into()));
+            }
+            if llm_tower::cost::usd_to_nano(v.usd).is_none() {
+                return Err(err(&b.span(), "budget usd is out of range".into()));
+            }
+        }
+
+        // [validators]
+        for (task, v) in &self.validators {
+            let span = v.span();
+            let vc = v.get_ref();
+            match (vc.kind, vc.schema.is_some(), vc.schema_file.is_some()) {
+                (ValidatorKind::Json, false, false) => {}
+                (ValidatorKind::Json, _, _) => {
+                    return Err(err(
+                        &span,
+                        format!("validators.{task:?}: kind = \"json\" takes no schema"),
+                    ));
+                }
+                (ValidatorKind::JsonSchema, true, true)
+                | (ValidatorKind::JsonSchema, false, false) => {
+                    return Err(err(
+                        &span,
+                        format!(
+                            "validators.{task:?}: kind = \"json_schema\" needs exactly one of schema, schema_file"
+                        ),
+                    ));
+                }
+                (ValidatorKind::JsonSchema, _, _) => {
+                    let schema = self.validator_schema(vc).map_err(|e| match e {
+                        ConfigError::Invalid { message, .. } => {
+                            err(&span, format!("validators.{task:?}: {message}"))
+                        }
+                        other => other,
+                    })?;
+                    if let Some(Err(e)) = schema.as_ref().map(jsonschema::validator_for) {
+                        return Err(err(
+                            &span,
+                            format!("validators.{task:?}: invalid JSON Schema: {e}"),
+                        ));
+                    }
+                }
+            }
+        }
+
+        // [auth]
+        let mut tenants_by_hash = std::collections::BTreeSet::new();
+        for k in &self.auth.keys {
+            let v = k.get_ref();
+            if v.tenant.trim().is_empty() {
+                return Err(err(&k.span(), "auth key: tenant must not be empty".into()));
+            }
+            match (&v.key_env, &v.key_blake3) {
+                (Some(env), None) => check_env_name(env)
+                    .map_err(|m| err(&k.span(), format!("auth key: key_env {m}")))?,
+                (None, Some(h)) => {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(err(
+                            &k.span(),
+                            "auth key: key_blake3 must be 64 hex digits".into(),
+                        ));
+                    }
+                    if !tenants_by_hash.insert(h.to_ascii_lowercase()) {
+                        return Err(err(
+                            &k.span(),
+                            "auth key: the same key_blake3 appears twice".into(),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(err(
+                        &k.span(),
+                        "auth key: give exactly one of key_env, key_blake3".into(),
+                    ));
+                }
+            }
+        }
+
+        // [jobs]
+        let j = &self.jobs;
+        match (j.store.get_ref(), &j.url_env) {
+            (JobsStoreKind::Postgres, None) => {
+                return Err(err(
+                    &j.store.span(),
+                    "jobs: store = \"postgres\" needs url_env".into(),
+                ));
+            }
+            (JobsStoreKind::Postgres, Some(e)) => {
+                check_env_name(e.get_ref())
+                    .map_err(|m| err(&e.span(), format!("jobs: url_env {m}")))?;
+            }
+            (JobsStoreKind::Sqlite, Some(e)) => {
+                return Err(err(
+                    &e.span(),
+                    "jobs: url_env applies only to store = \"postgres\"".into(),
+                ));
+            }
+            (JobsStoreKind::Sqlite, None) => {}
+        }
+        if j.workers == 0 || j.workers > 1024 {
+            return Err(self.invalid(None, "jobs.workers must be within 1..=1024"));
+        }
+        Ok(())
+    }
+
+    /// Reads every secret named by the file from the environment, through `env` (use
+    /// `|k| std::env::var(k).ok()`). Fails naming the first missing variable.
+    pub fn resolve_secrets(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Secrets, ConfigError> {
+        let get = |var: &str, needed_by: String| {
+            env(var)
+                .filter(|v| !v.is_empty())
+                .map(Secret::new)
+                .ok_or_else(|| ConfigError::MissingEnv {
+                    var: var.to_owned(),
+                    needed_by,
+                })
+        };
+        let mut provider_keys = BTreeMap::new();
+        for (name, p) in &self.providers {
+            if let Some(var) = &p.get_ref().api_key_env {
+                provider_keys.insert(
+                    name.clone(),
+                    get(var.get_ref(), format!("provider {name:?}"))?,
+                );
+            }
+        }
+        let redis = |what: &str, e: &Option<Spanned<String>>| {
+            e.as_ref()
+                .map(|v| get(v.get_ref(), what.to_owned()))
+                .transpose()
+        };
+        let cache_redis_url = if self.cache.enabled {
+            redis("cache", &self.cache.redis_url_env)?
+        } else {
+            None
+        };
+        let rate_limit_redis_url = if self.rate_limits.rules.is_empty() {
+            None
+        } else {
+            redis("rate_limits", &self.rate_limits.redis_url_env)?
+        };
+        let budget_redis_url = if self.budgets.limits.is_empty() {
+            None
+        } else {
+            redis("budgets", &self.budgets.redis_url_env)?
+        };
+        let jobs_database_url = if self.jobs.enabled {
+            redis("jobs", &self.jobs.url_env)?
+        } else {
+            None
+        };
+        let mut client_keys = Vec::new();
+        for k in &self.auth.keys {
+            let v = k.get_ref();
+            let hash = match (&v.key_env, &v.key_blake3) {
+                (Some(var), _) => {
+                    blake3_hex(get(var, format!("auth key of tenant {:?}", v.tenant))?.expose())
+                }
+                (None, Some(h)) => h.to_ascii_lowercase(),
+                (None, None) => continue, // rejected by validation
+            };
+            client_keys.push(ClientKey {
+                tenant: v.tenant.clone(),
+                blake3: hash,
+            });
+        }
+        Ok(Secrets {
+            provider_keys,
+            cache_redis_url,
+            rate_limit_redis_url,
+            budget_redis_url,
+            jobs_database_url,
+            client_keys,
+        })
+    }
+}
+
+/// A client key as the gateway keeps it: only its BLAKE3, never the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    /// The tenant.
+    pub tenant: String,
+    /// Lowercase hex BLAKE3 of the key.
+    pub blake3: String,
+}
+
+/// Secrets read from the environment. `Debug` prints only redacted values.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// Provider name → API key.
+    pub provider_keys: BTreeMap<String, Secret>,
+    /// Redis URL of the cache store.
+    pub cache_redis_url: Option<Secret>,
+    /// Redis URL of the rate-limit store.
+    pub rate_limit_redis_url: Option<Secret>,
+    /// Redis URL of the budget store.
+    pub budget_redis_url: Option<Secret>,
+    /// PostgreSQL URL of the jobs store.
+    pub jobs_database_url: Option<Secret>,
+    /// Client keys (hashed) and their tenants.
+    pub client_keys: Vec<ClientKey>,
+}
+
+/// Lowercase hex BLAKE3 digest of `s` (what `key_blake3` holds).
+pub fn blake3_hex(s: &str) -> String {
+    blake3::hash(s.as_bytes()).to_hex().to_string()
+}
+
+/// Parses a 64-digit hex digest.
+pub fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    blake3::Hash::from_hex(hex).ok().map(|h| *h.as_bytes())
+}
+
+fn check_env_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        // Do not echo the value: someone may have pasted a key here by mistake.
+        Err("must be the NAME of an environment variable (A-Z, 0-9, _), not a secret".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[providers.sim]
+kind = "simulated"
+
+[chains.main]
+steps = [{ provider = "sim" }]
+
+[routing]
+default_chain = "main"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("."))
+    }
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.listen_addr().to_string(), "127.0.0.1:8080");
+        assert_eq!(*c.server.body_limit_bytes.get_ref(), 1024 * 1024);
+        assert!(c.cache.enabled);
+        assert_eq!(*c.jobs.store.get_ref(), JobsStoreKind::Sqlite);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_line() {
+        let text = format!("{MIN}\n[cache]\nttl_sec = 5\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("line 12"), "{e}");
+        assert!(e.contains("ttl_sec"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_rejected_with_its_line() {
+        let e = parse("[server]\nlisten = 8080\n").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn undefined_provider_in_chain_names_the_line() {
+        let text = MIN.replace(
+            "steps = [{ provider = \"sim\" }]",
+            "steps = [\n  { provider = \"sim\" },\n  { provider = \"nope\" },\n]",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("\"nope\""), "{e}");
+        assert!(e.contains("line 8"), "{e}");
+    }
+
+    #[test]
+    fn undefined_chain_in_route_is_rejected() {
+        let text = format!("{MIN}\n[routing.tasks]\nclassify = \"cheap\"\n");
+        let text = text.replacen("[routing]\ndefault_chain = \"main\"\n", "", 1);
+        let text = text.replace(
+            "[routing.tasks]",
+            "[routing]\ndefault_chain = \"main\"\n[routing.tasks]",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("\"cheap\""), "{e}");
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let cases = [
+            ("[server]\nlisten = \"localhost\"\n", "server.listen"),
+            ("[server]\nbody_limit_bytes = 0\n", "body_limit_bytes"),
+            ("[cache]\nstore = \"redis\"\n", "redis_url_env"),
+            ("[jobs]\nstore = \"postgres\"\n", "url_env"),
+            (
+                "[[rate_limits.rules]]\nkey = \"tenant\"\n",
+                "requests_per_minute",
+            ),
+            (
+                "[[budgets.limits]]\nscope = \"tenant\"\nusd = -1.0\nper = \"day\"\n",
+                "usd",
+            ),
+            (
+                "[prices.m]\ninput_per_mtok = -1.0\noutput_per_mtok = 1.0\n",
+                "prices",
+            ),
+            (
+                "[[auth.keys]]\ntenant = \"a\"\nkey_blake3 = \"abc\"\n",
+                "64 hex",
+            ),
+            (
+                "[[auth.keys]]\ntenant = \"a\"\nkey_env = \"sk-live-123\"\n",
+                "NAME of an environment variable",
+            ),
+            ("[validators.x]\nkind = \"json_schema\"\n", "exactly one"),
+            (
+                "[validators.x]\nkind = \"json_schema\"\nschema = { type = 12 }\n",
+                "invalid JSON Schema",
+            ),
+        ];
+        for (extra, want) in cases {
+            let text = format!("{extra}\n{MIN}");
+            let e = match parse(&text) {
+                Ok(_) => panic!("accepted: {extra}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(want), "{extra}: {e}");
+            assert!(
+                e.contains("line") || matches!(want, "prices"),
+                "{extra}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn simulated_provider_takes_no_key() {
+        let text = MIN.replace(
+            "kind = \"simulated\"",
+            "kind = \"simulated\"\napi_key_env = \"X\"",
+        );
+        assert!(parse(&text).unwrap_err().to_string().contains("simulated"));
+    }
+
+    #[test]
+    fn secrets_come_from_env_and_are_redacted() {
+        let text = r#"
+[providers.oa]
+kind = "openai"
+api_key_env = "OA_KEY"
+[chains.main]
+steps = [{ provider = "oa", model = "gpt-4o-mini" }]
+[routing]
+default_chain = "main"
+[[auth.keys]]
+tenant = "acme"
+key_env = "ACME_KEY"
+"#;
+        let c = parse(text).unwrap();
+        let missing = c.resolve_secrets(|_| None).unwrap_err().to_string();
+        assert!(missing.contains("OA_KEY"), "{missing}");
+        let s = c
+            .resolve_secrets(|k| match k {
+                "OA_KEY" => Some("sk-very-secret".into()),
+                "ACME_KEY" => Some("client-secret".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(s.provider_keys["oa"].expose(), "sk-very-secret");
+        assert_eq!(s.client_keys[0].blake3, blake3_hex("client-secret"));
+        let dbg = format!("{s:?} {c:?}");
+        assert!(!dbg.contains("sk-very-secret"), "{dbg}");
+        assert!(!dbg.contains("client-secret"), "{dbg}");
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in ["demo.toml", "production.toml", "bench.toml"] {
+            let path = dir.join(f);
+            if f == "bench.toml" && !path.exists() {
+                continue;
+            }
+            Config::from_file(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+
+    #[test]
+    fn blake3_matches_known_vector() {
+        assert_eq!(
+            blake3_hex("abc"),
+            "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+        );
+        assert_eq!(parse_digest(&blake3_hex("abc")).map(|d| d.len()), Some(32));
+    }
+}

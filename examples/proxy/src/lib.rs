@@ -1,0 +1,21 @@
+//! The llm-tower gateway as a library, so tests (and other binaries) build it in-process.
+//!
+//! - [`config`]: the TOML file, parsed strictly and validated at start.
+//! - [`gateway`]: the stack built from the config with llm-tower's public layers, the
+//!   OpenAI-compatible router and the jobs worker; [`app`] for the one-call version.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use llm_tower_proxy::{app, config::Config};
+//!
+//! let config = Config::from_file("examples/proxy/demo.toml")?;
+//! let router = app(&config).await?;
+//! let listener = tokio::net::TcpListener::bind(config.listen_addr()).await?;
+//! axum::serve(listener, router).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod gateway;
+
+pub use gateway::{BuildError, Gateway, app, build};

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Load benchmark: what the gateway adds on top of an upstream.
+#
+#   scripts/loadtest.sh                 # DURATION=10s by default
+#   DURATION=5s scripts/loadtest.sh
+#   PROFILE=debug DURATION=2s scripts/loadtest.sh   # check the script only
+#
+# Runs, on 127.0.0.1 only:
+#   - the mock upstream `llm-tower-mock` (release) on 127.0.0.1:9100, pinned to core 1;
+#   - the gateway `llm-tower-proxy` (release) with examples/proxy/bench.toml on
+#     127.0.0.1:9101, pinned to core 0: auth, client rate limit, cost + budget, cache (miss
+#     path: every request sends `Cache-Control: no-cache`), route, a two-step fallback
+#     chain, per-provider limits, metrics; validation off;
+#   - wrk (pinned to core 1) against the mock directly and through the gateway, in the
+#     same run: concurrency 1 (latency p50/p99) and concurrency 64 (throughput).
+# Reports added latency (gateway − direct) at p50/p99, the throughput ratio at c=64, and
+# the gateway's peak RSS (VmHWM). Needs wrk (`apt-get install -y wrk`) and taskset.
+# Uses $CARGO_TARGET_DIR (default ./target). Writes the table to $OUT (default
+# target/loadtest.md) too.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DURATION="${DURATION:-10s}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+OUT="${OUT:-$TARGET_DIR/loadtest.md}"
+MOCK_ADDR=127.0.0.1:9100
+GW_ADDR=127.0.0.1:9101
+BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'
+
+for tool in wrk taskset curl; do
+  command -v "$tool" >/dev/null || { echo "loadtest: $tool is required" >&2; exit 1; }
+done
+
+# PROFILE=debug only checks the script itself; numbers are meaningful in release.
+PROFILE="${PROFILE:-release}"
+if [ "$PROFILE" = release ]; then FLAG=--release; DIR=release; else FLAG=; DIR=debug; fi
+echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
+cargo build $FLAG -q -p llm-tower-test --bin llm-tower-mock
+cargo build $FLAG -q -p llm-tower-proxy --bin llm-tower-proxy
+MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
+GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
+
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -f "$LUA"
+}
+LUA="$(mktemp --suffix=.lua)"
+trap cleanup EXIT
+
+cat >"$LUA" <<LUAEOF
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+wrk.headers["Cache-Control"] = "no-cache"
+LUAEOF
+
+taskset -c 1 "$MOCK_BIN" --addr "$MOCK_ADDR" --threads 1 >/dev/null 2>&1 &
+PIDS+=($!)
+RUST_LOG=warn taskset -c 0 "$GW_BIN" --config examples/proxy/bench.toml >/dev/null 2>&1 &
+GW_PID=$!
+PIDS+=("$GW_PID")
+
+wait_up() {
+  for _ in $(seq 1 100); do
+    if curl -sf -o /dev/null "$1"; then return 0; fi
+    sleep 0.1
+  done
+  echo "loadtest: $1 did not come up" >&2
+  exit 1
+}
+wait_up "http://$GW_ADDR/healthz"
+wait_up "http://$MOCK_ADDR/v1/models"
+
+# A sanity call through the whole stack.
+curl -sf -H 'content-type: application/json' -H 'authorization: Bearer sk-bench' \
+  -H 'cache-control: no-cache' -d "$BODY" "http://$GW_ADDR/v1/chat/completions" >/dev/null
+
+# wrk's latency value ("123.45us", "1.23ms", "2.00s") in microseconds.
+to_us() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000; else m = 1;
+    printf "%.0f", n * m }'
+}
+run_wrk() { # url connections -> prints wrk output
+  taskset -c 1 wrk -t1 -c"$2" -d"$DURATION" --latency -s "$LUA" "$1"
+}
+pct() { awk -v p="$1" '$1 == p { print $2 }' <<<"$2"; }
+rps() { awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$1"; }
+errors() { awk '/Non-2xx|Socket errors/ { print }' <<<"$1"; }
+
+echo "== warm-up" >&2
+taskset -c 1 wrk -t1 -c8 -d2s -s "$LUA" "http://$GW_ADDR/v1/chat/completions" >/dev/null
+
+echo "== concurrency 1: direct, then through the gateway ($DURATION each)" >&2
+D1="$(run_wrk "http://$MOCK_ADDR/v1/chat/completions" 1)"
+G1="$(run_wrk "http://$GW_ADDR/v1/chat/completions" 1)"
+echo "== concurrency 64: direct, then through the gateway ($DURATION each)" >&2
+D64="$(run_wrk "http://$MOCK_ADDR/v1/chat/completions" 64)"
+G64="$(run_wrk "http://$GW_ADDR/v1/chat/completions" 64)"
+
+RSS_KB="$(awk '/^VmHWM:/ { print $2 }' "/proc/$GW_PID/status")"
+
+d50=$(to_us "$(pct 50% "$D1")"); d99=$(to_us "$(pct 99% "$D1")")
+g50=$(to_us "$(pct 50% "$G1")"); g99=$(to_us "$(pct 99% "$G1")")
+drps=$(rps "$D64"); grps=$(rps "$G64")
+add50=$((g50 - d50)); add99=$((g99 - d99))
+ratio=$(awk -v g="$grps" -v d="$drps" 'BEGIN { printf "%.2f", g / d }')
+rss_mb=$(awk -v k="$RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }')
+verdict() { if [ "$1" = 1 ]; then echo "yes"; else echo "NO"; fi; }
+
+mkdir -p "$(dirname "$OUT")"
+{
+  echo "| metric | direct (mock) | through gateway | added / ratio | target | met |"
+  echo "|---|---|---|---|---|---|"
+  echo "| latency p50, c=1 | ${d50} µs | ${g50} µs | +${add50} µs | < 100 µs | $(verdict $((add50 < 100))) |"
+  echo "| latency p99, c=1 | ${d99} µs | ${g99} µs | +${add99} µs | < 300 µs | $(verdict $((add99 < 300))) |"
+  echo "| throughput, c=64 | ${drps} req/s | ${grps} req/s | ${ratio}× | ≥ 0.5× | $(awk -v r="$ratio" 'BEGIN { print (r >= 0.5) ? "yes" : "NO" }') |"
+  echo "| gateway peak RSS (VmHWM) | | ${rss_mb} MB | | < 50 MB | $(awk -v m="$rss_mb" 'BEGIN { print (m < 50) ? "yes" : "NO" }') |"
+  echo
+  echo "wrk -t1, ${DURATION} per run; gateway pinned to core 0, mock + wrk to core 1; $(nproc) cores; $(date -u +%FT%TZ)."
+} | tee "$OUT"
+
+for out in "$D1" "$G1" "$D64" "$G64"; do
+  e="$(errors "$out")"
+  if [ -n "$e" ]; then echo "warning: $e" >&2; fi
+done

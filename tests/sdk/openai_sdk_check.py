@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Compatibility check: the official OpenAI Python SDK against a running llm-tower gateway.
+
+    pip install openai==3.57.0
+    python3 tests/sdk/openai_sdk_check.py http://127.0.0.1:8080 [API_KEY]
+
+The gateway must run the demo config (examples/proxy/demo.toml; client key "sk-demo").
+Checks a plain call, a streamed call, the gateway's headers through the SDK's raw
+response, a cache hit, and that an error surfaces as the SDK's typed exception.
+Exits non-zero on the first failure.
+"""
+
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def check(cond, msg):
+    if not cond:
+        print(f"FAIL: {msg}", file=sys.stderr)
+        sys.exit(1)
+    print(f"ok: {msg}")
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    base = sys.argv[1].rstrip("/")
+    key = sys.argv[2] if len(sys.argv) > 2 else "sk-demo"
+    client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=30)
+    print(f"openai {openai.__version__} -> {base}")
+
+    # 1. Plain call.
+    resp = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "What is a tower layer?"}],
+        temperature=0,
+    )
+    text = resp.choices[0].message.content
+    check(isinstance(text, str) and text, f"plain call answered: {text[:60]!r}")
+    check(resp.usage is not None and resp.usage.total_tokens > 0, "plain call reports usage")
+    check(resp.choices[0].finish_reason == "stop", "finish_reason is stop")
+
+    # 2. Same request again, through the raw response to read the gateway's headers.
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "What is a tower layer?"}],
+        temperature=0,
+    )
+    check(raw.headers.get("x-llm-cache") == "hit", f"second identical call is a cache hit ({raw.headers.get('x-llm-cache')})")
+    check(raw.parse().choices[0].message.content == text, "the hit has the same answer")
+
+    # 3. Streamed call.
+    stream = client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Explain streaming in one sentence."}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+    streamed = "".join(parts)
+    check(len(parts) > 1, f"stream arrived in {len(parts)} chunks: {streamed[:60]!r}")
+    check(usage is not None and usage.total_tokens > 0, "stream ends with usage")
+
+    # 4. Errors are the SDK's typed exceptions.
+    bad = OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+    try:
+        bad.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        check(False, "a wrong key is rejected")
+    except openai.AuthenticationError as e:
+        check(e.status_code == 401, "a wrong key raises AuthenticationError (401)")
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[])
+        check(False, "empty messages are rejected")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400, "empty messages raise BadRequestError (400)")
+
+    # 5. Models list.
+    ids = [m.id for m in client.models.list()]
+    check("gpt-4o-mini" in ids, f"models list has the aliases ({len(ids)} models)")
+    print("all OpenAI SDK checks passed")
+
+
+if __name__ == "__main__":
+    main()
