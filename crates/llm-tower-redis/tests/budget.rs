@@ -1,38 +1,16 @@
 //! Two independent cost layers sharing one Redis enforce one budget.
 
+mod common;
+use common::{conn, unique_prefix};
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use llm_tower::cost::{Budget, BudgetWindow, CostLayer, ModelPrice, PriceTable};
 use llm_tower::{ChatRequest, ErrorKind, LlmError, LlmResponse, Message, Usage};
 use llm_tower_redis::budget::RedisBudgetStore;
-use llm_tower_redis::{RedisConn, RedisOptions};
 use llm_tower_test::{MockLlm, Step};
 use tower::{Layer, Service, ServiceExt};
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL")
-        .expect("REDIS_URL must be set for this test (e.g. redis://127.0.0.1:6379)")
-}
-
-fn unique_prefix(test: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("llm-tower-test:{test}:{n}:")
-}
-
-async fn conn(prefix: &str) -> RedisConn {
-    let opts = RedisOptions {
-        key_prefix: prefix.to_owned(),
-        op_timeout: Duration::from_millis(500),
-        ..RedisOptions::default()
-    };
-    RedisConn::connect(&redis_url(), opts)
-        .await
-        .expect("connect to REDIS_URL")
-}
 
 /// Estimate 100 tokens at 1000 nano-dollars each: 100 000.
 fn req(tenant: &str) -> ChatRequest {

@@ -1,6 +1,9 @@
 //! The Redis cache store: replicas share entries; a Redis outage fails open.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
+use common::{conn, unique_prefix};
+
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use llm_tower::cache::{Cache, CacheKey, CacheLayer, CacheStore};
@@ -10,28 +13,8 @@ use llm_tower_redis::{RedisConn, RedisOptions};
 use llm_tower_test::{MockLlm, Step};
 use tower::{Service, ServiceExt};
 
-fn redis_url() -> String {
-    std::env::var("REDIS_URL")
-        .expect("REDIS_URL must be set for this test (e.g. redis://127.0.0.1:6379)")
-}
-
-fn unique_prefix(test: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("llm-tower-test:{test}:{n}:")
-}
-
 async fn store(prefix: &str) -> RedisCacheStore {
-    let opts = RedisOptions {
-        key_prefix: prefix.to_owned(),
-        op_timeout: Duration::from_millis(500),
-        ..RedisOptions::default()
-    };
-    let conn = RedisConn::connect(&redis_url(), opts)
-        .await
-        .expect("connect to REDIS_URL");
-    RedisCacheStore::new(conn)
+    RedisCacheStore::new(conn(prefix).await)
 }
 
 fn req(text: &str) -> ChatRequest {
