@@ -48,19 +48,18 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use llm_tower::cost::{BudgetCharge, BudgetSettle, BudgetStore, Reserve, ReserveFuture};
 use llm_tower::{LlmError, NanoUsd};
 use redis::Script;
 
+use crate::settle::Settler;
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
 pub const KEY_NAMESPACE: &str = "budget:v1:";
 
-const MAX_INFLIGHT_SETTLES: usize = 1024;
 /// Keys outlive their window by this much, so late settlements still land.
 const TTL_MARGIN: Duration = Duration::from_secs(3600);
 
@@ -101,9 +100,7 @@ pub struct RedisBudgetStore {
     conn: RedisConn,
     script: Arc<Script>,
     fail_open: bool,
-    inflight: Arc<AtomicUsize>,
-    errors: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
+    settler: Settler,
 }
 
 impl fmt::Debug for RedisBudgetStore {
@@ -124,9 +121,7 @@ impl RedisBudgetStore {
             conn,
             script: Arc::new(Script::new(SCRIPT)),
             fail_open: true,
-            inflight: Arc::default(),
-            errors: Arc::default(),
-            dropped: Arc::default(),
+            settler: Settler::default(),
         }
     }
 
@@ -145,12 +140,12 @@ impl RedisBudgetStore {
 
     /// Reservations and settlements that failed (timeout, error, open breaker).
     pub fn store_errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        self.settler.errors()
     }
 
     /// Settlements dropped because too many were in flight.
     pub fn settles_dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.settler.dropped()
     }
 
     /// What budget `key` (as in [`BudgetCharge::key`]) has spent, reservations included.
@@ -228,7 +223,7 @@ impl BudgetStore for RedisBudgetStore {
         );
         let conn = self.conn.clone();
         let script = self.script.clone();
-        let errors = self.errors.clone();
+        let settler = self.settler.clone();
         let fail_open = self.fail_open;
         Box::pin(async move {
             match Self::run(conn, script, keys, args)
@@ -237,7 +232,7 @@ impl BudgetStore for RedisBudgetStore {
             {
                 Ok(r) => Ok(r),
                 Err(e) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                    settler.error();
                     if fail_open {
                         tracing::warn!(error = %e, "budget store unavailable; failing open");
                         Ok(Reserve::Reserved {
@@ -259,29 +254,12 @@ impl BudgetStore for RedisBudgetStore {
         if settles.is_empty() {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        if self.inflight.fetch_add(1, Ordering::AcqRel) >= MAX_INFLIGHT_SETTLES {
-            self.inflight.fetch_sub(1, Ordering::AcqRel);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         let (keys, args) = self.keys_and_args(
             1,
             settles.iter().map(|s| (s.key.as_str(), 0, s.delta, s.ttl)),
         );
-        let conn = self.conn.clone();
-        let script = self.script.clone();
-        let inflight = self.inflight.clone();
-        let errors = self.errors.clone();
-        handle.spawn(async move {
-            if let Err(e) = Self::run(conn, script, keys, args).await {
-                errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "budget settlement lost");
-            }
-            inflight.fetch_sub(1, Ordering::AcqRel);
-        });
+        let settle = Self::run(self.conn.clone(), self.script.clone(), keys, args);
+        self.settler
+            .spawn("budget", async move { settle.await.map(drop) });
     }
 }

@@ -6,6 +6,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod conn;
+mod settle;
 pub use conn::{RedisConn, RedisOptions, RedisStoreError};
 
 pub mod budget;

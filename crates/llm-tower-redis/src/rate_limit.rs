@@ -52,19 +52,17 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use llm_tower::LlmError;
 use llm_tower::rate_limit::{Acquire, AcquireFuture, BucketCheck, BucketSettle, RateLimitStore};
 use redis::Script;
 
+use crate::settle::Settler;
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
 pub const KEY_NAMESPACE: &str = "rl:v1:";
-
-const MAX_INFLIGHT_SETTLES: usize = 1024;
 
 // ARGV[1] = mode (0: acquire, 1: settle); then, per key: limit, window (ms), amount (acquire)
 // or delta (settle; negative gives back). Returns {1, remaining...} or {0, index, retry_ms}.
@@ -110,9 +108,7 @@ pub struct RedisRateLimitStore {
     conn: RedisConn,
     script: Arc<Script>,
     fail_open: bool,
-    inflight: Arc<AtomicUsize>,
-    errors: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
+    settler: Settler,
 }
 
 impl fmt::Debug for RedisRateLimitStore {
@@ -133,9 +129,7 @@ impl RedisRateLimitStore {
             conn,
             script: Arc::new(Script::new(SCRIPT)),
             fail_open: true,
-            inflight: Arc::default(),
-            errors: Arc::default(),
-            dropped: Arc::default(),
+            settler: Settler::default(),
         }
     }
 
@@ -154,12 +148,12 @@ impl RedisRateLimitStore {
 
     /// Acquisitions and settlements that failed (timeout, error, open breaker).
     pub fn store_errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        self.settler.errors()
     }
 
     /// Settlements dropped because too many were in flight.
     pub fn settles_dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.settler.dropped()
     }
 
     /// The connection.
@@ -234,7 +228,7 @@ impl RateLimitStore for RedisRateLimitStore {
         );
         let conn = self.conn.clone();
         let script = self.script.clone();
-        let errors = self.errors.clone();
+        let settler = self.settler.clone();
         let fail_open = self.fail_open;
         Box::pin(async move {
             let result = Self::run(conn, script, keys, args)
@@ -243,7 +237,7 @@ impl RateLimitStore for RedisRateLimitStore {
             match result {
                 Ok(a) => Ok(a),
                 Err(e) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                    settler.error();
                     if fail_open {
                         tracing::warn!(error = %e, "rate-limit store unavailable; failing open");
                         Ok(Acquire::Allowed {
@@ -265,31 +259,14 @@ impl RateLimitStore for RedisRateLimitStore {
         if settles.is_empty() {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        if self.inflight.fetch_add(1, Ordering::AcqRel) >= MAX_INFLIGHT_SETTLES {
-            self.inflight.fetch_sub(1, Ordering::AcqRel);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         let (keys, args) = self.keys_and_args(
             1,
             settles
                 .iter()
                 .map(|s| (s.key.as_str(), s.limit, s.window, s.delta)),
         );
-        let conn = self.conn.clone();
-        let script = self.script.clone();
-        let inflight = self.inflight.clone();
-        let errors = self.errors.clone();
-        handle.spawn(async move {
-            if let Err(e) = Self::run(conn, script, keys, args).await {
-                errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "rate-limit settlement lost");
-            }
-            inflight.fetch_sub(1, Ordering::AcqRel);
-        });
+        let settle = Self::run(self.conn.clone(), self.script.clone(), keys, args);
+        self.settler
+            .spawn("rate-limit", async move { settle.await.map(drop) });
     }
 }
