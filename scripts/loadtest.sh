@@ -4,6 +4,7 @@
 #   scripts/loadtest.sh                 # DURATION=10s by default
 #   DURATION=5s scripts/loadtest.sh
 #   PROFILE=debug DURATION=2s scripts/loadtest.sh   # check the script only
+#   CONFIG=my-bench.toml scripts/loadtest.sh        # another gateway config (same ports)
 #
 # Runs, on 127.0.0.1 only:
 #   - the mock upstream `llm-tower-mock` (release) on 127.0.0.1:9100, pinned to core 1;
@@ -59,7 +60,7 @@ LUAEOF
 
 taskset -c 1 "$MOCK_BIN" --addr "$MOCK_ADDR" --threads 1 >/dev/null 2>&1 &
 PIDS+=($!)
-RUST_LOG=warn taskset -c 0 "$GW_BIN" --config examples/proxy/bench.toml >/dev/null 2>&1 &
+RUST_LOG=warn taskset -c 0 "$GW_BIN" --config "${CONFIG:-examples/proxy/bench.toml}" >/dev/null 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
 
