@@ -1,8 +1,7 @@
 //! `LlmServiceBuilderExt`: one `ServiceBuilder` method per layer.
 
-#[allow(unused_imports)] // each feature's methods use a subset
 use tower::ServiceBuilder;
-#[allow(unused_imports)]
+#[allow(unused_imports)] // only the feature-gated methods name it
 use tower_layer::Stack;
 
 mod sealed {
@@ -13,8 +12,6 @@ mod sealed {
 /// Extension methods on [`tower::ServiceBuilder`] for llm-tower's layers, one per layer,
 /// each behind that layer's feature. Sealed: implemented only for `ServiceBuilder`.
 pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
-    // Each layer's helper adds its methods in its own feature-gated block below.
-    // ===== route =====
     /// Adds a [`RouteLayer`](crate::route::RouteLayer): picks a target and model per request
     /// by model alias or task type. See [`crate::route`].
     #[cfg(feature = "route")]
@@ -23,7 +20,6 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         layer: crate::route::RouteLayer,
     ) -> ServiceBuilder<Stack<crate::route::RouteLayer, L>>;
-    // ===== fallback =====
     /// Adds a [`FallbackLayer`](crate::fallback::FallbackLayer): the inner service becomes the
     /// primary of a fallback chain. See [`crate::fallback`].
     #[cfg(feature = "fallback")]
@@ -32,7 +28,6 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         layer: crate::fallback::FallbackLayer,
     ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer, L>>;
-    // ===== validate =====
     /// Adds a [`ValidateLayer`](crate::validate::ValidateLayer): checks outputs and retries
     /// once with a format reminder. See [`crate::validate`].
     #[cfg(feature = "validate")]
@@ -41,7 +36,6 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         layer: crate::validate::ValidateLayer,
     ) -> ServiceBuilder<Stack<crate::validate::ValidateLayer, L>>;
-    // ===== cache =====
     /// Answers identical deterministic requests from a cache. See [`crate::cache`].
     #[cfg(feature = "cache")]
     #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
@@ -49,7 +43,6 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         layer: crate::cache::CacheLayer,
     ) -> ServiceBuilder<Stack<crate::cache::CacheLayer, L>>;
-    // ===== rate-limit =====
     /// Adds a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer): requests and tokens per window.
     ///
     /// See [`crate::rate_limit`]. (Not `rate_limit`: tower's own `ServiceBuilder::rate_limit`
@@ -60,7 +53,6 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         layer: crate::rate_limit::RateLimitLayer,
     ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer, L>>;
-    // ===== cost =====
     /// Adds a [`CostLayer`](crate::cost::CostLayer): prices responses, totals them, enforces budgets.
     ///
     /// See [`crate::cost`].
@@ -73,7 +65,6 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
 }
 
 impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
-    // ===== route impl =====
     #[cfg(feature = "route")]
     fn route(
         self,
@@ -81,7 +72,6 @@ impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
     ) -> ServiceBuilder<Stack<crate::route::RouteLayer, L>> {
         self.layer(layer)
     }
-    // ===== fallback impl =====
     #[cfg(feature = "fallback")]
     fn fallback(
         self,
@@ -89,7 +79,6 @@ impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
     ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer, L>> {
         self.layer(layer)
     }
-    // ===== validate impl =====
     #[cfg(feature = "validate")]
     fn validate(
         self,
@@ -97,7 +86,6 @@ impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
     ) -> ServiceBuilder<Stack<crate::validate::ValidateLayer, L>> {
         self.layer(layer)
     }
-    // ===== cache impl =====
     #[cfg(feature = "cache")]
     fn cache(
         self,
@@ -105,7 +93,6 @@ impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
     ) -> ServiceBuilder<Stack<crate::cache::CacheLayer, L>> {
         self.layer(layer)
     }
-    // ===== rate-limit impl =====
     #[cfg(feature = "rate-limit")]
     fn llm_rate_limit(
         self,
@@ -113,7 +100,6 @@ impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
     ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer, L>> {
         self.layer(layer)
     }
-    // ===== cost impl =====
     #[cfg(feature = "cost")]
     fn cost(
         self,
