@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -123,7 +123,7 @@ pub enum CachedBody {
 /// A cached answer: the body plus what a hit reports in [`ResponseMeta`] (the original
 /// usage, so cost layers can count the tokens saved, and who served it first).
 /// Serializes to compact JSON with one-letter field names.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedEntry {
     /// The answer.
     #[serde(rename = "b")]
@@ -137,6 +137,20 @@ pub struct CachedEntry {
     /// The model that served the original call.
     #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// [`approx_size`](Self::approx_size), computed once: the layer checks it against the
+    /// entry limit and the in-memory store weighs by it, both on every miss.
+    #[serde(skip)]
+    size: OnceLock<usize>,
+}
+
+/// Equality of what is stored; the memoized size is not part of it.
+impl PartialEq for CachedEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.body == other.body
+            && self.usage == other.usage
+            && self.provider == other.provider
+            && self.model == other.model
+    }
 }
 
 impl CachedEntry {
@@ -148,6 +162,7 @@ impl CachedEntry {
             usage,
             provider: meta.provider.as_deref().map(str::to_owned),
             model: meta.model.clone(),
+            size: OnceLock::new(),
         }
     }
 
@@ -159,6 +174,7 @@ impl CachedEntry {
             usage,
             provider: meta.provider.as_deref().map(str::to_owned),
             model: meta.model.clone(),
+            size: OnceLock::new(),
         }
     }
 
@@ -181,6 +197,10 @@ impl CachedEntry {
 
     /// Approximate size in bytes (its compact JSON length), for byte-bounded stores.
     pub fn approx_size(&self) -> usize {
+        *self.size.get_or_init(|| self.json_len())
+    }
+
+    fn json_len(&self) -> usize {
         struct Count(usize);
         impl std::io::Write for Count {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
