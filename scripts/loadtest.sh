@@ -3,12 +3,13 @@
 #
 #   scripts/loadtest.sh                 # DURATION=10s by default
 #   DURATION=5s scripts/loadtest.sh
-#   PROFILE=debug DURATION=2s scripts/loadtest.sh   # check the script only
+#   PROFILE=dev DURATION=2s scripts/loadtest.sh     # check the script only
+#   PROFILE=release scripts/loadtest.sh             # without LTO (quicker to build)
 #   CONFIG=my-bench.toml scripts/loadtest.sh        # another gateway config (same ports)
 #
 # Runs, on 127.0.0.1 only:
-#   - the mock upstream `llm-tower-mock` (release) on 127.0.0.1:9100, pinned to core 1;
-#   - the gateway `llm-tower-proxy` (release) with examples/proxy/bench.toml on
+#   - the mock upstream `llm-tower-mock` on 127.0.0.1:9100, pinned to core 1;
+#   - the gateway `llm-tower-proxy` (dist profile) with examples/proxy/bench.toml on
 #     127.0.0.1:9101, pinned to core 0: auth, client rate limit, cost + budget, cache (miss
 #     path: every request sends `Cache-Control: no-cache`), route, a two-step fallback
 #     chain, per-provider limits, metrics; validation off;
@@ -32,12 +33,13 @@ for tool in wrk taskset curl; do
   command -v "$tool" >/dev/null || { echo "loadtest: $tool is required" >&2; exit 1; }
 done
 
-# PROFILE=debug only checks the script itself; numbers are meaningful in release.
-PROFILE="${PROFILE:-release}"
-if [ "$PROFILE" = release ]; then FLAG=--release; DIR=release; else FLAG=; DIR=debug; fi
+# PROFILE=dev only checks the script itself; numbers are meaningful in dist (the shipped
+# build: release with whole-program LTO, see Cargo.toml) or release.
+PROFILE="${PROFILE:-dist}"
+DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
 echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
-cargo build $FLAG -q -p llm-tower-test --bin llm-tower-mock
-cargo build $FLAG -q -p llm-tower-proxy --bin llm-tower-proxy
+cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock
+cargo build --profile "$PROFILE" -q -p llm-tower-proxy --bin llm-tower-proxy
 MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
 GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
 
@@ -122,7 +124,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "| throughput, c=64 | ${drps} req/s | ${grps} req/s | ${ratio}× | ≥ 0.5× | $(awk -v r="$ratio" 'BEGIN { print (r >= 0.5) ? "yes" : "NO" }') |"
   echo "| gateway peak RSS (VmHWM) | | ${rss_mb} MB | | < 50 MB | $(awk -v m="$rss_mb" 'BEGIN { print (m < 50) ? "yes" : "NO" }') |"
   echo
-  echo "wrk -t1, ${DURATION} per run; gateway pinned to core 0, mock + wrk to core 1; $(nproc) cores; $(date -u +%FT%TZ)."
+  echo "wrk -t1, ${DURATION} per run; gateway ($PROFILE) pinned to core 0, mock + wrk to core 1; $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); $(date -u +%FT%TZ)."
 } | tee "$OUT"
 
 for out in "$D1" "$G1" "$D64" "$G64"; do

@@ -66,6 +66,10 @@ const MAX_CACHED_LABEL_SETS: usize = 4096;
 /// The handles every answered request touches.
 struct Handles {
     ok: Counter,
+    // `llm_cache_total` by result: every request behind a cache layer touches one.
+    cache_hit: Counter,
+    cache_miss: Counter,
+    cache_bypass: Counter,
     duration: Histogram,
     upstream: Histogram,
     input: Counter,
@@ -78,6 +82,9 @@ impl Handles {
     fn noop() -> Self {
         Self {
             ok: Counter::noop(),
+            cache_hit: Counter::noop(),
+            cache_miss: Counter::noop(),
+            cache_bypass: Counter::noop(),
             duration: Histogram::noop(),
             upstream: Histogram::noop(),
             input: Counter::noop(),
@@ -89,10 +96,18 @@ impl Handles {
 
     fn register(labels: &Labels) -> Self {
         let base = labels.base();
-        let mut ok = base.to_vec();
-        ok.push(("status", "ok".to_owned()));
+        let with = |name: &'static str, value: &str| {
+            let mut l = base.to_vec();
+            l.push((name, value.to_owned()));
+            l
+        };
+        let cache =
+            |status: CacheStatus| counter!("llm_cache_total", &with("cache", status.as_str()));
         Self {
-            ok: counter!("llm_requests_total", &ok),
+            ok: counter!("llm_requests_total", &with("status", "ok")),
+            cache_hit: cache(CacheStatus::Hit),
+            cache_miss: cache(CacheStatus::Miss),
+            cache_bypass: cache(CacheStatus::Bypass),
             duration: histogram!("llm_request_duration_seconds", &base),
             upstream: histogram!("llm_upstream_duration_seconds", &base),
             input: counter!("llm_input_tokens_total", &base),
@@ -292,22 +307,36 @@ fn describe() {
     );
 }
 
-/// The labels of one request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+/// The labels of one request (shared strings: a request takes them from its tenant,
+/// task and meta without copying).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Labels {
-    pub(crate) task: String,
-    pub(crate) model: String,
-    pub(crate) provider: String,
-    pub(crate) tenant: String,
+    pub(crate) task: Arc<str>,
+    pub(crate) model: Arc<str>,
+    pub(crate) provider: Arc<str>,
+    pub(crate) tenant: Arc<str>,
+}
+
+impl Default for Labels {
+    /// Task `none`, the rest empty.
+    fn default() -> Self {
+        static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
+        Self {
+            task: NONE.clone(),
+            model: Arc::default(),
+            provider: Arc::default(),
+            tenant: Arc::default(),
+        }
+    }
 }
 
 impl Labels {
     fn base(&self) -> [(&'static str, String); 4] {
         [
-            ("task", self.task.clone()),
-            ("model", self.model.clone()),
-            ("provider", self.provider.clone()),
-            ("tenant", self.tenant.clone()),
+            ("task", self.task.to_string()),
+            ("model", self.model.to_string()),
+            ("provider", self.provider.to_string()),
+            ("tenant", self.tenant.to_string()),
         ]
     }
 }
@@ -380,11 +409,17 @@ impl Observation<'_> {
         if let Some(nano) = self.cost_nano_usd {
             h.cost.increment(nano);
         }
+        match self.cache {
+            CacheStatus::Hit => h.cache_hit.increment(1),
+            CacheStatus::Miss => h.cache_miss.increment(1),
+            CacheStatus::Bypass => h.cache_bypass.increment(1),
+            CacheStatus::None => {}
+        }
     }
 
     /// Whether anything beyond the common handles must be recorded.
     fn has_rare(&self) -> bool {
-        self.status != "ok" || self.cache != CacheStatus::None || !self.fallbacks.is_empty()
+        self.status != "ok" || !self.fallbacks.is_empty()
     }
 
     fn emit_rare(&self) {
@@ -394,16 +429,11 @@ impl Observation<'_> {
             with_status.push(("status", self.status.to_owned()));
             counter!("llm_requests_total", &with_status).increment(1);
         }
-        if self.cache != CacheStatus::None {
-            let mut l = base.to_vec();
-            l.push(("cache", self.cache.as_str().to_owned()));
-            counter!("llm_cache_total", &l).increment(1);
-        }
         for f in self.fallbacks {
             let l = [
-                ("task", self.labels.task.clone()),
-                ("model", self.labels.model.clone()),
-                ("tenant", self.labels.tenant.clone()),
+                ("task", self.labels.task.to_string()),
+                ("model", self.labels.model.to_string()),
+                ("tenant", self.labels.tenant.to_string()),
                 ("provider", f.target.clone()),
                 ("reason", f.reason.to_owned()),
                 ("skipped", f.skipped.to_string()),

@@ -442,6 +442,18 @@ struct Finish {
 }
 
 impl Finish {
+    fn new(metrics: Metrics, labels: Labels, start: Instant) -> Self {
+        Self {
+            metrics,
+            labels,
+            start,
+            upstream: None,
+            cost_nano_usd: None,
+            cache: CacheStatus::None,
+            fallbacks: Vec::new(),
+        }
+    }
+
     fn record(&self, status: &str, usage: Option<&Usage>) {
         let total = self.start.elapsed();
         self.metrics.observe(&Observation {
@@ -462,40 +474,34 @@ impl Finish {
             "request finished"
         );
     }
+
+    /// Records a request refused with `err` and answers it.
+    fn reject(mut self, err: &LlmError) -> Response {
+        self.fallbacks = FailedAttempt::from_error(err);
+        self.record(err.kind().as_str(), None);
+        let mut resp = error_response(err);
+        headers::write_error_headers(resp.headers_mut(), err, self.start.elapsed());
+        resp
+    }
 }
 
-/// Counts a request whose client went away while the handler was waiting (axum drops
-/// the handler future), so no accepted request goes unrecorded. Streams already sent
-/// are covered by the stream's own completion hook (`dropped`).
-struct CancelGuard {
-    armed: Option<(Metrics, Labels, Instant)>,
-}
+/// Holds the [`Finish`] of a request while the handler waits, and records it as
+/// `client_closed` if the client goes away meanwhile (axum drops the handler future), so
+/// no accepted request goes unrecorded. Streams already sent are covered by the stream's
+/// own completion hook (`dropped`).
+struct CancelGuard(Option<Finish>);
 
 impl CancelGuard {
-    fn arm(metrics: &Metrics, labels: &Labels, start: Instant) -> Self {
-        Self {
-            armed: Some((metrics.clone(), labels.clone(), start)),
-        }
-    }
-
-    fn disarm(mut self) {
-        self.armed = None;
+    /// Gives the [`Finish`] back: the wait is over.
+    fn disarm(mut self) -> Finish {
+        self.0.take().expect("a guard is disarmed once")
     }
 }
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if let Some((metrics, labels, start)) = self.armed.take() {
-            Finish {
-                metrics,
-                labels,
-                start,
-                upstream: None,
-                cost_nano_usd: None,
-                cache: CacheStatus::None,
-                fallbacks: Vec::new(),
-            }
-            .record("client_closed", None);
+        if let Some(finish) = self.0.take() {
+            finish.record("client_closed", None);
         }
     }
 }
@@ -510,12 +516,6 @@ where
     S::Future: Send + 'static,
 {
     let start = Instant::now();
-    let request_id = req
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
     let tenant = req
         .extensions()
         .get::<Tenant>()
@@ -523,12 +523,20 @@ where
         .unwrap_or_else(|| Tenant::from(ANONYMOUS_TENANT));
     let span = tracing::info_span!(
         "llm_request",
-        request_id = %request_id,
+        request_id = tracing::field::Empty,
         tenant = %tenant,
         task = tracing::field::Empty,
         model = tracing::field::Empty,
         stream = tracing::field::Empty,
     );
+    // Recorded, not formatted into the span up front: a disabled span costs nothing.
+    if let Some(id) = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+    {
+        span.record("request_id", id);
+    }
     chat_inner(st, req, start, tenant).instrument(span).await
 }
 
@@ -546,55 +554,44 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut labels = Labels {
-        tenant: tenant.to_string(),
-        ..Labels::default()
-    };
+    let mut finish = Finish::new(
+        st.metrics.clone(),
+        Labels {
+            tenant: tenant.0.clone(),
+            ..Labels::default()
+        },
+        start,
+    );
     let (parts, body) = req.into_parts();
-    let reject = |labels: &Labels, err: &LlmError| {
-        Finish {
-            metrics: st.metrics.clone(),
-            labels: labels.clone(),
-            start,
-            upstream: None,
-            cost_nano_usd: None,
-            cache: CacheStatus::None,
-            fallbacks: FailedAttempt::from_error(err),
-        }
-        .record(err.kind().as_str(), None);
-        let mut resp = error_response(err);
-        headers::write_error_headers(resp.headers_mut(), err, start.elapsed());
-        resp
-    };
 
     let bytes = match read_body(body, &parts.headers, st.body_limit).await {
         Ok(b) => b,
         Err((status, err)) => {
-            let mut resp = reject(&labels, &err);
+            let mut resp = finish.reject(&err);
             *resp.status_mut() = status;
             return resp;
         }
     };
     let mut chat_req = match ChatRequest::from_slice(&bytes) {
         Ok(r) => r,
-        Err(e) => return reject(&labels, &e),
+        Err(e) => return finish.reject(&e),
     };
     drop(bytes);
     if let Err(e) = headers::request_metadata(&parts.headers, &mut chat_req) {
-        return reject(&labels, &e);
+        return finish.reject(&e);
     }
     chat_req.extensions.insert(tenant);
     // Providers may forward it upstream; layers may log it.
     if let Some(id) = parts.extensions.get::<RequestId>() {
         chat_req.extensions.insert(id.clone());
     }
-    labels.task = chat_req
-        .task_type()
-        .map_or_else(|| "none".to_owned(), ToString::to_string);
-    labels.model.clone_from(&chat_req.model);
+    if let Some(task) = chat_req.task_type() {
+        finish.labels.task = task.0.clone();
+    }
+    finish.labels.model = chat_req.model.as_str().into();
     let span = tracing::Span::current();
-    span.record("task", labels.task.as_str());
-    span.record("model", labels.model.as_str());
+    span.record("task", &*finish.labels.task);
+    span.record("model", &*finish.labels.model);
     let wants_stream = chat_req.is_stream();
     span.record("stream", wants_stream);
     let include_usage = chat_req
@@ -603,34 +600,29 @@ where
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
 
-    let guard = CancelGuard::arm(&st.metrics, &labels, start);
+    let guard = CancelGuard(Some(finish));
     let called = st.service.clone().oneshot(chat_req).await;
-    guard.disarm();
+    let mut finish = guard.disarm();
     let mut resp = match called {
         Ok(r) => r,
-        Err(e) => return reject(&labels, &e),
+        Err(e) => return finish.reject(&e),
     };
     let meta = std::mem::take(&mut resp.meta);
     if let Some(p) = &meta.provider {
-        labels.provider = p.to_string();
+        finish.labels.provider = p.clone();
     }
     if let Some(m) = &meta.model {
-        labels.model.clone_from(m);
+        finish.labels.model = m.as_str().into();
     }
-    let finish = Finish {
-        metrics: st.metrics.clone(),
-        labels,
-        start,
-        upstream: meta.upstream_time,
-        cost_nano_usd: meta.cost.map(|c| c.nano_usd),
-        cache: meta.cache,
-        fallbacks: FailedAttempt::from_meta(&meta.attempts),
-    };
+    finish.upstream = meta.upstream_time;
+    finish.cost_nano_usd = meta.cost.map(|c| c.nano_usd);
+    finish.cache = meta.cache;
+    finish.fallbacks = FailedAttempt::from_meta(&meta.attempts);
 
     if !wants_stream {
-        let guard = CancelGuard::arm(&finish.metrics, &finish.labels, start);
+        let guard = CancelGuard(Some(finish));
         let complete = resp.into_complete().await;
-        guard.disarm();
+        let finish = guard.disarm();
         return match complete {
             Ok(body) => {
                 finish.record("ok", body.usage.as_ref().or(meta.usage.as_ref()));

@@ -122,6 +122,9 @@ pub struct ResponseMeta {
     pub limits: Option<LocalLimits>,
     /// Time spent waiting for the upstream (to the first byte for streams).
     pub upstream_time: Option<Duration>,
+    /// Size in bytes of the upstream's complete response body, when a provider read one:
+    /// a size hint (a cache weighs its entries by it instead of serializing them again).
+    pub body_bytes: Option<usize>,
     /// Extra typed data layers want to pass outwards.
     pub extensions: http::Extensions,
 }

@@ -327,7 +327,15 @@ pub struct CompletionTokensDetails {
     /// Audio output tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audio_tokens: Option<u64>,
-    /// Other fields (`accepted_prediction_tokens`, …).
+    /// Predicted-output tokens that appeared in the answer.
+    // Typed although no layer reads them: OpenAI sends both on every answer, and in
+    // `extra` each clone and drop of a usage would allocate and free their keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_prediction_tokens: Option<u64>,
+    /// Predicted-output tokens that did not (billed as output all the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_prediction_tokens: Option<u64>,
+    /// Other fields.
     #[serde(flatten)]
     pub extra: Extra,
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use llm_tower_core::{ErrorKind, LlmError, RateLimitHeadroom};
 use serde_json::Value;
 
@@ -258,46 +258,51 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// The provider's rate-limit headroom from OpenAI-style `x-ratelimit-*` or Anthropic
 /// `anthropic-ratelimit-*` headers; `None` when neither is present.
 pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
-    let get = |name: &str| {
+    // Static names: looking a header up by `&str` parses and lower-cases the name first,
+    // on every response.
+    const fn n(name: &'static str) -> HeaderName {
+        HeaderName::from_static(name)
+    }
+    let get = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let num = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
-    let reset = |name: &str| get(name).and_then(parse_reset);
+    let num = |name: &HeaderName| get(name).and_then(|v| v.parse::<u64>().ok());
+    let reset = |name: &HeaderName| get(name).and_then(parse_reset);
     let mut h = RateLimitHeadroom {
-        remaining_requests: num("x-ratelimit-remaining-requests"),
-        remaining_tokens: num("x-ratelimit-remaining-tokens"),
-        limit_requests: num("x-ratelimit-limit-requests"),
-        limit_tokens: num("x-ratelimit-limit-tokens"),
-        reset_requests: reset("x-ratelimit-reset-requests"),
-        reset_tokens: reset("x-ratelimit-reset-tokens"),
+        remaining_requests: num(&n("x-ratelimit-remaining-requests")),
+        remaining_tokens: num(&n("x-ratelimit-remaining-tokens")),
+        limit_requests: num(&n("x-ratelimit-limit-requests")),
+        limit_tokens: num(&n("x-ratelimit-limit-tokens")),
+        reset_requests: reset(&n("x-ratelimit-reset-requests")),
+        reset_tokens: reset(&n("x-ratelimit-reset-tokens")),
     };
     // Anthropic reports combined tokens, and input / output tokens separately; the
     // tightest of them is the headroom.
-    const TOKENS_REMAINING: [&str; 3] = [
-        "anthropic-ratelimit-tokens-remaining",
-        "anthropic-ratelimit-input-tokens-remaining",
-        "anthropic-ratelimit-output-tokens-remaining",
+    const TOKENS_REMAINING: [HeaderName; 3] = [
+        n("anthropic-ratelimit-tokens-remaining"),
+        n("anthropic-ratelimit-input-tokens-remaining"),
+        n("anthropic-ratelimit-output-tokens-remaining"),
     ];
-    const TOKENS_LIMIT: [&str; 3] = [
-        "anthropic-ratelimit-tokens-limit",
-        "anthropic-ratelimit-input-tokens-limit",
-        "anthropic-ratelimit-output-tokens-limit",
+    const TOKENS_LIMIT: [HeaderName; 3] = [
+        n("anthropic-ratelimit-tokens-limit"),
+        n("anthropic-ratelimit-input-tokens-limit"),
+        n("anthropic-ratelimit-output-tokens-limit"),
     ];
-    const TOKENS_RESET: [&str; 3] = [
-        "anthropic-ratelimit-tokens-reset",
-        "anthropic-ratelimit-input-tokens-reset",
-        "anthropic-ratelimit-output-tokens-reset",
+    const TOKENS_RESET: [HeaderName; 3] = [
+        n("anthropic-ratelimit-tokens-reset"),
+        n("anthropic-ratelimit-input-tokens-reset"),
+        n("anthropic-ratelimit-output-tokens-reset"),
     ];
     if h == RateLimitHeadroom::default() {
-        h.remaining_requests = num("anthropic-ratelimit-requests-remaining");
-        h.limit_requests = num("anthropic-ratelimit-requests-limit");
-        h.reset_requests = reset("anthropic-ratelimit-requests-reset");
-        h.remaining_tokens = TOKENS_REMAINING.iter().filter_map(|n| num(n)).min();
-        h.limit_tokens = TOKENS_LIMIT.iter().filter_map(|n| num(n)).min();
-        h.reset_tokens = TOKENS_RESET.iter().filter_map(|n| reset(n)).max();
+        h.remaining_requests = num(&n("anthropic-ratelimit-requests-remaining"));
+        h.limit_requests = num(&n("anthropic-ratelimit-requests-limit"));
+        h.reset_requests = reset(&n("anthropic-ratelimit-requests-reset"));
+        h.remaining_tokens = TOKENS_REMAINING.iter().filter_map(num).min();
+        h.limit_tokens = TOKENS_LIMIT.iter().filter_map(num).min();
+        h.reset_tokens = TOKENS_RESET.iter().filter_map(reset).max();
     }
     (h != RateLimitHeadroom::default()).then_some(h)
 }

@@ -295,7 +295,10 @@ impl OpenAiProvider {
         } else {
             // A server may answer a stream request with one JSON document; take it as is.
             let bytes = until_deadline(&ep.provider, req.deadline(), ep.read_body(body)).await?;
-            LlmResponse::complete(parse_response(&ep.provider, &bytes, ep.key.as_ref())?)
+            let mut r =
+                LlmResponse::complete(parse_response(&ep.provider, &bytes, ep.key.as_ref())?);
+            r.meta.body_bytes = Some(bytes.len());
+            r
         };
         out.meta.provider = Some(ep.provider.clone());
         out.meta.headroom = headroom;

@@ -819,10 +819,29 @@ async fn memory_store_is_bounded_by_bytes() {
             .await
             .unwrap();
     }
-    store.run_pending_tasks().await;
     assert!(store.weighted_size() <= 20_000, "{}", store.weighted_size());
     assert!(store.entry_count() < 100);
     assert!(store.entry_count() > 0);
+}
+
+#[test]
+fn an_entry_weighed_from_the_upstream_body_size_is_close_to_its_json_size() {
+    // What a provider reads: the body an OpenAI-compatible upstream sends.
+    let body = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1795728205,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, how can I help?","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":11,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_1"}"#;
+    let resp: llm_tower::ChatResponse = serde_json::from_slice(body).unwrap();
+    let mut meta = llm_tower::LlmResponse::complete(resp.clone()).meta;
+    meta.provider = Some("openai".into());
+    meta.body_bytes = Some(body.len());
+    let hinted = CachedEntry::complete(resp.clone(), &meta);
+    meta.body_bytes = None;
+    let measured = CachedEntry::complete(resp, &meta);
+    let exact = serde_json::to_vec(&measured).unwrap().len();
+    assert_eq!(measured.approx_size(), exact);
+    let estimate = hinted.approx_size();
+    assert!(
+        estimate.abs_diff(exact) * 10 <= exact,
+        "estimate {estimate} vs {exact}"
+    );
 }
 
 #[tokio::test]

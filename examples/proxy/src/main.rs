@@ -34,6 +34,11 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
+    /// Threads serving requests (default: the CPUs this process may run on). With 1, the
+    /// runtime is single-threaded: no work-stealing bookkeeping on every wake-up, the
+    /// better choice for a gateway pinned to one core or run as a sidecar.
+    #[arg(long, env = "LLM_TOWER_WORKER_THREADS")]
+    worker_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -52,12 +57,38 @@ fn default_config() -> PathBuf {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::HashKey) = cli.command {
         return hash_key();
     }
+    let threads = cli
+        .worker_threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, std::num::NonZeroUsize::get);
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(serve_main(cli)),
+        Err(e) => {
+            #[allow(clippy::print_stderr)] // logging is not set up yet
+            {
+                eprintln!("cannot start the async runtime: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_main(cli: Cli) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if cli.json_logs {
         tracing_subscriber::fmt()

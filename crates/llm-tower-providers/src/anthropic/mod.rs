@@ -291,7 +291,10 @@ impl AnthropicProvider {
             let bytes = until_deadline(&ep.provider, req.deadline(), ep.read_body(body)).await?;
             let v: Value = serde_json::from_slice(&bytes)
                 .map_err(|e| classify::malformed(&ep.provider, "JSON in the response", e))?;
-            LlmResponse::complete(from_messages_response(&v, &ep.provider)?)
+            let mut r = LlmResponse::complete(from_messages_response(&v, &ep.provider)?);
+            // Anthropic's JSON, not the translation's, but close enough for a size hint.
+            r.meta.body_bytes = Some(bytes.len());
+            r
         };
         out.meta.provider = Some(ep.provider.clone());
         out.meta.headroom = headroom;

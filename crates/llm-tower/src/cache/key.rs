@@ -135,12 +135,13 @@ const BUF: usize = 4096;
 /// Encodings longer than this (more than one blake3 chunk) are zero-padded to `BUF`.
 const PAD_ABOVE: usize = 1024;
 
-/// A blake3 hasher fed through a stack buffer: many small writes become few large
-/// updates, which lets blake3 use its SIMD paths on multi-kilobyte requests.
+/// A blake3 hasher fed through a buffer: many small writes become few large updates,
+/// which lets blake3 use its SIMD paths on multi-kilobyte requests. The buffer is a
+/// `Vec` with reserved capacity, not an array: a zeroed 4 KiB array cost more than
+/// hashing a small request.
 struct KeyHasher {
     hasher: blake3::Hasher,
-    buf: [u8; BUF],
-    len: usize,
+    buf: Vec<u8>,
     flushed: bool,
 }
 
@@ -148,38 +149,37 @@ impl KeyHasher {
     fn new() -> Self {
         Self {
             hasher: blake3::Hasher::new(),
-            buf: [0; BUF],
-            len: 0,
+            buf: Vec::with_capacity(BUF),
             flushed: false,
         }
     }
 
     fn raw(&mut self, bytes: &[u8]) {
-        if self.len + bytes.len() > BUF {
+        if self.buf.len() + bytes.len() > BUF {
             self.flush();
             if bytes.len() > BUF / 2 {
                 self.hasher.update(bytes);
                 return;
             }
         }
-        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
+        self.buf.extend_from_slice(bytes);
     }
 
     fn flush(&mut self) {
-        self.hasher.update(&self.buf[..self.len]);
-        self.len = 0;
+        self.hasher.update(&self.buf);
+        self.buf.clear();
         self.flushed = true;
     }
 
     fn finish(mut self) -> [u8; 32] {
-        if !self.flushed && self.len > PAD_ABOVE {
+        if !self.flushed && self.buf.len() > PAD_ABOVE {
             // blake3 compresses the 1 KiB chunks of an input in parallel (SIMD) only when
             // it sees several at once; a 1–4 KiB input is otherwise hashed one chunk after
             // the other. Hashing the whole zero-filled buffer instead is faster for every
             // typical request size. Still injective: the encoding is prefix-free (a fixed
             // field sequence of tagged, length-prefixed values), so no encoding is another
             // one plus zeros.
+            self.buf.resize(BUF, 0);
             self.hasher.update(&self.buf);
             return *self.hasher.finalize().as_bytes();
         }

@@ -1,61 +1,53 @@
-//! The in-memory store: a moka cache bounded by bytes, with per-entry TTLs.
+//! The in-memory store: a quick_cache cache bounded by bytes, with per-entry TTLs.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use moka::Expiry;
 use tokio::time::Instant;
 
-use super::{CacheKey, CacheStore, CachedEntry, StoreError, StoreFuture};
+use super::{CacheKey, CacheStore, CachedEntry, StoreFuture};
 
-/// Per-entry overhead added to the JSON size: key, expiry, `Arc` and moka bookkeeping.
+/// Per-entry overhead added to the JSON size: key, expiry, `Arc` and table bookkeeping.
 const ENTRY_OVERHEAD: usize = 128;
 
 /// Longest TTL kept; longer ones are shortened to it (10 years).
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// Typical entry weight, to size the table up front (an estimate; nothing breaks if wrong).
+const TYPICAL_ENTRY_BYTES: u64 = 2048;
+
 #[derive(Clone)]
 struct Slot {
     entry: Arc<CachedEntry>,
-    ttl: Duration,
-    // Checked on every read against tokio's clock (which paused-time tests control);
-    // moka's own expiry follows the real clock and only reclaims the memory.
+    // Checked on every read against tokio's clock (which paused-time tests control).
     expires_at: Instant,
     weight: u32,
 }
 
-struct SlotExpiry;
+#[derive(Clone, Copy)]
+struct SlotWeight;
 
-impl Expiry<CacheKey, Slot> for SlotExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Slot,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        value: &Slot,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+impl quick_cache::Weighter<CacheKey, Slot> for SlotWeight {
+    fn weight(&self, _key: &CacheKey, slot: &Slot) -> u64 {
+        u64::from(slot.weight)
     }
 }
 
 /// The default store: in process, bounded by the total size of its entries in bytes (an
 /// entry weighs its compact JSON size plus a small overhead), each entry expiring after its
-/// own TTL. Built on [`moka::future::Cache`]; cheap to clone (clones share the entries).
+/// own TTL. Built on [`quick_cache::sync::Cache`] (sharded, S3-FIFO eviction: a burst of
+/// one-off answers does not push out the ones asked for again); cheap to clone (clones
+/// share the entries).
 ///
 /// Expiry is checked on every read against [`tokio::time::Instant`], so TTLs follow
-/// tokio's paused clock in tests; moka's own per-entry expiry (real time) frees the
-/// memory. An entry larger than the whole capacity is never kept.
+/// tokio's paused clock in tests; an expired entry is removed when it is read, and
+/// otherwise evicted like any cold entry when room is needed: the byte bound always
+/// holds. An entry larger than the whole capacity is never kept.
+///
+/// Why not moka: its per-entry expiry wheel and write log cost a few µs per insert,
+/// paid on every cache miss; quick_cache inserts in a fraction of that, and the TTL
+/// check on read makes moka's timers unnecessary.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -74,7 +66,7 @@ impl Expiry<CacheKey, Slot> for SlotExpiry {
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: moka::future::Cache<CacheKey, Slot>,
+    cache: Arc<quick_cache::sync::Cache<CacheKey, Slot, SlotWeight>>,
     max_bytes: u64,
 }
 
@@ -82,8 +74,8 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("max_bytes", &self.max_bytes)
-            .field("entries", &self.cache.entry_count())
-            .field("weighted_bytes", &self.cache.weighted_size())
+            .field("entries", &self.cache.len())
+            .field("weighted_bytes", &self.cache.weight())
             .finish()
     }
 }
@@ -91,12 +83,14 @@ impl fmt::Debug for MemoryStore {
 impl MemoryStore {
     /// A store holding at most `max_bytes` of entries.
     pub fn new(max_bytes: u64) -> Self {
-        let cache = moka::future::Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Slot| v.weight)
-            .expire_after(SlotExpiry)
-            .build();
-        Self { cache, max_bytes }
+        let items = usize::try_from(max_bytes / TYPICAL_ENTRY_BYTES)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let cache = quick_cache::sync::Cache::with_weighter(items, max_bytes, SlotWeight);
+        Self {
+            cache: Arc::new(cache),
+            max_bytes,
+        }
     }
 
     /// The capacity in bytes.
@@ -104,56 +98,54 @@ impl MemoryStore {
         self.max_bytes
     }
 
-    /// Number of entries (approximate: moka applies writes in batches).
+    /// Number of entries.
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.len() as u64
     }
 
-    /// Total weight of the entries in bytes (approximate, as [`entry_count`](Self::entry_count)).
+    /// Total weight of the entries in bytes.
     pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
+        self.cache.weight()
     }
 
-    /// Applies pending writes and evictions now (moka batches them); useful in tests.
-    pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
-    }
-
-    fn live(slot: Option<Slot>) -> Option<Arc<CachedEntry>> {
-        slot.filter(|s| Instant::now() < s.expires_at)
-            .map(|s| s.entry)
+    fn lookup(&self, key: &CacheKey) -> Option<Arc<CachedEntry>> {
+        let slot = self.cache.get(key)?;
+        if Instant::now() < slot.expires_at {
+            return Some(slot.entry);
+        }
+        // Expired: free its room now rather than when eviction reaches it.
+        self.cache
+            .remove_if(key, |s| Arc::ptr_eq(&s.entry, &slot.entry));
+        None
     }
 }
 
 impl CacheStore for MemoryStore {
     fn get(&self, key: CacheKey) -> StoreFuture<Option<Arc<CachedEntry>>> {
-        let cache = self.cache.clone();
-        Box::pin(async move { Ok(Self::live(cache.get(&key).await)) })
+        let found = self.lookup(&key);
+        Box::pin(std::future::ready(Ok(found)))
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedEntry>, ttl: Duration) -> StoreFuture<()> {
-        let cache = self.cache.clone();
         let weight = u32::try_from(entry.approx_size() + ENTRY_OVERHEAD).unwrap_or(u32::MAX);
-        // Bounded so that neither `Instant` arithmetic nor moka's timer wheel overflows.
+        // Bounded so that `Instant` arithmetic cannot overflow.
         let ttl = ttl.min(MAX_TTL);
-        let slot = Slot {
-            entry,
-            ttl,
-            expires_at: Instant::now() + ttl,
-            weight,
-        };
-        Box::pin(async move {
-            cache.insert(key, slot).await;
-            Ok(())
-        })
+        self.cache.insert(
+            key,
+            Slot {
+                entry,
+                expires_at: Instant::now() + ttl,
+                weight,
+            },
+        );
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<Arc<CachedEntry>>, StoreError>> {
-        // moka's read completes in one poll unless its housekeeping lock is contended;
-        // then the layer falls back to the async `get`.
-        self.cache
-            .get(key)
-            .now_or_never()
-            .map(|slot| Ok(Self::live(slot)))
+    fn get_now(
+        &self,
+        key: &CacheKey,
+    ) -> Option<Result<Option<Arc<CachedEntry>>, super::StoreError>> {
+        // Reads never wait: the layer takes this path and skips the boxed future.
+        Some(Ok(self.lookup(key)))
     }
 }

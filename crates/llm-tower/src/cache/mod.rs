@@ -4,7 +4,7 @@
 //! hash of the fields that change the answer (see [`IGNORED_FIELDS`] for the documented
 //! deny-list), scoped by [`Tenant`](crate::Tenant) and [`TaskType`](crate::TaskType), so two
 //! tenants never share an entry. Answers live in a [`CacheStore`]: [`MemoryStore`] here
-//! (moka, bounded by bytes, per-entry TTL), or `llm_tower_redis::cache::RedisCacheStore`
+//! (quick_cache, bounded by bytes, per-entry TTL), or `llm_tower_redis::cache::RedisCacheStore`
 //! to share one cache between replicas.
 //!
 //! # Rules

@@ -107,6 +107,11 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
     }
 }
 
+/// Typical JSON size of a usage object with its details (the size estimate of entries).
+const USAGE_JSON_ESTIMATE: usize = 260;
+/// JSON size of an entry's keys and punctuation around the body (the size estimate).
+const ENVELOPE_JSON: usize = 32;
+
 /// The stored body: a complete response, or the chunks of a streamed one.
 // Entries live behind an `Arc`, so the size of the enum itself does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -154,16 +159,26 @@ impl PartialEq for CachedEntry {
 }
 
 impl CachedEntry {
-    /// An entry for a complete response and the meta it was served with.
+    /// An entry for a complete response and the meta it was served with. When the meta
+    /// has the upstream body's size ([`ResponseMeta::body_bytes`]), the entry's
+    /// [`approx_size`](Self::approx_size) is derived from it instead of serializing.
     pub fn complete(response: ChatResponse, meta: &ResponseMeta) -> Self {
         let usage = meta.usage.clone().or_else(|| response.usage.clone());
-        Self {
+        let entry = Self {
             body: CachedBody::Complete(response),
             usage,
             provider: meta.provider.as_deref().map(str::to_owned),
             model: meta.model.clone(),
             size: OnceLock::new(),
+        };
+        if let Some(body) = meta.body_bytes {
+            // The body once more for the usage, plus the names and the envelope.
+            let usage = entry.usage.as_ref().map_or(0, |_| USAGE_JSON_ESTIMATE);
+            let names = entry.provider.as_ref().map_or(0, String::len)
+                + entry.model.as_ref().map_or(0, String::len);
+            let _ = entry.size.set(body + usage + names + ENVELOPE_JSON);
         }
+        entry
     }
 
     /// An entry for the chunks of a completed stream.
@@ -195,7 +210,10 @@ impl CachedEntry {
         }
     }
 
-    /// Approximate size in bytes (its compact JSON length), for byte-bounded stores.
+    /// Approximate size in bytes, for byte-bounded stores: its compact JSON length, or,
+    /// for an entry made from a response whose body size was known, an estimate of it
+    /// from that size (serializing an answer only to weigh it cost as much as encoding
+    /// it for the client).
     pub fn approx_size(&self) -> usize {
         *self.size.get_or_init(|| self.json_len())
     }

@@ -199,8 +199,13 @@ impl Budget {
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('%', "%25").replace('|', "%7C")
+fn escape(v: &str) -> std::borrow::Cow<'_, str> {
+    // Runs on every request: copy only when there is something to escape.
+    if v.contains(['%', '|']) {
+        v.replace('%', "%25").replace('|', "%7C").into()
+    } else {
+        v.into()
+    }
 }
 
 /// One budget a request reserves from.

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# CPU work per request of the gateway, in instructions: a machine-independent companion to
+# scripts/loadtest.sh, whose wall-clock numbers move with the VM's CPU model and load.
+#
+#   scripts/instructions.sh                          # examples/proxy/bench.toml, 15 s
+#   CONFIG=my.toml DURATION=30s scripts/instructions.sh
+#   PROFILE=release scripts/instructions.sh          # default: dist (as loadtest.sh)
+#
+# Runs the gateway under `valgrind --tool=callgrind` (≈50× slower, so a few thousand
+# requests) in front of the mock upstream, sends requests with wrk (8 connections), and
+# prints the instructions the gateway executed per request, start-up excluded (the counters
+# are zeroed with callgrind_control once the gateway answers).
+# Needs valgrind, wrk, curl. Same ports and client key as loadtest.sh.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DURATION="${DURATION:-15s}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+PROFILE="${PROFILE:-dist}"
+OUT="${OUT:-$TARGET_DIR/callgrind.gateway.out}"
+BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'
+
+for tool in valgrind callgrind_annotate callgrind_control wrk curl; do
+  command -v "$tool" >/dev/null || { echo "instructions: $tool is required" >&2; exit 1; }
+done
+
+echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
+cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock
+cargo build --profile "$PROFILE" -q -p llm-tower-proxy --bin llm-tower-proxy
+DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
+MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
+GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
+
+PIDS=()
+LUA="$(mktemp --suffix=.lua)"
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -f "$LUA"
+}
+trap cleanup EXIT
+cat >"$LUA" <<LUAEOF
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+wrk.headers["Cache-Control"] = "no-cache"
+LUAEOF
+
+"$MOCK_BIN" --addr 127.0.0.1:9100 --threads 1 >/dev/null 2>&1 &
+PIDS+=($!)
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" \
+  "$GW_BIN" --config "${CONFIG:-examples/proxy/bench.toml}" >/dev/null 2>&1 &
+GW_PID=$!
+for _ in $(seq 1 120); do
+  curl -sf -o /dev/null http://127.0.0.1:9101/healthz && break
+  sleep 0.5
+done
+# A first request through the whole stack, then count from zero.
+curl -sf -o /dev/null -H 'content-type: application/json' -H 'authorization: Bearer sk-bench' \
+  -H 'cache-control: no-cache' -d "$BODY" http://127.0.0.1:9101/v1/chat/completions
+callgrind_control --zero "$GW_PID" >/dev/null
+N=$(wrk -t1 -c8 -d"$DURATION" -s "$LUA" http://127.0.0.1:9101/v1/chat/completions |
+  awk '/requests in/ { print $1 }')
+kill -INT "$GW_PID"
+wait "$GW_PID" || true
+
+# The dump at exit holds what ran since the zeroing (plus the shutdown, a rounding error).
+TOTAL=$(callgrind_annotate "$OUT" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+echo "requests: $N; instructions: $TOTAL"
+echo "instructions per request: $(( TOTAL / N ))"
+echo "profile: callgrind_annotate --inclusive=yes $OUT | less"
