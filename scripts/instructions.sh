@@ -58,7 +58,7 @@ done
 # A first request through the whole stack, then count from zero.
 curl -sf -o /dev/null -H 'content-type: application/json' -H 'authorization: Bearer sk-bench' \
   -H 'cache-control: no-cache' -d "$BODY" http://127.0.0.1:9101/v1/chat/completions
-callgrind_control --zero "$GW_PID" >/dev/null
+callgrind_control --zero "$GW_PID" >/dev/null 2>&1
 N=$(wrk -t1 -c8 -d"$DURATION" -s "$LUA" http://127.0.0.1:9101/v1/chat/completions |
   awk '/requests in/ { print $1 }')
 kill -INT "$GW_PID"

@@ -56,7 +56,8 @@ struct Inner {
     handle: Option<PrometheusHandle>,
     // Registered handles per label set: registering through the recorder on every
     // request (building and hashing the key) costs more than the rest of the router.
-    handles: RwLock<HashMap<Labels, Arc<Handles>>>,
+    // foldhash: SipHash over four label strings cost more than the lookup saves.
+    handles: RwLock<HashMap<Labels, Arc<Handles>, foldhash::fast::RandomState>>,
 }
 
 /// Most label sets a [`Metrics`] keeps registered handles for; past it (client-chosen

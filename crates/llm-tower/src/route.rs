@@ -278,8 +278,8 @@ type TaskRule = (Arc<str>, Arc<str>, Option<Arc<str>>);
 
 struct Table {
     targets: Vec<(Arc<str>, BoxLlmService)>,
-    aliases: HashMap<String, Dest>,
-    tasks: HashMap<Arc<str>, Dest>,
+    aliases: crate::FastMap<String, Dest>,
+    tasks: crate::FastMap<Arc<str>, Dest>,
     default: Option<Dest>,
 }
 

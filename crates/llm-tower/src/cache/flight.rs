@@ -1,6 +1,5 @@
 //! Single-flight: concurrent identical misses share one upstream call.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -33,7 +32,7 @@ type Slot = (u64, watch::Receiver<Option<Landing>>);
 
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<CacheKey, Slot>>,
+    map: Mutex<crate::FastMap<CacheKey, Slot>>,
     next_id: AtomicU64,
 }
 

@@ -1,6 +1,5 @@
 //! Budgets: rules, windows, the store trait and the in-memory store.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -277,7 +276,7 @@ pub trait BudgetStore: Send + Sync + fmt::Debug + 'static {
 /// window's end and are dropped by a sweep every 1024 operations.
 #[derive(Default)]
 pub struct InMemoryBudgetStore {
-    map: Mutex<HashMap<String, (NanoUsd, Option<Instant>)>>,
+    map: Mutex<crate::FastMap<String, (NanoUsd, Option<Instant>)>>,
     ops: AtomicU64,
 }
 
@@ -314,7 +313,9 @@ impl InMemoryBudgetStore {
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (NanoUsd, Option<Instant>)>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::FastMap<String, (NanoUsd, Option<Instant>)>> {
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -327,7 +328,7 @@ impl InMemoryBudgetStore {
         if self.ops.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
             map.retain(|_, (_, exp)| exp.is_none_or(|e| now < e));
         }
-        let current = |map: &HashMap<String, (NanoUsd, Option<Instant>)>, k: &str| {
+        let current = |map: &crate::FastMap<String, (NanoUsd, Option<Instant>)>, k: &str| {
             map.get(k)
                 .filter(|(_, exp)| exp.is_none_or(|e| now < e))
                 .map_or(0, |(s, _)| *s)

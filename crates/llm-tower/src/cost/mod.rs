@@ -84,7 +84,7 @@ pub use budget::{
 };
 pub use price::{InvalidPrice, ModelPrice, PicoUsd, PriceConfig, PriceTable, usd_to_nano};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -225,7 +225,7 @@ type Key = (Arc<str>, Arc<str>, Arc<str>);
 type OnRecord = Arc<dyn Fn(&CostRecord) + Send + Sync>;
 
 struct State {
-    totals: Mutex<HashMap<Key, CostTotals>>,
+    totals: Mutex<crate::FastMap<Key, CostTotals>>,
     budget_exceeded: AtomicU64,
     // Shared "unset" label, so requests without a task or tenant do not allocate one.
     empty: Arc<str>,

@@ -185,13 +185,13 @@ impl TryFrom<PriceConfig> for ModelPrice {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PriceTable {
-    prices: HashMap<String, ModelPrice>,
+    prices: crate::FastMap<String, ModelPrice>,
 }
 
 impl<'de> Deserialize<'de> for PriceTable {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw: HashMap<String, PriceConfig> = HashMap::deserialize(d)?;
-        let mut prices = HashMap::with_capacity(raw.len());
+        let mut prices = crate::FastMap::with_capacity_and_hasher(raw.len(), Default::default());
         for (model, cfg) in raw {
             let price = ModelPrice::try_from(cfg)
                 .map_err(|e| serde::de::Error::custom(format!("price of `{model}`: {e}")))?;

@@ -1,6 +1,5 @@
 //! Rate-limit stores: the trait and the in-memory store.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -145,7 +144,7 @@ pub(crate) fn time_to_refill(level: f64, amount: u64, limit: u64, window: Durati
 ///
 /// Cheap to share: put it in an `Arc`; [`RateLimitLayer`](super::RateLimitLayer) does.
 pub struct InMemoryRateLimitStore {
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<crate::FastMap<String, Bucket>>,
     ops: AtomicU64,
     max_keys: usize,
 }
@@ -176,7 +175,7 @@ impl InMemoryRateLimitStore {
     /// An empty store holding at most `max_keys` buckets (at least 1).
     pub fn with_max_keys(max_keys: usize) -> Self {
         Self {
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::default(),
             ops: AtomicU64::new(0),
             max_keys: max_keys.max(1),
         }
@@ -210,7 +209,7 @@ impl InMemoryRateLimitStore {
         Self::enforce_cap(&mut map, self.max_keys);
     }
 
-    fn enforce_cap(map: &mut HashMap<String, Bucket>, max_keys: usize) {
+    fn enforce_cap(map: &mut crate::FastMap<String, Bucket>, max_keys: usize) {
         if map.len() <= max_keys {
             return;
         }
@@ -224,13 +223,13 @@ impl InMemoryRateLimitStore {
         map.retain(|_, b| b.at > cut);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bucket>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, crate::FastMap<String, Bucket>> {
         self.buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn maybe_gc(&self, map: &mut HashMap<String, Bucket>, now: Instant) {
+    fn maybe_gc(&self, map: &mut crate::FastMap<String, Bucket>, now: Instant) {
         let n = self.ops.fetch_add(1, Ordering::Relaxed);
         if map.len() > self.max_keys || (n % GC_EVERY == GC_EVERY - 1) {
             map.retain(|_, b| !b.is_full_at(now));
