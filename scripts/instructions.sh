@@ -15,36 +15,13 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 DURATION="${DURATION:-15s}"
-TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-PROFILE="${PROFILE:-dist}"
-OUT="${OUT:-$TARGET_DIR/callgrind.gateway.out}"
-BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'
 
 for tool in valgrind callgrind_annotate callgrind_control wrk curl; do
   command -v "$tool" >/dev/null || { echo "instructions: $tool is required" >&2; exit 1; }
 done
 
-echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
-cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock
-cargo build --profile "$PROFILE" -q -p llm-tower-proxy --bin llm-tower-proxy
-DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
-MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
-GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
-
-PIDS=()
-LUA="$(mktemp --suffix=.lua)"
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -f "$LUA"
-}
-trap cleanup EXIT
-cat >"$LUA" <<LUAEOF
-wrk.method = "POST"
-wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench"
-wrk.headers["Cache-Control"] = "no-cache"
-LUAEOF
+. scripts/bench-setup.sh
+OUT="${OUT:-$TARGET_DIR/callgrind.gateway.out}"
 
 "$MOCK_BIN" --addr 127.0.0.1:9100 --threads 1 >/dev/null 2>&1 &
 PIDS+=($!)

@@ -23,42 +23,15 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 DURATION="${DURATION:-10s}"
-TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-OUT="${OUT:-$TARGET_DIR/loadtest.md}"
 MOCK_ADDR=127.0.0.1:9100
 GW_ADDR=127.0.0.1:9101
-BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'
 
 for tool in wrk taskset curl; do
   command -v "$tool" >/dev/null || { echo "loadtest: $tool is required" >&2; exit 1; }
 done
 
-# PROFILE=dev only checks the script itself; numbers are meaningful in dist (the shipped
-# build: release with whole-program LTO, see Cargo.toml) or release.
-PROFILE="${PROFILE:-dist}"
-DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
-echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
-cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock
-cargo build --profile "$PROFILE" -q -p llm-tower-proxy --bin llm-tower-proxy
-MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
-GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
-
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -f "$LUA"
-}
-LUA="$(mktemp --suffix=.lua)"
-trap cleanup EXIT
-
-cat >"$LUA" <<LUAEOF
-wrk.method = "POST"
-wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench"
-wrk.headers["Cache-Control"] = "no-cache"
-LUAEOF
+. scripts/bench-setup.sh
+OUT="${OUT:-$TARGET_DIR/loadtest.md}"
 
 taskset -c 1 "$MOCK_BIN" --addr "$MOCK_ADDR" --threads 1 >/dev/null 2>&1 &
 PIDS+=($!)

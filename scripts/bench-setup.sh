@@ -1,0 +1,32 @@
+# Sourced by loadtest.sh and instructions.sh (from the repository root): builds the mock
+# upstream and the gateway in $PROFILE (default dist), and writes the wrk script that sends
+# the benchmark request. Sets MOCK_BIN, GW_BIN, BODY, LUA, PIDS (killed on exit).
+
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+# PROFILE=dev only checks the scripts themselves; numbers are meaningful in dist (the
+# shipped build: release with whole-program LTO, see Cargo.toml) or release.
+PROFILE="${PROFILE:-dist}"
+DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
+echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
+cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock
+cargo build --profile "$PROFILE" -q -p llm-tower-proxy --bin llm-tower-proxy
+MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
+GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
+
+BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'
+PIDS=()
+LUA="$(mktemp --suffix=.lua)"
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -f "$LUA"
+}
+trap cleanup EXIT
+# Every request skips the cache lookup (no-cache) and stores its answer: the miss path.
+cat >"$LUA" <<LUAEOF
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+wrk.headers["Cache-Control"] = "no-cache"
+LUAEOF
