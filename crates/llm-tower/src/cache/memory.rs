@@ -43,7 +43,9 @@ impl quick_cache::Weighter<CacheKey, Slot> for SlotWeight {
 /// Expiry is checked on every read against [`tokio::time::Instant`], so TTLs follow
 /// tokio's paused clock in tests; an expired entry is removed when it is read, and
 /// otherwise evicted like any cold entry when room is needed: the byte bound always
-/// holds. An entry larger than the whole capacity is never kept.
+/// holds. The capacity is split over up to 4 × CPUs shards (fewer for small stores, so
+/// that each holds ~32 typical entries); an entry larger than one shard's share is never
+/// kept (64 MiB on 2 CPUs: 8 MiB, far above the layer's 1 MiB entry limit).
 ///
 /// Why not moka: its per-entry expiry wheel and write log cost a few µs per insert,
 /// paid on every cache miss; quick_cache inserts in a fraction of that, and the TTL
