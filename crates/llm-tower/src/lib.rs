@@ -15,9 +15,8 @@
 //! | `cost` | [`cost`] | price every response, total it, enforce budgets |
 //!
 //! Layers never depend on each other: they talk through request extensions
-//! ([`TaskType`](llm_tower_core::TaskType), [`Tenant`](llm_tower_core::Tenant), …) and
-//! [`ResponseMeta`](llm_tower_core::ResponseMeta). The core contract is re-exported at the
-//! crate root.
+//! ([`TaskType`], [`Tenant`], …) and [`ResponseMeta`]. The core contract is re-exported at
+//! the crate root.
 //!
 //! # Example
 //!

@@ -4,7 +4,7 @@
 //! # Money
 //!
 //! Integers only: prices are converted once, at load time, to nano-dollars
-//! ([`NanoUsd`](crate::NanoUsd), 1e-9 USD) per token ([`ModelPrice`]); costs and totals are
+//! ([`NanoUsd`], 1e-9 USD) per token ([`ModelPrice`]); costs and totals are
 //! integer sums. A [`PriceTable`] deserializes from configuration
 //! (`{"gpt-4o-mini": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6,
 //! "cached_input_per_mtok_usd": 0.075}}`) and finds dated or prefixed variants
