@@ -258,27 +258,24 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// The provider's rate-limit headroom from OpenAI-style `x-ratelimit-*` or Anthropic
 /// `anthropic-ratelimit-*` headers; `None` when neither is present.
 pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
-    // Static names: looking a header up by `&str` parses and lower-cases the name first,
-    // on every response.
+    // Constant names: looking a header up by `&str` (or building a `HeaderName` at run
+    // time) parses and checks the name first, on every response.
     const fn n(name: &'static str) -> HeaderName {
         HeaderName::from_static(name)
     }
-    let get = |name: &HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
-    let num = |name: &HeaderName| get(name).and_then(|v| v.parse::<u64>().ok());
-    let reset = |name: &HeaderName| get(name).and_then(parse_reset);
-    let mut h = RateLimitHeadroom {
-        remaining_requests: num(&n("x-ratelimit-remaining-requests")),
-        remaining_tokens: num(&n("x-ratelimit-remaining-tokens")),
-        limit_requests: num(&n("x-ratelimit-limit-requests")),
-        limit_tokens: num(&n("x-ratelimit-limit-tokens")),
-        reset_requests: reset(&n("x-ratelimit-reset-requests")),
-        reset_tokens: reset(&n("x-ratelimit-reset-tokens")),
-    };
+    const OPENAI: [HeaderName; 6] = [
+        n("x-ratelimit-remaining-requests"),
+        n("x-ratelimit-remaining-tokens"),
+        n("x-ratelimit-limit-requests"),
+        n("x-ratelimit-limit-tokens"),
+        n("x-ratelimit-reset-requests"),
+        n("x-ratelimit-reset-tokens"),
+    ];
+    const ANTHROPIC_REQUESTS: [HeaderName; 3] = [
+        n("anthropic-ratelimit-requests-remaining"),
+        n("anthropic-ratelimit-requests-limit"),
+        n("anthropic-ratelimit-requests-reset"),
+    ];
     // Anthropic reports combined tokens, and input / output tokens separately; the
     // tightest of them is the headroom.
     const TOKENS_REMAINING: [HeaderName; 3] = [
@@ -296,10 +293,35 @@ pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
         n("anthropic-ratelimit-input-tokens-reset"),
         n("anthropic-ratelimit-output-tokens-reset"),
     ];
+    let get = |name: &HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let num = |name: &HeaderName| get(name).and_then(|v| v.parse::<u64>().ok());
+    let reset = |name: &HeaderName| get(name).and_then(parse_reset);
+    let [
+        remaining_requests,
+        remaining_tokens,
+        limit_requests,
+        limit_tokens,
+        reset_requests,
+        reset_tokens,
+    ] = &OPENAI;
+    let mut h = RateLimitHeadroom {
+        remaining_requests: num(remaining_requests),
+        remaining_tokens: num(remaining_tokens),
+        limit_requests: num(limit_requests),
+        limit_tokens: num(limit_tokens),
+        reset_requests: reset(reset_requests),
+        reset_tokens: reset(reset_tokens),
+    };
     if h == RateLimitHeadroom::default() {
-        h.remaining_requests = num(&n("anthropic-ratelimit-requests-remaining"));
-        h.limit_requests = num(&n("anthropic-ratelimit-requests-limit"));
-        h.reset_requests = reset(&n("anthropic-ratelimit-requests-reset"));
+        let [remaining, limit, reset_at] = &ANTHROPIC_REQUESTS;
+        h.remaining_requests = num(remaining);
+        h.limit_requests = num(limit);
+        h.reset_requests = reset(reset_at);
         h.remaining_tokens = TOKENS_REMAINING.iter().filter_map(num).min();
         h.limit_tokens = TOKENS_LIMIT.iter().filter_map(num).min();
         h.reset_tokens = TOKENS_RESET.iter().filter_map(reset).max();
