@@ -1,16 +1,18 @@
 # Sourced by loadtest.sh and instructions.sh (from the repository root): builds the mock
-# upstream and the gateway in $PROFILE (default dist), and writes the wrk script that sends
-# the benchmark request. Sets MOCK_BIN, GW_BIN, BODY, LUA, PIDS (killed on exit).
+# upstream, the baseline proxy and the gateway in $PROFILE (default dist), and writes the
+# wrk script that sends the benchmark request. Sets MOCK_BIN, BARE_BIN, GW_BIN, BODY, LUA,
+# PIDS (killed on exit).
 
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 # PROFILE=dev only checks the scripts themselves; numbers are meaningful in dist (the
 # shipped build: release with whole-program LTO, see Cargo.toml) or release.
 PROFILE="${PROFILE:-dist}"
 DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
-echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
-cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock
+echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-bare-proxy, llm-tower-proxy)" >&2
+cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock --bin llm-tower-bare-proxy
 cargo build --profile "$PROFILE" -q -p llm-tower-proxy --bin llm-tower-proxy
 MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
+BARE_BIN="$TARGET_DIR/$DIR/llm-tower-bare-proxy"
 GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
 
 BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'

@@ -41,6 +41,7 @@ mod aggregate;
 mod body;
 mod error;
 mod ext;
+mod json;
 mod meta;
 mod nullable;
 mod request;

@@ -115,7 +115,7 @@ impl ChatRequest {
         }
         // The fast path parses plainly; only a failure is parsed again with path tracking,
         // which costs on every field, to name the field at fault.
-        let req: ChatRequest = match serde_json::from_slice(body) {
+        let req: ChatRequest = match crate::json::from_slice(body) {
             Ok(req) => req,
             Err(plain) => {
                 let de = &mut serde_json::Deserializer::from_slice(body);

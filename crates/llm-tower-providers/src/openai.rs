@@ -320,7 +320,7 @@ fn parse_response(
     bytes: &[u8],
     key: Option<&ApiKey>,
 ) -> Result<ChatResponse, LlmError> {
-    match serde_json::from_slice::<ChatResponse>(bytes) {
+    match ChatResponse::from_slice(bytes) {
         Ok(r) => Ok(r),
         Err(e) => {
             if let Ok(v) = serde_json::from_slice::<Value>(bytes)
@@ -372,7 +372,7 @@ impl Decoder for OpenAiDecoder {
             return Ok(());
         }
         let is_error_event = ev.event() == Some("error");
-        match serde_json::from_slice::<ChatChunk>(data) {
+        match ChatChunk::from_slice(data) {
             Ok(chunk) if !is_error_event && !chunk.extra.contains_key("error") => {
                 out.push_back(chunk);
                 Ok(())
