@@ -110,8 +110,8 @@ mkdir -p "$(dirname "$OUT")"
 {
   echo "| metric | direct (mock) | baseline proxy | through gateway | gateway: added / ratio | target | met |"
   echo "|---|---|---|---|---|---|---|"
-  echo "| latency p50, c=1 | ${d50} µs | ${b50} µs | ${g50} µs | +${add50} µs | < 100 µs | $(verdict $((add50 < 100))) |"
-  echo "| latency p99, c=1 | ${d99} µs | ${b99} µs | ${g99} µs | +${add99} µs | < 300 µs | $(verdict $((add99 < 300))) |"
+  echo "| latency p50, c=1 | ${d50} µs | ${b50} µs | ${g50} µs | $(printf "%+d" "$add50") µs | < 100 µs | $(verdict $((add50 < 100))) |"
+  echo "| latency p99, c=1 | ${d99} µs | ${b99} µs | ${g99} µs | $(printf "%+d" "$add99") µs | < 300 µs | $(verdict $((add99 < 300))) |"
   echo "| throughput, c=64 | ${drps} req/s | ${brps} req/s (${bratio}×) | ${grps} req/s | ${ratio}× | ≥ 0.5× | $(awk -v r="$ratio" 'BEGIN { print (r >= 0.5) ? "yes" : "NO" }') |"
   echo "| gateway peak RSS (VmHWM) | | | ${rss_mb} MB | | < 50 MB | $(awk -v m="$rss_mb" 'BEGIN { print (m < 50) ? "yes" : "NO" }') |"
   echo

@@ -271,10 +271,12 @@ impl OpenAiProvider {
     fn encode(&self, req: &ChatRequest) -> Result<Vec<u8>, LlmError> {
         // Most requests fit: no step-by-step growth from 8 bytes.
         let mut body = Vec::with_capacity(1024);
-        serde_json::to_writer(&mut body, req).map(|()| body).map_err(|e| {
-            LlmError::bad_request(format!("cannot encode the request: {e}"))
-                .with_provider(self.name())
-        })
+        serde_json::to_writer(&mut body, req)
+            .map(|()| body)
+            .map_err(|e| {
+                LlmError::bad_request(format!("cannot encode the request: {e}"))
+                    .with_provider(self.name())
+            })
     }
 
     async fn run(self, mut req: ChatRequest) -> Result<LlmResponse, LlmError> {

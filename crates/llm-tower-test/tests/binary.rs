@@ -1,17 +1,20 @@
-//! The `llm-tower-mock` binary: serves the default scenario, stops gracefully on ctrl-c.
+//! The binaries: `llm-tower-mock` serves the default scenario and stops gracefully on
+//! ctrl-c; `llm-tower-bare-proxy` forwards bytes both ways and answers 502 without upstream.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use llm_tower_test::{MockUpstream, Scenario};
 use serde_json::Value;
 
-/// Kills the child if the test fails before it exits.
-struct Guard(Option<Child>);
+/// Kills the child if the test fails before it exits. Holds the child's stderr open: a
+/// binary that logs to a closed pipe fails.
+struct Guard(Option<Child>, Option<BufReader<ChildStderr>>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -22,19 +25,17 @@ impl Drop for Guard {
     }
 }
 
-#[tokio::test]
-async fn binary_serves_the_default_scenario_and_stops_on_sigint() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-tower-mock"))
-        .args(["--addr", "127.0.0.1:0", "--text", "from the binary"])
+/// Starts `bin` with `args`; returns the guard and the base URL it announces on stderr.
+fn spawn(bin: &str, args: &[&str]) -> (Guard, String) {
+    let mut child = Command::new(bin)
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let pid = child.id();
-    let mut guard = Guard(Some(child));
-    let mut stderr = BufReader::new(stderr);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
+    let guard = Guard(Some(child), Some(stderr));
     let base = line
         .trim()
         .rsplit(' ')
@@ -42,16 +43,34 @@ async fn binary_serves_the_default_scenario_and_stops_on_sigint() {
         .filter(|u| u.starts_with("http://"))
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
+    (guard, base)
+}
 
+const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// POSTs [`CHAT`] to `{base}/v1/chat/completions`: the status and the body.
+async fn chat(base: &str) -> (http::StatusCode, Bytes) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
     let req = Request::post(format!("{base}/v1/chat/completions"))
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
         .unwrap();
     let resp = client.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let v: Value =
-        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn binary_serves_the_default_scenario_and_stops_on_sigint() {
+    let (mut guard, base) = spawn(
+        env!("CARGO_BIN_EXE_llm-tower-mock"),
+        &["--addr", "127.0.0.1:0", "--text", "from the binary"],
+    );
+    let pid = guard.0.as_ref().unwrap().id();
+
+    let (status, body) = chat(&base).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "from the binary");
 
     let status = Command::new("kill")
@@ -75,4 +94,32 @@ fn binary_rejects_a_bad_scenario() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid --scenario"));
+}
+
+#[tokio::test]
+async fn bare_proxy_forwards_the_bytes_and_answers_502_without_upstream() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Scenario::ok().text("through the bare proxy"));
+    let upstream = mock.addr().to_string();
+    let (_guard, base) = spawn(
+        env!("CARGO_BIN_EXE_llm-tower-bare-proxy"),
+        &["--addr", "127.0.0.1:0", "--upstream", &upstream],
+    );
+
+    let (status, body) = chat(&base).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "through the bare proxy"
+    );
+    // The request reached the mock unchanged.
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, CHAT.as_bytes());
+
+    mock.shutdown().await;
+    let (status, body) = chat(&base).await;
+    assert_eq!(status, 502);
+    assert!(body.is_empty());
 }

@@ -57,11 +57,15 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+#[allow(clippy::print_stderr)]
 async fn run(args: Args) -> ExitCode {
     let listener = match TcpListener::bind(args.addr).await {
         Ok(l) => l,
         Err(e) => return fail(&format!("cannot listen on {}: {e}", args.addr)),
     };
+    if let Ok(addr) = listener.local_addr() {
+        eprintln!("llm-tower-bare-proxy listening on http://{addr}");
+    }
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let client: Upstream = Client::builder(TokioExecutor::new()).build(http);
