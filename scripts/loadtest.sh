@@ -84,15 +84,15 @@ echo "== warm-up" >&2
 taskset -c 1 wrk -t1 -c8 -d2s -s "$LUA" "http://$GW_ADDR/v1/chat/completions" >/dev/null
 taskset -c 1 wrk -t1 -c8 -d1s -s "$LUA" "http://$BARE_ADDR/v1/chat/completions" >/dev/null
 
-PATH_=/v1/chat/completions
+CHAT_PATH=/v1/chat/completions
 echo "== concurrency 1, wrk on core 0: direct, baseline, gateway ($DURATION each)" >&2
-D1="$(run_wrk 0 "http://$MOCK_ADDR$PATH_" 1)"
-B1="$(run_wrk 0 "http://$BARE_ADDR$PATH_" 1)"
-G1="$(run_wrk 0 "http://$GW_ADDR$PATH_" 1)"
+D1="$(run_wrk 0 "http://$MOCK_ADDR$CHAT_PATH" 1)"
+B1="$(run_wrk 0 "http://$BARE_ADDR$CHAT_PATH" 1)"
+G1="$(run_wrk 0 "http://$GW_ADDR$CHAT_PATH" 1)"
 echo "== concurrency 64, wrk on core 1: direct, baseline, gateway ($DURATION each)" >&2
-D64="$(run_wrk 1 "http://$MOCK_ADDR$PATH_" 64)"
-B64="$(run_wrk 1 "http://$BARE_ADDR$PATH_" 64)"
-G64="$(run_wrk 1 "http://$GW_ADDR$PATH_" 64)"
+D64="$(run_wrk 1 "http://$MOCK_ADDR$CHAT_PATH" 64)"
+B64="$(run_wrk 1 "http://$BARE_ADDR$CHAT_PATH" 64)"
+G64="$(run_wrk 1 "http://$GW_ADDR$CHAT_PATH" 64)"
 
 RSS_KB="$(awk '/^VmHWM:/ { print $2 }' "/proc/$GW_PID/status")"
 

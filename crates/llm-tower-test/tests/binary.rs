@@ -14,11 +14,14 @@ use serde_json::Value;
 
 /// Kills the child if the test fails before it exits. Holds the child's stderr open: a
 /// binary that logs to a closed pipe fails.
-struct Guard(Option<Child>, Option<BufReader<ChildStderr>>);
+struct Guard {
+    child: Option<Child>,
+    _stderr: BufReader<ChildStderr>,
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -35,7 +38,10 @@ fn spawn(bin: &str, args: &[&str]) -> (Guard, String) {
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
-    let guard = Guard(Some(child), Some(stderr));
+    let guard = Guard {
+        child: Some(child),
+        _stderr: stderr,
+    };
     let base = line
         .trim()
         .rsplit(' ')
@@ -66,7 +72,7 @@ async fn binary_serves_the_default_scenario_and_stops_on_sigint() {
         env!("CARGO_BIN_EXE_llm-tower-mock"),
         &["--addr", "127.0.0.1:0", "--text", "from the binary"],
     );
-    let pid = guard.0.as_ref().unwrap().id();
+    let pid = guard.child.as_ref().unwrap().id();
 
     let (status, body) = chat(&base).await;
     assert_eq!(status, 200);
@@ -78,7 +84,7 @@ async fn binary_serves_the_default_scenario_and_stops_on_sigint() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut child = guard.0.take().unwrap();
+    let mut child = guard.child.take().unwrap();
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
