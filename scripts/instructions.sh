@@ -5,6 +5,7 @@
 #   scripts/instructions.sh                          # examples/proxy/bench.toml, 15 s
 #   CONFIG=my.toml DURATION=30s scripts/instructions.sh
 #   PROFILE=release scripts/instructions.sh          # default: dist (as loadtest.sh)
+#   PROXY=bare scripts/instructions.sh               # the baseline proxy instead (the floor)
 #
 # Runs the gateway under `valgrind --tool=callgrind` (≈50× slower, so a few thousand
 # requests) in front of the mock upstream, sends requests with wrk (8 connections), and
@@ -25,11 +26,20 @@ OUT="${OUT:-$TARGET_DIR/callgrind.gateway.out}"
 
 "$MOCK_BIN" --addr 127.0.0.1:9100 --threads 1 >/dev/null 2>&1 &
 PIDS+=($!)
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" \
-  "$GW_BIN" --config "${CONFIG:-examples/proxy/bench.toml}" >/dev/null 2>&1 &
+if [ "${PROXY:-gateway}" = bare ]; then
+  valgrind --tool=callgrind --callgrind-out-file="$OUT" \
+    "$BARE_BIN" --addr 127.0.0.1:9101 --upstream 127.0.0.1:9100 >/dev/null 2>&1 &
+  STOP=-TERM # it has no graceful stop; valgrind still writes its counts
+  UP=/v1/models # forwarded to the mock
+else
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" \
+    "$GW_BIN" --config "${CONFIG:-examples/proxy/bench.toml}" >/dev/null 2>&1 &
+  STOP=-INT
+  UP=/healthz
+fi
 GW_PID=$!
 for _ in $(seq 1 120); do
-  curl -sf -o /dev/null http://127.0.0.1:9101/healthz && break
+  curl -sf -o /dev/null "http://127.0.0.1:9101$UP" && break
   sleep 0.5
 done
 # A first request through the whole stack, then count from zero.
@@ -38,7 +48,7 @@ curl -sf -o /dev/null -H 'content-type: application/json' -H 'authorization: Bea
 callgrind_control --zero "$GW_PID" >/dev/null 2>&1
 N=$(wrk -t1 -c8 -d"$DURATION" -s "$LUA" http://127.0.0.1:9101/v1/chat/completions |
   awk '/requests in/ { print $1 }')
-kill -INT "$GW_PID"
+kill "$STOP" "$GW_PID"
 wait "$GW_PID" || true
 
 # The dump at exit holds what ran since the zeroing (plus the shutdown, a rounding error).
