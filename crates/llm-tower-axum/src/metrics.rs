@@ -15,6 +15,9 @@
 //! Requests refused before an LLM call (bad body, auth) count in `llm_requests_total` with
 //! their error kind as `status` and an empty `model`/`provider`.
 //!
+//! Clients choose `task` (and, for a request that fails before routing, `model`): past
+//! 4 096 distinct label sets, new ones are recorded with task and model `other`.
+//!
 //! [`Metrics::prometheus`] (the default of [`OpenAiRouter`](crate::OpenAiRouter)) builds
 //! a private recorder that is **not** installed globally: only this crate's metrics reach
 //! `/metrics`. [`Metrics::install_prometheus`] installs it as the global recorder instead,
@@ -29,6 +32,7 @@
 //! assert!(off.render().is_none());
 //! ```
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,9 +76,10 @@ struct Inner {
 /// itself: ~2 000 samples, tens of µs, once per 1 024 requests.
 const UPKEEP_EVERY: u64 = 1024;
 
-/// Most label sets a [`Metrics`] keeps registered handles for; past it (client-chosen
-/// task or model names), metrics are still recorded, just without the shortcut.
-const MAX_CACHED_LABEL_SETS: usize = 4096;
+/// Most label sets recorded as they are. Task names (and, on errors, model names) come from
+/// clients: past this many distinct sets, a new one is recorded with task and model
+/// `other`, so that no client can grow the registry and `/metrics` without bound.
+const MAX_LABEL_SETS: usize = 4096;
 
 /// The handles every answered request touches.
 struct Handles {
@@ -257,10 +262,10 @@ impl Metrics {
         if matches!(self.inner.target, Target::Disabled) {
             return;
         }
-        let handles = self.handles(o.labels);
+        let (handles, labels) = self.handles(o.labels);
         o.emit_common(&handles);
         if o.has_rare() {
-            self.record(|| o.emit_rare());
+            self.record(|| o.emit_rare(&labels));
         }
         if let Some(h) = &self.inner.handle
             && self.inner.observed.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY
@@ -271,32 +276,41 @@ impl Metrics {
         }
     }
 
-    fn handles(&self, labels: &Labels) -> Arc<Handles> {
-        let cached = self
-            .inner
-            .handles
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(labels)
-            .cloned();
-        if let Some(h) = cached {
-            return h;
-        }
+    /// The handles of `labels`, and the labels recorded: `labels` itself, or once
+    /// [`MAX_LABEL_SETS`] sets exist, its [`overflow`](Labels::overflow) set.
+    fn handles<'a>(&self, labels: &'a Labels) -> (Arc<Handles>, Cow<'a, Labels>) {
+        let labels = {
+            let map = self
+                .inner
+                .handles
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(h) = map.get(labels) {
+                return (h.clone(), Cow::Borrowed(labels));
+            }
+            if map.len() < MAX_LABEL_SETS {
+                Cow::Borrowed(labels)
+            } else {
+                let overflow = labels.overflow();
+                if let Some(h) = map.get(&overflow) {
+                    return (h.clone(), Cow::Owned(overflow));
+                }
+                Cow::Owned(overflow)
+            }
+        };
         let mut fresh = None;
-        self.record(|| fresh = Some(Arc::new(Handles::register(labels))));
+        self.record(|| fresh = Some(Arc::new(Handles::register(&labels))));
         let Some(h) = fresh else {
             // Unreachable: `record` runs the closure for every enabled target.
-            return Arc::new(Handles::noop());
+            return (Arc::new(Handles::noop()), labels);
         };
-        let mut map = self
-            .inner
+        // Overflow sets are kept past the limit: there is one per provider and tenant.
+        self.inner
             .handles
             .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if map.len() < MAX_CACHED_LABEL_SETS {
-            map.insert(labels.clone(), h.clone());
-        }
-        h
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(labels.clone().into_owned(), h.clone());
+        (h, labels)
     }
 }
 
@@ -358,6 +372,18 @@ impl Default for Labels {
 }
 
 impl Labels {
+    /// The same with task and model `other`: where requests go once the label sets are
+    /// [`MAX_LABEL_SETS`].
+    fn overflow(&self) -> Self {
+        static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "other".into());
+        Self {
+            task: OTHER.clone(),
+            model: OTHER.clone(),
+            provider: self.provider.clone(),
+            tenant: self.tenant.clone(),
+        }
+    }
+
     fn base(&self) -> [(&'static str, String); 4] {
         [
             ("task", self.task.to_string()),
@@ -449,8 +475,8 @@ impl Observation<'_> {
         self.status != "ok" || !self.fallbacks.is_empty()
     }
 
-    fn emit_rare(&self) {
-        let base = self.labels.base();
+    fn emit_rare(&self, labels: &Labels) {
+        let base = labels.base();
         if self.status != "ok" {
             let mut with_status = base.to_vec();
             with_status.push(("status", self.status.to_owned()));
@@ -458,9 +484,9 @@ impl Observation<'_> {
         }
         for f in self.fallbacks {
             let l = [
-                ("task", self.labels.task.to_string()),
-                ("model", self.labels.model.to_string()),
-                ("tenant", self.labels.tenant.to_string()),
+                ("task", labels.task.to_string()),
+                ("model", labels.model.to_string()),
+                ("tenant", labels.tenant.to_string()),
                 ("provider", f.target.clone()),
                 ("reason", f.reason.to_owned()),
                 ("skipped", f.skipped.to_string()),
@@ -513,6 +539,50 @@ mod tests {
             3 * UPKEEP_EVERY
         );
         assert!(page.contains(&count), "{page}");
+    }
+
+    #[test]
+    fn client_chosen_labels_cannot_grow_the_registry_without_bound() {
+        let m = Metrics::prometheus();
+        let mut labels = Labels {
+            tenant: "acme".into(),
+            ..Labels::default()
+        };
+        for i in 0..MAX_LABEL_SETS + 10 {
+            labels.task = format!("task-{i}").into();
+            observe(&m, &labels, 1);
+        }
+        // A failed request past the limit: its rare counters go to `other` as well.
+        m.observe(&Observation {
+            labels: &Labels {
+                task: "one-more".into(),
+                ..labels
+            },
+            status: "rate_limited",
+            total: Duration::from_millis(1),
+            upstream: None,
+            usage: None,
+            cost_nano_usd: None,
+            cache: CacheStatus::None,
+            fallbacks: &[],
+        });
+        let page = m.render().unwrap();
+        let series = page
+            .lines()
+            .filter(|l| l.starts_with("llm_request_duration_seconds_count{"))
+            .count();
+        assert_eq!(
+            series,
+            MAX_LABEL_SETS + 1,
+            "the sets up to the limit, then `other`"
+        );
+        let other = r#"{task="other",model="other",provider="",tenant="acme"}"#;
+        assert!(
+            page.contains(&format!("llm_request_duration_seconds_count{other} 11")),
+            "{page}"
+        );
+        assert!(page.contains(&format!("llm_rate_limited_total{other} 1")));
+        assert!(!page.contains("one-more"));
     }
 
     #[test]

@@ -116,6 +116,30 @@ async fn cost_in_meta_and_totals() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn client_chosen_task_types_cannot_grow_the_totals_without_bound() {
+    let mock = MockLlm::new("m").otherwise(Step::reply("x").with_usage(Usage::new(1, 1)));
+    let layer = CostLayer::new(prices());
+    let mut svc = layer.layer(mock);
+    let keys = 4096;
+    for i in 0..keys + 5 {
+        call(&mut svc, req("acme", &format!("task-{i}")))
+            .await
+            .unwrap();
+    }
+    // A known key past the limit is still counted under its own name.
+    call(&mut svc, req("acme", "task-0")).await.unwrap();
+
+    let snap = layer.totals();
+    assert_eq!(snap.entries.len(), keys + 1);
+    assert_eq!(snap.by_task["other"].requests, 5);
+    assert_eq!(snap.by_task["task-0"].requests, 2);
+    assert!(!snap.by_task.contains_key(&format!("task-{keys}")));
+    // The tenant and model sums stay exact.
+    assert_eq!(snap.by_tenant["acme"].requests, keys as u64 + 6);
+    assert_eq!(snap.by_model["gpt-4o-mini"].requests, keys as u64 + 6);
+}
+
+#[tokio::test(start_paused = true)]
 async fn served_model_is_priced_with_dated_variant() {
     let mock = MockLlm::new("m").then(Step::respond(|_r: &ChatRequest| {
         let mut c = ChatResponse::from_text("gpt-4o-mini-2024-07-18", "x");

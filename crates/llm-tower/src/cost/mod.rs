@@ -184,7 +184,8 @@ impl CostTotals {
     }
 }
 
-/// A snapshot of a [`CostLayer`]'s totals. Unset task types and tenants appear as `""`.
+/// A snapshot of a [`CostLayer`]'s totals. Unset task types and tenants appear as `""`;
+/// past 4 096 (task type, tenant, model) keys, new task types are counted as `other`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CostSnapshot {
     /// Everything.
@@ -229,7 +230,14 @@ struct State {
     budget_exceeded: AtomicU64,
     // Shared "unset" label, so requests without a task or tenant do not allocate one.
     empty: Arc<str>,
+    // The task label of totals past `MAX_TOTAL_KEYS`.
+    other: Arc<str>,
 }
+
+/// Most (task type, tenant, model) keys the totals keep. Task types come from clients: past
+/// this many keys, a new one is added up under task `other`, so that no client can grow the
+/// totals without bound. The per-tenant and per-model sums stay exact.
+const MAX_TOTAL_KEYS: usize = 4096;
 
 // ===== layer =====
 
@@ -280,6 +288,7 @@ impl CostLayer {
                 totals: Mutex::default(),
                 budget_exceeded: AtomicU64::new(0),
                 empty: Arc::from(""),
+                other: Arc::from("other"),
             }),
         }
     }
@@ -534,11 +543,13 @@ impl Ticket {
             t.nano_usd = c.nano_usd;
             t.saved_nano_usd = c.saved_nano_usd;
         }
-        let key = (self.task.clone(), self.tenant.clone(), model.clone());
-        lock(&self.layer.state.totals)
-            .entry(key)
-            .or_default()
-            .add(&t);
+        let mut key = (self.task.clone(), self.tenant.clone(), model.clone());
+        let mut totals = lock(&self.layer.state.totals);
+        if totals.len() >= MAX_TOTAL_KEYS && !totals.contains_key(&key) {
+            key.0 = self.layer.state.other.clone();
+        }
+        totals.entry(key).or_default().add(&t);
+        drop(totals);
         if let Some(f) = &self.layer.config.on_record {
             f(&CostRecord {
                 task: self.task.clone(),
