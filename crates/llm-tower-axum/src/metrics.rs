@@ -182,15 +182,7 @@ impl Metrics {
     /// Records into `recorder` without installing it globally; `/metrics` renders it.
     pub fn from_recorder(recorder: PrometheusRecorder) -> Self {
         let handle = recorder.handle();
-        let metrics = Self {
-            inner: Arc::new(Inner {
-                target: Target::Local(recorder),
-                handle: Some(handle),
-                handles: RwLock::default(),
-                observed: AtomicU64::new(0),
-                upkeeps: AtomicU64::new(0),
-            }),
-        };
+        let metrics = Self::new(Target::Local(recorder), Some(handle));
         metrics.record(describe);
         metrics
     }
@@ -209,25 +201,21 @@ impl Metrics {
     /// Records through whatever global `metrics` recorder the application installed;
     /// `/metrics` renders `handle` if given (else `/metrics` answers 404).
     pub fn global(handle: Option<PrometheusHandle>) -> Self {
-        let metrics = Self {
-            inner: Arc::new(Inner {
-                target: Target::Global,
-                handle,
-                handles: RwLock::default(),
-                observed: AtomicU64::new(0),
-                upkeeps: AtomicU64::new(0),
-            }),
-        };
+        let metrics = Self::new(Target::Global, handle);
         metrics.record(describe);
         metrics
     }
 
     /// Records nothing; `/metrics` answers 404.
     pub fn disabled() -> Self {
+        Self::new(Target::Disabled, None)
+    }
+
+    fn new(target: Target, handle: Option<PrometheusHandle>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                target: Target::Disabled,
-                handle: None,
+                target,
+                handle,
                 handles: RwLock::default(),
                 observed: AtomicU64::new(0),
                 upkeeps: AtomicU64::new(0),
