@@ -10,7 +10,9 @@
 # Runs the gateway under `valgrind --tool=callgrind` (≈50× slower, so a few thousand
 # requests) in front of the mock upstream, sends requests with wrk (8 connections), and
 # prints the instructions the gateway executed per request, start-up excluded (the counters
-# are zeroed with callgrind_control once the gateway answers).
+# are zeroed with callgrind_control once the gateway answers). The gateway runs one worker
+# thread, as when pinned to one core in loadtest.sh (valgrind would otherwise see two CPUs
+# and count the multi-threaded scheduler's work).
 # Needs valgrind, wrk, curl. Same ports and client key as loadtest.sh.
 set -euo pipefail
 
@@ -33,7 +35,7 @@ if [ "${PROXY:-gateway}" = bare ]; then
   UP=/v1/models # forwarded to the mock
 else
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" \
-    "$GW_BIN" --config "${CONFIG:-examples/proxy/bench.toml}" >/dev/null 2>&1 &
+    "$GW_BIN" --config "${CONFIG:-examples/proxy/bench.toml}" --worker-threads 1 >/dev/null 2>&1 &
   STOP=-INT
   UP=/healthz
 fi

@@ -14,7 +14,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
-use llm_tower_core::{CacheStatus, ChatRequest, LlmError, LlmResponse, Outcome, Tenant, Usage};
+use llm_tower_core::{
+    CacheStatus, ChatRequest, ChatResponse, LlmError, LlmResponse, Outcome, ResponseBody,
+    ResponseMeta, Tenant, Usage,
+};
 use serde::Serialize;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -620,32 +623,38 @@ where
     finish.fallbacks = FailedAttempt::from_meta(&meta.attempts);
 
     if !wants_stream {
-        let guard = CancelGuard(Some(finish));
-        let complete = resp.into_complete().await;
-        let finish = guard.disarm();
-        return match complete {
-            Ok(body) => {
-                finish.record("ok", body.usage.as_ref().or(meta.usage.as_ref()));
-                // About the upstream body's size: no step-by-step growth from 8 bytes.
-                let mut json = Vec::with_capacity(meta.body_bytes.unwrap_or(0).max(512));
-                match serde_json::to_writer(&mut json, &body) {
-                    Ok(()) => {
-                        let mut out = json_response(StatusCode::OK, json);
-                        headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
-                        out
+        let json = match resp.body {
+            // Forwarded as the upstream sent it: no decoding and encoding again.
+            ResponseBody::Encoded(r) => {
+                finish.record("ok", r.usage().or(meta.usage.as_ref()));
+                Ok(r.into_json())
+            }
+            body => {
+                let guard = CancelGuard(Some(finish));
+                let resp = LlmResponse {
+                    body,
+                    meta: ResponseMeta::default(),
+                };
+                let complete = resp.into_complete().await;
+                let finish = guard.disarm();
+                match complete {
+                    Ok(r) => {
+                        finish.record("ok", r.usage.as_ref().or(meta.usage.as_ref()));
+                        encode(&r, meta.body_bytes)
                     }
-                    Err(e) => error_response(&LlmError::internal(format!(
-                        "cannot encode the response: {e}"
-                    ))),
+                    Err(e) => {
+                        finish.record(e.kind().as_str(), None);
+                        Err(e)
+                    }
                 }
             }
-            Err(e) => {
-                finish.record(e.kind().as_str(), None);
-                let mut out = error_response(&e);
-                headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
-                out
-            }
         };
+        let mut out = match json {
+            Ok(json) => json_response(StatusCode::OK, json),
+            Err(e) => error_response(&e),
+        };
+        headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
+        return out;
     }
 
     let mut stream = resp.into_stream();
@@ -683,6 +692,15 @@ where
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers::write_meta_headers(h, &meta, start.elapsed());
     out.into_response()
+}
+
+/// A complete response as JSON, in a buffer about the upstream body's size (`hint`): no
+/// step-by-step growth from 8 bytes.
+fn encode(r: &ChatResponse, hint: Option<usize>) -> Result<Bytes, LlmError> {
+    let mut json = Vec::with_capacity(hint.unwrap_or(0).max(512));
+    serde_json::to_writer(&mut json, r)
+        .map(|()| json.into())
+        .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))
 }
 
 /// Reads the body up to `limit` bytes; too big is 413, a broken body is 400.

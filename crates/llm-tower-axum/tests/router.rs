@@ -191,6 +191,38 @@ async fn complete_body_is_converted_for_a_stream_request() {
     assert_eq!(text, "whole answer");
 }
 
+/// An upstream's answer, with its own key order and spacing.
+const UPSTREAM_JSON: &str = r#"{ "model": "gpt-test", "id": "c1", "choices": [{"message": {"content": "as sent", "role": "assistant"}, "finish_reason": "stop", "index": 0}], "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}, "x_vendor": [1, 2] }"#;
+
+fn upstream_json() -> Step {
+    Step::respond(|_| {
+        let body = llm_tower_core::EncodedResponse::from_json(UPSTREAM_JSON.as_bytes().into())
+            .map_err(|e| LlmError::transport(e.to_string()))?;
+        Ok(LlmResponse::encoded(body))
+    })
+}
+
+#[tokio::test]
+async fn an_answer_kept_as_json_is_forwarded_byte_for_byte() {
+    let mock = MockLlm::new("mock").then(upstream_json());
+    let resp = app(&mock).oneshot(chat(HELLO)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "content-type"), "application/json");
+    assert_eq!(header(&resp, "x-llm-model"), "gpt-test");
+    assert_eq!(body_bytes(resp).await, UPSTREAM_JSON.as_bytes());
+}
+
+#[tokio::test]
+async fn an_answer_kept_as_json_is_converted_for_a_stream_request() {
+    let mock = MockLlm::new("mock").then(upstream_json());
+    let resp = app(&mock).oneshot(chat(HELLO_STREAM)).await.unwrap();
+    assert_eq!(header(&resp, "content-type"), "text/event-stream");
+    let frames = sse_frames(&body_bytes(resp).await);
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let first: Value = serde_json::from_str(&frames[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["content"], "as sent");
+}
+
 #[tokio::test]
 async fn stream_body_is_aggregated_for_a_json_request() {
     let mock = MockLlm::new("mock").then(Step::stream(["Hel", "lo"]).with_usage(Usage::new(4, 2)));

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 
-use crate::{ChatChunk, ChatResponse, LlmError, ResponseMeta, Usage};
+use crate::{ChatChunk, ChatResponse, EncodedResponse, LlmError, ResponseMeta, Usage};
 
 /// A boxed stream of chunks, as providers and layers produce it.
 pub type BoxChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, LlmError>> + Send>>;
@@ -187,6 +187,9 @@ impl fmt::Debug for ChunkStream {
 pub enum ResponseBody {
     /// A complete response.
     Complete(ChatResponse),
+    /// A complete response still in the JSON its upstream sent: forwarded as it is by an
+    /// HTTP surface, decoded by layers that need the content.
+    Encoded(EncodedResponse),
     /// A stream of chunks.
     Stream(ChunkStream),
 }
@@ -225,6 +228,28 @@ impl LlmResponse {
         }
     }
 
+    /// A complete response kept as its upstream's JSON; its usage and model are copied
+    /// into the meta.
+    ///
+    /// ```
+    /// use llm_tower_core::{EncodedResponse, LlmResponse};
+    /// let json = br#"{"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+    /// let resp = LlmResponse::encoded(EncodedResponse::from_json(json.as_slice().into()).unwrap());
+    /// assert_eq!(resp.meta.usage.unwrap().total_tokens, 3);
+    /// assert_eq!(resp.meta.model.as_deref(), Some("m"));
+    /// ```
+    pub fn encoded(response: EncodedResponse) -> Self {
+        let meta = ResponseMeta {
+            usage: response.usage().cloned(),
+            model: Some(response.model().to_owned()),
+            ..ResponseMeta::default()
+        };
+        Self {
+            body: ResponseBody::Encoded(response),
+            meta,
+        }
+    }
+
     /// A streamed response.
     pub fn stream<S>(stream: S) -> Self
     where
@@ -252,15 +277,21 @@ impl LlmResponse {
             ResponseBody::Complete(r) => hook(&Outcome::Completed {
                 usage: r.usage.clone(),
             }),
+            ResponseBody::Encoded(r) => hook(&Outcome::Completed {
+                usage: r.usage().cloned(),
+            }),
             ResponseBody::Stream(s) => s.on_finish(hook),
         }
     }
 
-    /// Collects the body into a complete response (streams are aggregated chunk by chunk).
-    /// A stream that ends with an error returns that error.
+    /// Collects the body into a complete response (streams are aggregated chunk by chunk,
+    /// encoded bodies decoded). A stream that ends with an error returns that error; an
+    /// encoded body that does not decode, a [`Transport`](crate::ErrorKind::Transport)
+    /// error, as a malformed upstream answer is.
     pub async fn into_complete(self) -> Result<ChatResponse, LlmError> {
         match self.body {
             ResponseBody::Complete(r) => Ok(r),
+            ResponseBody::Encoded(r) => r.decode(),
             ResponseBody::Stream(mut s) => {
                 use futures_util::StreamExt;
                 let mut acc = crate::StreamAccumulator::default();
@@ -272,14 +303,18 @@ impl LlmResponse {
         }
     }
 
-    /// The body as a stream; a complete body becomes the equivalent chunks.
+    /// The body as a stream; a complete body becomes the equivalent chunks (an encoded
+    /// body that does not decode, one error item, as [`into_complete`](Self::into_complete)).
     pub fn into_stream(self) -> ChunkStream {
-        match self.body {
-            ResponseBody::Stream(s) => s,
-            ResponseBody::Complete(r) => {
-                let chunks = r.to_chunks().into_iter().map(Ok);
-                ChunkStream::new(futures_util::stream::iter(chunks))
-            }
-        }
+        let complete = match self.body {
+            ResponseBody::Stream(s) => return s,
+            ResponseBody::Complete(r) => r,
+            ResponseBody::Encoded(r) => match r.decode() {
+                Ok(r) => r,
+                Err(e) => return ChunkStream::new(futures_util::stream::iter([Err(e)])),
+            },
+        };
+        let chunks = complete.to_chunks().into_iter().map(Ok);
+        ChunkStream::new(futures_util::stream::iter(chunks))
     }
 }

@@ -7,7 +7,8 @@
 //!   lossless for every other field; typed metadata for layers rides in its
 //!   [`extensions`](ChatRequest::extensions) ([`TaskType`], [`Tenant`], [`IdempotencyKey`],
 //!   [`Deadline`], [`CachePolicy`]).
-//! - [`LlmResponse`]: a complete [`ChatResponse`] or a [`ChunkStream`] of [`ChatChunk`]s,
+//! - [`LlmResponse`]: a complete [`ChatResponse`] (or an [`EncodedResponse`], the same kept
+//!   as the JSON an upstream sent) or a [`ChunkStream`] of [`ChatChunk`]s,
 //!   plus [`ResponseMeta`] (provider, model, attempts, cache status, usage, cost, headroom,
 //!   upstream time).
 //! - The **stream completion hook** ([`LlmResponse::on_finish`]): accounting layers learn
@@ -39,6 +40,7 @@
 
 mod aggregate;
 mod body;
+mod encoded;
 mod error;
 mod ext;
 mod json;
@@ -50,6 +52,7 @@ mod service;
 
 pub use aggregate::StreamAccumulator;
 pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
+pub use encoded::EncodedResponse;
 pub use error::{ErrorKind, LlmError};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 pub use meta::{

@@ -5,7 +5,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use llm_tower_core::{ChatChunk, ChatRequest, ChatResponse, LlmError, LlmResponse, StreamOptions};
+use bytes::Bytes;
+use llm_tower_core::{
+    ChatChunk, ChatRequest, EncodedResponse, LlmError, LlmResponse, StreamOptions,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use tower_service::Service;
@@ -299,9 +302,10 @@ impl OpenAiProvider {
         } else {
             // A server may answer a stream request with one JSON document; take it as is.
             let bytes = until_deadline(&ep.provider, req.deadline(), ep.read_body(body)).await?;
-            let mut r =
-                LlmResponse::complete(parse_response(&ep.provider, &bytes, ep.key.as_ref())?);
-            r.meta.body_bytes = Some(bytes.len());
+            let len = bytes.len();
+            // Kept as sent: an HTTP surface forwards it without encoding it again.
+            let mut r = LlmResponse::encoded(parse_response(&ep.provider, bytes, ep.key.as_ref())?);
+            r.meta.body_bytes = Some(len);
             r
         };
         out.meta.provider = Some(ep.provider.clone());
@@ -321,13 +325,13 @@ fn is_json(headers: &http::HeaderMap) -> bool {
 /// Parses a complete response; an error object in a 200 body is classified.
 fn parse_response(
     provider: &str,
-    bytes: &[u8],
+    bytes: Bytes,
     key: Option<&ApiKey>,
-) -> Result<ChatResponse, LlmError> {
-    match ChatResponse::from_slice(bytes) {
+) -> Result<EncodedResponse, LlmError> {
+    match EncodedResponse::from_json(bytes.clone()) {
         Ok(r) => Ok(r),
         Err(e) => {
-            if let Ok(v) = serde_json::from_slice::<Value>(bytes)
+            if let Ok(v) = serde_json::from_slice::<Value>(&bytes)
                 && let Some(err) = classify::classify_inline(provider, &v, key)
             {
                 return Err(err);

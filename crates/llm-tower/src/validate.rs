@@ -665,7 +665,7 @@ where
         let checked = match (&resp.body, &assembled) {
             (_, Some(a)) => a,
             (ResponseBody::Complete(r), None) => r,
-            (ResponseBody::Stream(_), None) => {
+            (ResponseBody::Encoded(_) | ResponseBody::Stream(_), None) => {
                 return Err(LlmError::internal("validate: a stream was not assembled"));
             }
         };
@@ -707,11 +707,15 @@ where
     }
 }
 
-/// A stream is drained, assembled (returned) and replaced by a replay of its chunks; a
-/// complete response is returned as is.
+/// A stream is drained, assembled (returned) and replaced by a replay of its chunks; an
+/// encoded response is decoded (returned) and kept; a complete response is returned as is.
 async fn assemble(resp: LlmResponse) -> Result<(LlmResponse, Option<ChatResponse>), LlmError> {
     match resp.body {
         ResponseBody::Complete(_) => Ok((resp, None)),
+        ResponseBody::Encoded(ref r) => {
+            let decoded = r.decode()?;
+            Ok((resp, Some(decoded)))
+        }
         ResponseBody::Stream(mut stream) => {
             let mut acc = StreamAccumulator::default();
             let mut chunks: Vec<ChatChunk> = Vec::new();
@@ -804,6 +808,7 @@ where
                             "validate future polled after completion",
                         )));
                     };
+                    // Anything else (a stream, an encoded body) is checked once assembled.
                     if let ResponseBody::Complete(r) = &resp.body
                         && c.plan.check(r).is_ok()
                     {

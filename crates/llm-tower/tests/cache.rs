@@ -901,3 +901,89 @@ async fn hits_carry_the_original_usage_in_the_body_too() {
     }
     assert_eq!(st.usage(), Some(&Usage::new(9, 2)));
 }
+
+// ===== answers kept as the upstream's JSON =====
+
+fn encoded(json: &str) -> LlmResponse {
+    let body = llm_tower::EncodedResponse::from_json(json.to_owned().into_bytes().into()).unwrap();
+    LlmResponse::encoded(body)
+}
+
+const ENCODED: &str = r#"{"id":"c1","model":"gpt-test","choices":[{"index":0,"message":{"role":"assistant","content":"kept"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6},"system_fingerprint":"fp"}"#;
+
+#[tokio::test(start_paused = true)]
+async fn an_encoded_answer_is_stored_and_served_as_the_same_bytes() {
+    let mock = MockLlm::new("mock").then(Step::respond(|_| Ok(encoded(ENCODED))));
+    let layer = CacheLayer::in_memory(1 << 20);
+    let mut s = svc(&layer, &mock);
+
+    let first = call(&mut s, req("q")).await.unwrap();
+    assert_eq!(first.meta.cache, CacheStatus::Miss);
+    assert!(matches!(first.body, ResponseBody::Encoded(_)));
+
+    let hit = call(&mut s, req("q")).await.unwrap();
+    assert_eq!(hit.meta.cache, CacheStatus::Hit);
+    assert_eq!(hit.meta.usage, Some(Usage::new(5, 1)));
+    let ResponseBody::Encoded(body) = &hit.body else {
+        panic!("expected the stored bytes, got {:?}", hit.body);
+    };
+    assert_eq!(body.json().as_ref(), ENCODED.as_bytes());
+
+    // A streaming request for the same answer gets it replayed as chunks.
+    let (texts, err) = drain(call(&mut s, stream_req("q")).await.unwrap()).await;
+    assert_eq!((texts.concat(), err.is_none()), ("kept".to_owned(), true));
+    assert_eq!(mock.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_encoded_answer_without_usage_gets_the_original_usage_on_a_hit() {
+    let no_usage = r#"{"id":"c1","model":"m","choices":[{"message":{"role":"assistant","content":"a"},"finish_reason":"stop"}]}"#;
+    let mock = MockLlm::new("mock").then(Step::respond(move |_| {
+        let mut resp = encoded(no_usage);
+        resp.meta.usage = Some(Usage::new(9, 2));
+        Ok(resp)
+    }));
+    let layer = CacheLayer::in_memory(1 << 20);
+    let mut s = svc(&layer, &mock);
+    call(&mut s, req("q")).await.unwrap();
+    let hit = call(&mut s, req("q")).await.unwrap();
+    assert_eq!(
+        hit.into_complete().await.unwrap().usage,
+        Some(Usage::new(9, 2))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn encoded_answers_without_choices_are_not_stored() {
+    let mock = MockLlm::new("mock")
+        .then(Step::respond(|_| {
+            Ok(encoded(r#"{"id":"c","model":"m","choices":[]}"#))
+        }))
+        .then(Step::respond(|_| Ok(encoded(ENCODED))));
+    let layer = CacheLayer::in_memory(1 << 20);
+    let mut s = svc(&layer, &mock);
+    call(&mut s, req("q")).await.unwrap();
+    assert_eq!(
+        call(&mut s, req("q")).await.unwrap().meta.cache,
+        CacheStatus::Miss
+    );
+    assert_eq!(mock.calls(), 2);
+}
+
+#[test]
+fn encoded_entries_round_trip_through_json_as_the_document_itself() {
+    let body = llm_tower::EncodedResponse::from_json(ENCODED.as_bytes().to_vec().into()).unwrap();
+    let e = CachedEntry::encoded(body, &Default::default());
+    assert!(e.is_complete());
+    assert_eq!(e.usage, Some(Usage::new(5, 1)));
+    let json = serde_json::to_string(&e).unwrap();
+    assert!(json.contains(ENCODED), "{json}");
+    let back: CachedEntry = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, e);
+    // Weighed from the document's length (with a typical usage object), not serialized.
+    let (est, real) = (e.approx_size(), json.len());
+    assert!(
+        est >= real / 2 && est <= real * 2,
+        "estimate {est}, real {real}"
+    );
+}

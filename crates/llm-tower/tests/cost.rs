@@ -116,6 +116,24 @@ async fn cost_in_meta_and_totals() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_answer_kept_as_json_is_priced_from_its_usage() {
+    let json = r#"{"id":"c","model":"gpt-4o-mini","choices":[{"message":{"role":"assistant","content":"x"}}],"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+    let mock = MockLlm::new("m").otherwise(Step::respond(move |_| {
+        let body = llm_tower::EncodedResponse::from_json(json.as_bytes().to_vec().into())
+            .map_err(|e| LlmError::transport(e.to_string()))?;
+        Ok(LlmResponse::encoded(body))
+    }));
+    let layer = CostLayer::new(prices());
+    let mut svc = layer.layer(mock);
+    let r = call(&mut svc, req("acme", "chat")).await.unwrap();
+    assert_eq!(
+        r.meta.cost.unwrap().nano_usd,
+        6 * 1000 + 4 * 100 + 20 * 1000
+    );
+    assert_eq!(layer.totals().by_model["gpt-4o-mini"].cached_tokens, 4);
+}
+
+#[tokio::test(start_paused = true)]
 async fn client_chosen_task_types_cannot_grow_the_totals_without_bound() {
     let mock = MockLlm::new("m").otherwise(Step::reply("x").with_usage(Usage::new(1, 1)));
     let layer = CostLayer::new(prices());

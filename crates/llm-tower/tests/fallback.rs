@@ -37,6 +37,7 @@ fn mocks() -> (MockLlm, MockLlm, MockLlm) {
 async fn drain(resp: LlmResponse) -> (String, Option<LlmError>) {
     match resp.body {
         ResponseBody::Complete(r) => (r.text(), None),
+        ResponseBody::Encoded(r) => (r.decode().unwrap().text(), None),
         ResponseBody::Stream(mut s) => {
             let mut text = String::new();
             while let Some(item) = s.next().await {

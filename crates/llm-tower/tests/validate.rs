@@ -287,3 +287,34 @@ fn rule_check_is_public() {
     let e = r.check(r#"{"name": "a", "age": "one"}"#).unwrap_err();
     assert!(e.contains("/age"), "{e}");
 }
+
+fn encoded(content: &str) -> Step {
+    let json = serde_json::to_vec(&json!({
+        "id": "c", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]
+    }))
+    .unwrap();
+    Step::respond(move |_| {
+        let body = llm_tower::EncodedResponse::from_json(json.clone().into())
+            .map_err(|e| LlmError::transport(e.to_string()))?;
+        Ok(llm_tower::LlmResponse::encoded(body))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_kept_as_json_are_checked_and_passed_on_unchanged() {
+    let mock = MockLlm::new("m")
+        .then(encoded("not json"))
+        .then(encoded(r#"{"a": 1}"#));
+    let layer = ValidateLayer::new().task("extract", Rule::json());
+    let resp = layer
+        .layer(mock.clone())
+        .oneshot(req("extract"))
+        .await
+        .unwrap();
+    assert_eq!(mock.calls(), 2, "the invalid first answer was retried");
+    let ResponseBody::Encoded(body) = &resp.body else {
+        panic!("expected the encoded body, got {:?}", resp.body);
+    };
+    assert_eq!(body.decode().unwrap().text(), r#"{"a": 1}"#);
+}

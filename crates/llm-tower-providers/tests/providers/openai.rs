@@ -269,7 +269,12 @@ async fn model_mapping_and_default_model() {
         up.last_request().unwrap().json().unwrap()["model"],
         "gpt-4.1"
     );
-    assert!(matches!(resp.body, ResponseBody::Complete(_)));
+    // A JSON answer is kept as sent, for the HTTP surface to forward as it is.
+    let ResponseBody::Encoded(r) = &resp.body else {
+        panic!("expected an encoded body, got {:?}", resp.body);
+    };
+    assert_eq!(resp.meta.body_bytes, Some(r.json().len()));
+    assert_eq!(r.decode().unwrap().choices.len(), 1);
 }
 
 #[tokio::test]

@@ -282,6 +282,11 @@ where
             let entry = Arc::new(CachedEntry::complete(r.clone(), &resp.meta));
             writer.finish(entry).await;
         }
+        ResponseBody::Encoded(r) => {
+            // A clone of the shared bytes, not of the answer.
+            let entry = Arc::new(CachedEntry::encoded(r.clone(), &resp.meta));
+            writer.finish(entry).await;
+        }
         ResponseBody::Stream(s) => {
             let meta = meta_for_entry(&resp.meta);
             let max = shared.config.max_entry_bytes;

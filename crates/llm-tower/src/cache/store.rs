@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use llm_tower_core::{
-    CacheStatus, ChatChunk, ChatResponse, ChunkStream, LlmResponse, ResponseBody, ResponseMeta,
-    StreamAccumulator, Usage,
+    CacheStatus, ChatChunk, ChatResponse, ChunkStream, EncodedResponse, LlmResponse, ResponseBody,
+    ResponseMeta, StreamAccumulator, Usage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -120,6 +120,9 @@ pub enum CachedBody {
     /// A complete response.
     #[serde(rename = "r")]
     Complete(ChatResponse),
+    /// A complete response as its upstream's JSON document.
+    #[serde(rename = "e")]
+    Encoded(EncodedResponse),
     /// Every chunk of a stream that completed, in order.
     #[serde(rename = "c")]
     Chunks(Vec<ChatChunk>),
@@ -164,14 +167,31 @@ impl CachedEntry {
     /// [`approx_size`](Self::approx_size) is derived from it instead of serializing.
     pub fn complete(response: ChatResponse, meta: &ResponseMeta) -> Self {
         let usage = meta.usage.clone().or_else(|| response.usage.clone());
+        Self::sized(CachedBody::Complete(response), usage, meta, meta.body_bytes)
+    }
+
+    /// An entry for a complete response kept as its upstream's JSON (stored as it is,
+    /// weighed by its length) and the meta it was served with.
+    pub fn encoded(response: EncodedResponse, meta: &ResponseMeta) -> Self {
+        let usage = meta.usage.clone().or_else(|| response.usage().cloned());
+        let len = response.json().len();
+        Self::sized(CachedBody::Encoded(response), usage, meta, Some(len))
+    }
+
+    fn sized(
+        body: CachedBody,
+        usage: Option<Usage>,
+        meta: &ResponseMeta,
+        json: Option<usize>,
+    ) -> Self {
         let entry = Self {
-            body: CachedBody::Complete(response),
+            body,
             usage,
             provider: meta.provider.as_deref().map(str::to_owned),
             model: meta.model.clone(),
             size: OnceLock::new(),
         };
-        if let Some(body) = meta.body_bytes {
+        if let Some(body) = json {
             // The body once more for the usage, plus the names and the envelope.
             let usage = entry.usage.as_ref().map_or(0, |_| USAGE_JSON_ESTIMATE);
             let names = entry.provider.as_ref().map_or(0, String::len)
@@ -199,6 +219,7 @@ impl CachedEntry {
     pub fn is_complete(&self) -> bool {
         match &self.body {
             CachedBody::Complete(r) => !r.choices.is_empty(),
+            CachedBody::Encoded(r) => r.choice_count() > 0,
             CachedBody::Chunks(chunks) => {
                 let mut acc = StreamAccumulator::default();
                 for c in chunks {
@@ -260,6 +281,17 @@ impl CachedEntry {
             (CachedBody::Complete(r), true) => {
                 ResponseBody::Stream(replay(self.with_usage(r).to_chunks()))
             }
+            // Forwarded as stored unless the usage must be filled in.
+            (CachedBody::Encoded(r), false) if r.usage().is_some() || self.usage.is_none() => {
+                ResponseBody::Encoded(r.clone())
+            }
+            (CachedBody::Encoded(r), stream) => match r.decode() {
+                Ok(r) if stream => ResponseBody::Stream(replay(self.with_usage(&r).to_chunks())),
+                Ok(r) => ResponseBody::Complete(self.with_usage(&r)),
+                Err(e) => {
+                    ResponseBody::Stream(ChunkStream::new(futures_util::stream::iter([Err(e)])))
+                }
+            },
             (CachedBody::Chunks(c), true) => ResponseBody::Stream(replay(c.clone())),
             (CachedBody::Chunks(c), false) => {
                 let mut acc = StreamAccumulator::default();

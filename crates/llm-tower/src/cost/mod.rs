@@ -516,8 +516,10 @@ impl Ticket {
         let model: Arc<str> = resp.meta.model.as_deref().unwrap_or(&self.req_model).into();
         let price = self.layer.price_of(&model);
         let hit = resp.meta.cache == CacheStatus::Hit;
-        if let ResponseBody::Complete(r) = &resp.body {
-            resp.meta.cost = price_usage(price, r.usage.as_ref(), hit);
+        match &resp.body {
+            ResponseBody::Complete(r) => resp.meta.cost = price_usage(price, r.usage.as_ref(), hit),
+            ResponseBody::Encoded(r) => resp.meta.cost = price_usage(price, r.usage(), hit),
+            ResponseBody::Stream(_) => {}
         }
         resp.on_finish(move |o: &Outcome| self.finish(o, &model, price, hit));
         resp

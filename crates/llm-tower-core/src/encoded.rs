@@ -1,0 +1,276 @@
+//! [`EncodedResponse`]: a complete response kept as the JSON an upstream sent.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::{ChatResponse, LlmError, Usage};
+
+/// A complete chat-completions response kept in the JSON encoding its upstream sent, so
+/// that an OpenAI-compatible gateway forwards it as it came instead of decoding it into a
+/// [`ChatResponse`] and encoding it again (on a short answer, a fifth of a gateway's own
+/// work per request).
+///
+/// [`from_json`](Self::from_json) checks the document's shape (an object with a string
+/// `id` and `model`, a `choices` array whose items carry a `message` object with a string
+/// `role`, and the types of `object`, `created`, `finish_reason`, `index` and `usage`)
+/// without building it, and reads the usage and model. Layers that need the content call
+/// [`decode`](Self::decode).
+///
+/// ```
+/// use llm_tower_core::EncodedResponse;
+///
+/// let json = br#"{"id":"c1","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+/// let resp = EncodedResponse::from_json(json.as_slice().into()).unwrap();
+/// assert_eq!(resp.model(), "m");
+/// assert_eq!(resp.usage().unwrap().total_tokens, 4);
+/// assert_eq!(resp.json().as_ref(), json); // forwarded byte for byte
+/// assert_eq!(resp.decode().unwrap().text(), "hi");
+///
+/// // Not a chat completion: refused at once.
+/// assert!(EncodedResponse::from_json(br#"{"id":"c1","model":"m"}"#.as_slice().into()).is_err());
+/// assert!(EncodedResponse::from_json(br#"{"id":"c1","model":"m","choices":[{}]}"#.as_slice().into()).is_err());
+/// ```
+#[derive(Clone, PartialEq)]
+pub struct EncodedResponse {
+    json: Bytes,
+    model: String,
+    usage: Option<Usage>,
+    choices: usize,
+}
+
+impl EncodedResponse {
+    /// Checks that `json` is a chat completion (see the type's documentation) and keeps it.
+    pub fn from_json(json: Bytes) -> serde_json::Result<Self> {
+        let shape: Shape = crate::json::from_slice(&json)?;
+        Ok(Self {
+            json,
+            model: shape.model,
+            usage: shape.usage,
+            choices: shape.choices.0,
+        })
+    }
+
+    /// The JSON document, as received.
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+
+    /// The JSON document, as received.
+    pub fn into_json(self) -> Bytes {
+        self.json
+    }
+
+    /// The `model` field.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// How many items `choices` has.
+    pub fn choice_count(&self) -> usize {
+        self.choices
+    }
+
+    /// The `usage` field, if present and not `null`.
+    pub fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
+    }
+
+    /// The typed response. Where the document's deeper parts (message content, tool calls,
+    /// usage details) do not have the types [`ChatResponse`] requires, a
+    /// [`Transport`](crate::ErrorKind::Transport) error, as for any malformed upstream answer.
+    pub fn decode(&self) -> Result<ChatResponse, LlmError> {
+        ChatResponse::from_slice(&self.json)
+            .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))
+    }
+}
+
+impl fmt::Debug for EncodedResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncodedResponse")
+            .field("bytes", &self.json.len())
+            .field("model", &self.model)
+            .field("usage", &self.usage)
+            .field("choices", &self.choices)
+            .finish()
+    }
+}
+
+/// Serializes as the JSON document itself (with `serde_json`; other formats get it as a
+/// string).
+impl Serialize for EncodedResponse {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_slice(&self.json).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+/// Deserializes a chat completion document, checked as [`from_json`](Self::from_json) does.
+impl<'de> Deserialize<'de> for EncodedResponse {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let json = Bytes::from(String::from(raw.get()).into_bytes());
+        Self::from_json(json).map_err(de::Error::custom)
+    }
+}
+
+// The shape check: field names and types as `ChatResponse` has them; strings and values
+// that need no keeping are checked without being allocated.
+
+#[derive(Deserialize)]
+struct Shape {
+    #[serde(rename = "id")]
+    _id: Str,
+    #[serde(rename = "object", default)]
+    _object: Str,
+    #[serde(rename = "created", default)]
+    _created: u64,
+    model: String,
+    choices: Choices,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceShape {
+    #[serde(rename = "index", default)]
+    _index: u32,
+    #[serde(rename = "message")]
+    _message: MessageShape,
+    #[serde(rename = "finish_reason", default)]
+    _finish_reason: Option<Str>,
+}
+
+#[derive(Deserialize)]
+struct MessageShape {
+    #[serde(rename = "role")]
+    _role: Str,
+    #[serde(rename = "content", default)]
+    _content: Option<IgnoredAny>,
+}
+
+/// A string, checked and dropped.
+#[derive(Default)]
+struct Str;
+
+impl<'de> Deserialize<'de> for Str {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Str;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Str, E> {
+                Ok(Str)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The `choices` array, each item checked, only their number kept.
+struct Choices(usize);
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Choices;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of choices")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<ChoiceShape>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Choices(n))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"there\"","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9,"prompt_tokens_details":{"cached_tokens":3}},"system_fingerprint":"fp"}"#;
+
+    fn enc(s: &str) -> serde_json::Result<EncodedResponse> {
+        EncodedResponse::from_json(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn keeps_the_bytes_and_reads_model_and_usage() {
+        let e = enc(GOOD).unwrap();
+        assert_eq!(e.json().as_ref(), GOOD.as_bytes());
+        assert_eq!(e.model(), "gpt-4o-mini");
+        assert_eq!(e.choice_count(), 1);
+        let u = e.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens()),
+            (7, 2, 3)
+        );
+        assert_eq!(
+            e.decode().unwrap(),
+            ChatResponse::from_slice(GOOD.as_bytes()).unwrap()
+        );
+    }
+
+    #[test]
+    fn accepts_what_chat_response_accepts() {
+        for ok in [
+            r#"{"id":"c","model":"m","choices":[]}"#,
+            r#"{"id":"c","model":"m","choices":[{"message":{"role":"tool"}}],"usage":null}"#,
+            r#"{"id":"c","model":"m","choices":[{"message":{"role":"assistant","content":null,"tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":null}]}"#,
+            r#"{"extra":[1,{"a":null}],"id":"c\u00e9","model":"m","choices":[{"message":{"role":"x"}}]}"#,
+        ] {
+            assert!(enc(ok).is_ok(), "{ok}");
+            assert!(ChatResponse::from_slice(ok.as_bytes()).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_chat_completion() {
+        for bad in [
+            "",
+            "not json",
+            "[]",
+            r#"{"error":{"message":"boom"}}"#,
+            r#"{"model":"m","choices":[]}"#,
+            r#"{"id":"c","choices":[]}"#,
+            r#"{"id":"c","model":"m"}"#,
+            r#"{"id":1,"model":"m","choices":[]}"#,
+            r#"{"id":"c","model":"m","choices":{}}"#,
+            r#"{"id":"c","model":"m","choices":[{}]}"#,
+            r#"{"id":"c","model":"m","choices":[{"message":{}}]}"#,
+            r#"{"id":"c","model":"m","choices":[{"message":{"role":3}}]}"#,
+            r#"{"id":"c","model":"m","choices":[{"message":{"role":"a"},"finish_reason":1}]}"#,
+            r#"{"id":"c","model":"m","choices":[{"index":-1,"message":{"role":"a"}}]}"#,
+            r#"{"id":"c","object":null,"model":"m","choices":[]}"#,
+            r#"{"id":"c","created":"now","model":"m","choices":[]}"#,
+            r#"{"id":"c","model":"m","choices":[],"usage":{"prompt_tokens":"7"}}"#,
+            r#"{"id":"c","model":"m","choices":[]"#,
+            r#"{"id":"c","model":"m","choices":[]} trailing"#,
+        ] {
+            assert!(enc(bad).is_err(), "{bad}");
+            assert!(ChatResponse::from_slice(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(EncodedResponse::from_json(Bytes::from_static(b"{\"id\":\"\xff\"}")).is_err());
+    }
+
+    #[test]
+    fn serializes_as_the_document_itself() {
+        let e = enc(GOOD).unwrap();
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(text, GOOD);
+        let back: EncodedResponse = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, e);
+        assert!(serde_json::from_str::<EncodedResponse>(r#"{"id":"c"}"#).is_err());
+    }
+}
