@@ -273,7 +273,8 @@ impl CachedEntry {
     /// The answer as a response for a request that does (`stream`) or does not stream: a
     /// stored stream is replayed chunk by chunk or assembled with [`StreamAccumulator`];
     /// a stored complete response is returned as is or replayed through
-    /// [`ChatResponse::to_chunks`].
+    /// [`ChatResponse::to_chunks`]; a stored JSON document likewise (decoded only to be
+    /// replayed, or when the usage must be filled in).
     pub fn to_response(&self, stream: bool) -> LlmResponse {
         let meta = self.hit_meta();
         let body = match (&self.body, stream) {
