@@ -25,8 +25,9 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pin_project! {
     /// Response future of [`Cache`](super::Cache).
     ///
-    /// A hit the store answers synchronously is returned at once (no inner call, no
-    /// allocation); a bypass polls the inner future directly; lookups that need I/O,
+    /// A hit the store answers synchronously is returned at once (no inner call; one
+    /// allocation, so that this future, which the layers outside hold inline, stays small
+    /// on every path); a bypass polls the inner future directly; lookups that need I/O,
     /// coalesced waits and misses that are stored run as one boxed state machine.
     pub struct ResponseFuture<F> {
         #[pin]
@@ -37,7 +38,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F> {
-        Ready { response: Option<Result<LlmResponse, LlmError>> },
+        Ready { response: Option<Box<Result<LlmResponse, LlmError>>> },
         Bypass { #[pin] future: F },
         Slow { future: BoxFuture<Result<LlmResponse, LlmError>> },
     }
@@ -60,7 +61,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn ready(response: Result<LlmResponse, LlmError>) -> Self {
         Self {
             kind: Kind::Ready {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -92,9 +93,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Ready { response } => Poll::Ready(response.take().unwrap_or_else(|| {
-                Err(LlmError::internal("cache future polled after completion"))
-            })),
+            KindProj::Ready { response } => Poll::Ready(response.take().map_or_else(
+                || Err(LlmError::internal("cache future polled after completion")),
+                |r| *r,
+            )),
             KindProj::Bypass { future } => {
                 let mut resp = ready!(future.poll(cx))?;
                 resp.meta.cache = CacheStatus::Bypass;

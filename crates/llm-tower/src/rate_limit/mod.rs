@@ -734,7 +734,7 @@ where
             Ok(p) => p,
             Err(e) => {
                 self.layer.counters.limited.fetch_add(1, Ordering::Relaxed);
-                return future::ResponseFuture::ready(Err(e));
+                return future::ResponseFuture::failed(e);
             }
         };
         // The instance that poll_ready approved goes into the future; a clone stays.
@@ -830,7 +830,9 @@ pub mod future {
             #[pin]
             state: State<S::Future>,
             ctx: Option<Ctx<S>>,
-            ready: Option<Result<LlmResponse, LlmError>>,
+            // Only an error: a response held here would make every future of this layer
+            // ~830 bytes bigger, copied on each move and boxing.
+            failed: Option<LlmError>,
         }
     }
 
@@ -859,11 +861,11 @@ pub mod future {
     where
         S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
     {
-        pub(super) fn ready(r: Result<LlmResponse, LlmError>) -> Self {
+        pub(super) fn failed(e: LlmError) -> Self {
             Self {
                 state: State::Done,
                 ctx: None,
-                ready: Some(r),
+                failed: Some(e),
             }
         }
 
@@ -886,7 +888,7 @@ pub mod future {
                     headroom_admitted: false,
                     reservation: None,
                 }),
-                ready: None,
+                failed: None,
             }
         }
     }
@@ -916,11 +918,9 @@ pub mod future {
             let mut this = self.project();
             loop {
                 let Some(ctx) = this.ctx.as_mut() else {
-                    return Poll::Ready(this.ready.take().unwrap_or_else(|| {
-                        Err(LlmError::internal(
-                            "rate limit future polled after completion",
-                        ))
-                    }));
+                    return Poll::Ready(Err(this.failed.take().unwrap_or_else(|| {
+                        LlmError::internal("rate limit future polled after completion")
+                    })));
                 };
                 let acquired = match this.state.as_mut().project() {
                     StateProj::Check => {
