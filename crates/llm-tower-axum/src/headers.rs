@@ -112,13 +112,23 @@ pub fn request_metadata(headers: &HeaderMap, req: &mut ChatRequest) -> Result<()
 
 /// An exact decimal dollar string for nano-dollars (`1500` → `"0.0000015"`), no floats.
 pub fn format_usd(nano_usd: u64) -> String {
-    let whole = nano_usd / 1_000_000_000;
-    let frac = nano_usd % 1_000_000_000;
+    use std::fmt::Write;
+    let (whole, mut frac) = (nano_usd / 1_000_000_000, nano_usd % 1_000_000_000);
+    // One buffer, not three formatted strings: this runs on every answer.
+    let mut out = String::with_capacity(32);
+    let _ = write!(out, "{whole}.");
     if frac == 0 {
-        return format!("{whole}.0");
+        out.push('0');
+        return out;
     }
-    let frac = format!("{frac:09}");
-    format!("{whole}.{}", frac.trim_end_matches('0'))
+    let mut digits = [b'0'; 9];
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    let end = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
+    out.extend(digits[..end].iter().map(|&d| char::from(d)));
+    out
 }
 
 /// Appends `d` in milliseconds with 3 decimals (µs precision), in integers: float
@@ -202,6 +212,9 @@ mod tests {
         assert_eq!(format_usd(1_500), "0.0000015");
         assert_eq!(format_usd(2_000_000_000), "2.0");
         assert_eq!(format_usd(2_120_000_000), "2.12");
+        assert_eq!(format_usd(7_650), "0.00000765");
+        assert_eq!(format_usd(123_000_000_001), "123.000000001");
+        assert_eq!(format_usd(u64::MAX), "18446744073.709551615");
     }
 
     #[test]

@@ -187,14 +187,24 @@ impl Budget {
         let tenant = req.tenant().map_or("", |t| t.as_str());
         let task = req.task_type().map_or("", |t| t.as_str());
         let part = match &self.scope {
-            BudgetScope::Global => String::new(),
-            BudgetScope::PerTenant => format!("|t={}", escape(tenant)),
-            BudgetScope::PerTask => format!("|k={}", escape(task)),
-            BudgetScope::Tenant(t) if **t == *tenant => String::new(),
-            BudgetScope::Task(t) if **t == *task => String::new(),
+            BudgetScope::Global => None,
+            BudgetScope::PerTenant => Some(("|t=", escape(tenant))),
+            BudgetScope::PerTask => Some(("|k=", escape(task))),
+            BudgetScope::Tenant(t) if **t == *tenant => None,
+            BudgetScope::Task(t) if **t == *task => None,
             BudgetScope::Tenant(_) | BudgetScope::Task(_) => return None,
         };
-        Some(format!("{name}{part}|{window_id}"))
+        // `name[|t=tenant or |k=task]|window`, built in one buffer (every request).
+        let part_len = part.as_ref().map_or(0, |(p, v)| p.len() + v.len());
+        let mut key = String::with_capacity(name.len() + part_len + 1 + window_id.len());
+        key.push_str(name);
+        if let Some((prefix, value)) = part {
+            key.push_str(prefix);
+            key.push_str(&value);
+        }
+        key.push('|');
+        key.push_str(window_id);
+        Some(key)
     }
 }
 
@@ -377,5 +387,30 @@ impl BudgetStore for InMemoryBudgetStore {
                 e.0.saturating_sub(s.delta.unsigned_abs())
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_the_scope_and_window_and_escape_separators() {
+        let req = ChatRequest::new("m", Vec::new())
+            .with_tenant("a|b%")
+            .with_task_type("chat");
+        let key = |scope| Budget::new(scope, 1, BudgetWindow::Total).key_for("b", &req, "d1");
+        assert_eq!(key(BudgetScope::Global).as_deref(), Some("b|d1"));
+        assert_eq!(
+            key(BudgetScope::PerTenant).as_deref(),
+            Some("b|t=a%7Cb%25|d1")
+        );
+        assert_eq!(key(BudgetScope::PerTask).as_deref(), Some("b|k=chat|d1"));
+        assert_eq!(
+            key(BudgetScope::Task("chat".into())).as_deref(),
+            Some("b|d1")
+        );
+        assert_eq!(key(BudgetScope::Task("other".into())), None);
+        assert_eq!(key(BudgetScope::Tenant("x".into())), None);
     }
 }
