@@ -1,17 +1,18 @@
 //! JSON parse and print cost of the core types: an OpenAI `chat.completion` response, a small
-//! request (through `ChatRequest::from_slice`), a stream chunk, and printing the response back.
+//! request (through `ChatRequest::from_slice`), a stream chunk, printing the response back,
+//! and the shape check that keeps an upstream's answer as sent (`EncodedResponse`).
 //!
 //! `cargo bench -p llm-tower-core --bench serde -- --warm-up-time 1 --measurement-time 3`
 //!
 //! Timings on a shared machine are noisy; instruction counts are not. With
 //! `SERDE_BENCH_LOOP=<case>:<n>` the binary runs one case `n` times and exits, for
 //! `valgrind --tool=callgrind` (run `n = 0` too and subtract the start-up cost). Cases:
-//! `response`, `request`, `chunk`, `serialize`, `usage`.
+//! `response`, `request`, `chunk`, `serialize`, `usage`, `encoded`, `parse_usage`.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group};
-use llm_tower_core::{ChatChunk, ChatRequest, ChatResponse};
+use llm_tower_core::{ChatChunk, ChatRequest, ChatResponse, EncodedResponse, Usage};
 
 const RESPONSE: &str = r#"{"id":"chatcmpl-mock000000000001","object":"chat.completion","created":1795728205,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"mock answer to: Say hello to the benchmark","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":11,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_mock"}"#;
 
@@ -31,7 +32,20 @@ fn parse_chunk() -> ChatChunk {
     serde_json::from_str(black_box(CHUNK)).expect("chunk parses")
 }
 
+fn check_encoded() -> EncodedResponse {
+    EncodedResponse::from_json(bytes::Bytes::from_static(black_box(RESPONSE.as_bytes())))
+        .expect("response checks")
+}
+
+const USAGE: &str = r#"{"prompt_tokens":7,"completion_tokens":11,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}"#;
+
+fn parse_usage() -> Usage {
+    serde_json::from_str(black_box(USAGE)).expect("usage parses")
+}
+
 fn bench(c: &mut Criterion) {
+    c.bench_function("check_encoded_response", |b| b.iter(check_encoded));
+    c.bench_function("parse_usage", |b| b.iter(parse_usage));
     c.bench_function("parse_response", |b| b.iter(parse_response));
     c.bench_function("parse_request", |b| b.iter(parse_request));
     c.bench_function("parse_chunk", |b| b.iter(parse_chunk));
@@ -60,6 +74,8 @@ fn run_loop(spec: &str) {
             "chunk" => drop(black_box(parse_chunk())),
             "serialize" => drop(black_box(serde_json::to_vec(black_box(&resp)))),
             "usage" => drop(black_box(serde_json::to_vec(black_box(&usage)))),
+            "encoded" => drop(black_box(check_encoded())),
+            "parse_usage" => drop(black_box(parse_usage())),
             other => panic!("unknown case {other}"),
         }
     }
