@@ -876,30 +876,37 @@ async fn huge_ttls_do_not_overflow() {
 #[tokio::test(start_paused = true)]
 async fn hits_carry_the_original_usage_in_the_body_too() {
     // Usage known only from the meta (not the body) still reaches cost layers on a hit,
-    // which read the complete body or the stream's usage chunk.
-    let mock = MockLlm::new("mock").then(Step::respond(|r| {
-        let mut resp =
-            LlmResponse::complete(llm_tower::ChatResponse::from_text(r.model.clone(), "a"));
-        resp.meta.usage = Some(Usage::new(9, 2));
-        Ok(resp)
-    }));
-    let layer = CacheLayer::in_memory(1 << 20);
-    let mut s = svc(&layer, &mock);
-    call(&mut s, req("q")).await.unwrap();
-    let hit = call(&mut s, req("q")).await.unwrap();
-    assert_eq!(hit.meta.usage, Some(Usage::new(9, 2)));
-    assert_eq!(
-        hit.into_complete().await.unwrap().usage,
-        Some(Usage::new(9, 2))
-    );
-    let hit = call(&mut s, stream_req("q")).await.unwrap();
-    let ResponseBody::Stream(mut st) = hit.body else {
-        unreachable!()
-    };
-    while let Some(c) = st.next().await {
-        c.unwrap();
+    // which read the complete body or the stream's usage chunk; for a typed body and for
+    // one kept as the upstream's JSON.
+    let no_usage = r#"{"id":"c1","model":"m","choices":[{"message":{"role":"assistant","content":"a"},"finish_reason":"stop"}]}"#;
+    for as_json in [false, true] {
+        let mock = MockLlm::new("mock").then(Step::respond(move |r| {
+            let mut resp = if as_json {
+                encoded(no_usage)
+            } else {
+                LlmResponse::complete(llm_tower::ChatResponse::from_text(r.model.clone(), "a"))
+            };
+            resp.meta.usage = Some(Usage::new(9, 2));
+            Ok(resp)
+        }));
+        let layer = CacheLayer::in_memory(1 << 20);
+        let mut s = svc(&layer, &mock);
+        call(&mut s, req("q")).await.unwrap();
+        let hit = call(&mut s, req("q")).await.unwrap();
+        assert_eq!(hit.meta.usage, Some(Usage::new(9, 2)));
+        assert_eq!(
+            hit.into_complete().await.unwrap().usage,
+            Some(Usage::new(9, 2))
+        );
+        let hit = call(&mut s, stream_req("q")).await.unwrap();
+        let ResponseBody::Stream(mut st) = hit.body else {
+            unreachable!()
+        };
+        while let Some(c) = st.next().await {
+            c.unwrap();
+        }
+        assert_eq!(st.usage(), Some(&Usage::new(9, 2)), "as_json: {as_json}");
     }
-    assert_eq!(st.usage(), Some(&Usage::new(9, 2)));
 }
 
 // ===== answers kept as the upstream's JSON =====
@@ -933,24 +940,6 @@ async fn an_encoded_answer_is_stored_and_served_as_the_same_bytes() {
     let (texts, err) = drain(call(&mut s, stream_req("q")).await.unwrap()).await;
     assert_eq!((texts.concat(), err.is_none()), ("kept".to_owned(), true));
     assert_eq!(mock.calls(), 1);
-}
-
-#[tokio::test(start_paused = true)]
-async fn an_encoded_answer_without_usage_gets_the_original_usage_on_a_hit() {
-    let no_usage = r#"{"id":"c1","model":"m","choices":[{"message":{"role":"assistant","content":"a"},"finish_reason":"stop"}]}"#;
-    let mock = MockLlm::new("mock").then(Step::respond(move |_| {
-        let mut resp = encoded(no_usage);
-        resp.meta.usage = Some(Usage::new(9, 2));
-        Ok(resp)
-    }));
-    let layer = CacheLayer::in_memory(1 << 20);
-    let mut s = svc(&layer, &mock);
-    call(&mut s, req("q")).await.unwrap();
-    let hit = call(&mut s, req("q")).await.unwrap();
-    assert_eq!(
-        hit.into_complete().await.unwrap().usage,
-        Some(Usage::new(9, 2))
-    );
 }
 
 #[tokio::test(start_paused = true)]
