@@ -666,7 +666,9 @@ where
             (_, Some(a)) => a,
             (ResponseBody::Complete(r), None) => r,
             (ResponseBody::Encoded(_) | ResponseBody::Stream(_), None) => {
-                return Err(LlmError::internal("validate: a stream was not assembled"));
+                return Err(LlmError::internal(
+                    "validate: a streamed or encoded body was not assembled",
+                ));
             }
         };
         let failure = match plan.check(checked) {
