@@ -278,17 +278,17 @@ impl CachedEntry {
     pub fn to_response(&self, stream: bool) -> LlmResponse {
         let meta = self.hit_meta();
         let body = match (&self.body, stream) {
-            (CachedBody::Complete(r), false) => ResponseBody::Complete(self.with_usage(r)),
+            (CachedBody::Complete(r), false) => ResponseBody::Complete(self.with_usage(r.clone())),
             (CachedBody::Complete(r), true) => {
-                ResponseBody::Stream(replay(self.with_usage(r).to_chunks()))
+                ResponseBody::Stream(replay(self.with_usage(r.clone()).to_chunks()))
             }
             // Forwarded as stored unless the usage must be filled in.
             (CachedBody::Encoded(r), false) if r.usage().is_some() || self.usage.is_none() => {
                 ResponseBody::Encoded(r.clone())
             }
             (CachedBody::Encoded(r), stream) => match r.decode() {
-                Ok(r) if stream => ResponseBody::Stream(replay(self.with_usage(&r).to_chunks())),
-                Ok(r) => ResponseBody::Complete(self.with_usage(&r)),
+                Ok(r) if stream => ResponseBody::Stream(replay(self.with_usage(r).to_chunks())),
+                Ok(r) => ResponseBody::Complete(self.with_usage(r)),
                 Err(e) => {
                     ResponseBody::Stream(ChunkStream::new(futures_util::stream::iter([Err(e)])))
                 }
@@ -299,11 +299,7 @@ impl CachedEntry {
                 for chunk in c {
                     acc.push(chunk);
                 }
-                let mut r = acc.finish();
-                if r.usage.is_none() {
-                    r.usage.clone_from(&self.usage);
-                }
-                ResponseBody::Complete(r)
+                ResponseBody::Complete(self.with_usage(acc.finish()))
             }
         };
         LlmResponse { body, meta }
@@ -311,10 +307,9 @@ impl CachedEntry {
 }
 
 impl CachedEntry {
-    /// The stored response with the entry's usage filled in if the body had none, so the
-    /// body (or its usage chunk) reports the original usage like `meta.usage` does.
-    fn with_usage(&self, r: &ChatResponse) -> ChatResponse {
-        let mut r = r.clone();
+    /// `r` with the entry's usage filled in if it had none, so the body (or its usage
+    /// chunk) reports the original usage like `meta.usage` does.
+    fn with_usage(&self, mut r: ChatResponse) -> ChatResponse {
         if r.usage.is_none() {
             r.usage.clone_from(&self.usage);
         }
