@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{ChatResponse, LlmError, Usage};
 
+mod scan;
+
 /// A complete chat-completions response kept in the JSON encoding its upstream sent, so
 /// that an OpenAI-compatible gateway forwards it as it came instead of decoding it into a
 /// [`ChatResponse`] and encoding it again (on a short answer, a fifth of a gateway's own
@@ -44,6 +46,18 @@ pub struct EncodedResponse {
 impl EncodedResponse {
     /// Checks that `json` is a chat completion (see the type's documentation) and keeps it.
     pub fn from_json(json: Bytes) -> serde_json::Result<Self> {
+        // The hand-written pass reads the common case; serde decides the rest, and words
+        // every error.
+        if let Ok(text) = std::str::from_utf8(&json)
+            && let Some(found) = scan::check(text.as_bytes())
+        {
+            return Ok(Self {
+                model: text[found.model].to_owned(),
+                usage: found.usage,
+                choices: found.choices,
+                json,
+            });
+        }
         let shape: Shape = crate::json::from_slice(&json)?;
         Ok(Self {
             json,
@@ -262,6 +276,75 @@ mod tests {
             assert!(ChatResponse::from_slice(bad.as_bytes()).is_err(), "{bad}");
         }
         assert!(EncodedResponse::from_json(Bytes::from_static(b"{\"id\":\"\xff\"}")).is_err());
+    }
+
+    /// What the serde check reads, for comparison with the hand-written pass.
+    fn by_serde(json: &[u8]) -> Option<(String, Option<Usage>, usize)> {
+        let shape: Shape = crate::json::from_slice(json).ok()?;
+        Some((shape.model, shape.usage, shape.choices.0))
+    }
+
+    const SEEDS: [&str; 5] = [
+        GOOD,
+        r#"{"id":"chatcmpl-mock000000000001","object":"chat.completion","created":1795749268,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"mock answer","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":11,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_mock"}"#,
+        r#" { "id" : "c" , "model" : "m" , "choices" : [ { "message" : { "role" : "assistant" , "content" : null , "tool_calls" : [ { "id" : "t" , "function" : { "arguments" : "{\"a\": [1, 2.5e-3, -0, true, false]}" } } ] } , "finish_reason" : null } ] , "usage" : null } "#,
+        r#"{"id":"c","model":"m","choices":[{"index":1,"message":{"role":"a","content":"line\nnext \u00e9\ud83d\ude00"}},{"message":{"role":"b"}}],"usage":{"prompt_tokens":1,"cost":0.5,"prompt_tokens_details":null}}"#,
+        r#"{"x":{"y":[[{}],[]],"z":-12.5E+3},"id":"c","model":"m","choices":[],"usage":{"completion_tokens_details":{"reasoning_tokens":null}}}"#,
+    ];
+
+    #[test]
+    fn the_hand_written_pass_reads_the_common_documents() {
+        for seed in SEEDS {
+            let found = scan::check(seed.as_bytes()).expect(seed);
+            let (model, usage, choices) = by_serde(seed.as_bytes()).expect(seed);
+            assert_eq!(&seed[found.model], model);
+            assert_eq!((found.usage, found.choices), (usage, choices));
+        }
+    }
+
+    /// The hand-written pass must never accept what serde refuses, nor read other values:
+    /// checked on every document one byte away from the seeds (deleted, replaced or
+    /// inserted, with the bytes that matter to JSON).
+    #[test]
+    fn the_hand_written_pass_is_never_more_lenient_than_serde() {
+        const BYTES: &[u8] = b"\"\\,:{}[]0-9.eEnu \x01a";
+        let (mut variants, mut accepted) = (0, 0);
+        for seed in SEEDS {
+            let seed = seed.as_bytes();
+            let mut check = |doc: Vec<u8>| {
+                variants += 1;
+                if std::str::from_utf8(&doc).is_err() {
+                    return;
+                }
+                let Some(found) = scan::check(&doc) else {
+                    return;
+                };
+                accepted += 1;
+                let text = String::from_utf8_lossy(&doc);
+                let (model, usage, choices) = by_serde(&doc)
+                    .unwrap_or_else(|| panic!("serde refuses what the scan accepted: {text}"));
+                assert_eq!(String::from_utf8_lossy(&doc[found.model]), model, "{text}");
+                assert_eq!((found.usage, found.choices), (usage, choices), "{text}");
+            };
+            for i in 0..seed.len() {
+                let mut d = seed.to_vec();
+                d.remove(i);
+                check(d);
+                for &b in BYTES {
+                    let mut d = seed.to_vec();
+                    d[i] = b;
+                    check(d);
+                    let mut d = seed.to_vec();
+                    d.insert(i, b);
+                    check(d);
+                }
+            }
+        }
+        // Not vacuous: many variants stay valid (in strings, digits, spaces).
+        assert!(
+            variants > 30_000 && accepted > 3_000,
+            "{variants} {accepted}"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub type Extra = Map<String, Value>;
 /// let built = ChatRequest::new("gpt-4o-mini", vec![Message::user("Hi")]);
 /// assert_eq!(built.messages.len(), 1);
 /// ```
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ChatRequest {
     /// Model name or alias.
     pub model: String,
@@ -83,6 +83,17 @@ pub struct ChatRequest {
     #[serde(skip)]
     pub extensions: http::Extensions,
 }
+
+crate::json::deserialize_with_extra!(
+    ChatRequest, "a chat completions request",
+    required: [model, messages],
+    optional: [
+        stream, stream_options, temperature, top_p, max_tokens, max_completion_tokens, n, seed,
+        response_format, tools, tool_choice, user,
+    ],
+    nullable: [],
+    skipped: [extensions],
+);
 
 /// Largest accepted request document; bigger bodies are refused before parsing.
 pub const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
@@ -363,7 +374,7 @@ impl<'de> Deserialize<'de> for Role {
 }
 
 /// One chat message (any role).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Message {
     /// Who wrote it.
     pub role: Role,
@@ -387,6 +398,14 @@ pub struct Message {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+crate::json::deserialize_with_extra!(
+    Message, "a chat message",
+    required: [role],
+    optional: [name, tool_calls, tool_call_id],
+    nullable: [content],
+    skipped: [],
+);
 
 impl Message {
     /// A message with `role` and text `content`.

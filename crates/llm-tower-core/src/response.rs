@@ -266,7 +266,7 @@ pub struct FunctionCallDelta {
 /// assert_eq!(u.cached_tokens(), 80);
 /// assert_eq!(u.uncached_prompt_tokens(), 20);
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     /// Input tokens, cached ones included.
     #[serde(default)]
@@ -287,6 +287,14 @@ pub struct Usage {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+crate::json::deserialize_with_extra!(
+    Usage, "a usage object",
+    required: [],
+    optional: [prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details, completion_tokens_details],
+    nullable: [],
+    skipped: [],
+);
 
 impl Usage {
     /// Usage with `prompt` input and `completion` output tokens.
@@ -327,7 +335,7 @@ impl Usage {
 }
 
 /// `prompt_tokens_details`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PromptTokensDetails {
     /// Tokens served from the provider's prompt cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -343,8 +351,16 @@ pub struct PromptTokensDetails {
     pub extra: Extra,
 }
 
+crate::json::deserialize_with_extra!(
+    PromptTokensDetails, "a prompt_tokens_details object",
+    required: [],
+    optional: [cached_tokens, cache_write_tokens, audio_tokens],
+    nullable: [],
+    skipped: [],
+);
+
 /// `completion_tokens_details`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct CompletionTokensDetails {
     /// Reasoning tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -364,6 +380,14 @@ pub struct CompletionTokensDetails {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+crate::json::deserialize_with_extra!(
+    CompletionTokensDetails, "a completion_tokens_details object",
+    required: [],
+    optional: [reasoning_tokens, audio_tokens, accepted_prediction_tokens, rejected_prediction_tokens],
+    nullable: [],
+    skipped: [],
+);
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderMap, StatusCode};
 use llm_tower_core::{ErrorKind, LlmError, RateLimitHeadroom};
 use serde_json::Value;
 
@@ -258,75 +258,57 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// The provider's rate-limit headroom from OpenAI-style `x-ratelimit-*` or Anthropic
 /// `anthropic-ratelimit-*` headers; `None` when neither is present.
 pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
-    // Constant names: looking a header up by `&str` (or building a `HeaderName` at run
-    // time) parses and checks the name first, on every response.
-    const fn n(name: &'static str) -> HeaderName {
-        HeaderName::from_static(name)
-    }
-    const OPENAI: [HeaderName; 6] = [
-        n("x-ratelimit-remaining-requests"),
-        n("x-ratelimit-remaining-tokens"),
-        n("x-ratelimit-limit-requests"),
-        n("x-ratelimit-limit-tokens"),
-        n("x-ratelimit-reset-requests"),
-        n("x-ratelimit-reset-tokens"),
-    ];
-    const ANTHROPIC_REQUESTS: [HeaderName; 3] = [
-        n("anthropic-ratelimit-requests-remaining"),
-        n("anthropic-ratelimit-requests-limit"),
-        n("anthropic-ratelimit-requests-reset"),
-    ];
+    // One pass over the headers, matching names by prefix: cheaper than looking each of
+    // the 18 names up (a hash of the name and a probe each), on every response.
+    let mut openai = RateLimitHeadroom::default();
+    let mut anthropic = RateLimitHeadroom::default();
     // Anthropic reports combined tokens, and input / output tokens separately; the
     // tightest of them is the headroom.
-    const TOKENS_REMAINING: [HeaderName; 3] = [
-        n("anthropic-ratelimit-tokens-remaining"),
-        n("anthropic-ratelimit-input-tokens-remaining"),
-        n("anthropic-ratelimit-output-tokens-remaining"),
-    ];
-    const TOKENS_LIMIT: [HeaderName; 3] = [
-        n("anthropic-ratelimit-tokens-limit"),
-        n("anthropic-ratelimit-input-tokens-limit"),
-        n("anthropic-ratelimit-output-tokens-limit"),
-    ];
-    const TOKENS_RESET: [HeaderName; 3] = [
-        n("anthropic-ratelimit-tokens-reset"),
-        n("anthropic-ratelimit-input-tokens-reset"),
-        n("anthropic-ratelimit-output-tokens-reset"),
-    ];
-    let get = |name: &HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
+    let min = |slot: &mut Option<u64>, v: Option<u64>| {
+        if let Some(v) = v {
+            *slot = Some(slot.map_or(v, |s| s.min(v)));
+        }
     };
-    let num = |name: &HeaderName| get(name).and_then(|v| v.parse::<u64>().ok());
-    let reset = |name: &HeaderName| get(name).and_then(parse_reset);
-    let [
-        remaining_requests,
-        remaining_tokens,
-        limit_requests,
-        limit_tokens,
-        reset_requests,
-        reset_tokens,
-    ] = &OPENAI;
-    let mut h = RateLimitHeadroom {
-        remaining_requests: num(remaining_requests),
-        remaining_tokens: num(remaining_tokens),
-        limit_requests: num(limit_requests),
-        limit_tokens: num(limit_tokens),
-        reset_requests: reset(reset_requests),
-        reset_tokens: reset(reset_tokens),
-    };
-    if h == RateLimitHeadroom::default() {
-        let [remaining, limit, reset_at] = &ANTHROPIC_REQUESTS;
-        h.remaining_requests = num(remaining);
-        h.limit_requests = num(limit);
-        h.reset_requests = reset(reset_at);
-        h.remaining_tokens = TOKENS_REMAINING.iter().filter_map(num).min();
-        h.limit_tokens = TOKENS_LIMIT.iter().filter_map(num).min();
-        h.reset_tokens = TOKENS_RESET.iter().filter_map(reset).max();
+    for (name, value) in headers {
+        let name = name.as_str();
+        let Some(value) = value.to_str().ok().map(str::trim) else {
+            continue;
+        };
+        let num = || value.parse::<u64>().ok();
+        if let Some(rest) = name.strip_prefix("x-ratelimit-") {
+            match rest {
+                "remaining-requests" => openai.remaining_requests = num(),
+                "remaining-tokens" => openai.remaining_tokens = num(),
+                "limit-requests" => openai.limit_requests = num(),
+                "limit-tokens" => openai.limit_tokens = num(),
+                "reset-requests" => openai.reset_requests = parse_reset(value),
+                "reset-tokens" => openai.reset_tokens = parse_reset(value),
+                _ => {}
+            }
+        } else if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
+            match rest {
+                "requests-remaining" => anthropic.remaining_requests = num(),
+                "requests-limit" => anthropic.limit_requests = num(),
+                "requests-reset" => anthropic.reset_requests = parse_reset(value),
+                "tokens-remaining" | "input-tokens-remaining" | "output-tokens-remaining" => {
+                    min(&mut anthropic.remaining_tokens, num());
+                }
+                "tokens-limit" | "input-tokens-limit" | "output-tokens-limit" => {
+                    min(&mut anthropic.limit_tokens, num());
+                }
+                "tokens-reset" | "input-tokens-reset" | "output-tokens-reset" => {
+                    if let Some(r) = parse_reset(value) {
+                        anthropic.reset_tokens =
+                            Some(anthropic.reset_tokens.map_or(r, |s| s.max(r)));
+                    }
+                }
+                _ => {}
+            }
+        }
     }
-    (h != RateLimitHeadroom::default()).then_some(h)
+    let none = RateLimitHeadroom::default();
+    let h = if openai != none { openai } else { anthropic };
+    (h != none).then_some(h)
 }
 
 /// A reset value: OpenAI's Go-style durations (`1s`, `6m0s`, `20ms`, `1h2m3.5s`), plain
@@ -519,6 +501,18 @@ mod tests {
         assert_eq!(h.remaining_tokens, Some(800));
         assert_eq!(h.reset_requests, Some(Duration::ZERO));
         assert!(headroom(&HeaderMap::new()).is_none());
+        // Both styles: OpenAI's wins; unparsable values and other headers are skipped.
+        let h = headroom(&headers(&[
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("x-ratelimit-remaining-tokens", "12"),
+            ("x-ratelimit-remaining-requests", "soon"),
+            ("x-ratelimit-unknown", "1"),
+            ("content-type", "application/json"),
+        ]))
+        .unwrap();
+        assert_eq!(h.remaining_tokens, Some(12));
+        assert_eq!(h.remaining_requests, None);
+        assert!(headroom(&headers(&[("x-ratelimit-remaining-tokens", "-1")])).is_none());
     }
 
     #[test]

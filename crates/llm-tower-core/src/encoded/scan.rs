@@ -1,0 +1,478 @@
+//! The shape check of a chat completion, by hand: one pass over the bytes that validates
+//! the JSON and reads the model, the usage and the number of choices.
+//!
+//! Why: through serde the check costs ~21 instructions per byte of an upstream's answer,
+//! mostly the generic visitor machinery's per-key overhead; this pass costs ~15 (the core
+//! serde bench's `encoded` case: 12 450 → 9 080 instructions for the mock's answer).
+//!
+//! Contract: [`check`] never accepts what the serde check ([`super::Shape`]) refuses, and
+//! reads the same values. Where it is unsure (escaped keys, escaped strings in typed fields,
+//! numbers serde reads in other ways, unknown usage fields, deep nesting, duplicate fields,
+//! any error) it returns `None` and the serde check decides, errors and their messages
+//! included. A differential test in the parent module holds it to this.
+
+use std::ops::Range;
+
+use crate::{CompletionTokensDetails, PromptTokensDetails, Usage};
+
+/// What the check reads.
+pub(super) struct Found {
+    pub(super) model: Range<usize>,
+    pub(super) usage: Option<Usage>,
+    pub(super) choices: usize,
+}
+
+/// `json` must be valid UTF-8 (checked by the caller).
+pub(super) fn check(json: &[u8]) -> Option<Found> {
+    let mut s = Scanner {
+        b: json,
+        i: 0,
+        depth: 0,
+    };
+    let found = s.top()?;
+    s.ws();
+    (s.i == json.len()).then_some(found)
+}
+
+// Below serde_json's own recursion limit (128), so that anything deeper is serde's call.
+const MAX_DEPTH: u32 = 100;
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+    depth: u32,
+}
+
+/// Records that a field was seen; `None` (give up) when it was already.
+fn once(seen: &mut bool) -> Option<()> {
+    (!std::mem::replace(seen, true)).then_some(())
+}
+
+impl Scanner<'_> {
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// A string; returns the range between the quotes and whether it holds escapes.
+    fn string(&mut self) -> Option<(Range<usize>, bool)> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            self.i = skip_plain(self.b, self.i);
+            match *self.b.get(self.i)? {
+                b'"' => {
+                    self.i += 1;
+                    return Some((start..self.i - 1, escaped));
+                }
+                b'\\' => {
+                    escaped = true;
+                    match *self.b.get(self.i + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
+                        b'u' => {
+                            let hex = self.b.get(self.i + 2..self.i + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            self.i += 6;
+                        }
+                        _ => return None,
+                    }
+                }
+                // A control character: it must be escaped.
+                _ => return None,
+            }
+        }
+    }
+
+    /// A string serde reads as a `str`: without escapes (serde also checks what `\u`
+    /// escapes decode to; such strings are left to it).
+    fn plain_string(&mut self) -> Option<Range<usize>> {
+        match self.string()? {
+            (r, false) => Some(r),
+            (_, true) => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.ws();
+        let end = self.i + word.len();
+        (self.b.get(self.i..end)? == word).then(|| self.i = end)
+    }
+
+    /// `null`, if that is what comes next.
+    fn null(&mut self) -> bool {
+        self.literal(b"null").is_some()
+    }
+
+    /// An unsigned integer as serde reads a `u64`: digits only, no leading zero, no
+    /// overflow (`-0`, fractions and exponents are left to serde).
+    fn u64(&mut self) -> Option<u64> {
+        self.ws();
+        let start = self.i;
+        let mut n: u64 = 0;
+        while let Some(&c @ b'0'..=b'9') = self.b.get(self.i) {
+            n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            self.i += 1;
+        }
+        let len = self.i - start;
+        if len == 0 || (len > 1 && self.b[start] == b'0') {
+            return None;
+        }
+        match self.b.get(self.i) {
+            Some(b'.' | b'e' | b'E') => None,
+            _ => Some(n),
+        }
+    }
+
+    /// `null` or a `u64`.
+    fn opt_u64(&mut self) -> Option<Option<u64>> {
+        if self.null() {
+            Some(None)
+        } else {
+            self.u64().map(Some)
+        }
+    }
+
+    /// Any number, by the JSON grammar.
+    fn number(&mut self) -> Option<()> {
+        self.ws();
+        let digits = |s: &mut Self| {
+            let start = s.i;
+            while let Some(b'0'..=b'9') = s.b.get(s.i) {
+                s.i += 1;
+            }
+            s.i > start
+        };
+        if self.b.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        match self.b.get(self.i)? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => {
+                digits(self);
+            }
+            _ => return None,
+        }
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            digits(self).then_some(())?;
+        }
+        if let Some(b'e' | b'E') = self.b.get(self.i) {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.b.get(self.i) {
+                self.i += 1;
+            }
+            digits(self).then_some(())?;
+        }
+        Some(())
+    }
+
+    /// Any JSON value, checked and skipped.
+    fn value(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' => self.object(|s, _| s.value()),
+            b'[' => self.array(Self::value).map(drop),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => self.number(),
+        }
+    }
+
+    /// An object; `field` reads each value, given the key (keys with escapes are left to
+    /// serde: they may spell a known field).
+    fn object(&mut self, mut field: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return None;
+        }
+        if self.peek()? == b'}' {
+            self.i += 1;
+        } else {
+            loop {
+                let key = self.plain_string()?;
+                self.eat(b':')?;
+                let b = self.b;
+                field(self, &b[key])?;
+                match self.peek()? {
+                    b',' => self.i += 1,
+                    b'}' => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        self.depth -= 1;
+        Some(())
+    }
+
+    /// An array; `item` reads each item. Returns the number of items.
+    fn array(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<usize> {
+        self.eat(b'[')?;
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return None;
+        }
+        let mut n = 0;
+        if self.peek()? == b']' {
+            self.i += 1;
+        } else {
+            loop {
+                item(self)?;
+                n += 1;
+                match self.peek()? {
+                    b',' => self.i += 1,
+                    b']' => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        self.depth -= 1;
+        Some(n)
+    }
+
+    fn top(&mut self) -> Option<Found> {
+        let (mut id, mut object, mut created) = (false, false, false);
+        let (mut model, mut choices, mut usage) = (None, None, None);
+        self.object(|s, key| {
+            match key {
+                b"id" => {
+                    once(&mut id)?;
+                    s.plain_string()?;
+                }
+                b"object" => {
+                    once(&mut object)?;
+                    s.plain_string()?;
+                }
+                b"created" => {
+                    once(&mut created)?;
+                    s.u64()?;
+                }
+                b"model" if model.is_none() => model = Some(s.plain_string()?),
+                b"choices" if choices.is_none() => choices = Some(s.array(Self::choice)?),
+                b"usage" if usage.is_none() => usage = Some(s.usage()?),
+                b"model" | b"choices" | b"usage" => return None,
+                _ => s.value()?,
+            }
+            Some(())
+        })?;
+        id.then_some(())?;
+        Some(Found {
+            model: model?,
+            usage: usage.flatten(),
+            choices: choices?,
+        })
+    }
+
+    fn choice(&mut self) -> Option<()> {
+        let (mut index, mut message, mut finish) = (false, false, false);
+        self.object(|s, key| {
+            match key {
+                b"index" => {
+                    once(&mut index)?;
+                    u32::try_from(s.u64()?).ok()?;
+                }
+                b"message" => {
+                    once(&mut message)?;
+                    s.message()?;
+                }
+                b"finish_reason" => {
+                    once(&mut finish)?;
+                    if !s.null() {
+                        s.plain_string()?;
+                    }
+                }
+                _ => s.value()?,
+            }
+            Some(())
+        })?;
+        message.then_some(())
+    }
+
+    fn message(&mut self) -> Option<()> {
+        let (mut role, mut content) = (false, false);
+        self.object(|s, key| match key {
+            b"role" => {
+                once(&mut role)?;
+                s.plain_string().map(drop)
+            }
+            b"content" => {
+                once(&mut content)?;
+                s.value()
+            }
+            _ => s.value(),
+        })?;
+        role.then_some(())
+    }
+
+    /// `null`, or the usage object: read here when it holds only the fields `Usage` types,
+    /// else checked and handed to serde (its other fields go to `extra`).
+    fn usage(&mut self) -> Option<Option<Usage>> {
+        if self.null() {
+            return Some(None);
+        }
+        self.ws();
+        let start = self.i;
+        let depth = self.depth;
+        if let Some(u) = self.typed_usage() {
+            return Some(Some(u));
+        }
+        self.i = start;
+        self.depth = depth;
+        self.value()?;
+        serde_json::from_slice(&self.b[start..self.i])
+            .ok()
+            .map(Some)
+    }
+
+    fn typed_usage(&mut self) -> Option<Usage> {
+        let mut u = Usage::default();
+        let mut seen = [false; 5];
+        self.object(|s, key| {
+            match key {
+                b"prompt_tokens" => {
+                    once(&mut seen[0])?;
+                    u.prompt_tokens = s.u64()?;
+                }
+                b"completion_tokens" => {
+                    once(&mut seen[1])?;
+                    u.completion_tokens = s.u64()?;
+                }
+                b"total_tokens" => {
+                    once(&mut seen[2])?;
+                    u.total_tokens = s.u64()?;
+                }
+                b"prompt_tokens_details" => {
+                    once(&mut seen[3])?;
+                    u.prompt_tokens_details = s.prompt_details()?;
+                }
+                b"completion_tokens_details" => {
+                    once(&mut seen[4])?;
+                    u.completion_tokens_details = s.completion_details()?;
+                }
+                _ => return None,
+            }
+            Some(())
+        })?;
+        Some(u)
+    }
+
+    fn prompt_details(&mut self) -> Option<Option<PromptTokensDetails>> {
+        if self.null() {
+            return Some(None);
+        }
+        let mut d = PromptTokensDetails::default();
+        let mut seen = [false; 3];
+        self.object(|s, key| {
+            let (slot, seen) = match key {
+                b"cached_tokens" => (&mut d.cached_tokens, &mut seen[0]),
+                b"cache_write_tokens" => (&mut d.cache_write_tokens, &mut seen[1]),
+                b"audio_tokens" => (&mut d.audio_tokens, &mut seen[2]),
+                _ => return None,
+            };
+            once(seen)?;
+            *slot = s.opt_u64()?;
+            Some(())
+        })?;
+        Some(Some(d))
+    }
+
+    fn completion_details(&mut self) -> Option<Option<CompletionTokensDetails>> {
+        if self.null() {
+            return Some(None);
+        }
+        let mut d = CompletionTokensDetails::default();
+        let mut seen = [false; 4];
+        self.object(|s, key| {
+            let (slot, seen) = match key {
+                b"reasoning_tokens" => (&mut d.reasoning_tokens, &mut seen[0]),
+                b"audio_tokens" => (&mut d.audio_tokens, &mut seen[1]),
+                b"accepted_prediction_tokens" => (&mut d.accepted_prediction_tokens, &mut seen[2]),
+                b"rejected_prediction_tokens" => (&mut d.rejected_prediction_tokens, &mut seen[3]),
+                _ => return None,
+            };
+            once(seen)?;
+            *slot = s.opt_u64()?;
+            Some(())
+        })?;
+        Some(Some(d))
+    }
+}
+
+/// The index of the first `"`, `\\` or control character in `b` from `i` (or `b.len()`).
+/// Eight bytes at a time: most of an answer is plain string content.
+fn skip_plain(b: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    // High bit of each byte that is zero (exact for the lowest such byte, which is all
+    // that is used).
+    let zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let w = u64::from_le_bytes(bytes);
+        let special = zero(w ^ (ONES * u64::from(b'"')))
+            | zero(w ^ (ONES * u64::from(b'\\')))
+            | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
+        if special != 0 {
+            return i + special.trailing_zeros() as usize / 8;
+        }
+        i += 8;
+    }
+    while let Some(&c) = b.get(i) {
+        if c == b'"' || c == b'\\' || c < 0x20 {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_plain;
+
+    #[test]
+    fn skip_plain_stops_at_the_first_special_byte_at_any_offset() {
+        for special in [b'"', b'\\', 0x00, 0x1f] {
+            for len in 0..20 {
+                for at in 0..=len {
+                    // Plain bytes around it, non-ASCII and 0x20 / 0x7f included.
+                    let mut b: Vec<u8> = (0..len)
+                        .map(|i| [b'a', 0x20, 0x7f, 0xc3, 0xa9][i % 5])
+                        .collect();
+                    if at < len {
+                        b[at] = special;
+                        // A second one after it must not move the answer.
+                        if at + 1 < len {
+                            b[at + 1] = b'"';
+                        }
+                    }
+                    assert_eq!(skip_plain(&b, 0), at, "{special:#x} at {at} of {len}");
+                }
+            }
+        }
+        assert_eq!(skip_plain(b"abc\"", 3), 3);
+        assert_eq!(skip_plain(b"abc", 3), 3);
+    }
+}
