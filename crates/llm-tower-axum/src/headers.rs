@@ -112,11 +112,11 @@ pub fn request_metadata(headers: &HeaderMap, req: &mut ChatRequest) -> Result<()
 
 /// An exact decimal dollar string for nano-dollars (`1500` → `"0.0000015"`), no floats.
 pub fn format_usd(nano_usd: u64) -> String {
-    use std::fmt::Write;
     let (whole, mut frac) = (nano_usd / 1_000_000_000, nano_usd % 1_000_000_000);
-    // One buffer, not three formatted strings: this runs on every answer.
+    // One buffer and no `core::fmt`: this runs on every answer.
     let mut out = String::with_capacity(32);
-    let _ = write!(out, "{whole}.");
+    out.push_str(itoa::Buffer::new().format(whole));
+    out.push('.');
     if frac == 0 {
         out.push('0');
         return out;
@@ -134,9 +134,18 @@ pub fn format_usd(nano_usd: u64) -> String {
 /// Appends `d` in milliseconds with 3 decimals (µs precision), in integers: float
 /// formatting costs more than the rest of the headers together.
 fn push_ms(out: &mut String, d: Duration) {
-    use std::fmt::Write;
-    let us = d.as_micros();
-    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    out.push_str(itoa::Buffer::new().format(us / 1000));
+    let frac = us % 1000;
+    out.extend(
+        [
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]
+        .map(char::from),
+    );
 }
 
 /// The `server-timing` value: the gateway's own time (`total − upstream`) and the upstream
@@ -152,10 +161,17 @@ pub fn server_timing(total: Duration, upstream: Option<Duration>) -> String {
     out
 }
 
+// Values come from provider/model names; one that is not a valid header value is left out
+// rather than failing the response.
 fn put(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    // Values come from provider/model names; one that is not a valid header value is
-    // left out rather than failing the response.
     if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// As [`put`], for a value built for the header: kept as it is, not copied.
+fn put_owned(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(name, v);
     }
 }
@@ -174,7 +190,7 @@ pub fn write_meta_headers(headers: &mut HeaderMap, meta: &ResponseMeta, total: D
     headers.insert(X_LLM_CACHE, HeaderValue::from_static(meta.cache.as_str()));
     headers.insert(X_LLM_ATTEMPTS, HeaderValue::from(meta.attempt_count()));
     if let Some(c) = &meta.cost {
-        put(headers, X_LLM_COST_USD, &format_usd(c.nano_usd));
+        put_owned(headers, X_LLM_COST_USD, format_usd(c.nano_usd));
     }
     if let Some(l) = &meta.limits {
         if let Some(r) = l.remaining_requests {
@@ -184,10 +200,10 @@ pub fn write_meta_headers(headers: &mut HeaderMap, meta: &ResponseMeta, total: D
             headers.insert(X_RATELIMIT_REMAINING_TOKENS, HeaderValue::from(t));
         }
     }
-    put(
+    put_owned(
         headers,
         SERVER_TIMING,
-        &server_timing(total, meta.upstream_time),
+        server_timing(total, meta.upstream_time),
     );
 }
 
@@ -199,7 +215,7 @@ pub(crate) fn write_error_headers(headers: &mut HeaderMap, error: &LlmError, tot
     if !error.attempts().is_empty() {
         headers.insert(X_LLM_ATTEMPTS, HeaderValue::from(error.attempts().len()));
     }
-    put(headers, SERVER_TIMING, &server_timing(total, None));
+    put_owned(headers, SERVER_TIMING, server_timing(total, None));
 }
 
 #[cfg(test)]
@@ -227,6 +243,13 @@ mod tests {
         // An upstream time longer than the total (clock skew) never goes negative.
         let s = server_timing(Duration::from_millis(1), Some(Duration::from_millis(2)));
         assert!(s.starts_with("gateway;dur=0.000"));
+        let s = server_timing(Duration::from_micros(1_234_567), None);
+        assert_eq!(s, "gateway;dur=1234.567");
+        let s = server_timing(
+            Duration::from_micros(1_050),
+            Some(Duration::from_micros(45)),
+        );
+        assert_eq!(s, "gateway;dur=1.005, upstream;dur=0.045");
     }
 
     #[test]

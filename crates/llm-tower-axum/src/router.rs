@@ -327,6 +327,8 @@ fn models_json(models: &[ModelEntry], created: u64) -> Bytes {
 fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
+    // Room for the `x-llm-*` headers and `x-request-id`: allocated once, not grown.
+    *resp.headers_mut() = http::HeaderMap::with_capacity(16);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -683,6 +685,7 @@ where
         include_usage,
     )));
     let h = out.headers_mut();
+    *h = http::HeaderMap::with_capacity(16);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
