@@ -185,8 +185,9 @@ impl fmt::Debug for ChunkStream {
 /// The body of an [`LlmResponse`].
 #[derive(Debug)]
 pub enum ResponseBody {
-    /// A complete response.
-    Complete(ChatResponse),
+    /// A complete response (boxed: inline it would make this enum, and every
+    /// [`LlmResponse`], 250 bytes bigger, and a response moves through every layer's future).
+    Complete(Box<ChatResponse>),
     /// A complete response still in the JSON its upstream sent: forwarded as it is by an
     /// HTTP surface, decoded by layers that need the content.
     Encoded(EncodedResponse),
@@ -223,7 +224,7 @@ impl LlmResponse {
             ..ResponseMeta::default()
         };
         Self {
-            body: ResponseBody::Complete(response),
+            body: ResponseBody::Complete(Box::new(response)),
             meta,
         }
     }
@@ -290,7 +291,7 @@ impl LlmResponse {
     /// error, as a malformed upstream answer is.
     pub async fn into_complete(self) -> Result<ChatResponse, LlmError> {
         match self.body {
-            ResponseBody::Complete(r) => Ok(r),
+            ResponseBody::Complete(r) => Ok(*r),
             ResponseBody::Encoded(r) => r.decode(),
             ResponseBody::Stream(mut s) => {
                 use futures_util::StreamExt;
@@ -308,7 +309,7 @@ impl LlmResponse {
     pub fn into_stream(self) -> ChunkStream {
         let complete = match self.body {
             ResponseBody::Stream(s) => return s,
-            ResponseBody::Complete(r) => r,
+            ResponseBody::Complete(r) => *r,
             ResponseBody::Encoded(r) => match r.decode() {
                 Ok(r) => r,
                 Err(e) => return ChunkStream::new(futures_util::stream::iter([Err(e)])),

@@ -39,7 +39,8 @@ mod scan;
 pub struct EncodedResponse {
     json: Bytes,
     model: String,
-    usage: Option<Usage>,
+    // Boxed: this is a variant of `ResponseBody`, which moves through every layer's future.
+    usage: Option<Box<Usage>>,
     choices: usize,
 }
 
@@ -53,7 +54,7 @@ impl EncodedResponse {
         {
             return Ok(Self {
                 model: text[found.model].to_owned(),
-                usage: found.usage,
+                usage: found.usage.map(Box::new),
                 choices: found.choices,
                 json,
             });
@@ -62,7 +63,7 @@ impl EncodedResponse {
         Ok(Self {
             json,
             model: shape.model,
-            usage: shape.usage,
+            usage: shape.usage.map(Box::new),
             choices: shape.choices.0,
         })
     }
@@ -89,7 +90,7 @@ impl EncodedResponse {
 
     /// The `usage` field, if present and not `null`.
     pub fn usage(&self) -> Option<&Usage> {
-        self.usage.as_ref()
+        self.usage.as_deref()
     }
 
     /// The typed response. Where the document's deeper parts (message content, tool calls,

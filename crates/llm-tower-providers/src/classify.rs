@@ -271,6 +271,10 @@ pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
     };
     for (name, value) in headers {
         let name = name.as_str();
+        // Names first: most headers are not about rate limits.
+        if !name.starts_with("x-ratelimit-") && !name.starts_with("anthropic-ratelimit-") {
+            continue;
+        }
         let Some(value) = value.to_str().ok().map(str::trim) else {
             continue;
         };

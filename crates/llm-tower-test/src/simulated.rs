@@ -335,7 +335,7 @@ impl Service<ChatRequest> for SimulatedLlm {
                 meta.usage = Some(usage);
                 meta.upstream_time = Some(started.elapsed());
                 Ok(LlmResponse {
-                    body: ResponseBody::Complete(resp),
+                    body: ResponseBody::Complete(Box::new(resp)),
                     meta,
                 })
             }

@@ -143,6 +143,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         chains = config.chains.len(),
         "llm-tower-proxy listening"
     );
+    tokio::spawn(keep_timer_armed());
     let outcome = serve(
         listener,
         gateway.router.clone(),
@@ -162,6 +163,22 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Keeps a timer due within a second, forever.
+///
+/// Why: tokio's timer driver is woken (a write to its eventfd, then one more `epoll_wait`)
+/// whenever a timer is set to fire before the driver's next planned wake-up, and with no
+/// timer pending there is none. At low load that is every request: its first timer (the
+/// fallback's attempt timeout, seconds away) finds the wheel empty. With this timer always
+/// due sooner, requests' timers wake nothing: two system calls fewer per request at
+/// concurrency 1 (`perf record -e raw_syscalls:sys_enter`, see the README), for one
+/// wake-up a second.
+async fn keep_timer_armed() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -281,7 +281,7 @@ where
     };
     match &mut resp.body {
         ResponseBody::Complete(r) => {
-            let entry = Arc::new(CachedEntry::complete(r.clone(), &resp.meta));
+            let entry = Arc::new(CachedEntry::complete(r.as_ref().clone(), &resp.meta));
             writer.finish(entry).await;
         }
         ResponseBody::Encoded(r) => {

@@ -278,7 +278,9 @@ impl CachedEntry {
     pub fn to_response(&self, stream: bool) -> LlmResponse {
         let meta = self.hit_meta();
         let body = match (&self.body, stream) {
-            (CachedBody::Complete(r), false) => ResponseBody::Complete(self.with_usage(r.clone())),
+            (CachedBody::Complete(r), false) => {
+                ResponseBody::Complete(Box::new(self.with_usage(r.clone())))
+            }
             (CachedBody::Complete(r), true) => {
                 ResponseBody::Stream(replay(self.with_usage(r.clone()).to_chunks()))
             }
@@ -288,7 +290,7 @@ impl CachedEntry {
             }
             (CachedBody::Encoded(r), stream) => match r.decode() {
                 Ok(r) if stream => ResponseBody::Stream(replay(self.with_usage(r).to_chunks())),
-                Ok(r) => ResponseBody::Complete(self.with_usage(r)),
+                Ok(r) => ResponseBody::Complete(Box::new(self.with_usage(r))),
                 Err(e) => {
                     ResponseBody::Stream(ChunkStream::new(futures_util::stream::iter([Err(e)])))
                 }
@@ -299,7 +301,7 @@ impl CachedEntry {
                 for chunk in c {
                     acc.push(chunk);
                 }
-                ResponseBody::Complete(self.with_usage(acc.finish()))
+                ResponseBody::Complete(Box::new(self.with_usage(acc.finish())))
             }
         };
         LlmResponse { body, meta }

@@ -770,10 +770,10 @@ impl Reservation {
         let Some(actual) = actual else { return };
         let settles: Vec<BucketSettle> = self
             .buckets
-            .iter()
+            .into_iter()
             .filter(|b| b.amount != actual)
             .map(|b| BucketSettle {
-                key: b.key.clone(),
+                key: b.key,
                 limit: b.limit,
                 window: b.window,
                 delta: clamp_i64(actual) - clamp_i64(b.amount),
