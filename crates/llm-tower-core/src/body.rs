@@ -74,7 +74,8 @@ type Hook = Box<dyn FnOnce(&Outcome) + Send>;
 pub struct ChunkStream {
     inner: BoxChunkStream,
     hooks: Vec<Hook>,
-    usage: Option<Usage>,
+    // Boxed: this is a variant of `ResponseBody`, which moves through every layer's future.
+    usage: Option<Box<Usage>>,
     finished: bool,
 }
 
@@ -121,7 +122,7 @@ impl ChunkStream {
 
     /// Usage seen so far (the final usage once the stream completed).
     pub fn usage(&self) -> Option<&Usage> {
-        self.usage.as_ref()
+        self.usage.as_deref()
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -143,12 +144,12 @@ impl Stream for ChunkStream {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(chunk))) => {
                 if let Some(u) = chunk.usage() {
-                    self.usage = Some(u.clone());
+                    self.usage = Some(Box::new(u.clone()));
                 }
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(error))) => {
-                let usage = self.usage.clone();
+                let usage = self.usage.as_deref().cloned();
                 self.finish(Outcome::Failed {
                     error: error.clone(),
                     usage,
@@ -156,7 +157,7 @@ impl Stream for ChunkStream {
                 Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(None) => {
-                let usage = self.usage.clone();
+                let usage = self.usage.as_deref().cloned();
                 self.finish(Outcome::Completed { usage });
                 Poll::Ready(None)
             }
@@ -167,7 +168,7 @@ impl Stream for ChunkStream {
 impl Drop for ChunkStream {
     fn drop(&mut self) {
         if !self.finished && !self.hooks.is_empty() {
-            let usage = self.usage.take();
+            let usage = self.usage.take().map(|u| *u);
             self.finish(Outcome::Dropped { usage });
         }
     }
@@ -185,8 +186,8 @@ impl fmt::Debug for ChunkStream {
 /// The body of an [`LlmResponse`].
 #[derive(Debug)]
 pub enum ResponseBody {
-    /// A complete response (boxed: inline it would make this enum, and every
-    /// [`LlmResponse`], 250 bytes bigger, and a response moves through every layer's future).
+    /// A complete response (boxed: inline it would make this enum, and so every
+    /// [`LlmResponse`], 264 bytes bigger, and a response moves through every layer's future).
     Complete(Box<ChatResponse>),
     /// A complete response still in the JSON its upstream sent: forwarded as it is by an
     /// HTTP surface, decoded by layers that need the content.
