@@ -7,7 +7,8 @@
 //! Timings on a shared machine are noisy; instruction counts are not. With
 //! `SERDE_BENCH_LOOP=<case>:<n>` the binary runs one case `n` times and exits, for
 //! `valgrind --tool=callgrind` (run `n = 0` too and subtract the start-up cost). Cases:
-//! `response`, `request`, `chunk`, `serialize`, `usage`, `encoded`, `parse_usage`.
+//! `response`, `request`, `request_extra`, `chunk`, `serialize`, `usage`, `encoded`,
+//! `parse_usage`.
 
 use std::hint::black_box;
 
@@ -22,6 +23,13 @@ const CHUNK: &str = r#"{"id":"chatcmpl-mock000000000001","object":"chat.completi
 
 fn parse_response() -> ChatResponse {
     serde_json::from_str(black_box(RESPONSE)).expect("response parses")
+}
+
+// The same with fields the request type does not type (kept in `extra`), as clients send.
+const REQUEST_EXTRA: &str = r#"{"model":"bench","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Say hello to the benchmark","name":"u1"}],"temperature":0,"presence_penalty":0,"frequency_penalty":0.5,"stop":["\n\n"],"logprobs":false,"metadata":{"team":"bench"},"parallel_tool_calls":true}"#;
+
+fn parse_request_extra() -> ChatRequest {
+    ChatRequest::from_slice(black_box(REQUEST_EXTRA.as_bytes())).expect("request parses")
 }
 
 fn parse_request() -> ChatRequest {
@@ -48,6 +56,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("parse_usage", |b| b.iter(parse_usage));
     c.bench_function("parse_response", |b| b.iter(parse_response));
     c.bench_function("parse_request", |b| b.iter(parse_request));
+    c.bench_function("parse_request_extra", |b| b.iter(parse_request_extra));
     c.bench_function("parse_chunk", |b| b.iter(parse_chunk));
     let resp = parse_response();
     c.bench_function("serialize_response", |b| {
@@ -71,6 +80,7 @@ fn run_loop(spec: &str) {
         match case {
             "response" => drop(black_box(parse_response())),
             "request" => drop(black_box(parse_request())),
+            "request_extra" => drop(black_box(parse_request_extra())),
             "chunk" => drop(black_box(parse_chunk())),
             "serialize" => drop(black_box(serde_json::to_vec(black_box(&resp)))),
             "usage" => drop(black_box(serde_json::to_vec(black_box(&usage)))),

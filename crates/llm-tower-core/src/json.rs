@@ -58,9 +58,10 @@ impl<'de> Deserialize<'de> for Key<'de> {
 }
 
 /// `Deserialize` for a struct whose named fields are read by key and whose other keys go to
-/// its `extra` map: what `#[serde(flatten)] extra` does, without buffering the whole object
-/// into serde's intermediate `Content` first and reading it a second time (for a usage
-/// object, two thirds of its parse). Field kinds: `required` (missing is an error),
+/// its `extra` map: what `#[serde(flatten)] extra` does, without buffering every unknown
+/// field into serde's intermediate `Content` and converting it again (the core serde
+/// bench: a request with seven fields kept in `extra`, 18 800 → 15 700 instructions; one
+/// without, 4 920 → 4 790). Field kinds: `required` (missing is an error),
 /// `optional` (missing is `Default`), `nullable` (`Option<Option<T>>`: missing is `None`,
 /// `null` is `Some(None)`), `skipped` (never read, `Default`). A repeated named field is an
 /// error, as with the derive.
