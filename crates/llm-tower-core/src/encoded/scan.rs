@@ -195,42 +195,34 @@ impl Scanner<'_> {
     /// An object; `field` reads each value, given the key (keys with escapes are left to
     /// serde: they may spell a known field).
     fn object(&mut self, mut field: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
-        self.depth += 1;
-        if self.depth > MAX_DEPTH {
-            return None;
-        }
-        if self.peek()? == b'}' {
-            self.i += 1;
-        } else {
-            loop {
-                let key = self.plain_string()?;
-                self.eat(b':')?;
-                let b = self.b;
-                field(self, &b[key])?;
-                match self.peek()? {
-                    b',' => self.i += 1,
-                    b'}' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
-                }
-            }
-        }
-        self.depth -= 1;
-        Some(())
+        self.items(b'{', b'}', |s| {
+            let key = s.plain_string()?;
+            s.eat(b':')?;
+            let b = s.b;
+            field(s, &b[key])
+        })
+        .map(drop)
     }
 
     /// An array; `item` reads each item. Returns the number of items.
-    fn array(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<usize> {
-        self.eat(b'[')?;
+    fn array(&mut self, item: impl FnMut(&mut Self) -> Option<()>) -> Option<usize> {
+        self.items(b'[', b']', item)
+    }
+
+    /// The comma-separated items between `open` and `close`; returns how many.
+    fn items(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<usize> {
+        self.eat(open)?;
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             return None;
         }
         let mut n = 0;
-        if self.peek()? == b']' {
+        if self.peek()? == close {
             self.i += 1;
         } else {
             loop {
@@ -238,7 +230,7 @@ impl Scanner<'_> {
                 n += 1;
                 match self.peek()? {
                     b',' => self.i += 1,
-                    b']' => {
+                    c if c == close => {
                         self.i += 1;
                         break;
                     }
@@ -363,11 +355,36 @@ impl Scanner<'_> {
                 }
                 b"prompt_tokens_details" => {
                     once(&mut seen[3])?;
-                    u.prompt_tokens_details = s.prompt_details()?;
+                    const NAMES: [&[u8]; 3] =
+                        [b"cached_tokens", b"cache_write_tokens", b"audio_tokens"];
+                    u.prompt_tokens_details =
+                        s.counts(NAMES)?
+                            .map(|[cached, write, audio]| PromptTokensDetails {
+                                cached_tokens: cached,
+                                cache_write_tokens: write,
+                                audio_tokens: audio,
+                                ..PromptTokensDetails::default()
+                            });
                 }
                 b"completion_tokens_details" => {
                     once(&mut seen[4])?;
-                    u.completion_tokens_details = s.completion_details()?;
+                    const NAMES: [&[u8]; 4] = [
+                        b"reasoning_tokens",
+                        b"audio_tokens",
+                        b"accepted_prediction_tokens",
+                        b"rejected_prediction_tokens",
+                    ];
+                    u.completion_tokens_details =
+                        s.counts(NAMES)?
+                            .map(|[reasoning, audio, accepted, rejected]| {
+                                CompletionTokensDetails {
+                                    reasoning_tokens: reasoning,
+                                    audio_tokens: audio,
+                                    accepted_prediction_tokens: accepted,
+                                    rejected_prediction_tokens: rejected,
+                                    ..CompletionTokensDetails::default()
+                                }
+                            });
                 }
                 _ => return None,
             }
@@ -376,45 +393,21 @@ impl Scanner<'_> {
         Some(u)
     }
 
-    fn prompt_details(&mut self) -> Option<Option<PromptTokensDetails>> {
+    /// `null`, or an object of the named counts, each `null` or a `u64` (any other field
+    /// is left to serde: it goes to `extra`).
+    fn counts<const N: usize>(&mut self, names: [&[u8]; N]) -> Option<Option<[Option<u64>; N]>> {
         if self.null() {
             return Some(None);
         }
-        let mut d = PromptTokensDetails::default();
-        let mut seen = [false; 3];
+        let mut values = [None; N];
+        let mut seen = [false; N];
         self.object(|s, key| {
-            let (slot, seen) = match key {
-                b"cached_tokens" => (&mut d.cached_tokens, &mut seen[0]),
-                b"cache_write_tokens" => (&mut d.cache_write_tokens, &mut seen[1]),
-                b"audio_tokens" => (&mut d.audio_tokens, &mut seen[2]),
-                _ => return None,
-            };
-            once(seen)?;
-            *slot = s.opt_u64()?;
+            let i = names.iter().position(|&n| n == key)?;
+            once(&mut seen[i])?;
+            values[i] = s.opt_u64()?;
             Some(())
         })?;
-        Some(Some(d))
-    }
-
-    fn completion_details(&mut self) -> Option<Option<CompletionTokensDetails>> {
-        if self.null() {
-            return Some(None);
-        }
-        let mut d = CompletionTokensDetails::default();
-        let mut seen = [false; 4];
-        self.object(|s, key| {
-            let (slot, seen) = match key {
-                b"reasoning_tokens" => (&mut d.reasoning_tokens, &mut seen[0]),
-                b"audio_tokens" => (&mut d.audio_tokens, &mut seen[1]),
-                b"accepted_prediction_tokens" => (&mut d.accepted_prediction_tokens, &mut seen[2]),
-                b"rejected_prediction_tokens" => (&mut d.rejected_prediction_tokens, &mut seen[3]),
-                _ => return None,
-            };
-            once(seen)?;
-            *slot = s.opt_u64()?;
-            Some(())
-        })?;
-        Some(Some(d))
+        Some(Some(values))
     }
 }
 
