@@ -12,8 +12,8 @@ pub(crate) fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json:
     }
 }
 
-/// An object key, borrowed from the input when it has no escapes (serde's `Cow<str>`
-/// always allocates).
+/// A string (an object key, a role), borrowed from the input when it has no escapes
+/// (serde's `Cow<str>` always allocates).
 pub(crate) enum Key<'de> {
     Borrowed(&'de str),
     Owned(String),
@@ -41,7 +41,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = Key<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a field name")
+                f.write_str("a string")
             }
             fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
                 Ok(Key::Borrowed(s))

@@ -269,19 +269,16 @@ pub struct FunctionCallDelta {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     /// Input tokens, cached ones included.
-    #[serde(default)]
     pub prompt_tokens: u64,
     /// Output tokens, reasoning ones included.
-    #[serde(default)]
     pub completion_tokens: u64,
     /// Sum of the two.
-    #[serde(default)]
     pub total_tokens: u64,
     /// Breakdown of the input tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
     /// Breakdown of the output tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens_details: Option<CompletionTokensDetails>,
     /// Other fields, kept as sent.
     #[serde(flatten)]
@@ -338,13 +335,13 @@ impl Usage {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PromptTokensDetails {
     /// Tokens served from the provider's prompt cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u64>,
     /// Tokens written to the provider's prompt cache (Anthropic `cache_creation_input_tokens`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_write_tokens: Option<u64>,
     /// Audio input tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub audio_tokens: Option<u64>,
     /// Other fields.
     #[serde(flatten)]
@@ -363,18 +360,18 @@ crate::json::deserialize_with_extra!(
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct CompletionTokensDetails {
     /// Reasoning tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_tokens: Option<u64>,
     /// Audio output tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub audio_tokens: Option<u64>,
     /// Predicted-output tokens that appeared in the answer.
     // Typed although no layer reads them: OpenAI sends both on every answer, and in
     // `extra` each clone and drop of a usage would allocate and free their keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub accepted_prediction_tokens: Option<u64>,
     /// Predicted-output tokens that did not (billed as output all the same).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected_prediction_tokens: Option<u64>,
     /// Other fields.
     #[serde(flatten)]

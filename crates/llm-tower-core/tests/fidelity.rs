@@ -183,6 +183,11 @@ fn malformed_requests_are_bad_requests() {
     assert_eq!(e.param(), Some("messages"));
     let e = bad(br#"{"model": "m", "messages": [{"role": "user", "content": 42}]}"#);
     assert!(e.message().contains("messages[0]"), "{e}");
+    let e = bad(br#"{"model": "m", "messages": [{"role": 5}]}"#);
+    assert!(e.message().contains("messages[0].role"), "{e}");
+    assert!(e.message().contains("expected a string"), "{e}");
+    let e = bad(br#"{"model": "m", "model": "n", "messages": [{"role": "user"}]}"#);
+    assert!(e.message().contains("duplicate field `model`"), "{e}");
     let e =
         bad(br#"{"model": "m", "messages": [{"role": "user", "content": [{"text": "no type"}]}]}"#);
     assert!(e.message().contains("type"), "{e}");
