@@ -28,10 +28,5 @@ cleanup() {
 }
 trap cleanup EXIT
 # Every request skips the cache lookup (no-cache) and stores its answer: the miss path.
-cat >"$LUA" <<LUAEOF
-wrk.method = "POST"
-wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench"
-wrk.headers["Cache-Control"] = "no-cache"
-LUAEOF
+. scripts/wrk-lua.sh
+wrk_lua "$LUA" "$BODY" no-cache

@@ -141,7 +141,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "| throughput, c=64 | ${drps} req/s | ${brps} req/s (${bratio}×) | ${grps} req/s | ${ratio}×$(range "${A_RATIO[@]}") | ≥ 0.5× | $(verdict "$(lt 0.4999 "$ratio")") |"
   echo "| gateway peak RSS (VmHWM) | | | ${rss_mb} MB | | < 50 MB | $(verdict "$(lt "$rss_mb" 50)") |"
   echo
-  echo "Median of $ROUNDS round(s), range in brackets. wrk -t1, ${DURATION} per run; gateway ($PROFILE) and baseline on core 0, mock on core 1, wrk on core 0 at c=1 and core 1 at c=64; $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); $(date -u +%FT%TZ)."
+  echo "Median of $ROUNDS round(s), range in brackets. wrk -t1, ${DURATION} per run; gateway \`${GW_BIN#"$PWD/"}\` and baseline on core 0, mock on core 1, wrk on core 0 at c=1 and core 1 at c=64; $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); $(date -u +%FT%TZ)."
 } | tee "$OUT"
 
 for out in "${ALL_OUT[@]}"; do

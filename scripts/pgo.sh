@@ -21,6 +21,7 @@ for tool in wrk curl; do
 done
 PGO_TARGET_DIR="$(realpath -m "${PGO_TARGET_DIR:-target-pgo}")"
 PROF_DIR="$PGO_TARGET_DIR/pgo-profiles"
+. scripts/wrk-lua.sh
 rm -rf "$PROF_DIR"
 mkdir -p "$PROF_DIR"
 
@@ -41,13 +42,7 @@ trap 'kill $MOCK $GW 2>/dev/null || true; rm -f "$LUA"' EXIT
 for _ in $(seq 1 100); do curl -sf -o /dev/null http://127.0.0.1:9101/healthz && break; sleep 0.1; done
 
 train() { # body cache-control seconds
-  cat >"$LUA" <<LUAEOF
-wrk.method = "POST"
-wrk.body = '$1'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench"
-wrk.headers["Cache-Control"] = "$2"
-LUAEOF
+  wrk_lua "$LUA" "$1" "$2"
   wrk -t1 -c8 -d"$3" -s "$LUA" http://127.0.0.1:9101/v1/chat/completions >/dev/null
 }
 echo "== training run" >&2
