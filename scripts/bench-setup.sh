@@ -28,5 +28,5 @@ cleanup() {
 }
 trap cleanup EXIT
 # Every request skips the cache lookup (no-cache) and stores its answer: the miss path.
-. scripts/wrk-lua.sh
+. scripts/bench-lib.sh
 wrk_lua "$LUA" "$BODY" no-cache

@@ -29,39 +29,33 @@ PA=$!; PIDS+=("$PA")
 RUST_LOG=warn taskset -c 0 "$B" --config "$B_CONFIG" >/dev/null 2>&1 &
 PB=$!; PIDS+=("$PB")
 for port in 9101 9103; do
-  for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/healthz" && break; sleep 0.1; done
+  wait_up "http://127.0.0.1:$port/healthz"
   taskset -c 1 wrk -t1 -c8 -d2s -s "$LUA" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
 done
 
 TCK="$(getconf CLK_TCK)"
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 run() { # pid port -> "req/s cpu_us_per_request p50_us"
-  local c0 c1 out out1
+  local c0 c1 out out1 n
   c0="$(cpu_ticks "$1")"
   out="$(taskset -c 1 wrk -t1 -c64 -d"$DURATION" -s "$LUA" "http://127.0.0.1:$2/v1/chat/completions")"
   c1="$(cpu_ticks "$1")"
   out1="$(taskset -c 0 wrk -t1 -c1 -d"$DURATION" --latency -s "$LUA" "http://127.0.0.1:$2/v1/chat/completions")"
-  awk -v c=$((c1 - c0)) -v t="$TCK" '
-    /^Requests\/sec/ { if (!rps) rps = $2 }
-    / requests in / { if (!n) n = $1 }
-    $1 == "50%" { p = $2 }
-    END {
-      u = p + 0; unit = p; sub(/^[0-9.]+/, "", unit)
-      if (unit == "ms") u *= 1000; else if (unit == "s") u *= 1000000
-      printf "%.0f %.1f %.0f\n", rps, c / t * 1e6 / n, u
-    }' <<<"$out"$'\n'"$out1"
+  n="$(awk '/ requests in / { print $1 }' <<<"$out")"
+  echo "$(rps "$out") $(awk -v c=$((c1 - c0)) -v t="$TCK" -v n="$n" 'BEGIN { printf "%.1f", c / t * 1e6 / n }') $(to_us "$(pct 50% "$out1")")"
 }
 RA=(); RB=()
 for i in $(seq 1 "$PAIRS"); do
   RA+=("$(run "$PA" 9101)"); echo "A ${RA[-1]}" >&2
   RB+=("$(run "$PB" 9103)"); echo "B ${RB[-1]}" >&2
 done
-med() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { printf '%s\n' "${rows[@]}" | cut -d' ' -f"$1"; } # column N of this side's runs
 echo "| | req/s at c=64 | CPU per request at c=64 | p50 at c=1 |"
 echo "|---|---|---|---|"
 for side in A B; do
   if [ "$side" = A ]; then rows=("${RA[@]}"); bin="$A"; else rows=("${RB[@]}"); bin="$B"; fi
-  echo "| $side \`${bin#"$PWD/"}\` | $(printf '%s\n' "${rows[@]}" | cut -d' ' -f1 | med) | $(printf '%s\n' "${rows[@]}" | cut -d' ' -f2 | med) µs | $(printf '%s\n' "${rows[@]}" | cut -d' ' -f3 | med) µs |"
+  # shellcheck disable=SC2046 # one value per word
+  echo "| $side \`${bin#"$PWD/"}\` | $(med %.0f $(col 1)) | $(med %.1f $(col 2)) µs | $(med %.0f $(col 3)) µs |"
 done
 echo
 echo "Medians of $PAIRS alternating pairs, $DURATION per run; $(date -u +%FT%TZ)."

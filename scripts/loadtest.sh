@@ -53,14 +53,6 @@ PIDS+=("$GW_PID")
 taskset -c 0 "$BARE_BIN" --addr "$BARE_ADDR" --upstream "$MOCK_ADDR" >/dev/null 2>&1 &
 PIDS+=($!)
 
-wait_up() {
-  for _ in $(seq 1 100); do
-    if curl -sf -o /dev/null "$1"; then return 0; fi
-    sleep 0.1
-  done
-  echo "loadtest: $1 did not come up" >&2
-  exit 1
-}
 wait_up "http://$GW_ADDR/healthz"
 wait_up "http://$MOCK_ADDR/v1/models"
 wait_up "http://$BARE_ADDR/v1/models"
@@ -69,18 +61,9 @@ wait_up "http://$BARE_ADDR/v1/models"
 curl -sf -H 'content-type: application/json' -H 'authorization: Bearer sk-bench' \
   -H 'cache-control: no-cache' -d "$BODY" "http://$GW_ADDR/v1/chat/completions" >/dev/null
 
-# wrk's latency value ("123.45us", "1.23ms", "2.00s") in microseconds.
-to_us() {
-  awk -v v="$1" 'BEGIN {
-    n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
-    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000; else m = 1;
-    printf "%.0f", n * m }'
-}
 run_wrk() { # core url connections -> prints wrk output
   taskset -c "$1" wrk -t1 -c"$3" -d"$DURATION" --latency -s "$LUA" "$2"
 }
-pct() { awk -v p="$1" '$1 == p { print $2 }' <<<"$2"; }
-rps() { awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$1"; }
 errors() { awk '/Non-2xx|Socket errors/ { print }' <<<"$1"; }
 
 echo "== warm-up" >&2
@@ -118,9 +101,7 @@ done
 
 RSS_KB="$(awk '/^VmHWM:/ { print $2 }' "/proc/$GW_PID/status")"
 
-# `med FMT values…` prints the median in printf format FMT; `range values…` prints
-# " (min – max)" when there was more than one round.
-med() { local f="$1"; shift; printf '%s\n' "$@" | sort -g | awk -v f="$f" '{ a[NR] = $1 } END { printf f, (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+# `range values…` prints " (min – max)" when there was more than one round.
 range() { [ "$#" -gt 1 ] && printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf " (%s – %s)", lo, hi }'; }
 d50=$(med %.0f "${A_D50[@]}"); d99=$(med %.0f "${A_D99[@]}")
 b50=$(med %.0f "${A_B50[@]}"); b99=$(med %.0f "${A_B99[@]}")

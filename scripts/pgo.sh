@@ -21,7 +21,7 @@ for tool in wrk curl; do
 done
 PGO_TARGET_DIR="$(realpath -m "${PGO_TARGET_DIR:-target-pgo}")"
 PROF_DIR="$PGO_TARGET_DIR/pgo-profiles"
-. scripts/wrk-lua.sh
+. scripts/bench-lib.sh
 rm -rf "$PROF_DIR"
 mkdir -p "$PROF_DIR"
 
@@ -39,7 +39,7 @@ RUST_LOG=warn "$PGO_TARGET_DIR/dist/llm-tower-proxy" --config examples/proxy/ben
 GW=$!
 LUA="$(mktemp --suffix=.lua)"
 trap 'kill $MOCK $GW 2>/dev/null || true; rm -f "$LUA"' EXIT
-for _ in $(seq 1 100); do curl -sf -o /dev/null http://127.0.0.1:9101/healthz && break; sleep 0.1; done
+wait_up http://127.0.0.1:9101/healthz
 
 train() { # body cache-control seconds
   wrk_lua "$LUA" "$1" "$2"
