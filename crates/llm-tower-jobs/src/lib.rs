@@ -84,7 +84,7 @@ pub use http::jobs_router;
 pub use jobs::{CHAT_KIND, DEFAULT_TENANT, Jobs, JobsBuilder};
 pub use store::{JobStore, PostgresStore, SqliteStore, StoreFuture};
 pub use types::{
-    Finish, Job, JobError, JobErrorInfo, JobId, JobOptions, JobStatus, Lease, NewJob, Progress,
-    Submitted,
+    Finish, Job, JobError, JobErrorInfo, JobId, JobOptions, JobStatus, Lease, LlmCall, NewJob,
+    Progress, Submitted,
 };
-pub use worker::{JobContext, Worker, WorkerBuilder, WorkerHandle, WorkerStats};
+pub use worker::{FaultPoint, JobContext, Worker, WorkerBuilder, WorkerHandle, WorkerStats};

@@ -349,6 +349,35 @@ pub struct Lease {
     pub token: uuid::Uuid,
 }
 
+/// The record of one LLM call made inside a durable step
+/// ([`JobContext::chat`](crate::JobContext::chat) within
+/// [`JobContext::step`](crate::JobContext::step)), or by a chat job, kept so that a re-run of the step reuses the answer instead of calling the upstream again.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LlmCall {
+    /// The call's key within its job: `"{step}/{n}"`, the step's recorded name and the
+    /// call's 0-based index within the step (`"chat/0"` for a chat job). The same on
+    /// every attempt, as long as the handler is deterministic up to the call.
+    pub key: String,
+    /// How many attempts started this call. More than one while `response` is `None`
+    /// means an earlier start left no recorded answer: its call failed, or its worker
+    /// died after sending the request; in that case the upstream may have been paid.
+    pub starts: u32,
+    /// The upstream's answer (a serialized `ChatResponse`) once recorded.
+    pub response: Option<Value>,
+}
+
+impl LlmCall {
+    /// A call record.
+    pub fn new(key: impl Into<String>, starts: u32, response: Option<Value>) -> Self {
+        Self {
+            key: key.into(),
+            starts,
+            response,
+        }
+    }
+}
+
 /// How a worker ends an attempt.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ pub struct WorkerBuilder {
     max_backoff: Duration,
     purge_interval: Duration,
     worker_id: String,
+    fault: Option<FaultHook>,
 }
 
 impl WorkerBuilder {
@@ -48,6 +49,7 @@ impl WorkerBuilder {
             max_backoff: Duration::from_secs(300),
             purge_interval: Duration::from_secs(600),
             worker_id: format!("worker-{}", uuid::Uuid::new_v4()),
+            fault: None,
         }
     }
 
@@ -105,6 +107,19 @@ impl WorkerBuilder {
         self
     }
 
+    /// Test support, not a stable API: calls `hook` at each [`FaultPoint`] of an LLM call
+    /// made in a durable step, with the job and the call's key. The crash tests use it to
+    /// stop a worker process at exactly that point.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn fault_hook(
+        mut self,
+        hook: impl Fn(FaultPoint, JobId, &str) + Send + Sync + 'static,
+    ) -> Self {
+        self.fault = Some(FaultHook(Arc::new(hook)));
+        self
+    }
+
     /// The worker and the handle that stops it (like tower's `Buffer::pair`: the caller
     /// decides where the worker runs).
     pub fn build(self) -> (Worker, WorkerHandle) {
@@ -119,6 +134,7 @@ impl WorkerBuilder {
             worker_id: self.worker_id,
             stats: Counters::default(),
             release: release_rx,
+            fault: self.fault,
         });
         let worker = Worker {
             shared: shared.clone(),
@@ -146,6 +162,30 @@ struct Shared {
     worker_id: String,
     stats: Counters,
     release: watch::Receiver<bool>,
+    fault: Option<FaultHook>,
+}
+
+#[derive(Clone)]
+struct FaultHook(Arc<dyn Fn(FaultPoint, JobId, &str) + Send + Sync>);
+
+impl fmt::Debug for FaultHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FaultHook")
+    }
+}
+
+/// Test support, not a stable API: the points of a recorded LLM call where
+/// [`WorkerBuilder::fault_hook`] is called.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FaultPoint {
+    /// The upstream answered; the answer is not recorded yet (the window that remains:
+    /// a crash here makes the re-run call the upstream again).
+    LlmAnswered,
+    /// The answer is recorded; the step's output is not (a crash here makes the re-run
+    /// reuse the recorded answer).
+    CallRecorded,
 }
 
 #[derive(Default)]
@@ -157,6 +197,10 @@ struct Counters {
     cancelled: AtomicU64,
     lease_lost: AtomicU64,
     released: AtomicU64,
+    llm_calls: AtomicU64,
+    llm_calls_replayed: AtomicU64,
+    llm_calls_repeated: AtomicU64,
+    llm_call_records_failed: AtomicU64,
 }
 
 impl Counters {
@@ -170,6 +214,10 @@ impl Counters {
             cancelled: g(&self.cancelled),
             lease_lost: g(&self.lease_lost),
             released: g(&self.released),
+            llm_calls: g(&self.llm_calls),
+            llm_calls_replayed: g(&self.llm_calls_replayed),
+            llm_calls_repeated: g(&self.llm_calls_repeated),
+            llm_call_records_failed: g(&self.llm_call_records_failed),
         }
     }
 }
@@ -192,6 +240,19 @@ pub struct WorkerStats {
     pub lease_lost: u64,
     /// Jobs released on shutdown.
     pub released: u64,
+    /// Recorded LLM calls (chat jobs, and [`JobContext::chat`] within a step) sent to the
+    /// upstream.
+    pub llm_calls: u64,
+    /// Recorded LLM calls answered from the record of an earlier attempt, without calling
+    /// the upstream.
+    pub llm_calls_replayed: u64,
+    /// Recorded LLM calls sent again after an earlier attempt had started them and
+    /// recorded no answer: that call failed, or its worker died while waiting for the
+    /// answer or before recording it (then the upstream may be paid twice).
+    pub llm_calls_repeated: u64,
+    /// Answers that could not be recorded (store error): the step went on with the
+    /// answer, but a crash before its output is recorded would call the upstream again.
+    pub llm_call_records_failed: u64,
 }
 
 /// Stops a [`Worker`] gracefully. Cheap to clone.
@@ -511,9 +572,11 @@ async fn prepare(shared: &Arc<Shared>, job: &Job, lease: Lease) -> Result<Work, 
         if let Some(ms) = job.timeout_ms {
             req.set_deadline(Deadline::after(Duration::from_millis(ms)));
         }
-        let service = shared.service.clone();
+        let shared = shared.clone();
         return Ok(Box::pin(async move {
-            let resp = service.oneshot(req).await?.into_complete().await?;
+            // A chat job is one recorded call, so a crash after the upstream answered and
+            // before the result is stored does not pay for the call again.
+            let resp = recorded_call(&shared, lease, CHAT_CALL.to_owned(), req).await?;
             serde_json::to_value(resp)
                 .map_err(|e| LlmError::internal(format!("the response cannot be stored: {e}")))
         }));
@@ -546,6 +609,114 @@ async fn prepare(shared: &Arc<Shared>, job: &Job, lease: Lease) -> Result<Work, 
         }),
     };
     Ok(handler(ctx, job.input.clone()))
+}
+
+/// The call key of a chat job's one LLM call.
+const CHAT_CALL: &str = "chat/0";
+
+/// The longest upstream idempotency key set on a recorded call's request.
+const MAX_UPSTREAM_KEY: usize = 255;
+
+/// Sends `req` as the recorded LLM call `key` of the job under `lease`: answered from the
+/// record when an earlier attempt recorded the answer; otherwise sent to the upstream and
+/// its answer recorded before anything else happens.
+async fn recorded_call(
+    shared: &Shared,
+    lease: Lease,
+    key: String,
+    mut req: ChatRequest,
+) -> Result<ChatResponse, LlmError> {
+    let store = &shared.jobs.inner.store;
+    let stats = &shared.stats;
+    let call = store
+        .begin_call(lease, &key, now_ms())
+        .await
+        .map_err(|e| match e {
+            JobError::LeaseLost => lease_lost(),
+            e => LlmError::from(e),
+        })?;
+    if let Some(recorded) = call.response {
+        stats.llm_calls_replayed.fetch_add(1, Ordering::Relaxed);
+        return serde_json::from_value(recorded).map_err(|e| {
+            LlmError::internal(format!(
+                "the recorded answer of call `{key}` is invalid: {e}"
+            ))
+        });
+    }
+    if call.starts > 1 {
+        stats.llm_calls_repeated.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            job = %lease.id,
+            call = %key,
+            starts = call.starts,
+            "an earlier attempt started this LLM call and recorded no answer; calling again"
+        );
+    }
+    if req.idempotency_key().is_none() {
+        // The same on every attempt: an upstream that deduplicates by key could answer a
+        // repeated call without charging twice.
+        let upstream_key = format!("{}:{key}", lease.id);
+        if upstream_key.len() <= MAX_UPSTREAM_KEY {
+            req.set_idempotency_key(upstream_key);
+        }
+    }
+    stats.llm_calls.fetch_add(1, Ordering::Relaxed);
+    let resp = shared
+        .service
+        .clone()
+        .oneshot(req)
+        .await?
+        .into_complete()
+        .await?;
+    fault(shared, FaultPoint::LlmAnswered, lease.id, &key);
+    match serde_json::to_value(&resp) {
+        Ok(value) => {
+            if let Err(e) = store.record_call(lease.id, &key, &value, now_ms()).await {
+                // Going on with the answer beats failing the step: a retry would pay again.
+                stats
+                    .llm_call_records_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(job = %lease.id, call = %key, error = %e, "recording an LLM answer failed");
+            }
+        }
+        Err(e) => {
+            stats
+                .llm_call_records_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(job = %lease.id, call = %key, error = %e, "an LLM answer cannot be serialized");
+        }
+    }
+    fault(shared, FaultPoint::CallRecorded, lease.id, &key);
+    Ok(resp)
+}
+
+fn fault(shared: &Shared, point: FaultPoint, id: JobId, key: &str) {
+    if let Some(hook) = &shared.fault {
+        (hook.0)(point, id, key);
+    }
+}
+
+/// The durable step being run in this task: what keys the LLM calls made within it.
+struct StepScope {
+    job: JobId,
+    step: String,
+    calls: AtomicU32,
+}
+
+impl StepScope {
+    fn call_key(step: &str, n: u32) -> String {
+        format!("{step}/{n}")
+    }
+
+    fn keys(&self) -> Vec<String> {
+        (0..self.calls.load(Ordering::Relaxed))
+            .map(|n| Self::call_key(&self.step, n))
+            .collect()
+    }
+}
+
+tokio::task_local! {
+    static STEP: StepScope;
 }
 
 /// The retry delay before attempt `attempt + 1`: `base * 2^(attempt-1)` capped at `max`,
@@ -676,7 +847,30 @@ impl JobContext {
         )?;
         self.inner.shared.jobs.inner.hub.changed(self.inner.id);
 
-        let out = f().await?;
+        // The step's LLM calls are keyed by this scope (task-local, so steps run
+        // concurrently with `join!` each keep their own).
+        let scope = StepScope {
+            job: self.inner.id,
+            step: key.clone(),
+            calls: AtomicU32::new(0),
+        };
+        let (out, keys) = STEP
+            .scope(scope, async move {
+                let out = f().await;
+                (out, STEP.with(|s| s.keys()))
+            })
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                // A failed step's answers were rejected by the handler (or never came): a
+                // retry asks afresh.
+                if let Err(fe) = store.forget_calls(self.inner.lease, &keys).await {
+                    tracing::debug!(job = %self.inner.id, error = %fe, "forgetting a failed step's calls failed");
+                }
+                return Err(e);
+            }
+        };
         let value = serde_json::to_value(&out).map_err(|e| {
             LlmError::internal(format!(
                 "the output of step `{key}` cannot be serialized: {e}"
@@ -703,15 +897,35 @@ impl JobContext {
 
     /// Sends a chat request through the worker's LLM service (tenant set), collected into
     /// a complete response.
+    ///
+    /// Within a [`step`](Self::step) (in the step's own task), the call is recorded: its
+    /// key is the step's name and the call's index within the step (`"{step}/{n}"`, the
+    /// same on every attempt), the upstream's answer is written to the store as soon as it
+    /// arrives, and a re-run of a step whose earlier attempt died after that write reuses
+    /// the answer instead of calling the upstream again. The request carries the
+    /// [`IdempotencyKey`](llm_tower_core::IdempotencyKey) `"{job id}:{step}/{n}"` (unless
+    /// it has one, or it would be longer than 255 bytes). Outside a step the call is sent
+    /// every time the handler runs.
     pub async fn chat(&self, mut request: ChatRequest) -> Result<ChatResponse, LlmError> {
         if request.tenant().is_none() {
             request.set_tenant(self.inner.tenant.clone());
         }
         request.stream = None;
-        self.llm().oneshot(request).await?.into_complete().await
+        let key = STEP
+            .try_with(|s| {
+                (s.job == self.inner.id)
+                    .then(|| StepScope::call_key(&s.step, s.calls.fetch_add(1, Ordering::Relaxed)))
+            })
+            .ok()
+            .flatten();
+        match key {
+            Some(key) => recorded_call(&self.inner.shared, self.inner.lease, key, request).await,
+            None => self.llm().oneshot(request).await?.into_complete().await,
+        }
     }
 
-    /// The worker's LLM service.
+    /// The worker's LLM service. Calls made on it directly are not recorded (see
+    /// [`chat`](Self::chat)).
     pub fn llm(&self) -> BoxLlmService {
         self.inner.shared.service.clone()
     }

@@ -251,6 +251,13 @@ async fn cancel_while_running_drops_the_call(store: Store) {
         .await
         .unwrap();
     wait_status(&jobs, &tenant(), s.job.id, JobStatus::Running).await;
+    // The call starts after the worker noted it in the store: cancel while it is in flight.
+    within("the LLM call to start", async {
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     let cancelled = jobs.cancel(&tenant(), s.job.id).await.unwrap().unwrap();
     assert_eq!(cancelled.status, JobStatus::Cancelled);
     within("the LLM call to be dropped", async {
@@ -686,6 +693,130 @@ async fn panicking_handler_fails_the_job(store: Store) {
     stop(w).await;
 }
 
+/// A step whose attempt ends after the upstream answered (here: the attempt times out in
+/// the step, after the call) reuses the recorded answer on the next attempt: the upstream
+/// is called once, and the request carried the attempt-independent call key.
+async fn step_answer_is_reused_after_a_lost_attempt(store: Store) {
+    let jobs = Jobs::new(store);
+    jobs.register("ask", |ctx, _input| async move {
+        ctx.step("ask", || async {
+            let text = ctx.chat(req("question")).await?.text();
+            if ctx.attempt() == 1 {
+                // The attempt dies here: after the answer, before the step's output.
+                std::future::pending::<()>().await;
+            }
+            Ok(text)
+        })
+        .await
+    });
+    let mock = MockLlm::new("m").then(Step::reply("the answer"));
+    let w = start(&jobs, boxed(mock.clone()));
+    let s = jobs
+        .submit(
+            &tenant(),
+            "ask",
+            json!({}),
+            fast().timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let done = wait_done(&jobs, &tenant(), s.job.id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.attempts, 2);
+    assert_eq!(done.result.unwrap(), json!("the answer"));
+    assert_eq!(mock.calls(), 1);
+    let key = mock
+        .last_request()
+        .unwrap()
+        .idempotency_key()
+        .cloned()
+        .unwrap();
+    assert_eq!(key.as_str(), format!("{}:ask/0", s.job.id));
+    let calls = jobs.store().calls(s.job.id).await.unwrap();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!((calls[0].key.as_str(), calls[0].starts), ("ask/0", 1));
+    assert!(calls[0].response.is_some());
+    let stats = stop(w).await;
+    assert_eq!(
+        (
+            stats.llm_calls,
+            stats.llm_calls_replayed,
+            stats.llm_calls_repeated
+        ),
+        (1, 1, 0)
+    );
+}
+
+/// A step that failed asks the upstream afresh on its retry: the answers it rejected
+/// are forgotten.
+async fn failed_step_asks_the_upstream_afresh(store: Store) {
+    let jobs = Jobs::new(store);
+    jobs.register("ask", |ctx, _input| async move {
+        ctx.step("ask", || async {
+            let text = ctx.chat(req("question")).await?.text();
+            if ctx.attempt() == 1 {
+                return Err(LlmError::unavailable("the answer did not parse"));
+            }
+            Ok(text)
+        })
+        .await
+    });
+    let mock = MockLlm::new("m")
+        .then(Step::reply("first"))
+        .then(Step::reply("second"));
+    let w = start(&jobs, boxed(mock.clone()));
+    let s = jobs
+        .submit(&tenant(), "ask", json!({}), fast())
+        .await
+        .unwrap();
+    let done = wait_done(&jobs, &tenant(), s.job.id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.result.unwrap(), json!("second"));
+    assert_eq!(mock.calls(), 2);
+    let calls = jobs.store().calls(s.job.id).await.unwrap();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        calls[0].starts, 1,
+        "the failed attempt's start was forgotten"
+    );
+    let stats = stop(w).await;
+    assert_eq!(
+        (
+            stats.llm_calls,
+            stats.llm_calls_replayed,
+            stats.llm_calls_repeated
+        ),
+        (2, 0, 0)
+    );
+}
+
+/// A chat job's one call is recorded under `chat/0`, with the job's call key upstream.
+async fn chat_job_call_is_recorded(store: Store) {
+    let jobs = Jobs::new(store);
+    let mock = MockLlm::new("m").then(Step::reply("Paris"));
+    let w = start(&jobs, boxed(mock.clone()));
+    let s = jobs
+        .submit_chat(&tenant(), req("capital?"), fast())
+        .await
+        .unwrap();
+    let done = wait_done(&jobs, &tenant(), s.job.id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    let key = mock
+        .last_request()
+        .unwrap()
+        .idempotency_key()
+        .cloned()
+        .unwrap();
+    assert_eq!(key.as_str(), format!("{}:chat/0", s.job.id));
+    let calls = jobs.store().calls(s.job.id).await.unwrap();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].key, "chat/0");
+    let recorded: ChatResponse =
+        serde_json::from_value(calls[0].response.clone().unwrap()).unwrap();
+    assert_eq!(recorded.text(), "Paris");
+    stop(w).await;
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -731,4 +862,7 @@ suite!(
     shutdown_releases_running_jobs,
     dead_worker_job_is_taken_over,
     panicking_handler_fails_the_job,
+    step_answer_is_reused_after_a_lost_attempt,
+    failed_step_asks_the_upstream_afresh,
+    chat_job_call_is_recorded,
 );

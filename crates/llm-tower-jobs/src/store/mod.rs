@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::types::{Finish, Job, JobError, JobId, Lease, NewJob, Submitted};
+use crate::types::{Finish, Job, JobError, JobId, Lease, LlmCall, NewJob, Submitted};
 
 mod postgres;
 mod sqlite;
@@ -93,6 +93,49 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes finished jobs (and their steps) whose retention ended; returns how many.
     fn purge_expired(&self, now: i64) -> StoreFuture<'_, u64>;
 
+    /// Notes that the attempt holding `lease` starts the LLM call `key` of the job
+    /// (fenced), and returns the call's record: with its `response` when an earlier
+    /// attempt recorded one (the caller uses it and does not call the upstream), otherwise
+    /// with `starts` incremented. The start note may be lost in a database crash; only
+    /// [`record_call`](Self::record_call) must be durable.
+    ///
+    /// The default (for stores that do not keep call records) never finds a response:
+    /// every re-run of a step calls the upstream again (at-least-once).
+    fn begin_call<'a>(&'a self, lease: Lease, key: &'a str, now: i64) -> StoreFuture<'a, LlmCall> {
+        let _ = (lease, now);
+        Box::pin(async move { Ok(LlmCall::new(key, 1, None)) })
+    }
+
+    /// Durably records the upstream's answer to the call `key` of job `id`, unless an
+    /// answer is recorded already (the first answer stays). Not fenced: an answer that
+    /// was paid for is worth keeping whoever holds the lease now. The default keeps
+    /// nothing.
+    fn record_call<'a>(
+        &'a self,
+        id: JobId,
+        key: &'a str,
+        response: &'a serde_json::Value,
+        now: i64,
+    ) -> StoreFuture<'a, ()> {
+        let _ = (id, key, response, now);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Deletes the records of the calls `keys` (fenced), so that a retry of a step that
+    /// failed asks the upstream afresh instead of reusing the answers it rejected. The
+    /// default does nothing.
+    fn forget_calls<'a>(&'a self, lease: Lease, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        let _ = (lease, keys);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The job's LLM call records, ordered by key (for inspection and tests). The default
+    /// has none.
+    fn calls(&self, id: JobId) -> StoreFuture<'_, Vec<LlmCall>> {
+        let _ = id;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
     /// Runs until dropped, calling `wake.notify_waiters()` whenever another process
     /// submitted or released work (PostgreSQL: `LISTEN`). The default waits forever:
     /// an embedded store only has in-process submitters, which wake workers directly.
@@ -164,6 +207,24 @@ impl<S: JobStore + ?Sized> JobStore for Arc<S> {
     }
     fn listen(&self, wake: Arc<Notify>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         (**self).listen(wake)
+    }
+    fn begin_call<'a>(&'a self, lease: Lease, key: &'a str, now: i64) -> StoreFuture<'a, LlmCall> {
+        (**self).begin_call(lease, key, now)
+    }
+    fn record_call<'a>(
+        &'a self,
+        id: JobId,
+        key: &'a str,
+        response: &'a serde_json::Value,
+        now: i64,
+    ) -> StoreFuture<'a, ()> {
+        (**self).record_call(id, key, response, now)
+    }
+    fn forget_calls<'a>(&'a self, lease: Lease, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        (**self).forget_calls(lease, keys)
+    }
+    fn calls(&self, id: JobId) -> StoreFuture<'_, Vec<LlmCall>> {
+        (**self).calls(id)
     }
 }
 
@@ -256,4 +317,19 @@ pub(crate) fn same_request(existing: &Job, new: &NewJob) -> Result<(), JobError>
 
 pub(crate) fn json_text(v: &impl serde::Serialize) -> Result<String, JobError> {
     serde_json::to_string(v).map_err(JobError::store)
+}
+
+/// Maps a `(call_key, starts, response)` row of `llm_job_calls` to an [`LlmCall`].
+pub(crate) fn llm_call(
+    (key, starts, response): (String, i64, Option<String>),
+) -> Result<LlmCall, JobError> {
+    let response = response
+        .map(|r| serde_json::from_str(&r))
+        .transpose()
+        .map_err(JobError::store)?;
+    Ok(LlmCall::new(
+        key,
+        u32::try_from(starts).unwrap_or(u32::MAX),
+        response,
+    ))
 }

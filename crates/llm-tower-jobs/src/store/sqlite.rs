@@ -9,8 +9,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{JobStore, StoreFuture, cols, job_from_row, json_text, same_request};
-use crate::types::{Finish, Job, JobError, JobId, Lease, NewJob, Progress, Submitted, dur_ms};
+use super::{JobStore, StoreFuture, cols, job_from_row, json_text, llm_call, same_request};
+use crate::types::{
+    Finish, Job, JobError, JobId, Lease, LlmCall, NewJob, Progress, Submitted, dur_ms,
+};
 
 /// The embedded [`JobStore`]: one local SQLite file (through sqlx), no server, WAL mode.
 /// Several processes may share the file (the claim is one atomic `UPDATE … RETURNING`), but
@@ -41,13 +43,22 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "jobs".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations/sqlite/0001_jobs.sql").into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "jobs".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0001_jobs.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            "llm_calls".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0002_llm_calls.sql").into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 impl SqliteStore {
@@ -415,6 +426,90 @@ impl JobStore for SqliteStore {
             } else {
                 Err(JobError::LeaseLost)
             }
+        })
+    }
+
+    fn begin_call<'a>(&'a self, lease: Lease, key: &'a str, now: i64) -> StoreFuture<'a, LlmCall> {
+        Box::pin(async move {
+            // One statement: the fence, the start note, and the recorded answer if any.
+            // A start whose answer is recorded already is not counted.
+            let row: Option<(String, i64, Option<String>)> = sqlx::query_as(
+                "INSERT INTO llm_job_calls (job_id, call_key, starts, created_at) \
+                 SELECT ?1, ?2, 1, ?3 WHERE EXISTS (SELECT 1 FROM llm_jobs \
+                   WHERE id = ?1 AND lease_epoch = ?4 AND lease_token = ?5 AND status = 'running') \
+                 ON CONFLICT (job_id, call_key) DO UPDATE SET starts = llm_job_calls.starts + \
+                   CASE WHEN llm_job_calls.response IS NULL THEN 1 ELSE 0 END \
+                 RETURNING call_key, starts, response",
+            )
+            .bind(lease.id.to_string())
+            .bind(key)
+            .bind(now)
+            .bind(lease.epoch)
+            .bind(lease.token.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(JobError::store)?;
+            row.map_or(Err(JobError::LeaseLost), llm_call)
+        })
+    }
+
+    fn record_call<'a>(
+        &'a self,
+        id: JobId,
+        key: &'a str,
+        response: &'a serde_json::Value,
+        now: i64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO llm_job_calls (job_id, call_key, starts, response, created_at, answered_at) \
+                 VALUES (?1, ?2, 1, ?3, ?4, ?4) \
+                 ON CONFLICT (job_id, call_key) DO UPDATE SET response = excluded.response, \
+                   answered_at = excluded.answered_at WHERE llm_job_calls.response IS NULL",
+            )
+            .bind(id.to_string())
+            .bind(key)
+            .bind(json_text(response)?)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(JobError::store)?;
+            Ok(())
+        })
+    }
+
+    fn forget_calls<'a>(&'a self, lease: Lease, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            sqlx::query(
+                "DELETE FROM llm_job_calls WHERE job_id = ?1 AND call_key IN (SELECT value FROM json_each(?2)) \
+                 AND EXISTS (SELECT 1 FROM llm_jobs WHERE id = ?1 AND lease_epoch = ?3 \
+                   AND lease_token = ?4 AND status = 'running')",
+            )
+            .bind(lease.id.to_string())
+            .bind(json_text(&keys)?)
+            .bind(lease.epoch)
+            .bind(lease.token.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(JobError::store)?;
+            Ok(())
+        })
+    }
+
+    fn calls(&self, id: JobId) -> StoreFuture<'_, Vec<LlmCall>> {
+        Box::pin(async move {
+            let rows: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+                "SELECT call_key, starts, response FROM llm_job_calls WHERE job_id = ?1 \
+                 ORDER BY call_key",
+            )
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(JobError::store)?;
+            rows.into_iter().map(llm_call).collect()
         })
     }
 
