@@ -37,7 +37,9 @@ fn log_line(path: &Path, line: &str) {
         .append(true)
         .open(path)
         .expect("open log");
-    writeln!(f, "{line}").expect("write log");
+    // One write of the whole line: appends from concurrent jobs do not interleave.
+    f.write_all(format!("{line}\n").as_bytes())
+        .expect("write log");
     f.sync_all().expect("sync log");
 }
 
