@@ -351,13 +351,15 @@ pub struct Lease {
 
 /// The record of one LLM call made inside a durable step
 /// ([`JobContext::chat`](crate::JobContext::chat) within
-/// [`JobContext::step`](crate::JobContext::step)), or by a chat job, kept so that a re-run of the step reuses the answer instead of calling the upstream again.
+/// [`JobContext::step`](crate::JobContext::step)), kept so that a re-run of the step
+/// reuses the answer instead of calling the upstream again. Deleted with its job.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct LlmCall {
-    /// The call's key within its job: `"{step}/{n}"`, the step's recorded name and the
-    /// call's 0-based index within the step (`"chat/0"` for a chat job). The same on
-    /// every attempt, as long as the handler is deterministic up to the call.
+    /// The call's key within its job: `"{step}/{n}/{fingerprint}"`, the step's recorded
+    /// name, the call's 0-based index within the step, and the first 16 hex digits of the
+    /// BLAKE3 hash of the request's JSON. The same on every attempt as long as the
+    /// handler is deterministic up to the call.
     pub key: String,
     /// How many attempts started this call. More than one while `response` is `None`
     /// means an earlier start left no recorded answer: its call failed, or its worker

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,8 +108,9 @@ impl WorkerBuilder {
     }
 
     /// Test support, not a stable API: calls `hook` at each [`FaultPoint`] of an LLM call
-    /// made in a durable step, with the job and the call's key. The crash tests use it to
-    /// stop a worker process at exactly that point.
+    /// made in a durable step, with the job and the call's key
+    /// ([`LlmCall::key`](crate::LlmCall::key)). The crash tests use it to stop a worker
+    /// process at exactly that point.
     #[doc(hidden)]
     #[must_use]
     pub fn fault_hook(
@@ -165,8 +166,10 @@ struct Shared {
     fault: Option<FaultHook>,
 }
 
+type FaultFn = dyn Fn(FaultPoint, JobId, &str) + Send + Sync;
+
 #[derive(Clone)]
-struct FaultHook(Arc<dyn Fn(FaultPoint, JobId, &str) + Send + Sync>);
+struct FaultHook(Arc<FaultFn>);
 
 impl fmt::Debug for FaultHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -240,8 +243,7 @@ pub struct WorkerStats {
     pub lease_lost: u64,
     /// Jobs released on shutdown.
     pub released: u64,
-    /// Recorded LLM calls (chat jobs, and [`JobContext::chat`] within a step) sent to the
-    /// upstream.
+    /// Recorded LLM calls ([`JobContext::chat`] within a step) sent to the upstream.
     pub llm_calls: u64,
     /// Recorded LLM calls answered from the record of an earlier attempt, without calling
     /// the upstream.
@@ -572,11 +574,14 @@ async fn prepare(shared: &Arc<Shared>, job: &Job, lease: Lease) -> Result<Work, 
         if let Some(ms) = job.timeout_ms {
             req.set_deadline(Deadline::after(Duration::from_millis(ms)));
         }
-        let shared = shared.clone();
+        if req.idempotency_key().is_none() {
+            // The same on every attempt. The answer is not recorded apart from the result:
+            // the result's write is the one write after the answer either way.
+            req.set_idempotency_key(format!("{}:chat", job.id));
+        }
+        let service = shared.service.clone();
         return Ok(Box::pin(async move {
-            // A chat job is one recorded call, so a crash after the upstream answered and
-            // before the result is stored does not pay for the call again.
-            let resp = recorded_call(&shared, lease, CHAT_CALL.to_owned(), req).await?;
+            let resp = service.oneshot(req).await?.into_complete().await?;
             serde_json::to_value(resp)
                 .map_err(|e| LlmError::internal(format!("the response cannot be stored: {e}")))
         }));
@@ -610,9 +615,6 @@ async fn prepare(shared: &Arc<Shared>, job: &Job, lease: Lease) -> Result<Work, 
     };
     Ok(handler(ctx, job.input.clone()))
 }
-
-/// The call key of a chat job's one LLM call.
-const CHAT_CALL: &str = "chat/0";
 
 /// The longest upstream idempotency key set on a recorded call's request.
 const MAX_UPSTREAM_KEY: usize = 255;
@@ -700,18 +702,30 @@ fn fault(shared: &Shared, point: FaultPoint, id: JobId, key: &str) {
 struct StepScope {
     job: JobId,
     step: String,
-    calls: AtomicU32,
+    /// The keys of the calls made so far, in order.
+    keys: Mutex<Vec<String>>,
 }
 
 impl StepScope {
-    fn call_key(step: &str, n: u32) -> String {
-        format!("{step}/{n}")
+    fn lock_keys(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        match self.keys.lock() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        }
     }
 
-    fn keys(&self) -> Vec<String> {
-        (0..self.calls.load(Ordering::Relaxed))
-            .map(|n| Self::call_key(&self.step, n))
-            .collect()
+    /// The next call's key: `{step}/{n}/{fingerprint}`, the same on every attempt of a
+    /// handler that is deterministic up to the call. The fingerprint (the first 64 bits
+    /// of the BLAKE3 hash of the request's JSON) makes a different request at the same
+    /// place a different call, never answered with another request's answer.
+    fn next_key(&self, request: &ChatRequest) -> String {
+        let json = serde_json::to_vec(request).unwrap_or_default();
+        let hex = blake3::hash(&json).to_hex();
+        let fp = &hex[..16];
+        let mut keys = self.lock_keys();
+        let key = format!("{}/{}/{fp}", self.step, keys.len());
+        keys.push(key.clone());
+        key
     }
 }
 
@@ -852,12 +866,12 @@ impl JobContext {
         let scope = StepScope {
             job: self.inner.id,
             step: key.clone(),
-            calls: AtomicU32::new(0),
+            keys: Mutex::new(Vec::new()),
         };
         let (out, keys) = STEP
             .scope(scope, async move {
                 let out = f().await;
-                (out, STEP.with(|s| s.keys()))
+                (out, STEP.with(|s| s.lock_keys().clone()))
             })
             .await;
         let out = match out {
@@ -898,24 +912,33 @@ impl JobContext {
     /// Sends a chat request through the worker's LLM service (tenant set), collected into
     /// a complete response.
     ///
-    /// Within a [`step`](Self::step) (in the step's own task), the call is recorded: its
-    /// key is the step's name and the call's index within the step (`"{step}/{n}"`, the
-    /// same on every attempt), the upstream's answer is written to the store as soon as it
-    /// arrives, and a re-run of a step whose earlier attempt died after that write reuses
-    /// the answer instead of calling the upstream again. The request carries the
-    /// [`IdempotencyKey`](llm_tower_core::IdempotencyKey) `"{job id}:{step}/{n}"` (unless
-    /// it has one, or it would be longer than 255 bytes). Outside a step the call is sent
-    /// every time the handler runs.
+    /// Within a [`step`](Self::step) (in the step's own task), the call is recorded. Its
+    /// key is `"{step}/{n}/{fingerprint}"`: the step's recorded name, the call's index
+    /// within the step, and a hash of the request, so it is the same on every attempt of a
+    /// handler that is deterministic up to the call. Before sending, the worker notes the
+    /// call's start in the store (fenced by the lease); the upstream's answer is written
+    /// to the store as soon as it arrives, before this returns. A re-run of the step (the
+    /// earlier attempt died or was dropped before the step's output was recorded) finds
+    /// the answer under the key and returns it without calling the upstream. The answers
+    /// of a step that returned an error are forgotten, so its retry asks afresh.
+    ///
+    /// The call is sent again only when no answer was recorded: an earlier attempt sent
+    /// it and died, or was dropped (timeout, cancel, lost lease, shutdown), before the
+    /// answer's record was committed, or that write failed. A paid call and a local
+    /// write cannot be made atomic, so that window stays; the re-run's call is then the
+    /// one repeat, and it is counted in [`WorkerStats::llm_calls_repeated`].
+    ///
+    /// The request carries the [`IdempotencyKey`](llm_tower_core::IdempotencyKey)
+    /// `"{job id}:{call key}"` (unless it has one, or that is longer than 255 bytes).
+    ///
+    /// Outside a step the call is not recorded and is sent every time the handler runs.
     pub async fn chat(&self, mut request: ChatRequest) -> Result<ChatResponse, LlmError> {
         if request.tenant().is_none() {
             request.set_tenant(self.inner.tenant.clone());
         }
         request.stream = None;
         let key = STEP
-            .try_with(|s| {
-                (s.job == self.inner.id)
-                    .then(|| StepScope::call_key(&s.step, s.calls.fetch_add(1, Ordering::Relaxed)))
-            })
+            .try_with(|s| (s.job == self.inner.id).then(|| s.next_key(&request)))
             .ok()
             .flatten();
         match key {

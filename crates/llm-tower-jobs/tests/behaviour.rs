@@ -251,7 +251,7 @@ async fn cancel_while_running_drops_the_call(store: Store) {
         .await
         .unwrap();
     wait_status(&jobs, &tenant(), s.job.id, JobStatus::Running).await;
-    // The call starts after the worker noted it in the store: cancel while it is in flight.
+    // Cancel while the call is in flight.
     within("the LLM call to start", async {
         while started.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -731,10 +731,11 @@ async fn step_answer_is_reused_after_a_lost_attempt(store: Store) {
         .idempotency_key()
         .cloned()
         .unwrap();
-    assert_eq!(key.as_str(), format!("{}:ask/0", s.job.id));
     let calls = jobs.store().calls(s.job.id).await.unwrap();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!((calls[0].key.as_str(), calls[0].starts), ("ask/0", 1));
+    assert!(calls[0].key.starts_with("ask/0/"), "{calls:?}");
+    assert_eq!(calls[0].starts, 1);
+    assert_eq!(key.as_str(), format!("{}:{}", s.job.id, calls[0].key));
     assert!(calls[0].response.is_some());
     let stats = stop(w).await;
     assert_eq!(
@@ -790,8 +791,9 @@ async fn failed_step_asks_the_upstream_afresh(store: Store) {
     );
 }
 
-/// A chat job's one call is recorded under `chat/0`, with the job's call key upstream.
-async fn chat_job_call_is_recorded(store: Store) {
+/// A chat job's call carries an attempt-independent idempotency key; its answer is the
+/// job's result, not a separate call record.
+async fn chat_job_call_carries_its_key(store: Store) {
     let jobs = Jobs::new(store);
     let mock = MockLlm::new("m").then(Step::reply("Paris"));
     let w = start(&jobs, boxed(mock.clone()));
@@ -807,14 +809,60 @@ async fn chat_job_call_is_recorded(store: Store) {
         .idempotency_key()
         .cloned()
         .unwrap();
-    assert_eq!(key.as_str(), format!("{}:chat/0", s.job.id));
-    let calls = jobs.store().calls(s.job.id).await.unwrap();
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0].key, "chat/0");
-    let recorded: ChatResponse =
-        serde_json::from_value(calls[0].response.clone().unwrap()).unwrap();
-    assert_eq!(recorded.text(), "Paris");
+    assert_eq!(key.as_str(), format!("{}:chat", s.job.id));
+    assert!(jobs.store().calls(s.job.id).await.unwrap().is_empty());
     stop(w).await;
+}
+
+/// Calls within a step are keyed by their place and their request: a different request
+/// at the same place on a later attempt is a different call, never answered with the
+/// recorded answer of another request.
+async fn a_changed_request_is_not_answered_from_the_record(store: Store) {
+    let jobs = Jobs::new(store);
+    jobs.register("ask", |ctx, _input| async move {
+        ctx.step("ask", || async {
+            let a = ctx.chat(req("same")).await?.text();
+            let b = ctx
+                .chat(req(&format!("attempt {}", ctx.attempt())))
+                .await?
+                .text();
+            if ctx.attempt() == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(format!("{a} {b}"))
+        })
+        .await
+    });
+    let mock = MockLlm::new("m")
+        .then(Step::reply("one"))
+        .then(Step::reply("two"))
+        .then(Step::reply("three"));
+    let w = start(&jobs, boxed(mock.clone()));
+    let s = jobs
+        .submit(
+            &tenant(),
+            "ask",
+            json!({}),
+            fast().timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let done = wait_done(&jobs, &tenant(), s.job.id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.result.unwrap(), json!("one three"));
+    assert_eq!(mock.calls(), 3);
+    let calls = jobs.store().calls(s.job.id).await.unwrap();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(calls.iter().all(|c| c.key.starts_with("ask/")));
+    let stats = stop(w).await;
+    assert_eq!(
+        (
+            stats.llm_calls,
+            stats.llm_calls_replayed,
+            stats.llm_calls_repeated
+        ),
+        (3, 1, 0)
+    );
 }
 
 macro_rules! suite {
@@ -864,5 +912,6 @@ suite!(
     panicking_handler_fails_the_job,
     step_answer_is_reused_after_a_lost_attempt,
     failed_step_asks_the_upstream_afresh,
-    chat_job_call_is_recorded,
+    chat_job_call_carries_its_key,
+    a_changed_request_is_not_answered_from_the_record,
 );
