@@ -7,6 +7,10 @@
 //!   `ctx.step("generate_script", || async { … }).await?`. Each completed step's output is
 //!   recorded (fenced by the lease) before the next runs; after a crash another worker
 //!   resumes the job and recorded steps return their recorded output without running.
+//!   Within a step, each LLM call's answer ([`JobContext::chat`]) is recorded as soon as
+//!   it arrives, so a re-run of the step does not pay for it again; a call is sent twice
+//!   only when its worker died (or its attempt was dropped) between sending it and
+//!   recording the answer (see [`JobContext::chat`]).
 //! - **Idempotency keys**: the same key (per tenant) returns the same job and its result,
 //!   never a second LLM call; a different request under a used key is a conflict (409).
 //! - **Leases and fencing**: a worker holds a job under a lease it renews; a dead worker's

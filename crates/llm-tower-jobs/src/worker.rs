@@ -815,7 +815,9 @@ impl JobContext {
     /// Runs a durable step. If an earlier attempt recorded `name`'s output, that output is
     /// returned and `f` does not run; otherwise `f` runs and its output is recorded (fenced
     /// by the lease) before this returns. A step that fails is not recorded, so a retry
-    /// runs it again.
+    /// runs it again. An attempt that dies before the output is recorded leaves the step
+    /// to run again from its start: its code is at-least-once, but the answers of its
+    /// [`chat`](Self::chat) calls that were recorded are reused, not paid again.
     ///
     /// Step outputs are matched by name; a name used again within one job is told apart by
     /// its occurrence (`name`, `name#1`, …), so a loop of same-named steps replays in order

@@ -23,10 +23,11 @@ const CHANNEL: &str = "llm_tower_jobs";
 /// has a server-side `statement_timeout` (10 s) and pool acquisition times out after 5 s,
 /// so a stuck database surfaces as a [`JobError::Store`] instead of a hang.
 ///
-/// Submits, recorded steps and outcomes are durable commits. Claims, lease renewals and
-/// progress use a second small pool with `synchronous_commit = off` (no WAL flush wait on
-/// the submit → start path); losing one in a database crash is harmless, because every
-/// claim also sets a random token that fenced writes check with the epoch.
+/// Submits, recorded steps, recorded LLM answers and outcomes are durable commits. Claims,
+/// lease renewals, progress and the notes that an LLM call starts use a second small pool
+/// with `synchronous_commit = off` (no WAL flush wait on the submit → start path); losing
+/// one in a database crash is harmless, because every claim also sets a random token that
+/// fenced writes check with the epoch, and an answer's record does not need its note.
 ///
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), llm_tower_jobs::JobError> {
@@ -40,8 +41,8 @@ pub struct PostgresStore {
     pool: PgPool,
     /// Connections with `synchronous_commit = off`, for writes whose loss in a database
     /// crash is harmless: claims (the job just stays claimable; the per-claim token keeps a
-    /// lost claim's epoch from being reused), lease renewals and progress. Submits, step
-    /// records and outcomes use the durable pool. A later durable commit flushes the WAL
+    /// lost claim's epoch from being reused), lease renewals, progress and LLM call start
+    /// notes. Submits, step records, LLM answers and outcomes use the durable pool. A later durable commit flushes the WAL
     /// up to itself, so it also makes every earlier fast commit durable.
     fast: PgPool,
 }
