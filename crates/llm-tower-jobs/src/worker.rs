@@ -927,8 +927,10 @@ impl JobContext {
     /// The call is sent again only when no answer was recorded: an earlier attempt sent
     /// it and died, or was dropped (timeout, cancel, lost lease, shutdown), before the
     /// answer's record was committed, or that write failed. A paid call and a local
-    /// write cannot be made atomic, so that window stays; the re-run's call is then the
-    /// one repeat, and it is counted in [`WorkerStats::llm_calls_repeated`].
+    /// write cannot be made atomic, so that window stays. Each interruption in it costs
+    /// one repeat: the re-run sends the call once more and records its answer, and later
+    /// re-runs reuse that answer. Repeats are counted in
+    /// [`WorkerStats::llm_calls_repeated`].
     ///
     /// The request carries the [`IdempotencyKey`](llm_tower_core::IdempotencyKey)
     /// `"{job id}:{call key}"` (unless it has one, or that is longer than 255 bytes).
