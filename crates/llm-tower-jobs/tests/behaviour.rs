@@ -865,6 +865,57 @@ async fn a_changed_request_is_not_answered_from_the_record(store: Store) {
     );
 }
 
+/// Steps run concurrently in one task (`join!`) key their calls apart.
+async fn concurrent_steps_keep_their_calls_apart(store: Store) {
+    let jobs = Jobs::new(store);
+    jobs.register("both", |ctx, _input| async move {
+        let step = |name: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                ctx.step(name, || async {
+                    let text = ctx.chat(req(name)).await?.text();
+                    if ctx.attempt() == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(text)
+                })
+                .await
+            }
+        };
+        let (a, b) = tokio::join!(step("a"), step("b"));
+        Ok(format!("{} {}", a?, b?))
+    });
+    let mock = MockLlm::new("m").otherwise(Step::respond(|req: &ChatRequest| {
+        Ok(LlmResponse::complete(ChatResponse::from_text(
+            "m",
+            format!("re {}", req.messages[0].text()),
+        )))
+    }));
+    let w = start(&jobs, boxed(mock.clone()));
+    let s = jobs
+        .submit(
+            &tenant(),
+            "both",
+            json!({}),
+            fast().timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let done = wait_done(&jobs, &tenant(), s.job.id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.result.unwrap(), json!("re a re b"));
+    assert_eq!(mock.calls(), 2);
+    let calls = jobs.store().calls(s.job.id).await.unwrap();
+    let keys: Vec<&str> = calls.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys[0].starts_with("a/0/") && keys[1].starts_with("b/0/"),
+        "{keys:?}"
+    );
+    let stats = stop(w).await;
+    assert_eq!((stats.llm_calls, stats.llm_calls_replayed), (2, 2));
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -914,4 +965,5 @@ suite!(
     failed_step_asks_the_upstream_afresh,
     chat_job_call_carries_its_key,
     a_changed_request_is_not_answered_from_the_record,
+    concurrent_steps_keep_their_calls_apart,
 );
