@@ -479,9 +479,10 @@ async fn retention_expires_finished_jobs(store: Store) {
 async fn retention_through_jobs(store: Store) {
     let jobs = Jobs::builder(store).retention(Duration::ZERO).build();
     let mock = MockLlm::new("m").otherwise(Step::reply("x"));
-    let w = start(&jobs, boxed(mock));
     let s = jobs.submit_chat(&tenant(), req("a"), fast()).await.unwrap();
     let mut events = jobs.events(&tenant(), s.job.id).await.unwrap().unwrap();
+    // The worker starts after the subscription: the job cannot vanish before it.
+    let w = start(&jobs, boxed(mock));
     // With zero retention the job vanishes once finished: the stream ends.
     within("events to end", async {
         while events.next().await.is_some() {}
