@@ -368,10 +368,19 @@ pub struct ChainConfig {
     pub first_chunk_timeout_ms: Option<u64>,
     /// Longest pause between streamed chunks, in milliseconds.
     pub stall_timeout_ms: Option<u64>,
-    /// Circuit breaker: after 3 fall-back-worthy failures of a step within a minute, skip it
-    /// for this many seconds, then probe it with one request (default: the fallback
-    /// layer's own cooldown).
+    /// Circuit breaker: once a step made at least `breaker_min_calls` attempts within
+    /// `breaker_window_secs` and at least `breaker_failure_ratio` of them failed, skip it for
+    /// this many seconds, then probe it with one request (default 30).
     pub cooldown_secs: Option<u64>,
+    /// Attempts within the window before the failure ratio counts (default 5).
+    pub breaker_min_calls: Option<u32>,
+    /// Failure ratio (0–1) that opens the breaker (default 0.5).
+    pub breaker_failure_ratio: Option<f64>,
+    /// The breaker's sliding window, in seconds (default 60).
+    pub breaker_window_secs: Option<u64>,
+    /// Longest a step is skipped, whatever its cooldown or an upstream's retry-after asks,
+    /// in seconds (default 300).
+    pub max_cooldown_secs: Option<u64>,
 }
 
 /// One step of a chain: a provider and the model to ask it for.
@@ -933,6 +942,14 @@ impl Config {
                 if v == Some(0) {
                     return Err(err(&span, format!("chain {name:?}: {field} must be > 0")));
                 }
+            }
+            if c.breaker_failure_ratio
+                .is_some_and(|r| !(0.0..=1.0).contains(&r))
+            {
+                return Err(err(
+                    &span,
+                    format!("chain {name:?}: breaker_failure_ratio must be within 0..=1"),
+                ));
             }
         }
 
