@@ -443,6 +443,12 @@ pub struct CacheConfig {
     /// Time to live per task type, in seconds (0 = never cache that task).
     #[serde(default)]
     pub ttl_by_task: BTreeMap<String, u64>,
+    /// Longest a request waits for an identical in-flight one before calling upstream
+    /// itself, in milliseconds (default 30000).
+    pub coalesce_timeout_ms: Option<u64>,
+    /// Memory a stream's copy may take while it is buffered to be stored, in bytes
+    /// (default 8 MiB); past it the stream is served but not stored.
+    pub max_stream_bytes: Option<usize>,
 }
 
 impl Default for CacheConfig {
@@ -455,6 +461,8 @@ impl Default for CacheConfig {
             cacheable_tasks: Vec::new(),
             ttl_secs: default_ttl(),
             ttl_by_task: BTreeMap::new(),
+            coalesce_timeout_ms: None,
+            max_stream_bytes: None,
         }
     }
 }

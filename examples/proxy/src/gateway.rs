@@ -574,6 +574,12 @@ async fn build_cache(
     for task in &c.cacheable_tasks {
         layer = layer.cacheable_task(task.as_str());
     }
+    if let Some(ms) = c.coalesce_timeout_ms {
+        layer = layer.coalesce_timeout(Duration::from_millis(ms));
+    }
+    if let Some(bytes) = c.max_stream_bytes {
+        layer = layer.max_stream_bytes(bytes);
+    }
     Ok(Some(layer))
 }
 
