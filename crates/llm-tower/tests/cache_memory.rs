@@ -6,6 +6,9 @@
 //! parent checks that growth stays within 1.25 × the bound plus a small fixed slack.
 //! No test harness (`harness = false`): a plain `main`, one thread.
 
+// The child reports its measurement to the parent on stdout.
+#![allow(clippy::print_stdout)]
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
