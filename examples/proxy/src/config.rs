@@ -1325,6 +1325,24 @@ default_chain = "main"
     }
 
     #[test]
+    fn breaker_and_cache_limits_parse_and_the_ratio_is_checked() {
+        let text = MIN.replace(
+            "steps = [{ provider = \"sim\" }]",
+            "steps = [{ provider = \"sim\" }]\nbreaker_min_calls = 10\nbreaker_failure_ratio = 0.8\nbreaker_window_secs = 30\nmax_cooldown_secs = 120",
+        ) + "\n[cache]\ncoalesce_timeout_ms = 5000\nmax_stream_bytes = 1048576\n";
+        let c = parse(&text).unwrap();
+        let chain = c.chains["main"].get_ref();
+        assert_eq!(chain.breaker_min_calls, Some(10));
+        assert_eq!(chain.breaker_failure_ratio, Some(0.8));
+        assert_eq!(chain.max_cooldown_secs, Some(120));
+        assert_eq!(c.cache.coalesce_timeout_ms, Some(5000));
+        assert_eq!(c.cache.max_stream_bytes, Some(1 << 20));
+        let bad = text.replace("breaker_failure_ratio = 0.8", "breaker_failure_ratio = 1.5");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("breaker_failure_ratio"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_its_line() {
         let text = format!("{MIN}\n[cache]\nttl_sec = 5\n");
         let e = parse(&text).unwrap_err().to_string();
