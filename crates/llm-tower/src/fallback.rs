@@ -41,8 +41,8 @@
 //! request); then one request probes it (the others still skip it) and the probe's outcome
 //! closes or reopens it. A `retry-after` on an error also keeps the target skipped until
 //! then. No target is skipped longer than [`FallbackLayer::max_cooldown`] (default
-//! 5 minutes), whatever the upstream asks. The state lives in an `Arc` shared by every clone of the service and
-//! the layer; [`FallbackHealth::snapshot`] reads it for metrics.
+//! 5 minutes), whatever the upstream asks. The state lives in an `Arc` shared by every
+//! clone of the service and the layer; [`FallbackHealth::snapshot`] reads it for metrics.
 //!
 //! # Readiness
 //!
@@ -180,8 +180,8 @@ impl FallbackTarget {
 /// [`failure_ratio`](Self::failure_ratio) (default 0.5). An open target is skipped for
 /// `duration`, then one request probes it: a success closes the breaker, a failure reopens
 /// it. A probe that ends without an answer (its caller dropped it, or its deadline ran out)
-/// frees the probe slot at once; a probe still running after `duration` no longer blocks a
-/// new one.
+/// frees the probe slot at once; a probe still running after `duration` (or the attempt
+/// timeout, if longer) no longer blocks a new one.
 ///
 /// The window is counted in 10 buckets of `window / 10` each, so its memory is fixed
 /// however many requests pass.
@@ -403,9 +403,13 @@ impl Breakers {
         let Some(until) = b.open_until else {
             return Admit::Yes;
         };
-        // A probe that has run for a whole cooldown (hung on readiness, say) no longer
-        // blocks the next one; its late answer then counts as a plain attempt.
-        let stale = cfg.cooldown.map_or(cfg.max_cooldown, |c| c.duration);
+        // A probe that has run for a whole cooldown (and its attempt's time limit: hung on
+        // readiness, say) no longer blocks the next one; its late answer then counts as a
+        // plain attempt.
+        let stale = cfg
+            .cooldown
+            .map_or(cfg.max_cooldown, |c| c.duration)
+            .max(cfg.total.unwrap_or_default());
         if now < until {
             b.skipped += 1;
             Admit::Skip(until - now)
