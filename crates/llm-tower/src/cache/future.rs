@@ -478,11 +478,13 @@ impl Stream for Tee {
                     *this.done = true;
                     return Poll::Ready(None);
                 };
-                let Some(chunks) = this.chunks.take() else {
+                let Some(mut chunks) = this.chunks.take() else {
                     writer.skip();
                     *this.done = true;
                     return Poll::Ready(None);
                 };
+                // The copy grew by doubling; the stored entry keeps only what it holds.
+                chunks.shrink_to_fit();
                 let entry = CachedEntry::chunks(chunks, this.meta.usage.take(), this.meta);
                 if !entry.is_complete() {
                     // Ended without a finish reason: cut short, never stored.
