@@ -134,7 +134,7 @@ fn child(case: &str) {
 }
 
 /// Runs the cases (or, in a child, one case).
-pub fn main() {
+pub(crate) fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(pos) = args.iter().position(|a| a == "--child") {
         child(&args[pos + 1]);
