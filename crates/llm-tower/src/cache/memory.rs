@@ -49,7 +49,7 @@ impl quick_cache::Weighter<CacheKey, Slot> for SlotWeight {
 /// a slice pinning the upstream's read buffer. So `max_bytes` bounds the memory the cached
 /// answers take, within allocator rounding: after the store has filled, the process's
 /// resident memory stays within about 1.25 × `max_bytes` above what it used without it
-/// (checked by `tests/cache_memory.rs`). Not covered: the table's fixed part sized at
+/// (checked with the system allocator and with mimalloc by `tests/cache_memory*.rs`). Not covered: the table's fixed part sized at
 /// creation (~100 bytes × `max_bytes` / 2 KiB) and the answers in flight to clients. Built on [`quick_cache::sync::Cache`] (sharded, S3-FIFO eviction: a burst of
 /// one-off answers does not push out the ones asked for again); cheap to clone (clones
 /// share the entries).

@@ -140,9 +140,17 @@ pub(crate) fn main() {
         child(&args[pos + 1]);
         return;
     }
-    // Under `cargo test -- --list` (or a filter), say what is here and do nothing else.
+    // Under `cargo test -- --list`, say what is here; under a filter that does not name
+    // this check, do nothing.
     if args.iter().any(|a| a == "--list") {
         println!("cache_memory: test");
+        return;
+    }
+    if args
+        .iter()
+        .skip(1)
+        .any(|a| !a.starts_with('-') && !"cache_memory".contains(a.as_str()))
+    {
         return;
     }
     let exe = std::env::current_exe().expect("the test binary");
