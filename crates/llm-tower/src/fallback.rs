@@ -363,9 +363,11 @@ impl Breaker {
 
 /// The bucket index of `now` and the window's length in buckets.
 fn slot_of(epoch: Instant, now: Instant, c: &Cooldown) -> (u64, u64) {
-    let bucket = (c.window / WINDOW_BUCKETS).max(Duration::from_millis(1));
-    let since = now.saturating_duration_since(epoch);
-    let slot = u64::try_from(since.as_nanos() / bucket.as_nanos()).unwrap_or(u64::MAX);
+    // In whole microseconds and u64 (on every attempt; u128 division is slow): 584 000
+    // years of uptime before it saturates.
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let bucket = micros(c.window / WINDOW_BUCKETS).max(1000);
+    let slot = micros(now.saturating_duration_since(epoch)) / bucket;
     (slot, u64::from(WINDOW_BUCKETS))
 }
 
