@@ -310,16 +310,8 @@ struct Breaker {
 }
 
 impl Breaker {
-    /// The window's (calls, failures) at `now`, after dropping the buckets it has left.
-    fn tally(&mut self, epoch: Instant, now: Instant, c: &Cooldown) -> (u64, u64) {
-        let (slot, span) = slot_of(epoch, now, c);
-        while self
-            .window
-            .front()
-            .is_some_and(|b| b.slot.saturating_add(span) <= slot)
-        {
-            self.window.pop_front();
-        }
+    /// The window's (calls, failures), as of the last [`record`](Self::record).
+    fn tally(&self) -> (u64, u64) {
         self.window.iter().fold((0, 0), |(n, f), b| {
             (
                 n + u64::from(b.ok) + u64::from(b.failed),
@@ -328,8 +320,16 @@ impl Breaker {
         })
     }
 
+    /// Counts an outcome at `now`, first dropping the buckets that have left the window.
     fn record(&mut self, epoch: Instant, now: Instant, c: &Cooldown, failed: bool) {
-        let (slot, _) = slot_of(epoch, now, c);
+        let (slot, span) = slot_of(epoch, now, c);
+        while self
+            .window
+            .front()
+            .is_some_and(|b| b.slot.saturating_add(span) <= slot)
+        {
+            self.window.pop_front();
+        }
         let bucket = match self.window.back_mut() {
             Some(b) if b.slot >= slot => b,
             _ => {
@@ -467,7 +467,7 @@ impl Breakers {
                 open_until = Some(later(now, c.duration));
             } else if b.open_until.is_none() {
                 b.record(self.epoch, now, &c, true);
-                let (calls, failed) = b.tally(self.epoch, now, &c);
+                let (calls, failed) = b.tally();
                 // failed / calls >= ratio, in integers.
                 if calls >= u64::from(c.min_calls)
                     && u128::from(failed) * 1_000_000 >= u128::from(calls) * u128::from(c.ratio_ppm)
@@ -561,12 +561,8 @@ impl FallbackHealth {
                 TargetHealth {
                     name: self.0.names[i].clone(),
                     state,
-                    recent_failures: b.window.iter().map(|w| u64::from(w.failed)).sum(),
-                    recent_calls: b
-                        .window
-                        .iter()
-                        .map(|w| u64::from(w.ok) + u64::from(w.failed))
-                        .sum(),
+                    recent_failures: b.tally().1,
+                    recent_calls: b.tally().0,
                     failures: b.failures,
                     successes: b.successes,
                     skipped: b.skipped,
