@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use super::flight::{FlightGuard, Join, Landing, Waited, wait};
 use super::layer::Shared;
-use super::{CacheKey, CacheStats, CachedEntry};
+use super::{CacheKey, CachedEntry};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -305,7 +305,6 @@ where
             let meta = meta_for_entry(&resp.meta);
             let max = shared.config.max_entry_bytes;
             let max_mem = shared.config.max_stream_bytes;
-            let stats = shared.stats.clone();
             s.wrap(move |inner| Tee {
                 inner,
                 chunks: Some(Vec::new()),
@@ -313,7 +312,6 @@ where
                 max,
                 mem: 0,
                 max_mem,
-                stats,
                 meta,
                 writer: Some(writer),
                 storing: None,
@@ -424,7 +422,6 @@ pin_project! {
         // The copy's memory, against the stream buffer limit.
         mem: usize,
         max_mem: usize,
-        stats: Arc<CacheStats>,
         meta: ResponseMeta,
         writer: Option<Writer>,
         storing: Option<BoxFuture<()>>,
@@ -455,7 +452,9 @@ impl Stream for Tee {
                     *this.mem = this.mem.saturating_add(crate::mem::chunk(&chunk));
                     if *this.mem > *this.max_mem {
                         // Dropped at once: the buffer never holds more than the cap.
-                        this.stats.stream_overflow();
+                        if let Some(w) = this.writer.as_ref() {
+                            w.shared.stats.stream_overflow();
+                        }
                         *this.chunks = None;
                     } else if *this.bytes > *this.max {
                         *this.chunks = None;
