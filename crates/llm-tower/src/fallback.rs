@@ -35,11 +35,14 @@
 //!
 //! # Cooldown
 //!
-//! After [`Cooldown`]'s `failures` fall-back-worthy failures within its `window`, a target is
-//! skipped for its `duration`; then one request probes it (the others still skip it) and the
-//! probe's outcome closes or reopens it. A `retry-after` on an error also keeps the target
-//! skipped until then. The state lives in an `Arc` shared by every clone of the service and
-//! the layer; [`FallbackHealth::snapshot`] reads it for metrics.
+//! When, within [`Cooldown`]'s sliding `window`, at least `min_calls` attempts were made and
+//! at least its failure ratio of them failed in a way that moves on, a target is skipped for
+//! its `duration` (so a provider failing 80 % of calls is skipped, not paid for on every
+//! request); then one request probes it (the others still skip it) and the probe's outcome
+//! closes or reopens it. A `retry-after` on an error also keeps the target skipped until
+//! then. No target is skipped longer than [`FallbackLayer::max_cooldown`] (default
+//! 5 minutes), whatever the upstream asks. The state lives in an `Arc` shared by every
+//! clone of the service and the layer; [`FallbackHealth::snapshot`] reads it for metrics.
 //!
 //! # Readiness
 //!
@@ -88,7 +91,8 @@
 //!     .timeout(Duration::from_secs(30))
 //!     .first_chunk_timeout(Duration::from_secs(5))
 //!     .stall_timeout(Duration::from_secs(10))
-//!     .cooldown(Cooldown::new(3, Duration::from_secs(60), Duration::from_secs(30)));
+//!     .cooldown(Cooldown::new(10, Duration::from_secs(60), Duration::from_secs(30)).failure_ratio(0.5))
+//!     .max_cooldown(Duration::from_secs(120));
 //! # Ok(()) }
 //! ```
 
@@ -169,29 +173,66 @@ impl FallbackTarget {
     }
 }
 
-/// The circuit breaker of each target: after `failures` failures within `window`, skip the
-/// target for `duration`, then probe it with one request.
+/// The circuit breaker of each target.
+///
+/// Opens when, within a sliding `window`, at least `min_calls` attempts were made and the
+/// share of them that failed (in a way that moves on) is at least the
+/// [`failure_ratio`](Self::failure_ratio) (default 0.5). An open target is skipped for
+/// `duration`, then one request probes it: a success closes the breaker, a failure reopens
+/// it. A probe that ends without an answer (its caller dropped it, or its deadline ran out)
+/// frees the probe slot at once; a probe still running after `duration` (or the attempt
+/// timeout, if longer) no longer blocks a new one.
+///
+/// The window is counted in 10 buckets of `window / 10` each, so its memory is fixed
+/// however many requests pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cooldown {
-    failures: u32,
+    min_calls: u32,
+    /// The failure ratio in millionths (kept as an integer so that the type stays `Eq`).
+    ratio_ppm: u32,
     window: Duration,
     duration: Duration,
 }
 
+/// Buckets of the sliding window.
+const WINDOW_BUCKETS: u32 = 10;
+/// The failure ratio of [`Cooldown::new`].
+const DEFAULT_RATIO_PPM: u32 = 500_000;
+
 impl Cooldown {
-    /// Opens after `failures` (at least 1) failures within `window`, for `duration`.
-    pub const fn new(failures: u32, window: Duration, duration: Duration) -> Self {
+    /// Opens once at least `min_calls` (at least 1) attempts within `window` failed at a
+    /// ratio of 0.5 or more, for `duration`.
+    pub const fn new(min_calls: u32, window: Duration, duration: Duration) -> Self {
         Self {
-            failures: if failures == 0 { 1 } else { failures },
+            min_calls: if min_calls == 0 { 1 } else { min_calls },
+            ratio_ppm: DEFAULT_RATIO_PPM,
             window,
             duration,
         }
     }
-    /// Failures that open the breaker.
-    pub const fn failures(&self) -> u32 {
-        self.failures
+
+    /// The failure ratio (0.0–1.0, clamped; not a number: the default 0.5) at or above
+    /// which the breaker opens. A ratio of 0 opens on any failure once `min_calls` were made.
+    #[must_use]
+    pub fn failure_ratio(mut self, ratio: f64) -> Self {
+        self.ratio_ppm = if ratio.is_nan() {
+            DEFAULT_RATIO_PPM
+        } else {
+            // In range after the clamp, so the cast is exact enough and cannot wrap.
+            (ratio.clamp(0.0, 1.0) * 1e6).round() as u32
+        };
+        self
     }
-    /// The window the failures are counted in.
+
+    /// The failure ratio that opens the breaker.
+    pub fn ratio(&self) -> f64 {
+        f64::from(self.ratio_ppm) / 1e6
+    }
+    /// Attempts within the window needed before the ratio counts.
+    pub const fn min_calls(&self) -> u32 {
+        self.min_calls
+    }
+    /// The sliding window the attempts are counted in.
     pub const fn window(&self) -> Duration {
         self.window
     }
@@ -202,11 +243,14 @@ impl Cooldown {
 }
 
 impl Default for Cooldown {
-    /// 5 failures within 60 s open the breaker for 30 s.
+    /// At least 5 attempts within 60 s, half of them failed: open for 30 s.
     fn default() -> Self {
         Self::new(5, Duration::from_secs(60), Duration::from_secs(30))
     }
 }
+
+/// Default [`FallbackLayer::max_cooldown`]: 5 minutes.
+pub const DEFAULT_MAX_COOLDOWN: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy)]
 struct Config {
@@ -214,6 +258,7 @@ struct Config {
     first_chunk: Option<Duration>,
     stall: Option<Duration>,
     cooldown: Option<Cooldown>,
+    max_cooldown: Duration,
     honor_retry_after: bool,
     require_finish: bool,
 }
@@ -225,6 +270,7 @@ impl Default for Config {
             first_chunk: None,
             stall: None,
             cooldown: Some(Cooldown::default()),
+            max_cooldown: DEFAULT_MAX_COOLDOWN,
             honor_retry_after: true,
             require_finish: true,
         }
@@ -233,33 +279,120 @@ impl Default for Config {
 
 // ===== health (the shared breaker state) =====
 
+/// `at + d`, or far in the future when that would overflow (`Instant + Duration` panics).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+        .unwrap_or(at)
+}
+
+/// One bucket of the sliding window: its index (time since the breaker's epoch divided by
+/// the bucket length) and the outcomes counted in it.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    slot: u64,
+    ok: u32,
+    failed: u32,
+}
+
 #[derive(Debug, Default)]
 struct Breaker {
-    /// Times of the latest failures (at most `Cooldown::failures` of them).
-    recent: VecDeque<Instant>,
+    /// The sliding window's buckets, oldest first (at most `WINDOW_BUCKETS` + 1).
+    window: VecDeque<Bucket>,
     open_until: Option<Instant>,
-    probing: bool,
+    /// The probe in flight: its id and when it started.
+    probe: Option<(u64, Instant)>,
+    next_probe: u64,
     failures: u64,
     successes: u64,
     skipped: u64,
     opened: u64,
 }
 
+impl Breaker {
+    /// The window's (calls, failures), as of the last [`record`](Self::record).
+    fn tally(&self) -> (u64, u64) {
+        self.window.iter().fold((0, 0), |(n, f), b| {
+            (
+                n + u64::from(b.ok) + u64::from(b.failed),
+                f + u64::from(b.failed),
+            )
+        })
+    }
+
+    /// Counts an outcome at `now`, first dropping the buckets that have left the window.
+    fn record(&mut self, epoch: Instant, now: Instant, c: &Cooldown, failed: bool) {
+        let (slot, span) = slot_of(epoch, now, c);
+        while self
+            .window
+            .front()
+            .is_some_and(|b| b.slot.saturating_add(span) <= slot)
+        {
+            self.window.pop_front();
+        }
+        let bucket = match self.window.back_mut() {
+            Some(b) if b.slot >= slot => b,
+            _ => {
+                self.window.push_back(Bucket {
+                    slot,
+                    ok: 0,
+                    failed: 0,
+                });
+                while self.window.len() > WINDOW_BUCKETS as usize + 1 {
+                    self.window.pop_front();
+                }
+                self.window.back_mut().expect("just pushed")
+            }
+        };
+        if failed {
+            bucket.failed = bucket.failed.saturating_add(1);
+        } else {
+            bucket.ok = bucket.ok.saturating_add(1);
+        }
+    }
+
+    /// Opens (or extends) the breaker until `until`, capped at `now + max`.
+    fn open(&mut self, now: Instant, until: Instant, max: Duration) {
+        let until = until.min(later(now, max));
+        self.window.clear();
+        self.opened += 1;
+        // A longer opening still in force (e.g. a retry-after) is kept, within the cap.
+        self.open_until = Some(self.open_until.map_or(until, |x| x.max(until)));
+    }
+}
+
+/// The bucket index of `now` and the window's length in buckets.
+fn slot_of(epoch: Instant, now: Instant, c: &Cooldown) -> (u64, u64) {
+    // In whole microseconds and u64 (on every attempt; u128 division is slow): 584 000
+    // years of uptime before it saturates.
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let bucket = micros(c.window / WINDOW_BUCKETS).max(1000);
+    let slot = micros(now.saturating_duration_since(epoch)) / bucket;
+    (slot, u64::from(WINDOW_BUCKETS))
+}
+
 enum Admit {
     Yes,
-    Probe,
+    /// This request probes the target (with this probe id).
+    Probe(u64),
     Skip(Duration),
 }
 
 struct Breakers {
     names: Vec<Arc<str>>,
     cells: Vec<Mutex<Breaker>>,
+    /// Where bucket indexes count from.
+    epoch: Instant,
 }
 
 impl Breakers {
     fn new(names: Vec<Arc<str>>) -> Arc<Self> {
         let cells = names.iter().map(|_| Mutex::default()).collect();
-        Arc::new(Self { names, cells })
+        Arc::new(Self {
+            names,
+            cells,
+            epoch: Instant::now(),
+        })
     }
 
     fn lock(&self, i: usize) -> MutexGuard<'_, Breaker> {
@@ -267,79 +400,99 @@ impl Breakers {
         self.cells[i].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn admit(&self, i: usize, now: Instant) -> Admit {
+    fn admit(&self, i: usize, now: Instant, cfg: &Config) -> Admit {
         let mut b = self.lock(i);
         let Some(until) = b.open_until else {
             return Admit::Yes;
         };
+        // A probe that has run for a whole cooldown (and its attempt's time limit: hung on
+        // readiness, say) no longer blocks the next one; its late answer then counts as a
+        // plain attempt.
+        let stale = cfg
+            .cooldown
+            .map_or(cfg.max_cooldown, |c| c.duration)
+            .max(cfg.total.unwrap_or_default());
         if now < until {
             b.skipped += 1;
             Admit::Skip(until - now)
-        } else if b.probing {
+        } else if b.probe.is_some_and(|(_, at)| now < later(at, stale)) {
             // One probe at a time; the others keep skipping until it answers.
             b.skipped += 1;
             Admit::Skip(Duration::ZERO)
         } else {
-            b.probing = true;
-            Admit::Probe
+            let id = b.next_probe;
+            b.next_probe += 1;
+            b.probe = Some((id, now));
+            Admit::Probe(id)
+        }
+    }
+
+    /// Clears the probe slot if `probe` is the probe in flight; true if it was.
+    fn end_probe(b: &mut Breaker, probe: Option<u64>) -> bool {
+        match (probe, b.probe) {
+            (Some(id), Some((cur, _))) if id == cur => {
+                b.probe = None;
+                true
+            }
+            _ => false,
         }
     }
 
     /// The target answered (a response, or an error that is not its fault).
-    fn success(&self, i: usize, probe: bool) {
+    fn success(&self, i: usize, probe: Option<u64>, cfg: &Config) {
+        let now = Instant::now();
         let mut b = self.lock(i);
         b.successes += 1;
-        b.recent.clear();
-        if probe || b.open_until.is_some_and(|u| u <= Instant::now()) {
+        let probe = Self::end_probe(&mut b, probe);
+        if probe || b.open_until.is_some_and(|u| u <= now) {
+            // Closed: a probe still out (now stale) reports as a plain attempt.
             b.open_until = None;
+            b.probe = None;
         }
-        if probe {
-            b.probing = false;
+        if let Some(c) = &cfg.cooldown
+            && b.open_until.is_none()
+        {
+            b.record(self.epoch, now, c, false);
         }
     }
 
-    fn failure(&self, i: usize, probe: bool, retry_after: Option<Duration>, cfg: &Config) {
+    fn failure(&self, i: usize, probe: Option<u64>, retry_after: Option<Duration>, cfg: &Config) {
         let now = Instant::now();
         let mut b = self.lock(i);
         b.failures += 1;
+        let probe = Self::end_probe(&mut b, probe);
         let mut open_until = None;
         if let Some(c) = cfg.cooldown {
             if probe {
-                open_until = Some(now + c.duration);
-            } else {
-                b.recent.push_back(now);
-                while b.recent.len() > c.failures as usize {
-                    b.recent.pop_front();
-                }
-                let full = b.recent.len() >= c.failures as usize;
-                if full && b.recent.front().is_some_and(|t| now - *t <= c.window) {
-                    open_until = Some(now + c.duration);
+                open_until = Some(later(now, c.duration));
+            } else if b.open_until.is_none() {
+                b.record(self.epoch, now, &c, true);
+                let (calls, failed) = b.tally();
+                // failed / calls >= ratio, in integers.
+                if calls >= u64::from(c.min_calls)
+                    && u128::from(failed) * 1_000_000 >= u128::from(calls) * u128::from(c.ratio_ppm)
+                {
+                    open_until = Some(later(now, c.duration));
                 }
             }
         }
         if cfg.honor_retry_after
             && let Some(ra) = retry_after
         {
-            open_until = open_until.max(Some(now + ra));
-        }
-        if probe {
-            b.probing = false;
+            open_until = open_until.max(Some(later(now, ra)));
         }
         match open_until {
-            Some(u) => {
-                b.recent.clear();
-                b.opened += 1;
-                b.open_until = Some(b.open_until.map_or(u, |x| x.max(u)));
-            }
+            Some(u) => b.open(now, u, cfg.max_cooldown),
             // A failed probe with no breaker and no retry-after: back to plain trying.
             None if probe => b.open_until = None,
             None => {}
         }
     }
 
-    /// The probe ended without an answer (the caller dropped the request).
-    fn release_probe(&self, i: usize) {
-        self.lock(i).probing = false;
+    /// The probe ended without an answer (the caller dropped the request or its deadline
+    /// ran out): free the slot so that the next request probes.
+    fn release_probe(&self, i: usize, probe: Option<u64>) {
+        Self::end_probe(&mut self.lock(i), probe);
     }
 }
 
@@ -367,8 +520,10 @@ pub struct TargetHealth {
     pub name: Arc<str>,
     /// The breaker state.
     pub state: CircuitState,
-    /// Failures counted towards opening the breaker now.
-    pub recent_failures: usize,
+    /// Failures in the sliding window (as of the target's last attempt).
+    pub recent_failures: u64,
+    /// Attempts in the sliding window (as of the target's last attempt).
+    pub recent_calls: u64,
     /// Attempts that failed in a way that moves on, since start.
     pub failures: u64,
     /// Attempts the target answered, since start.
@@ -399,12 +554,15 @@ impl FallbackHealth {
                 let state = match b.open_until {
                     None => CircuitState::Closed,
                     Some(u) if u > now => CircuitState::Open { remaining: u - now },
-                    Some(_) => CircuitState::HalfOpen { probing: b.probing },
+                    Some(_) => CircuitState::HalfOpen {
+                        probing: b.probe.is_some(),
+                    },
                 };
                 TargetHealth {
                     name: self.0.names[i].clone(),
                     state,
-                    recent_failures: b.recent.len(),
+                    recent_failures: b.tally().1,
+                    recent_calls: b.tally().0,
                     failures: b.failures,
                     successes: b.successes,
                     skipped: b.skipped,
@@ -449,7 +607,15 @@ macro_rules! config_methods {
             self.config.cooldown = None;
             self
         }
-        /// Whether an error's `retry-after` keeps its target skipped until then (default: yes).
+        /// The longest a target is skipped, however long the breaker's `duration` or an
+        /// upstream's `retry-after` (default [`DEFAULT_MAX_COOLDOWN`], 5 minutes).
+        #[must_use]
+        pub fn max_cooldown(mut self, max: Duration) -> Self {
+            self.config.max_cooldown = max;
+            self
+        }
+        /// Whether an error's `retry-after` keeps its target skipped until then (default: yes,
+        /// up to [`max_cooldown`](Self::max_cooldown)).
         #[must_use]
         pub fn honor_retry_after(mut self, yes: bool) -> Self {
             self.config.honor_retry_after = yes;
@@ -636,7 +802,7 @@ impl Service<ChatRequest> for Fallback {
             deadline,
             is_stream,
             idx: 0,
-            probe: false,
+            probe: None,
             cur_model: None,
             deadline_hit: false,
             attempts: Vec::new(),
@@ -680,7 +846,8 @@ pub struct ResponseFuture {
     deadline: Option<Instant>,
     is_stream: bool,
     idx: usize,
-    probe: bool,
+    /// The probe id when this attempt probes its target.
+    probe: Option<u64>,
     /// The model sent on the current attempt.
     cur_model: Option<String>,
     /// The current attempt ended because the request's deadline passed.
@@ -716,8 +883,8 @@ impl fmt::Debug for ResponseFuture {
 impl Drop for ResponseFuture {
     fn drop(&mut self) {
         // A probe dropped mid-flight must not leave its target "probing" for ever.
-        if self.probe {
-            self.breakers.release_probe(self.idx);
+        if self.probe.is_some() {
+            self.breakers.release_probe(self.idx, self.probe);
         }
     }
 }
@@ -764,18 +931,16 @@ impl ResponseFuture {
         } else {
             error
         };
-        let probe = std::mem::take(&mut self.probe);
+        let probe = self.probe.take();
         if !error.should_fall_back() {
             // The target answered; the request itself is at fault.
-            self.breakers.success(self.idx, probe);
+            self.breakers.success(self.idx, probe, &self.config);
             self.state = State::Done;
             return Some(error);
         }
         if std::mem::take(&mut self.deadline_hit) {
             // The caller's deadline, not the target, ran out: no mark against it.
-            if probe {
-                self.breakers.release_probe(self.idx);
-            }
+            self.breakers.release_probe(self.idx, probe);
         } else {
             self.breakers
                 .failure(self.idx, probe, error.retry_after(), &self.config);
@@ -799,8 +964,8 @@ impl ResponseFuture {
 
     fn succeed(&mut self, mut resp: LlmResponse) -> LlmResponse {
         self.armed = None;
-        let probe = std::mem::take(&mut self.probe);
-        self.breakers.success(self.idx, probe);
+        let probe = self.probe.take();
+        self.breakers.success(self.idx, probe, &self.config);
         let name = self.target().name.clone();
         let model = self.attempt_model();
         if resp.meta.model.is_none() {
@@ -827,12 +992,12 @@ impl ResponseFuture {
             }
         };
         if let Some(t) = self.config.total {
-            consider(now + t, Limit::Total(t));
+            consider(later(now, t), Limit::Total(t));
         }
         if self.is_stream
             && let Some(t) = self.config.first_chunk
         {
-            consider(now + t, Limit::FirstChunk(t));
+            consider(later(now, t), Limit::FirstChunk(t));
         }
         if let Some(d) = self.deadline {
             consider(d, Limit::Deadline);
@@ -882,7 +1047,7 @@ impl Future for ResponseFuture {
                         this.skip(LlmError::timeout("the request's deadline has passed"));
                         continue;
                     }
-                    match this.breakers.admit(this.idx, now) {
+                    match this.breakers.admit(this.idx, now, &this.config) {
                         Admit::Skip(remaining) if remaining.is_zero() => {
                             this.skip(LlmError::unavailable(
                                 "skipped: another request is probing it after recent failures",
@@ -898,8 +1063,8 @@ impl Future for ResponseFuture {
                             );
                             continue;
                         }
-                        Admit::Probe => this.probe = true,
-                        Admit::Yes => this.probe = false,
+                        Admit::Probe(id) => this.probe = Some(id),
+                        Admit::Yes => this.probe = None,
                     }
                     this.arm(now);
                     this.state = State::Ready(this.targets[this.idx].service.clone());
@@ -1044,7 +1209,12 @@ impl Committed {
         Self {
             first: Some(first),
             inner: None,
-            stall: config.stall.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            stall: config.stall.map(|d| {
+                (
+                    d,
+                    Box::pin(tokio::time::sleep_until(later(Instant::now(), d))),
+                )
+            }),
             require_finish: config.require_finish,
             saw_finish: false,
             done: false,
@@ -1062,7 +1232,7 @@ impl Committed {
             self.saw_finish = true;
         }
         if let Some((d, sleep)) = &mut self.stall {
-            sleep.as_mut().reset(Instant::now() + *d);
+            sleep.as_mut().reset(later(Instant::now(), *d));
         }
     }
 

@@ -77,6 +77,9 @@ pub use llm_tower_core::*;
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 mod builder;
+
+#[cfg(any(feature = "cache", feature = "validate"))]
+mod mem;
 pub use builder::LlmServiceBuilderExt;
 
 #[cfg(feature = "route")]

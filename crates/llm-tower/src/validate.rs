@@ -16,8 +16,13 @@
 //! and cached, keyed by a hash of the schema — and `json_object` is checked as JSON. A schema
 //! that does not compile is a bad request, answered before any call.
 //!
-//! Each choice's text is checked (or, for a choice with only tool calls, each call's
-//! arguments). Requests with no applicable rule pass straight through.
+//! Each choice's text is checked against these rules. A choice that answers with tool calls
+//! only is not: its calls' arguments are checked against each called tool's own parameter
+//! schema, from the request's `tools[].function.parameters` (unless
+//! [`ValidateLayer::check_tool_arguments`] turns it off; a call to a tool without a schema,
+//! or whose schema does not compile, is not checked). A `response_format` describes the
+//! text answer, never a tool's arguments. Requests with no applicable rule and no tool
+//! schema pass straight through.
 //!
 //! # Retry, then a typed error
 //!
@@ -33,7 +38,13 @@
 //! A streamed response is **buffered and validated before the caller sees any of it**: the
 //! chunks are assembled, checked, and only then released as a stream replaying the buffered
 //! chunks. Time to first byte is therefore the time of the whole answer; put the layer only
-//! on routes that need checked output.
+//! on routes that need checked output. The buffered chunks may take at most
+//! [`ValidateLayer::max_stream_bytes`] of memory (default 8 MiB; the assembled answer comes
+//! on top, about as large again). A longer answer cannot be checked: the stream is dropped
+//! (the upstream call ends) and the caller gets
+//! [`LlmError::invalid_output`](crate::LlmError::invalid_output) saying so, without a retry
+//! (a reminder would not make the answer shorter) and counted in
+//! [`TaskCounts::too_large`].
 //!
 //! # Counts
 //!
@@ -100,8 +111,14 @@ use tower_service::Service;
 const JSON_REMINDER: &str = "IMPORTANT: Output ONLY valid JSON.";
 /// The reminder prefix for custom rules without their own.
 const FORMAT_REMINDER: &str = "IMPORTANT: Output ONLY an answer in the required format.";
+/// The reminder prefix when a tool call's arguments fail their tool's schema.
+const TOOL_REMINDER: &str =
+    "IMPORTANT: Call tools only with arguments that match the tool's parameters schema.";
 /// How many request schemas the cache keeps before it starts over.
 const SCHEMA_CACHE_CAP: usize = 1024;
+
+/// Default [`ValidateLayer::max_stream_bytes`]: 8 MiB.
+pub const DEFAULT_MAX_STREAM_BYTES: usize = 8 * 1024 * 1024;
 
 // ===== rules =====
 
@@ -253,6 +270,8 @@ pub struct TaskCounts {
     pub fixed: u64,
     /// Requests that still failed after the last retry (answered with invalid output).
     pub exhausted: u64,
+    /// Streamed answers larger than [`ValidateLayer::max_stream_bytes`], refused unchecked.
+    pub too_large: u64,
 }
 
 /// Compiled request schemas by hash of the schema (each with the schema, for collisions).
@@ -280,6 +299,37 @@ impl Shared {
 
     /// The compiled validator of a request's schema, from the cache when seen before.
     fn request_schema(&self, schema: &Value) -> Result<Arc<jsonschema::Validator>, LlmError> {
+        self.compiled(schema).map_err(|e| {
+            LlmError::bad_request(format!(
+                "response_format.json_schema.schema is not a valid JSON Schema: {e}"
+            ))
+            .with_param("response_format")
+        })
+    }
+
+    /// The compiled validators of the request's tools that have a parameter schema; a
+    /// schema that does not compile is left unchecked (the upstream judges the request).
+    fn tool_schemas(&self, req: &ChatRequest) -> Vec<(Box<str>, Arc<jsonschema::Validator>)> {
+        let Some(tools) = &req.tools else {
+            return Vec::new();
+        };
+        tools
+            .iter()
+            .filter_map(|t| {
+                let f = t.function.as_ref()?;
+                let schema = f.parameters.as_ref()?;
+                match self.compiled(schema) {
+                    Ok(v) => Some((f.name.as_str().into(), v)),
+                    Err(e) => {
+                        tracing::debug!(target: "llm_tower::validate", tool = %f.name, error = %e, "tool parameters schema does not compile; not checked");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn compiled(&self, schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
         let mut h = DefaultHasher::new();
         // Map order is deterministic (serde_json's default map is sorted).
         schema.to_string().hash(&mut h);
@@ -290,12 +340,7 @@ impl Shared {
             return Ok(v.clone());
         }
         // Compile outside the lock: a big schema must not stall other requests.
-        let v = jsonschema::validator_for(schema).map_err(|e| {
-            LlmError::bad_request(format!(
-                "response_format.json_schema.schema is not a valid JSON Schema: {e}"
-            ))
-            .with_param("response_format")
-        })?;
+        let v = jsonschema::validator_for(schema).map_err(|e| e.to_string())?;
         let v = Arc::new(v);
         let mut map = lock(&self.schemas);
         if map.len() >= SCHEMA_CACHE_CAP {
@@ -342,7 +387,9 @@ struct Config {
     tasks: HashMap<Arc<str>, Vec<Rule>>,
     default: Vec<Rule>,
     response_format: bool,
+    tool_arguments: bool,
     retries: u32,
+    max_stream_bytes: usize,
 }
 
 /// Validates the outputs of the wrapped service (see the [module docs](crate::validate)).
@@ -362,7 +409,9 @@ impl fmt::Debug for ValidateLayer {
             .field("tasks", &self.config.tasks)
             .field("default", &self.config.default)
             .field("response_format", &self.config.response_format)
+            .field("tool_arguments", &self.config.tool_arguments)
             .field("retries", &self.config.retries)
+            .field("max_stream_bytes", &self.config.max_stream_bytes)
             .finish()
     }
 }
@@ -374,14 +423,17 @@ impl Default for ValidateLayer {
 }
 
 impl ValidateLayer {
-    /// No rules yet; the request's `response_format` is honoured; one retry.
+    /// No rules yet; the request's `response_format` and tool schemas are honoured; one
+    /// retry; streams buffered up to 8 MiB.
     pub fn new() -> Self {
         Self {
             config: Arc::new(Config {
                 tasks: HashMap::new(),
                 default: Vec::new(),
                 response_format: true,
+                tool_arguments: true,
                 retries: 1,
+                max_stream_bytes: DEFAULT_MAX_STREAM_BYTES,
             }),
             shared: Arc::default(),
         }
@@ -410,6 +462,24 @@ impl ValidateLayer {
     #[must_use]
     pub fn use_response_format(mut self, yes: bool) -> Self {
         Arc::make_mut(&mut self.config).response_format = yes;
+        self
+    }
+
+    /// Whether tool calls' arguments are checked against the called tool's parameter
+    /// schema from the request (default: yes).
+    #[must_use]
+    pub fn check_tool_arguments(mut self, yes: bool) -> Self {
+        Arc::make_mut(&mut self.config).tool_arguments = yes;
+        self
+    }
+
+    /// The most memory a streamed answer's chunks may take while buffered for checking
+    /// (default [`DEFAULT_MAX_STREAM_BYTES`], 8 MiB). A longer answer fails with
+    /// [`ErrorKind::InvalidOutput`](crate::ErrorKind::InvalidOutput), unchecked and not
+    /// retried (see the [module docs](crate::validate)).
+    #[must_use]
+    pub fn max_stream_bytes(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_stream_bytes = bytes;
         self
     }
 
@@ -517,13 +587,19 @@ impl<S> Validate<S> {
             Some(r) => (task.cloned(), !r.is_empty()),
             None => (None, !self.config.default.is_empty()),
         };
-        if !has_rules && extra.is_none() {
+        let tools = if self.config.tool_arguments {
+            self.shared.tool_schemas(req)
+        } else {
+            Vec::new()
+        };
+        if !has_rules && extra.is_none() && tools.is_empty() {
             return Ok(None);
         }
         Ok(Some(Plan {
             config: self.config.clone(),
             task_key,
             extra,
+            tools,
             label: task.cloned().unwrap_or_else(|| Arc::from("default")),
         }))
     }
@@ -535,6 +611,8 @@ struct Plan {
     task_key: Option<Arc<str>>,
     /// The request's own `response_format` rule.
     extra: Option<Rule>,
+    /// The parameter schemas of the request's tools, by tool name.
+    tools: Vec<(Box<str>, Arc<jsonschema::Validator>)>,
     /// The task type the counts go to.
     label: Arc<str>,
 }
@@ -548,12 +626,31 @@ impl Plan {
         base.iter().chain(self.extra.as_ref())
     }
 
-    /// The first failure among the outputs: (the rule, the reason, the output).
-    fn check(&self, resp: &ChatResponse) -> Result<(), (&Rule, String, String)> {
+    /// The first failure among the outputs: (the reminder, the reason, the output).
+    fn check(&self, resp: &ChatResponse) -> Result<(), (String, String, String)> {
         for out in outputs(resp) {
-            for rule in self.rules() {
-                if let Err(reason) = rule.check(&out) {
-                    return Err((rule, reason, out.into_owned()));
+            match out {
+                Output::Text(text) => {
+                    for rule in self.rules() {
+                        if let Err(reason) = rule.check(&text) {
+                            return Err((rule.reminder().to_owned(), reason, text.into_owned()));
+                        }
+                    }
+                }
+                Output::ToolCall(name, args) => {
+                    let Some((_, v)) = self.tools.iter().find(|(n, _)| **n == *name) else {
+                        continue;
+                    };
+                    let rule = Rule {
+                        kind: RuleKind::Schema(v.clone()),
+                        reminder: None,
+                    };
+                    if let Err(reason) = rule.check(args) {
+                        let reason = format!(
+                            "the arguments of the call to tool `{name}` are wrong: {reason}"
+                        );
+                        return Err((TOOL_REMINDER.to_owned(), reason, args.to_owned()));
+                    }
                 }
             }
         }
@@ -561,11 +658,20 @@ impl Plan {
     }
 }
 
-/// What is checked: each choice's text, or its tool calls' arguments when it has no text.
-/// Borrowed where possible: this runs on every validated response.
-fn outputs(resp: &ChatResponse) -> Vec<Cow<'_, str>> {
+/// One thing checked in an answer.
+#[derive(Debug, PartialEq)]
+enum Output<'a> {
+    /// A choice's text, checked against the rules.
+    Text(Cow<'a, str>),
+    /// A tool call (tool name, arguments), checked against the tool's parameter schema.
+    ToolCall(&'a str, &'a str),
+}
+
+/// What is checked: each choice's text, or, for a choice with tool calls and no text, each
+/// call. Borrowed where possible: this runs on every validated response.
+fn outputs(resp: &ChatResponse) -> Vec<Output<'_>> {
     if resp.choices.is_empty() {
-        return vec![Cow::Borrowed("")];
+        return vec![Output::Text(Cow::Borrowed(""))];
     }
     let mut out = Vec::with_capacity(resp.choices.len());
     for c in &resp.choices {
@@ -576,13 +682,11 @@ fn outputs(resp: &ChatResponse) -> Vec<Cow<'_, str>> {
         };
         match &c.message.tool_calls {
             Some(calls) if text.is_empty() && !calls.is_empty() => {
-                out.extend(
-                    calls
-                        .iter()
-                        .map(|t| Cow::Borrowed(t.function.arguments.as_str())),
-                );
+                out.extend(calls.iter().map(|t| {
+                    Output::ToolCall(t.function.name.as_str(), t.function.arguments.as_str())
+                }));
             }
-            _ => out.push(text),
+            _ => out.push(Output::Text(text)),
         }
     }
     out
@@ -661,7 +765,20 @@ where
     let mut attempt = 0;
     let mut next = first;
     loop {
-        let (resp, assembled) = assemble(next).await?;
+        let (resp, assembled) = match assemble(next, plan.config.max_stream_bytes).await {
+            Ok(done) => done,
+            Err(Assemble::Failed(e)) => return Err(e),
+            Err(Assemble::TooLarge) => {
+                shared.count(&plan.label, |c| c.too_large += 1);
+                let max = plan.config.max_stream_bytes;
+                return Err(LlmError::invalid_output(
+                    format!(
+                        "the streamed answer is larger than the validation buffer ({max} bytes) and cannot be validated"
+                    ),
+                    "",
+                ));
+            }
+        };
         let checked = match (&resp.body, &assembled) {
             (_, Some(a)) => a,
             (ResponseBody::Complete(r), None) => r,
@@ -671,10 +788,7 @@ where
                 ));
             }
         };
-        let failure = match plan.check(checked) {
-            Ok(()) => None,
-            Err((rule, reason, output)) => Some((rule.reminder().to_owned(), reason, output)),
-        };
+        let failure = plan.check(checked).err();
         let Some((reminder, reason, output)) = failure else {
             if attempt > 0 {
                 shared.count(&plan.label, |c| c.fixed += 1);
@@ -709,20 +823,37 @@ where
     }
 }
 
-/// A stream is drained, assembled (returned) and replaced by a replay of its chunks; an
-/// encoded response is decoded (returned) and kept; a complete response is returned as is.
-async fn assemble(resp: LlmResponse) -> Result<(LlmResponse, Option<ChatResponse>), LlmError> {
+/// Why a response could not be assembled.
+enum Assemble {
+    Failed(LlmError),
+    /// A stream's chunks outgrew the buffer limit.
+    TooLarge,
+}
+
+/// A stream is drained (up to `max_bytes` of chunks in memory), assembled (returned) and
+/// replaced by a replay of its chunks; an encoded response is decoded (returned) and kept;
+/// a complete response is returned as is.
+async fn assemble(
+    resp: LlmResponse,
+    max_bytes: usize,
+) -> Result<(LlmResponse, Option<ChatResponse>), Assemble> {
     match resp.body {
         ResponseBody::Complete(_) => Ok((resp, None)),
         ResponseBody::Encoded(ref r) => {
-            let decoded = r.decode()?;
+            let decoded = r.decode().map_err(Assemble::Failed)?;
             Ok((resp, Some(decoded)))
         }
         ResponseBody::Stream(mut stream) => {
             let mut acc = StreamAccumulator::default();
             let mut chunks: Vec<ChatChunk> = Vec::new();
+            let mut held = 0usize;
             while let Some(item) = stream.next().await {
-                let chunk = item?;
+                let chunk = item.map_err(Assemble::Failed)?;
+                held = held.saturating_add(crate::mem::chunk(&chunk));
+                if held > max_bytes {
+                    // Dropping the stream ends the upstream call; nothing more is read.
+                    return Err(Assemble::TooLarge);
+                }
                 acc.push(&chunk);
                 chunks.push(chunk);
             }
@@ -860,6 +991,6 @@ mod tests {
             },
             extra: Default::default(),
         }]);
-        assert_eq!(outputs(&resp), vec![r#"{"a": 1}"#]);
+        assert_eq!(outputs(&resp), vec![Output::ToolCall("f", r#"{"a": 1}"#)]);
     }
 }

@@ -976,3 +976,103 @@ fn encoded_entries_round_trip_through_json_as_the_document_itself() {
         "estimate {est}, real {real}"
     );
 }
+
+// ===== hostile timing and sizes =====
+
+/// The leader's client reads its stream slowly (here: never past the first chunk), so the
+/// flight does not land; a waiter stops waiting after the coalesce timeout and is served
+/// by its own upstream call.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reading_leader_does_not_hold_its_waiters_hostage() {
+    let mock = MockLlm::new("mock")
+        .then(Step::stream(["x", "y"]))
+        .otherwise(Step::stream(["z"]));
+    let layer = CacheLayer::in_memory(1 << 20).coalesce_timeout(Duration::from_secs(5));
+    let mut s = svc(&layer, &mock);
+    let lead = call(&mut s, stream_req("q")).await.unwrap();
+    let ResponseBody::Stream(mut lead) = lead.body else {
+        unreachable!()
+    };
+    lead.next().await.unwrap().unwrap();
+    let started = tokio::time::Instant::now();
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let resp = s.oneshot(stream_req("q")).await.unwrap();
+            (resp.meta.cache, drain(resp).await)
+        })
+    };
+    let (status, (texts, err)) = waiter.await.unwrap();
+    assert!(err.is_none());
+    assert_eq!(texts, ["z"]);
+    assert_eq!(status, CacheStatus::Miss);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(mock.calls(), 2);
+    let st = layer.stats().snapshot();
+    assert_eq!((st.coalesce_timeouts, st.coalesced), (1, 0));
+    drop(lead);
+}
+
+/// A slow upstream: the waiter waits for the leader up to the coalesce timeout, then
+/// calls upstream itself; the leader still gets its own answer.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_gives_up_on_a_slow_leader_after_the_coalesce_timeout() {
+    let mock = MockLlm::new("mock")
+        .then(Step::reply("slow").with_latency(Duration::from_secs(60)))
+        .otherwise(Step::reply("fast"));
+    let layer = CacheLayer::in_memory(1 << 20).coalesce_timeout(Duration::from_secs(2));
+    let s = svc(&layer, &mock);
+    let lead = tokio::spawn(s.clone().oneshot(req("q")));
+    tokio::task::yield_now().await;
+    let waiter = tokio::spawn(s.clone().oneshot(req("q")));
+    let w = waiter.await.unwrap().unwrap();
+    assert_eq!(w.meta.cache, CacheStatus::Miss);
+    assert_eq!(text_of(w).await, "fast");
+    assert_eq!(text_of(lead.await.unwrap().unwrap()).await, "slow");
+    assert_eq!(mock.calls(), 2);
+    assert_eq!(layer.stats().coalesce_timeouts(), 1);
+}
+
+/// By default waiters wait long enough for an ordinary answer: no timeout, one call.
+#[tokio::test(start_paused = true)]
+async fn waiters_within_the_coalesce_timeout_share_the_answer() {
+    let mock = MockLlm::new("mock")
+        .then(Step::reply("a").with_latency(Duration::from_secs(20)))
+        .otherwise(Step::error(LlmError::internal("must not be called twice")));
+    let layer = CacheLayer::in_memory(1 << 20);
+    let s = svc(&layer, &mock);
+    let lead = tokio::spawn(s.clone().oneshot(req("q")));
+    tokio::task::yield_now().await;
+    let w = s.oneshot(req("q")).await.unwrap();
+    assert_eq!(w.meta.cache, CacheStatus::Hit);
+    assert_eq!(text_of(lead.await.unwrap().unwrap()).await, "a");
+    assert_eq!(mock.calls(), 1);
+    assert_eq!(layer.stats().coalesce_timeouts(), 0);
+}
+
+/// A stream whose copy outgrows `max_stream_bytes` is served in full but not stored, and
+/// the overflow is counted.
+#[tokio::test(start_paused = true)]
+async fn streams_past_the_buffer_cap_are_served_but_not_stored() {
+    let mock = MockLlm::new("mock").otherwise(Step::stream(vec!["tok"; 200]));
+    let layer = CacheLayer::in_memory(1 << 20).max_stream_bytes(16 * 1024);
+    let mut s = svc(&layer, &mock);
+    let (texts, err) = drain(call(&mut s, stream_req("q")).await.unwrap()).await;
+    assert!(err.is_none());
+    assert_eq!(texts.len(), 200);
+    let st = layer.stats().snapshot();
+    assert_eq!(
+        (st.stream_overflows, st.skipped_writes, st.writes),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        call(&mut s, stream_req("q")).await.unwrap().meta.cache,
+        CacheStatus::Miss
+    );
+    // Under the cap the same stream is stored.
+    let layer = CacheLayer::in_memory(1 << 20);
+    let mut s = svc(&layer, &mock);
+    drain(call(&mut s, stream_req("q")).await.unwrap()).await;
+    assert_eq!(layer.stats().writes(), 1);
+    assert_eq!(layer.stats().stream_overflows(), 0);
+}

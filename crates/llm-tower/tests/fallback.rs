@@ -321,7 +321,9 @@ async fn failures_outside_the_window_do_not_open() {
     tokio::time::advance(Duration::from_secs(11)).await;
     svc.clone().oneshot(req()).await.unwrap();
     assert_eq!(health.snapshot()[0].state, CircuitState::Closed);
-    assert_eq!(health.snapshot()[0].recent_failures, 2);
+    // The first failure has left the window.
+    assert_eq!(health.snapshot()[0].recent_failures, 1);
+    assert_eq!(health.snapshot()[0].recent_calls, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -449,4 +451,167 @@ async fn a_callers_deadline_is_no_mark_against_the_target() {
     assert_eq!(svc.oneshot(r).await.unwrap_err().kind(), ErrorKind::Timeout);
     assert_eq!(health.snapshot()[0].state, CircuitState::Closed);
     assert_eq!(health.snapshot()[0].failures, 0);
+}
+
+/// A provider failing 4 calls in 5 (successes in between): the ratio opens the breaker,
+/// later requests go straight to the healthy step, and a probe closes it once it recovers.
+#[tokio::test(start_paused = true)]
+async fn a_mostly_failing_provider_opens_on_its_failure_ratio() {
+    let (p, c, f) = mocks();
+    for i in 0..10 {
+        p.push(if i % 5 == 2 {
+            Step::reply("lucky")
+        } else {
+            Step::error(LlmError::unavailable("flaky"))
+        });
+    }
+    let p = p.otherwise(Step::reply("recovered"));
+    let layer = chain(&p, &c, &f).cooldown(
+        Cooldown::new(10, Duration::from_secs(60), Duration::from_secs(30)).failure_ratio(0.5),
+    );
+    let health = layer.health();
+    let svc = layer.layer(p.clone());
+
+    // Below the minimum number of calls nothing opens, even at 80 % failures.
+    for _ in 0..9 {
+        svc.clone().oneshot(req()).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(health.snapshot()[0].state, CircuitState::Closed);
+    assert_eq!(health.snapshot()[0].recent_calls, 9);
+    // The tenth call (a failure: 8 of 10) opens it.
+    svc.clone().oneshot(req()).await.unwrap();
+    let h = health.snapshot()[0].clone();
+    assert!(matches!(h.state, CircuitState::Open { .. }), "{h:?}");
+    assert_eq!((h.opened, h.failures, h.successes), (1, 8, 2));
+    assert_eq!(p.calls(), 10);
+
+    // Open: requests skip straight to the healthy step, without paying for a failure.
+    for _ in 0..5 {
+        let resp = svc.clone().oneshot(req()).await.unwrap();
+        assert!(resp.meta.attempts[0].error.as_ref().unwrap().skipped);
+        assert_eq!(resp.meta.provider.as_deref(), Some("c"));
+    }
+    assert_eq!(p.calls(), 10);
+    assert_eq!(health.snapshot()[0].skipped, 5);
+
+    // The provider has recovered: after the cooldown one probe goes out and closes it.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let resp = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(p.calls(), 11);
+    assert_eq!(resp.meta.provider.as_deref(), Some("p"));
+    assert_eq!(health.snapshot()[0].state, CircuitState::Closed);
+    let resp = svc.oneshot(req()).await.unwrap();
+    assert_eq!(resp.meta.provider.as_deref(), Some("p"));
+    assert_eq!(p.calls(), 12);
+}
+
+/// Mostly healthy with occasional failures: the ratio stays under the threshold, so the
+/// breaker stays closed however many failures add up over time.
+#[tokio::test(start_paused = true)]
+async fn occasional_failures_below_the_ratio_never_open() {
+    let (p, c, f) = mocks();
+    for i in 0..100 {
+        p.push(if i % 4 == 0 {
+            Step::error(LlmError::unavailable("blip"))
+        } else {
+            Step::reply("fine")
+        });
+    }
+    let layer = chain(&p, &c, &f).cooldown(
+        Cooldown::new(5, Duration::from_secs(10), Duration::from_secs(30)).failure_ratio(0.5),
+    );
+    let health = layer.health();
+    let svc = layer.layer(p.clone());
+    for _ in 0..100 {
+        svc.clone().oneshot(req()).await.unwrap();
+        tokio::time::advance(Duration::from_millis(300)).await;
+    }
+    let h = health.snapshot()[0].clone();
+    assert_eq!(h.state, CircuitState::Closed, "{h:?}");
+    assert_eq!((h.opened, h.failures), (0, 25));
+    assert_eq!(p.calls(), 100);
+}
+
+/// A retry-after of days (or `u64::MAX` seconds) benches the target for `max_cooldown` only,
+/// and never overflows the clock.
+#[tokio::test(start_paused = true)]
+async fn a_huge_retry_after_is_capped_by_max_cooldown() {
+    for ra in [Duration::from_secs(86_400 * 30), Duration::MAX] {
+        let (p, c, f) = mocks();
+        let p = p.then(Step::error(
+            LlmError::rate_limited("429").with_retry_after(ra),
+        ));
+        let layer = chain(&p, &c, &f).max_cooldown(Duration::from_secs(120));
+        let health = layer.health();
+        let svc = layer.layer(p.clone());
+        svc.clone().oneshot(req()).await.unwrap();
+        match health.snapshot()[0].state {
+            CircuitState::Open { remaining } => assert!(remaining <= Duration::from_secs(120)),
+            other => panic!("expected open, got {other:?}"),
+        }
+        let resp = svc.clone().oneshot(req()).await.unwrap();
+        let skipped = resp.meta.attempts[0].error.clone().unwrap();
+        assert!(skipped.skipped);
+        tokio::time::advance(Duration::from_secs(121)).await;
+        let resp = svc.oneshot(req()).await.unwrap();
+        assert_eq!(
+            resp.meta.provider.as_deref(),
+            Some("p"),
+            "probed after the cap"
+        );
+        assert_eq!(p.calls(), 2);
+    }
+}
+
+/// The default cap is a few minutes, and it also bounds a long configured cooldown.
+#[tokio::test(start_paused = true)]
+async fn the_default_cap_bounds_the_breaker_too() {
+    let p = MockLlm::new("p").then(Step::error(LlmError::unavailable("down")));
+    let svc = Fallback::new(vec![FallbackTarget::new("only", p.clone())]).cooldown(Cooldown::new(
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(86_400),
+    ));
+    svc.clone().oneshot(req()).await.unwrap_err();
+    match svc.health().snapshot()[0].state {
+        CircuitState::Open { remaining } => {
+            assert!(remaining <= llm_tower::fallback::DEFAULT_MAX_COOLDOWN);
+        }
+        other => panic!("expected open, got {other:?}"),
+    }
+    tokio::time::advance(llm_tower::fallback::DEFAULT_MAX_COOLDOWN + Duration::from_secs(1)).await;
+    svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(p.calls(), 2);
+}
+
+/// A probe hung on a target that never answers (no timeout configured) blocks other probes
+/// only for one cooldown; a newer probe then decides.
+#[tokio::test(start_paused = true)]
+async fn a_hung_probe_does_not_block_probing_for_ever() {
+    let p = MockLlm::new("p")
+        .then(Step::error(LlmError::unavailable("down")))
+        .then(Step::hang());
+    let c = MockLlm::new("c");
+    let layer = FallbackLayer::new(vec![FallbackTarget::new("cheap", c.clone())]).cooldown(
+        Cooldown::new(1, Duration::from_secs(60), Duration::from_secs(5)),
+    );
+    let health = layer.health();
+    let mut svc = layer.layer(p.clone());
+    svc.clone().oneshot(req()).await.unwrap();
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let mut hung = Box::pin(svc.ready().await.unwrap().call(req()));
+    assert!(futures_util::FutureExt::now_or_never(hung.as_mut()).is_none());
+    let resp = svc.clone().oneshot(req()).await.unwrap();
+    assert!(resp.meta.attempts[0].error.as_ref().unwrap().skipped);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let resp = svc.oneshot(req()).await.unwrap();
+    assert_eq!(
+        resp.meta.provider.as_deref(),
+        Some("p"),
+        "a fresh probe went out"
+    );
+    assert_eq!(health.snapshot()[0].state, CircuitState::Closed);
+    drop(hung);
+    assert_eq!(health.snapshot()[0].state, CircuitState::Closed);
 }

@@ -318,3 +318,137 @@ async fn answers_kept_as_json_are_checked_and_passed_on_unchanged() {
     };
     assert_eq!(body.decode().unwrap().text(), r#"{"a": 1}"#);
 }
+
+// ===== tool calls and stream limits =====
+
+fn weather_tool() -> llm_tower::Tool {
+    llm_tower::Tool {
+        kind: "function".into(),
+        function: Some(llm_tower::FunctionDef {
+            name: "get_weather".into(),
+            description: None,
+            parameters: Some(json!({
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": false
+            })),
+            extra: Default::default(),
+        }),
+        extra: Default::default(),
+    }
+}
+
+/// A step answering with one call of `get_weather` with these arguments, and no text.
+fn tool_call(args: &'static str) -> Step {
+    Step::respond(move |req| {
+        let mut resp = llm_tower::ChatResponse::from_text(req.model.clone(), "");
+        resp.choices[0].message.content = None;
+        resp.choices[0].message.tool_calls = Some(vec![llm_tower::ToolCall {
+            id: "call_1".into(),
+            kind: "function".into(),
+            function: llm_tower::FunctionCall {
+                name: "get_weather".into(),
+                arguments: args.into(),
+                extra: Default::default(),
+            },
+            extra: Default::default(),
+        }]);
+        Ok(llm_tower::LlmResponse::complete(resp))
+    })
+}
+
+fn tool_req() -> ChatRequest {
+    // A response_format for the text answer, and a tool with its own schema.
+    let mut r = with_response_format(
+        ChatRequest::new("m", vec![Message::user("weather in Paris?")]),
+        schema(),
+    );
+    r.tools = Some(vec![weather_tool()]);
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_valid_tool_call_passes_even_with_a_response_format() {
+    let mock = MockLlm::new("m").then(tool_call(r#"{"city": "Paris"}"#));
+    let layer = ValidateLayer::new();
+    let stats = layer.stats();
+    let resp = layer.layer(mock.clone()).oneshot(tool_req()).await.unwrap();
+    let r = resp.into_complete().await.unwrap();
+    let calls = r.choices[0].message.tool_calls.as_ref().unwrap();
+    assert_eq!(calls[0].function.arguments, r#"{"city": "Paris"}"#);
+    assert_eq!(mock.calls(), 1, "a valid tool call is not retried");
+    assert!(stats.snapshot().is_empty(), "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tool_call_not_matching_its_tools_schema_is_retried_once_with_a_reminder() {
+    let mock = MockLlm::new("m")
+        .then(tool_call(r#"{"town": 75}"#))
+        .then(tool_call(r#"{"city": "Paris"}"#));
+    let layer = ValidateLayer::new();
+    let stats = layer.stats();
+    let resp = layer.layer(mock.clone()).oneshot(tool_req()).await.unwrap();
+    let r = resp.into_complete().await.unwrap();
+    assert_eq!(
+        r.choices[0].message.tool_calls.as_ref().unwrap()[0]
+            .function
+            .arguments,
+        r#"{"city": "Paris"}"#
+    );
+    assert_eq!(mock.calls(), 2);
+    let reminder = last_message(&mock);
+    assert!(
+        reminder.starts_with("IMPORTANT: Call tools only with arguments that match"),
+        "{reminder}"
+    );
+    assert!(reminder.contains("`get_weather`"), "{reminder}");
+    assert!(reminder.contains("city"), "{reminder}");
+    let c = stats.get("default").unwrap();
+    assert_eq!((c.failures, c.retries, c.fixed, c.exhausted), (1, 1, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn tool_arguments_that_are_not_json_fail_and_can_be_left_unchecked() {
+    let mock = MockLlm::new("m").otherwise(tool_call("city=Paris"));
+    let e = ValidateLayer::new()
+        .layer(mock.clone())
+        .oneshot(tool_req())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidOutput);
+    assert!(e.message().contains("not valid JSON"), "{e}");
+    assert_eq!(mock.calls(), 2);
+    // Turned off: the tool call passes (the response_format is for text answers).
+    let resp = ValidateLayer::new()
+        .check_tool_arguments(false)
+        .layer(mock.clone())
+        .oneshot(tool_req())
+        .await
+        .unwrap();
+    assert!(resp.into_complete().await.is_ok());
+    assert_eq!(mock.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_past_the_buffer_cap_fails_clearly_without_a_retry() {
+    let mock = MockLlm::new("m").otherwise(Step::stream(vec!["{\"a\": 1}"; 500]));
+    let layer = ValidateLayer::new()
+        .task("extract", Rule::json())
+        .max_stream_bytes(32 * 1024);
+    let stats = layer.stats();
+    let mut r = req("extract");
+    r.stream = Some(true);
+    let e = layer
+        .layer(mock.clone())
+        .oneshot(r.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidOutput);
+    assert!(
+        e.message().contains("larger than the validation buffer"),
+        "{e}"
+    );
+    assert_eq!(mock.calls(), 1, "no retry");
+    assert_eq!(stats.get("extract").unwrap().too_large, 1);
+}

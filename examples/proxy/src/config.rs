@@ -368,10 +368,19 @@ pub struct ChainConfig {
     pub first_chunk_timeout_ms: Option<u64>,
     /// Longest pause between streamed chunks, in milliseconds.
     pub stall_timeout_ms: Option<u64>,
-    /// Circuit breaker: after 3 fall-back-worthy failures of a step within a minute, skip it
-    /// for this many seconds, then probe it with one request (default: the fallback
-    /// layer's own cooldown).
+    /// Circuit breaker: once a step made at least `breaker_min_calls` attempts within
+    /// `breaker_window_secs` and at least `breaker_failure_ratio` of them failed, skip it for
+    /// this many seconds, then probe it with one request (default 30).
     pub cooldown_secs: Option<u64>,
+    /// Attempts within the window before the failure ratio counts (default 5).
+    pub breaker_min_calls: Option<u32>,
+    /// Failure ratio (0–1) that opens the breaker (default 0.5).
+    pub breaker_failure_ratio: Option<f64>,
+    /// The breaker's sliding window, in seconds (default 60).
+    pub breaker_window_secs: Option<u64>,
+    /// Longest a step is skipped, whatever its cooldown or an upstream's retry-after asks,
+    /// in seconds (default 300).
+    pub max_cooldown_secs: Option<u64>,
 }
 
 /// One step of a chain: a provider and the model to ask it for.
@@ -434,6 +443,12 @@ pub struct CacheConfig {
     /// Time to live per task type, in seconds (0 = never cache that task).
     #[serde(default)]
     pub ttl_by_task: BTreeMap<String, u64>,
+    /// Longest a request waits for an identical in-flight one before calling upstream
+    /// itself, in milliseconds (default 30000).
+    pub coalesce_timeout_ms: Option<u64>,
+    /// Memory a stream's copy may take while it is buffered to be stored, in bytes
+    /// (default 8 MiB); past it the stream is served but not stored.
+    pub max_stream_bytes: Option<usize>,
 }
 
 impl Default for CacheConfig {
@@ -446,6 +461,8 @@ impl Default for CacheConfig {
             cacheable_tasks: Vec::new(),
             ttl_secs: default_ttl(),
             ttl_by_task: BTreeMap::new(),
+            coalesce_timeout_ms: None,
+            max_stream_bytes: None,
         }
     }
 }
@@ -934,6 +951,14 @@ impl Config {
                     return Err(err(&span, format!("chain {name:?}: {field} must be > 0")));
                 }
             }
+            if c.breaker_failure_ratio
+                .is_some_and(|r| !(0.0..=1.0).contains(&r))
+            {
+                return Err(err(
+                    &span,
+                    format!("chain {name:?}: breaker_failure_ratio must be within 0..=1"),
+                ));
+            }
         }
 
         // [routing]
@@ -1297,6 +1322,24 @@ default_chain = "main"
         assert_eq!(*c.server.body_limit_bytes.get_ref(), 1024 * 1024);
         assert!(c.cache.enabled);
         assert_eq!(*c.jobs.store.get_ref(), JobsStoreKind::Sqlite);
+    }
+
+    #[test]
+    fn breaker_and_cache_limits_parse_and_the_ratio_is_checked() {
+        let text = MIN.replace(
+            "steps = [{ provider = \"sim\" }]",
+            "steps = [{ provider = \"sim\" }]\nbreaker_min_calls = 10\nbreaker_failure_ratio = 0.8\nbreaker_window_secs = 30\nmax_cooldown_secs = 120",
+        ) + "\n[cache]\ncoalesce_timeout_ms = 5000\nmax_stream_bytes = 1048576\n";
+        let c = parse(&text).unwrap();
+        let chain = c.chains["main"].get_ref();
+        assert_eq!(chain.breaker_min_calls, Some(10));
+        assert_eq!(chain.breaker_failure_ratio, Some(0.8));
+        assert_eq!(chain.max_cooldown_secs, Some(120));
+        assert_eq!(c.cache.coalesce_timeout_ms, Some(5000));
+        assert_eq!(c.cache.max_stream_bytes, Some(1 << 20));
+        let bad = text.replace("breaker_failure_ratio = 0.8", "breaker_failure_ratio = 1.5");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("breaker_failure_ratio"), "{e}");
     }
 
     #[test]

@@ -393,13 +393,19 @@ fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> 
         if let Some(ms) = c.stall_timeout_ms {
             fb = fb.stall_timeout(Duration::from_millis(ms));
         }
-        if let Some(secs) = c.cooldown_secs {
-            // Three failures within a minute open the breaker for `cooldown_secs`.
-            fb = fb.cooldown(Cooldown::new(
-                3,
-                Duration::from_secs(60),
-                Duration::from_secs(secs),
-            ));
+        let d = Cooldown::default();
+        let mut cooldown = Cooldown::new(
+            c.breaker_min_calls.unwrap_or(d.min_calls()),
+            c.breaker_window_secs
+                .map_or(d.window(), Duration::from_secs),
+            c.cooldown_secs.map_or(d.duration(), Duration::from_secs),
+        );
+        if let Some(r) = c.breaker_failure_ratio {
+            cooldown = cooldown.failure_ratio(r);
+        }
+        fb = fb.cooldown(cooldown);
+        if let Some(secs) = c.max_cooldown_secs {
+            fb = fb.max_cooldown(Duration::from_secs(secs));
         }
         policy = policy.target(name.as_str(), fb);
     }
@@ -567,6 +573,12 @@ async fn build_cache(
     }
     for task in &c.cacheable_tasks {
         layer = layer.cacheable_task(task.as_str());
+    }
+    if let Some(ms) = c.coalesce_timeout_ms {
+        layer = layer.coalesce_timeout(Duration::from_millis(ms));
+    }
+    if let Some(bytes) = c.max_stream_bytes {
+        layer = layer.max_stream_bytes(bytes);
     }
     Ok(Some(layer))
 }

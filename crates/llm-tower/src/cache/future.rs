@@ -206,18 +206,30 @@ where
                 Join::Waiter(rx) => rx,
             };
             svc = svc.park();
-            let waited = match req.deadline() {
-                // Never wait past the caller's deadline (see `Deadline`).
-                Some(deadline) => match tokio::time::timeout_at(deadline.0, wait(rx)).await {
-                    Ok(waited) => waited,
-                    Err(_) => {
-                        shared.stats.miss();
-                        return Err(LlmError::timeout(
-                            "deadline passed while waiting for an identical in-flight request",
-                        ));
-                    }
-                },
-                None => wait(rx).await,
+            // Never wait past the caller's deadline (see `Deadline`), nor longer than the
+            // coalesce timeout: the leader's slow client must not hold its waiters.
+            let now = tokio::time::Instant::now();
+            let patience = now
+                .checked_add(shared.config.coalesce_timeout)
+                .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+            let deadline = req.deadline().map(|d| d.0);
+            let until = deadline.map_or(patience, |d| d.min(patience));
+            let waited = match tokio::time::timeout_at(until, wait(rx)).await {
+                Ok(waited) => waited,
+                Err(_) if deadline.is_some_and(|d| d <= patience) => {
+                    shared.stats.miss();
+                    return Err(LlmError::timeout(
+                        "deadline passed while waiting for an identical in-flight request",
+                    ));
+                }
+                Err(_) => {
+                    shared.stats.coalesce_timeout();
+                    shared.stats.miss();
+                    tracing::debug!(
+                        "waited too long for an identical in-flight request; calling upstream"
+                    );
+                    return respond(&shared, svc, req, key, ttl, None, CacheStatus::Miss).await;
+                }
             };
             match waited {
                 Waited::Landed(Landing::Entry(entry)) => {
@@ -292,11 +304,14 @@ where
         ResponseBody::Stream(s) => {
             let meta = meta_for_entry(&resp.meta);
             let max = shared.config.max_entry_bytes;
+            let max_mem = shared.config.max_stream_bytes;
             s.wrap(move |inner| Tee {
                 inner,
                 chunks: Some(Vec::new()),
                 bytes: 0,
                 max,
+                mem: 0,
+                max_mem,
                 meta,
                 writer: Some(writer),
                 storing: None,
@@ -401,8 +416,12 @@ pin_project! {
         #[pin]
         inner: BoxChunkStream,
         chunks: Option<Vec<ChatChunk>>,
+        // The copy's JSON estimate, against the entry limit.
         bytes: usize,
         max: usize,
+        // The copy's memory, against the stream buffer limit.
+        mem: usize,
+        max_mem: usize,
         meta: ResponseMeta,
         writer: Option<Writer>,
         storing: Option<BoxFuture<()>>,
@@ -429,8 +448,15 @@ impl Stream for Tee {
         match ready!(this.inner.as_mut().poll_next(cx)) {
             Some(Ok(chunk)) => {
                 if let Some(v) = this.chunks.as_mut() {
-                    *this.bytes += chunk_size(&chunk);
-                    if *this.bytes > *this.max {
+                    *this.bytes = this.bytes.saturating_add(chunk_size(&chunk));
+                    *this.mem = this.mem.saturating_add(crate::mem::chunk(&chunk));
+                    if *this.mem > *this.max_mem {
+                        // Dropped at once: the buffer never holds more than the cap.
+                        if let Some(w) = this.writer.as_ref() {
+                            w.shared.stats.stream_overflow();
+                        }
+                        *this.chunks = None;
+                    } else if *this.bytes > *this.max {
                         *this.chunks = None;
                     } else {
                         v.push(chunk.clone());
@@ -451,11 +477,13 @@ impl Stream for Tee {
                     *this.done = true;
                     return Poll::Ready(None);
                 };
-                let Some(chunks) = this.chunks.take() else {
+                let Some(mut chunks) = this.chunks.take() else {
                     writer.skip();
                     *this.done = true;
                     return Poll::Ready(None);
                 };
+                // The copy grew by doubling; the stored entry keeps only what it holds.
+                chunks.shrink_to_fit();
                 let entry = CachedEntry::chunks(chunks, this.meta.usage.take(), this.meta);
                 if !entry.is_complete() {
                     // Ended without a finish reason: cut short, never stored.

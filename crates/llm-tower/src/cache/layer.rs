@@ -25,6 +25,8 @@ pub(crate) struct Config {
     pub(crate) max_entry_bytes: usize,
     pub(crate) store_timeout: Duration,
     pub(crate) coalesce: bool,
+    pub(crate) coalesce_timeout: Duration,
+    pub(crate) max_stream_bytes: usize,
 }
 
 impl fmt::Debug for Config {
@@ -40,12 +42,20 @@ impl fmt::Debug for Config {
             .field("max_entry_bytes", &self.max_entry_bytes)
             .field("store_timeout", &self.store_timeout)
             .field("coalesce", &self.coalesce)
+            .field("coalesce_timeout", &self.coalesce_timeout)
+            .field("max_stream_bytes", &self.max_stream_bytes)
             .finish()
     }
 }
 
 /// Default capacity of [`CacheLayer::default`]'s in-memory store: 128 MiB.
 pub const DEFAULT_MEMORY_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Default [`CacheLayer::coalesce_timeout`]: 30 s.
+pub const DEFAULT_COALESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default [`CacheLayer::max_stream_bytes`] (and the validation layer's): 8 MiB.
+pub const DEFAULT_MAX_STREAM_BYTES: usize = 8 * 1024 * 1024;
 
 /// State shared by a layer and every service it made.
 pub(crate) struct Shared {
@@ -143,7 +153,8 @@ impl Default for CacheLayer {
 
 impl CacheLayer {
     /// A cache over `store`, with the defaults: TTL 1 h, only deterministic requests,
-    /// entries up to 1 MiB, store calls bounded by 250 ms, concurrent misses coalesced.
+    /// entries up to 1 MiB, store calls bounded by 250 ms, concurrent misses coalesced
+    /// (waiting up to 30 s), streams buffered up to 8 MiB of memory.
     pub fn new<St: CacheStore>(store: St) -> Self {
         Self::from_arc(Arc::new(store))
     }
@@ -161,6 +172,8 @@ impl CacheLayer {
                     max_entry_bytes: 1024 * 1024,
                     store_timeout: Duration::from_millis(250),
                     coalesce: true,
+                    coalesce_timeout: DEFAULT_COALESCE_TIMEOUT,
+                    max_stream_bytes: DEFAULT_MAX_STREAM_BYTES,
                 },
                 stats: Arc::default(),
                 flights: Arc::default(),
@@ -245,6 +258,29 @@ impl CacheLayer {
     #[must_use]
     pub fn coalesce(mut self, enabled: bool) -> Self {
         self.config_mut().coalesce = enabled;
+        self
+    }
+
+    /// The longest a request waits for an identical in-flight request (the leader) before
+    /// calling upstream itself. The leader's flight lands when its answer is complete —
+    /// for a stream, when the leader's caller has read it to the end — so a slow-reading
+    /// client or a slow upstream never holds its waiters longer than this. Default
+    /// [`DEFAULT_COALESCE_TIMEOUT`] (30 s); counted in
+    /// [`CacheStats::coalesce_timeouts`].
+    #[must_use]
+    pub fn coalesce_timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().coalesce_timeout = timeout;
+        self
+    }
+
+    /// The most memory a stream's copied chunks may take while the cache buffers them to
+    /// store the answer (weighed as they sit in memory, not as JSON). Past it the copy is
+    /// dropped, the stream is still served in full, nothing is stored, and
+    /// [`CacheStats::stream_overflows`] counts it. Default [`DEFAULT_MAX_STREAM_BYTES`]
+    /// (8 MiB). [`max_entry_bytes`](Self::max_entry_bytes) applies as well.
+    #[must_use]
+    pub fn max_stream_bytes(mut self, bytes: usize) -> Self {
+        self.config_mut().max_stream_bytes = bytes;
         self
     }
 

@@ -8,8 +8,10 @@ use tokio::time::Instant;
 
 use super::{CacheKey, CacheStore, CachedEntry, StoreFuture};
 
-/// Per-entry overhead added to the JSON size: key, expiry, `Arc` and table bookkeeping.
-const ENTRY_OVERHEAD: usize = 128;
+/// The table's own memory per entry: quick_cache keeps key, value and 21 bytes of
+/// bookkeeping per entry, plus room for ghost keys (×1.5 by default) in tables that grow
+/// by doubling (up to ×2 more).
+const ENTRY_OVERHEAD: usize = (size_of::<CacheKey>() + size_of::<Slot>() + 21) * 3;
 
 /// Longest TTL kept; longer ones are shortened to it (10 years).
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -34,9 +36,21 @@ impl quick_cache::Weighter<CacheKey, Slot> for SlotWeight {
     }
 }
 
-/// The default store: in process, bounded by the total size of its entries in bytes (an
-/// entry weighs its compact JSON size plus a small overhead), each entry expiring after its
-/// own TTL. Built on [`quick_cache::sync::Cache`] (sharded, S3-FIFO eviction: a burst of
+/// The default store: in process, bounded by the memory its entries occupy, each entry
+/// expiring after its own TTL.
+///
+/// # What the bound covers
+///
+/// An entry weighs what it really holds in this process
+/// ([`CachedEntry::memory_size`]: the `Arc` block, the answer's strings, vectors and maps
+/// or its JSON document, the usage and names, each allocation rounded up as allocators
+/// do) plus the table's own per-entry memory (key, expiry, quick_cache's bookkeeping and
+/// ghost keys). An encoded answer is stored as an exactly sized copy of its JSON, never as
+/// a slice pinning the upstream's read buffer. So `max_bytes` bounds the memory the cached
+/// answers take, within allocator rounding: after the store has filled, the process's
+/// resident memory stays within about 1.25 × `max_bytes` above what it used without it
+/// (checked with the system allocator and with mimalloc by `tests/cache_memory*.rs`). Not covered: the table's fixed part sized at
+/// creation (~100 bytes × `max_bytes` / 2 KiB) and the answers in flight to clients. Built on [`quick_cache::sync::Cache`] (sharded, S3-FIFO eviction: a burst of
 /// one-off answers does not push out the ones asked for again); cheap to clone (clones
 /// share the entries).
 ///
@@ -129,7 +143,11 @@ impl CacheStore for MemoryStore {
     }
 
     fn put(&self, key: CacheKey, entry: Arc<CachedEntry>, ttl: Duration) -> StoreFuture<()> {
-        let weight = u32::try_from(entry.approx_size() + ENTRY_OVERHEAD).unwrap_or(u32::MAX);
+        // Keep an encoded answer in an allocation of its own size, not the read buffer
+        // it may be a slice of (which would stay alive whole, unweighed).
+        let entry = entry.compacted().map_or(entry, Arc::new);
+        let weight =
+            u32::try_from(entry.memory_size().saturating_add(ENTRY_OVERHEAD)).unwrap_or(u32::MAX);
         // Bounded so that `Instant` arithmetic cannot overflow.
         let ttl = ttl.min(MAX_TTL);
         self.cache.insert(

@@ -33,14 +33,18 @@
 //!   them becomes the next leader. If the leader's answer cannot be shared (a stream cut
 //!   short, or over [`CacheLayer::max_entry_bytes`]), each waiter calls upstream itself.
 //!   A waiter never hangs on a dead leader, never waits past its
-//!   [`Deadline`](crate::Deadline) (it then fails with `Timeout`), and dropping a waiter
+//!   [`Deadline`](crate::Deadline) (it then fails with `Timeout`), never waits longer than
+//!   [`CacheLayer::coalesce_timeout`] (30 s; then it calls upstream itself, so a leader's
+//!   slow-reading client or slow upstream holds no one hostage), and dropping a waiter
 //!   affects no one. Waiters of
 //!   a streamed answer get it when the leader's stream has ended, then replayed.
 //!   Coalescing is per layer (its clones included), not across processes.
 //! - **Streams.** A miss is forwarded as a stream while its chunks are copied; they are
 //!   stored only once the upstream stream has ended cleanly with a finish reason on every
 //!   choice (the end is delivered to the caller after the write). A stream that fails,
-//!   is dropped by its caller, or ends without a finish reason is never stored. A hit on
+//!   is dropped by its caller, or ends without a finish reason is never stored, nor one
+//!   whose copy outgrows [`CacheLayer::max_stream_bytes`] (8 MiB of memory) or
+//!   [`CacheLayer::max_entry_bytes`]: the copy is dropped as soon as it does. A hit on
 //!   a streaming request is replayed chunk by chunk (a stored complete answer through
 //!   [`ChatResponse::to_chunks`](crate::ChatResponse::to_chunks)); a stored stream served
 //!   to a non-streaming request is assembled with
@@ -100,7 +104,9 @@ mod store;
 
 pub use future::ResponseFuture;
 pub use key::{CacheKey, IGNORED_FIELDS};
-pub use layer::{Cache, CacheLayer, DEFAULT_MEMORY_BYTES};
+pub use layer::{
+    Cache, CacheLayer, DEFAULT_COALESCE_TIMEOUT, DEFAULT_MAX_STREAM_BYTES, DEFAULT_MEMORY_BYTES,
+};
 pub use memory::MemoryStore;
 pub use stats::{CacheStats, CacheStatsSnapshot};
 pub use store::{CacheStore, CachedBody, CachedEntry, StoreError, StoreFuture};

@@ -14,6 +14,8 @@ pub struct CacheStats {
     coalesced: AtomicU64,
     writes: AtomicU64,
     skipped_writes: AtomicU64,
+    coalesce_timeouts: AtomicU64,
+    stream_overflows: AtomicU64,
 }
 
 /// A copy of the [`CacheStats`] counters at one moment.
@@ -33,6 +35,14 @@ pub struct CacheStatsSnapshot {
     pub writes: u64,
     /// Answers not stored: incomplete, empty or larger than the entry limit.
     pub skipped_writes: u64,
+    /// Waiters that stopped waiting for an identical in-flight request after
+    /// [`CacheLayer::coalesce_timeout`](super::CacheLayer::coalesce_timeout) and called
+    /// upstream themselves (also counted as misses).
+    pub coalesce_timeouts: u64,
+    /// Streams whose copy outgrew
+    /// [`CacheLayer::max_stream_bytes`](super::CacheLayer::max_stream_bytes) and was dropped
+    /// (also counted in `skipped_writes`).
+    pub stream_overflows: u64,
 }
 
 macro_rules! counter {
@@ -59,6 +69,8 @@ counter! {
     coalesced, coalesce;
     writes, write;
     skipped_writes, skip_write;
+    coalesce_timeouts, coalesce_timeout;
+    stream_overflows, stream_overflow;
 }
 
 impl CacheStats {
@@ -72,6 +84,8 @@ impl CacheStats {
             coalesced: self.coalesced(),
             writes: self.writes(),
             skipped_writes: self.skipped_writes(),
+            coalesce_timeouts: self.coalesce_timeouts(),
+            stream_overflows: self.stream_overflows(),
         }
     }
 

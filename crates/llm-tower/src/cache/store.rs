@@ -146,7 +146,7 @@ pub struct CachedEntry {
     #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// [`approx_size`](Self::approx_size), computed once: the layer checks it against the
-    /// entry limit and the in-memory store weighs by it, both on every miss.
+    /// entry limit on every miss.
     #[serde(skip)]
     size: OnceLock<usize>,
 }
@@ -231,12 +231,51 @@ impl CachedEntry {
         }
     }
 
-    /// Approximate size in bytes, for byte-bounded stores: its compact JSON length, or,
+    /// Approximate serialized size in bytes (what a network store holds; the in-memory
+    /// store weighs [`memory_size`](Self::memory_size) instead): its compact JSON length, or,
     /// for an entry made from a response whose body size was known, an estimate of it
     /// from that size (serializing an answer only to weigh it cost as much as encoding
     /// it for the client).
     pub fn approx_size(&self) -> usize {
         *self.size.get_or_init(|| self.json_len())
+    }
+
+    /// Bytes the entry occupies in this process: the `Arc` block holding it and every
+    /// allocation its answer, usage and names own (strings, vectors, maps, the JSON
+    /// document of an encoded answer), each rounded up as allocators do. The in-memory
+    /// store weighs entries by this (plus its own per-entry overhead), so its bound is a
+    /// bound on memory, not on JSON bytes.
+    pub fn memory_size(&self) -> usize {
+        use crate::mem::{Heap, alloc};
+        let body = match &self.body {
+            CachedBody::Complete(r) => r.heap(),
+            CachedBody::Encoded(r) => r.heap(),
+            CachedBody::Chunks(c) => c.heap(),
+        };
+        // The `Arc`'s two counters and the entry inline.
+        alloc(2 * size_of::<usize>() + size_of::<Self>())
+            + body
+            + self.usage.heap()
+            + self.provider.heap()
+            + self.model.heap()
+    }
+
+    /// The entry with an encoded answer's JSON copied into an allocation of its own size.
+    /// An upstream's body is often a slice of a larger read buffer, which the slice keeps
+    /// alive whole; a store that keeps entries in memory stores this copy instead.
+    /// `None` when there is nothing to compact.
+    pub fn compacted(&self) -> Option<Self> {
+        let CachedBody::Encoded(r) = &self.body else {
+            return None;
+        };
+        let json = EncodedResponse::from_json(r.json().to_vec().into()).ok()?;
+        Some(Self {
+            body: CachedBody::Encoded(json),
+            usage: self.usage.clone(),
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            size: self.size.clone(),
+        })
     }
 
     fn json_len(&self) -> usize {
