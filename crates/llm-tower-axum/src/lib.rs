@@ -13,7 +13,8 @@
 //! - [`Metrics`]: Prometheus metrics (private recorder by default, or installed globally).
 //! - [`headers`]: the header names and the header ↔ extension / meta mapping.
 //! - [`sse_body`]: OpenAI's SSE framing of a chunk stream.
-//! - [`serve`]: serving with graceful shutdown and a deadline.
+//! - [`Server`] / [`serve`]: serving with header and idle timeouts, a connection cap,
+//!   graceful shutdown and a deadline.
 //!
 //! # Behaviour
 //!
@@ -77,5 +78,8 @@ pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientK
 pub use error::{OpenAiError, error_response};
 pub use metrics::Metrics;
 pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, ModelEntry, OpenAiRouter};
-pub use serve::{ShutdownOutcome, serve};
+pub use serve::{
+    ConnectionStats, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    Server, ShutdownOutcome, serve,
+};
 pub use sse::sse_body;
