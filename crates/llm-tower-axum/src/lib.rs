@@ -33,7 +33,9 @@
 //!   only ever comes from the client key. The request id is also put into the
 //!   `ChatRequest` extensions as a `tower_http::request_id::RequestId`.
 //! - **Authentication** is off when no key is configured (tenant `"anonymous"`).
-//!   `/healthz` and `/metrics` never require a key.
+//!   `/healthz` never requires a key; `/metrics` is public unless
+//!   [`OpenAiRouter::metrics_access`] says otherwise (a bearer token, or off here and
+//!   served on a listener of its own with [`Metrics::router`]).
 //!
 //! # Example
 //!
@@ -77,7 +79,7 @@ mod sse;
 pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
 pub use error::{OpenAiError, error_response};
 pub use metrics::Metrics;
-pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, ModelEntry, OpenAiRouter};
+pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, MetricsAccess, ModelEntry, OpenAiRouter};
 pub use serve::{
     ConnectionStats, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     Server, ShutdownOutcome, serve,
