@@ -212,6 +212,32 @@ pub struct ServerConfig {
     /// Serve `GET /metrics` (Prometheus text), default true.
     #[serde(default = "yes")]
     pub metrics: bool,
+    /// Seconds for a whole HTTP/1 request header, from the connection's start or the end
+    /// of the previous response (so also the HTTP/1.1 keep-alive idle time). Default 10.
+    #[serde(default = "default_header_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may stay with no request in flight. Default 60.
+    #[serde(default = "default_idle_secs")]
+    pub idle_timeout_secs: u64,
+    /// Most client connections open at once; more are closed on accept. Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Serve `/metrics` on this address only (not on `listen`).
+    pub metrics_listen: Option<Spanned<String>>,
+    /// NAME of the env var holding a bearer token `/metrics` requires. Without it and
+    /// without `metrics_listen`, `/metrics` is served only when `listen` is a loopback
+    /// address.
+    pub metrics_token_env: Option<Spanned<String>>,
+}
+
+fn default_header_secs() -> u64 {
+    10
+}
+fn default_idle_secs() -> u64 {
+    60
+}
+fn default_max_connections() -> usize {
+    4096
 }
 
 impl Default for ServerConfig {
@@ -221,6 +247,11 @@ impl Default for ServerConfig {
             body_limit_bytes: default_body_limit(),
             shutdown_grace_secs: default_grace(),
             metrics: true,
+            header_read_timeout_secs: default_header_secs(),
+            idle_timeout_secs: default_idle_secs(),
+            max_connections: default_max_connections(),
+            metrics_listen: None,
+            metrics_token_env: None,
         }
     }
 }
@@ -275,9 +306,13 @@ pub struct ProviderConfig {
     #[serde(default)]
     pub model_map: BTreeMap<String, String>,
     /// Extra request headers sent to this provider (`HTTP-Referer` for OpenRouter,
-    /// `OpenAI-Organization`, …). Not for secrets: those go in `api_key_env`.
+    /// `OpenAI-Organization`, …). Not for secrets: those go in `headers_env`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Extra request headers whose values are secrets: header name → NAME of the env var
+    /// holding the value (`{ "X-Api-Token" = "VENDOR_TOKEN" }`). Never logged.
+    #[serde(default)]
+    pub headers_env: BTreeMap<String, String>,
     /// Anthropic only: mark stable system prompts cacheable (`cache_control`).
     #[serde(default)]
     pub prompt_caching: bool,
@@ -656,6 +691,8 @@ pub struct ClientKeyConfig {
     pub key_env: Option<String>,
     /// Lowercase hex BLAKE3 digest of the key (`llm-tower-proxy hash-key` prints it).
     pub key_blake3: Option<String>,
+    /// Highest `job.priority` this key's tenant may ask for (default `jobs.max_priority`).
+    pub max_job_priority: Option<i64>,
 }
 
 /// Where jobs are stored.
@@ -687,6 +724,28 @@ pub struct JobsConfig {
     /// Concurrent jobs run by this process (default 4).
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Highest `job.priority` a client may ask for (a key may allow more). Default 0.
+    #[serde(default)]
+    pub max_priority: i64,
+    /// Most `job.max_attempts` a client may ask for. Default 10.
+    #[serde(default = "default_job_attempts")]
+    pub max_attempts: u32,
+    /// Longest `job.backoff_ms` a client may ask for. Default 300000 (5 min).
+    #[serde(default = "default_job_backoff")]
+    pub max_backoff_ms: u64,
+    /// Most queued jobs per tenant; more is 429. Default 1000.
+    #[serde(default = "default_job_queue")]
+    pub max_queued_per_tenant: u64,
+}
+
+fn default_job_attempts() -> u32 {
+    10
+}
+fn default_job_backoff() -> u64 {
+    300_000
+}
+fn default_job_queue() -> u64 {
+    1000
 }
 
 impl Default for JobsConfig {
@@ -697,6 +756,10 @@ impl Default for JobsConfig {
             path: default_jobs_path(),
             url_env: None,
             workers: default_workers(),
+            max_priority: 0,
+            max_attempts: default_job_attempts(),
+            max_backoff_ms: default_job_backoff(),
+            max_queued_per_tenant: default_job_queue(),
         }
     }
 }
@@ -835,6 +898,29 @@ impl Config {
             ));
         }
 
+        let g = &self.server;
+        if g.header_read_timeout_secs == 0 || g.idle_timeout_secs == 0 || g.max_connections == 0 {
+            return Err(self.invalid(
+                None,
+                "server: header_read_timeout_secs, idle_timeout_secs and max_connections must be > 0",
+            ));
+        }
+        if let Some(m) = &g.metrics_listen
+            && m.get_ref().parse::<SocketAddr>().is_err()
+        {
+            return Err(err(
+                &m.span(),
+                format!(
+                    "server.metrics_listen = {:?} is not an address",
+                    m.get_ref()
+                ),
+            ));
+        }
+        if let Some(e) = &g.metrics_token_env {
+            check_env_name(e.get_ref())
+                .map_err(|m| err(&e.span(), format!("server.metrics_token_env {m}")))?;
+        }
+
         // [providers]
         if self.providers.is_empty() {
             return Err(self.invalid(None, "at least one [providers.<name>] is required"));
@@ -844,7 +930,11 @@ impl Config {
             let p = p.get_ref();
             match p.kind {
                 ProviderKind::Simulated => {
-                    if p.base_url.is_some() || p.api_key_env.is_some() || !p.headers.is_empty() {
+                    if p.base_url.is_some()
+                        || p.api_key_env.is_some()
+                        || !p.headers.is_empty()
+                        || !p.headers_env.is_empty()
+                    {
                         return Err(err(
                             &span,
                             format!(
@@ -878,6 +968,18 @@ impl Config {
             if let Some(env) = &p.api_key_env {
                 check_env_name(env.get_ref())
                     .map_err(|m| err(&env.span(), format!("provider {name:?}: api_key_env {m}")))?;
+            }
+            for (h, env) in &p.headers_env {
+                check_env_name(env)
+                    .map_err(|m| err(&span, format!("provider {name:?}: headers_env.{h:?} {m}")))?;
+                if p.headers.keys().any(|k| k.eq_ignore_ascii_case(h)) {
+                    return Err(err(
+                        &span,
+                        format!(
+                            "provider {name:?}: header {h:?} is in both headers and headers_env"
+                        ),
+                    ));
+                }
             }
             if let Some(rl) = &p.rate_limit {
                 let r = rl.get_ref();
@@ -1143,6 +1245,12 @@ impl Config {
         if j.workers == 0 || j.workers > 1024 {
             return Err(self.invalid(None, "jobs.workers must be within 1..=1024"));
         }
+        if j.max_attempts == 0 || j.max_queued_per_tenant == 0 {
+            return Err(self.invalid(
+                None,
+                "jobs.max_attempts and jobs.max_queued_per_tenant must be > 0",
+            ));
+        }
         Ok(())
     }
 
@@ -1162,6 +1270,7 @@ impl Config {
                 })
         };
         let mut provider_keys = BTreeMap::new();
+        let mut provider_headers = BTreeMap::new();
         for (name, p) in &self.providers {
             if let Some(var) = &p.get_ref().api_key_env {
                 provider_keys.insert(
@@ -1169,7 +1278,23 @@ impl Config {
                     get(var.get_ref(), format!("provider {name:?}"))?,
                 );
             }
+            let mut headers = BTreeMap::new();
+            for (h, var) in &p.get_ref().headers_env {
+                headers.insert(
+                    h.clone(),
+                    get(var, format!("header {h:?} of provider {name:?}"))?,
+                );
+            }
+            if !headers.is_empty() {
+                provider_headers.insert(name.clone(), headers);
+            }
         }
+        let metrics_token = match &self.server.metrics_token_env {
+            Some(var) if self.server.metrics => {
+                Some(get(var.get_ref(), "server.metrics_token_env".into())?)
+            }
+            _ => None,
+        };
         let redis = |what: &str, e: &Option<Spanned<String>>| {
             e.as_ref()
                 .map(|v| get(v.get_ref(), what.to_owned()))
@@ -1212,6 +1337,8 @@ impl Config {
         }
         Ok(Secrets {
             provider_keys,
+            provider_headers,
+            metrics_token,
             cache_redis_url,
             rate_limit_redis_url,
             budget_redis_url,
@@ -1235,6 +1362,10 @@ pub struct ClientKey {
 pub struct Secrets {
     /// Provider name → API key.
     pub provider_keys: BTreeMap<String, Secret>,
+    /// Provider name → header name → value (`headers_env`).
+    pub provider_headers: BTreeMap<String, BTreeMap<String, Secret>>,
+    /// The bearer token `/metrics` requires (`server.metrics_token_env`).
+    pub metrics_token: Option<Secret>,
     /// Redis URL of the cache store.
     pub cache_redis_url: Option<Secret>,
     /// Redis URL of the rate-limit store.
