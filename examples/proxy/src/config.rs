@@ -1516,6 +1516,108 @@ default_chain = "main"
     }
 
     #[test]
+    fn hardening_keys_have_defaults_and_are_checked() {
+        let c = parse(MIN).unwrap();
+        let s = &c.server;
+        assert_eq!(
+            (
+                s.header_read_timeout_secs,
+                s.idle_timeout_secs,
+                s.max_connections
+            ),
+            (10, 60, 4096)
+        );
+        assert!(s.metrics_listen.is_none() && s.metrics_token_env.is_none());
+        let j = &c.jobs;
+        assert_eq!(
+            (
+                j.max_priority,
+                j.max_attempts,
+                j.max_backoff_ms,
+                j.max_queued_per_tenant
+            ),
+            (0, 10, 300_000, 1000)
+        );
+        for (extra, want) in [
+            (
+                "[server]
+idle_timeout_secs = 0
+",
+                "idle_timeout_secs",
+            ),
+            (
+                "[server]
+max_connections = 0
+",
+                "max_connections",
+            ),
+            (
+                "[server]
+metrics_listen = \"nope\"
+",
+                "line 2",
+            ),
+            (
+                "[server]
+metrics_token_env = \"tok-123\"
+",
+                "NAME of",
+            ),
+            (
+                "[jobs]
+max_queued_per_tenant = 0
+",
+                "max_queued_per_tenant",
+            ),
+        ] {
+            let e = parse(&format!("{extra}{MIN}")).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        // A secret header value names its env var; a value pasted there is refused
+        // without being echoed.
+        let text = |headers_env: &str| {
+            format!(
+                "[providers.oa]
+kind = \"openai\"
+headers_env = {headers_env}
+                 [chains.main]
+steps = [{{ provider = \"oa\" }}]
+[routing]
+default_chain = \"main\"
+"
+            )
+        };
+        let e = parse(&text(r#"{ "X-Token" = "sk-live-123" }"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NAME of") && !e.contains("sk-live-123"), "{e}");
+        let both = "[providers.oa]
+kind = \"openai\"
+headers = { \"x-token\" = \"a\" }
+                    headers_env = { \"X-Token\" = \"TOK\" }
+[chains.main]
+                    steps = [{ provider = \"oa\" }]
+[routing]
+default_chain = \"main\"
+";
+        assert!(parse(both).unwrap_err().to_string().contains("both"));
+        let c = parse(&text(r#"{ "X-Token" = "TOK" }"#)).unwrap();
+        let missing = c.resolve_secrets(|_| None).unwrap_err().to_string();
+        assert!(
+            missing.contains("TOK") && missing.contains("X-Token"),
+            "{missing}"
+        );
+        let s = c
+            .resolve_secrets(|k| (k == "TOK").then(|| "header-secret".to_owned()))
+            .unwrap();
+        assert_eq!(
+            s.provider_headers["oa"]["X-Token"].expose(),
+            "header-secret"
+        );
+        assert!(!format!("{s:?}").contains("header-secret"));
+    }
+
+    #[test]
     fn simulated_provider_takes_no_key() {
         let text = MIN.replace(
             "kind = \"simulated\"",
