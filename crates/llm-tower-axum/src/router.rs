@@ -280,8 +280,9 @@ where
 
     /// The model names the application knows (aliases, routed models, priced models). The
     /// `model` label of the metrics is one of them or [`OTHER`](headers::OTHER): clients
-    /// choose the requested model, and some upstreams echo it. The request itself is not
-    /// changed. Without this (the default) model labels are recorded as sent (up to the
+    /// choose the requested model, and some upstreams echo it. The served model labels the
+    /// request when it is known, else the requested model's label stays. The request itself
+    /// is not changed. Without this (the default) model labels are recorded as sent (up to the
     /// registry's cap of label sets).
     #[must_use]
     pub fn known_models<I>(mut self, models: I) -> Self
@@ -838,8 +839,17 @@ where
     if let Some(p) = &meta.provider {
         finish.labels.provider = p.clone();
     }
+    // The served model, when known; else the requested model's label stays (an upstream
+    // may answer with a dated name of a known model).
     if let Some(m) = &meta.model {
-        finish.labels.model = st.model_label(m.as_str());
+        match &st.known_models {
+            None => finish.labels.model = m.as_str().into(),
+            Some(known) => {
+                if let Some(label) = known.get(m.as_str()) {
+                    finish.labels.model = label.clone();
+                }
+            }
+        }
     }
     finish.upstream = meta.upstream_time;
     finish.cost_nano_usd = meta.cost.map(|c| c.nano_usd);

@@ -138,7 +138,8 @@ pub fn jobs_router(jobs: Jobs) -> Router {
 ///   back-off over its limit is `400` naming the limit; a tenant with
 ///   [`JobsApiLimits::max_queued_per_tenant`] jobs queued gets `429`
 ///   (`"code": "too_many_queued_jobs"`; the count is checked before the insert, so
-///   concurrent submits may pass it by a few). Answers `202 {"id", "object": "job", "status"}` with `Location: /v1/jobs/{id}`.
+///   concurrent submits may pass it by a few); an `x-llm-task` that is not 1 to 256
+///   visible ASCII characters is `400`. Answers `202 {"id", "object": "job", "status"}` with `Location: /v1/jobs/{id}`.
 ///   A repeat with a used key answers `200` with the job's current state (its result when
 ///   done) and `idempotent-replayed: true`; a different body under a used key is `409`
 ///   (`"type": "conflict_error"`). A malformed body is `400`.
@@ -313,10 +314,19 @@ async fn submit(
         Ok(_) => {}
         Err(e) => return job_error(&e),
     }
-    if let Some(task) = headers.get("x-llm-task").and_then(|v| v.to_str().ok())
-        && !task.is_empty()
-    {
-        req.set_task_type(task);
+    if let Some(task) = headers.get("x-llm-task") {
+        // As the chat endpoint: visible ASCII, 1 to 256 characters.
+        match task.to_str().map(str::trim) {
+            Ok(t) if !t.is_empty() && t.len() <= 256 => req.set_task_type(t),
+            _ => {
+                return llm_error(
+                    &LlmError::bad_request(
+                        "header `x-llm-task` must be 1 to 256 visible ASCII characters",
+                    )
+                    .with_param("x-llm-task"),
+                );
+            }
+        }
     }
     let submitted = match jobs.submit_chat(&tenant, req, opts).await {
         Ok(s) => s,

@@ -343,6 +343,12 @@ async fn bad_requests_are_400() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(json_of(&resp)["error"]["type"], "invalid_request_error");
     }
+    let mut req = request(Method::POST, "/v1/jobs", None, Some(chat("x")));
+    req.headers_mut()
+        .insert("x-llm-task", "t".repeat(257).parse().unwrap());
+    let (status, _, resp) = send(&app, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json_of(&resp)["error"]["param"], "x-llm-task");
     let req = Request::builder()
         .method(Method::POST)
         .uri("/v1/jobs")

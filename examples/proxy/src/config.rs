@@ -6,8 +6,9 @@
 //!   errors (a fallback chain naming a provider that does not exist, a zero limit, …) name
 //!   the line of the offending value too, through [`toml::Spanned`].
 //! - Secrets are never in the file: providers name the environment variable that holds
-//!   their key (`api_key_env = "OPENAI_API_KEY"`), client keys are given as an env var name
-//!   or as a BLAKE3 hash. Resolved secrets live in [`Secret`], whose `Debug` is redacted.
+//!   their key (`api_key_env = "OPENAI_API_KEY"`) and secret header values
+//!   (`headers_env`), client keys are given as an env var name or as a BLAKE3 hash, the
+//!   `/metrics` token as an env var name. Resolved secrets live in [`Secret`], whose `Debug` is redacted.
 //! - Relative paths (SQLite file, JSON Schema files) are resolved against the directory of
 //!   the config file, so `--config examples/proxy/demo.toml` works from any directory.
 //!
