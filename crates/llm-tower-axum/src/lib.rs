@@ -81,7 +81,7 @@ pub use error::{OpenAiError, error_response};
 pub use metrics::Metrics;
 pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, MetricsAccess, ModelEntry, OpenAiRouter};
 pub use serve::{
-    ConnectionStats, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    Server, ShutdownOutcome, serve,
+    ConnectionStats, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, Server, ShutdownOutcome, serve,
 };
 pub use sse::sse_body;

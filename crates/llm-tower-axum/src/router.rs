@@ -962,9 +962,26 @@ async fn read_body(
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Err(e) if is_body_timeout(&*e) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            LlmError::bad_request("the request body did not arrive in time")
+                .with_code("request_timeout"),
+        )),
         Err(e) => Err((
             StatusCode::BAD_REQUEST,
             LlmError::bad_request(format!("cannot read the request body: {e}")),
         )),
     }
+}
+
+/// Whether reading the body failed on the server's body read timeout.
+fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<crate::serve::BodyTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }

@@ -35,6 +35,8 @@ pub enum ShutdownOutcome {
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`Server::idle_timeout`]: 60 s.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`Server::body_read_timeout`]: 30 s.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`Server::max_connections`]: 4 096.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
@@ -80,6 +82,9 @@ impl ConnectionStats {
 /// - [`idle_timeout`](Self::idle_timeout): a connection (either protocol) with no request
 ///   in flight (a streamed answer counts until its last byte) for this long is shut down,
 ///   gracefully: a connection that never sends a byte is closed too.
+/// - [`body_read_timeout`](Self::body_read_timeout): a request body must arrive whole
+///   within this time from its header; after it, reading the body fails (the chat
+///   endpoint answers 408).
 /// - [`max_connections`](Self::max_connections): connections beyond it are closed as soon
 ///   as they are accepted, and counted ([`ConnectionStats::refused`], and
 ///   `llm_connections_refused_total` on `/metrics` when [`metrics`](Self::metrics) is set).
@@ -109,6 +114,7 @@ impl ConnectionStats {
 #[derive(Debug, Clone)]
 pub struct Server {
     header_read_timeout: Duration,
+    body_read_timeout: Duration,
     idle_timeout: Duration,
     max_connections: usize,
     grace: Duration,
@@ -123,11 +129,12 @@ impl Default for Server {
 }
 
 impl Server {
-    /// A server with the defaults: header read timeout 10 s, idle timeout 60 s, 4 096
-    /// connections, 30 s of grace.
+    /// A server with the defaults: header read timeout 10 s, body read timeout 30 s, idle
+    /// timeout 60 s, 4 096 connections, 30 s of grace.
     pub fn new() -> Self {
         Self {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             grace: Duration::from_secs(30),
@@ -140,6 +147,14 @@ impl Server {
     #[must_use]
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Time for a whole request body, from its header (default 30 s; zero is taken as
+    /// 1 ms).
+    #[must_use]
+    pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.body_read_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -238,6 +253,7 @@ impl Server {
                 signal: signal_tx.subscribe(),
                 idle_timeout: self.idle_timeout,
                 header_read_timeout: self.header_read_timeout,
+                body_read_timeout: self.body_read_timeout,
                 stats: self.stats.clone(),
                 handles: self.handles.clone(),
             };
@@ -344,6 +360,7 @@ struct ConnTask {
     signal: watch::Receiver<()>,
     idle_timeout: Duration,
     header_read_timeout: Duration,
+    body_read_timeout: Duration,
     stats: ConnectionStats,
     handles: Option<ConnectionHandles>,
 }
@@ -354,9 +371,17 @@ impl ConnTask {
         let service = {
             let activity = activity.clone();
             let router = self.router.clone();
+            let body_timeout = self.body_read_timeout;
             hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let guard = InFlight::enter(activity.clone());
-                let call = router.clone().oneshot(req.map(Body::new));
+                let deadline = tokio::time::Instant::now() + body_timeout;
+                let call = router.clone().oneshot(req.map(|body| {
+                    Body::new(DeadlineBody {
+                        body,
+                        deadline,
+                        sleep: None,
+                    })
+                }));
                 async move {
                     let resp = call.await?;
                     Ok::<_, Infallible>(resp.map(|body| TrackedBody {
@@ -464,6 +489,62 @@ impl HttpBody for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The error of a request body that did not arrive within [`Server::body_read_timeout`].
+#[derive(Debug)]
+pub(crate) struct BodyTimeout;
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body did not arrive in time")
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails once its deadline passes. The timer is only set when the
+    /// body is not all there at the first read (most bodies arrive with their header).
+    struct DeadlineBody {
+        #[pin]
+        body: Incoming,
+        deadline: tokio::time::Instant,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        match this.body.poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let deadline = *this.deadline;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

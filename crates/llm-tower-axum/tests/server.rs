@@ -161,6 +161,7 @@ async fn start_shedding(
     let server = llm_tower_axum::Server::new()
         .header_read_timeout(Duration::from_millis(300))
         .idle_timeout(Duration::from_millis(600))
+        .body_read_timeout(Duration::from_millis(300))
         .max_connections(max_connections)
         .grace(Duration::from_secs(5));
     let stats = server.stats();
@@ -303,5 +304,29 @@ async fn connections_over_the_cap_are_refused_and_counted() {
     drop(held);
     stop.send(()).unwrap();
     drop(client);
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_is_a_408() {
+    use tokio::io::AsyncWriteExt;
+    let mock = MockLlm::new("mock").otherwise(Step::reply("ok"));
+    let (addr, _stats, stop, server) = start_shedding(&mock, 100).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The header, then 10 of the 100 bytes announced, then nothing.
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-1\r\n\
+          content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let sent = tokio::time::timeout(BOUND, until_closed(s))
+        .await
+        .expect("the connection is answered and closed");
+    let sent = String::from_utf8_lossy(&sent);
+    assert!(sent.starts_with("HTTP/1.1 408"), "{sent}");
+    assert!(sent.contains("request_timeout"), "{sent}");
+    assert_eq!(mock.calls(), 0);
+    stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }

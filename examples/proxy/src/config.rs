@@ -217,6 +217,9 @@ pub struct ServerConfig {
     /// of the previous response (so also the HTTP/1.1 keep-alive idle time). Default 10.
     #[serde(default = "default_header_secs")]
     pub header_read_timeout_secs: u64,
+    /// Seconds for a whole request body, from its header (more: 408). Default 30.
+    #[serde(default = "default_body_secs")]
+    pub body_read_timeout_secs: u64,
     /// Seconds a connection may stay with no request in flight. Default 60.
     #[serde(default = "default_idle_secs")]
     pub idle_timeout_secs: u64,
@@ -234,6 +237,9 @@ pub struct ServerConfig {
 fn default_header_secs() -> u64 {
     10
 }
+fn default_body_secs() -> u64 {
+    30
+}
 fn default_idle_secs() -> u64 {
     60
 }
@@ -249,6 +255,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: default_grace(),
             metrics: true,
             header_read_timeout_secs: default_header_secs(),
+            body_read_timeout_secs: default_body_secs(),
             idle_timeout_secs: default_idle_secs(),
             max_connections: default_max_connections(),
             metrics_listen: None,
@@ -900,10 +907,18 @@ impl Config {
         }
 
         let g = &self.server;
-        if g.header_read_timeout_secs == 0 || g.idle_timeout_secs == 0 || g.max_connections == 0 {
+        if [
+            g.header_read_timeout_secs,
+            g.body_read_timeout_secs,
+            g.idle_timeout_secs,
+        ]
+        .contains(&0)
+            || g.max_connections == 0
+        {
             return Err(self.invalid(
                 None,
-                "server: header_read_timeout_secs, idle_timeout_secs and max_connections must be > 0",
+                "server: header_read_timeout_secs, body_read_timeout_secs, idle_timeout_secs \
+                 and max_connections must be > 0",
             ));
         }
         if let Some(m) = &g.metrics_listen
@@ -1523,10 +1538,11 @@ default_chain = "main"
         assert_eq!(
             (
                 s.header_read_timeout_secs,
+                s.body_read_timeout_secs,
                 s.idle_timeout_secs,
                 s.max_connections
             ),
-            (10, 60, 4096)
+            (10, 30, 60, 4096)
         );
         assert!(s.metrics_listen.is_none() && s.metrics_token_env.is_none());
         let j = &c.jobs;
@@ -1540,34 +1556,16 @@ default_chain = "main"
             (0, 10, 300_000, 1000)
         );
         for (extra, want) in [
+            ("[server]\nidle_timeout_secs = 0\n", "idle_timeout_secs"),
             (
-                "[server]
-idle_timeout_secs = 0
-",
-                "idle_timeout_secs",
+                "[server]\nbody_read_timeout_secs = 0\n",
+                "body_read_timeout_secs",
             ),
+            ("[server]\nmax_connections = 0\n", "max_connections"),
+            ("[server]\nmetrics_listen = \"nope\"\n", "line 2"),
+            ("[server]\nmetrics_token_env = \"tok-123\"\n", "NAME of"),
             (
-                "[server]
-max_connections = 0
-",
-                "max_connections",
-            ),
-            (
-                "[server]
-metrics_listen = \"nope\"
-",
-                "line 2",
-            ),
-            (
-                "[server]
-metrics_token_env = \"tok-123\"
-",
-                "NAME of",
-            ),
-            (
-                "[jobs]
-max_queued_per_tenant = 0
-",
+                "[jobs]\nmax_queued_per_tenant = 0\n",
                 "max_queued_per_tenant",
             ),
         ] {
@@ -1576,33 +1574,20 @@ max_queued_per_tenant = 0
         }
         // A secret header value names its env var; a value pasted there is refused
         // without being echoed.
-        let text = |headers_env: &str| {
+        let provider = |tables: &str| {
             format!(
-                "[providers.oa]
-kind = \"openai\"
-headers_env = {headers_env}
-                 [chains.main]
-steps = [{{ provider = \"oa\" }}]
-[routing]
-default_chain = \"main\"
-"
+                "[providers.oa]\nkind = \"openai\"\n{tables}\n[chains.main]\n\
+                 steps = [{{ provider = \"oa\" }}]\n[routing]\ndefault_chain = \"main\"\n"
             )
         };
-        let e = parse(&text(r#"{ "X-Token" = "sk-live-123" }"#))
+        let e = parse(&provider(r#"headers_env = { "X-Token" = "sk-live-123" }"#))
             .unwrap_err()
             .to_string();
         assert!(e.contains("NAME of") && !e.contains("sk-live-123"), "{e}");
-        let both = "[providers.oa]
-kind = \"openai\"
-headers = { \"x-token\" = \"a\" }
-                    headers_env = { \"X-Token\" = \"TOK\" }
-[chains.main]
-                    steps = [{ provider = \"oa\" }]
-[routing]
-default_chain = \"main\"
-";
-        assert!(parse(both).unwrap_err().to_string().contains("both"));
-        let c = parse(&text(r#"{ "X-Token" = "TOK" }"#)).unwrap();
+        let both =
+            provider("headers = { \"x-token\" = \"a\" }\nheaders_env = { \"X-Token\" = \"TOK\" }");
+        assert!(parse(&both).unwrap_err().to_string().contains("both"));
+        let c = parse(&provider(r#"headers_env = { "X-Token" = "TOK" }"#)).unwrap();
         let missing = c.resolve_secrets(|_| None).unwrap_err().to_string();
         assert!(
             missing.contains("TOK") && missing.contains("X-Token"),

@@ -212,6 +212,7 @@ pub async fn build(
 
     let server = Server::new()
         .header_read_timeout(Duration::from_secs(config.server.header_read_timeout_secs))
+        .body_read_timeout(Duration::from_secs(config.server.body_read_timeout_secs))
         .idle_timeout(Duration::from_secs(config.server.idle_timeout_secs))
         .max_connections(config.server.max_connections)
         .grace(grace)
