@@ -472,6 +472,10 @@ async fn slow_clients_are_shed_by_the_gateway_server() {
     })
     .await
     .expect("every connection is closed");
+    // The connection counters are on /metrics (listen is loopback here: public).
+    let (_, _, page) = call(&gw.router, "GET", "/metrics", &[], None).await;
+    assert!(page.contains("llm_connections_open 0"), "{page}");
+    assert!(page.contains("llm_connections_refused_total"), "{page}");
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
