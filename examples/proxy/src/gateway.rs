@@ -141,7 +141,8 @@ impl Gateway {
 
 /// Builds the gateway's router, with the jobs worker **spawned** on the current runtime
 /// (it stops when the runtime does). Reads secrets from the process environment.
-/// For control over the worker and shutdown, use [`build`].
+/// For control over the worker and shutdown, and for `[server]`'s timeouts and connection
+/// cap ([`Gateway::server`]), use [`build`].
 pub async fn app(config: &Config) -> Result<Router, BuildError> {
     let mut gw = build(config, &|k: &str| std::env::var(k).ok()).await?;
     let _ = gw.spawn_worker();
