@@ -90,7 +90,8 @@ impl ConnectionStats {
 ///   `llm_connections_refused_total` on `/metrics` when [`metrics`](Self::metrics) is set).
 ///
 /// On shutdown it stops accepting, lets in-flight requests and streams finish, and gives up
-/// on them after [`grace`](Self::grace). Sockets get `TCP_NODELAY`.
+/// on them after [`grace`](Self::grace). Sockets get `TCP_NODELAY`. Connection upgrades
+/// (WebSocket) are not served; use `axum::serve` for a router that needs them.
 ///
 /// ```no_run
 /// # #[tokio::main] async fn main() -> std::io::Result<()> {
