@@ -15,8 +15,14 @@
 //! Requests refused before an LLM call (bad body, auth) count in `llm_requests_total` with
 //! their error kind as `status` and an empty `model`/`provider`.
 //!
-//! Clients choose `task` (and, for a request that fails before routing, `model`): past
-//! 4 096 distinct label sets, new ones are recorded with task and model `other`.
+//! Clients choose `task` (and `model`, which some upstreams echo): with
+//! [`OpenAiRouter::known_tasks`](crate::OpenAiRouter::known_tasks) and
+//! [`known_models`](crate::OpenAiRouter::known_models), names outside the known sets are
+//! recorded as `other`. Without them, past 4 096 distinct label sets, new ones are recorded
+//! with task and model `other`.
+//!
+//! A [`Server`](crate::Server) given these metrics adds `llm_connections_open` (gauge),
+//! `llm_connections_refused_total` and `llm_connections_idle_closed_total`.
 //!
 //! [`Metrics::prometheus`] (the default of [`OpenAiRouter`](crate::OpenAiRouter)) builds
 //! a private recorder that is **not** installed globally: only this crate's metrics reach
