@@ -27,6 +27,9 @@ use llm_tower_core::{CachePolicy, ChatRequest, IdempotencyKey, LlmError, Respons
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-llm-task`: the task type of the request (routing, cache TTL, validators, limits).
 pub const X_LLM_TASK: HeaderName = HeaderName::from_static("x-llm-task");
+/// The task name (and `model` label) standing for every name the application does not
+/// know, see [`OpenAiRouter::known_tasks`](crate::OpenAiRouter::known_tasks).
+pub const OTHER: &str = "other";
 /// `idempotency-key`: the client's idempotency key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// `x-llm-provider`: the provider (or target) that served.

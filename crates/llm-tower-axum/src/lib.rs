@@ -13,7 +13,8 @@
 //! - [`Metrics`]: Prometheus metrics (private recorder by default, or installed globally).
 //! - [`headers`]: the header names and the header ↔ extension / meta mapping.
 //! - [`sse_body`]: OpenAI's SSE framing of a chunk stream.
-//! - [`serve`]: serving with graceful shutdown and a deadline.
+//! - [`Server`] / [`serve`]: serving with header and idle timeouts, a connection cap,
+//!   graceful shutdown and a deadline.
 //!
 //! # Behaviour
 //!
@@ -32,7 +33,9 @@
 //!   only ever comes from the client key. The request id is also put into the
 //!   `ChatRequest` extensions as a `tower_http::request_id::RequestId`.
 //! - **Authentication** is off when no key is configured (tenant `"anonymous"`).
-//!   `/healthz` and `/metrics` never require a key.
+//!   `/healthz` never requires a key; `/metrics` is public unless
+//!   [`OpenAiRouter::metrics_access`] says otherwise (a bearer token, or off here and
+//!   served on a listener of its own with [`Metrics::router`]).
 //!
 //! # Example
 //!
@@ -76,6 +79,9 @@ mod sse;
 pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
 pub use error::{OpenAiError, error_response};
 pub use metrics::Metrics;
-pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, ModelEntry, OpenAiRouter};
-pub use serve::{ShutdownOutcome, serve};
+pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, MetricsAccess, ModelEntry, OpenAiRouter};
+pub use serve::{
+    ConnectionStats, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, Server, ShutdownOutcome, serve,
+};
 pub use sse::sse_body;

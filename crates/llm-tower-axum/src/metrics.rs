@@ -15,8 +15,14 @@
 //! Requests refused before an LLM call (bad body, auth) count in `llm_requests_total` with
 //! their error kind as `status` and an empty `model`/`provider`.
 //!
-//! Clients choose `task` (and, for a request that fails before routing, `model`): past
-//! 4 096 distinct label sets, new ones are recorded with task and model `other`.
+//! Clients choose `task` (and `model`, which some upstreams echo): with
+//! [`OpenAiRouter::known_tasks`](crate::OpenAiRouter::known_tasks) and
+//! [`known_models`](crate::OpenAiRouter::known_models), names outside the known sets are
+//! recorded as `other`. Without them, past 4 096 distinct label sets, new ones are recorded
+//! with task and model `other`.
+//!
+//! A [`Server`](crate::Server) given these metrics adds `llm_connections_open` (gauge),
+//! `llm_connections_refused_total` and `llm_connections_idle_closed_total`.
 //!
 //! [`Metrics::prometheus`] (the default of [`OpenAiRouter`](crate::OpenAiRouter)) builds
 //! a private recorder that is **not** installed globally: only this crate's metrics reach
@@ -40,7 +46,10 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use llm_tower_core::{Attempt, CacheStatus, LlmError, Usage};
-use metrics::{Counter, Histogram, Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
 use metrics_exporter_prometheus::{
     BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -299,6 +308,48 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(labels.clone().into_owned(), h.clone());
         (h, labels)
+    }
+}
+
+/// The connection counters of a [`Server`](crate::Server).
+#[derive(Clone)]
+pub(crate) struct ConnectionHandles {
+    pub(crate) open: Gauge,
+    pub(crate) refused: Counter,
+    pub(crate) idle_closed: Counter,
+}
+
+impl fmt::Debug for ConnectionHandles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConnectionHandles")
+    }
+}
+
+impl Metrics {
+    /// Registers the connection counters (no-ops when disabled).
+    pub(crate) fn connection_handles(&self) -> ConnectionHandles {
+        let mut out = ConnectionHandles {
+            open: Gauge::noop(),
+            refused: Counter::noop(),
+            idle_closed: Counter::noop(),
+        };
+        self.record(|| {
+            describe_gauge!("llm_connections_open", "Client connections open");
+            describe_counter!(
+                "llm_connections_refused_total",
+                "Client connections closed on accept: the connection limit was reached"
+            );
+            describe_counter!(
+                "llm_connections_idle_closed_total",
+                "Client connections closed by the idle timeout"
+            );
+            out = ConnectionHandles {
+                open: gauge!("llm_connections_open"),
+                refused: counter!("llm_connections_refused_total"),
+                idle_closed: counter!("llm_connections_idle_closed_total"),
+            };
+        });
+        out
     }
 }
 

@@ -100,7 +100,7 @@ impl MakeRequestId for MakeRequestUuidV7 {
 /// | `POST /v1/chat/completions` | yes | JSON, or SSE when `"stream": true` |
 /// | `GET /v1/models` | yes | the configured [`models`](Self::models) |
 /// | `GET /healthz` | no | `{"status":"ok"}` |
-/// | `GET /metrics` | no | Prometheus text ([`Metrics::render`]); 404 when disabled |
+/// | `GET /metrics` | see [`metrics_access`](Self::metrics_access) | Prometheus text ([`Metrics::render`]); 404 when disabled |
 /// | anything else | — | 404 (405 for a wrong method), OpenAI error JSON |
 ///
 /// Every response carries `x-request-id` (the client's, or a new UUID v7). Every error,
@@ -141,6 +141,9 @@ pub struct OpenAiRouter<S> {
     auth: AuthLayer,
     body_limit: usize,
     metrics: Metrics,
+    metrics_access: MetricsAccess,
+    known_tasks: Option<Arc<Names>>,
+    known_models: Option<Arc<Names>>,
     protected: Vec<Router>,
     public: Vec<Router>,
 }
@@ -152,6 +155,9 @@ impl<S> fmt::Debug for OpenAiRouter<S> {
             .field("auth", &self.auth)
             .field("body_limit", &self.body_limit)
             .field("metrics", &self.metrics)
+            .field("metrics_access", &self.metrics_access)
+            .field("known_tasks", &self.known_tasks.as_ref().map(|n| n.len()))
+            .field("known_models", &self.known_models.as_ref().map(|n| n.len()))
             .field("merged", &(self.protected.len() + self.public.len()))
             .finish_non_exhaustive()
     }
@@ -175,6 +181,9 @@ where
             auth: AuthLayer::new(ClientKeys::new()),
             body_limit: DEFAULT_BODY_LIMIT,
             metrics: Metrics::prometheus(),
+            metrics_access: MetricsAccess::default(),
+            known_tasks: None,
+            known_models: None,
             protected: Vec::new(),
             public: Vec::new(),
         }
@@ -225,6 +234,66 @@ where
         self
     }
 
+    /// Who may read `GET /metrics` on this router (default [`MetricsAccess::public`]).
+    /// Serve [`Metrics::router`] on a listener of its own with [`MetricsAccess::off`] here.
+    #[must_use]
+    pub fn metrics_access(mut self, access: MetricsAccess) -> Self {
+        self.metrics_access = access;
+        self
+    }
+
+    /// The task names the application knows (routes, validators, cache TTLs, budgets,
+    /// limits). Any other `x-llm-task` is replaced by [`OTHER`](headers::OTHER) before the
+    /// request reaches a handler (merged routers included), so the names clients make up
+    /// cannot grow metrics, cost totals, cache scopes, limits or budgets. Without this
+    /// (the default) task names pass as sent.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use llm_tower_axum::OpenAiRouter;
+    /// use llm_tower_core::{ChatRequest, ChatResponse, LlmError, LlmResponse};
+    /// use tower::ServiceExt;
+    ///
+    /// let llm = tower::service_fn(|req: ChatRequest| async move {
+    ///     let task = req.task_type().map(|t| t.as_str().to_owned()).unwrap_or_default();
+    ///     Ok::<_, LlmError>(LlmResponse::complete(ChatResponse::from_text(req.model, task)))
+    /// });
+    /// let app = OpenAiRouter::new(llm).known_tasks(["classify"]).into_router();
+    /// let req = http::Request::post("/v1/chat/completions")
+    ///     .header("x-llm-task", "made-up-1234")
+    ///     .body(axum::body::Body::from(r#"{"model":"m","messages":[{"role":"user","content":"Hi"}]}"#))
+    ///     .unwrap();
+    /// let resp = app.oneshot(req).await.unwrap();
+    /// let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+    /// assert!(String::from_utf8_lossy(&body).contains(r#""content":"other""#));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn known_tasks<I>(mut self, tasks: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.known_tasks = Some(Arc::new(names(tasks)));
+        self
+    }
+
+    /// The model names the application knows (aliases, routed models, priced models). The
+    /// `model` label of the metrics is one of them or [`OTHER`](headers::OTHER): clients
+    /// choose the requested model, and some upstreams echo it. The served model labels the
+    /// request when it is known, else the requested model's label stays. The request itself
+    /// is not changed. Without this (the default) model labels are recorded as sent (up to the
+    /// registry's cap of label sets).
+    #[must_use]
+    pub fn known_models<I>(mut self, models: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.known_models = Some(Arc::new(names(models)));
+        self
+    }
+
     /// Adds routes **behind the authentication layer** (the jobs router): its handlers
     /// read `Extension<Tenant>`. They also get the request id, panic protection and
     /// OpenAI-format errors. The router must not set its own fallback.
@@ -248,29 +317,30 @@ where
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let models = models_json(&self.models, created);
+        let metrics_route = self.metrics.router(self.metrics_access);
         let state = Arc::new(AppState {
             service: self.service,
             body_limit: self.body_limit,
             metrics: self.metrics,
             models,
+            known_models: self.known_models,
         });
 
         let mut protected: Router = Router::new()
             .route("/v1/chat/completions", post(chat::<S>))
             .route("/v1/models", get(list_models::<S>))
-            .with_state(state.clone());
+            .with_state(state);
         for r in self.protected {
             protected = protected.merge(r);
         }
-        let mut app = protected.route_layer(self.auth).merge(
-            Router::new()
-                .route("/healthz", get(healthz))
-                .route("/metrics", get(render_metrics::<S>))
-                .with_state(state),
-        );
+        let mut app = protected
+            .route_layer(self.auth)
+            .merge(Router::new().route("/healthz", get(healthz)))
+            .merge(metrics_route);
         for r in self.public {
             app = app.merge(r);
         }
+        let known_tasks = self.known_tasks;
         app.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(
@@ -278,8 +348,140 @@ where
                     .layer(SetRequestIdLayer::x_request_id(MakeRequestUuidV7))
                     .layer(PropagateRequestIdLayer::x_request_id())
                     .layer(CatchPanicLayer::custom(panic_response))
-                    .layer(axum::middleware::map_response(json_errors)),
+                    .layer(axum::middleware::map_response(json_errors))
+                    .option_layer(known_tasks.map(|known| {
+                        tower::util::MapRequestLayer::new(move |mut req: Request| {
+                            normalize_task(req.headers_mut(), &known);
+                            req
+                        })
+                    })),
             )
+    }
+}
+
+/// A set of names, each with its shared label string.
+type Names = std::collections::HashMap<Box<str>, Arc<str>, foldhash::fast::RandomState>;
+
+fn names<I>(items: I) -> Names
+where
+    I: IntoIterator,
+    I::Item: AsRef<str>,
+{
+    items
+        .into_iter()
+        .map(|n| {
+            let n = n.as_ref();
+            (n.into(), n.into())
+        })
+        .collect()
+}
+
+static OTHER_LABEL: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| headers::OTHER.into());
+
+/// Replaces an `x-llm-task` the application does not know by [`headers::OTHER`]. A value
+/// that is not visible ASCII is left for [`headers::request_metadata`] to refuse (400).
+fn normalize_task(h: &mut http::HeaderMap, known: &Names) {
+    let Some(task) = h.get(&headers::X_LLM_TASK).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if !known.contains_key(task.trim()) {
+        h.insert(
+            headers::X_LLM_TASK,
+            HeaderValue::from_static(headers::OTHER),
+        );
+    }
+}
+
+/// Who may read `GET /metrics`: anyone (the default), only with a bearer token, or
+/// nobody on this router (metrics served on a listener of their own).
+///
+/// ```
+/// use llm_tower_axum::MetricsAccess;
+///
+/// let access = MetricsAccess::bearer("scrape-token");
+/// assert!(!format!("{access:?}").contains("scrape-token"));
+/// ```
+#[derive(Clone, Default)]
+pub struct MetricsAccess(Access);
+
+#[derive(Clone, Default)]
+enum Access {
+    #[default]
+    Public,
+    // BLAKE3 of the token: `blake3::Hash: PartialEq` is constant-time.
+    Bearer(blake3::Hash),
+    Off,
+}
+
+impl fmt::Debug for MetricsAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Access::Public => "MetricsAccess::Public",
+            Access::Bearer(_) => "MetricsAccess::Bearer([redacted])",
+            Access::Off => "MetricsAccess::Off",
+        })
+    }
+}
+
+impl MetricsAccess {
+    /// Anyone who reaches the listener.
+    pub fn public() -> Self {
+        Self(Access::Public)
+    }
+    /// Only requests with `Authorization: Bearer <token>`; others get 401.
+    pub fn bearer(token: impl AsRef<[u8]>) -> Self {
+        Self(Access::Bearer(blake3::hash(token.as_ref())))
+    }
+    /// No `/metrics` route.
+    pub fn off() -> Self {
+        Self(Access::Off)
+    }
+
+    fn allows(&self, h: &http::HeaderMap) -> bool {
+        match &self.0 {
+            Access::Public => true,
+            Access::Off => false,
+            Access::Bearer(want) => h
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|t| blake3::hash(t.trim().as_bytes()) == *want),
+        }
+    }
+}
+
+impl Metrics {
+    /// A router with only `GET /metrics` (per `access`), e.g. for a listener of its own;
+    /// other paths are 404 (OpenAI error JSON).
+    ///
+    /// ```
+    /// use llm_tower_axum::{Metrics, MetricsAccess};
+    /// let metrics = Metrics::prometheus();
+    /// let admin: axum::Router = metrics.router(MetricsAccess::public());
+    /// # let _ = admin;
+    /// ```
+    pub fn router(&self, access: MetricsAccess) -> Router {
+        if matches!(access.0, Access::Off) {
+            return Router::new();
+        }
+        let metrics = self.clone();
+        Router::new().route(
+            "/metrics",
+            get(move |h: http::HeaderMap| {
+                let metrics = metrics.clone();
+                let access = access.clone();
+                async move { render_metrics(&metrics, &access, &h) }
+            }),
+        )
+    }
+
+    /// [`router`](Self::router) with OpenAI-format 404/405 errors, to serve alone.
+    pub fn standalone_router(&self, access: MetricsAccess) -> Router {
+        self.router(access)
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::map_response(json_errors))
     }
 }
 
@@ -288,6 +490,18 @@ struct AppState<S> {
     body_limit: usize,
     metrics: Metrics,
     models: Bytes,
+    known_models: Option<Arc<Names>>,
+}
+
+impl<S> AppState<S> {
+    /// The `model` label for `model`: itself, or `other` when models are known and it is
+    /// not one of them.
+    fn model_label(&self, model: &str) -> Arc<str> {
+        match &self.known_models {
+            None => model.into(),
+            Some(known) => known.get(model).unwrap_or(&OTHER_LABEL).clone(),
+        }
+    }
 }
 
 fn models_json(models: &[ModelEntry], created: u64) -> Bytes {
@@ -344,8 +558,17 @@ async fn healthz() -> Response {
     json_response(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
-async fn render_metrics<S>(State(st): State<Arc<AppState<S>>>) -> Response {
-    match st.metrics.render() {
+fn render_metrics(metrics: &Metrics, access: &MetricsAccess, h: &http::HeaderMap) -> Response {
+    if !access.allows(h) {
+        let mut resp = error_response(
+            &LlmError::auth("`/metrics` needs `Authorization: Bearer <metrics token>`.")
+                .with_code("invalid_api_key"),
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    match metrics.render() {
         Some(text) => {
             let mut resp = Response::new(Body::from(text));
             resp.headers_mut().insert(
@@ -593,7 +816,7 @@ where
     if let Some(task) = chat_req.task_type() {
         finish.labels.task = task.0.clone();
     }
-    finish.labels.model = chat_req.model.as_str().into();
+    finish.labels.model = st.model_label(chat_req.model.as_str());
     let span = tracing::Span::current();
     span.record("task", &*finish.labels.task);
     span.record("model", &*finish.labels.model);
@@ -616,8 +839,17 @@ where
     if let Some(p) = &meta.provider {
         finish.labels.provider = p.clone();
     }
+    // The served model, when known; else the requested model's label stays (an upstream
+    // may answer with a dated name of a known model).
     if let Some(m) = &meta.model {
-        finish.labels.model = m.as_str().into();
+        match &st.known_models {
+            None => finish.labels.model = m.as_str().into(),
+            Some(known) => {
+                if let Some(label) = known.get(m.as_str()) {
+                    finish.labels.model = label.clone();
+                }
+            }
+        }
     }
     finish.upstream = meta.upstream_time;
     finish.cost_nano_usd = meta.cost.map(|c| c.nano_usd);
@@ -730,9 +962,26 @@ async fn read_body(
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Err(e) if is_body_timeout(&*e) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            LlmError::bad_request("the request body did not arrive in time")
+                .with_code("request_timeout"),
+        )),
         Err(e) => Err((
             StatusCode::BAD_REQUEST,
             LlmError::bad_request(format!("cannot read the request body: {e}")),
         )),
     }
+}
+
+/// Whether reading the body failed on the server's body read timeout.
+fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<crate::serve::BodyTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }

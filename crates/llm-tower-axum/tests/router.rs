@@ -900,3 +900,124 @@ async fn client_going_away_while_waiting_is_counted() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn unknown_task_names_share_one_other_series() {
+    let mock = MockLlm::new("mock").otherwise(Step::reply("ok"));
+    let metrics = Metrics::prometheus();
+    let app = OpenAiRouter::new(mock.clone())
+        .metrics(metrics)
+        .known_tasks(["classify"])
+        .known_models(["gpt-test"])
+        .merge(Router::new().route(
+            "/echo-task",
+            get(|h: http::HeaderMap| async move {
+                h.get("x-llm-task")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default()
+            }),
+        ))
+        .into_router();
+    for i in 0..500 {
+        let body =
+            format!(r#"{{"model":"made-up-{i}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let mut req = chat(&body);
+        req.headers_mut()
+            .insert("x-llm-task", format!("task-{i}").parse().unwrap());
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let mut req = chat(HELLO);
+    req.headers_mut()
+        .insert("x-llm-task", " classify ".parse().unwrap());
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), 200);
+
+    // The service saw `other` (and the known name as sent).
+    let tasks: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r.task_type().unwrap().as_str().to_owned())
+        .collect();
+    assert!(tasks[..500].iter().all(|t| t == "other"), "{tasks:?}");
+    assert_eq!(tasks[500], "classify");
+    // The request's model itself is untouched.
+    assert_eq!(mock.requests()[7].model, "made-up-7");
+
+    let page = scrape(&app).await;
+    let series: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("llm_requests_total{"))
+        .collect();
+    assert_eq!(series.len(), 2, "{series:?}");
+    assert!(
+        page.contains(r#"llm_requests_total{task="other",model="other",provider="mock",tenant="anonymous",status="ok"} 500"#),
+        "{page}"
+    );
+    assert!(!page.contains("task-1") && !page.contains("made-up"));
+
+    // Merged routers see the normalized header too (the jobs router reads it).
+    let req = Request::get("/echo-task")
+        .header("x-llm-task", "whatever")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(body_bytes(resp).await, "other");
+}
+
+#[tokio::test]
+async fn metrics_behind_a_bearer_token_or_on_a_router_of_their_own() {
+    use llm_tower_axum::MetricsAccess;
+    let mock = MockLlm::new("mock").otherwise(Step::reply("ok"));
+    let metrics = Metrics::prometheus();
+    let app = OpenAiRouter::new(mock.clone())
+        .metrics(metrics.clone())
+        .metrics_access(MetricsAccess::bearer("scrape-me"))
+        .into_router();
+    let get_metrics = |auth: Option<&str>| {
+        let mut req = Request::get("/metrics");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("scrape-me"),
+        Some("Basic scrape-me"),
+    ] {
+        let resp = app.clone().oneshot(get_metrics(auth)).await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        assert_eq!(header(&resp, "www-authenticate"), "Bearer");
+        assert_openai_error(&body_json(resp).await, "authentication_error");
+    }
+    assert_eq!(
+        app.clone().oneshot(chat(HELLO)).await.unwrap().status(),
+        200
+    );
+    let resp = app
+        .clone()
+        .oneshot(get_metrics(Some("Bearer scrape-me")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains("llm_requests_total"));
+
+    // Off on the API router, served by a router of its own (another listener).
+    let app = OpenAiRouter::new(mock.clone())
+        .metrics(metrics.clone())
+        .metrics_access(MetricsAccess::off())
+        .into_router();
+    let resp = app.clone().oneshot(get_metrics(None)).await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_openai_error(&body_json(resp).await, "not_found_error");
+    let admin = metrics.standalone_router(MetricsAccess::public());
+    let resp = admin.clone().oneshot(get_metrics(None)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains("llm_requests_total"));
+    let resp = admin
+        .oneshot(Request::get("/v1/models").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}

@@ -1,6 +1,8 @@
 //! The HTTP endpoints as an axum [`Router`] to merge into a server.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -11,19 +13,133 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
-use llm_tower_core::{ChatRequest, LlmError, MAX_REQUEST_BYTES, Tenant};
+use llm_tower_core::{ChatRequest, LlmError, Tenant};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::jobs::{DEFAULT_TENANT, Jobs};
 use crate::types::{JobError, JobId, JobOptions};
 
+/// What clients may ask of the job endpoints (see [`jobs_router_with`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use llm_tower_jobs::JobsApiLimits;
+///
+/// let limits = JobsApiLimits::default()
+///     .body_limit(1 << 20)
+///     .max_priority(0)
+///     .tenant_max_priority("batch-admin", 100)
+///     .max_attempts(5)
+///     .max_backoff(Duration::from_secs(60))
+///     .max_queued_per_tenant(500);
+/// assert_eq!(limits.priority_cap("batch-admin"), 100);
+/// assert_eq!(limits.priority_cap("anyone-else"), 0);
+/// ```
+#[derive(Debug, Clone)]
+pub struct JobsApiLimits {
+    body_limit: usize,
+    max_priority: i64,
+    tenant_priority: HashMap<String, i64>,
+    max_attempts: u32,
+    max_backoff: Duration,
+    max_queued_per_tenant: u64,
+}
+
+/// Default of [`JobsApiLimits::body_limit`]: 4 MiB (the chat endpoint's default too).
+pub const DEFAULT_JOBS_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+impl Default for JobsApiLimits {
+    /// Body 4 MiB, priority at most 0, at most 10 attempts, back-off at most 5 minutes,
+    /// 1 000 queued jobs per tenant.
+    fn default() -> Self {
+        Self {
+            body_limit: DEFAULT_JOBS_BODY_LIMIT,
+            max_priority: 0,
+            tenant_priority: HashMap::new(),
+            max_attempts: 10,
+            max_backoff: Duration::from_secs(300),
+            max_queued_per_tenant: 1000,
+        }
+    }
+}
+
+impl JobsApiLimits {
+    /// Largest accepted `POST /v1/jobs` body in bytes; bigger gets 413.
+    #[must_use]
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+    /// Highest `job.priority` a client may ask for (tenants without their own cap).
+    #[must_use]
+    pub fn max_priority(mut self, p: i64) -> Self {
+        self.max_priority = p;
+        self
+    }
+    /// Highest `job.priority` the tenant may ask for (replaces [`max_priority`](Self::max_priority) for it).
+    #[must_use]
+    pub fn tenant_max_priority(mut self, tenant: impl Into<String>, p: i64) -> Self {
+        self.tenant_priority.insert(tenant.into(), p);
+        self
+    }
+    /// Most `job.max_attempts` a client may ask for (at least 1).
+    #[must_use]
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+    /// Longest `job.backoff_ms` a client may ask for.
+    #[must_use]
+    pub fn max_backoff(mut self, d: Duration) -> Self {
+        self.max_backoff = d;
+        self
+    }
+    /// Most queued jobs per tenant; a submit beyond it is 429 (at least 1).
+    #[must_use]
+    pub fn max_queued_per_tenant(mut self, n: u64) -> Self {
+        self.max_queued_per_tenant = n.max(1);
+        self
+    }
+    /// The priority cap of `tenant`.
+    pub fn priority_cap(&self, tenant: &str) -> i64 {
+        self.tenant_priority
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.max_priority)
+    }
+}
+
+#[derive(Clone)]
+struct ApiState {
+    jobs: Jobs,
+    limits: Arc<JobsApiLimits>,
+}
+
+/// The job endpoints with the [`JobsApiLimits::default`] limits: see [`jobs_router_with`].
+///
+/// ```
+/// # async fn demo() -> Result<(), llm_tower_jobs::JobError> {
+/// use llm_tower_jobs::{jobs_router, Jobs, SqliteStore};
+/// let jobs = Jobs::new(SqliteStore::connect("sqlite::memory:").await?);
+/// let app: axum::Router = axum::Router::new().merge(jobs_router(jobs));
+/// # let _ = app; Ok(()) }
+/// ```
+pub fn jobs_router(jobs: Jobs) -> Router {
+    jobs_router_with(jobs, JobsApiLimits::default())
+}
+
 /// The job endpoints, to merge into the gateway's router:
 ///
 /// - `POST /v1/jobs`: body = a chat-completions request, plus an optional `"job"` object
 ///   `{"priority", "max_attempts", "timeout_ms", "backoff_ms"}` (removed before the request
 ///   is stored); optional `Idempotency-Key` header; the `x-llm-task` header sets the task
-///   type. Answers `202 {"id", "object": "job", "status"}` with `Location: /v1/jobs/{id}`.
+///   type. A body over [`JobsApiLimits::body_limit`] is `413`; a priority, attempt count or
+///   back-off over its limit is `400` naming the limit; a tenant with
+///   [`JobsApiLimits::max_queued_per_tenant`] jobs queued gets `429`
+///   (`"code": "too_many_queued_jobs"`; the count is checked before the insert, so
+///   concurrent submits may pass it by a few); an `x-llm-task` that is not 1 to 256
+///   visible ASCII characters is `400`. Answers `202 {"id", "object": "job", "status"}` with `Location: /v1/jobs/{id}`.
 ///   A repeat with a used key answers `200` with the job's current state (its result when
 ///   done) and `idempotent-replayed: true`; a different body under a used key is `409`
 ///   (`"type": "conflict_error"`). A malformed body is `400`.
@@ -36,22 +152,28 @@ use crate::types::{JobError, JobId, JobOptions};
 ///
 /// Unknown ids, malformed ids and other tenants' jobs are `404`. The tenant is the
 /// [`Tenant`] request extension set by the auth middleware; without one, requests act for
-/// [`DEFAULT_TENANT`]. Errors use the OpenAI error format.
+/// [`DEFAULT_TENANT`], so without authentication every caller shares one tenant (its
+/// jobs, its idempotency keys, its queue cap). Errors use the OpenAI error format.
 ///
 /// ```
 /// # async fn demo() -> Result<(), llm_tower_jobs::JobError> {
-/// use llm_tower_jobs::{jobs_router, Jobs, SqliteStore};
+/// use llm_tower_jobs::{jobs_router_with, Jobs, JobsApiLimits, SqliteStore};
 /// let jobs = Jobs::new(SqliteStore::connect("sqlite::memory:").await?);
-/// let app: axum::Router = axum::Router::new().merge(jobs_router(jobs));
+/// let limits = JobsApiLimits::default().body_limit(1 << 20).max_queued_per_tenant(100);
+/// let app: axum::Router = axum::Router::new().merge(jobs_router_with(jobs, limits));
 /// # let _ = app; Ok(()) }
 /// ```
-pub fn jobs_router(jobs: Jobs) -> Router {
+pub fn jobs_router_with(jobs: Jobs, limits: JobsApiLimits) -> Router {
+    let body_limit = limits.body_limit;
     Router::new()
         .route("/v1/jobs", post(submit))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(events))
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-        .with_state(jobs)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(ApiState {
+            jobs,
+            limits: Arc::new(limits),
+        })
 }
 
 fn tenant_of(t: Option<Extension<Tenant>>) -> Tenant {
@@ -64,7 +186,14 @@ fn error(status: u16, body: Value) -> Response {
 }
 
 fn llm_error(e: &LlmError) -> Response {
-    error(e.status(), e.to_openai_json())
+    let mut resp = error(e.status(), e.to_openai_json());
+    if let Some(after) = e.retry_after() {
+        // Whole seconds, rounded up: the client never comes back too early.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 fn job_error(e: &JobError) -> Response {
@@ -91,21 +220,37 @@ struct JobOptionsBody {
     backoff_ms: Option<u64>,
 }
 
-fn options_from(body: Option<Value>, headers: &HeaderMap) -> Result<JobOptions, LlmError> {
+fn options_from(
+    body: Option<Value>,
+    headers: &HeaderMap,
+    limits: &JobsApiLimits,
+    tenant: &Tenant,
+) -> Result<JobOptions, LlmError> {
     let mut opts = JobOptions::default();
+    // The defaults obey the limits too (a deployment may allow fewer attempts).
+    opts.max_attempts = opts.max_attempts.min(limits.max_attempts);
+    opts.backoff = opts.backoff.min(limits.max_backoff);
     if let Some(v) = body {
         let o: JobOptionsBody = serde_json::from_value(v).map_err(|e| {
             LlmError::bad_request(format!("invalid `job` options: {e}")).with_param("job")
         })?;
         if let Some(p) = o.priority {
+            let cap = limits.priority_cap(tenant.as_str());
+            if p > cap {
+                return Err(LlmError::bad_request(format!(
+                    "`job.priority` must be at most {cap} for this key"
+                ))
+                .with_param("job.priority"));
+            }
             opts = opts.priority(p);
         }
         if let Some(n) = o.max_attempts {
-            if n == 0 {
-                return Err(
-                    LlmError::bad_request("`job.max_attempts` must be at least 1")
-                        .with_param("job.max_attempts"),
-                );
+            if n == 0 || n > limits.max_attempts {
+                return Err(LlmError::bad_request(format!(
+                    "`job.max_attempts` must be within 1..={}",
+                    limits.max_attempts
+                ))
+                .with_param("job.max_attempts"));
             }
             opts = opts.max_attempts(n);
         }
@@ -113,7 +258,15 @@ fn options_from(body: Option<Value>, headers: &HeaderMap) -> Result<JobOptions, 
             opts = opts.timeout(Duration::from_millis(t));
         }
         if let Some(b) = o.backoff_ms {
-            opts = opts.backoff(Duration::from_millis(b));
+            let b = Duration::from_millis(b);
+            if b > limits.max_backoff {
+                return Err(LlmError::bad_request(format!(
+                    "`job.backoff_ms` must be at most {}",
+                    limits.max_backoff.as_millis()
+                ))
+                .with_param("job.backoff_ms"));
+            }
+            opts = opts.backoff(b);
         }
     }
     if let Some(key) = headers.get("idempotency-key") {
@@ -132,24 +285,48 @@ fn options_from(body: Option<Value>, headers: &HeaderMap) -> Result<JobOptions, 
 }
 
 async fn submit(
-    State(jobs): State<Jobs>,
+    State(st): State<ApiState>,
     tenant: Option<Extension<Tenant>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let jobs = &st.jobs;
     let tenant = tenant_of(tenant);
     let mut req = match ChatRequest::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return llm_error(&e),
     };
-    let opts = match options_from(req.extra.remove("job"), &headers) {
+    let opts = match options_from(req.extra.remove("job"), &headers, &st.limits, &tenant) {
         Ok(o) => o,
         Err(e) => return llm_error(&e),
     };
-    if let Some(task) = headers.get("x-llm-task").and_then(|v| v.to_str().ok())
-        && !task.is_empty()
-    {
-        req.set_task_type(task);
+    let cap = st.limits.max_queued_per_tenant;
+    match jobs.store().count_queued(tenant.as_str(), cap).await {
+        Ok(n) if n >= cap => {
+            return llm_error(
+                &LlmError::rate_limited(format!(
+                    "too many queued jobs: at most {cap} per tenant; retry when some have run"
+                ))
+                .with_code("too_many_queued_jobs")
+                .with_retry_after(Duration::from_secs(1)),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => return job_error(&e),
+    }
+    if let Some(task) = headers.get("x-llm-task") {
+        // As the chat endpoint: visible ASCII, 1 to 256 characters.
+        match task.to_str().map(str::trim) {
+            Ok(t) if !t.is_empty() && t.len() <= 256 => req.set_task_type(t),
+            _ => {
+                return llm_error(
+                    &LlmError::bad_request(
+                        "header `x-llm-task` must be 1 to 256 visible ASCII characters",
+                    )
+                    .with_param("x-llm-task"),
+                );
+            }
+        }
     }
     let submitted = match jobs.submit_chat(&tenant, req, opts).await {
         Ok(s) => s,
@@ -176,7 +353,7 @@ async fn submit(
 }
 
 async fn get_job(
-    State(jobs): State<Jobs>,
+    State(ApiState { jobs, .. }): State<ApiState>,
     tenant: Option<Extension<Tenant>>,
     Path(id): Path<String>,
 ) -> Response {
@@ -191,7 +368,7 @@ async fn get_job(
 }
 
 async fn cancel_job(
-    State(jobs): State<Jobs>,
+    State(ApiState { jobs, .. }): State<ApiState>,
     tenant: Option<Extension<Tenant>>,
     Path(id): Path<String>,
 ) -> Response {
@@ -206,7 +383,7 @@ async fn cancel_job(
 }
 
 async fn events(
-    State(jobs): State<Jobs>,
+    State(ApiState { jobs, .. }): State<ApiState>,
     tenant: Option<Extension<Tenant>>,
     Path(id): Path<String>,
 ) -> Response {

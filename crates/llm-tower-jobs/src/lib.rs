@@ -32,7 +32,8 @@
 //!   [`WorkerHandle::shutdown`].
 //! - [`JobContext`] for handlers: [`step`](JobContext::step),
 //!   [`set_total_steps`](JobContext::set_total_steps), [`chat`](JobContext::chat).
-//! - [`jobs_router`]: the HTTP endpoints as an axum `Router`.
+//! - [`jobs_router`] / [`jobs_router_with`] ([`JobsApiLimits`]): the HTTP endpoints as
+//!   an axum `Router`.
 //!
 //! # Clocks
 //!
@@ -84,7 +85,7 @@ mod store;
 mod types;
 mod worker;
 
-pub use http::jobs_router;
+pub use http::{DEFAULT_JOBS_BODY_LIMIT, JobsApiLimits, jobs_router, jobs_router_with};
 pub use jobs::{CHAT_KIND, DEFAULT_TENANT, Jobs, JobsBuilder};
 pub use store::{JobStore, PostgresStore, SqliteStore, StoreFuture};
 pub use types::{

@@ -11,7 +11,7 @@ use axum::http::{Method, Request, StatusCode};
 use common::within;
 use http_body_util::BodyExt;
 use llm_tower_core::{LlmError, Tenant, boxed};
-use llm_tower_jobs::{Jobs, WorkerHandle, jobs_router};
+use llm_tower_jobs::{Jobs, JobsApiLimits, WorkerHandle, jobs_router_with};
 use llm_tower_test::{MockLlm, Step};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -24,6 +24,10 @@ struct App {
 }
 
 async fn app(mock: MockLlm) -> App {
+    app_with(mock, JobsApiLimits::default()).await
+}
+
+async fn app_with(mock: MockLlm, limits: JobsApiLimits) -> App {
     let db = common::TempDb::new();
     let jobs = Jobs::builder(db.store().await)
         .event_poll_interval(Duration::from_millis(50))
@@ -35,7 +39,7 @@ async fn app(mock: MockLlm) -> App {
     tokio::spawn(worker.run());
     App {
         _db: db,
-        router: jobs_router(jobs),
+        router: jobs_router_with(jobs, limits),
         mock,
         handle,
     }
@@ -339,6 +343,12 @@ async fn bad_requests_are_400() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(json_of(&resp)["error"]["type"], "invalid_request_error");
     }
+    let mut req = request(Method::POST, "/v1/jobs", None, Some(chat("x")));
+    req.headers_mut()
+        .insert("x-llm-task", "t".repeat(257).parse().unwrap());
+    let (status, _, resp) = send(&app, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json_of(&resp)["error"]["param"], "x-llm-task");
     let req = Request::builder()
         .method(Method::POST)
         .uri("/v1/jobs")
@@ -351,7 +361,11 @@ async fn bad_requests_are_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_options_in_the_body() {
-    let app = app(MockLlm::new("m").otherwise(Step::error(LlmError::unavailable("down")))).await;
+    let app = app_with(
+        MockLlm::new("m").otherwise(Step::error(LlmError::unavailable("down"))),
+        JobsApiLimits::default().max_priority(5),
+    )
+    .await;
     let mut body = chat("hi");
     body["job"] = json!({"max_attempts": 2, "backoff_ms": 1, "priority": 5, "timeout_ms": 10000});
     let id = submit(&app, None, body).await;
@@ -363,4 +377,79 @@ async fn job_options_in_the_body() {
     // The options are not forwarded to the LLM.
     assert!(app.mock.last_request().unwrap().extra.get("job").is_none());
     app.handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_options_are_bounded_by_the_limits() {
+    let limits = JobsApiLimits::default()
+        .body_limit(4096)
+        .max_priority(1)
+        .tenant_max_priority("vip", 50)
+        .max_attempts(4)
+        .max_backoff(Duration::from_secs(10));
+    let app = app_with(MockLlm::new("m").otherwise(Step::reply("ok")), limits).await;
+    let with = |job: Value| {
+        let mut b = chat("x");
+        b["job"] = job;
+        b
+    };
+    for (tenant, job, param) in [
+        (None, json!({"priority": 2}), "job.priority"),
+        (Some("acme"), json!({"priority": 50}), "job.priority"),
+        (None, json!({"max_attempts": 5}), "job.max_attempts"),
+        (None, json!({"backoff_ms": 10_001}), "job.backoff_ms"),
+    ] {
+        let (status, _, resp) = send(
+            &app,
+            request(Method::POST, "/v1/jobs", tenant, Some(with(job.clone()))),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{job}");
+        let v = json_of(&resp);
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // Within the limits (and a key allowed more) is accepted.
+    submit(
+        &app,
+        None,
+        with(json!({"priority": 1, "max_attempts": 4, "backoff_ms": 10_000})),
+    )
+    .await;
+    let id = submit(&app, Some("vip"), with(json!({"priority": 50}))).await;
+    let done = poll_until_done(&app, Some("vip"), &id).await;
+    assert_eq!(done["priority"], 50);
+
+    // The body limit is the configured one, not 32 MiB.
+    let big = chat(&"x".repeat(5000));
+    let (status, _, _) = send(&app, request(Method::POST, "/v1/jobs", None, Some(big))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    app.handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_has_a_cap_on_queued_jobs() {
+    // No worker: submitted jobs stay queued.
+    let db = common::TempDb::new();
+    let jobs = Jobs::new(db.store().await);
+    let router = jobs_router_with(jobs, JobsApiLimits::default().max_queued_per_tenant(2));
+    let post = |tenant: &str, key: &str| {
+        let mut req = request(Method::POST, "/v1/jobs", Some(tenant), Some(chat("x")));
+        req.headers_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+        req
+    };
+    for key in ["a", "b"] {
+        let resp = router.clone().oneshot(post("acme", key)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    }
+    let resp = router.clone().oneshot(post("acme", "c")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let v = json_of(&resp.into_body().collect().await.unwrap().to_bytes());
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+    assert_eq!(v["error"]["code"], "too_many_queued_jobs", "{v}");
+    // Another tenant has its own cap.
+    let resp = router.clone().oneshot(post("globex", "a")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
 }

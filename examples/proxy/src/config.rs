@@ -6,8 +6,9 @@
 //!   errors (a fallback chain naming a provider that does not exist, a zero limit, …) name
 //!   the line of the offending value too, through [`toml::Spanned`].
 //! - Secrets are never in the file: providers name the environment variable that holds
-//!   their key (`api_key_env = "OPENAI_API_KEY"`), client keys are given as an env var name
-//!   or as a BLAKE3 hash. Resolved secrets live in [`Secret`], whose `Debug` is redacted.
+//!   their key (`api_key_env = "OPENAI_API_KEY"`) and secret header values
+//!   (`headers_env`), client keys are given as an env var name or as a BLAKE3 hash, the
+//!   `/metrics` token as an env var name. Resolved secrets live in [`Secret`], whose `Debug` is redacted.
 //! - Relative paths (SQLite file, JSON Schema files) are resolved against the directory of
 //!   the config file, so `--config examples/proxy/demo.toml` works from any directory.
 //!
@@ -212,6 +213,38 @@ pub struct ServerConfig {
     /// Serve `GET /metrics` (Prometheus text), default true.
     #[serde(default = "yes")]
     pub metrics: bool,
+    /// Seconds for a whole HTTP/1 request header, from the connection's start or the end
+    /// of the previous response (so also the HTTP/1.1 keep-alive idle time). Default 10.
+    #[serde(default = "default_header_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds for a whole request body, from its header (more: 408). Default 30.
+    #[serde(default = "default_body_secs")]
+    pub body_read_timeout_secs: u64,
+    /// Seconds a connection may stay with no request in flight. Default 60.
+    #[serde(default = "default_idle_secs")]
+    pub idle_timeout_secs: u64,
+    /// Most client connections open at once; more are closed on accept. Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Serve `/metrics` on this address only (not on `listen`).
+    pub metrics_listen: Option<Spanned<String>>,
+    /// NAME of the env var holding a bearer token `/metrics` requires. Without it and
+    /// without `metrics_listen`, `/metrics` is served only when `listen` is a loopback
+    /// address.
+    pub metrics_token_env: Option<Spanned<String>>,
+}
+
+fn default_header_secs() -> u64 {
+    10
+}
+fn default_body_secs() -> u64 {
+    30
+}
+fn default_idle_secs() -> u64 {
+    60
+}
+fn default_max_connections() -> usize {
+    4096
 }
 
 impl Default for ServerConfig {
@@ -221,6 +254,12 @@ impl Default for ServerConfig {
             body_limit_bytes: default_body_limit(),
             shutdown_grace_secs: default_grace(),
             metrics: true,
+            header_read_timeout_secs: default_header_secs(),
+            body_read_timeout_secs: default_body_secs(),
+            idle_timeout_secs: default_idle_secs(),
+            max_connections: default_max_connections(),
+            metrics_listen: None,
+            metrics_token_env: None,
         }
     }
 }
@@ -275,9 +314,13 @@ pub struct ProviderConfig {
     #[serde(default)]
     pub model_map: BTreeMap<String, String>,
     /// Extra request headers sent to this provider (`HTTP-Referer` for OpenRouter,
-    /// `OpenAI-Organization`, …). Not for secrets: those go in `api_key_env`.
+    /// `OpenAI-Organization`, …). Not for secrets: those go in `headers_env`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Extra request headers whose values are secrets: header name → NAME of the env var
+    /// holding the value (`{ "X-Api-Token" = "VENDOR_TOKEN" }`). Never logged.
+    #[serde(default)]
+    pub headers_env: BTreeMap<String, String>,
     /// Anthropic only: mark stable system prompts cacheable (`cache_control`).
     #[serde(default)]
     pub prompt_caching: bool,
@@ -673,6 +716,8 @@ pub struct ClientKeyConfig {
     pub key_env: Option<String>,
     /// Lowercase hex BLAKE3 digest of the key (`llm-tower-proxy hash-key` prints it).
     pub key_blake3: Option<String>,
+    /// Highest `job.priority` this key's tenant may ask for (default `jobs.max_priority`).
+    pub max_job_priority: Option<i64>,
 }
 
 /// Where jobs are stored.
@@ -704,6 +749,28 @@ pub struct JobsConfig {
     /// Concurrent jobs run by this process (default 4).
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Highest `job.priority` a client may ask for (a key may allow more). Default 0.
+    #[serde(default)]
+    pub max_priority: i64,
+    /// Most `job.max_attempts` a client may ask for. Default 10.
+    #[serde(default = "default_job_attempts")]
+    pub max_attempts: u32,
+    /// Longest `job.backoff_ms` a client may ask for. Default 300000 (5 min).
+    #[serde(default = "default_job_backoff")]
+    pub max_backoff_ms: u64,
+    /// Most queued jobs per tenant; more is 429. Default 1000.
+    #[serde(default = "default_job_queue")]
+    pub max_queued_per_tenant: u64,
+}
+
+fn default_job_attempts() -> u32 {
+    10
+}
+fn default_job_backoff() -> u64 {
+    300_000
+}
+fn default_job_queue() -> u64 {
+    1000
 }
 
 impl Default for JobsConfig {
@@ -714,6 +781,10 @@ impl Default for JobsConfig {
             path: default_jobs_path(),
             url_env: None,
             workers: default_workers(),
+            max_priority: 0,
+            max_attempts: default_job_attempts(),
+            max_backoff_ms: default_job_backoff(),
+            max_queued_per_tenant: default_job_queue(),
         }
     }
 }
@@ -852,6 +923,37 @@ impl Config {
             ));
         }
 
+        let g = &self.server;
+        if [
+            g.header_read_timeout_secs,
+            g.body_read_timeout_secs,
+            g.idle_timeout_secs,
+        ]
+        .contains(&0)
+            || g.max_connections == 0
+        {
+            return Err(self.invalid(
+                None,
+                "server: header_read_timeout_secs, body_read_timeout_secs, idle_timeout_secs \
+                 and max_connections must be > 0",
+            ));
+        }
+        if let Some(m) = &g.metrics_listen
+            && m.get_ref().parse::<SocketAddr>().is_err()
+        {
+            return Err(err(
+                &m.span(),
+                format!(
+                    "server.metrics_listen = {:?} is not an address",
+                    m.get_ref()
+                ),
+            ));
+        }
+        if let Some(e) = &g.metrics_token_env {
+            check_env_name(e.get_ref())
+                .map_err(|m| err(&e.span(), format!("server.metrics_token_env {m}")))?;
+        }
+
         // [providers]
         if self.providers.is_empty() {
             return Err(self.invalid(None, "at least one [providers.<name>] is required"));
@@ -861,7 +963,11 @@ impl Config {
             let p = p.get_ref();
             match p.kind {
                 ProviderKind::Simulated => {
-                    if p.base_url.is_some() || p.api_key_env.is_some() || !p.headers.is_empty() {
+                    if p.base_url.is_some()
+                        || p.api_key_env.is_some()
+                        || !p.headers.is_empty()
+                        || !p.headers_env.is_empty()
+                    {
                         return Err(err(
                             &span,
                             format!(
@@ -895,6 +1001,18 @@ impl Config {
             if let Some(env) = &p.api_key_env {
                 check_env_name(env.get_ref())
                     .map_err(|m| err(&env.span(), format!("provider {name:?}: api_key_env {m}")))?;
+            }
+            for (h, env) in &p.headers_env {
+                check_env_name(env)
+                    .map_err(|m| err(&span, format!("provider {name:?}: headers_env.{h:?} {m}")))?;
+                if p.headers.keys().any(|k| k.eq_ignore_ascii_case(h)) {
+                    return Err(err(
+                        &span,
+                        format!(
+                            "provider {name:?}: header {h:?} is in both headers and headers_env"
+                        ),
+                    ));
+                }
             }
             if let Some(rl) = &p.rate_limit {
                 let r = rl.get_ref();
@@ -1168,6 +1286,12 @@ impl Config {
         if j.workers == 0 || j.workers > 1024 {
             return Err(self.invalid(None, "jobs.workers must be within 1..=1024"));
         }
+        if j.max_attempts == 0 || j.max_queued_per_tenant == 0 {
+            return Err(self.invalid(
+                None,
+                "jobs.max_attempts and jobs.max_queued_per_tenant must be > 0",
+            ));
+        }
         Ok(())
     }
 
@@ -1187,6 +1311,7 @@ impl Config {
                 })
         };
         let mut provider_keys = BTreeMap::new();
+        let mut provider_headers = BTreeMap::new();
         for (name, p) in &self.providers {
             if let Some(var) = &p.get_ref().api_key_env {
                 provider_keys.insert(
@@ -1194,7 +1319,23 @@ impl Config {
                     get(var.get_ref(), format!("provider {name:?}"))?,
                 );
             }
+            let mut headers = BTreeMap::new();
+            for (h, var) in &p.get_ref().headers_env {
+                headers.insert(
+                    h.clone(),
+                    get(var, format!("header {h:?} of provider {name:?}"))?,
+                );
+            }
+            if !headers.is_empty() {
+                provider_headers.insert(name.clone(), headers);
+            }
         }
+        let metrics_token = match &self.server.metrics_token_env {
+            Some(var) if self.server.metrics => {
+                Some(get(var.get_ref(), "server.metrics_token_env".into())?)
+            }
+            _ => None,
+        };
         let redis = |what: &str, e: &Option<Spanned<String>>| {
             e.as_ref()
                 .map(|v| get(v.get_ref(), what.to_owned()))
@@ -1237,6 +1378,8 @@ impl Config {
         }
         Ok(Secrets {
             provider_keys,
+            provider_headers,
+            metrics_token,
             cache_redis_url,
             rate_limit_redis_url,
             budget_redis_url,
@@ -1260,6 +1403,10 @@ pub struct ClientKey {
 pub struct Secrets {
     /// Provider name → API key.
     pub provider_keys: BTreeMap<String, Secret>,
+    /// Provider name → header name → value (`headers_env`).
+    pub provider_headers: BTreeMap<String, BTreeMap<String, Secret>>,
+    /// The bearer token `/metrics` requires (`server.metrics_token_env`).
+    pub metrics_token: Option<Secret>,
     /// Redis URL of the cache store.
     pub cache_redis_url: Option<Secret>,
     /// Redis URL of the rate-limit store.
@@ -1425,6 +1572,78 @@ default_chain = "main"
                 "{extra}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn hardening_keys_have_defaults_and_are_checked() {
+        let c = parse(MIN).unwrap();
+        let s = &c.server;
+        assert_eq!(
+            (
+                s.header_read_timeout_secs,
+                s.body_read_timeout_secs,
+                s.idle_timeout_secs,
+                s.max_connections
+            ),
+            (10, 30, 60, 4096)
+        );
+        assert!(s.metrics_listen.is_none() && s.metrics_token_env.is_none());
+        let j = &c.jobs;
+        assert_eq!(
+            (
+                j.max_priority,
+                j.max_attempts,
+                j.max_backoff_ms,
+                j.max_queued_per_tenant
+            ),
+            (0, 10, 300_000, 1000)
+        );
+        for (extra, want) in [
+            ("[server]\nidle_timeout_secs = 0\n", "idle_timeout_secs"),
+            (
+                "[server]\nbody_read_timeout_secs = 0\n",
+                "body_read_timeout_secs",
+            ),
+            ("[server]\nmax_connections = 0\n", "max_connections"),
+            ("[server]\nmetrics_listen = \"nope\"\n", "line 2"),
+            ("[server]\nmetrics_token_env = \"tok-123\"\n", "NAME of"),
+            (
+                "[jobs]\nmax_queued_per_tenant = 0\n",
+                "max_queued_per_tenant",
+            ),
+        ] {
+            let e = parse(&format!("{extra}{MIN}")).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        // A secret header value names its env var; a value pasted there is refused
+        // without being echoed.
+        let provider = |tables: &str| {
+            format!(
+                "[providers.oa]\nkind = \"openai\"\n{tables}\n[chains.main]\n\
+                 steps = [{{ provider = \"oa\" }}]\n[routing]\ndefault_chain = \"main\"\n"
+            )
+        };
+        let e = parse(&provider(r#"headers_env = { "X-Token" = "sk-live-123" }"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NAME of") && !e.contains("sk-live-123"), "{e}");
+        let both =
+            provider("headers = { \"x-token\" = \"a\" }\nheaders_env = { \"X-Token\" = \"TOK\" }");
+        assert!(parse(&both).unwrap_err().to_string().contains("both"));
+        let c = parse(&provider(r#"headers_env = { "X-Token" = "TOK" }"#)).unwrap();
+        let missing = c.resolve_secrets(|_| None).unwrap_err().to_string();
+        assert!(
+            missing.contains("TOK") && missing.contains("X-Token"),
+            "{missing}"
+        );
+        let s = c
+            .resolve_secrets(|k| (k == "TOK").then(|| "header-secret".to_owned()))
+            .unwrap();
+        assert_eq!(
+            s.provider_headers["oa"]["X-Token"].expose(),
+            "header-secret"
+        );
+        assert!(!format!("{s:?}").contains("header-secret"));
     }
 
     #[test]

@@ -40,8 +40,10 @@ use llm_tower::rate_limit::{
 use llm_tower::route::{Route, RoutePolicy};
 use llm_tower::validate::{Rule as ValidateRule, ValidateLayer};
 use llm_tower::{BoxLlmService, ChatRequest, ErrorKind, LlmServiceBuilderExt, boxed};
-use llm_tower_axum::{ClientKeys, Metrics, ModelEntry, OpenAiRouter};
-use llm_tower_jobs::{Jobs, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router};
+use llm_tower_axum::{ClientKeys, Metrics, MetricsAccess, ModelEntry, OpenAiRouter, Server};
+use llm_tower_jobs::{
+    Jobs, JobsApiLimits, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router_with,
+};
 use llm_tower_providers::{
     AnthropicConfig, ApiKey, HttpClient, OpenAiConfig, ProviderConfig as HttpProviderConfig,
 };
@@ -109,6 +111,10 @@ pub struct Gateway {
     pub jobs: Option<Jobs>,
     /// How long in-flight requests may run after a shutdown signal.
     pub grace: Duration,
+    /// The server to run `router` with: `[server]`'s timeouts, connection cap and grace.
+    pub server: Server,
+    /// `/metrics` on a listener of its own (`server.metrics_listen`): address and router.
+    pub metrics_listener: Option<(std::net::SocketAddr, Router)>,
 }
 
 impl fmt::Debug for Gateway {
@@ -135,7 +141,8 @@ impl Gateway {
 
 /// Builds the gateway's router, with the jobs worker **spawned** on the current runtime
 /// (it stops when the runtime does). Reads secrets from the process environment.
-/// For control over the worker and shutdown, use [`build`].
+/// For control over the worker and shutdown, and for `[server]`'s timeouts and connection
+/// cap ([`Gateway::server`]), use [`build`].
 pub async fn app(config: &Config) -> Result<Router, BuildError> {
     let mut gw = build(config, &|k: &str| std::env::var(k).ok()).await?;
     let _ = gw.spawn_worker();
@@ -199,15 +206,27 @@ pub async fn build(
     } else {
         Metrics::disabled()
     };
+    let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics);
     let body_limit =
         usize::try_from(*config.server.body_limit_bytes.get_ref()).unwrap_or(usize::MAX);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+
+    let server = Server::new()
+        .header_read_timeout(Duration::from_secs(config.server.header_read_timeout_secs))
+        .body_read_timeout(Duration::from_secs(config.server.body_read_timeout_secs))
+        .idle_timeout(Duration::from_secs(config.server.idle_timeout_secs))
+        .max_connections(config.server.max_connections)
+        .grace(grace)
+        .metrics(&metrics);
 
     let mut http = OpenAiRouter::new(llm.clone())
         .models(models)
         .client_keys(keys)
         .body_limit(body_limit)
-        .metrics(metrics);
+        .metrics(metrics)
+        .metrics_access(metrics_access)
+        .known_tasks(known_tasks(config))
+        .known_models(known_models(config));
 
     let (jobs, worker) = if config.jobs.enabled {
         let jobs = build_jobs(config, &secrets).await?;
@@ -216,7 +235,10 @@ pub async fn build(
             .concurrency(config.jobs.workers)
             .shutdown_grace(grace)
             .build();
-        http = http.merge_authenticated(jobs_router(jobs.clone()));
+        http = http.merge_authenticated(jobs_router_with(
+            jobs.clone(),
+            jobs_limits(config, body_limit),
+        ));
         (Some(jobs), Some(worker))
     } else {
         (None, None)
@@ -228,7 +250,114 @@ pub async fn build(
         worker,
         jobs,
         grace,
+        server,
+        metrics_listener,
     })
+}
+
+/// Who reads `/metrics` on the main listener, and the metrics listener if any. Not public
+/// beyond loopback unless a token guards it or it has a listener of its own.
+fn metrics_access(
+    config: &Config,
+    secrets: &Secrets,
+    metrics: &Metrics,
+) -> (MetricsAccess, Option<(std::net::SocketAddr, Router)>) {
+    let s = &config.server;
+    let access = match &secrets.metrics_token {
+        Some(token) => MetricsAccess::bearer(token.expose()),
+        None => MetricsAccess::public(),
+    };
+    if !s.metrics {
+        return (MetricsAccess::off(), None);
+    }
+    if let Some(addr) = &s.metrics_listen {
+        // Validated at load.
+        let addr = addr.get_ref().parse().ok();
+        return (
+            MetricsAccess::off(),
+            addr.map(|a| (a, metrics.standalone_router(access))),
+        );
+    }
+    if secrets.metrics_token.is_none() && !config.listen_addr().ip().is_loopback() {
+        tracing::warn!(
+            "/metrics is not served: server.listen is not a loopback address; \
+             set server.metrics_listen or server.metrics_token_env"
+        );
+        return (MetricsAccess::off(), None);
+    }
+    (access, None)
+}
+
+/// The task names the config knows; any other `x-llm-task` is `other` at the edge, so
+/// client-made names cannot grow metrics, cost totals, cache scopes, limits or budgets.
+fn known_tasks(config: &Config) -> std::collections::BTreeSet<String> {
+    let mut known: std::collections::BTreeSet<String> = config
+        .routing
+        .tasks
+        .keys()
+        .chain(config.validators.keys())
+        .chain(config.cache.ttl_by_task.keys())
+        .chain(&config.cache.cacheable_tasks)
+        .cloned()
+        .collect();
+    for b in &config.budgets.limits {
+        let b = b.get_ref();
+        if let (BudgetScope::Task, Some(t)) = (b.scope, &b.only) {
+            known.insert(t.clone());
+        }
+    }
+    known
+}
+
+/// The model names the config knows (aliases, chain steps, model maps, prices): the
+/// `model` label is one of them or `other`.
+fn known_models(config: &Config) -> std::collections::BTreeSet<String> {
+    let mut known: std::collections::BTreeSet<String> = config
+        .routing
+        .models
+        .keys()
+        .chain(config.prices.keys())
+        .cloned()
+        .collect();
+    for c in config.chains.values() {
+        known.extend(
+            c.get_ref()
+                .steps
+                .iter()
+                .filter_map(|s| s.get_ref().model.clone()),
+        );
+    }
+    for p in config.providers.values() {
+        for (from, to) in &p.get_ref().model_map {
+            known.insert(from.clone());
+            known.insert(to.clone());
+        }
+    }
+    known
+}
+
+/// `[jobs]`'s limits on what clients ask, with the server's body limit.
+fn jobs_limits(config: &Config, body_limit: usize) -> JobsApiLimits {
+    let j = &config.jobs;
+    let mut limits = JobsApiLimits::default()
+        .body_limit(body_limit)
+        .max_priority(j.max_priority)
+        .max_attempts(j.max_attempts)
+        .max_backoff(Duration::from_millis(j.max_backoff_ms))
+        .max_queued_per_tenant(j.max_queued_per_tenant);
+    // A tenant with several keys gets the highest priority any of them allows.
+    let mut by_tenant: BTreeMap<&str, i64> = BTreeMap::new();
+    for k in &config.auth.keys {
+        let k = k.get_ref();
+        if let Some(p) = k.max_job_priority {
+            let e = by_tenant.entry(k.tenant.as_str()).or_insert(p);
+            *e = (*e).max(p);
+        }
+    }
+    for (tenant, p) in by_tenant {
+        limits = limits.tenant_max_priority(tenant, p);
+    }
+    limits
 }
 
 // ===== providers =====
@@ -250,7 +379,7 @@ fn build_providers(
     let mut out = BTreeMap::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
-        let raw = provider_service(name, p, secrets.provider_keys.get(name), client.as_ref())?;
+        let raw = provider_service(name, p, secrets, client.as_ref())?;
         out.insert(name.clone(), with_provider_limits(name, p, raw));
     }
     Ok(out)
@@ -259,9 +388,16 @@ fn build_providers(
 fn provider_service(
     name: &str,
     p: &ProviderConfig,
-    key: Option<&Secret>,
+    secrets: &Secrets,
     client: Option<&HttpClient>,
 ) -> Result<BoxLlmService, BuildError> {
+    let key = secrets.provider_keys.get(name);
+    // The plain headers and those read from the environment (`headers_env`); the
+    // provider marks every extra header value sensitive and never prints one.
+    let mut headers = p.headers.clone();
+    for (h, v) in secrets.provider_headers.get(name).into_iter().flatten() {
+        headers.insert(h.clone(), v.expose().to_owned());
+    }
     let models: std::collections::HashMap<String, String> = p
         .model_map
         .iter()
@@ -306,7 +442,7 @@ fn provider_service(
                     api_key: key.map(|k| ApiKey::new(k.expose())),
                     api_key_env: None,
                     models,
-                    headers: p.headers.clone(),
+                    headers: headers.clone(),
                     ..OpenAiConfig::default()
                 };
                 if let Some(url) = &p.base_url {
@@ -319,7 +455,7 @@ fn provider_service(
                     api_key: key.map(|k| ApiKey::new(k.expose())),
                     api_key_env: None,
                     models,
-                    headers: p.headers.clone(),
+                    headers: headers.clone(),
                     prompt_caching: p.prompt_caching,
                     ..AnthropicConfig::default()
                 };

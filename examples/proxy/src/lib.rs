@@ -6,12 +6,15 @@
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use llm_tower_proxy::{app, config::Config};
+//! use llm_tower_proxy::{build, config::Config};
 //!
 //! let config = Config::from_file("examples/proxy/demo.toml")?;
-//! let router = app(&config).await?;
+//! let mut gateway = build(&config, &|k: &str| std::env::var(k).ok()).await?;
+//! let _worker = gateway.spawn_worker();
 //! let listener = tokio::net::TcpListener::bind(config.listen_addr()).await?;
-//! axum::serve(listener, router).await?;
+//! // `[server]`'s timeouts and connection cap come with `gateway.server`.
+//! let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//! gateway.server.clone().serve(listener, gateway.router.clone(), shutdown).await?;
 //! # Ok(()) }
 //! ```
 

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use llm_tower_axum::{ShutdownOutcome, serve};
+use llm_tower_axum::{Server, ShutdownOutcome};
 use llm_tower_proxy::config::{Config, blake3_hex};
 use tracing_subscriber::EnvFilter;
 
@@ -143,14 +143,20 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         chains = config.chains.len(),
         "llm-tower-proxy listening"
     );
+    if let Some((addr, router)) = gateway.metrics_listener.take() {
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (server.metrics_listen): {e}"))?;
+        tracing::info!(addr = %metrics_listener.local_addr()?, "/metrics listening");
+        // Ends with the process: scrapes need no draining.
+        tokio::spawn(Server::new().serve(metrics_listener, router, std::future::pending()));
+    }
     tokio::spawn(keep_timer_armed());
-    let outcome = serve(
-        listener,
-        gateway.router.clone(),
-        shutdown_signal(),
-        gateway.grace,
-    )
-    .await?;
+    let outcome = gateway
+        .server
+        .clone()
+        .serve(listener, gateway.router.clone(), shutdown_signal())
+        .await?;
     match outcome {
         ShutdownOutcome::Graceful => tracing::info!("all in-flight requests finished"),
         ShutdownOutcome::DeadlineExceeded => {

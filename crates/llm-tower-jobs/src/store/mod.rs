@@ -136,6 +136,10 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
         Box::pin(async { Ok(Vec::new()) })
     }
 
+    /// How many of the tenant's jobs are queued (waiting for a first run or a retry),
+    /// counting no further than `limit` (so the cost is bounded).
+    fn count_queued<'a>(&'a self, tenant: &'a str, limit: u64) -> StoreFuture<'a, u64>;
+
     /// Runs until dropped, calling `wake.notify_waiters()` whenever another process
     /// submitted or released work (PostgreSQL: `LISTEN`). The default waits forever:
     /// an embedded store only has in-process submitters, which wake workers directly.
@@ -204,6 +208,9 @@ impl<S: JobStore + ?Sized> JobStore for Arc<S> {
     }
     fn purge_expired(&self, now: i64) -> StoreFuture<'_, u64> {
         (**self).purge_expired(now)
+    }
+    fn count_queued<'a>(&'a self, tenant: &'a str, limit: u64) -> StoreFuture<'a, u64> {
+        (**self).count_queued(tenant, limit)
     }
     fn listen(&self, wake: Arc<Notify>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         (**self).listen(wake)

@@ -525,4 +525,20 @@ impl JobStore for SqliteStore {
             Ok(r.rows_affected())
         })
     }
+
+    fn count_queued<'a>(&'a self, tenant: &'a str, limit: u64) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            // The (tenant, idempotency_key) index finds the tenant's rows; LIMIT bounds the scan.
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM llm_jobs \
+                 WHERE tenant = ?1 AND status = 'queued' LIMIT ?2) AS q",
+            )
+            .bind(tenant)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(JobError::store)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
 }
