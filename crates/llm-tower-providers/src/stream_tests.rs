@@ -56,7 +56,7 @@ fn run<D: Decoder>(parts: Vec<Bytes>, decoder: D) -> (Vec<ChatChunk>, Option<Llm
     let frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
         parts.into_iter().map(|b| Ok(Frame::data(b))).collect();
     let body = StreamBody::new(futures_util::stream::iter(frames));
-    let mut stream = SseStream::new(body, decoder, Arc::from("p"));
+    let mut stream = SseStream::new(body, decoder, Arc::from("p"), 1 << 20);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -156,7 +156,7 @@ fn body_error_mid_stream_is_transport() {
         )),
     ];
     let body = StreamBody::new(futures_util::stream::iter(frames));
-    let mut stream = SseStream::new(body, openai(), Arc::from("openai"));
+    let mut stream = SseStream::new(body, openai(), Arc::from("openai"), 1 << 20);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
