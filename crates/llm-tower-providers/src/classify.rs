@@ -258,7 +258,7 @@ pub(crate) fn count(v: &str) -> Option<u64> {
     }
     let f = v.parse::<f64>().ok()?;
     // `as` saturates (and the checks keep NaN and negatives out).
-    (f.is_finite() && f >= 0.0).then(|| f as u64)
+    (f.is_finite() && f >= 0.0).then_some(f as u64)
 }
 
 fn until(at: SystemTime) -> Duration {

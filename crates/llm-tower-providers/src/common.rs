@@ -68,7 +68,6 @@ impl Endpoint {
         key: Option<ApiKey>,
         extra: &std::collections::BTreeMap<String, String>,
         client: HttpClient,
-        limits: ResponseLimits,
     ) -> Result<Self, LlmError> {
         let bad = |msg: String| LlmError::bad_request(format!("{provider} configuration: {msg}"));
         let url = format!("{}{path}", base_url.trim_end_matches('/'));
@@ -112,7 +111,7 @@ impl Endpoint {
             headers,
             key,
             client,
-            limits,
+            limits: ResponseLimits::default(),
             malformed_headers: Arc::default(),
         })
     }

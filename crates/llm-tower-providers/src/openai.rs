@@ -227,7 +227,7 @@ impl OpenAiProvider {
                 format!("Bearer {}", k.expose()),
             )
         });
-        let endpoint = Endpoint::new(
+        let mut endpoint = Endpoint::new(
             &config.name,
             &config.base_url,
             "/chat/completions",
@@ -235,8 +235,8 @@ impl OpenAiProvider {
             key,
             &config.headers,
             client.clone(),
-            config.limits,
         )?;
+        endpoint.limits = config.limits;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,

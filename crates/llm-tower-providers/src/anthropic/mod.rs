@@ -229,7 +229,7 @@ impl AnthropicProvider {
         let auth = key
             .as_ref()
             .map(|k| (HeaderName::from_static("x-api-key"), k.expose().to_owned()));
-        let endpoint = Endpoint::new(
+        let mut endpoint = Endpoint::new(
             &config.name,
             &config.base_url,
             "/v1/messages",
@@ -237,8 +237,8 @@ impl AnthropicProvider {
             key,
             &headers,
             client.clone(),
-            config.limits,
         )?;
+        endpoint.limits = config.limits;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
