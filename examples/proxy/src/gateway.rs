@@ -243,14 +243,20 @@ fn build_providers(
         .values()
         .any(|p| p.get_ref().kind != ProviderKind::Simulated);
     let client = if needs_http {
-        Some(HttpClient::with_defaults().map_err(|e| setup("the HTTP client", e))?)
+        Some(HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?)
     } else {
         None
     };
     let mut out = BTreeMap::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
-        let raw = provider_service(name, p, secrets.provider_keys.get(name), client.as_ref())?;
+        let raw = provider_service(
+            name,
+            p,
+            secrets.provider_keys.get(name),
+            client.as_ref(),
+            config.upstream.limits(),
+        )?;
         out.insert(name.clone(), with_provider_limits(name, p, raw));
     }
     Ok(out)
@@ -261,6 +267,7 @@ fn provider_service(
     p: &ProviderConfig,
     key: Option<&Secret>,
     client: Option<&HttpClient>,
+    limits: llm_tower_providers::ResponseLimits,
 ) -> Result<BoxLlmService, BuildError> {
     let models: std::collections::HashMap<String, String> = p
         .model_map
@@ -307,6 +314,7 @@ fn provider_service(
                     api_key_env: None,
                     models,
                     headers: p.headers.clone(),
+                    limits,
                     ..OpenAiConfig::default()
                 };
                 if let Some(url) = &p.base_url {
@@ -321,6 +329,7 @@ fn provider_service(
                     models,
                     headers: p.headers.clone(),
                     prompt_caching: p.prompt_caching,
+                    limits,
                     ..AnthropicConfig::default()
                 };
                 if let Some(url) = &p.base_url {
