@@ -72,6 +72,25 @@ async fn nan_and_inf_rate_limit_headers_do_not_spoil_a_good_answer() {
 }
 
 #[tokio::test]
+async fn absurd_resets_reach_the_provider_headroom_tracker_capped() {
+    // The tracker turns a reset into `now + reset`: an uncapped `1e19` seconds overflows.
+    let s = setup(
+        "[providers.primary.rate_limit]\nmin_remaining_requests = 1\nmin_remaining_tokens = 1\n",
+    )
+    .await;
+    s.openai
+        .set_default(Scenario::ok().text("good").absurd_headers());
+    for _ in 0..2 {
+        let r = s
+            .client
+            .post(&s.url, &[], &chat("gpt-4o-mini", "Hi", false))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.header("x-llm-provider"), "primary");
+    }
+}
+
+#[tokio::test]
 async fn a_50_mb_answer_is_refused_and_the_chain_moves_on() {
     let s = setup("").await;
     s.openai.push(Scenario::ok().huge_body(50_000_000));

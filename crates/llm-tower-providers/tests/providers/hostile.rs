@@ -75,6 +75,9 @@ async fn absurd_rate_limit_headers_on_a_good_answer_are_ignored_and_counted() {
             let resp = r.expect("a good answer despite the headers");
             let h = resp.meta.headroom.expect("the readable values are kept");
             assert_eq!(h.remaining_requests, None, "NaN is ignored");
+            assert_eq!(h.limit_requests, None, "-1 is ignored");
+            assert_eq!(h.remaining_tokens, Some(u64::MAX), "23 digits saturate");
+            assert_eq!(h.reset_tokens, Some(MAX_UPSTREAM_DELAY), "1e19 s is capped");
             assert!(h.reset_requests.is_none_or(|d| d <= MAX_UPSTREAM_DELAY));
             assert!(h.reset_tokens.is_none_or(|d| d <= MAX_UPSTREAM_DELAY));
             if stream {

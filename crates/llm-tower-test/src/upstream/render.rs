@@ -854,11 +854,12 @@ pub(crate) fn absurd_headers(h: &mut HeaderMap) {
         ("retry-after", "1e20"),
         ("retry-after-ms", "NaN"),
         ("x-ratelimit-remaining-requests", "NaN"),
-        ("x-ratelimit-remaining-tokens", "-1"),
-        ("x-ratelimit-limit-requests", "99999999999999999999999"),
+        ("x-ratelimit-remaining-tokens", "99999999999999999999999"),
+        ("x-ratelimit-limit-requests", "-1"),
         ("x-ratelimit-limit-tokens", "inf"),
         ("x-ratelimit-reset-requests", "inf"),
-        ("x-ratelimit-reset-tokens", "99999999999999h"),
+        // Past `i64::MAX` nanoseconds... and seconds: `Instant::now() + 1e19 s` overflows.
+        ("x-ratelimit-reset-tokens", "1e19"),
         ("anthropic-ratelimit-requests-remaining", "NaN"),
         ("anthropic-ratelimit-requests-limit", "-5"),
         ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
@@ -869,6 +870,7 @@ pub(crate) fn absurd_headers(h: &mut HeaderMap) {
             "99999999999999999999999",
         ),
         ("anthropic-ratelimit-output-tokens-reset", "-1s"),
+        ("anthropic-ratelimit-input-tokens-reset", "99999999999999h"),
     ];
     for (k, v) in ABSURD {
         put_str(h, k, v);

@@ -311,8 +311,9 @@ impl Scenario {
 
     /// Absurd values in the headers a client reads: `retry-after: 1e20`,
     /// `retry-after-ms: NaN`, and in the rate-limit headers `NaN`, `inf`, negative and
-    /// 23-digit counts, resets of `inf`, `99999999999999h` and the year 9999. On any
-    /// status: with a 2xx the answer itself is good.
+    /// 23-digit counts, resets of `inf`, `1e19` seconds, `99999999999999h` and the year 9999
+    /// (the OpenAI family's remaining tokens is a 23-digit count with the `1e19` reset). On
+    /// any status: with a 2xx the answer itself is good.
     pub fn absurd_headers(mut self) -> Self {
         self.absurd_headers = true;
         self
