@@ -238,6 +238,45 @@ mod tests {
     }
 
     #[test]
+    fn upstream_token_counts_are_read_saturating() {
+        let with = |usage: &str| {
+            GOOD.replace(
+            r#""usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9,"prompt_tokens_details":{"cached_tokens":3}}"#,
+            &format!(r#""usage":{usage}"#),
+        )
+        };
+        let cases = [
+            (
+                r#"{"prompt_tokens":-5,"completion_tokens":2.9,"total_tokens":null}"#,
+                (0, 2, 0),
+            ),
+            (
+                r#"{"prompt_tokens":99999999999999999999999,"completion_tokens":1e300,"total_tokens":18446744073709551615}"#,
+                (u64::MAX, u64::MAX, u64::MAX),
+            ),
+        ];
+        for (usage, want) in cases {
+            let json = with(usage);
+            let e = enc(&json).unwrap_or_else(|err| panic!("{usage}: {err}"));
+            let u = e.usage().unwrap();
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                want,
+                "{usage}"
+            );
+            // The bytes are forwarded as sent.
+            assert_eq!(e.json().as_ref(), json.as_bytes());
+        }
+        let json = with(
+            r#"{"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":-1,"audio_tokens":null}}"#,
+        );
+        let u = enc(&json).unwrap().usage().unwrap().clone();
+        assert_eq!(u.prompt_tokens_details.unwrap().cached_tokens, Some(0));
+        // Not a number: still refused.
+        assert!(enc(&with(r#"{"prompt_tokens":"7"}"#)).is_err());
+    }
+
+    #[test]
     fn accepts_what_chat_response_accepts() {
         for ok in [
             r#"{"id":"c","model":"m","choices":[]}"#,

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+/// The longest [`LlmError::retry_after`]: one day. Larger values are cut to it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
 /// What kind of failure an [`LlmError`] is. Layers decide on the kind, never on the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -279,10 +282,18 @@ impl LlmError {
         self.0.code = Some(code.into());
         self
     }
-    /// Sets when to retry.
+    /// Sets when to retry, capped at [`MAX_RETRY_AFTER`] (so that `Instant::now() + after`
+    /// never overflows in a layer that waits for it).
+    ///
+    /// ```
+    /// use llm_tower_core::{LlmError, MAX_RETRY_AFTER};
+    /// use std::time::Duration;
+    /// let e = LlmError::rate_limited("x").with_retry_after(Duration::MAX);
+    /// assert_eq!(e.retry_after(), Some(MAX_RETRY_AFTER));
+    /// ```
     #[must_use]
     pub fn with_retry_after(mut self, after: Duration) -> Self {
-        self.0.retry_after = Some(after);
+        self.0.retry_after = Some(after.min(MAX_RETRY_AFTER));
         self
     }
     /// Names the provider (or target) that failed.

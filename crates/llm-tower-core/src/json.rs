@@ -57,21 +57,74 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
+/// A token count from an upstream, read without trust: any JSON number, saturating
+/// (negative → 0, past `u64::MAX` or a float → truncated and capped), or `null` (absent).
+/// Anything else is an error, as for a `u64`.
+pub(crate) struct Count(pub(crate) Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
+                Ok(Count(Some(u64::try_from(n).unwrap_or(0))))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Count, E> {
+                // `as` saturates (NaN → 0); JSON has no NaN anyway.
+                Ok(Count(Some(if n > 0.0 { n as u64 } else { 0 })))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_none<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a [`Count`] field becomes: `0` or the value for a `u64`, as is for an `Option<u64>`.
+pub(crate) trait FromCount {
+    fn from_count(c: Option<u64>) -> Self;
+}
+
+impl FromCount for u64 {
+    fn from_count(c: Option<u64>) -> Self {
+        c.unwrap_or(0)
+    }
+}
+
+impl FromCount for Option<u64> {
+    fn from_count(c: Option<u64>) -> Self {
+        c
+    }
+}
+
 /// `Deserialize` for a struct whose named fields are read by key and whose other keys go to
 /// its `extra` map: what `#[serde(flatten)] extra` does, without buffering every unknown
 /// field into serde's intermediate `Content` and converting it again (the core serde
 /// bench: a request with seven fields kept in `extra`, 18 800 → 15 700 instructions; one
 /// without, 4 920 → 4 790). Field kinds: `required` (missing is an error),
 /// `optional` (missing is `Default`), `nullable` (`Option<Option<T>>`: missing is `None`,
-/// `null` is `Some(None)`), `skipped` (never read, `Default`). A repeated named field is an
-/// error, as with the derive.
+/// `null` is `Some(None)`), `skipped` (never read, `Default`), and optionally `counts`
+/// (token counts from an upstream, read saturating through [`Count`]). A repeated named
+/// field is an error, as with the derive.
 macro_rules! deserialize_with_extra {
     (
         $ty:ident, $expecting:literal,
         required: [$($req:ident),* $(,)?],
         optional: [$($opt:ident),* $(,)?],
         nullable: [$($nul:ident),* $(,)?],
-        skipped: [$($skip:ident),* $(,)?] $(,)?
+        skipped: [$($skip:ident),* $(,)?]
+        $(, counts: [$($cnt:ident),* $(,)?])? $(,)?
     ) => {
         impl<'de> serde::Deserialize<'de> for $ty {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -89,6 +142,7 @@ macro_rules! deserialize_with_extra {
                         $(let mut $req = None;)*
                         $(let mut $opt = None;)*
                         $(let mut $nul = None;)*
+                        $($(let mut $cnt: Option<$crate::json::Count> = None;)*)?
                         let mut extra = $crate::Extra::new();
                         while let Some(key) = map.next_key::<$crate::json::Key<'de>>()? {
                             match key.as_str() {
@@ -110,6 +164,12 @@ macro_rules! deserialize_with_extra {
                                     }
                                     $nul = Some(Some(map.next_value()?));
                                 })*
+                                $($(stringify!($cnt) => {
+                                    if $cnt.is_some() {
+                                        return Err(A::Error::duplicate_field(stringify!($cnt)));
+                                    }
+                                    $cnt = Some(map.next_value()?);
+                                })*)?
                                 _ => {
                                     let value = map.next_value()?;
                                     extra.insert(key.into_owned(), value);
@@ -120,6 +180,9 @@ macro_rules! deserialize_with_extra {
                             $($req: $req.ok_or_else(|| A::Error::missing_field(stringify!($req)))?,)*
                             $($opt: $opt.unwrap_or_default(),)*
                             $($nul: $nul.unwrap_or_default(),)*
+                            $($($cnt: $crate::json::FromCount::from_count(
+                                $cnt.and_then(|c| c.0),
+                            ),)*)?
                             extra,
                             $($skip: Default::default(),)*
                         })

@@ -288,9 +288,10 @@ pub struct Usage {
 crate::json::deserialize_with_extra!(
     Usage, "a usage object",
     required: [],
-    optional: [prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details, completion_tokens_details],
+    optional: [prompt_tokens_details, completion_tokens_details],
     nullable: [],
     skipped: [],
+    counts: [prompt_tokens, completion_tokens, total_tokens],
 );
 
 impl Usage {
@@ -351,9 +352,10 @@ pub struct PromptTokensDetails {
 crate::json::deserialize_with_extra!(
     PromptTokensDetails, "a prompt_tokens_details object",
     required: [],
-    optional: [cached_tokens, cache_write_tokens, audio_tokens],
+    optional: [],
     nullable: [],
     skipped: [],
+    counts: [cached_tokens, cache_write_tokens, audio_tokens],
 );
 
 /// `completion_tokens_details`.
@@ -381,9 +383,10 @@ pub struct CompletionTokensDetails {
 crate::json::deserialize_with_extra!(
     CompletionTokensDetails, "a completion_tokens_details object",
     required: [],
-    optional: [reasoning_tokens, audio_tokens, accepted_prediction_tokens, rejected_prediction_tokens],
+    optional: [],
     nullable: [],
     skipped: [],
+    counts: [reasoning_tokens, audio_tokens, accepted_prediction_tokens, rejected_prediction_tokens],
 );
 
 pub(crate) fn unix_now() -> u64 {

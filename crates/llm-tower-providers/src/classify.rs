@@ -153,7 +153,7 @@ pub(crate) fn classify_status(
     }
     let retry_after = retry_after(headers).or_else(|| {
         // No retry-after: the reset of the exhausted provider window says when.
-        let h = headroom(headers)?;
+        let h = headroom(headers).0?;
         match (h.remaining_requests, h.remaining_tokens) {
             (Some(0), _) => h.reset_requests,
             (_, Some(0)) => h.reset_tokens,
@@ -230,7 +230,45 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-/// `retry-after-ms`, then `retry-after` (delay seconds or an HTTP date).
+/// The longest delay read from an upstream answer (retry-after, rate-limit resets): one
+/// day. Larger values (`retry-after: 1e20`, a reset in the year 9999) are cut to it at
+/// parse time, so that `Instant::now() + delay` can never overflow anywhere downstream.
+pub const MAX_UPSTREAM_DELAY: Duration = Duration::from_secs(86_400);
+
+/// Seconds as a [`Duration`], saturating at [`MAX_UPSTREAM_DELAY`]; `None` for NaN,
+/// infinities and negative values.
+pub(crate) fn secs(v: f64) -> Option<Duration> {
+    if !v.is_finite() || v < 0.0 {
+        return None;
+    }
+    // Clamped first: `from_secs_f64` panics on values past `Duration::MAX`.
+    Some(Duration::from_secs_f64(
+        v.min(MAX_UPSTREAM_DELAY.as_secs_f64()),
+    ))
+}
+
+/// A count (`remaining`, `limit`): a non-negative integer, saturating at `u64::MAX`;
+/// a finite non-negative decimal (`"1000.0"`, `"1e3"`) is accepted and truncated.
+pub(crate) fn count(v: &str) -> Option<u64> {
+    if let Ok(n) = v.parse::<u64>() {
+        return Some(n);
+    }
+    if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() {
+        return Some(u64::MAX); // more digits than a u64 holds
+    }
+    let f = v.parse::<f64>().ok()?;
+    // `as` saturates (and the checks keep NaN and negatives out).
+    (f.is_finite() && f >= 0.0).then_some(f as u64)
+}
+
+fn until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_UPSTREAM_DELAY)
+}
+
+/// `retry-after-ms`, then `retry-after` (delay seconds or an HTTP date), capped at
+/// [`MAX_UPSTREAM_DELAY`]. An unparsable `retry-after-ms` falls through to `retry-after`.
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let get = |name: &str| {
         headers
@@ -238,30 +276,28 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+    if let Some(d) = get("retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| secs(ms / 1000.0))
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(d);
     }
     let v = get("retry-after")?;
-    if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    if let Ok(s) = v.parse::<f64>() {
+        return secs(s);
     }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    httpdate::parse_http_date(v).ok().map(until)
 }
 
 /// The provider's rate-limit headroom from OpenAI-style `x-ratelimit-*` or Anthropic
-/// `anthropic-ratelimit-*` headers; `None` when neither is present.
-pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
+/// `anthropic-ratelimit-*` headers (`None` when neither is present), and how many of those
+/// headers had a value that could not be read (ignored, for the caller to count).
+pub(crate) fn headroom(headers: &HeaderMap) -> (Option<RateLimitHeadroom>, u32) {
     // One pass over the headers, matching names by prefix: cheaper than looking each of
     // the 18 names up (a hash of the name and a probe each), on every response.
     let mut openai = RateLimitHeadroom::default();
     let mut anthropic = RateLimitHeadroom::default();
+    let mut bad = 0u32;
     // Anthropic reports combined tokens, and input / output tokens separately; the
     // tightest of them is the headroom.
     let min = |slot: &mut Option<u64>, v: Option<u64>| {
@@ -275,35 +311,53 @@ pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
         if !name.starts_with("x-ratelimit-") && !name.starts_with("anthropic-ratelimit-") {
             continue;
         }
-        let Some(value) = value.to_str().ok().map(str::trim) else {
-            continue;
+        let value = value.to_str().ok().map(str::trim);
+        // A value that does not parse is ignored, and counted.
+        let mut num = || {
+            let v = value.and_then(count);
+            bad += u32::from(v.is_none());
+            v
         };
-        let num = || value.parse::<u64>().ok();
         if let Some(rest) = name.strip_prefix("x-ratelimit-") {
             match rest {
                 "remaining-requests" => openai.remaining_requests = num(),
                 "remaining-tokens" => openai.remaining_tokens = num(),
                 "limit-requests" => openai.limit_requests = num(),
                 "limit-tokens" => openai.limit_tokens = num(),
-                "reset-requests" => openai.reset_requests = parse_reset(value),
-                "reset-tokens" => openai.reset_tokens = parse_reset(value),
+                "reset-requests" | "reset-tokens" => {
+                    let r = value.and_then(parse_reset);
+                    bad += u32::from(r.is_none());
+                    if rest == "reset-requests" {
+                        openai.reset_requests = r;
+                    } else {
+                        openai.reset_tokens = r;
+                    }
+                }
                 _ => {}
             }
         } else if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
             match rest {
                 "requests-remaining" => anthropic.remaining_requests = num(),
                 "requests-limit" => anthropic.limit_requests = num(),
-                "requests-reset" => anthropic.reset_requests = parse_reset(value),
                 "tokens-remaining" | "input-tokens-remaining" | "output-tokens-remaining" => {
                     min(&mut anthropic.remaining_tokens, num());
                 }
                 "tokens-limit" | "input-tokens-limit" | "output-tokens-limit" => {
                     min(&mut anthropic.limit_tokens, num());
                 }
-                "tokens-reset" | "input-tokens-reset" | "output-tokens-reset" => {
-                    if let Some(r) = parse_reset(value) {
-                        anthropic.reset_tokens =
-                            Some(anthropic.reset_tokens.map_or(r, |s| s.max(r)));
+                "requests-reset"
+                | "tokens-reset"
+                | "input-tokens-reset"
+                | "output-tokens-reset" => {
+                    let r = value.and_then(parse_reset);
+                    bad += u32::from(r.is_none());
+                    match r {
+                        Some(r) if rest == "requests-reset" => anthropic.reset_requests = Some(r),
+                        Some(r) => {
+                            anthropic.reset_tokens =
+                                Some(anthropic.reset_tokens.map_or(r, |s| s.max(r)));
+                        }
+                        None => {}
                     }
                 }
                 _ => {}
@@ -312,23 +366,20 @@ pub(crate) fn headroom(headers: &HeaderMap) -> Option<RateLimitHeadroom> {
     }
     let none = RateLimitHeadroom::default();
     let h = if openai != none { openai } else { anthropic };
-    (h != none).then_some(h)
+    ((h != none).then_some(h), bad)
 }
 
 /// A reset value: OpenAI's Go-style durations (`1s`, `6m0s`, `20ms`, `1h2m3.5s`), plain
-/// seconds, or an RFC 3339 timestamp (Anthropic), as the time left from now.
+/// seconds, or an RFC 3339 timestamp (Anthropic), as the time left from now, capped at
+/// [`MAX_UPSTREAM_DELAY`]. `None` for anything else (NaN, `inf`, negatives, garbage).
 pub(crate) fn parse_reset(v: &str) -> Option<Duration> {
-    if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    if let Ok(s) = v.parse::<f64>() {
+        return secs(s);
     }
     if let Some(d) = parse_go_duration(v) {
         return Some(d);
     }
-    let at = parse_rfc3339(v)?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    parse_rfc3339(v).map(until)
 }
 
 fn parse_go_duration(v: &str) -> Option<Duration> {
@@ -355,14 +406,21 @@ fn parse_go_duration(v: &str) -> Option<Duration> {
             "ns" => 1e-9,
             _ => return None,
         };
+        // f64 arithmetic cannot panic; a sum that overflows to infinity is refused by
+        // `secs`, anything finite is capped there.
         total += n * scale;
         rest = &rest[unit_end..];
     }
-    total.is_finite().then(|| Duration::from_secs_f64(total))
+    secs(total)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.
 fn parse_rfc3339(v: &str) -> Option<SystemTime> {
+    // Visible ASCII only (a header value always is): every byte index below is a char
+    // boundary.
+    if !v.is_ascii() {
+        return None;
+    }
     let b = v.as_bytes();
     if b.len() < 20
         || b[4] != b'-'
@@ -373,7 +431,14 @@ fn parse_rfc3339(v: &str) -> Option<SystemTime> {
     {
         return None;
     }
-    let n = |r: std::ops::Range<usize>| v.get(r)?.parse::<i64>().ok();
+    let n = |r: std::ops::Range<usize>| {
+        let s = v.get(r)?;
+        // Digits only: `parse::<i64>` would take a sign.
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse::<i64>().ok())
+            .flatten()
+    };
     let (year, month, day) = (n(0..4)?, n(5..7)?, n(8..10)?);
     let (hour, min, sec) = (n(11..13)?, n(14..16)?, n(17..19)?);
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
@@ -394,16 +459,19 @@ fn parse_rfc3339(v: &str) -> Option<SystemTime> {
             && matches!(tz.as_bytes()[0], b'+' | b'-')
             && tz.as_bytes()[3] == b':' =>
         {
-            let h = tz[1..3].parse::<i64>().ok()?;
-            let m = tz[4..6].parse::<i64>().ok()?;
+            let h = n(i + 1..i + 3)?;
+            let m = n(i + 4..i + 6)?;
             (h * 3600 + m * 60) * if tz.starts_with('-') { -1 } else { 1 }
         }
         _ => return None,
     };
+    // Four-digit years and two-digit fields: no overflow is possible here.
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset;
     let secs = u64::try_from(secs).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_secs_f64(frac))
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))?
+        .checked_add(Duration::from_secs_f64(frac.clamp(0.0, 1.0)))
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -489,6 +557,7 @@ mod tests {
             ("x-ratelimit-limit-requests", "10"),
             ("x-ratelimit-reset-tokens", "6m0s"),
         ]))
+        .0
         .unwrap();
         assert_eq!(h.remaining_requests, Some(9));
         assert_eq!(h.remaining_tokens, Some(1000));
@@ -500,11 +569,12 @@ mod tests {
             ("anthropic-ratelimit-output-tokens-remaining", "800"),
             ("anthropic-ratelimit-requests-reset", "2001-01-01T00:00:00Z"),
         ]))
+        .0
         .unwrap();
         assert_eq!(h.remaining_requests, Some(49));
         assert_eq!(h.remaining_tokens, Some(800));
         assert_eq!(h.reset_requests, Some(Duration::ZERO));
-        assert!(headroom(&HeaderMap::new()).is_none());
+        assert!(headroom(&HeaderMap::new()).0.is_none());
         // Both styles: OpenAI's wins; unparsable values and other headers are skipped.
         let h = headroom(&headers(&[
             ("anthropic-ratelimit-requests-remaining", "49"),
@@ -513,10 +583,150 @@ mod tests {
             ("x-ratelimit-unknown", "1"),
             ("content-type", "application/json"),
         ]))
+        .0
         .unwrap();
         assert_eq!(h.remaining_tokens, Some(12));
         assert_eq!(h.remaining_requests, None);
-        assert!(headroom(&headers(&[("x-ratelimit-remaining-tokens", "-1")])).is_none());
+        assert_eq!(
+            headroom(&headers(&[("x-ratelimit-remaining-tokens", "-1")])),
+            (None, 1)
+        );
+    }
+
+    #[test]
+    fn absurd_delays_are_capped_or_refused_never_a_panic() {
+        let day = MAX_UPSTREAM_DELAY;
+        // (retry-after value, expected)
+        let table: &[(&str, Option<Duration>)] = &[
+            ("1e20", Some(day)),
+            ("1e308", Some(day)),
+            ("1e400", None), // parses to infinity
+            ("inf", None),
+            ("-inf", None),
+            ("NaN", None),
+            ("-1", None),
+            ("-0", Some(Duration::ZERO)),
+            ("86401", Some(day)),
+            ("18446744073709551616", Some(day)),
+            ("0.5", Some(Duration::from_millis(500))),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", Some(day)),
+            ("", None),
+            ("1 2", None),
+        ];
+        for (v, want) in table {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after", v)])),
+                *want,
+                "retry-after: {v}"
+            );
+        }
+        let table: &[(&str, Option<Duration>)] = &[
+            ("1e30", Some(day)),
+            ("NaN", None),
+            ("-5", None),
+            ("1500", Some(Duration::from_millis(1500))),
+        ];
+        for (v, want) in table {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after-ms", v)])),
+                *want,
+                "retry-after-ms: {v}"
+            );
+        }
+        // A bad retry-after-ms falls back to retry-after.
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "NaN"), ("retry-after", "3")])),
+            Some(Duration::from_secs(3))
+        );
+        let resets: &[(&str, Option<Duration>)] = &[
+            ("inf", None),
+            ("NaN", None),
+            ("-3s", None),
+            ("1e20", Some(day)),
+            ("99999999999999999999h", Some(day)),
+            ("2562047788015216h", Some(day)), // past Duration::MAX in seconds
+            ("1.5s", Some(Duration::from_millis(1500))),
+            ("6m0s", Some(Duration::from_secs(360))),
+            ("1h1h1h1h", Some(Duration::from_secs(4 * 3600))),
+            ("s", None),
+            ("5x", None),
+            ("..s", None),
+            ("9999-12-31T23:59:59Z", Some(day)),
+            ("9999-12-31T23:59:59.999999999+23:59", Some(day)),
+            ("0000-01-01T00:00:00Z", None), // before 1970: unreadable
+            ("2024-01-01T00:00:00+99:99", Some(Duration::ZERO)),
+            ("2024-01-01T00:00:00-1:000", None),
+            ("+024-01-01T00:00:00Z", None),
+            ("2024-01-01T00:00:00.Z", None),
+            ("2024-01-01T00:00:00", None),
+            ("2024-02-31T00:00:00Z", Some(Duration::ZERO)),
+        ];
+        for (v, want) in resets {
+            assert_eq!(parse_reset(v), *want, "reset: {v}");
+        }
+        // Non-ASCII never reaches slicing at a non-boundary.
+        assert_eq!(parse_reset("2024-01-01T00:00:00+é:0"), None);
+        assert_eq!(parse_reset("1µs"), Some(Duration::from_micros(1)));
+        assert_eq!(secs(f64::MAX), Some(day));
+        assert_eq!(secs(f64::MIN_POSITIVE), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn absurd_counts_saturate_or_are_ignored_and_counted() {
+        let table: &[(&str, Option<u64>)] = &[
+            ("NaN", None),
+            ("inf", None),
+            ("-1", None),
+            ("", None),
+            ("12abc", None),
+            ("99999999999999999999999", Some(u64::MAX)),
+            ("1e30", Some(u64::MAX)),
+            ("1000.0", Some(1000)),
+            ("1e3", Some(1000)),
+            ("42", Some(42)),
+        ];
+        for (v, want) in table {
+            assert_eq!(count(v), *want, "count: {v}");
+        }
+        let (h, bad) = headroom(&headers(&[
+            ("x-ratelimit-remaining-requests", "NaN"),
+            ("x-ratelimit-reset-requests", "inf"),
+            ("x-ratelimit-remaining-tokens", "-7"),
+            ("x-ratelimit-limit-tokens", "99999999999999999999999"),
+            ("x-ratelimit-reset-tokens", "1e20"),
+            ("x-ratelimit-limit-requests", "10"),
+        ]));
+        let h = h.unwrap();
+        assert_eq!(bad, 3);
+        assert_eq!(h.remaining_requests, None);
+        assert_eq!(h.reset_requests, None);
+        assert_eq!(h.remaining_tokens, None);
+        assert_eq!(h.limit_tokens, Some(u64::MAX));
+        assert_eq!(h.reset_tokens, Some(MAX_UPSTREAM_DELAY));
+        assert_eq!(h.limit_requests, Some(10));
+        let (h, bad) = headroom(&headers(&[
+            ("anthropic-ratelimit-requests-remaining", "-1"),
+            ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+            ("anthropic-ratelimit-tokens-reset", "tomorrow"),
+            ("anthropic-ratelimit-input-tokens-remaining", "5"),
+        ]));
+        let h = h.unwrap();
+        assert_eq!(bad, 2);
+        assert_eq!(h.reset_requests, Some(MAX_UPSTREAM_DELAY));
+        assert_eq!(h.remaining_tokens, Some(5));
+        // A 429 whose only hint is an absurd reset: capped.
+        let e = classify_status(
+            "p",
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[
+                ("retry-after", "1e20"),
+                ("x-ratelimit-remaining-requests", "0"),
+            ]),
+            b"",
+            None,
+        );
+        assert_eq!(e.retry_after(), Some(MAX_UPSTREAM_DELAY));
+        assert!(e.should_fall_back());
     }
 
     #[test]

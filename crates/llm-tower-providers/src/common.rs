@@ -6,6 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,16 +16,15 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use llm_tower_core::{ChatChunk, Deadline, LlmError, LlmResponse};
+use llm_tower_core::{ChatChunk, Deadline, LlmError, LlmResponse, RateLimitHeadroom};
 use tokio::time::Instant;
 
 use crate::classify;
 use crate::http::{HttpClient, HttpResponse};
+use crate::limits::ResponseLimits;
 use crate::secret::ApiKey;
 use crate::sse::{SseEvent, SseParser};
 
-/// Largest complete (non-streamed) response body accepted: 64 MiB.
-pub(crate) const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// Largest error body read for classification.
 const MAX_ERROR_BYTES: usize = 256 * 1024;
 /// How long an error body may take to arrive.
@@ -39,6 +39,9 @@ pub(crate) struct Endpoint {
     pub(crate) headers: HeaderMap,
     pub(crate) key: Option<ApiKey>,
     pub(crate) client: HttpClient,
+    pub(crate) limits: ResponseLimits,
+    /// Rate-limit header values that could not be read (ignored), over all answers.
+    pub(crate) malformed_headers: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Endpoint {
@@ -50,6 +53,7 @@ impl fmt::Debug for Endpoint {
             .field("url", &self.url)
             .field("headers", &names)
             .field("key", &self.key)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -107,17 +111,62 @@ impl Endpoint {
             headers,
             key,
             client,
+            limits: ResponseLimits::default(),
+            malformed_headers: Arc::default(),
         })
     }
 
-    /// POSTs `body`; returns the success response and the time to its headers, or the
-    /// classified error. Honours the request's [`Deadline`] up to the response headers.
+    /// The rate-limit headroom of a successful answer; values that do not parse are
+    /// ignored and counted, never an error.
+    pub(crate) fn headroom(&self, headers: &HeaderMap) -> Option<RateLimitHeadroom> {
+        let (h, bad) = classify::headroom(headers);
+        if bad > 0 {
+            self.malformed_headers
+                .fetch_add(u64::from(bad), Ordering::Relaxed);
+            tracing::debug!(provider = %self.provider, count = bad, "ignored malformed rate-limit headers");
+        }
+        h
+    }
+
+    /// When the response timeout of a request sent at `started` expires, if before its
+    /// deadline: `(instant, true)`; the deadline's instant otherwise: `(instant, false)`.
+    fn expiry(&self, started: Instant, deadline: Option<Deadline>) -> Option<(Instant, bool)> {
+        // `checked_add`: a huge configured timeout means "none", never a panic.
+        let own = self.limits.timeout().and_then(|t| started.checked_add(t));
+        match (own, deadline) {
+            (Some(o), Some(d)) if o < d.0 => Some((o, true)),
+            (_, Some(d)) => Some((d.0, false)),
+            (Some(o), None) => Some((o, true)),
+            (None, None) => None,
+        }
+    }
+
+    fn timeout_error(&self, own: bool, what: &str) -> LlmError {
+        let msg = if own {
+            format!(
+                "{}: {what} within the response timeout ({} ms)",
+                self.provider, self.limits.response_timeout_ms
+            )
+        } else {
+            format!("{}: {what} before the request's deadline", self.provider)
+        };
+        let e = LlmError::timeout(msg).with_provider(&*self.provider);
+        if own {
+            e.with_code("upstream_timeout")
+        } else {
+            e
+        }
+    }
+
+    /// POSTs `body`; returns the success response, the time to its headers and when it
+    /// was sent, or the classified error. Honours the request's [`Deadline`] and the
+    /// response timeout up to the response headers.
     pub(crate) async fn send(
         &self,
         body: Vec<u8>,
         stream: bool,
         deadline: Option<Deadline>,
-    ) -> Result<(HttpResponse, Duration), LlmError> {
+    ) -> Result<(HttpResponse, Duration, Instant), LlmError> {
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.url.clone();
@@ -132,20 +181,23 @@ impl Endpoint {
         );
         let started = Instant::now();
         let fut = self.client.send(req);
-        let result = match deadline {
-            Some(d) => match tokio::time::timeout_at(d.0, fut).await {
+        let result = match self.expiry(started, deadline) {
+            Some((at, own)) => match tokio::time::timeout_at(at, fut).await {
                 Ok(r) => r,
-                Err(_) => {
-                    return Err(LlmError::timeout(format!(
-                        "{}: no response before the request's deadline",
-                        self.provider
-                    ))
-                    .with_provider(&*self.provider));
-                }
+                Err(_) => return Err(self.timeout_error(own, "no response headers")),
             },
             None => fut.await,
         };
         let resp = result.map_err(|e| {
+            if head_too_large(&e) {
+                let cfg = self.client.config();
+                return LlmError::transport(format!(
+                    "{}: the response head is too large (more than {} headers or {} bytes)",
+                    self.provider, cfg.max_response_headers, cfg.max_response_header_bytes
+                ))
+                .with_provider(&*self.provider)
+                .with_code("upstream_head_too_large");
+            }
             let what = if e.is_connect() {
                 "cannot connect to the upstream"
             } else {
@@ -155,7 +207,7 @@ impl Endpoint {
         })?;
         let elapsed = started.elapsed();
         if resp.status().is_success() {
-            return Ok((resp, elapsed));
+            return Ok((resp, elapsed, started));
         }
         let (parts, body) = resp.into_parts();
         // A failed or stalled read of the error body still leaves the status to classify by.
@@ -174,15 +226,39 @@ impl Endpoint {
         ))
     }
 
-    /// Reads a complete response body (bounded).
-    pub(crate) async fn read_body(&self, body: Incoming) -> Result<Bytes, LlmError> {
-        read_limited(body, MAX_RESPONSE_BYTES).await.map_err(|e| {
+    /// Reads a complete response body, bounded in size
+    /// ([`ResponseLimits::max_body_bytes`]) and time (the response timeout from `started`,
+    /// and the request's deadline).
+    pub(crate) async fn read_body(
+        &self,
+        body: Incoming,
+        started: Instant,
+        deadline: Option<Deadline>,
+    ) -> Result<Bytes, LlmError> {
+        let max = self.limits.max_body_bytes;
+        let too_large = || {
+            LlmError::transport(format!(
+                "{}: the response body is larger than the limit of {max} bytes (max_body_bytes)",
+                self.provider
+            ))
+            .with_provider(&*self.provider)
+            .with_code("upstream_response_too_large")
+        };
+        // A declared length over the limit fails before a byte is read.
+        if body.size_hint().lower() > max as u64 {
+            return Err(too_large());
+        }
+        let read = read_limited(body, max);
+        let result = match self.expiry(started, deadline) {
+            Some((at, own)) => match tokio::time::timeout_at(at, read).await {
+                Ok(r) => r,
+                Err(_) => return Err(self.timeout_error(own, "no complete response body")),
+            },
+            None => read.await,
+        };
+        result.map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                classify::malformed(
-                    &self.provider,
-                    "response",
-                    format!("body larger than {MAX_RESPONSE_BYTES} bytes"),
-                )
+                too_large()
             } else {
                 classify::transport(
                     &self.provider,
@@ -194,28 +270,28 @@ impl Endpoint {
     }
 }
 
+/// Whether the transport error is hyper's "message head is too large" (too many headers
+/// or too many header bytes).
+fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        // `is_parse_too_large` needs hyper's `server` feature; its text is stable.
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_parse()
+            && h.to_string().contains("too large")
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 async fn read_limited(
     body: Incoming,
     limit: usize,
 ) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
     Ok(Limited::new(body, limit).collect().await?.to_bytes())
-}
-
-/// Runs `fut` until the request's deadline, if it has one.
-pub(crate) async fn until_deadline<T>(
-    provider: &str,
-    deadline: Option<Deadline>,
-    fut: impl Future<Output = Result<T, LlmError>>,
-) -> Result<T, LlmError> {
-    match deadline {
-        None => fut.await,
-        Some(d) => tokio::time::timeout_at(d.0, fut).await.unwrap_or_else(|_| {
-            Err(LlmError::timeout(format!(
-                "{provider}: no complete response before the request's deadline"
-            ))
-            .with_provider(provider))
-        }),
-    }
 }
 
 /// Turns SSE events of one provider into chunks.
@@ -247,10 +323,10 @@ where
     B::Error: std::error::Error + 'static,
     D: Decoder,
 {
-    pub(crate) fn new(body: B, decoder: D, provider: Arc<str>) -> Self {
+    pub(crate) fn new(body: B, decoder: D, provider: Arc<str>, max_event_bytes: usize) -> Self {
         Self {
             body: Some(body),
-            parser: SseParser::new(),
+            parser: SseParser::with_max_event_bytes(max_event_bytes),
             decoder,
             queue: VecDeque::new(),
             provider,
@@ -311,7 +387,14 @@ where
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    let err = classify::malformed(&this.provider, "server-sent events", e);
+                    let err = LlmError::transport(format!(
+                        "{}: a server-sent event is larger than the limit of {} bytes \
+                         (max_sse_event_bytes)",
+                        this.provider,
+                        e.limit()
+                    ))
+                    .with_provider(&*this.provider)
+                    .with_code("upstream_event_too_large");
                     return this.fail(err);
                 }
             }

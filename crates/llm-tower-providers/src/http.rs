@@ -41,6 +41,13 @@ pub struct HttpClientConfig {
     /// Speak only HTTP/2 (also over plain `http://`, "prior knowledge"). Default `false`:
     /// HTTP/2 is negotiated by ALPN over TLS, HTTP/1.1 otherwise.
     pub http2_only: bool,
+    /// Most response headers read (HTTP/1.1); an answer with more fails as a `Transport`
+    /// error (code `upstream_head_too_large`). Default 100 (hyper's; any other value makes
+    /// hyper allocate the header slots on the heap, per response).
+    pub max_response_headers: usize,
+    /// Most bytes of response head read (HTTP/1.1 read buffer, at least 8 KiB; HTTP/2
+    /// header list). Default 65 536.
+    pub max_response_header_bytes: usize,
 }
 
 impl Default for HttpClientConfig {
@@ -53,6 +60,8 @@ impl Default for HttpClientConfig {
             http2_keepalive_ms: 30_000,
             http2_only: false,
             tls_roots: TlsRoots::Webpki,
+            max_response_headers: DEFAULT_MAX_HEADERS,
+            max_response_header_bytes: 64 * 1024,
         }
     }
 }
@@ -69,6 +78,11 @@ pub enum TlsRoots {
     /// `native-roots` cargo feature, else [`HttpClient::new`] fails with a clear error.
     Native,
 }
+
+/// hyper's own default: kept on the stack below this.
+const DEFAULT_MAX_HEADERS: usize = 100;
+/// hyper refuses (panics on) a smaller HTTP/1.1 read buffer.
+const MIN_HEAD_BYTES: usize = 8192;
 
 type HyperClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -144,7 +158,14 @@ impl HttpClient {
             .pool_idle_timeout(non_zero(config.pool_idle_timeout_ms))
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .http2_only(config.http2_only)
-            .http2_adaptive_window(true);
+            .http2_adaptive_window(true)
+            .http1_max_buf_size(config.max_response_header_bytes.max(MIN_HEAD_BYTES))
+            .http2_max_header_list_size(
+                u32::try_from(config.max_response_header_bytes).unwrap_or(u32::MAX),
+            );
+        if config.max_response_headers != DEFAULT_MAX_HEADERS {
+            builder.http1_max_headers(config.max_response_headers);
+        }
         if let Some(interval) = non_zero(config.http2_keepalive_ms) {
             builder
                 .http2_keep_alive_interval(interval)

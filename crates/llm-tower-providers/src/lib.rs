@@ -42,6 +42,7 @@ mod classify;
 mod common;
 mod config;
 mod http;
+mod limits;
 mod openai;
 mod secret;
 pub mod sse;
@@ -49,8 +50,10 @@ pub mod sse;
 mod stream_tests;
 
 pub use anthropic::{AnthropicConfig, AnthropicProvider};
+pub use classify::MAX_UPSTREAM_DELAY;
 pub use common::ResponseFuture;
 pub use config::ProviderConfig;
 pub use http::{HttpClient, HttpClientConfig, TlsRoots};
+pub use limits::ResponseLimits;
 pub use openai::{OpenAiConfig, OpenAiProvider};
 pub use secret::ApiKey;

@@ -14,8 +14,9 @@ use serde_json::Value;
 use tower_service::Service;
 
 use crate::classify;
-use crate::common::{Decoder, Endpoint, ResponseFuture, SseStream, map_model, until_deadline};
+use crate::common::{Decoder, Endpoint, ResponseFuture, SseStream, map_model};
 use crate::http::HttpClient;
+use crate::limits::ResponseLimits;
 use crate::secret::ApiKey;
 use crate::sse::SseEvent;
 
@@ -64,6 +65,8 @@ pub struct OpenAiConfig {
     /// Ask for `stream_options.include_usage` on streams so they end with usage.
     /// Default `true`; turn off only for servers that reject the field.
     pub stream_usage: bool,
+    /// Bounds on the answers read (body size, event size, response timeout).
+    pub limits: ResponseLimits,
 }
 
 impl Default for OpenAiConfig {
@@ -77,6 +80,7 @@ impl Default for OpenAiConfig {
             models: HashMap::new(),
             default_model: None,
             stream_usage: true,
+            limits: ResponseLimits::default(),
         }
     }
 }
@@ -119,6 +123,12 @@ impl OpenAiConfig {
         self.models.insert(alias.into(), model.into());
         self
     }
+    /// Sets the bounds on the answers read (see [`ResponseLimits`]).
+    #[must_use]
+    pub fn limits(mut self, limits: ResponseLimits) -> Self {
+        self.limits = limits;
+        self
+    }
 }
 
 impl fmt::Debug for OpenAiConfig {
@@ -132,6 +142,7 @@ impl fmt::Debug for OpenAiConfig {
             .field("models", &self.models)
             .field("default_model", &self.default_model)
             .field("stream_usage", &self.stream_usage)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -216,7 +227,7 @@ impl OpenAiProvider {
                 format!("Bearer {}", k.expose()),
             )
         });
-        let endpoint = Endpoint::new(
+        let mut endpoint = Endpoint::new(
             &config.name,
             &config.base_url,
             "/chat/completions",
@@ -225,6 +236,7 @@ impl OpenAiProvider {
             &config.headers,
             client.clone(),
         )?;
+        endpoint.limits = config.limits;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
@@ -243,6 +255,21 @@ impl OpenAiProvider {
     /// Whether a key is configured.
     pub fn has_api_key(&self) -> bool {
         self.inner.endpoint.key.is_some()
+    }
+
+    /// How many rate-limit header values (`x-ratelimit-*`, `anthropic-ratelimit-*`) of
+    /// successful answers could not be read (`NaN`, negative, garbage) and were ignored,
+    /// since the provider was built. Shared by its clones.
+    pub fn malformed_headers(&self) -> u64 {
+        self.inner
+            .endpoint
+            .malformed_headers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The bounds on the answers read.
+    pub fn limits(&self) -> &ResponseLimits {
+        &self.inner.endpoint.limits
     }
 
     /// The full chat-completions URL.
@@ -287,21 +314,26 @@ impl OpenAiProvider {
         let body = self.encode(&req)?;
         let stream = req.is_stream();
         let ep = &self.inner.endpoint;
-        let (resp, upstream_time) = ep.send(body, stream, req.deadline()).await?;
+        let (resp, upstream_time, started) = ep.send(body, stream, req.deadline()).await?;
         let (parts, body) = resp.into_parts();
-        let headroom = classify::headroom(&parts.headers);
+        let headroom = ep.headroom(&parts.headers);
         let mut out = if stream && !is_json(&parts.headers) {
             let decoder = OpenAiDecoder {
                 provider: ep.provider.clone(),
                 key: ep.key.clone(),
                 done: false,
             };
-            let mut r = LlmResponse::stream(SseStream::new(body, decoder, ep.provider.clone()));
+            let mut r = LlmResponse::stream(SseStream::new(
+                body,
+                decoder,
+                ep.provider.clone(),
+                ep.limits.max_sse_event_bytes,
+            ));
             r.meta.model = Some(req.model);
             r
         } else {
             // A server may answer a stream request with one JSON document; take it as is.
-            let bytes = until_deadline(&ep.provider, req.deadline(), ep.read_body(body)).await?;
+            let bytes = ep.read_body(body, started, req.deadline()).await?;
             let len = bytes.len();
             // Kept as sent: an HTTP surface forwards it without encoding it again.
             let mut r = LlmResponse::encoded(parse_response(&ep.provider, bytes, ep.key.as_ref())?);

@@ -81,6 +81,13 @@ impl fmt::Display for SseError {
     }
 }
 
+impl SseError {
+    /// The limit that was exceeded, in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
 impl std::error::Error for SseError {}
 
 /// The incremental parser. See the [module docs](self).

@@ -56,7 +56,7 @@ fn run<D: Decoder>(parts: Vec<Bytes>, decoder: D) -> (Vec<ChatChunk>, Option<Llm
     let frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
         parts.into_iter().map(|b| Ok(Frame::data(b))).collect();
     let body = StreamBody::new(futures_util::stream::iter(frames));
-    let mut stream = SseStream::new(body, decoder, Arc::from("p"));
+    let mut stream = SseStream::new(body, decoder, Arc::from("p"), 1 << 20);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -156,7 +156,7 @@ fn body_error_mid_stream_is_transport() {
         )),
     ];
     let body = StreamBody::new(futures_util::stream::iter(frames));
-    let mut stream = SseStream::new(body, openai(), Arc::from("openai"));
+    let mut stream = SseStream::new(body, openai(), Arc::from("openai"), 1 << 20);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -182,4 +182,35 @@ proptest! {
         prop_assert!(parts.1.is_none());
         prop_assert_eq!(normalized(parts.0), normalized(whole.0));
     }
+}
+
+#[test]
+fn hostile_anthropic_numbers_are_bounded() {
+    let start = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":18446744073709551615,\"cache_read_input_tokens\":18446744073709551615,\"cache_creation_input_tokens\":-3}}}\n\n";
+    // A block index that would size a table of 10^12 entries.
+    let mut body = start.to_vec();
+    body.extend_from_slice(b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1000000000000,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+    let (_, err) = run(vec![Bytes::from(body)], anthropic());
+    let err = err.expect("malformed");
+    assert_eq!(err.kind(), ErrorKind::Transport);
+    assert!(err.message().contains("content block index"), "{err}");
+    // Usage counts that would overflow when summed saturate.
+    let mut body = start.to_vec();
+    body.extend_from_slice(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+    let (chunks, err) = run(vec![Bytes::from(body)], anthropic());
+    assert!(err.is_none(), "{err:?}");
+    let usage = chunks.last().unwrap().usage().unwrap();
+    assert_eq!(usage.prompt_tokens, u64::MAX);
+    assert_eq!(usage.total_tokens, u64::MAX);
+}
+
+#[test]
+fn an_event_past_the_limit_is_classified() {
+    let mut body = b"data: ".to_vec();
+    body.resize(2 << 20, b'x');
+    let (_, err) = run(vec![Bytes::from(body)], openai());
+    let err = err.expect("too large");
+    assert_eq!(err.kind(), ErrorKind::Transport);
+    assert!(err.should_fall_back());
+    assert_eq!(err.code(), Some("upstream_event_too_large"));
 }

@@ -8,6 +8,8 @@
 //! Serves `POST /v1/chat/completions`, `POST /v1/messages` and `GET /v1/models` with one
 //! default scenario; a request can override it with the `x-mock-scenario` header (the
 //! scenario as JSON). Stops gracefully on ctrl-c or SIGTERM (in-flight responses finish).
+//! The hostile modes (`{"absurd_headers":true}`, `{"huge_body_bytes":50000000}`,
+//! `{"endless_body":true}`, `{"header_drip_ms":50}`, …; see `Scenario`) work both ways.
 //!
 //! Built for load tests: no per-request logging, no request recording unless `--record`.
 

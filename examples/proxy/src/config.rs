@@ -163,6 +163,9 @@ pub struct Config {
     /// Listen address, body limit, shutdown.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Bounds on what every real provider reads from its upstream.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
     /// Upstream providers by name.
     pub providers: BTreeMap<String, Spanned<ProviderConfig>>,
     /// Fallback chains by name: what serves a route.
@@ -275,6 +278,58 @@ fn default_grace() -> u64 {
 }
 fn yes() -> bool {
     true
+}
+
+/// `[upstream]`: bounds on the answers of every `openai` / `anthropic` provider. Each breach
+/// is an error the fallback chain moves on from (see `llm_tower_providers::ResponseLimits`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Largest non-streamed answer body, in bytes (default 16 MiB).
+    pub max_body_bytes: usize,
+    /// Largest server-sent event of a stream, in bytes (default 1 MiB).
+    pub max_sse_event_bytes: usize,
+    /// Longest wait to the response headers and, non-streamed, to the end of the body, in
+    /// milliseconds; `0` = none (default 600 000).
+    pub response_timeout_ms: u64,
+    /// Most response headers (default 100).
+    pub max_response_headers: usize,
+    /// Most bytes of response head (default 65 536).
+    pub max_response_header_bytes: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        let l = llm_tower_providers::ResponseLimits::default();
+        let h = llm_tower_providers::HttpClientConfig::default();
+        Self {
+            max_body_bytes: l.max_body_bytes,
+            max_sse_event_bytes: l.max_sse_event_bytes,
+            response_timeout_ms: l.response_timeout_ms,
+            max_response_headers: h.max_response_headers,
+            max_response_header_bytes: h.max_response_header_bytes,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The providers' limits.
+    pub fn limits(&self) -> llm_tower_providers::ResponseLimits {
+        llm_tower_providers::ResponseLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_sse_event_bytes: self.max_sse_event_bytes,
+            response_timeout_ms: self.response_timeout_ms,
+        }
+    }
+
+    /// The shared HTTP client's settings.
+    pub fn http(&self) -> llm_tower_providers::HttpClientConfig {
+        llm_tower_providers::HttpClientConfig {
+            max_response_headers: self.max_response_headers,
+            max_response_header_bytes: self.max_response_header_bytes,
+            ..Default::default()
+        }
+    }
 }
 
 /// The kind of a provider.
@@ -954,6 +1009,19 @@ impl Config {
                 .map_err(|m| err(&e.span(), format!("server.metrics_token_env {m}")))?;
         }
 
+        // [upstream]
+        let u = &self.upstream;
+        for (key, v) in [
+            ("max_body_bytes", u.max_body_bytes),
+            ("max_sse_event_bytes", u.max_sse_event_bytes),
+            ("max_response_headers", u.max_response_headers),
+            ("max_response_header_bytes", u.max_response_header_bytes),
+        ] {
+            if v == 0 {
+                return Err(self.invalid(None, format!("upstream.{key} must be > 0")));
+            }
+        }
+
         // [providers]
         if self.providers.is_empty() {
             return Err(self.invalid(None, "at least one [providers.<name>] is required"));
@@ -1469,6 +1537,31 @@ default_chain = "main"
         assert_eq!(*c.server.body_limit_bytes.get_ref(), 1024 * 1024);
         assert!(c.cache.enabled);
         assert_eq!(*c.jobs.store.get_ref(), JobsStoreKind::Sqlite);
+        assert_eq!(
+            c.upstream.limits(),
+            llm_tower_providers::ResponseLimits::default()
+        );
+        assert_eq!(
+            c.upstream.http(),
+            llm_tower_providers::HttpClientConfig::default()
+        );
+    }
+
+    #[test]
+    fn upstream_limits_are_read_and_checked() {
+        let c = parse(&format!(
+            "[upstream]\nmax_body_bytes = 1024\nmax_response_headers = 50\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(c.upstream.limits().max_body_bytes, 1024);
+        assert_eq!(c.upstream.http().max_response_headers, 50);
+        let e = parse(&format!("[upstream]\nmax_sse_event_bytes = 0\n{MIN}")).unwrap_err();
+        assert!(
+            e.to_string().contains("upstream.max_sse_event_bytes"),
+            "{e}"
+        );
+        let e = parse(&format!("[upstream]\nmax_body = 1\n{MIN}")).unwrap_err();
+        assert!(e.to_string().contains("max_body"), "{e}");
     }
 
     #[test]

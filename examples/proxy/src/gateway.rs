@@ -372,14 +372,14 @@ fn build_providers(
         .values()
         .any(|p| p.get_ref().kind != ProviderKind::Simulated);
     let client = if needs_http {
-        Some(HttpClient::with_defaults().map_err(|e| setup("the HTTP client", e))?)
+        Some(HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?)
     } else {
         None
     };
     let mut out = BTreeMap::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
-        let raw = provider_service(name, p, secrets, client.as_ref())?;
+        let raw = provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
         out.insert(name.clone(), with_provider_limits(name, p, raw));
     }
     Ok(out)
@@ -390,6 +390,7 @@ fn provider_service(
     p: &ProviderConfig,
     secrets: &Secrets,
     client: Option<&HttpClient>,
+    limits: llm_tower_providers::ResponseLimits,
 ) -> Result<BoxLlmService, BuildError> {
     let key = secrets.provider_keys.get(name);
     // The plain headers and those read from the environment (`headers_env`); the
@@ -443,6 +444,7 @@ fn provider_service(
                     api_key_env: None,
                     models,
                     headers: headers.clone(),
+                    limits,
                     ..OpenAiConfig::default()
                 };
                 if let Some(url) = &p.base_url {
@@ -457,6 +459,7 @@ fn provider_service(
                     models,
                     headers: headers.clone(),
                     prompt_caching: p.prompt_caching,
+                    limits,
                     ..AnthropicConfig::default()
                 };
                 if let Some(url) = &p.base_url {

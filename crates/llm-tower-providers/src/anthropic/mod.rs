@@ -19,8 +19,9 @@ pub use translate::{
 };
 
 use crate::classify;
-use crate::common::{Endpoint, ResponseFuture, SseStream, map_model, until_deadline};
+use crate::common::{Endpoint, ResponseFuture, SseStream, map_model};
 use crate::http::HttpClient;
+use crate::limits::ResponseLimits;
 use crate::openai::resolve_key;
 use crate::secret::ApiKey;
 use translate::AnthropicDecoder;
@@ -69,6 +70,8 @@ pub struct AnthropicConfig {
     pub prompt_caching: bool,
     /// Cache TTL for prompt caching (`"5m"` or `"1h"`); default: Anthropic's (5 minutes).
     pub cache_ttl: Option<String>,
+    /// Bounds on the answers read (body size, event size, response timeout).
+    pub limits: ResponseLimits,
 }
 
 impl Default for AnthropicConfig {
@@ -86,6 +89,7 @@ impl Default for AnthropicConfig {
             default_max_tokens: 4096,
             prompt_caching: false,
             cache_ttl: None,
+            limits: ResponseLimits::default(),
         }
     }
 }
@@ -128,6 +132,12 @@ impl AnthropicConfig {
         self.models.insert(alias.into(), model.into());
         self
     }
+    /// Sets the bounds on the answers read (see [`ResponseLimits`]).
+    #[must_use]
+    pub fn limits(mut self, limits: ResponseLimits) -> Self {
+        self.limits = limits;
+        self
+    }
     /// Turns prompt caching on or off.
     #[must_use]
     pub fn prompt_caching(mut self, on: bool) -> Self {
@@ -151,6 +161,7 @@ impl fmt::Debug for AnthropicConfig {
             .field("default_max_tokens", &self.default_max_tokens)
             .field("prompt_caching", &self.prompt_caching)
             .field("cache_ttl", &self.cache_ttl)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -218,7 +229,7 @@ impl AnthropicProvider {
         let auth = key
             .as_ref()
             .map(|k| (HeaderName::from_static("x-api-key"), k.expose().to_owned()));
-        let endpoint = Endpoint::new(
+        let mut endpoint = Endpoint::new(
             &config.name,
             &config.base_url,
             "/v1/messages",
@@ -227,6 +238,7 @@ impl AnthropicProvider {
             &headers,
             client.clone(),
         )?;
+        endpoint.limits = config.limits;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
@@ -249,6 +261,21 @@ impl AnthropicProvider {
     /// Whether a key is configured.
     pub fn has_api_key(&self) -> bool {
         self.inner.endpoint.key.is_some()
+    }
+
+    /// How many rate-limit header values (`x-ratelimit-*`, `anthropic-ratelimit-*`) of
+    /// successful answers could not be read (`NaN`, negative, garbage) and were ignored,
+    /// since the provider was built. Shared by its clones.
+    pub fn malformed_headers(&self) -> u64 {
+        self.inner
+            .endpoint
+            .malformed_headers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The bounds on the answers read.
+    pub fn limits(&self) -> &ResponseLimits {
+        &self.inner.endpoint.limits
     }
 
     /// The full Messages URL.
@@ -279,16 +306,21 @@ impl AnthropicProvider {
         })?;
         let stream = req.is_stream();
         let ep = &self.inner.endpoint;
-        let (resp, upstream_time) = ep.send(bytes, stream, req.deadline()).await?;
+        let (resp, upstream_time, started) = ep.send(bytes, stream, req.deadline()).await?;
         let (parts, body) = resp.into_parts();
-        let headroom = classify::headroom(&parts.headers);
+        let headroom = ep.headroom(&parts.headers);
         let mut out = if stream {
             let decoder = AnthropicDecoder::new(ep.provider.clone(), ep.key.clone(), model.clone());
-            let mut r = LlmResponse::stream(SseStream::new(body, decoder, ep.provider.clone()));
+            let mut r = LlmResponse::stream(SseStream::new(
+                body,
+                decoder,
+                ep.provider.clone(),
+                ep.limits.max_sse_event_bytes,
+            ));
             r.meta.model = Some(model);
             r
         } else {
-            let bytes = until_deadline(&ep.provider, req.deadline(), ep.read_body(body)).await?;
+            let bytes = ep.read_body(body, started, req.deadline()).await?;
             let v: Value = serde_json::from_slice(&bytes)
                 .map_err(|e| classify::malformed(&ep.provider, "JSON in the response", e))?;
             let mut r = LlmResponse::complete(from_messages_response(&v, &ep.provider)?);

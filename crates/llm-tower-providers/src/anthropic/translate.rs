@@ -425,7 +425,10 @@ pub fn usage_from(v: &Value) -> Usage {
     let output = n("output_tokens").unwrap_or(0);
     let write = n("cache_creation_input_tokens");
     let read = n("cache_read_input_tokens");
-    let prompt = input + write.unwrap_or(0) + read.unwrap_or(0);
+    // Saturating: the counts are the upstream's, never trusted.
+    let prompt = input
+        .saturating_add(write.unwrap_or(0))
+        .saturating_add(read.unwrap_or(0));
     let mut u = Usage::new(prompt, output);
     if write.is_some() || read.is_some() {
         u.prompt_tokens_details = Some(PromptTokensDetails {
@@ -559,6 +562,9 @@ enum Block {
     Other,
 }
 
+/// Most content blocks one streamed message may have.
+const MAX_BLOCKS: usize = 4096;
+
 /// Anthropic streaming events → chunks. See [`AnthropicProvider`](super::AnthropicProvider).
 pub(crate) struct AnthropicDecoder {
     provider: Arc<str>,
@@ -620,11 +626,18 @@ impl AnthropicDecoder {
         }
     }
 
-    fn block_mut(&mut self, index: usize) -> &mut Block {
+    /// The block at `index`, created if new; an index past [`MAX_BLOCKS`] is malformed
+    /// (it would otherwise size the table: `"index": 1e12` must not allocate).
+    fn block_mut(&mut self, index: usize) -> Result<&mut Block, LlmError> {
+        if index >= MAX_BLOCKS {
+            return Err(self.malformed(format!(
+                "content block index {index} (at most {MAX_BLOCKS} blocks)"
+            )));
+        }
         if self.blocks.len() <= index {
             self.blocks.resize(index + 1, Block::Other);
         }
-        &mut self.blocks[index]
+        Ok(&mut self.blocks[index])
     }
 }
 
@@ -663,7 +676,11 @@ impl Decoder for AnthropicDecoder {
         if kind != "message_start" && kind != "ping" && kind != "error" && !self.started {
             return Err(self.malformed(format!("`{kind}` before `message_start`")));
         }
-        let index = || v.get("index").and_then(Value::as_u64).map(|i| i as usize);
+        let index = || {
+            v.get("index")
+                .and_then(Value::as_u64)
+                .map(|i| usize::try_from(i).unwrap_or(usize::MAX))
+        };
         match kind {
             "message_start" => {
                 let msg = v
@@ -692,7 +709,7 @@ impl Decoder for AnthropicDecoder {
                 let block = v.get("content_block").cloned().unwrap_or(Value::Null);
                 match block.get("type").and_then(Value::as_str) {
                     Some("text") => {
-                        *self.block_mut(i) = Block::Text;
+                        *self.block_mut(i)? = Block::Text;
                         if let Some(t) = block
                             .get("text")
                             .and_then(Value::as_str)
@@ -703,8 +720,8 @@ impl Decoder for AnthropicDecoder {
                     }
                     Some("tool_use") => {
                         let t = self.tools;
-                        self.tools += 1;
-                        *self.block_mut(i) = Block::Tool(t);
+                        self.tools = self.tools.saturating_add(1);
+                        *self.block_mut(i)? = Block::Tool(t);
                         let id = block.get("id").and_then(Value::as_str).unwrap_or("");
                         let name = block.get("name").and_then(Value::as_str).unwrap_or("");
                         // `input` is `{}` here; the arguments arrive as `input_json_delta`.
@@ -716,8 +733,8 @@ impl Decoder for AnthropicDecoder {
                         };
                         out.push_back(self.chunk(tool_delta(t, Some(id), Some(name), &args), None));
                     }
-                    Some("thinking") => *self.block_mut(i) = Block::Thinking,
-                    _ => *self.block_mut(i) = Block::Other,
+                    Some("thinking") => *self.block_mut(i)? = Block::Thinking,
+                    _ => *self.block_mut(i)? = Block::Other,
                 }
             }
             "content_block_delta" => {

@@ -31,11 +31,11 @@
 //! # }
 //! ```
 
+mod drip;
 mod render;
 mod scenario;
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -46,6 +46,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_core::Stream;
+use futures_util::StreamExt;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, StreamBody};
@@ -316,8 +317,13 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Rece
                 let builder = builder.clone();
                 let mut stop = conn_stop.clone();
                 conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    // Set by a `header_drip` scenario for the response being written.
+                    let drip = Arc::new(AtomicU64::new(0));
+                    let io = drip::DripIo::new(stream, drip.clone());
+                    let svc = hyper::service::service_fn(move |req| {
+                        handle(shared.clone(), drip.clone(), req)
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(io), svc);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => return,
@@ -348,7 +354,24 @@ fn full(status: StatusCode, content_type: &'static str, body: Bytes) -> Response
 
 const JSON: &str = "application/json";
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// What a `reset_before_head` scenario answers: hyper closes the connection on a service
+/// error, without writing a response.
+#[derive(Debug)]
+struct ResetBeforeHead;
+
+impl fmt::Display for ResetBeforeHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("mock upstream: connection closed before the response head")
+    }
+}
+
+impl std::error::Error for ResetBeforeHead {}
+
+async fn handle(
+    shared: Arc<Shared>,
+    drip: Arc<AtomicU64>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ResetBeforeHead> {
     let seq = shared.request_count.fetch_add(1, Ordering::Relaxed) + 1;
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -423,6 +446,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if !scenario.latency.is_zero() {
         tokio::time::sleep(scenario.latency).await;
     }
+    if scenario.reset_before_head {
+        return Err(ResetBeforeHead);
+    }
+    if let Some(ms) = scenario.header_drip_ms {
+        drip.store(ms.max(1), Ordering::Relaxed);
+    }
     Ok(respond(&shared, api, seq, &body, &scenario))
 }
 
@@ -462,7 +491,9 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
             .ratelimit_remaining_tokens
             .unwrap_or(render::LIMIT_TOKENS - used % render::LIMIT_TOKENS);
         let status = StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK);
-        let mut r = if p.stream {
+        let mut r = if let Some(r) = hostile_body(api, &p, &answer, s, status) {
+            r
+        } else if p.stream {
             let events = match api {
                 Api::OpenAi => render::openai_stream(&p, &answer, s),
                 Api::Anthropic => render::anthropic_stream(&p, &answer, s),
@@ -518,6 +549,24 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
             );
         }
     }
+    if s.absurd_headers {
+        render::absurd_headers(h);
+    }
+    if let Some(n) = s.big_header_bytes {
+        let n = n.min(scenario::MAX_HOSTILE_ALLOC);
+        if let Ok(v) = HeaderValue::from_bytes(&vec![b'a'; n]) {
+            h.insert(HeaderName::from_static("x-mock-big"), v);
+        }
+    }
+    for i in 0..s
+        .extra_header_count
+        .unwrap_or(0)
+        .min(scenario::MAX_EXTRA_HEADERS)
+    {
+        if let Ok(k) = HeaderName::try_from(format!("x-mock-h{i}")) {
+            h.insert(k, HeaderValue::from(i));
+        }
+    }
     for (k, v) in &s.headers {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
@@ -527,6 +576,116 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
         }
     }
     resp
+}
+
+/// The body of a hostile 2xx scenario (huge, endless, deep, reset after the head), if any.
+fn hostile_body(
+    api: Api,
+    p: &Parsed,
+    a: &Answer,
+    s: &Scenario,
+    status: StatusCode,
+) -> Option<Response<Body>> {
+    if !(s.reset_after_head
+        || s.endless_body
+        || s.huge_body_bytes.is_some()
+        || s.deep_json.is_some())
+    {
+        return None;
+    }
+    let once = |b: Bytes| event_stream(vec![Ev::Bytes(b)], Duration::ZERO, Duration::ZERO);
+    let body: EventStream = if s.reset_after_head {
+        event_stream(vec![Ev::Abort], Duration::ZERO, Duration::ZERO)
+    } else if p.stream {
+        let mut events = match api {
+            Api::OpenAi => render::openai_stream(p, a, s),
+            Api::Anthropic => render::anthropic_stream(p, a, s),
+        };
+        // The preamble: OpenAI's role chunk; Anthropic's message_start, content_block_start, ping.
+        let rest = events.split_off(if api == Api::OpenAi { 1 } else { 3 }.min(events.len()));
+        let pre = event_stream(events, s.first_chunk_delay, s.chunk_delay);
+        let rest = event_stream(rest, s.chunk_delay, s.chunk_delay);
+        if s.endless_body {
+            let every = s.chunk_delay.max(Duration::from_millis(10));
+            Box::pin(pre.chain(fill_stream(
+                Bytes::from_static(b": keep-alive\n\n"),
+                None,
+                every,
+            )))
+        } else if let Some(n) = s.huge_body_bytes {
+            let pad = fill_stream(PAD.clone(), Some(n.saturating_sub(4)), Duration::ZERO);
+            Box::pin(
+                pre.chain(once(Bytes::from_static(b": ")))
+                    .chain(pad)
+                    .chain(once(Bytes::from_static(b"\n\n")))
+                    .chain(rest),
+            )
+        } else {
+            let mut deep = b"data: ".to_vec();
+            deep.extend_from_slice(&render::deep_json(s.deep_json.unwrap_or(0)));
+            deep.extend_from_slice(b"\n\n");
+            Box::pin(pre.chain(once(Bytes::from(deep))).chain(rest))
+        }
+    } else if let Some(d) = s.deep_json {
+        return Some(full(status, JSON, Bytes::from(render::deep_json(d))));
+    } else {
+        let base = match api {
+            Api::OpenAi => render::openai_completion(p, a),
+            Api::Anthropic => render::anthropic_message(p, a),
+        };
+        // `{…}` → `{…,"pad":"` + a… + `"}`: still the answer, and valid JSON.
+        let mut prefix = base[..base.len().saturating_sub(1)].to_vec();
+        prefix.extend_from_slice(b",\"pad\":\"");
+        let prefix = Bytes::from(prefix);
+        if s.endless_body {
+            Box::pin(once(prefix).chain(fill_stream(PAD.clone(), None, s.chunk_delay)))
+        } else {
+            let total = s.huge_body_bytes.unwrap_or(0).max(prefix.len() + 2);
+            let fill = total - prefix.len() - 2;
+            let mut r = Response::new(Either::Right(StreamBody::new(Box::pin(
+                once(prefix)
+                    .chain(fill_stream(PAD.clone(), Some(fill), Duration::ZERO))
+                    .chain(once(Bytes::from_static(b"\"}"))),
+            ) as EventStream)));
+            *r.status_mut() = status;
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(total));
+            return Some(r);
+        }
+    };
+    let mut r = Response::new(Either::Right(StreamBody::new(body)));
+    *r.status_mut() = status;
+    let ct = if p.stream {
+        "text/event-stream; charset=utf-8"
+    } else {
+        JSON
+    };
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+    Some(r)
+}
+
+/// 64 KiB of `a`, shared by every padded body.
+static PAD: Bytes = Bytes::from_static(&[b'a'; 64 * 1024]);
+
+/// `unit` again and again (every `every`), `total` bytes in all (the last one cut), or
+/// forever.
+fn fill_stream(unit: Bytes, total: Option<usize>, every: Duration) -> EventStream {
+    Box::pin(futures_util::stream::unfold(total, move |left| {
+        let unit = unit.clone();
+        async move {
+            if left == Some(0) || unit.is_empty() {
+                return None;
+            }
+            if !every.is_zero() {
+                tokio::time::sleep(every).await;
+            }
+            let n = left.map_or(unit.len(), |l| l.min(unit.len()));
+            Some((Ok(Frame::data(unit.slice(..n))), left.map(|l| l - n)))
+        }
+    }))
 }
 
 fn bad_request(api: Api, msg: &str) -> Response<Body> {

@@ -848,13 +848,53 @@ pub(crate) fn ratelimit_headers(
     }
 }
 
+/// The hostile mode's absurd values, replacing the normal ones.
+pub(crate) fn absurd_headers(h: &mut HeaderMap) {
+    const ABSURD: &[(&str, &str)] = &[
+        ("retry-after", "1e20"),
+        ("retry-after-ms", "NaN"),
+        ("x-ratelimit-remaining-requests", "NaN"),
+        ("x-ratelimit-remaining-tokens", "99999999999999999999999"),
+        ("x-ratelimit-limit-requests", "-1"),
+        ("x-ratelimit-limit-tokens", "inf"),
+        ("x-ratelimit-reset-requests", "inf"),
+        // Past `i64::MAX` nanoseconds... and seconds: `Instant::now() + 1e19 s` overflows.
+        ("x-ratelimit-reset-tokens", "1e19"),
+        ("anthropic-ratelimit-requests-remaining", "NaN"),
+        ("anthropic-ratelimit-requests-limit", "-5"),
+        ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ("anthropic-ratelimit-tokens-remaining", "1e400"),
+        ("anthropic-ratelimit-tokens-reset", "never"),
+        (
+            "anthropic-ratelimit-input-tokens-remaining",
+            "99999999999999999999999",
+        ),
+        ("anthropic-ratelimit-output-tokens-reset", "-1s"),
+        ("anthropic-ratelimit-input-tokens-reset", "99999999999999h"),
+    ];
+    for (k, v) in ABSURD {
+        put_str(h, k, v);
+    }
+}
+
+/// `[[[…]]]`, `depth` levels.
+pub(crate) fn deep_json(depth: usize) -> Vec<u8> {
+    let depth = depth.min(super::scenario::MAX_HOSTILE_ALLOC / 2);
+    let mut v = vec![b'['; depth];
+    v.resize(depth * 2, b']');
+    v
+}
+
 fn put(h: &mut HeaderMap, name: &'static str, v: u64) {
     h.insert(HeaderName::from_static(name), HeaderValue::from(v));
 }
 
-fn put_str(h: &mut HeaderMap, name: &'static str, v: &str) {
-    if let Ok(v) = HeaderValue::from_str(v) {
-        h.insert(HeaderName::from_static(name), v);
+fn put_str(h: &mut HeaderMap, name: &str, v: &str) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(v),
+    ) {
+        h.insert(n, v);
     }
 }
 

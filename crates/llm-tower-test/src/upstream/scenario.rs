@@ -35,7 +35,17 @@ use serde::{Deserialize, Serialize};
 ///   "completion_tokens": null,
 ///   "cached_tokens": null,          // prompt_tokens_details.cached_tokens / cache_read_input_tokens
 ///   "ratelimit_remaining_requests": null, // overrides the rate-limit headroom headers
-///   "ratelimit_remaining_tokens": null
+///   "ratelimit_remaining_tokens": null,
+///   // Hostile modes (see the builder methods of the same names):
+///   "absurd_headers": false,        // retry-after 1e20, NaN / inf / negative / huge rate-limit values
+///   "big_header_bytes": null,       // one `x-mock-big` header value of n bytes
+///   "extra_header_count": null,     // n extra headers `x-mock-h<i>`
+///   "huge_body_bytes": null,        // a body (or one stream event) of about n bytes
+///   "endless_body": false,          // the body never ends
+///   "deep_json": null,              // a body (or one event) of JSON nested n levels deep
+///   "reset_before_head": false,     // close the connection without an answer
+///   "reset_after_head": false,      // send the head, then abort the body
+///   "header_drip_ms": null          // send the head one byte every n ms
 /// }
 /// ```
 ///
@@ -82,7 +92,22 @@ pub struct Scenario {
     pub(crate) cached_tokens: Option<u64>,
     pub(crate) ratelimit_remaining_requests: Option<u64>,
     pub(crate) ratelimit_remaining_tokens: Option<u64>,
+    pub(crate) absurd_headers: bool,
+    pub(crate) big_header_bytes: Option<usize>,
+    pub(crate) extra_header_count: Option<usize>,
+    pub(crate) huge_body_bytes: Option<usize>,
+    pub(crate) endless_body: bool,
+    pub(crate) deep_json: Option<usize>,
+    pub(crate) reset_before_head: bool,
+    pub(crate) reset_after_head: bool,
+    pub(crate) header_drip_ms: Option<u64>,
 }
+
+/// Largest `big_header_bytes` / `huge_body_bytes` (as one allocation) / `deep_json` the mock
+/// honours: a scenario comes from a request header, so even the mock bounds what it builds.
+pub(crate) const MAX_HOSTILE_ALLOC: usize = 64 * 1024 * 1024;
+/// Most `extra_header_count` headers the mock sends.
+pub(crate) const MAX_EXTRA_HEADERS: usize = 10_000;
 
 /// Refines a 400 into the specific provider error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +145,15 @@ impl Scenario {
             cached_tokens: None,
             ratelimit_remaining_requests: None,
             ratelimit_remaining_tokens: None,
+            absurd_headers: false,
+            big_header_bytes: None,
+            extra_header_count: None,
+            huge_body_bytes: None,
+            endless_body: false,
+            deep_json: None,
+            reset_before_head: false,
+            reset_after_head: false,
+            header_drip_ms: None,
         }
     }
 
@@ -269,6 +303,77 @@ impl Scenario {
     pub fn ratelimit_remaining(mut self, requests: u64, tokens: u64) -> Self {
         self.ratelimit_remaining_requests = Some(requests);
         self.ratelimit_remaining_tokens = Some(tokens);
+        self
+    }
+
+    // ------------------------------------------------------------ hostile modes
+    // For tests that a client parses upstream answers without trust.
+
+    /// Absurd values in the headers a client reads: `retry-after: 1e20`,
+    /// `retry-after-ms: NaN`, and in the rate-limit headers `NaN`, `inf`, negative and
+    /// 23-digit counts, resets of `inf`, `1e19` seconds, `99999999999999h` and the year 9999
+    /// (the OpenAI family's remaining tokens is a 23-digit count with the `1e19` reset). On
+    /// any status: with a 2xx the answer itself is good.
+    pub fn absurd_headers(mut self) -> Self {
+        self.absurd_headers = true;
+        self
+    }
+
+    /// One extra header, `x-mock-big`, whose value is `n` bytes (at most 64 MiB).
+    pub fn big_header(mut self, n: usize) -> Self {
+        self.big_header_bytes = Some(n);
+        self
+    }
+
+    /// `n` extra headers `x-mock-h0: 0` … (at most 10 000).
+    pub fn extra_headers(mut self, n: usize) -> Self {
+        self.extra_header_count = Some(n);
+        self
+    }
+
+    /// A 2xx answer of about `n` bytes. Complete answers: the normal JSON with a `"pad"`
+    /// field of `a`s, `n` bytes in all, with `content-length` (still valid JSON). Streams: after
+    /// the preamble, one SSE comment line of `n` bytes (`: aaa…`), then the normal events.
+    /// Sent in 64 KiB frames, never built whole.
+    pub fn huge_body(mut self, n: usize) -> Self {
+        self.huge_body_bytes = Some(n);
+        self
+    }
+
+    /// A 2xx answer whose body never ends. Complete answers: the start of the JSON, then
+    /// `a`s forever in 64 KiB frames (every `chunk_delay`), chunked, no `content-length`.
+    /// Streams: the preamble, then `: keep-alive` comments forever (every `chunk_delay`,
+    /// at least 10 ms), never a chunk nor the terminal event.
+    pub fn endless_body(mut self) -> Self {
+        self.endless_body = true;
+        self
+    }
+
+    /// A 2xx answer that is JSON nested `depth` levels deep (`[[[…]]]`, at most 32 M
+    /// levels); in a stream, one `data:` event after the preamble.
+    pub fn deep_json(mut self, depth: usize) -> Self {
+        self.deep_json = Some(depth);
+        self
+    }
+
+    /// Close the connection after reading the request, with no response at all (the
+    /// client sees the connection end before a response head).
+    pub fn reset_before_head(mut self) -> Self {
+        self.reset_before_head = true;
+        self
+    }
+
+    /// Send a 2xx head (with the usual headers), then abort the body at once (HTTP/1.1:
+    /// the connection closes mid-body; HTTP/2: the stream is reset).
+    pub fn reset_after_head(mut self) -> Self {
+        self.reset_after_head = true;
+        self
+    }
+
+    /// Send the response head one byte every `interval` (HTTP/1.1), then the body normally:
+    /// a head that arrives, but ever so slowly.
+    pub fn header_drip(mut self, interval: Duration) -> Self {
+        self.header_drip_ms = Some(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX));
         self
     }
 

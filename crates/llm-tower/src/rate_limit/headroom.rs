@@ -77,11 +77,17 @@ impl HeadroomTracker {
     pub fn observe(&self, h: &RateLimitHeadroom) {
         let now = Instant::now();
         let mut st = self.lock();
+        // A reset is the provider's word: capped, so that it cannot overflow the clock.
+        let at = |reset: Option<Duration>| {
+            now + reset
+                .unwrap_or(self.default_reset)
+                .min(llm_tower_core::MAX_RETRY_AFTER)
+        };
         if let Some(r) = h.remaining_requests {
-            st.requests = Some((r, now + h.reset_requests.unwrap_or(self.default_reset)));
+            st.requests = Some((r, at(h.reset_requests)));
         }
         if let Some(t) = h.remaining_tokens {
-            st.tokens = Some((t, now + h.reset_tokens.unwrap_or(self.default_reset)));
+            st.tokens = Some((t, at(h.reset_tokens)));
         }
     }
 
