@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use llm_tower::cost::{
-    Budget, BudgetCharge, BudgetStore, BudgetWindow, CostLayer, CostRecord, InMemoryBudgetStore,
-    ModelPrice, PriceTable, Reserve,
+    Budget, BudgetCharge, BudgetStore, BudgetWindow, CostLayer, CostRecord, Hold,
+    InMemoryBudgetStore, ModelPrice, PriceTable, Reserve,
 };
 use llm_tower::{
     CacheStatus, ChatRequest, ChatResponse, ErrorKind, LlmError, LlmResponse, Message, Usage,
@@ -333,12 +333,13 @@ async fn exhausted_budget_rejects_even_free_requests() {
         amount,
         ttl: None,
     };
+    let hold = || Hold::new(Duration::from_secs(600));
     assert!(matches!(
-        store.try_reserve(&[charge(100)]),
+        store.try_reserve(hold(), &[charge(100)]),
         Reserve::Reserved { .. }
     ));
     assert_eq!(
-        store.try_reserve(&[charge(0)]),
+        store.try_reserve(hold(), &[charge(0)]),
         Reserve::Exceeded {
             index: 0,
             spent: 100
@@ -355,15 +356,13 @@ async fn budgets_are_all_or_nothing() {
         amount,
         ttl: None,
     };
-    let r = store.try_reserve(&[c("a", 100, 50), c("b", 10, 50)]);
+    let hold = Hold::new(Duration::from_secs(600));
+    let r = store.try_reserve(hold, &[c("a", 100, 50), c("b", 10, 50)]);
     assert_eq!(r, Reserve::Exceeded { index: 1, spent: 0 });
     assert_eq!(store.spent("a"), 0);
-    store.settle(&[llm_tower::cost::BudgetSettle {
-        key: "a".into(),
-        delta: -5,
-        ttl: None,
-    }]);
-    assert_eq!(store.spent("a"), 0, "never below zero");
+    // A settle without a hold records the actual cost, never a negative correction.
+    store.settle(hold, &[c("a", 100, 50)], 5);
+    assert_eq!(store.spent("a"), 5);
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use llm_tower::rate_limit::{
-    Acquire, BucketCheck, HeadroomTracker, InMemoryRateLimitStore, OnLimit, RateLimitLayer, Rule,
+    Acquire, BucketCheck, HeadroomTracker, Hold, InMemoryRateLimitStore, OnLimit, RateLimitLayer,
+    Rule,
 };
 use llm_tower::{
     ChatRequest, Deadline, ErrorKind, LlmError, LlmResponse, Message, RateLimitHeadroom, Usage,
@@ -81,16 +82,18 @@ fn all_or_nothing_across_buckets() {
         limit,
         window: Duration::from_secs(60),
         amount,
+        held: true,
     };
+    let hold = || Hold::new(Duration::from_secs(600));
     // The second bucket refuses: the first must not be charged.
-    let r = store.try_acquire(&[check("a", 10, 5), check("b", 3, 4)]);
+    let r = store.try_acquire(hold(), &[check("a", 10, 5), check("b", 3, 4)]);
     assert!(matches!(r, Acquire::Limited { index: 1, .. }));
     assert_eq!(
         store.remaining("a"),
         None,
         "nothing was taken from bucket a"
     );
-    let r = store.try_acquire(&[check("a", 10, 5), check("b", 3, 3)]);
+    let r = store.try_acquire(hold(), &[check("a", 10, 5), check("b", 3, 3)]);
     assert_eq!(
         r,
         Acquire::Allowed {
@@ -420,8 +423,9 @@ async fn keyed_buckets_do_not_grow_without_bound() {
         call(&mut svc, req(&format!("tenant-{i}"))).await.unwrap();
         assert!(store.len() <= 100, "{} buckets", store.len());
     }
-    // Once refilled, buckets are the same as absent and are swept.
-    tokio::time::advance(Duration::from_secs(1)).await;
+    // Once refilled, and their request ids forgotten (2 s), buckets are the same as absent
+    // and are swept.
+    tokio::time::advance(Duration::from_secs(2)).await;
     store.retain_recent();
     assert!(store.is_empty());
 }

@@ -271,7 +271,11 @@ pub trait BudgetStore: Send + Sync + fmt::Debug + 'static {
     fn reserve(&self, hold: Hold, charges: &[BudgetCharge]) -> ReserveFuture;
 
     /// A synchronous answer, for stores without I/O. Default: `None`.
-    fn reserve_now(&self, hold: Hold, charges: &[BudgetCharge]) -> Option<Result<Reserve, LlmError>> {
+    fn reserve_now(
+        &self,
+        hold: Hold,
+        charges: &[BudgetCharge],
+    ) -> Option<Result<Reserve, LlmError>> {
         let _ = (hold, charges);
         None
     }
@@ -497,7 +501,11 @@ impl BudgetStore for InMemoryBudgetStore {
         Box::pin(std::future::ready(Ok(r)))
     }
 
-    fn reserve_now(&self, hold: Hold, charges: &[BudgetCharge]) -> Option<Result<Reserve, LlmError>> {
+    fn reserve_now(
+        &self,
+        hold: Hold,
+        charges: &[BudgetCharge],
+    ) -> Option<Result<Reserve, LlmError>> {
         Some(Ok(self.try_reserve(hold, charges)))
     }
 

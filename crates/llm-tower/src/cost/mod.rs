@@ -83,11 +83,11 @@
 mod budget;
 mod price;
 
+pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId};
 pub use budget::{
     Budget, BudgetCharge, BudgetScope, BudgetStore, BudgetWindow, InMemoryBudgetStore, Reserve,
     ReserveFuture,
 };
-pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId};
 pub use price::{InvalidPrice, ModelPrice, PicoUsd, PriceConfig, PriceTable, usd_to_nano};
 
 use std::collections::BTreeMap;

@@ -114,8 +114,8 @@
 mod headroom;
 mod store;
 
-pub use headroom::HeadroomTracker;
 pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId};
+pub use headroom::HeadroomTracker;
 pub use store::{Acquire, AcquireFuture, BucketCheck, InMemoryRateLimitStore, RateLimitStore};
 
 use std::fmt;
