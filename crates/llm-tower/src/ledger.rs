@@ -114,6 +114,9 @@ impl Hold {
 /// of requests that never finished (a dead replica, a lost answer) reach it.
 pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(600);
 
+/// The shortest hold the layers make.
+pub const MIN_HOLD_TTL: Duration = Duration::from_secs(1);
+
 /// What [`HoldTable::close`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Closed {
@@ -215,6 +218,7 @@ impl HoldTable {
     }
 
     /// No hold and no tombstone.
+    #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))]
     pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -83,7 +83,7 @@
 mod budget;
 mod price;
 
-pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId};
+pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
 pub use budget::{
     Budget, BudgetCharge, BudgetScope, BudgetStore, BudgetWindow, InMemoryBudgetStore, Reserve,
     ReserveFuture,
@@ -342,10 +342,11 @@ impl CostLayer {
     /// How long a reservation is held if it is never settled (default
     /// [`DEFAULT_HOLD_TTL`], 10 minutes): a replica that dies mid-request, or a reservation
     /// whose answer was lost, stops counting against the budget after this. Make it longer
-    /// than your longest request (streams included).
+    /// than your longest request (streams included). At least [`MIN_HOLD_TTL`] (1 s).
     #[must_use]
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
-        Arc::make_mut(&mut self.config).hold_ttl = ttl;
+        // A hold that expires before it is made would let the request through unreserved.
+        Arc::make_mut(&mut self.config).hold_ttl = ttl.max(MIN_HOLD_TTL);
         self
     }
 

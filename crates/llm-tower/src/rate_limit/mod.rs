@@ -114,7 +114,7 @@
 mod headroom;
 mod store;
 
-pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId};
+pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
 pub use headroom::HeadroomTracker;
 pub use store::{Acquire, AcquireFuture, BucketCheck, InMemoryRateLimitStore, RateLimitStore};
 
@@ -563,10 +563,12 @@ impl RateLimitLayer {
     }
 
     /// How long a token reservation is held if it is never settled (default
-    /// [`DEFAULT_HOLD_TTL`], 10 minutes). Make it longer than your longest request.
+    /// [`DEFAULT_HOLD_TTL`], 10 minutes). Make it longer than your longest request. At
+    /// least [`MIN_HOLD_TTL`] (1 s).
     #[must_use]
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
-        Arc::make_mut(&mut self.config).hold_ttl = ttl;
+        // A hold that expires before it is made would let the request through unreserved.
+        Arc::make_mut(&mut self.config).hold_ttl = ttl.max(MIN_HOLD_TTL);
         self
     }
 
