@@ -32,7 +32,8 @@
 //! set: hold id → expiry). The last two expire with their last entry, and each script call
 //! sweeps at most 100 expired entries per key, so their size stays about (requests in
 //! flight + requests settled in the last [`settle_retry`](RedisBudgetStore::settle_retry)
-//! period) whatever the window, `total` included. `v2` versions the script and key layout.
+//! period) whatever the window, `total` included. `v2` versions the script and key layout;
+//! `v1` keys (before holds) are not read, so on upgrade the current windows start from zero.
 //! All keys of one request are touched by one script, so with Redis Cluster they must share
 //! a slot: put a hash tag in the budget names (`{budgets}`).
 //!

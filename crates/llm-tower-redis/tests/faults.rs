@@ -540,3 +540,49 @@ async fn budget_fail_closed_stall() {
     ran += h.run_ok(4).await;
     h.assert_exact(ran).await;
 }
+
+/// A reservation that reaches Redis after its settlement (another connection, a retry) is
+/// a no-op, and so is one that arrives after its hold expired.
+#[tokio::test]
+#[ignore = "needs redis-server on PATH (run with -- --include-ignored; .ci/run does)"]
+async fn late_reservations_are_no_ops() {
+    let h = Harness::new(Kind::Budget, false).await;
+    let c = [BudgetCharge {
+        key: "b|total".into(),
+        limit: u64::MAX / 4,
+        amount: ESTIMATE * NANO_PER_TOKEN,
+        ttl: None,
+    }];
+    let hold = Hold::new(Duration::from_secs(60));
+    h.budget.settle(hold, &c, USED * NANO_PER_TOKEN);
+    h.drain().await;
+    h.budget.reserve(hold, &c).await.unwrap();
+    h.assert_exact(1).await;
+    let expired = Hold {
+        expires_at: Instant::now(),
+        ..Hold::new(Duration::ZERO)
+    };
+    let late = h.budget.reserve(expired, &c).await;
+    assert_eq!(late.unwrap_err().kind(), ErrorKind::Unavailable);
+    h.assert_exact(1).await;
+
+    let h = Harness::new(Kind::Tokens, false).await;
+    let c = [BucketCheck {
+        key: "tok".into(),
+        limit: BUCKET_LIMIT,
+        window: BUCKET_WINDOW,
+        amount: ESTIMATE,
+        held: true,
+    }];
+    let hold = Hold::new(Duration::from_secs(60));
+    h.limit.settle(hold, &c, USED);
+    h.drain().await;
+    h.limit.acquire(hold, &c).await.unwrap();
+    h.assert_exact(1).await;
+    let expired = Hold {
+        expires_at: Instant::now(),
+        ..Hold::new(Duration::ZERO)
+    };
+    assert!(h.limit.acquire(expired, &c).await.is_err());
+    h.assert_exact(1).await;
+}
