@@ -157,24 +157,7 @@ impl Harness {
     async fn ledger(&self) -> (u64, u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = match self.kind {
-                Kind::Budget => self.budget.ledger("b|total").await.map(|l| {
-                    assert_eq!(l.settled % NANO_PER_TOKEN, 0);
-                    (
-                        l.settled / NANO_PER_TOKEN,
-                        l.held / NANO_PER_TOKEN / ESTIMATE,
-                    )
-                }),
-                Kind::Tokens => self
-                    .limit
-                    .bucket("tok", BUCKET_LIMIT, BUCKET_WINDOW)
-                    .await
-                    .map(|b| {
-                        let taken = (BUCKET_LIMIT as f64 - b.level).round() as u64;
-                        (taken.saturating_sub(b.open_holds * ESTIMATE), b.open_holds)
-                    }),
-            };
-            match r {
+            match read_ledger(self.kind, &self.budget, &self.limit).await {
                 Ok(v) => return v,
                 // The breaker may still be open from the fault: wait for it.
                 Err(e) => {
@@ -227,6 +210,35 @@ impl Harness {
         }
     }
 
+    /// Samples the ledger every 20 ms from another connection until stopped: what is
+    /// settled must never go down.
+    async fn monitor(&self) -> Monitor {
+        let opts = RedisOptions {
+            op_timeout: Duration::from_secs(5),
+            failure_threshold: 1000,
+            ..opts()
+        };
+        let conn = RedisConn::connect(&self.server.url(), opts).await.unwrap();
+        let (budget, limit) = (
+            RedisBudgetStore::new(conn.clone()).fail_closed(),
+            RedisRateLimitStore::new(conn).fail_closed(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let kind = self.kind;
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok((settled, _)) = read_ledger(kind, &budget, &limit).await {
+                    seen.push(settled);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        });
+        Monitor { stop, task }
+    }
+
     fn store_errors(&self) -> u64 {
         match self.kind {
             Kind::Budget => self.budget.store_errors(),
@@ -242,8 +254,49 @@ impl Harness {
     }
 }
 
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<u64>>,
+}
+
+impl Monitor {
+    async fn assert_never_decreased(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let seen = self.task.await.unwrap();
+        assert!(seen.len() > 10, "{} samples", seen.len());
+        for w in seen.windows(2) {
+            assert!(w[0] <= w[1], "settled went down: {} -> {}", w[0], w[1]);
+        }
+    }
+}
+
+/// (settled, open holds), in tokens and holds.
+async fn read_ledger(
+    kind: Kind,
+    budget: &RedisBudgetStore,
+    limit: &RedisRateLimitStore,
+) -> Result<(u64, u64), llm_tower_redis::RedisStoreError> {
+    match kind {
+        Kind::Budget => budget.ledger("b|total").await.map(|l| {
+            assert_eq!(l.settled % NANO_PER_TOKEN, 0);
+            (
+                l.settled / NANO_PER_TOKEN,
+                l.held / NANO_PER_TOKEN / ESTIMATE,
+            )
+        }),
+        Kind::Tokens => limit
+            .bucket("tok", BUCKET_LIMIT, BUCKET_WINDOW)
+            .await
+            .map(|b| {
+                let taken = (BUCKET_LIMIT as f64 - b.level).round() as u64;
+                (taken.saturating_sub(b.open_holds * ESTIMATE), b.open_holds)
+            }),
+    }
+}
+
 async fn stall_during_reserve(kind: Kind, pause_ms: u64) {
     let h = Harness::new(kind, true).await;
+    let monitor = h.monitor().await;
     let mut ran = h.run_ok(8).await;
     h.assert_exact(ran).await;
     // Redis stops; the reservations sent now time out, the requests go ahead, and Redis
@@ -259,6 +312,7 @@ async fn stall_during_reserve(kind: Kind, pause_ms: u64) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     ran += h.run_ok(8).await;
     h.assert_exact(ran).await;
+    monitor.assert_never_decreased().await;
 }
 
 #[tokio::test]
@@ -289,6 +343,7 @@ async fn tokens_stall_during_reserve_short() {
 
 async fn stall_during_settle(kind: Kind) {
     let h = Harness::new(kind, true).await;
+    let monitor = h.monitor().await;
     // The reservations land; Redis sleeps while the upstream answers, so the settlements
     // time out (maybe after landing) and are sent again.
     let burst = h.burst(8);
@@ -306,6 +361,7 @@ async fn stall_during_settle(kind: Kind) {
         h.store_errors() > 0,
         "settlements failed and were sent again"
     );
+    monitor.assert_never_decreased().await;
 }
 
 #[tokio::test]
@@ -357,6 +413,7 @@ async fn tokens_restart_without_data() {
 
 async fn concurrent_across_fault(kind: Kind) {
     let h = Harness::new(kind, true).await;
+    let monitor = h.monitor().await;
     // 64 requests, started over 640 ms; Redis pauses for 1.5 s from the 200th ms.
     let starts = (0..64u64).map(|i| {
         let svc = h.svc.clone();
@@ -376,6 +433,7 @@ async fn concurrent_across_fault(kind: Kind) {
     assert!(h.store_errors() > 0, "the stall was felt");
     h.assert_breaker_recovers().await;
     h.assert_exact(64).await;
+    monitor.assert_never_decreased().await;
 }
 
 #[tokio::test]
