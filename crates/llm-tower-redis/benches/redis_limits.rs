@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use llm_tower::cost::{BudgetCharge, BudgetStore};
+use llm_tower::cost::{BudgetCharge, BudgetStore, Hold};
 use llm_tower::rate_limit::{BucketCheck, RateLimitLayer, RateLimitStore, Rule};
 use llm_tower::{ChatRequest, ChatResponse, LlmError, LlmResponse, Message};
 use llm_tower_redis::budget::RedisBudgetStore;
@@ -38,17 +38,24 @@ fn bench(c: &mut Criterion) {
             limit: HUGE,
             window: Duration::from_secs(60),
             amount: 1,
+            held: false,
         },
         BucketCheck {
             key: "tok|t=acme".into(),
             limit: HUGE,
             window: Duration::from_secs(60),
             amount: 100,
+            held: true,
         },
     ];
     c.bench_function("redis/rate_limit_acquire_2_buckets", |b| {
-        b.to_async(&rt)
-            .iter(|| async { black_box(store.acquire(&checks).await) });
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                store
+                    .acquire(Hold::new(Duration::from_secs(600)), &checks)
+                    .await,
+            )
+        });
     });
 
     let layer = RateLimitLayer::new()
@@ -76,8 +83,13 @@ fn bench(c: &mut Criterion) {
         ttl: Some(Duration::from_secs(600)),
     }];
     c.bench_function("redis/budget_reserve_1", |b| {
-        b.to_async(&rt)
-            .iter(|| async { black_box(budgets.reserve(&charges).await) });
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                budgets
+                    .reserve(Hold::new(Duration::from_secs(600)), &charges)
+                    .await,
+            )
+        });
     });
 }
 

@@ -162,18 +162,44 @@ impl RedisConn {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        self.admit()?;
+        let probe = self.admit()?;
+        // If this future is dropped mid-operation (the caller was cancelled), the guard
+        // gives the half-open probe slot back; otherwise the breaker would stay open.
+        let mut guard = ProbeGuard {
+            conn: self,
+            armed: probe,
+        };
         let result =
             match tokio::time::timeout(self.opts.op_timeout, op(self.manager.clone())).await {
                 Err(_) => Err(RedisStoreError::Timeout),
                 Ok(Err(e)) => Err(RedisStoreError::Redis(e.to_string())),
                 Ok(Ok(v)) => Ok(v),
             };
+        guard.armed = false;
         self.record(result.is_ok());
         result
     }
 
-    fn admit(&self) -> Result<(), RedisStoreError> {
+    /// Whether the breaker is closed (not open, and not waiting for a probe's verdict).
+    pub fn is_closed(&self) -> bool {
+        self.breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open_until
+            .is_none()
+    }
+
+    /// Whether a half-open probe is in flight now (for tests and diagnostics).
+    pub fn is_probing(&self) -> bool {
+        self.breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .probing
+    }
+
+    /// Lets one operation through when the breaker is closed, or as the probe when its
+    /// cooldown is over; `Ok(true)` for the probe.
+    fn admit(&self) -> Result<bool, RedisStoreError> {
         let mut st = self
             .breaker
             .lock()
@@ -192,9 +218,9 @@ impl RedisConn {
             }
             Some(_) => {
                 st.probing = true;
-                Ok(())
+                Ok(true)
             }
-            None => Ok(()),
+            None => Ok(false),
         }
     }
 
@@ -213,6 +239,24 @@ impl RedisConn {
             if st.consecutive_failures >= self.opts.failure_threshold || st.open_until.is_some() {
                 st.open_until = Some(Instant::now() + self.opts.cooldown);
             }
+        }
+    }
+}
+
+/// Releases the probe slot of a [`RedisConn::run`] dropped before it recorded its verdict.
+struct ProbeGuard<'a> {
+    conn: &'a RedisConn,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn
+                .breaker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .probing = false;
         }
     }
 }

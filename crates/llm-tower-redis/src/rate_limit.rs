@@ -1,26 +1,40 @@
-//! A Redis [`RateLimitStore`]: replicas share one set of buckets.
+//! A Redis [`RateLimitStore`]: replicas share one set of buckets, with holds.
 //!
 //! # Atomicity
 //!
 //! Every request runs **one** Lua script (`EVALSHA` through [`redis::Script`], loaded on
 //! first use) over all of its buckets: it refills each bucket with Redis's own clock
-//! (`TIME`, so replicas' clocks do not matter), refuses if any bucket lacks room (charging
-//! nothing), else charges them all. Settlements run the same script in "settle" mode.
+//! (`TIME`, so replicas' clocks do not matter for refills), refuses if any bucket lacks
+//! room (charging nothing), else charges them all. Settlements are one script call too.
 //! The buckets are the same token buckets as the in-memory store.
+//!
+//! # Holds
+//!
+//! Each acquisition carries a [`Hold`] (see [`llm_tower::ledger`] and
+//! [`RateLimitStore`]): a token bucket's take is recorded under the hold id and settled by
+//! id once (`actual − held`); a request bucket's take is final and its id remembered
+//! briefly. An acquisition whose id is known, or that Redis runs after its sender stopped
+//! waiting (the operation timeout plus 1 s of clock skew), is a no-op, so a reservation
+//! queued behind a stall never takes twice; a settlement without a hold takes `actual`
+//! (never gives back) and leaves a tombstone. A hold never settled is forgotten at its
+//! expiry without a refund (its tokens refill with the bucket).
 //!
 //! # Keys
 //!
-//! `<RedisOptions::key_prefix>rl:v1:<bucket key>`, a hash `{l: level, t: ms}`, with a TTL of
-//! the time it takes to refill plus one second (a full bucket is the same as none). The
-//! `v1` is the script/key version: a replica running a future `v2` layout uses other keys
-//! instead of misreading these. All keys of one request are touched by one script, so with
-//! Redis Cluster they must share a slot: put a hash tag in the rule names (`{limits}`).
+//! `<RedisOptions::key_prefix>rl:v2:<bucket key>`, a hash `{l: level, t: ms, <hold id>:
+//! amount or tombstone}`, and `…:x`, a sorted set of hold ids by expiry. Both expire when
+//! the bucket has refilled and its last hold or tombstone has expired (a full bucket is the
+//! same as none); each call sweeps at most 100 expired entries per bucket. The `v2` is the
+//! script/key version: a replica running another layout uses other keys instead of
+//! misreading these. All keys of one request are touched by one script, so with Redis
+//! Cluster they must share a slot: put a hash tag in the rule names (`{limits}`).
 //!
 //! # Failure
 //!
 //! Every call goes through [`RedisConn`] (hard timeout, circuit breaker). When Redis does
 //! not answer, the store **fails open by default**: the request is allowed (with unknown
-//! remaining) and the failure counted in [`RedisRateLimitStore::store_errors`]. With
+//! remaining), its token settlement takes the actual usage when Redis answers again, and
+//! the failure is counted in [`RedisRateLimitStore::store_errors`]. With
 //! [`fail_closed`](RedisRateLimitStore::fail_closed) the request is refused with
 //! [`ErrorKind::Unavailable`](llm_tower::ErrorKind) instead, promptly (within the
 //! operation timeout, or at once while the breaker is open).
@@ -29,9 +43,11 @@
 //!
 //! [`RateLimitStore::settle`] runs in a completion hook, which cannot wait, so the
 //! settlement script is sent from a task spawned on the current tokio runtime
-//! (`tokio::spawn`). At most 1024 settlements are in flight; beyond that (Redis slow or
-//! down) they are dropped and counted in [`RedisRateLimitStore::settles_dropped`] — a
-//! dropped settlement keeps the reservation as it was (no refund, no extra charge).
+//! (`tokio::spawn`). At most 1024 settlements are in flight; beyond that they are dropped
+//! and counted in [`RedisRateLimitStore::settles_dropped`] (the take stays as reserved). A
+//! failed settlement is sent again (it is idempotent) for up to 30 s by default
+//! ([`settle_retry`](RedisRateLimitStore::settle_retry)), then counted in
+//! [`RedisRateLimitStore::settles_lost`].
 //!
 //! # Example
 //!
@@ -55,27 +71,51 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llm_tower::LlmError;
-use llm_tower::rate_limit::{Acquire, AcquireFuture, BucketCheck, BucketSettle, RateLimitStore};
+use llm_tower::ledger::Hold;
+use llm_tower::rate_limit::{Acquire, AcquireFuture, BucketCheck, RateLimitStore};
 use redis::Script;
 
-use crate::settle::Settler;
+use crate::settle::{Settler, Stamp};
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
-pub const KEY_NAMESPACE: &str = "rl:v1:";
+pub const KEY_NAMESPACE: &str = "rl:v2:";
 
-// ARGV[1] = mode (0: acquire, 1: settle); then, per key: limit, window (ms), amount (acquire)
-// or delta (settle; negative gives back). Returns {1, remaining...} or {0, index, retry_ms}.
-const SCRIPT: &str = r"-- llm-tower rate limit v1
+// KEYS, per bucket: the bucket (hash), its expiries (zset).
+// ARGV[1] = mode (0: acquire, 1: settle, 2: read); [2] = hold id; [3] = hold expiry (ms);
+// [4] = acquisition deadline (ms); [5] = tombstone lifetime (ms); [6] = lifetime of a final
+// take's id (ms); then, per bucket: limit, window (ms), amount (acquire) or actual (settle),
+// held (1: a hold, 0: final).
+// Replies: {1, remaining...}; {0, index, retry_ms}; {2} too late (no-op); {3, remaining...}
+// id already known (no-op); mode 2: {level * 1000, open holds} per bucket.
+const SCRIPT: &str = r"-- llm-tower rate limit v2
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode = tonumber(ARGV[1])
+local id = ARGV[2]
+local hold_exp = tonumber(ARGV[3])
+local deadline = tonumber(ARGV[4])
+local tomb_exp = now + tonumber(ARGV[5])
+local final_exp = now + tonumber(ARGV[6])
+local n = #KEYS / 2
+local function extend(k, ttl)
+  local p = redis.call('PTTL', k)
+  if p == -1 or (p >= 0 and p < ttl) then redis.call('PEXPIRE', k, ttl) end
+end
+local function arg(i, j) return tonumber(ARGV[6 + 4 * (i - 1) + j]) end
 local levels = {}
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[3 * i - 1])
-  local window = tonumber(ARGV[3 * i])
-  local amount = tonumber(ARGV[3 * i + 1])
-  local v = redis.call('HMGET', KEYS[i], 'l', 't')
+local known = false
+for i = 1, n do
+  local b, x = KEYS[2 * i - 1], KEYS[2 * i]
+  -- Expired holds and tombstones are forgotten: at most 100 per bucket and call.
+  local ids = redis.call('ZRANGEBYSCORE', x, '-inf', now, 'LIMIT', 0, 100)
+  if #ids > 0 then
+    redis.call('HDEL', b, unpack(ids))
+    redis.call('ZREM', x, unpack(ids))
+  end
+  if redis.call('HEXISTS', b, id) == 1 then known = true end
+  local limit, window = arg(i, 1), arg(i, 2)
+  local v = redis.call('HMGET', b, 'l', 't')
   local level = tonumber(v[1])
   local ts = tonumber(v[2])
   if level == nil or ts == nil then
@@ -83,24 +123,93 @@ for i = 1, #KEYS do
     ts = now
   end
   if ts > now then ts = now end
-  level = math.min(limit, level + (now - ts) * limit / window)
-  if mode == 0 and level < amount then
-    return {0, i - 1, math.ceil((amount - level) * window / limit)}
+  levels[i] = math.min(limit, level + (now - ts) * limit / window)
+end
+local function remaining()
+  local out = {}
+  for i = 1, n do out[#out + 1] = math.max(0, math.floor(levels[i])) end
+  return out
+end
+if mode == 2 then
+  local out = {}
+  for i = 1, n do
+    local b = KEYS[2 * i - 1]
+    local open = 0
+    for _, f in ipairs(redis.call('HKEYS', b)) do
+      if f ~= 'l' and f ~= 't' and redis.call('HGET', b, f) ~= 't' then open = open + 1 end
+    end
+    out[#out + 1] = math.floor(levels[i] * 1000)
+    out[#out + 1] = open
   end
-  levels[i] = level
+  return out
 end
-local out = {1}
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[3 * i - 1])
-  local window = tonumber(ARGV[3 * i])
-  local amount = tonumber(ARGV[3 * i + 1])
-  local level = math.min(limit, levels[i] - amount)
-  redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now))
-  redis.call('PEXPIRE', KEYS[i], math.ceil((limit - level) * window / limit) + 1000)
-  out[#out + 1] = math.max(0, math.floor(level))
+local function save(i, level, entry_exp)
+  local b, x = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit, window = arg(i, 1), arg(i, 2)
+  redis.call('HSET', b, 'l', tostring(level), 't', tostring(now))
+  local ttl = math.ceil((limit - level) * window / limit) + 1000
+  ttl = math.max(ttl, entry_exp - now + 1000)
+  extend(b, ttl)
+  extend(x, ttl)
 end
+if mode == 0 then
+  if now > deadline or now >= hold_exp then return {2} end
+  if known then
+    local out = remaining()
+    table.insert(out, 1, 3)
+    return out
+  end
+  for i = 1, n do
+    local limit, window, amount = arg(i, 1), arg(i, 2), arg(i, 3)
+    if levels[i] < amount then
+      return {0, i - 1, math.ceil((amount - levels[i]) * window / limit)}
+    end
+  end
+  for i = 1, n do
+    local b, x = KEYS[2 * i - 1], KEYS[2 * i]
+    local limit, amount, held = arg(i, 1), arg(i, 3), arg(i, 4)
+    levels[i] = math.min(limit, levels[i] - amount)
+    local exp = final_exp
+    if held == 1 then
+      exp = hold_exp
+      redis.call('HSET', b, id, amount)
+    else
+      redis.call('HSET', b, id, 't')
+    end
+    redis.call('ZADD', x, exp, id)
+    save(i, levels[i], exp)
+  end
+  local out = remaining()
+  table.insert(out, 1, 1)
+  return out
+end
+for i = 1, n do
+  local b, x = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit, actual = arg(i, 1), arg(i, 3)
+  local v = redis.call('HGET', b, id)
+  if v ~= 't' then
+    -- A missing hold takes the actual usage and never gives back.
+    local take = actual
+    if v then take = actual - tonumber(v) end
+    levels[i] = math.min(limit, levels[i] - take)
+    redis.call('HSET', b, id, 't')
+    redis.call('ZADD', x, tomb_exp, id)
+    save(i, levels[i], tomb_exp)
+  end
+end
+local out = remaining()
+table.insert(out, 1, 1)
 return out
 ";
+
+/// A bucket as Redis holds it now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketState {
+    /// Units in the bucket now (negative: debt).
+    pub level: f64,
+    /// Open holds.
+    pub open_holds: u64,
+}
 
 /// A [`RateLimitStore`] in Redis. See the [module docs](self).
 #[derive(Clone)]
@@ -118,6 +227,7 @@ impl fmt::Debug for RedisRateLimitStore {
             .field("fail_open", &self.fail_open)
             .field("store_errors", &self.store_errors())
             .field("settles_dropped", &self.settles_dropped())
+            .field("settles_lost", &self.settles_lost())
             .finish()
     }
 }
@@ -146,7 +256,14 @@ impl RedisRateLimitStore {
         self.fail_open(false)
     }
 
-    /// Acquisitions and settlements that failed (timeout, error, open breaker).
+    /// How long a settlement is sent again while Redis does not answer (default 30 s).
+    #[must_use]
+    pub fn settle_retry(mut self, d: Duration) -> Self {
+        self.settler.set_retry_for(d);
+        self
+    }
+
+    /// Acquisitions and settlement attempts that failed (timeout, error, open breaker).
     pub fn store_errors(&self) -> u64 {
         self.settler.errors()
     }
@@ -156,23 +273,80 @@ impl RedisRateLimitStore {
         self.settler.dropped()
     }
 
+    /// Settlements given up after their retry period.
+    pub fn settles_lost(&self) -> u64 {
+        self.settler.lost()
+    }
+
+    /// Settlements being sent or waiting to be sent again.
+    pub fn settles_in_flight(&self) -> usize {
+        self.settler.inflight()
+    }
+
     /// The connection.
     pub fn conn(&self) -> &RedisConn {
         &self.conn
     }
 
+    /// Bucket `key` (as in [`BucketCheck::key`]) now, refilled to now, for a bucket of
+    /// `limit` per `window`.
+    pub async fn bucket(
+        &self,
+        key: &str,
+        limit: u64,
+        window: Duration,
+    ) -> Result<BucketState, RedisStoreError> {
+        let check = BucketCheck {
+            key: key.to_owned(),
+            limit,
+            window,
+            amount: 0,
+            held: false,
+        };
+        let zero = Stamp {
+            hold_expires: 0,
+            deadline: 0,
+            tombstone_ms: 0,
+            final_ms: 0,
+        };
+        let (keys, args) = self.keys_and_args(2, "", &zero, std::iter::once((&check, 0)));
+        let reply = Self::run(self.conn.clone(), self.script.clone(), keys, args).await?;
+        match reply[..] {
+            [level, open] => Ok(BucketState {
+                level: level as f64 / 1000.0,
+                open_holds: u64::try_from(open).unwrap_or(0),
+            }),
+            _ => Err(RedisStoreError::Redis(format!(
+                "unexpected rate-limit script reply {reply:?}"
+            ))),
+        }
+    }
+
     fn keys_and_args<'a>(
         &self,
         mode: i64,
-        items: impl Iterator<Item = (&'a str, u64, Duration, i64)>,
-    ) -> (Vec<String>, Vec<i64>) {
+        id: &str,
+        stamp: &Stamp,
+        items: impl Iterator<Item = (&'a BucketCheck, u64)>,
+    ) -> (Vec<String>, Vec<String>) {
         let mut keys = Vec::new();
-        let mut args = vec![mode];
-        for (key, limit, window, amount) in items {
-            keys.push(self.conn.key(&format!("{KEY_NAMESPACE}{key}")));
-            args.push(i64::try_from(limit).unwrap_or(i64::MAX));
-            args.push(i64::try_from(window.as_millis().max(1)).unwrap_or(i64::MAX));
-            args.push(amount);
+        let mut args = vec![
+            mode.to_string(),
+            id.to_owned(),
+            stamp.hold_expires.to_string(),
+            stamp.deadline.to_string(),
+            stamp.tombstone_ms.to_string(),
+            stamp.final_ms.to_string(),
+        ];
+        for (c, amount) in items {
+            let base = self.conn.key(&format!("{KEY_NAMESPACE}{}", c.key));
+            let expiries = format!("{base}:x");
+            keys.push(base);
+            keys.push(expiries);
+            args.push(c.limit.min(i64::MAX as u64).to_string());
+            args.push(c.window.as_millis().clamp(1, i64::MAX as u128).to_string());
+            args.push(amount.min(i64::MAX as u64).to_string());
+            args.push(if c.held { "1" } else { "0" }.to_owned());
         }
         (keys, args)
     }
@@ -182,7 +356,7 @@ impl RedisRateLimitStore {
         conn: RedisConn,
         script: Arc<Script>,
         keys: Vec<String>,
-        args: Vec<i64>,
+        args: Vec<String>,
     ) -> Result<Vec<i64>, RedisStoreError> {
         conn.run(move |mut c| async move {
             let mut inv = script.prepare_invoke();
@@ -190,7 +364,7 @@ impl RedisRateLimitStore {
                 inv.key(k);
             }
             for a in &args {
-                inv.arg(*a);
+                inv.arg(a);
             }
             inv.invoke_async::<Vec<i64>>(&mut c).await
         })
@@ -200,7 +374,7 @@ impl RedisRateLimitStore {
 
 fn decode(reply: &[i64], n: usize) -> Result<Acquire, RedisStoreError> {
     match reply {
-        [1, rest @ ..] if rest.len() == n => Ok(Acquire::Allowed {
+        [1 | 3, rest @ ..] if rest.len() == n => Ok(Acquire::Allowed {
             remaining: rest
                 .iter()
                 .map(|r| Some(u64::try_from(*r).unwrap_or(0)))
@@ -210,6 +384,7 @@ fn decode(reply: &[i64], n: usize) -> Result<Acquire, RedisStoreError> {
             index: usize::try_from(*index).unwrap_or(0),
             retry_after: Duration::from_millis(u64::try_from(*retry_ms).unwrap_or(0)),
         }),
+        [2] => Err(RedisStoreError::Timeout),
         _ => Err(RedisStoreError::Redis(format!(
             "unexpected rate-limit script reply {reply:?}"
         ))),
@@ -217,14 +392,14 @@ fn decode(reply: &[i64], n: usize) -> Result<Acquire, RedisStoreError> {
 }
 
 impl RateLimitStore for RedisRateLimitStore {
-    fn acquire(&self, checks: &[BucketCheck]) -> AcquireFuture {
+    fn acquire(&self, hold: Hold, checks: &[BucketCheck]) -> AcquireFuture {
         let n = checks.len();
+        let stamp = self.settler.stamp(&self.conn, &hold);
         let (keys, args) = self.keys_and_args(
             0,
-            checks.iter().map(|c| {
-                let amount = i64::try_from(c.amount).unwrap_or(i64::MAX);
-                (c.key.as_str(), c.limit, c.window, amount)
-            }),
+            &hold.id.to_string(),
+            &stamp,
+            checks.iter().map(|c| (c, c.amount)),
         );
         let conn = self.conn.clone();
         let script = self.script.clone();
@@ -255,18 +430,21 @@ impl RateLimitStore for RedisRateLimitStore {
         })
     }
 
-    fn settle(&self, settles: &[BucketSettle]) {
-        if settles.is_empty() {
+    fn settle(&self, hold: Hold, checks: &[BucketCheck], actual: u64) {
+        if checks.is_empty() {
             return;
         }
+        let stamp = self.settler.stamp(&self.conn, &hold);
         let (keys, args) = self.keys_and_args(
             1,
-            settles
-                .iter()
-                .map(|s| (s.key.as_str(), s.limit, s.window, s.delta)),
+            &hold.id.to_string(),
+            &stamp,
+            checks.iter().map(|c| (c, actual)),
         );
-        let settle = Self::run(self.conn.clone(), self.script.clone(), keys, args);
-        self.settler
-            .spawn("rate-limit", async move { settle.await.map(drop) });
+        let (conn, script) = (self.conn.clone(), self.script.clone());
+        self.settler.spawn("rate-limit", move || {
+            let settle = Self::run(conn.clone(), script.clone(), keys.clone(), args.clone());
+            async move { settle.await.map(drop) }
+        });
     }
 }

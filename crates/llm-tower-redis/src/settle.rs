@@ -1,26 +1,66 @@
-//! Settlements sent in the background, bounded and counted.
+//! Settlements sent in the background, retried, bounded and counted; and the time stamps
+//! every ledger script call carries.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::RedisStoreError;
+use llm_tower::ledger::Hold;
+use tokio::time::Instant;
+
+use crate::{RedisConn, RedisStoreError};
 
 /// At most this many settlements in flight per store; past it they are dropped and counted.
 const MAX_INFLIGHT_SETTLES: usize = 1024;
 
+/// How long a settlement is retried by default while Redis does not answer.
+pub(crate) const DEFAULT_SETTLE_RETRY: Duration = Duration::from_secs(30);
+
+/// The longest pause between two attempts of one settlement.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Clocks of replicas and Redis may differ by this much: a reservation is still accepted
+/// this long after its sender stopped waiting, and tombstones cover it twice over.
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(1);
+
 /// Sends settlements from the completion hook, which cannot await, on spawned tasks: at
-/// most [`MAX_INFLIGHT_SETTLES`] at once, so a slow Redis cannot pile up tasks. Also keeps
-/// the store's error count (reservations and settlements alike).
-#[derive(Debug, Clone, Default)]
+/// most [`MAX_INFLIGHT_SETTLES`] at once, so a slow Redis cannot pile up tasks. A failed
+/// settlement is sent again (settlements are idempotent by hold id) with a growing pause,
+/// for up to its retry period. Also keeps the store's error count.
+#[derive(Debug, Clone)]
 pub(crate) struct Settler {
     inflight: Arc<AtomicUsize>,
     errors: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
+    lost: Arc<AtomicU64>,
+    retry_for: Duration,
+}
+
+impl Default for Settler {
+    fn default() -> Self {
+        Self {
+            inflight: Arc::default(),
+            errors: Arc::default(),
+            dropped: Arc::default(),
+            lost: Arc::default(),
+            retry_for: DEFAULT_SETTLE_RETRY,
+        }
+    }
 }
 
 impl Settler {
-    /// Operations that failed (timeout, error, open breaker).
+    /// Retries each settlement for up to `d`.
+    pub(crate) fn set_retry_for(&mut self, d: Duration) {
+        self.retry_for = d;
+    }
+
+    /// The stamps of a call for `hold` now.
+    pub(crate) fn stamp(&self, conn: &RedisConn, hold: &Hold) -> Stamp {
+        Stamp::new(conn, hold, self.retry_for)
+    }
+
+    /// Operations that failed (timeout, error, open breaker), each attempt counted.
     pub(crate) fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
@@ -30,14 +70,26 @@ impl Settler {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Settlements given up after their retry period.
+    pub(crate) fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Settlements in flight now (being sent or waiting to be sent again).
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
     /// Counts one failed operation.
     pub(crate) fn error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs `settle` on the current runtime unless too many are already in flight.
-    pub(crate) fn spawn<F>(&self, what: &'static str, settle: F)
+    /// Runs `settle()` on the current runtime unless too many are already in flight,
+    /// again after a failure, until it succeeds or its retry period is over.
+    pub(crate) fn spawn<M, F>(&self, what: &'static str, settle: M)
     where
+        M: Fn() -> F + Send + 'static,
         F: Future<Output = Result<(), RedisStoreError>> + Send + 'static,
     {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -51,11 +103,64 @@ impl Settler {
         }
         let this = self.clone();
         handle.spawn(async move {
-            if let Err(e) = settle.await {
-                this.error();
-                tracing::warn!(error = %e, "{what} settlement lost");
+            let give_up = Instant::now() + this.retry_for;
+            let mut delay = Duration::from_millis(25);
+            loop {
+                match settle().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        this.error();
+                        if Instant::now() + delay > give_up {
+                            this.lost.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, "{what} settlement lost");
+                            break;
+                        }
+                        tracing::debug!(error = %e, "{what} settlement failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    }
+                }
             }
             this.inflight.fetch_sub(1, Ordering::AcqRel);
         });
+    }
+}
+
+/// The times a ledger script call carries, in Unix milliseconds on this machine's clock
+/// (scripts compare them with Redis's own clock, `TIME`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp {
+    /// When the hold is released if never settled.
+    pub(crate) hold_expires: i64,
+    /// After this a reservation is a no-op: its sender stopped waiting for the answer.
+    pub(crate) deadline: i64,
+    /// How long a settled id is remembered: longer than a settlement is retried, so a
+    /// retry of a settlement that did land is a no-op.
+    pub(crate) tombstone_ms: i64,
+    /// How long the id of a final take (a request bucket) is remembered: longer than a
+    /// reservation can land late.
+    pub(crate) final_ms: i64,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Stamp {
+    fn new(conn: &RedisConn, hold: &Hold, retry_for: Duration) -> Self {
+        let wall = SystemTime::now();
+        let left = hold.expires_at.saturating_duration_since(Instant::now());
+        let op = conn.options().op_timeout;
+        Self {
+            hold_expires: unix_ms(wall + left),
+            deadline: unix_ms(wall + op + CLOCK_SKEW),
+            tombstone_ms: ms(retry_for + 2 * op + 2 * CLOCK_SKEW),
+            final_ms: ms(op + 2 * CLOCK_SKEW),
+        }
     }
 }

@@ -59,37 +59,31 @@ async fn two_replicas_share_one_request_limit() {
 async fn tokens_are_reserved_and_settled_across_replicas() {
     let prefix = unique_prefix("rl-tokens");
     let c = conn(&prefix).await;
-    let make = |c: RedisConn, mock: MockLlm| {
+    let store_a = RedisRateLimitStore::new(c.clone()).fail_closed();
+    let make = |store: RedisRateLimitStore, mock: MockLlm| {
         RateLimitLayer::new()
-            .store(Arc::new(RedisRateLimitStore::new(c).fail_closed()))
+            .store(Arc::new(store))
             .rule(Rule::tokens(1000, Duration::from_secs(36_000)).named("tok"))
             .layer(mock)
     };
     let mut a = make(
-        c.clone(),
+        store_a.clone(),
         MockLlm::new("a").otherwise(Step::reply("x").with_usage(Usage::new(10, 20))),
     );
-    let mut b = make(conn(&prefix).await, MockLlm::new("b"));
+    let mut b = make(
+        RedisRateLimitStore::new(conn(&prefix).await).fail_closed(),
+        MockLlm::new("b"),
+    );
     let resp = call(&mut a, req("t")).await.unwrap();
     assert_eq!(resp.meta.limits.unwrap().remaining_tokens, Some(900));
     // The settlement (30 actual, 100 reserved) is sent in the background.
-    let key = c.key("rl:v1:tok");
     let mut level = 0.0;
     for _ in 0..100 {
-        let l: Option<String> = c
-            .run({
-                let key = key.clone();
-                move |mut m| async move {
-                    redis::cmd("HGET")
-                        .arg(&key)
-                        .arg("l")
-                        .query_async(&mut m)
-                        .await
-                }
-            })
+        level = store_a
+            .bucket("tok", 1000, Duration::from_secs(36_000))
             .await
-            .unwrap();
-        level = l.and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+            .unwrap()
+            .level;
         if level > 960.0 {
             break;
         }
@@ -123,18 +117,11 @@ async fn refusal_charges_no_bucket() {
     }
     call(&mut svc, req("b")).await.unwrap();
     // The five refusals took nothing from "wide": only a's and b's requests did.
-    let key = c.key("rl:v1:wide");
-    let level: String = c
-        .run(move |mut m| async move {
-            redis::cmd("HGET")
-                .arg(&key)
-                .arg("l")
-                .query_async(&mut m)
-                .await
-        })
+    let level = RedisRateLimitStore::new(c)
+        .bucket("wide", 10, Duration::from_secs(36_000))
         .await
-        .unwrap();
-    let level: f64 = level.parse().unwrap();
+        .unwrap()
+        .level;
     assert!((8.0..8.1).contains(&level), "level {level}");
     let stats = layer.stats();
     assert_eq!((stats.allowed, stats.limited), (2, 5));

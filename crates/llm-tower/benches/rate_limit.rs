@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
-use llm_tower::rate_limit::{BucketCheck, InMemoryRateLimitStore, RateLimitLayer, Rule};
+use llm_tower::rate_limit::{BucketCheck, Hold, InMemoryRateLimitStore, RateLimitLayer, Rule};
 use llm_tower::{ChatRequest, ChatResponse, LlmError, LlmResponse, Message};
 use tower::{Layer, Service};
 
@@ -48,16 +48,23 @@ fn bench(c: &mut Criterion) {
             limit: HUGE,
             window: Duration::from_secs(60),
             amount: 1,
+            held: false,
         },
         BucketCheck {
             key: "tok/60000ms/tenant|t=acme".into(),
             limit: HUGE,
             window: Duration::from_secs(60),
             amount: 100,
+            held: true,
         },
     ];
     c.bench_function("rate_limit/decision_2_buckets", |b| {
-        b.iter(|| black_box(store.try_acquire(black_box(&checks))));
+        // A request's whole ledger work: acquire under a new hold, settle the token hold.
+        b.iter(|| {
+            let hold = Hold::new(Duration::from_secs(600));
+            black_box(store.try_acquire(hold, black_box(&checks)));
+            store.settle_now(hold, &checks[1..], 90);
+        });
     });
 
     // The whole layer over an inner service that answers at once, vs the bare inner one.

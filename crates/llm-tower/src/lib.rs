@@ -98,6 +98,10 @@ pub mod validate;
 #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
 pub mod cache;
 
+#[cfg(any(feature = "rate-limit", feature = "cost"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "rate-limit", feature = "cost"))))]
+pub mod ledger;
+
 #[cfg(feature = "rate-limit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
 pub mod rate_limit;

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use llm_tower::cost::{
-    Budget, BudgetCharge, BudgetStore, BudgetWindow, CostLayer, CostRecord, InMemoryBudgetStore,
-    ModelPrice, PriceTable, Reserve,
+    Budget, BudgetCharge, BudgetStore, BudgetWindow, CostLayer, CostRecord, Hold,
+    InMemoryBudgetStore, ModelPrice, PriceTable, Reserve,
 };
 use llm_tower::{
     CacheStatus, ChatRequest, ChatResponse, ErrorKind, LlmError, LlmResponse, Message, Usage,
@@ -333,12 +333,13 @@ async fn exhausted_budget_rejects_even_free_requests() {
         amount,
         ttl: None,
     };
+    let hold = || Hold::new(Duration::from_secs(600));
     assert!(matches!(
-        store.try_reserve(&[charge(100)]),
+        store.try_reserve(hold(), &[charge(100)]),
         Reserve::Reserved { .. }
     ));
     assert_eq!(
-        store.try_reserve(&[charge(0)]),
+        store.try_reserve(hold(), &[charge(0)]),
         Reserve::Exceeded {
             index: 0,
             spent: 100
@@ -355,15 +356,13 @@ async fn budgets_are_all_or_nothing() {
         amount,
         ttl: None,
     };
-    let r = store.try_reserve(&[c("a", 100, 50), c("b", 10, 50)]);
+    let hold = Hold::new(Duration::from_secs(600));
+    let r = store.try_reserve(hold, &[c("a", 100, 50), c("b", 10, 50)]);
     assert_eq!(r, Reserve::Exceeded { index: 1, spent: 0 });
     assert_eq!(store.spent("a"), 0);
-    store.settle(&[llm_tower::cost::BudgetSettle {
-        key: "a".into(),
-        delta: -5,
-        ttl: None,
-    }]);
-    assert_eq!(store.spent("a"), 0, "never below zero");
+    // A settle without a hold records the actual cost, never a negative correction.
+    store.settle(hold, &[c("a", 100, 50)], 5);
+    assert_eq!(store.spent("a"), 5);
 }
 
 #[tokio::test(start_paused = true)]
@@ -425,4 +424,132 @@ async fn builder_ext_adds_the_layer() {
         .service(MockLlm::new("m").then(Step::reply("x").with_usage(Usage::new(1, 1))));
     call(&mut svc, req("a", "t")).await.unwrap();
     assert_eq!(layer.totals().total.nano_usd, 2000);
+}
+
+// ===== the ledger: holds with ids and expiries =====
+
+fn charge(key: &str, limit: u64, amount: u64) -> BudgetCharge {
+    BudgetCharge {
+        key: key.into(),
+        limit,
+        amount,
+        ttl: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ledger_settle_replaces_the_hold_once() {
+    let store = InMemoryBudgetStore::new();
+    let hold = Hold::new(Duration::from_secs(600));
+    let c = [charge("k", 1_000, 100)];
+    assert!(matches!(
+        store.try_reserve(hold, &c),
+        Reserve::Reserved { .. }
+    ));
+    assert_eq!((store.spent("k"), store.settled("k")), (100, 0));
+    assert_eq!(store.open_holds("k"), (1, 100));
+    for _ in 0..3 {
+        store.settle(hold, &c, 30);
+        assert_eq!((store.spent("k"), store.settled("k")), (30, 30), "once");
+    }
+    assert_eq!(store.open_holds("k"), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ledger_duplicate_reserve_is_a_no_op() {
+    let store = InMemoryBudgetStore::new();
+    let hold = Hold::new(Duration::from_secs(600));
+    let c = [charge("k", 150, 100)];
+    assert!(matches!(
+        store.try_reserve(hold, &c),
+        Reserve::Reserved { .. }
+    ));
+    // Sent again (e.g. after a timeout): not counted twice, and not refused either.
+    assert_eq!(
+        store.try_reserve(hold, &c),
+        Reserve::Reserved {
+            spent: vec![Some(100)]
+        }
+    );
+    assert_eq!(store.spent("k"), 100);
+    // Arriving after its settlement: still a no-op.
+    store.settle(hold, &c, 40);
+    assert!(matches!(
+        store.try_reserve(hold, &c),
+        Reserve::Reserved { .. }
+    ));
+    assert_eq!((store.spent("k"), store.open_holds("k").0), (40, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ledger_settle_without_hold_records_actual_and_blocks_a_late_reserve() {
+    let store = InMemoryBudgetStore::new();
+    let c = [charge("k", 1_000, 100)];
+    // Reserved elsewhere: 200 held.
+    let other = Hold::new(Duration::from_secs(600));
+    store.try_reserve(other, &[charge("k", 1_000, 200)]);
+    // This request's reservation failed open: its settle finds no hold.
+    let hold = Hold::new(Duration::from_secs(600));
+    store.settle(hold, &c, 30);
+    assert_eq!((store.settled("k"), store.spent("k")), (30, 230));
+    // Its reservation lands late: a no-op (the tombstone), not a second charge.
+    store.try_reserve(hold, &c);
+    assert_eq!(store.spent("k"), 230);
+    // A settle of zero without a hold never takes money back.
+    store.settle(Hold::new(Duration::from_secs(600)), &c, 0);
+    assert_eq!(store.settled("k"), 30);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ledger_unsettled_hold_is_released_at_expiry() {
+    let store = InMemoryBudgetStore::new();
+    let c = [charge("k", 150, 100)];
+    let hold = Hold::new(Duration::from_secs(60));
+    store.try_reserve(hold, &c);
+    // The cap counts the open hold.
+    assert!(matches!(
+        store.try_reserve(Hold::new(Duration::from_secs(60)), &c),
+        Reserve::Exceeded { spent: 100, .. }
+    ));
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(store.spent("k"), 100);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        (store.spent("k"), store.open_holds("k").0),
+        (0, 0),
+        "released"
+    );
+    // A settle after the expiry records the actual cost, once.
+    store.settle(hold, &c, 70);
+    store.settle(hold, &c, 70);
+    assert_eq!(store.spent("k"), 70);
+    // And a reservation that arrives after its hold expired is a no-op.
+    let late = Hold::new(Duration::from_secs(1));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    store.try_reserve(late, &c);
+    assert_eq!(store.spent("k"), 70);
+}
+
+#[tokio::test(start_paused = true)]
+async fn layer_settles_every_hold_it_opens() {
+    let store = Arc::new(InMemoryBudgetStore::new());
+    let mock = MockLlm::new("m")
+        .then(Step::reply("x").with_usage(Usage::new(10, 20)))
+        .then(Step::error(LlmError::bad_request("no")))
+        .then(Step::reply("x").with_latency(Duration::from_secs(3600)));
+    let layer = CostLayer::new(prices())
+        .store(store.clone())
+        .budget(Budget::global(10_000_000, BudgetWindow::Total).named("all"));
+    let mut svc = layer.layer(mock);
+    call(&mut svc, req("a", "t")).await.unwrap();
+    assert!(call(&mut svc, req("a", "t")).await.is_err());
+    let fut = svc.ready().await.unwrap().call(req("a", "t"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(5), fut)
+            .await
+            .is_err()
+    );
+    // 30 000 settled, 0 refunded, the dropped call's estimate kept; no hold left open.
+    assert_eq!(store.open_holds("all|total"), (0, 0));
+    assert_eq!(store.settled("all|total"), 130_000);
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use llm_tower::rate_limit::{
-    Acquire, BucketCheck, HeadroomTracker, InMemoryRateLimitStore, OnLimit, RateLimitLayer, Rule,
+    Acquire, BucketCheck, HeadroomTracker, Hold, InMemoryRateLimitStore, OnLimit, RateLimitLayer,
+    Rule,
 };
 use llm_tower::{
     ChatRequest, Deadline, ErrorKind, LlmError, LlmResponse, Message, RateLimitHeadroom, Usage,
@@ -81,16 +82,18 @@ fn all_or_nothing_across_buckets() {
         limit,
         window: Duration::from_secs(60),
         amount,
+        held: true,
     };
+    let hold = || Hold::new(Duration::from_secs(600));
     // The second bucket refuses: the first must not be charged.
-    let r = store.try_acquire(&[check("a", 10, 5), check("b", 3, 4)]);
+    let r = store.try_acquire(hold(), &[check("a", 10, 5), check("b", 3, 4)]);
     assert!(matches!(r, Acquire::Limited { index: 1, .. }));
     assert_eq!(
         store.remaining("a"),
         None,
         "nothing was taken from bucket a"
     );
-    let r = store.try_acquire(&[check("a", 10, 5), check("b", 3, 3)]);
+    let r = store.try_acquire(hold(), &[check("a", 10, 5), check("b", 3, 3)]);
     assert_eq!(
         r,
         Acquire::Allowed {
@@ -420,8 +423,9 @@ async fn keyed_buckets_do_not_grow_without_bound() {
         call(&mut svc, req(&format!("tenant-{i}"))).await.unwrap();
         assert!(store.len() <= 100, "{} buckets", store.len());
     }
-    // Once refilled, buckets are the same as absent and are swept.
-    tokio::time::advance(Duration::from_secs(1)).await;
+    // Once refilled, and their request ids forgotten (2 s), buckets are the same as absent
+    // and are swept.
+    tokio::time::advance(Duration::from_secs(2)).await;
     store.retain_recent();
     assert!(store.is_empty());
 }
@@ -483,4 +487,84 @@ async fn builder_ext_adds_the_layer() {
         .service(MockLlm::new("m"));
     call(&mut svc, req("a")).await.unwrap();
     assert!(call(&mut svc, req("a")).await.is_err());
+}
+
+// ===== the ledger: holds in buckets =====
+
+fn tok(key: &str, limit: u64, amount: u64) -> BucketCheck {
+    BucketCheck {
+        key: key.into(),
+        limit,
+        window: Duration::from_secs(100),
+        amount,
+        held: true,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bucket_settle_applies_the_difference_once() {
+    let store = InMemoryRateLimitStore::new();
+    let hold = Hold::new(Duration::from_secs(600));
+    let c = [tok("k", 100, 50)];
+    store.try_acquire(hold, &c);
+    assert_eq!(store.remaining("k"), Some(50));
+    assert_eq!(store.open_holds("k"), 1);
+    for _ in 0..3 {
+        store.settle_now(hold, &c, 20);
+        assert_eq!(store.remaining("k"), Some(80), "gave back 30, once");
+    }
+    assert_eq!(store.open_holds("k"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bucket_duplicate_acquire_takes_once() {
+    let store = InMemoryRateLimitStore::new();
+    let hold = Hold::new(Duration::from_secs(600));
+    let c = [tok("k", 100, 60)];
+    store.try_acquire(hold, &c);
+    // Sent again: allowed (it already was) without a second take, even without room.
+    assert_eq!(
+        store.try_acquire(hold, &c),
+        Acquire::Allowed {
+            remaining: vec![Some(40)]
+        }
+    );
+    assert_eq!(store.remaining("k"), Some(40));
+    // A request bucket's take is final, and remembered: a repeat is a no-op too.
+    let r = BucketCheck {
+        held: false,
+        ..tok("r", 10, 1)
+    };
+    let h2 = Hold::new(Duration::from_secs(600));
+    store.try_acquire(h2, std::slice::from_ref(&r));
+    store.try_acquire(h2, std::slice::from_ref(&r));
+    assert_eq!(store.remaining("r"), Some(9));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bucket_settle_without_hold_only_takes() {
+    let store = InMemoryRateLimitStore::new();
+    let c = [tok("k", 100, 50)];
+    let hold = Hold::new(Duration::from_secs(600));
+    // The acquisition failed open: the settle takes the actual usage, never gives back.
+    store.settle_now(hold, &c, 30);
+    assert_eq!(store.remaining("k"), Some(70));
+    // The acquisition lands late: a no-op.
+    store.try_acquire(hold, &c);
+    assert_eq!(store.remaining("k"), Some(70));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bucket_hold_expires_without_refund() {
+    let store = InMemoryRateLimitStore::new();
+    let c = [tok("k", 100, 50)];
+    let hold = Hold::new(Duration::from_secs(10));
+    store.try_acquire(hold, &c);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Forgotten, not given back: the bucket refilled 10 of the 50 meanwhile.
+    assert_eq!(store.open_holds("k"), 0);
+    assert_eq!(store.remaining("k"), Some(60));
+    // A settle after the expiry takes the actual usage as a new take.
+    store.settle_now(hold, &c, 5);
+    assert_eq!(store.remaining("k"), Some(55));
 }

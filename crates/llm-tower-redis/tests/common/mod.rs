@@ -1,4 +1,5 @@
 //! Helpers shared by the Redis-backed tests.
+#![allow(dead_code)] // each test file uses a part
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,3 +31,5 @@ pub(crate) async fn conn(prefix: &str) -> RedisConn {
         .await
         .expect("connect to REDIS_URL")
 }
+
+pub(crate) mod server;

@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use llm_tower_core::{ChatRequest, LlmError, NanoUsd};
 use tokio::time::Instant;
 
+use crate::ledger::{Closed, Hold, HoldTable};
+
 /// The period a budget covers, in UTC. A new period starts from zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BudgetWindow {
@@ -230,31 +232,21 @@ pub struct BudgetCharge {
     pub ttl: Option<Duration>,
 }
 
-/// A correction once the actual cost is known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BudgetSettle {
-    /// The budget key.
-    pub key: String,
-    /// Positive: spent more than reserved; negative: give back (never below zero).
-    pub delta: i64,
-    /// As in [`BudgetCharge::ttl`].
-    pub ttl: Option<Duration>,
-}
-
 /// The answer of [`BudgetStore::reserve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reserve {
-    /// Every budget had room; each was charged. `spent[i]` is what budget `i` has spent
-    /// now, reservations included (`None` when unknown, e.g. a store failing open).
+    /// Every budget had room; each holds the amount now. `spent[i]` is what budget `i` has
+    /// spent now, open holds included (`None` when unknown, e.g. a store failing open). Also
+    /// the answer to a reservation whose id the store already knows (a no-op).
     Reserved {
         /// Spent per budget, in the order of the charges.
         spent: Vec<Option<NanoUsd>>,
     },
-    /// Budget `index` is exhausted; **nothing** was charged.
+    /// Budget `index` is exhausted; **nothing** was held.
     Exceeded {
         /// The budget that refused.
         index: usize,
-        /// What it has spent.
+        /// What it has spent (settled + open holds).
         spent: NanoUsd,
     },
 }
@@ -262,32 +254,83 @@ pub enum Reserve {
 /// The future of [`BudgetStore::reserve`].
 pub type ReserveFuture = Pin<Box<dyn Future<Output = Result<Reserve, LlmError>> + Send>>;
 
-/// Where budgets are kept. [`reserve`](Self::reserve) is atomic over all the charges of
-/// one request and all or nothing: a charge passes when `spent < limit` and
-/// `spent + amount <= limit`; if one fails none is made. So concurrent first requests
-/// cannot slip past a cap.
+/// Where budgets are kept: a ledger of settled amounts and open [`Hold`]s per budget key
+/// (see [`ledger`](crate::ledger) for the rules every store follows).
+///
+/// [`reserve`](Self::reserve) is atomic over all the charges of one request and all or
+/// nothing: a charge passes when `spent < limit` and `spent + amount <= limit`, where
+/// `spent` = settled + open holds; if one fails none is held. So concurrent first requests
+/// cannot slip past a cap. A reservation whose id the store already knows is a no-op.
+///
+/// [`settle`](Self::settle) replaces the hold of `hold.id` in every charged budget with
+/// `actual`, once (repeats are no-ops); where there is no hold it records `actual` and
+/// leaves a tombstone. Holds never settled are released at [`Hold::expires_at`].
 pub trait BudgetStore: Send + Sync + fmt::Debug + 'static {
-    /// Reserves every charge at once. A store that cannot answer fails open
+    /// Holds every charge at once under `hold`. A store that cannot answer fails open
     /// (`Reserved` with unknown spent) or closed (`Err`), as it documents.
-    fn reserve(&self, charges: &[BudgetCharge]) -> ReserveFuture;
+    fn reserve(&self, hold: Hold, charges: &[BudgetCharge]) -> ReserveFuture;
 
     /// A synchronous answer, for stores without I/O. Default: `None`.
-    fn reserve_now(&self, charges: &[BudgetCharge]) -> Option<Result<Reserve, LlmError>> {
-        let _ = charges;
+    fn reserve_now(
+        &self,
+        hold: Hold,
+        charges: &[BudgetCharge],
+    ) -> Option<Result<Reserve, LlmError>> {
+        let _ = (hold, charges);
         None
     }
 
-    /// Applies corrections once the actual cost is known. Runs from a completion hook, so
-    /// it must not block; a networked store sends it in the background (and documents it).
-    fn settle(&self, settles: &[BudgetSettle]);
+    /// Replaces the hold `hold.id` of each charge's budget with `actual` (idempotent).
+    /// Runs from a completion hook, so it must not block; a networked store sends it in
+    /// the background (and documents it).
+    fn settle(&self, hold: Hold, charges: &[BudgetCharge], actual: NanoUsd);
 }
 
-/// Budgets in an in-process map (one machine). Keys of past windows expire at their
-/// window's end and are dropped by a sweep every 1024 operations.
-#[derive(Default)]
+/// One budget key: what is settled, what is held, and the holds.
+#[derive(Debug, Default)]
+struct Account {
+    settled: NanoUsd,
+    held: NanoUsd,
+    window_end: Option<Instant>,
+    holds: HoldTable,
+}
+
+impl Account {
+    fn spent(&self) -> NanoUsd {
+        self.settled.saturating_add(self.held)
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let released = self.holds.sweep(now);
+        self.held = self.held.saturating_sub(released);
+    }
+
+    fn is_live(&self, now: Instant) -> bool {
+        self.window_end.is_none_or(|e| now < e)
+    }
+}
+
+/// How long a settled id is remembered by default in memory (a repeated settle within it is
+/// a no-op). Nothing arrives late in memory, so it is short.
+const DEFAULT_MEMORY_TOMBSTONE: Duration = Duration::from_secs(2);
+
+/// Budgets in an in-process map (one machine), with holds as in [`BudgetStore`]. Keys of
+/// past windows are dropped at their window's end by a sweep every 1024 operations; the
+/// holds of a key are swept on each operation on it.
 pub struct InMemoryBudgetStore {
-    map: Mutex<crate::FastMap<String, (NanoUsd, Option<Instant>)>>,
+    map: Mutex<crate::FastMap<String, Account>>,
     ops: AtomicU64,
+    tombstone_ttl: Duration,
+}
+
+impl Default for InMemoryBudgetStore {
+    fn default() -> Self {
+        Self {
+            map: Mutex::default(),
+            ops: AtomicU64::new(0),
+            tombstone_ttl: DEFAULT_MEMORY_TOMBSTONE,
+        }
+    }
 }
 
 impl fmt::Debug for InMemoryBudgetStore {
@@ -304,89 +347,170 @@ impl InMemoryBudgetStore {
         Self::default()
     }
 
-    /// What budget `key` has spent (reservations included).
-    pub fn spent(&self, key: &str) -> NanoUsd {
-        let now = Instant::now();
-        self.lock()
-            .get(key)
-            .filter(|(_, exp)| exp.is_none_or(|e| now < e))
-            .map_or(0, |(s, _)| *s)
+    /// Remembers settled ids for `ttl` (default 2 s): a repeated settle, or a reservation
+    /// with a settled id, within it is a no-op.
+    #[must_use]
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
     }
 
-    /// Every key and what it has spent.
+    /// What budget `key` has spent: settled plus open holds.
+    pub fn spent(&self, key: &str) -> NanoUsd {
+        self.read(key, Account::spent)
+    }
+
+    /// What budget `key` has settled (open holds excluded).
+    pub fn settled(&self, key: &str) -> NanoUsd {
+        self.read(key, |a| a.settled)
+    }
+
+    /// The open holds of budget `key`: their count and sum.
+    pub fn open_holds(&self, key: &str) -> (usize, NanoUsd) {
+        self.read_or(key, (0, 0), |a| (a.holds.open_holds(), a.held))
+    }
+
+    fn read<T: Default>(&self, key: &str, f: impl FnOnce(&Account) -> T) -> T {
+        self.read_or(key, T::default(), f)
+    }
+
+    fn read_or<T>(&self, key: &str, default: T, f: impl FnOnce(&Account) -> T) -> T {
+        let now = Instant::now();
+        let mut map = self.lock();
+        match map.get_mut(key) {
+            Some(a) if a.is_live(now) => {
+                a.sweep(now);
+                f(a)
+            }
+            _ => default,
+        }
+    }
+
+    /// Every key and what it has spent (settled plus open holds).
     pub fn entries(&self) -> Vec<(String, NanoUsd)> {
         let now = Instant::now();
-        self.lock()
-            .iter()
-            .filter(|(_, (_, exp))| exp.is_none_or(|e| now < e))
-            .map(|(k, (s, _))| (k.clone(), *s))
+        let mut map = self.lock();
+        map.iter_mut()
+            .filter(|(_, a)| a.is_live(now))
+            .map(|(k, a)| {
+                a.sweep(now);
+                (k.clone(), a.spent())
+            })
             .collect()
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, crate::FastMap<String, (NanoUsd, Option<Instant>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, crate::FastMap<String, Account>> {
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The synchronous, atomic, all-or-nothing reservation.
-    pub fn try_reserve(&self, charges: &[BudgetCharge]) -> Reserve {
+    pub fn try_reserve(&self, hold: Hold, charges: &[BudgetCharge]) -> Reserve {
         let now = Instant::now();
         let mut map = self.lock();
         if self.ops.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
-            map.retain(|_, (_, exp)| exp.is_none_or(|e| now < e));
+            map.retain(|_, a| a.is_live(now));
         }
-        let current = |map: &crate::FastMap<String, (NanoUsd, Option<Instant>)>, k: &str| {
-            map.get(k)
-                .filter(|(_, exp)| exp.is_none_or(|e| now < e))
-                .map_or(0, |(s, _)| *s)
-        };
-        for (i, c) in charges.iter().enumerate() {
-            let spent = current(&map, &c.key);
-            if spent >= c.limit || spent.saturating_add(c.amount) > c.limit {
-                return Reserve::Exceeded { index: i, spent };
+        // First pass: sweep, look for the id, check room; nothing is changed yet. The
+        // answer's vector doubles as the scratch space (one allocation per request).
+        let mut known = hold.expires_at <= now;
+        let mut out: Vec<Option<NanoUsd>> = Vec::with_capacity(charges.len());
+        for c in charges {
+            let spent = match map.get_mut(&c.key) {
+                Some(a) if a.is_live(now) => {
+                    a.sweep(now);
+                    known |= a.holds.contains(hold.id);
+                    a.spent()
+                }
+                _ => 0,
+            };
+            out.push(Some(spent));
+        }
+        if known {
+            // Already held or settled (or too late to matter): a no-op.
+            return Reserve::Reserved { spent: out };
+        }
+        for (i, (c, s)) in charges.iter().zip(&out).enumerate() {
+            let s = s.unwrap_or(0);
+            if s >= c.limit || s.saturating_add(c.amount) > c.limit {
+                return Reserve::Exceeded { index: i, spent: s };
             }
         }
-        let mut out = Vec::with_capacity(charges.len());
-        for c in charges {
-            let spent = current(&map, &c.key).saturating_add(c.amount);
-            map.insert(c.key.clone(), (spent, c.ttl.map(|t| now + t)));
-            out.push(Some(spent));
+        for (c, slot) in charges.iter().zip(out.iter_mut()) {
+            let Some(account) = account_mut(&mut map, c, now, true) else {
+                continue;
+            };
+            account.held = account.held.saturating_add(c.amount);
+            account.holds.hold(hold.id, c.amount, hold.expires_at);
+            *slot = Some(account.spent());
         }
         Reserve::Reserved { spent: out }
     }
+
+    /// The synchronous settlement (see [`BudgetStore::settle`]).
+    pub fn settle_now(&self, hold: Hold, charges: &[BudgetCharge], actual: NanoUsd) {
+        let now = Instant::now();
+        let tomb_until = now + self.tombstone_ttl;
+        let mut map = self.lock();
+        for c in charges {
+            // A window that has ended is over: its key is not recreated.
+            let Some(account) = account_mut(&mut map, c, now, false) else {
+                continue;
+            };
+            account.sweep(now);
+            match account.holds.close(hold.id, tomb_until) {
+                Closed::Held(held) => {
+                    account.held = account.held.saturating_sub(held);
+                    account.settled = account.settled.saturating_add(actual);
+                }
+                Closed::Missing => account.settled = account.settled.saturating_add(actual),
+                Closed::Already => {}
+            }
+        }
+    }
+}
+
+/// The live account of `c.key`, created if absent (and, with `replace_ended`, if its
+/// window has ended).
+fn account_mut<'m>(
+    map: &'m mut crate::FastMap<String, Account>,
+    c: &BudgetCharge,
+    now: Instant,
+    replace_ended: bool,
+) -> Option<&'m mut Account> {
+    match map.get(&c.key).map(|a| a.is_live(now)) {
+        Some(true) => {}
+        Some(false) if !replace_ended => return None,
+        _ => {
+            map.insert(
+                c.key.clone(),
+                Account {
+                    window_end: c.ttl.map(|t| now + t),
+                    ..Account::default()
+                },
+            );
+        }
+    }
+    map.get_mut(&c.key)
 }
 
 impl BudgetStore for InMemoryBudgetStore {
-    fn reserve(&self, charges: &[BudgetCharge]) -> ReserveFuture {
-        let r = self.try_reserve(charges);
+    fn reserve(&self, hold: Hold, charges: &[BudgetCharge]) -> ReserveFuture {
+        let r = self.try_reserve(hold, charges);
         Box::pin(std::future::ready(Ok(r)))
     }
 
-    fn reserve_now(&self, charges: &[BudgetCharge]) -> Option<Result<Reserve, LlmError>> {
-        Some(Ok(self.try_reserve(charges)))
+    fn reserve_now(
+        &self,
+        hold: Hold,
+        charges: &[BudgetCharge],
+    ) -> Option<Result<Reserve, LlmError>> {
+        Some(Ok(self.try_reserve(hold, charges)))
     }
 
-    fn settle(&self, settles: &[BudgetSettle]) {
-        let now = Instant::now();
-        let mut map = self.lock();
-        for s in settles {
-            let e = map
-                .entry(s.key.clone())
-                .or_insert((0, s.ttl.map(|t| now + t)));
-            if e.1.is_some_and(|exp| now >= exp) {
-                // The window ended since the reservation: the correction belongs to a
-                // period that is over.
-                continue;
-            }
-            e.0 = if s.delta >= 0 {
-                e.0.saturating_add(s.delta.unsigned_abs())
-            } else {
-                e.0.saturating_sub(s.delta.unsigned_abs())
-            };
-        }
+    fn settle(&self, hold: Hold, charges: &[BudgetCharge], actual: NanoUsd) {
+        self.settle_now(hold, charges, actual);
     }
 }
 

@@ -31,15 +31,20 @@
 //! per [`BudgetWindow`] (UTC day, UTC month, fixed periods, or total). Before the call the
 //! layer **reserves** the expected cost (prompt estimate + output limit at the model's
 //! price, see [`CostEstimator`]) from every budget that applies, atomically and all or
-//! nothing, so concurrent first requests cannot slip past the cap; after the call it
-//! settles with the actual cost (once, from the completion hook). A budget is exhausted
-//! when its spent amount has reached the limit, or when this request's reservation would
-//! pass it: the error is [`LlmError::budget_exceeded`] (HTTP 429, `insufficient_quota`)
-//! with a retry-after at the end of the window.
+//! nothing, as a [`Hold`] with a per-request [`HoldId`] and an expiry
+//! ([`CostLayer::hold_ttl`]), so concurrent first requests cannot slip past the cap; after
+//! the call it settles the hold by id with the actual cost (once, from the completion
+//! hook). Spend is settled + open holds (see [`ledger`](crate::ledger)). A budget is
+//! exhausted when its spend has reached the limit, or when this request's reservation
+//! would pass it: the error is [`LlmError::budget_exceeded`] (HTTP 429,
+//! `insufficient_quota`) with a retry-after at the end of the window.
 //!
-//! Settlement rules (same as the rate-limit layer): usage unknown → no refund; future
-//! dropped before a response → no refund; the inner service failed with an error that
-//! means the provider refused before generating (rate limited, bad request, …) → refunded.
+//! Settlement rules (same as the rate-limit layer): usage unknown → the estimate is
+//! settled (no refund); future dropped after the call started → the estimate is settled;
+//! dropped before (or the store failed closed) → settled at zero; the inner service failed
+//! with an error that means the provider refused before generating (rate limited, bad
+//! request, …) → settled at zero (refunded). A hold whose settlement never arrives is
+//! released at its expiry.
 //!
 //! Stores: [`InMemoryBudgetStore`] (default) or any [`BudgetStore`]; `llm-tower-redis` has
 //! one for replicas (atomic Lua reserve/settle).
@@ -78,9 +83,10 @@
 mod budget;
 mod price;
 
+pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
 pub use budget::{
-    Budget, BudgetCharge, BudgetScope, BudgetSettle, BudgetStore, BudgetWindow,
-    InMemoryBudgetStore, Reserve, ReserveFuture,
+    Budget, BudgetCharge, BudgetScope, BudgetStore, BudgetWindow, InMemoryBudgetStore, Reserve,
+    ReserveFuture,
 };
 pub use price::{InvalidPrice, ModelPrice, PicoUsd, PriceConfig, PriceTable, usd_to_nano};
 
@@ -89,7 +95,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use llm_tower_core::{
     CacheStatus, ChatRequest, Cost, ErrorKind, LlmError, LlmResponse, NanoUsd, Outcome,
@@ -248,6 +254,7 @@ struct Config {
     budgets: Vec<(Budget, Arc<str>)>,
     estimator: CostEstimator,
     on_record: Option<OnRecord>,
+    hold_ttl: Duration,
 }
 
 /// Applies [`CostTracking`] to a service. See the [module docs](self) for an example.
@@ -282,6 +289,7 @@ impl CostLayer {
                 budgets: Vec::new(),
                 estimator: CostEstimator::default(),
                 on_record: None,
+                hold_ttl: DEFAULT_HOLD_TTL,
             }),
             store: Arc::new(InMemoryBudgetStore::new()),
             state: Arc::new(State {
@@ -328,6 +336,17 @@ impl CostLayer {
     #[must_use]
     pub fn estimator(mut self, estimator: CostEstimator) -> Self {
         Arc::make_mut(&mut self.config).estimator = estimator;
+        self
+    }
+
+    /// How long a reservation is held if it is never settled (default
+    /// [`DEFAULT_HOLD_TTL`], 10 minutes): a replica that dies mid-request, or a reservation
+    /// whose answer was lost, stops counting against the budget after this. Make it longer
+    /// than your longest request (streams included). At least [`MIN_HOLD_TTL`] (1 s).
+    #[must_use]
+    pub fn hold_ttl(mut self, ttl: Duration) -> Self {
+        // A hold that expires before it is made would let the request through unreserved.
+        Arc::make_mut(&mut self.config).hold_ttl = ttl.max(MIN_HOLD_TTL);
         self
     }
 
@@ -469,18 +488,40 @@ impl<S> CostTracking<S> {
     }
 }
 
-/// The request's part of the accounting, carried to the completion hook.
+/// The request's part of the accounting, carried to the completion hook. Its hold is
+/// settled exactly once: with the actual cost, or when dropped (see [`Drop`]).
 struct Ticket {
     layer: CostLayer,
     task: Arc<str>,
     tenant: Arc<str>,
     req_model: String,
     charges: Vec<BudgetCharge>,
+    hold: Hold,
+    // The inner service was called (so a cost may have been incurred).
+    called: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Unsettled: the caller went away, or the reservation failed closed. After the call
+        // started the estimate stands (no refund); before, nothing was spent, and settling
+        // at zero makes a reservation still in flight a no-op when it lands.
+        if !self.charges.is_empty() {
+            let estimate = if self.called {
+                self.charges.first().map_or(0, |c| c.amount)
+            } else {
+                0
+            };
+            self.settle(Some(estimate));
+        }
+    }
 }
 
 impl Ticket {
-    fn new(layer: CostLayer, req: &ChatRequest, charges: Vec<BudgetCharge>) -> Self {
+    fn new(layer: CostLayer, req: &ChatRequest, charges: Vec<BudgetCharge>, hold: Hold) -> Self {
         Self {
+            hold,
+            called: false,
             task: req
                 .task_type()
                 .map_or_else(|| layer.state.empty.clone(), |t| t.0.clone()),
@@ -493,23 +534,18 @@ impl Ticket {
         }
     }
 
-    /// Settles the budgets: with the actual cost, or (unknown) not at all.
+    /// Settles the hold: with the actual cost, or (unknown) with the estimate (no refund).
     /// Consumes the charges, so it cannot run twice.
     fn settle(&mut self, actual: Option<NanoUsd>) {
         let charges = std::mem::take(&mut self.charges);
-        let Some(actual) = actual else { return };
-        let settles: Vec<BudgetSettle> = charges
-            .into_iter()
-            .filter(|c| c.amount != actual)
-            .map(|c| BudgetSettle {
-                delta: clamp_i64(actual) - clamp_i64(c.amount),
-                key: c.key,
-                ttl: c.ttl,
-            })
-            .collect();
-        if !settles.is_empty() {
-            self.layer.store.settle(&settles);
-        }
+        let Some(first) = charges.first() else { return };
+        let actual = actual.unwrap_or(first.amount);
+        self.layer.store.settle(self.hold, &charges, actual);
+    }
+
+    /// Forgets the charges without settling (the store refused: nothing is held).
+    fn disarm(&mut self) {
+        self.charges.clear();
     }
 
     fn on_response(self, mut resp: LlmResponse) -> LlmResponse {
@@ -587,10 +623,6 @@ fn price_usage(price: Option<ModelPrice>, usage: Option<&Usage>, hit: bool) -> O
     })
 }
 
-fn clamp_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 /// Errors that mean the provider refused before generating (usage known to be zero).
 fn rejected_before_generation(kind: ErrorKind) -> bool {
     matches!(
@@ -621,12 +653,19 @@ where
     fn call(&mut self, req: ChatRequest) -> Self::Future {
         let charges = self.layer.charges(&req);
         if charges.is_empty() {
-            let ticket = Ticket::new(self.layer.clone(), &req, charges);
+            let hold = Hold {
+                id: HoldId::from_u128(0),
+                expires_at: tokio::time::Instant::now(),
+            };
+            let mut ticket = Ticket::new(self.layer.clone(), &req, charges, hold);
+            ticket.called = true;
             return future::ResponseFuture::calling(self.inner.call(req), ticket);
         }
-        match self.layer.store.reserve_now(&charges) {
+        let hold = Hold::new(self.layer.config.hold_ttl);
+        match self.layer.store.reserve_now(hold, &charges) {
             Some(Ok(Reserve::Reserved { .. })) => {
-                let ticket = Ticket::new(self.layer.clone(), &req, charges);
+                let mut ticket = Ticket::new(self.layer.clone(), &req, charges, hold);
+                ticket.called = true;
                 future::ResponseFuture::calling(self.inner.call(req), ticket)
             }
             Some(Ok(Reserve::Exceeded { index, spent })) => {
@@ -634,10 +673,10 @@ where
             }
             Some(Err(e)) => future::ResponseFuture::ready(Err(e)),
             None => {
-                let fut = self.layer.store.reserve(&charges);
+                let fut = self.layer.store.reserve(hold, &charges);
                 let fresh = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, fresh);
-                let ticket = Ticket::new(self.layer.clone(), &req, charges);
+                let ticket = Ticket::new(self.layer.clone(), &req, charges, hold);
                 future::ResponseFuture::reserving(fut, inner, req, ticket)
             }
         }
@@ -673,7 +712,7 @@ pub mod future {
         {
             #[pin]
             state: State<S, S::Future>,
-            // Dropped unsettled (the caller went away): the reservation is kept.
+            // Dropped unsettled (the caller went away): the ticket settles itself on drop.
             ticket: Option<Ticket>,
         }
     }
@@ -750,12 +789,19 @@ pub mod future {
                                         "cost future state lost",
                                     )));
                                 };
+                                if let Some(t) = this.ticket.as_mut() {
+                                    t.called = true;
+                                }
                                 let fut = inner.call(req);
                                 this.state.set(State::Calling { fut });
                             }
                             Ok(Reserve::Exceeded { index, spent }) => {
                                 let result = match this.ticket.take() {
-                                    Some(t) => Err(t.layer.exceeded(&t.charges, index, spent)),
+                                    Some(mut t) => {
+                                        let e = t.layer.exceeded(&t.charges, index, spent);
+                                        t.disarm();
+                                        Err(e)
+                                    }
                                     None => Err(LlmError::budget_exceeded("budget exhausted")),
                                 };
                                 this.state.set(State::Ready {
@@ -763,7 +809,8 @@ pub mod future {
                                 });
                             }
                             Err(e) => {
-                                // A store failing closed: nothing was reserved.
+                                // A store failing closed: the ticket settles at zero on
+                                // drop, in case the reservation still lands.
                                 *this.ticket = None;
                                 this.state.set(State::Ready {
                                     result: Some(Err(e)),

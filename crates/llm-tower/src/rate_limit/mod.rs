@@ -21,12 +21,16 @@
 //! times `n`), so concurrent requests cannot all pass on a stale count. When the response
 //! finishes ([`LlmResponse::on_finish`]: completed, failed or dropped, streams included)
 //! the reservation is settled **exactly once** with the actual usage: the difference is
-//! taken (the bucket may go into debt) or given back.
+//! taken (the bucket may go into debt) or given back. The reservation is a [`Hold`] with a
+//! per-request [`HoldId`], and the settlement is by id and idempotent (see
+//! [`RateLimitStore`] and [`ledger`](crate::ledger)), so a store that answers late, twice
+//! or not at all never counts a request twice.
 //!
 //! - Usage unknown (a stream dropped before its usage chunk, a provider that sends none,
-//!   an upstream timeout): **no refund**, the estimate stands.
-//! - The future dropped before a response (the caller went away): no refund, and the
-//!   guard makes sure nothing is settled later.
+//!   an upstream timeout): **no refund**, the estimate stands (settled as the actual).
+//! - The future dropped after the call started (the caller went away): no refund. Dropped
+//!   while the store was still answering, or the store failed closed: the token holds are
+//!   settled at zero, so a reservation that lands late is a no-op.
 //! - The inner service failed with an error that means the provider rejected the request
 //!   before generating (rate limited, bad request, context length, auth, not found,
 //!   unavailable, overloaded, budget exceeded): the tokens are given back; other errors
@@ -110,10 +114,9 @@
 mod headroom;
 mod store;
 
+pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
 pub use headroom::HeadroomTracker;
-pub use store::{
-    Acquire, AcquireFuture, BucketCheck, BucketSettle, InMemoryRateLimitStore, RateLimitStore,
-};
+pub use store::{Acquire, AcquireFuture, BucketCheck, InMemoryRateLimitStore, RateLimitStore};
 
 use std::fmt;
 use std::sync::Arc;
@@ -472,6 +475,7 @@ struct Config {
     estimator: TokenEstimator,
     headroom: Option<HeadroomTracker>,
     target: Option<Arc<str>>,
+    hold_ttl: Duration,
 }
 
 /// Applies [`RateLimit`] to a service. See the [module docs](self) for an example.
@@ -513,6 +517,7 @@ impl RateLimitLayer {
                 estimator: TokenEstimator::default(),
                 headroom: None,
                 target: None,
+                hold_ttl: DEFAULT_HOLD_TTL,
             }),
             store: Arc::new(InMemoryRateLimitStore::new()),
             counters: Arc::default(),
@@ -554,6 +559,16 @@ impl RateLimitLayer {
     #[must_use]
     pub fn estimator(mut self, estimator: TokenEstimator) -> Self {
         Arc::make_mut(&mut self.config).estimator = estimator;
+        self
+    }
+
+    /// How long a token reservation is held if it is never settled (default
+    /// [`DEFAULT_HOLD_TTL`], 10 minutes). Make it longer than your longest request. At
+    /// least [`MIN_HOLD_TTL`] (1 s).
+    #[must_use]
+    pub fn hold_ttl(mut self, ttl: Duration) -> Self {
+        // A hold that expires before it is made would let the request through unreserved.
+        Arc::make_mut(&mut self.config).hold_ttl = ttl.max(MIN_HOLD_TTL);
         self
     }
 
@@ -682,6 +697,7 @@ impl RateLimitLayer {
                 limit: rule.limit,
                 window: rule.window,
                 amount,
+                held: rule.unit == LimitUnit::Tokens,
             });
         }
         let estimate = match (estimate, &cfg.headroom) {
@@ -756,37 +772,32 @@ where
 
 // ===== reservation =====
 
-/// The reservation of one admitted request's token buckets: settled once with the actual
-/// usage, or (when dropped unsettled) kept as it is.
+/// The hold of one admitted request's token buckets: settled once with the actual usage,
+/// or (usage unknown, or dropped unsettled) with the estimate, which keeps the take.
 struct Reservation {
     store: Arc<dyn RateLimitStore>,
+    hold: Hold,
     buckets: Vec<BucketCheck>,
 }
 
 impl Reservation {
-    /// Settles with `actual` tokens; `None` (usage unknown) keeps the reservation.
-    /// Consumes the guard, so it cannot run twice.
-    fn settle(self, actual: Option<u64>) {
-        let Some(actual) = actual else { return };
-        let settles: Vec<BucketSettle> = self
-            .buckets
-            .into_iter()
-            .filter(|b| b.amount != actual)
-            .map(|b| BucketSettle {
-                key: b.key,
-                limit: b.limit,
-                window: b.window,
-                delta: clamp_i64(actual) - clamp_i64(b.amount),
-            })
-            .collect();
-        if !settles.is_empty() {
-            self.store.settle(&settles);
-        }
+    /// Settles with `actual` tokens; `None` (usage unknown) settles the estimate.
+    fn settle(mut self, actual: Option<u64>) {
+        self.settle_once(actual);
+    }
+
+    fn settle_once(&mut self, actual: Option<u64>) {
+        let buckets = std::mem::take(&mut self.buckets);
+        let Some(first) = buckets.first() else { return };
+        let actual = actual.unwrap_or(first.amount);
+        self.store.settle(self.hold, &buckets, actual);
     }
 }
 
-fn clamp_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.settle_once(None);
+    }
 }
 
 impl fmt::Debug for Reservation {
@@ -846,6 +857,28 @@ pub mod future {
         // The headroom tracker counted this request (given back if a bucket refuses).
         headroom_admitted: bool,
         reservation: Option<Reservation>,
+        hold: Hold,
+        // An acquisition was sent and its answer is not known: if dropped so, the token
+        // holds are settled at zero, so that the acquisition is a no-op if it lands late.
+        in_flight: bool,
+    }
+
+    impl<S> Drop for Ctx<S> {
+        fn drop(&mut self) {
+            if !self.in_flight {
+                return;
+            }
+            let held: Vec<BucketCheck> = self
+                .plan
+                .checks
+                .iter()
+                .filter(|c| c.held)
+                .cloned()
+                .collect();
+            if !held.is_empty() {
+                self.layer.store.settle(self.hold, &held, 0);
+            }
+        }
     }
 
     impl<S> fmt::Debug for ResponseFuture<S>
@@ -876,6 +909,14 @@ pub mod future {
             plan: Plan,
             wait_until: Option<Instant>,
         ) -> Self {
+            let hold = if plan.checks.is_empty() {
+                Hold {
+                    id: HoldId::from_u128(0),
+                    expires_at: Instant::now(),
+                }
+            } else {
+                Hold::new(layer.config.hold_ttl)
+            };
             Self {
                 state: State::Check,
                 ctx: Some(Ctx {
@@ -887,6 +928,8 @@ pub mod future {
                     waited: false,
                     headroom_admitted: false,
                     reservation: None,
+                    hold,
+                    in_flight: false,
                 }),
                 failed: None,
             }
@@ -950,17 +993,24 @@ pub mod future {
                             Ok(Acquire::Allowed {
                                 remaining: Vec::new(),
                             })
-                        } else if let Some(r) = ctx.layer.store.acquire_now(&ctx.plan.checks) {
+                        } else if let Some(r) =
+                            ctx.layer.store.acquire_now(ctx.hold, &ctx.plan.checks)
+                        {
                             r
                         } else {
-                            let fut = ctx.layer.store.acquire(&ctx.plan.checks);
+                            let fut = ctx.layer.store.acquire(ctx.hold, &ctx.plan.checks);
+                            ctx.in_flight = true;
                             this.state.set(State::Acquiring { fut });
                             continue;
                         }
                     }
                     StateProj::Acquiring { fut } => match fut.as_mut().poll(cx) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(r) => r,
+                        Poll::Ready(r) => {
+                            // Failed (closed): it may still land; otherwise it is answered.
+                            ctx.in_flight = r.is_err();
+                            r
+                        }
                     },
                     StateProj::Waiting { sleep } => match sleep.poll(cx) {
                         Poll::Pending => return Poll::Pending,
@@ -1028,6 +1078,7 @@ pub mod future {
                         if !buckets.is_empty() {
                             ctx.reservation = Some(Reservation {
                                 store: ctx.layer.store.clone(),
+                                hold: ctx.hold,
                                 buckets,
                             });
                         }

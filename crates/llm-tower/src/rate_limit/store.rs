@@ -10,6 +10,8 @@ use std::time::Duration;
 use llm_tower_core::LlmError;
 use tokio::time::Instant;
 
+use crate::ledger::{Closed, Hold, HoldTable};
+
 /// One bucket a request must take from: its key, its limit per window, and the amount
 /// (1 for a request bucket, the token estimate for a token bucket).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,20 +24,10 @@ pub struct BucketCheck {
     pub window: Duration,
     /// Units this request takes.
     pub amount: u64,
-}
-
-/// A correction to a token bucket once the actual usage is known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BucketSettle {
-    /// The bucket's key.
-    pub key: String,
-    /// Capacity of the bucket.
-    pub limit: u64,
-    /// Refill window of the bucket.
-    pub window: Duration,
-    /// Units to take (positive: the call used more than reserved, the bucket may go into
-    /// debt) or give back (negative: it used less; never above the capacity).
-    pub delta: i64,
+    /// Whether the take is a hold, settled later by id with the actual amount (token
+    /// buckets), or final (request buckets: the store only remembers the id for a short
+    /// while, so a repeated acquisition is a no-op).
+    pub held: bool,
 }
 
 /// The answer of a store to [`RateLimitStore::acquire`].
@@ -66,30 +58,43 @@ pub type AcquireFuture = Pin<Box<dyn Future<Output = Result<Acquire, LlmError>> 
 /// refills continuously at `limit / window`; an absent bucket is full. Settling may push a
 /// bucket below zero (debt), which later requests wait out.
 ///
+/// # Holds
+///
+/// Every acquisition carries a [`Hold`] (see [`ledger`](crate::ledger)). An acquisition
+/// whose id the bucket already knows is a no-op (`Allowed`), so a retry after a timeout
+/// never takes twice. A held take ([`BucketCheck::held`]) is settled by id: the bucket
+/// takes `actual − held` once (giving back when negative, never above capacity); a settle
+/// without a hold takes `actual` (never gives back) and leaves a tombstone. A hold never
+/// settled is forgotten at its expiry without a refund: its units refill with the bucket
+/// like any other take.
+///
 /// Implementations: [`InMemoryRateLimitStore`] here, and a Redis store in `llm-tower-redis`.
 pub trait RateLimitStore: Send + Sync + fmt::Debug + 'static {
-    /// Checks and charges every bucket at once. A store that cannot answer either fails
-    /// open (`Allowed` with unknown remaining) or closed (`Err`), as it documents.
-    fn acquire(&self, checks: &[BucketCheck]) -> AcquireFuture;
+    /// Checks and charges every bucket at once under `hold`. A store that cannot answer
+    /// either fails open (`Allowed` with unknown remaining) or closed (`Err`), as it
+    /// documents.
+    fn acquire(&self, hold: Hold, checks: &[BucketCheck]) -> AcquireFuture;
 
     /// A synchronous answer, for stores that can give one without I/O (the layer then
     /// skips the boxed future). The default is `None`: use [`acquire`](Self::acquire).
-    fn acquire_now(&self, checks: &[BucketCheck]) -> Option<Result<Acquire, LlmError>> {
-        let _ = checks;
+    fn acquire_now(&self, hold: Hold, checks: &[BucketCheck]) -> Option<Result<Acquire, LlmError>> {
+        let _ = (hold, checks);
         None
     }
 
-    /// Applies corrections once the actual usage is known. Runs from a completion hook, so
-    /// it must not block; a networked store sends it in the background (and documents it).
-    fn settle(&self, settles: &[BucketSettle]);
+    /// Settles the hold `hold.id` in each of `checks`' buckets with `actual` units
+    /// (idempotent). Runs from a completion hook, so it must not block; a networked store
+    /// sends it in the background (and documents it).
+    fn settle(&self, hold: Hold, checks: &[BucketCheck], actual: u64);
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Bucket {
     level: f64,
     at: Instant,
     limit: u64,
     window: Duration,
+    holds: HoldTable,
 }
 
 impl Bucket {
@@ -99,7 +104,14 @@ impl Bucket {
             at: now,
             limit,
             window,
+            holds: HoldTable::default(),
         }
+    }
+
+    /// Whether the bucket is the same as an absent one: full, and no id to remember.
+    fn is_idle(&mut self, now: Instant) -> bool {
+        self.holds.sweep(now);
+        self.is_full_at(now) && self.holds.is_empty()
     }
 
     /// The level at `now`, refilled at `limit / window`, capped at `limit`.
@@ -147,6 +159,7 @@ pub struct InMemoryRateLimitStore {
     buckets: Mutex<crate::FastMap<String, Bucket>>,
     ops: AtomicU64,
     max_keys: usize,
+    tombstone_ttl: Duration,
 }
 
 impl fmt::Debug for InMemoryRateLimitStore {
@@ -178,7 +191,16 @@ impl InMemoryRateLimitStore {
             buckets: Mutex::default(),
             ops: AtomicU64::new(0),
             max_keys: max_keys.max(1),
+            tombstone_ttl: Duration::from_secs(2),
         }
+    }
+
+    /// Remembers settled and final ids for `ttl` (default 2 s): a repeated settle or
+    /// acquisition with such an id within it is a no-op.
+    #[must_use]
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
     }
 
     /// Number of buckets held now.
@@ -199,13 +221,22 @@ impl InMemoryRateLimitStore {
             .map(|b| b.level_at(now).max(0.0).floor() as u64)
     }
 
+    /// The open holds of bucket `key` now.
+    pub fn open_holds(&self, key: &str) -> usize {
+        let now = Instant::now();
+        self.lock().get_mut(key).map_or(0, |b| {
+            b.holds.sweep(now);
+            b.holds.open_holds()
+        })
+    }
+
     /// Removes every bucket that has refilled to its capacity (it is the same as absent).
     /// Runs by itself every 4096 operations; call it from a maintenance task if you want
     /// memory back sooner.
     pub fn retain_recent(&self) {
         let now = Instant::now();
         let mut map = self.lock();
-        map.retain(|_, b| !b.is_full_at(now));
+        map.retain(|_, b| !b.is_idle(now));
         Self::enforce_cap(&mut map, self.max_keys);
     }
 
@@ -232,91 +263,117 @@ impl InMemoryRateLimitStore {
     fn maybe_gc(&self, map: &mut crate::FastMap<String, Bucket>, now: Instant) {
         let n = self.ops.fetch_add(1, Ordering::Relaxed);
         if map.len() > self.max_keys || (n % GC_EVERY == GC_EVERY - 1) {
-            map.retain(|_, b| !b.is_full_at(now));
+            map.retain(|_, b| !b.is_idle(now));
             Self::enforce_cap(map, self.max_keys);
         }
     }
 
     /// The synchronous all-or-nothing check and charge.
-    pub fn try_acquire(&self, checks: &[BucketCheck]) -> Acquire {
+    pub fn try_acquire(&self, hold: Hold, checks: &[BucketCheck]) -> Acquire {
         let now = Instant::now();
         let mut map = self.lock();
-        // First pass: look only, so that a refusal charges nothing.
-        let mut levels = [0f64; 8];
-        let mut levels_vec = Vec::new();
-        let many = checks.len() > levels.len();
-        if many {
-            levels_vec.resize(checks.len(), 0.0);
-        }
-        for (i, c) in checks.iter().enumerate() {
-            let level = match map.get(&c.key) {
-                // A changed limit or window (new config) takes effect at once.
-                Some(b) if b.limit == c.limit && b.window == c.window => b.level_at(now),
-                Some(b) => b.level_at(now).min(c.limit as f64),
+        // First pass: look only, so that a refusal charges nothing. The answer's vector
+        // holds the levels meanwhile (one allocation per request).
+        let mut known = hold.expires_at <= now;
+        let mut levels: Vec<f64> = Vec::with_capacity(checks.len());
+        for c in checks {
+            let level = match map.get_mut(&c.key) {
+                Some(b) => {
+                    b.holds.sweep(now);
+                    known |= b.holds.contains(hold.id);
+                    // A changed limit or window (new config) takes effect at once.
+                    if b.limit == c.limit && b.window == c.window {
+                        b.level_at(now)
+                    } else {
+                        b.level_at(now).min(c.limit as f64)
+                    }
+                }
                 None => c.limit as f64,
             };
-            if level < c.amount as f64 {
+            levels.push(level);
+        }
+        let floor = |l: f64| Some(l.max(0.0).floor() as u64);
+        if known {
+            // Already taken (or too late to matter): a no-op.
+            return Acquire::Allowed {
+                remaining: levels.into_iter().map(floor).collect(),
+            };
+        }
+        for (i, (c, level)) in checks.iter().zip(&levels).enumerate() {
+            if *level < c.amount as f64 {
                 return Acquire::Limited {
                     index: i,
-                    retry_after: time_to_refill(level, c.amount, c.limit, c.window),
+                    retry_after: time_to_refill(*level, c.amount, c.limit, c.window),
                 };
             }
-            if many {
-                levels_vec[i] = level;
-            } else {
-                levels[i] = level;
-            }
         }
+        let tomb_until = now + self.tombstone_ttl;
         let mut remaining = Vec::with_capacity(checks.len());
-        for (i, c) in checks.iter().enumerate() {
-            let before = if many { levels_vec[i] } else { levels[i] };
+        for (c, before) in checks.iter().zip(levels) {
             let level = before - c.amount as f64;
-            remaining.push(Some(level.max(0.0).floor() as u64));
-            let bucket = Bucket {
-                level,
-                at: now,
-                limit: c.limit,
-                window: c.window,
-            };
-            match map.get_mut(&c.key) {
-                Some(b) => *b = bucket,
+            remaining.push(floor(level));
+            let bucket = match map.get_mut(&c.key) {
+                Some(b) => b,
                 None => {
-                    map.insert(c.key.clone(), bucket);
+                    map.insert(c.key.clone(), Bucket::full(c.limit, c.window, now));
+                    let Some(b) = map.get_mut(&c.key) else {
+                        continue;
+                    };
+                    b
                 }
+            };
+            bucket.level = level;
+            bucket.at = now;
+            bucket.limit = c.limit;
+            bucket.window = c.window;
+            if c.held {
+                bucket.holds.hold(hold.id, c.amount, hold.expires_at);
+            } else {
+                bucket.holds.close(hold.id, tomb_until);
             }
         }
         self.maybe_gc(&mut map, now);
         Acquire::Allowed { remaining }
     }
+
+    /// The synchronous settlement (see [`RateLimitStore::settle`]).
+    pub fn settle_now(&self, hold: Hold, checks: &[BucketCheck], actual: u64) {
+        let now = Instant::now();
+        let tomb_until = now + self.tombstone_ttl;
+        let mut map = self.lock();
+        for c in checks {
+            if !map.contains_key(&c.key) {
+                map.insert(c.key.clone(), Bucket::full(c.limit, c.window, now));
+            }
+            let Some(b) = map.get_mut(&c.key) else {
+                continue;
+            };
+            b.holds.sweep(now);
+            // A missing hold takes `actual` and never gives back.
+            let take = match b.holds.close(hold.id, tomb_until) {
+                Closed::Held(held) => actual as f64 - held as f64,
+                Closed::Missing => actual as f64,
+                Closed::Already => continue,
+            };
+            b.level = (b.level_at(now) - take).min(c.limit as f64);
+            b.at = now;
+            b.limit = c.limit;
+            b.window = c.window;
+        }
+    }
 }
 
 impl RateLimitStore for InMemoryRateLimitStore {
-    fn acquire(&self, checks: &[BucketCheck]) -> AcquireFuture {
-        let r = self.try_acquire(checks);
+    fn acquire(&self, hold: Hold, checks: &[BucketCheck]) -> AcquireFuture {
+        let r = self.try_acquire(hold, checks);
         Box::pin(std::future::ready(Ok(r)))
     }
 
-    fn acquire_now(&self, checks: &[BucketCheck]) -> Option<Result<Acquire, LlmError>> {
-        Some(Ok(self.try_acquire(checks)))
+    fn acquire_now(&self, hold: Hold, checks: &[BucketCheck]) -> Option<Result<Acquire, LlmError>> {
+        Some(Ok(self.try_acquire(hold, checks)))
     }
 
-    fn settle(&self, settles: &[BucketSettle]) {
-        let now = Instant::now();
-        let mut map = self.lock();
-        for s in settles {
-            let settled = |b: &Bucket| Bucket {
-                level: (b.level_at(now) - s.delta as f64).min(s.limit as f64),
-                at: now,
-                limit: s.limit,
-                window: s.window,
-            };
-            // Look up before inserting, so the common case does not copy the key.
-            if let Some(b) = map.get_mut(&s.key) {
-                *b = settled(b);
-            } else {
-                let b = settled(&Bucket::full(s.limit, s.window, now));
-                map.insert(s.key.clone(), b);
-            }
-        }
+    fn settle(&self, hold: Hold, checks: &[BucketCheck], actual: u64) {
+        self.settle_now(hold, checks, actual);
     }
 }

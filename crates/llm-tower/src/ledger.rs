@@ -1,0 +1,252 @@
+//! Holds: the reservation shape shared by budgets ([`cost`](crate::cost)) and rate limits
+//! ([`rate_limit`](crate::rate_limit)), in the manner of two-phase transfers with timeouts
+//! and payment-API idempotency keys.
+//!
+//! A request reserves with a [`Hold`]: an id ([`HoldId`], one per request) and an expiry.
+//! Stores follow the same rules, in memory and in Redis:
+//!
+//! - **reserve(hold, amount)** records the hold under its id. Reserving again with an id the
+//!   store already knows (an open hold, or a settled one) is a no-op, so a reservation that
+//!   timed out can be sent again without counting twice; a reservation that arrives after
+//!   its hold has expired is a no-op too.
+//! - **settle(hold, actual)** replaces the hold with `actual`, **once**: a repeated settle is
+//!   a no-op. A settle whose hold does not exist (the reservation failed open, was lost or
+//!   expired) records `actual` — never a negative correction — and leaves a short-lived
+//!   tombstone, so that a reservation arriving late with that id is a no-op.
+//! - A hold never settled (the replica died, the answer was lost) is released at its expiry.
+//!
+//! So a budget's spend is *settled + open holds*, and never less than what was settled.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The id of one reservation: unique per request, across replicas (a per-process random
+/// half and a counter). Displayed as 32 hex digits.
+///
+/// ```
+/// use llm_tower::ledger::HoldId;
+/// let (a, b) = (HoldId::next(), HoldId::next());
+/// assert_ne!(a, b);
+/// assert_eq!(a.to_string().len(), 32);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HoldId(u128);
+
+impl HoldId {
+    /// A new id, never returned before by this process (and, with overwhelming probability,
+    /// by any other).
+    pub fn next() -> Self {
+        static SEED: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let seed = *SEED.get_or_init(|| {
+            // std's RandomState is seeded from the OS per process: no extra dependency.
+            let mut h = std::hash::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                h.write_u128(d.as_nanos());
+            }
+            h.finish()
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self((u128::from(seed) << 64) | u128::from(n))
+    }
+
+    /// An id from its 128 bits (e.g. derived from a request id).
+    pub const fn from_u128(v: u128) -> Self {
+        Self(v)
+    }
+
+    /// The 128 bits.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Display for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HoldId({self})")
+    }
+}
+
+/// One reservation: its id and when it is released if never settled.
+///
+/// ```
+/// use llm_tower::ledger::Hold;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let hold = Hold::new(Duration::from_secs(300));
+/// assert!(hold.expires_at > tokio::time::Instant::now());
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    /// The id: settle with the same id.
+    pub id: HoldId,
+    /// When an unsettled hold is released (on tokio's clock; networked stores convert it
+    /// to wall-clock time when they send it).
+    pub expires_at: Instant,
+}
+
+impl Hold {
+    /// A hold with a new id, expiring `ttl` from now.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            id: HoldId::next(),
+            expires_at: Instant::now() + ttl,
+        }
+    }
+}
+
+/// How long a hold lives by default: longer than any LLM call should take, so only holds
+/// of requests that never finished (a dead replica, a lost answer) reach it.
+pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(600);
+
+/// The shortest hold the layers make.
+pub const MIN_HOLD_TTL: Duration = Duration::from_secs(1);
+
+/// What [`HoldTable::close`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// An open hold of this amount, now closed.
+    Held(u64),
+    /// No hold: a tombstone was left.
+    Missing,
+    /// Already settled: nothing done.
+    Already,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    amount: u64,
+    expires: Instant,
+    open: bool,
+}
+
+/// The holds and tombstones of one account (a budget key, a bucket), with their expiry
+/// order. Empty tables do not allocate; a busy table reuses its capacity, so a request
+/// costs map and heap operations but no allocation in the steady state.
+#[derive(Debug, Default)]
+pub(crate) struct HoldTable {
+    entries: crate::FastMap<HoldId, Entry>,
+    by_expiry: BinaryHeap<Reverse<(Instant, HoldId)>>,
+}
+
+impl HoldTable {
+    /// Drops every expired entry; returns the amount of the open holds released.
+    pub(crate) fn sweep(&mut self, now: Instant) -> u64 {
+        let mut released = 0u64;
+        while let Some(Reverse((at, id))) = self.by_expiry.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.by_expiry.pop();
+            // A re-scored entry (hold turned tombstone) has a newer heap item: skip stale ones.
+            if let Some(e) = self.entries.get(&id)
+                && e.expires == at
+            {
+                if e.open {
+                    released = released.saturating_add(e.amount);
+                }
+                self.entries.remove(&id);
+            }
+        }
+        if self.entries.is_empty() && self.by_expiry.len() > 64 {
+            self.by_expiry.clear();
+        }
+        released
+    }
+
+    /// Whether `id` is known (an open hold or a tombstone).
+    pub(crate) fn contains(&self, id: HoldId) -> bool {
+        self.entries.contains_key(&id)
+    }
+
+    /// Records an open hold (the caller checked it is new; the same id twice in one
+    /// reservation, e.g. two charges on one key, adds up).
+    pub(crate) fn hold(&mut self, id: HoldId, amount: u64, expires: Instant) {
+        match self.entries.get_mut(&id) {
+            Some(e) if e.open => e.amount = e.amount.saturating_add(amount),
+            _ => {
+                self.entries.insert(
+                    id,
+                    Entry {
+                        amount,
+                        expires,
+                        open: true,
+                    },
+                );
+                self.by_expiry.push(Reverse((expires, id)));
+            }
+        }
+    }
+
+    /// Closes `id`: an open hold becomes a tombstone until `tomb_until`; a missing one
+    /// leaves a tombstone; a tombstone stays as it is.
+    pub(crate) fn close(&mut self, id: HoldId, tomb_until: Instant) -> Closed {
+        let tomb = Entry {
+            amount: 0,
+            expires: tomb_until,
+            open: false,
+        };
+        let found = match self.entries.get_mut(&id) {
+            Some(e) if !e.open => return Closed::Already,
+            Some(e) => {
+                let held = e.amount;
+                *e = tomb;
+                Closed::Held(held)
+            }
+            None => {
+                self.entries.insert(id, tomb);
+                Closed::Missing
+            }
+        };
+        self.by_expiry.push(Reverse((tomb_until, id)));
+        found
+    }
+
+    /// No hold and no tombstone.
+    #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Open holds.
+    pub(crate) fn open_holds(&self) -> usize {
+        self.entries.values().filter(|e| e.open).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn table_releases_holds_and_forgets_tombstones_at_expiry() {
+        let now = Instant::now();
+        let mut t = HoldTable::default();
+        let (a, b) = (HoldId::from_u128(1), HoldId::from_u128(2));
+        t.hold(a, 10, now + Duration::from_secs(10));
+        t.hold(b, 5, now + Duration::from_secs(20));
+        assert_eq!(t.close(a, now + Duration::from_secs(1)), Closed::Held(10));
+        assert_eq!(t.close(a, now + Duration::from_secs(1)), Closed::Already);
+        assert_eq!(t.sweep(now + Duration::from_secs(2)), 0);
+        assert!(!t.contains(a), "tombstone gone");
+        assert_eq!(t.sweep(now + Duration::from_secs(20)), 5, "b released");
+        assert!(t.is_empty());
+        assert_eq!(t.close(a, now + Duration::from_secs(30)), Closed::Missing);
+        assert!(t.contains(a));
+    }
+}
