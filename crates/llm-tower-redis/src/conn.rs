@@ -176,7 +176,7 @@ impl RedisConn {
                 Ok(Ok(v)) => Ok(v),
             };
         guard.armed = false;
-        self.record(result.is_ok());
+        self.record(result.is_ok(), probe);
         result
     }
 
@@ -224,12 +224,16 @@ impl RedisConn {
         }
     }
 
-    fn record(&self, ok: bool) {
+    fn record(&self, ok: bool, probe: bool) {
         let mut st = self
             .breaker
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        st.probing = false;
+        // Only the probe frees the probe slot: a call admitted before the breaker opened
+        // and finishing now must not let a second probe through.
+        if probe {
+            st.probing = false;
+        }
         if ok {
             st.consecutive_failures = 0;
             st.open_until = None;
@@ -258,5 +262,64 @@ impl Drop for ProbeGuard<'_> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .probing = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operation that never touches Redis: it waits `d` (paused time), then answers.
+    fn op(d: Duration, ok: bool) -> impl FnOnce(ConnectionManager) -> BoxedOp {
+        move |_| {
+            Box::pin(async move {
+                tokio::time::sleep(d).await;
+                if ok {
+                    Ok(())
+                } else {
+                    Err(redis::RedisError::from((redis::ErrorKind::Io, "scripted")))
+                }
+            })
+        }
+    }
+    type BoxedOp = std::pin::Pin<Box<dyn Future<Output = redis::RedisResult<()>> + Send>>;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_ordinary_call_does_not_free_the_probe_slot() {
+        let opts = RedisOptions {
+            op_timeout: Duration::from_secs(10),
+            failure_threshold: 1,
+            cooldown: Duration::from_millis(100),
+            ..RedisOptions::default()
+        };
+        // Never dials: every operation below ignores its connection.
+        let conn = RedisConn::connect_lazy("redis://127.0.0.1:1", opts).unwrap();
+        // A slow ordinary call, admitted while the breaker is closed.
+        let slow = tokio::spawn({
+            let c = conn.clone();
+            async move { c.run(op(Duration::from_secs(2), false)).await }
+        });
+        // A fast failure opens the breaker.
+        assert!(conn.run(op(Duration::ZERO, false)).await.is_err());
+        assert!(conn.is_open());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Cooldown over: one probe goes through and hangs.
+        let probe = tokio::spawn({
+            let c = conn.clone();
+            async move { c.run(op(Duration::from_secs(5), true)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(conn.is_probing());
+        // The slow ordinary call finishes while the probe is in flight...
+        assert!(slow.await.unwrap().is_err());
+        // ...and the probe slot stays taken: no second probe.
+        assert!(conn.is_probing());
+        assert_eq!(
+            conn.run(op(Duration::ZERO, true)).await,
+            Err(RedisStoreError::CircuitOpen)
+        );
+        // The probe's success closes the breaker.
+        assert!(probe.await.unwrap().is_ok());
+        assert!(conn.is_closed() && !conn.is_probing());
     }
 }
