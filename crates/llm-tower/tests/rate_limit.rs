@@ -454,6 +454,32 @@ async fn combined_keys_and_filters() {
     assert!(call(&mut svc, with("free", "d", "x")).await.is_err());
 }
 
+#[tokio::test(start_paused = true)]
+async fn made_up_model_names_share_one_bucket() {
+    let store = Arc::new(InMemoryRateLimitStore::new());
+    let layer = RateLimitLayer::new().store(store.clone()).rule(
+        Rule::requests(2, Duration::from_secs(60))
+            .per_model()
+            .known_models(["gpt-4o-mini"]),
+    );
+    let mut svc = layer.layer(MockLlm::new("m"));
+    let with = |model: &str| {
+        let mut r = req("t");
+        r.model = model.into();
+        r
+    };
+    // A known model has its own bucket...
+    call(&mut svc, with("gpt-4o-mini")).await.unwrap();
+    call(&mut svc, with("gpt-4o-mini")).await.unwrap();
+    assert!(call(&mut svc, with("gpt-4o-mini")).await.is_err());
+    // ...and every made-up name takes from one `other` bucket, not a fresh one each.
+    call(&mut svc, with("made-up-1")).await.unwrap();
+    call(&mut svc, with("made-up-2")).await.unwrap();
+    let e = call(&mut svc, with("made-up-3")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RateLimited);
+    assert_eq!(store.len(), 2);
+}
+
 #[test]
 fn invalid_rules_are_errors() {
     use llm_tower::rate_limit::LimitUnit;

@@ -599,13 +599,16 @@ async fn build_client_limits(
         return Ok(None);
     }
     let mut layer = RateLimitLayer::new();
+    // The requested model is the client's choice: names the config does not know share
+    // one bucket.
+    let models = known_models(config);
     for (i, rule) in rl.rules.iter().enumerate() {
         let r = rule.get_ref();
         let key = |mut rule: LimitRule| {
             rule = match r.key {
                 LimitKey::Global => rule,
                 LimitKey::Tenant => rule.per_tenant(),
-                LimitKey::Model => rule.per_model(),
+                LimitKey::Model => rule.per_model().known_models(models.iter().cloned()),
                 LimitKey::Task => rule.per_task(),
             };
             rule

@@ -118,6 +118,7 @@ pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
 pub use headroom::HeadroomTracker;
 pub use store::{Acquire, AcquireFuture, BucketCheck, InMemoryRateLimitStore, RateLimitStore};
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -171,6 +172,7 @@ pub struct Rule {
     only_tenant: Option<Arc<str>>,
     only_model: Option<Arc<str>>,
     only_task: Option<Arc<str>>,
+    known_models: Option<Arc<BTreeSet<Box<str>>>>,
 }
 
 /// A rule that cannot work (zero limit or zero window).
@@ -207,6 +209,7 @@ impl Rule {
             only_tenant: None,
             only_model: None,
             only_task: None,
+            known_models: None,
         })
     }
 
@@ -252,6 +255,27 @@ impl Rule {
     #[must_use]
     pub fn per_task(mut self) -> Self {
         self.key_by.task = true;
+        self
+    }
+    /// With [`per_model`](Self::per_model): the models that get a bucket of their own;
+    /// every other requested model shares one bucket, `other`. The model is the client's
+    /// choice, so without this a client could take a fresh bucket per made-up name.
+    ///
+    /// ```
+    /// use llm_tower::rate_limit::Rule;
+    /// use std::time::Duration;
+    /// let r = Rule::requests(100, Duration::from_secs(60))
+    ///     .per_model()
+    ///     .known_models(["gpt-4o", "gpt-4o-mini"]);
+    /// # let _ = r;
+    /// ```
+    #[must_use]
+    pub fn known_models<I, M>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<Box<str>>,
+    {
+        self.known_models = Some(Arc::new(models.into_iter().map(Into::into).collect()));
         self
     }
     /// Sets all keys at once.
@@ -340,7 +364,10 @@ impl Rule {
         }
         if self.key_by.model {
             key.push_str("|m=");
-            push_escaped(&mut key, model);
+            match &self.known_models {
+                Some(known) if !known.contains(model) => key.push_str("other"),
+                _ => push_escaped(&mut key, model),
+            }
         }
         if self.key_by.task {
             key.push_str("|k=");
