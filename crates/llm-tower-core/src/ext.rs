@@ -26,7 +26,9 @@ pub struct IdempotencyKey(pub Arc<str>);
 pub struct Deadline(pub tokio::time::Instant);
 
 impl Deadline {
-    /// A deadline `after` from now.
+    /// A deadline `after` from now. A duration past what the clock can represent (a
+    /// client's `u64::MAX` milliseconds) gives a deadline about a century away instead of
+    /// overflowing.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -34,10 +36,18 @@ impl Deadline {
     /// use std::time::Duration;
     /// let d = Deadline::after(Duration::from_secs(5));
     /// assert!(d.remaining() <= Duration::from_secs(5));
+    /// let far = Deadline::after(Duration::MAX);
+    /// assert!(far.remaining() > Duration::from_secs(365 * 86_400));
     /// # }
     /// ```
     pub fn after(after: Duration) -> Self {
-        Self(tokio::time::Instant::now() + after)
+        const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
+        let now = tokio::time::Instant::now();
+        Self(
+            now.checked_add(after.min(FAR))
+                .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+                .unwrap_or(now),
+        )
     }
 
     /// Time left before the deadline (zero once passed).

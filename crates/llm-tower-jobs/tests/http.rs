@@ -419,6 +419,10 @@ async fn job_options_are_bounded_by_the_limits() {
     let id = submit(&app, Some("vip"), with(json!({"priority": 50}))).await;
     let done = poll_until_done(&app, Some("vip"), &id).await;
     assert_eq!(done["priority"], 50);
+    // A timeout past what the clock can hold is a deadline far away, not a panic.
+    let id = submit(&app, None, with(json!({"timeout_ms": u64::MAX}))).await;
+    let done = poll_until_done(&app, None, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
 
     // The body limit is the configured one, not 32 MiB.
     let big = chat(&"x".repeat(5000));
