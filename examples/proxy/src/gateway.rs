@@ -211,7 +211,7 @@ pub async fn build(
             "llm_upstream_malformed_headers_total",
             "Rate-limit header values of successful upstream answers that could not be read",
             &[("provider", name)],
-            move || read(),
+            read,
         );
     }
     let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics);
