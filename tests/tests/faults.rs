@@ -591,3 +591,13 @@ async fn http2_stream_reset() {
     let out = rig.run(s, "gpt-4o-mini", true, Expect::Clear).await;
     assert!(out.iter().all(|o| *o == Outcome::ErrorEvent), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_panic_counter_sees_a_panic_in_a_spawned_task() {
+    // What makes `llm_panics_total` unchanged mean something: a panic nobody reports (a
+    // spawned task's) reaches the gateway's `/metrics`.
+    let rig = Rig::start().await;
+    let task = tokio::spawn(async { panic!("a panic in a spawned task") });
+    assert!(task.await.expect_err("it panicked").is_panic());
+    assert_eq!(rig.panics().await, rig.panics_before + 1);
+}
