@@ -589,7 +589,13 @@ async fn http2_stream_reset() {
         .text("one two three four")
         .drop_after_chunks(2);
     let out = rig.run(s, "gpt-4o-mini", true, Expect::Clear).await;
-    assert!(out.iter().all(|o| *o == Outcome::ErrorEvent), "{out:?}");
+    // h2 drops a reset stream's unread frames: when the reset overtakes the first chunks,
+    // the failure is before the commit point and the healthy step serves.
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, Outcome::ErrorEvent | Outcome::Answer)),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
