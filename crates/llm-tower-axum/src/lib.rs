@@ -72,6 +72,7 @@ mod auth;
 mod error;
 pub mod headers;
 mod metrics;
+mod panics;
 mod router;
 mod serve;
 mod sse;
@@ -79,6 +80,7 @@ mod sse;
 pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
 pub use error::{OpenAiError, error_response};
 pub use metrics::Metrics;
+pub use panics::{install_panic_counter, panic_count};
 pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, MetricsAccess, ModelEntry, OpenAiRouter};
 pub use serve::{
     ConnectionStats, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,

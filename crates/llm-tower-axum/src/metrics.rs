@@ -24,6 +24,12 @@
 //! A [`Server`](crate::Server) given these metrics adds `llm_connections_open` (gauge),
 //! `llm_connections_refused_total` and `llm_connections_idle_closed_total`.
 //!
+//! Metrics with a recorder install the process-wide panic hook
+//! ([`install_panic_counter`](crate::install_panic_counter)) and export
+//! `llm_panics_total`: every panic of the process (handlers, stream bodies, spawned tasks),
+//! caught or not. Counters kept elsewhere (such as a provider's malformed rate-limit
+//! headers) are exported with [`Metrics::counter_at_scrape`].
+//!
 //! [`Metrics::prometheus`] (the default of [`OpenAiRouter`](crate::OpenAiRouter)) builds
 //! a private recorder that is **not** installed globally: only this crate's metrics reach
 //! `/metrics`. [`Metrics::install_prometheus`] installs it as the global recorder instead,
@@ -76,6 +82,14 @@ struct Inner {
     observed: AtomicU64,
     /// Upkeeps run from [`Metrics::observe`].
     upkeeps: AtomicU64,
+    /// Counters read when `/metrics` is rendered.
+    scraped: RwLock<Vec<Scraped>>,
+}
+
+/// A counter kept outside the recorder, copied into it at every render.
+struct Scraped {
+    counter: Counter,
+    read: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
 /// The Prometheus recorder queues every histogram sample until an upkeep drains the queue
@@ -193,6 +207,7 @@ impl Metrics {
         let handle = recorder.handle();
         let metrics = Self::new(Target::Local(recorder), Some(handle));
         metrics.record(describe);
+        metrics.count_panics();
         metrics
     }
 
@@ -212,6 +227,7 @@ impl Metrics {
     pub fn global(handle: Option<PrometheusHandle>) -> Self {
         let metrics = Self::new(Target::Global, handle);
         metrics.record(describe);
+        metrics.count_panics();
         metrics
     }
 
@@ -228,6 +244,7 @@ impl Metrics {
                 handles: RwLock::default(),
                 observed: AtomicU64::new(0),
                 upkeeps: AtomicU64::new(0),
+                scraped: RwLock::default(),
             }),
         }
     }
@@ -237,8 +254,71 @@ impl Metrics {
         self.inner.handle.as_ref()
     }
 
+    /// Exports a counter kept elsewhere: at every render of `/metrics`, `name{labels}` is
+    /// set to what `read` returns (a monotonic count). Does nothing when disabled.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use llm_tower_axum::Metrics;
+    ///
+    /// let errors = Arc::new(AtomicU64::new(0));
+    /// let metrics = Metrics::prometheus();
+    /// let read = errors.clone();
+    /// metrics.counter_at_scrape(
+    ///     "my_errors_total",
+    ///     "Errors seen by my component",
+    ///     &[("component", "parser".to_owned())],
+    ///     move || read.load(Ordering::Relaxed),
+    /// );
+    /// errors.store(3, Ordering::Relaxed);
+    /// assert!(metrics.render().unwrap().contains(r#"my_errors_total{component="parser"} 3"#));
+    /// ```
+    pub fn counter_at_scrape(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, String)],
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        let mut counter = None;
+        self.record(|| {
+            describe_counter!(name, help);
+            counter = Some(counter!(name, labels));
+        });
+        if let Some(counter) = counter {
+            self.inner
+                .scraped
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Scraped {
+                    counter,
+                    read: Box::new(read),
+                });
+        }
+    }
+
+    fn count_panics(&self) {
+        crate::panics::install_panic_counter();
+        self.counter_at_scrape(
+            "llm_panics_total",
+            "Panics in the process (handlers, stream bodies, spawned tasks), caught or not",
+            &[],
+            crate::panics::panic_count,
+        );
+    }
+
     /// The Prometheus text page, if this has a handle.
     pub fn render(&self) -> Option<String> {
+        for s in self
+            .inner
+            .scraped
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            s.counter.absolute((s.read)());
+        }
         self.inner.handle.as_ref().map(|h| {
             // Drain the queued samples first (between renders `observe` drains them every
             // `UPKEEP_EVERY` requests).
@@ -622,6 +702,25 @@ mod tests {
         );
         assert!(page.contains(&format!("llm_rate_limited_total{other} 1")));
         assert!(!page.contains("one-more"));
+    }
+
+    #[test]
+    fn panics_anywhere_in_the_process_are_on_the_page() {
+        let m = Metrics::prometheus();
+        let before = crate::panic_count();
+        // A panic in a spawned thread: no handler, nobody catches it but the join.
+        let _ = std::thread::spawn(|| panic!("a panic the hook counts")).join();
+        let after = crate::panic_count();
+        assert!(after > before);
+        let page = m.render().unwrap();
+        let line = page
+            .lines()
+            .find(|l| l.starts_with("llm_panics_total "))
+            .unwrap_or_else(|| panic!("{page}"));
+        // Other tests of this binary may panic too: at least ours is counted.
+        let n: u64 = line["llm_panics_total ".len()..].parse().unwrap();
+        assert!(n >= after, "{line}");
+        assert!(Metrics::disabled().render().is_none());
     }
 
     #[test]

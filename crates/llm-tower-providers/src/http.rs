@@ -50,6 +50,11 @@ pub struct HttpClientConfig {
     pub max_response_header_bytes: usize,
 }
 
+/// HTTP/2 flow-control window of each stream (how much of an answer may wait unread).
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 flow-control window of a connection (all its streams together).
+const H2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
 impl Default for HttpClientConfig {
     fn default() -> Self {
         Self {
@@ -158,7 +163,14 @@ impl HttpClient {
             .pool_idle_timeout(non_zero(config.pool_idle_timeout_ms))
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .http2_only(config.http2_only)
-            .http2_adaptive_window(true)
+            // Fixed windows, not the adaptive ones (which start at 64 KiB): h2 refuses
+            // to buffer unread DATA frames under 256 bytes past a budget of half the
+            // connection window, and answers GOAWAY (ENHANCE_YOUR_CALM), failing every
+            // stream of the connection. SSE events are such frames: with a 64 KiB window,
+            // one client reading slowly could end the streams of all the others. 32 MiB
+            // lets ~100 streams fill their 256 KiB window with small events first.
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
             .http1_max_buf_size(config.max_response_header_bytes.max(MIN_HEAD_BYTES))
             .http2_max_header_list_size(
                 u32::try_from(config.max_response_header_bytes).unwrap_or(u32::MAX),

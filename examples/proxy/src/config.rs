@@ -296,6 +296,9 @@ pub struct UpstreamConfig {
     pub max_response_headers: usize,
     /// Most bytes of response head (default 65 536).
     pub max_response_header_bytes: usize,
+    /// Speak HTTP/2 only, also over plain `http://` (h2c with prior knowledge), instead of
+    /// negotiating it by TLS ALPN (default false).
+    pub http2_only: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -308,6 +311,7 @@ impl Default for UpstreamConfig {
             response_timeout_ms: l.response_timeout_ms,
             max_response_headers: h.max_response_headers,
             max_response_header_bytes: h.max_response_header_bytes,
+            http2_only: h.http2_only,
         }
     }
 }
@@ -327,6 +331,7 @@ impl UpstreamConfig {
         llm_tower_providers::HttpClientConfig {
             max_response_headers: self.max_response_headers,
             max_response_header_bytes: self.max_response_header_bytes,
+            http2_only: self.http2_only,
             ..Default::default()
         }
     }
@@ -1550,11 +1555,12 @@ default_chain = "main"
     #[test]
     fn upstream_limits_are_read_and_checked() {
         let c = parse(&format!(
-            "[upstream]\nmax_body_bytes = 1024\nmax_response_headers = 50\n{MIN}"
+            "[upstream]\nmax_body_bytes = 1024\nmax_response_headers = 50\nhttp2_only = true\n{MIN}"
         ))
         .unwrap();
         assert_eq!(c.upstream.limits().max_body_bytes, 1024);
         assert_eq!(c.upstream.http().max_response_headers, 50);
+        assert!(c.upstream.http().http2_only);
         let e = parse(&format!("[upstream]\nmax_sse_event_bytes = 0\n{MIN}")).unwrap_err();
         assert!(
             e.to_string().contains("upstream.max_sse_event_bytes"),

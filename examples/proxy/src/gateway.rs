@@ -45,7 +45,7 @@ use llm_tower_jobs::{
     Jobs, JobsApiLimits, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router_with,
 };
 use llm_tower_providers::{
-    AnthropicConfig, ApiKey, HttpClient, OpenAiConfig, ProviderConfig as HttpProviderConfig,
+    AnthropicConfig, AnthropicProvider, ApiKey, HttpClient, OpenAiConfig, OpenAiProvider,
 };
 use llm_tower_redis::{RedisConn, RedisOptions};
 use llm_tower_test::SimulatedLlm;
@@ -155,7 +155,7 @@ pub async fn build(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Gateway, BuildError> {
     let secrets = config.resolve_secrets(env)?;
-    let providers = build_providers(config, &secrets)?;
+    let (providers, malformed) = build_providers(config, &secrets)?;
     let routed = build_route(config, &providers);
 
     let redis = RedisPool::default();
@@ -206,6 +206,14 @@ pub async fn build(
     } else {
         Metrics::disabled()
     };
+    for (name, read) in malformed {
+        metrics.counter_at_scrape(
+            "llm_upstream_malformed_headers_total",
+            "Rate-limit header values of successful upstream answers that could not be read",
+            &[("provider", name)],
+            read,
+        );
+    }
     let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics);
     let body_limit =
         usize::try_from(*config.server.body_limit_bytes.get_ref()).unwrap_or(usize::MAX);
@@ -362,10 +370,15 @@ fn jobs_limits(config: &Config, body_limit: usize) -> JobsApiLimits {
 
 // ===== providers =====
 
-fn build_providers(
-    config: &Config,
-    secrets: &Secrets,
-) -> Result<BTreeMap<String, BoxLlmService>, BuildError> {
+/// Reads a provider's count of malformed rate-limit headers (exported at scrape time).
+type MalformedCount = Box<dyn Fn() -> u64 + Send + Sync>;
+
+type Providers = (
+    BTreeMap<String, BoxLlmService>,
+    Vec<(String, MalformedCount)>,
+);
+
+fn build_providers(config: &Config, secrets: &Secrets) -> Result<Providers, BuildError> {
     // One pooled HTTP client for every real provider.
     let needs_http = config
         .providers
@@ -377,12 +390,15 @@ fn build_providers(
         None
     };
     let mut out = BTreeMap::new();
+    let mut malformed = Vec::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
-        let raw = provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
+        let (raw, count) =
+            provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
         out.insert(name.clone(), with_provider_limits(name, p, raw));
+        malformed.extend(count.map(|c| (name.clone(), c)));
     }
-    Ok(out)
+    Ok((out, malformed))
 }
 
 fn provider_service(
@@ -391,7 +407,7 @@ fn provider_service(
     secrets: &Secrets,
     client: Option<&HttpClient>,
     limits: llm_tower_providers::ResponseLimits,
-) -> Result<BoxLlmService, BuildError> {
+) -> Result<(BoxLlmService, Option<MalformedCount>), BuildError> {
     let key = secrets.provider_keys.get(name);
     // The plain headers and those read from the environment (`headers_env`); the
     // provider marks every extra header value sensitive and never prints one.
@@ -423,7 +439,7 @@ fn provider_service(
                 .fail_every(sim.fail_every, kind)
                 .build();
             let map: Arc<BTreeMap<String, String>> = Arc::new(p.model_map.clone());
-            Ok(boxed(
+            let svc = boxed(
                 ServiceBuilder::new()
                     .map_request(move |mut req: ChatRequest| {
                         if let Some(m) = map.get(&req.model) {
@@ -432,12 +448,14 @@ fn provider_service(
                         req
                     })
                     .service(llm),
-            ))
+            );
+            Ok((svc, None))
         }
         ProviderKind::Openai | ProviderKind::Anthropic => {
             let client =
                 client.ok_or_else(|| setup(format!("provider {name:?}"), "no HTTP client"))?;
-            let cfg = if p.kind == ProviderKind::Openai {
+            let bad = |e| setup(format!("provider {name:?}"), e);
+            if p.kind == ProviderKind::Openai {
                 let mut c = OpenAiConfig {
                     name: name.to_owned(),
                     api_key: key.map(|k| ApiKey::new(k.expose())),
@@ -450,7 +468,12 @@ fn provider_service(
                 if let Some(url) = &p.base_url {
                     c.base_url = url.get_ref().clone();
                 }
-                HttpProviderConfig::OpenAi(c)
+                let provider = OpenAiProvider::new(c, client).map_err(bad)?;
+                let read = provider.clone();
+                Ok((
+                    boxed(provider),
+                    Some(Box::new(move || read.malformed_headers())),
+                ))
             } else {
                 let mut c = AnthropicConfig {
                     name: name.to_owned(),
@@ -465,10 +488,13 @@ fn provider_service(
                 if let Some(url) = &p.base_url {
                     c.base_url = url.get_ref().clone();
                 }
-                HttpProviderConfig::Anthropic(c)
-            };
-            cfg.build(client)
-                .map_err(|e| setup(format!("provider {name:?}"), e))
+                let provider = AnthropicProvider::new(c, client).map_err(bad)?;
+                let read = provider.clone();
+                Ok((
+                    boxed(provider),
+                    Some(Box::new(move || read.malformed_headers())),
+                ))
+            }
         }
     }
 }
