@@ -14,13 +14,13 @@ use bytes::Bytes;
 use futures_core::Stream;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use llm_tower_core::{ChatChunk, Deadline, LlmError, LlmResponse, RateLimitHeadroom};
 use tokio::time::Instant;
 
 use crate::classify;
-use crate::http::{HttpClient, HttpResponse};
+use crate::http::{BufferBudget, HttpClient, HttpResponse};
 use crate::limits::ResponseLimits;
 use crate::secret::ApiKey;
 use crate::sse::{SseEvent, SseParser};
@@ -211,11 +211,14 @@ impl Endpoint {
         }
         let (parts, body) = resp.into_parts();
         // A failed or stalled read of the error body still leaves the status to classify by.
-        let bytes = tokio::time::timeout(ERROR_BODY_TIMEOUT, read_limited(body, MAX_ERROR_BYTES))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let bytes = tokio::time::timeout(
+            ERROR_BODY_TIMEOUT,
+            read_limited(body, MAX_ERROR_BYTES, self.client.buffers()),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
         tracing::debug!(provider = %self.provider, status = parts.status.as_u16(), "upstream error");
         Err(classify::classify_status(
             &self.provider,
@@ -248,7 +251,7 @@ impl Endpoint {
         if body.size_hint().lower() > max as u64 {
             return Err(too_large());
         }
-        let read = read_limited(body, max);
+        let read = read_limited(body, max, self.client.buffers());
         let result = match self.expiry(started, deadline) {
             Some((at, own)) => match tokio::time::timeout_at(at, read).await {
                 Ok(r) => r,
@@ -256,16 +259,19 @@ impl Endpoint {
             },
             None => read.await,
         };
-        result.map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                classify::transport(
-                    &self.provider,
-                    "connection failed while reading the response",
-                    &*e,
-                )
-            }
+        result.map_err(|e| match e {
+            ReadError::TooLarge => too_large(),
+            ReadError::BuffersFull => LlmError::transport(format!(
+                "{}: too many answer bytes are being read at once (max_buffered_bytes)",
+                self.provider
+            ))
+            .with_provider(&*self.provider)
+            .with_code("upstream_buffers_full"),
+            ReadError::Body(e) => classify::transport(
+                &self.provider,
+                "connection failed while reading the response",
+                &e,
+            ),
         })
     }
 }
@@ -287,11 +293,40 @@ fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+enum ReadError {
+    TooLarge,
+    BuffersFull,
+    Body(hyper::Error),
+}
+
+/// Reads a whole body of at most `limit` bytes, each byte taken from the shared `budget`
+/// while it is being read.
 async fn read_limited(
-    body: Incoming,
+    mut body: Incoming,
     limit: usize,
-) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(Limited::new(body, limit).collect().await?.to_bytes())
+    budget: &BufferBudget,
+) -> Result<Bytes, ReadError> {
+    let mut hold = budget.holder();
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(ReadError::Body)?.into_data() else {
+            continue; // trailers
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
+            return Err(ReadError::TooLarge);
+        }
+        if !hold.take(data.len()) {
+            return Err(ReadError::BuffersFull);
+        }
+        parts.push(data);
+    }
+    // One frame (the common small answer) is returned as it is, without a copy.
+    Ok(match parts.len() {
+        1 => parts.pop().unwrap_or_default(),
+        _ => parts.concat().into(),
+    })
 }
 
 /// Turns SSE events of one provider into chunks.

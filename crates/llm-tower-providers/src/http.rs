@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,6 +49,13 @@ pub struct HttpClientConfig {
     /// Most bytes of response head read (HTTP/1.1 read buffer, at least 8 KiB; HTTP/2
     /// header list). Default 65 536.
     pub max_response_header_bytes: usize,
+    /// Most bytes of non-streamed answers being read at once, over every provider that
+    /// shares this client: [`ResponseLimits::max_body_bytes`](crate::ResponseLimits)
+    /// bounds one answer, this bounds them all together, so many concurrent huge or endless
+    /// bodies cannot take the process's memory. A body that would pass it fails as a
+    /// `Transport` error (code `upstream_buffers_full`, counted in
+    /// [`HttpClient::buffer_refusals`]). Default 256 MiB.
+    pub max_buffered_bytes: usize,
 }
 
 /// HTTP/2 flow-control window of each stream (how much of an answer may wait unread).
@@ -67,6 +75,7 @@ impl Default for HttpClientConfig {
             tls_roots: TlsRoots::Webpki,
             max_response_headers: DEFAULT_MAX_HEADERS,
             max_response_header_bytes: 64 * 1024,
+            max_buffered_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -82,6 +91,56 @@ pub enum TlsRoots {
     /// The operating system's certificate store (for corporate TLS proxies); needs the
     /// `native-roots` cargo feature, else [`HttpClient::new`] fails with a clear error.
     Native,
+}
+
+/// The bytes of answer bodies being read, over all providers sharing a client.
+#[derive(Debug)]
+pub(crate) struct BufferBudget {
+    used: AtomicUsize,
+    max: usize,
+    refused: AtomicU64,
+}
+
+impl BufferBudget {
+    fn new(max: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            max,
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// A holder of nothing yet; what it takes is given back when it drops.
+    pub(crate) fn holder(&self) -> BufferHold<'_> {
+        BufferHold { budget: self, n: 0 }
+    }
+}
+
+/// Bytes taken from a [`BufferBudget`] by one body being read.
+pub(crate) struct BufferHold<'a> {
+    budget: &'a BufferBudget,
+    n: usize,
+}
+
+impl BufferHold<'_> {
+    /// Takes `n` more bytes; `false` (counted, nothing taken) when the budget is spent.
+    pub(crate) fn take(&mut self, n: usize) -> bool {
+        let b = self.budget;
+        let prev = b.used.fetch_add(n, Ordering::Relaxed);
+        if prev.saturating_add(n) > b.max {
+            b.used.fetch_sub(n, Ordering::Relaxed);
+            b.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.n += n;
+        true
+    }
+}
+
+impl Drop for BufferHold<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.n, Ordering::Relaxed);
+    }
 }
 
 /// hyper's own default: kept on the stack below this.
@@ -119,6 +178,7 @@ type HyperClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct HttpClient {
     inner: Arc<HyperClient>,
     config: Arc<HttpClientConfig>,
+    buffers: Arc<BufferBudget>,
 }
 
 impl HttpClient {
@@ -187,6 +247,7 @@ impl HttpClient {
         let client = builder.build(https);
         Ok(Self {
             inner: Arc::new(client),
+            buffers: Arc::new(BufferBudget::new(config.max_buffered_bytes)),
             config: Arc::new(config),
         })
     }
@@ -199,6 +260,21 @@ impl HttpClient {
     /// The settings it was built with.
     pub fn config(&self) -> &HttpClientConfig {
         &self.config
+    }
+
+    /// Bytes of non-streamed answers being read now (see
+    /// [`HttpClientConfig::max_buffered_bytes`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffers.used.load(Ordering::Relaxed)
+    }
+
+    /// Answers refused because [`HttpClientConfig::max_buffered_bytes`] was reached.
+    pub fn buffer_refusals(&self) -> u64 {
+        self.buffers.refused.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn buffers(&self) -> &BufferBudget {
+        &self.buffers
     }
 
     /// Whether `other` shares this client's connection pool.

@@ -299,6 +299,9 @@ pub struct UpstreamConfig {
     /// Speak HTTP/2 only, also over plain `http://` (h2c with prior knowledge), instead of
     /// negotiating it by TLS ALPN (default false).
     pub http2_only: bool,
+    /// Most bytes of non-streamed answers read at once, over every provider (default
+    /// 256 MiB).
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -312,6 +315,7 @@ impl Default for UpstreamConfig {
             max_response_headers: h.max_response_headers,
             max_response_header_bytes: h.max_response_header_bytes,
             http2_only: h.http2_only,
+            max_buffered_bytes: h.max_buffered_bytes,
         }
     }
 }
@@ -332,6 +336,7 @@ impl UpstreamConfig {
             max_response_headers: self.max_response_headers,
             max_response_header_bytes: self.max_response_header_bytes,
             http2_only: self.http2_only,
+            max_buffered_bytes: self.max_buffered_bytes,
             ..Default::default()
         }
     }
@@ -1021,6 +1026,7 @@ impl Config {
             ("max_sse_event_bytes", u.max_sse_event_bytes),
             ("max_response_headers", u.max_response_headers),
             ("max_response_header_bytes", u.max_response_header_bytes),
+            ("max_buffered_bytes", u.max_buffered_bytes),
         ] {
             if v == 0 {
                 return Err(self.invalid(None, format!("upstream.{key} must be > 0")));

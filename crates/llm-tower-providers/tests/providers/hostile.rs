@@ -187,6 +187,31 @@ async fn a_body_that_never_ends_hits_the_size_cap() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_endless_bodies_share_one_buffer_budget() {
+    let up = MockUpstream::start().await;
+    up.set_default(Scenario::ok().endless_body());
+    // Each answer may take 4 MiB, but all of them together only 1 MiB.
+    let client = HttpClient::new(HttpClientConfig {
+        max_buffered_bytes: 1024 * 1024,
+        ..HttpClientConfig::default()
+    })
+    .unwrap();
+    let limits = ResponseLimits::default().max_body_bytes(4 * 1024 * 1024);
+    let o = OpenAiProvider::new(openai_config(&up).limits(limits), &client).unwrap();
+    let calls = (0..16).map(|_| o.clone().oneshot(request(false)));
+    for r in futures_util::future::join_all(calls).await {
+        assert_fallback_error(&err(r), ErrorKind::Transport, Some("upstream_buffers_full"));
+    }
+    assert!(client.buffer_refusals() >= 16);
+    // Every refused or finished read gave its bytes back.
+    assert_eq!(client.buffered_bytes(), 0);
+    // An ordinary answer still fits afterwards.
+    up.set_default(Scenario::ok().text("fits"));
+    let resp = o.oneshot(request(false)).await.unwrap();
+    assert_eq!(resp.into_complete().await.unwrap().text(), "fits");
+}
+
 #[tokio::test]
 async fn a_slow_body_that_never_ends_hits_the_response_timeout() {
     let (up, client) = upstream().await;
