@@ -1605,6 +1605,31 @@ default_chain = "main"
     }
 
     #[test]
+    fn provider_limits_alone_use_the_rate_limit_redis() {
+        let text = MIN.replace(
+            "kind = \"simulated\"",
+            "kind = \"simulated\"\nrate_limit = { min_remaining_requests = 2 }",
+        ) + "\n[rate_limits]\nstore = \"redis\"\nredis_url_env = \"R_URL\"\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.rate_limits.headroom_refresh_ms, 100);
+        let secrets = c
+            .resolve_secrets(&|k: &str| (k == "R_URL").then(|| "redis://h:1".to_owned()))
+            .unwrap();
+        assert_eq!(
+            secrets.rate_limit_redis_url.as_ref().map(Secret::expose),
+            Some("redis://h:1")
+        );
+        for bad in ["5", "60001"] {
+            let e = parse(&format!("{text}headroom_refresh_ms = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("headroom_refresh_ms"), "{e}");
+        }
+        let ok = parse(&format!("{text}headroom_refresh_ms = 250\n")).unwrap();
+        assert_eq!(ok.rate_limits.headroom_refresh_ms, 250);
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_its_line() {
         let text = format!("{MIN}\n[cache]\nttl_sec = 5\n");
         let e = parse(&text).unwrap_err().to_string();
