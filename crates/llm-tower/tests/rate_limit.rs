@@ -607,7 +607,7 @@ async fn merged_headroom_only_lowers_until_the_reset() {
 async fn observer_sees_observations_with_resets_filled_in_not_merges() {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = seen.clone();
-    let t = HeadroomTracker::new(1, 0).on_observe(move |h| sink.lock().unwrap().push(h.clone()));
+    let t = HeadroomTracker::new(1, 0).on_observe(move |h| sink.lock().unwrap().push(*h));
     t.observe(&RateLimitHeadroom {
         remaining_requests: Some(3),
         remaining_tokens: Some(900),

@@ -1613,7 +1613,7 @@ default_chain = "main"
         let c = parse(&text).unwrap();
         assert_eq!(c.rate_limits.headroom_refresh_ms, 100);
         let secrets = c
-            .resolve_secrets(&|k: &str| (k == "R_URL").then(|| "redis://h:1".to_owned()))
+            .resolve_secrets(|k: &str| (k == "R_URL").then(|| "redis://h:1".to_owned()))
             .unwrap();
         assert_eq!(
             secrets.rate_limit_redis_url.as_ref().map(Secret::expose),
