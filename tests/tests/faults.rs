@@ -553,6 +553,23 @@ async fn a_body_that_never_ends() {
     .await;
 }
 
+/// `max_body_bytes` bounds one answer, `max_buffered_bytes` all of them together: 64
+/// endless bodies of up to 512 KiB each would hold 32 MiB, the budget allows 4 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_bodies_share_one_buffer_budget() {
+    let rig = Rig::start_with("max_buffered_bytes = 4194304").await;
+    rig.run(
+        Scenario::ok().endless_body(),
+        "gpt-4o-mini",
+        false,
+        Expect::NoError,
+    )
+    .await;
+    let page = Client::new().get(&rig.gw.url("/metrics")).await.text();
+    let refused = metric(&page, "llm_upstream_buffer_refusals_total");
+    assert!(refused.unwrap_or(0) > 0, "{page}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_100k_levels_deep() {
     let rig = Rig::start().await;

@@ -1,5 +1,5 @@
 //! Redis stores for llm-tower, so that many gateway replicas share one cache, one set of
-//! rate limits and one budget.
+//! rate limits (with the provider headroom each replica learns) and one budget.
 //!
 //! Every operation runs through [`RedisConn`]: a hard timeout and a circuit breaker, so a
 //! Redis outage never hangs a request; each store documents whether it fails open or closed.
@@ -14,4 +14,5 @@ pub use conn::{RedisConn, RedisOptions, RedisStoreError};
 
 pub mod budget;
 pub mod cache;
+pub mod headroom;
 pub mod rate_limit;

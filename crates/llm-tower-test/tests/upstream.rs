@@ -1012,3 +1012,38 @@ async fn recording_can_be_turned_off() {
     assert!(up.requests().is_empty());
     assert_eq!(up.request_count(), 1);
 }
+
+#[tokio::test]
+async fn rate_cap_answers_429_above_the_limit_over_every_scenario() {
+    let up = MockUpstream::start().await;
+    up.set_rate_cap(Some((2, Duration::from_secs(60))));
+    let body = chat_body(false, false);
+    let r1 = post(&up, "/v1/chat/completions", &body).await;
+    assert_eq!(r1.status(), StatusCode::OK);
+    assert_eq!(header(&r1, "x-ratelimit-remaining-requests"), "1");
+    let reset = header(&r1, "x-ratelimit-reset-requests").to_owned();
+    let ms: u64 = reset.trim_end_matches("ms").parse().unwrap();
+    assert!(ms > 0 && ms <= 60_000, "{reset}");
+    // A scenario header does not get around the cap: it counts every request.
+    let r2 = send(
+        &client(),
+        &up,
+        "/v1/messages",
+        &messages_body(false),
+        &[(SCENARIO_HEADER, r#"{"text":"x"}"#)],
+    )
+    .await;
+    assert_eq!(r2.status(), StatusCode::OK);
+    assert_eq!(header(&r2, "anthropic-ratelimit-requests-remaining"), "0");
+    let r3 = post(&up, "/v1/chat/completions", &body).await;
+    assert_eq!(r3.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = header(&r3, "retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(header(&r3, "x-ratelimit-remaining-requests"), "0");
+    assert_eq!(up.rate_capped_count(), 1);
+    // Removed: served again.
+    up.set_rate_cap(None);
+    let r4 = post(&up, "/v1/chat/completions", &body).await;
+    assert_eq!(r4.status(), StatusCode::OK);
+    assert_eq!(up.request_count(), 4);
+}

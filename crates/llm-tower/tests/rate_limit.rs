@@ -594,3 +594,68 @@ async fn bucket_hold_expires_without_refund() {
     store.settle_now(hold, &c, 5);
     assert_eq!(store.remaining("k"), Some(55));
 }
+
+fn requests_left(n: u64, reset_secs: u64) -> RateLimitHeadroom {
+    RateLimitHeadroom {
+        remaining_requests: Some(n),
+        reset_requests: Some(Duration::from_secs(reset_secs)),
+        ..RateLimitHeadroom::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn merged_headroom_only_lowers_until_the_reset() {
+    let t = HeadroomTracker::new(2, 0);
+    t.observe(&requests_left(10, 4));
+    // A higher count from another replica does not raise the local one.
+    t.merge(&requests_left(50, 9));
+    assert_eq!(t.remaining(), (Some(10), None));
+    // A lower one replaces it, with its reset.
+    t.merge(&requests_left(1, 2));
+    assert_eq!(t.remaining(), (Some(1), None));
+    assert_eq!(t.check(0), Err(Duration::from_secs(2)));
+    // Past the reset the local view is gone, and any merged count is taken.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(t.check(0), Ok(()));
+    t.merge(&requests_left(50, 9));
+    assert_eq!(t.remaining(), (Some(50), None));
+    // Tokens merge on their own; a count without a reset gets the default reset (1 s).
+    t.merge(&RateLimitHeadroom {
+        remaining_tokens: Some(7),
+        ..RateLimitHeadroom::default()
+    });
+    assert_eq!(t.remaining(), (Some(50), Some(7)));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(t.remaining(), (Some(50), None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn observer_sees_observations_with_resets_filled_in_not_merges() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let t = HeadroomTracker::new(1, 0).on_observe(move |h| sink.lock().unwrap().push(*h));
+    t.observe(&RateLimitHeadroom {
+        remaining_requests: Some(3),
+        remaining_tokens: Some(900),
+        reset_tokens: Some(Duration::MAX),
+        ..RateLimitHeadroom::default()
+    });
+    // Nothing to record: not passed on.
+    t.observe(&RateLimitHeadroom::default());
+    t.merge(&requests_left(1, 1));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].remaining_requests, Some(3));
+    assert_eq!(seen[0].reset_requests, Some(Duration::from_secs(1)));
+    assert_eq!(seen[0].reset_tokens, Some(llm_tower::MAX_RETRY_AFTER));
+}
+
+#[tokio::test(start_paused = true)]
+async fn weak_tracker_shares_state_and_does_not_keep_it_alive() {
+    let t = HeadroomTracker::new(2, 0);
+    let weak = t.downgrade();
+    weak.upgrade().unwrap().merge(&requests_left(0, 3));
+    assert_eq!(t.check(0), Err(Duration::from_secs(3)));
+    drop(t);
+    assert!(weak.upgrade().is_none());
+}

@@ -590,6 +590,7 @@ impl Default for RateLimitsConfig {
             redis_url_env: None,
             on_limit: OnLimit::default(),
             max_wait_ms: default_max_wait(),
+            headroom_refresh_ms: default_headroom_refresh(),
             rules: Vec::new(),
         }
     }
@@ -619,8 +620,14 @@ pub struct RateLimitsConfig {
     /// `memory` (default) or `redis`.
     #[serde(default = "memory_store")]
     pub store: Spanned<StoreKind>,
-    /// NAME of the env var holding the Redis URL (store = "redis").
+    /// NAME of the env var holding the Redis URL (store = "redis"). With Redis, the
+    /// providers' own limits (`[providers.NAME] rate_limit`) are shared too.
     pub redis_url_env: Option<Spanned<String>>,
+    /// With store = "redis": how often each replica publishes the provider headroom it
+    /// learned and reads what the others learned, in milliseconds (default 100, 10 to
+    /// 60000). A replica acts on another's observation within twice this.
+    #[serde(default = "default_headroom_refresh")]
+    pub headroom_refresh_ms: u64,
     /// Reject at once (default) or wait for room.
     #[serde(default)]
     pub on_limit: OnLimit,
@@ -671,6 +678,10 @@ pub struct RateLimitRule {
 
 fn default_max_wait() -> u64 {
     2000
+}
+
+fn default_headroom_refresh() -> u64 {
+    100
 }
 
 /// `[prices.<model>]`: USD per million tokens.
@@ -1210,6 +1221,12 @@ impl Config {
             &self.rate_limits.store,
             &self.rate_limits.redis_url_env,
         )?;
+        if !(10..=60_000).contains(&self.rate_limits.headroom_refresh_ms) {
+            return Err(self.invalid(
+                None,
+                "rate_limits: headroom_refresh_ms must be between 10 and 60000",
+            ));
+        }
         for rule in &self.rate_limits.rules {
             let r = rule.get_ref();
             if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
@@ -1425,7 +1442,12 @@ impl Config {
         } else {
             None
         };
-        let rate_limit_redis_url = if self.rate_limits.rules.is_empty() {
+        let rate_limit_redis_url = if self.rate_limits.rules.is_empty()
+            && !self
+                .providers
+                .values()
+                .any(|p| p.get_ref().rate_limit.is_some())
+        {
             None
         } else {
             redis("rate_limits", &self.rate_limits.redis_url_env)?
@@ -1592,6 +1614,31 @@ default_chain = "main"
         let bad = text.replace("breaker_failure_ratio = 0.8", "breaker_failure_ratio = 1.5");
         let e = parse(&bad).unwrap_err().to_string();
         assert!(e.contains("breaker_failure_ratio"), "{e}");
+    }
+
+    #[test]
+    fn provider_limits_alone_use_the_rate_limit_redis() {
+        let text = MIN.replace(
+            "kind = \"simulated\"",
+            "kind = \"simulated\"\nrate_limit = { min_remaining_requests = 2 }",
+        ) + "\n[rate_limits]\nstore = \"redis\"\nredis_url_env = \"R_URL\"\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.rate_limits.headroom_refresh_ms, 100);
+        let secrets = c
+            .resolve_secrets(|k: &str| (k == "R_URL").then(|| "redis://h:1".to_owned()))
+            .unwrap();
+        assert_eq!(
+            secrets.rate_limit_redis_url.as_ref().map(Secret::expose),
+            Some("redis://h:1")
+        );
+        for bad in ["5", "60001"] {
+            let e = parse(&format!("{text}headroom_refresh_ms = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("headroom_refresh_ms"), "{e}");
+        }
+        let ok = parse(&format!("{text}headroom_refresh_ms = 250\n")).unwrap();
+        assert_eq!(ok.rate_limits.headroom_refresh_ms, 250);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!                 └ fallback (one per chain): ordered steps, per-attempt timeouts,
 //!                    │                         cooldown, stream commit point
 //!                    └ per provider: rate limit + provider headroom (OnLimit::FallBack,
-//!                                    so a full provider hands over to the next step)
+//!                                    so a full provider hands over to the next step;
+//!                                    shared through Redis with [rate_limits] store = "redis")
 //!                       └ provider (OpenAI-compatible, Anthropic or simulated)
 //! ```
 //!
@@ -155,10 +156,15 @@ pub async fn build(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Gateway, BuildError> {
     let secrets = config.resolve_secrets(env)?;
-    let (providers, malformed) = build_providers(config, &secrets)?;
+    let redis = RedisPool::default();
+    let shared = provider_limits_store(config, &secrets, &redis).await?;
+    let Providers {
+        services: providers,
+        malformed,
+        client,
+    } = build_providers(config, &secrets, shared.as_ref())?;
     let routed = build_route(config, &providers);
 
-    let redis = RedisPool::default();
     let client_limits = build_client_limits(config, &secrets, &redis).await?;
     let cost = build_cost(config, &secrets, &redis).await?;
     let cache = build_cache(config, &secrets, &redis).await?;
@@ -212,6 +218,14 @@ pub async fn build(
             "Rate-limit header values of successful upstream answers that could not be read",
             &[("provider", name)],
             read,
+        );
+    }
+    if let Some(client) = client {
+        metrics.counter_at_scrape(
+            "llm_upstream_buffer_refusals_total",
+            "Upstream answers refused because upstream.max_buffered_bytes were being read",
+            &[],
+            move || client.buffer_refusals(),
         );
     }
     let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics);
@@ -373,12 +387,54 @@ fn jobs_limits(config: &Config, body_limit: usize) -> JobsApiLimits {
 /// Reads a provider's count of malformed rate-limit headers (exported at scrape time).
 type MalformedCount = Box<dyn Fn() -> u64 + Send + Sync>;
 
-type Providers = (
-    BTreeMap<String, BoxLlmService>,
-    Vec<(String, MalformedCount)>,
-);
+/// The providers, with what the gateway exports about them.
+struct Providers {
+    services: BTreeMap<String, BoxLlmService>,
+    malformed: Vec<(String, MalformedCount)>,
+    /// The HTTP client every real provider shares (none when all are simulated).
+    client: Option<HttpClient>,
+}
 
-fn build_providers(config: &Config, secrets: &Secrets) -> Result<Providers, BuildError> {
+/// Where the providers' limits and headroom are shared between replicas: the rate-limit
+/// Redis (`[rate_limits] store = "redis"`), when a provider has limits.
+struct SharedLimits {
+    conn: RedisConn,
+    /// One store (one settlement queue) for every provider's buckets.
+    store: Arc<llm_tower_redis::rate_limit::RedisRateLimitStore>,
+    refresh: Duration,
+}
+
+async fn provider_limits_store(
+    config: &Config,
+    secrets: &Secrets,
+    redis: &RedisPool,
+) -> Result<Option<SharedLimits>, BuildError> {
+    let any = config
+        .providers
+        .values()
+        .any(|p| p.get_ref().rate_limit.is_some());
+    if !any || *config.rate_limits.store.get_ref() != StoreKind::Redis {
+        return Ok(None);
+    }
+    let url = secrets
+        .rate_limit_redis_url
+        .as_ref()
+        .ok_or_else(|| setup("provider rate limits", "no Redis URL"))?;
+    let conn = redis.get("rate limits", url).await?;
+    Ok(Some(SharedLimits {
+        store: Arc::new(llm_tower_redis::rate_limit::RedisRateLimitStore::new(
+            conn.clone(),
+        )),
+        conn,
+        refresh: Duration::from_millis(config.rate_limits.headroom_refresh_ms),
+    }))
+}
+
+fn build_providers(
+    config: &Config,
+    secrets: &Secrets,
+    shared: Option<&SharedLimits>,
+) -> Result<Providers, BuildError> {
     // One pooled HTTP client for every real provider.
     let needs_http = config
         .providers
@@ -395,10 +451,14 @@ fn build_providers(config: &Config, secrets: &Secrets) -> Result<Providers, Buil
         let p = p.get_ref();
         let (raw, count) =
             provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
-        out.insert(name.clone(), with_provider_limits(name, p, raw));
+        out.insert(name.clone(), with_provider_limits(name, p, shared, raw));
         malformed.extend(count.map(|c| (name.clone(), c)));
     }
-    Ok((out, malformed))
+    Ok(Providers {
+        services: out,
+        malformed,
+        client,
+    })
 }
 
 fn provider_service(
@@ -500,8 +560,15 @@ fn provider_service(
 }
 
 /// The provider's own limits and headroom, right over it, answering `RateLimited` at once
-/// so the chain moves to its next step.
-fn with_provider_limits(name: &str, p: &ProviderConfig, svc: BoxLlmService) -> BoxLlmService {
+/// so the chain moves to its next step. With `shared`, the buckets live in Redis (keys
+/// `provider:<name>:rpm` / `:tpm`, failing open) and the headroom is shared through it
+/// (`llm_tower_redis::headroom`), so replicas together stay under the provider's limits.
+fn with_provider_limits(
+    name: &str,
+    p: &ProviderConfig,
+    shared: Option<&SharedLimits>,
+    svc: BoxLlmService,
+) -> BoxLlmService {
     let Some(rl) = &p.rate_limit else {
         return svc;
     };
@@ -509,19 +576,32 @@ fn with_provider_limits(name: &str, p: &ProviderConfig, svc: BoxLlmService) -> B
     let mut layer = RateLimitLayer::new()
         .on_limit(LimitPolicy::FallBack)
         .target(name);
+    // `provider:` keeps these apart from the client rules' buckets (`rule0:rpm`) in a
+    // shared store.
     if let Some(n) = rl.requests_per_minute {
-        layer = layer
-            .rule(LimitRule::requests(n, Duration::from_secs(60)).named(format!("{name}:rpm")));
+        layer = layer.rule(
+            LimitRule::requests(n, Duration::from_secs(60)).named(format!("provider:{name}:rpm")),
+        );
     }
     if let Some(n) = rl.tokens_per_minute {
-        layer =
-            layer.rule(LimitRule::tokens(n, Duration::from_secs(60)).named(format!("{name}:tpm")));
+        layer = layer.rule(
+            LimitRule::tokens(n, Duration::from_secs(60)).named(format!("provider:{name}:tpm")),
+        );
     }
     if rl.min_remaining_requests > 0 || rl.min_remaining_tokens > 0 {
-        layer = layer.headroom(HeadroomTracker::new(
-            rl.min_remaining_requests,
-            rl.min_remaining_tokens,
-        ));
+        let tracker = HeadroomTracker::new(rl.min_remaining_requests, rl.min_remaining_tokens);
+        let tracker = match shared {
+            Some(s) => llm_tower_redis::headroom::share(s.conn.clone(), name, tracker, s.refresh)
+                .tracker()
+                .clone(),
+            None => tracker,
+        };
+        layer = layer.headroom(tracker);
+    }
+    if let Some(s) = shared
+        && (rl.requests_per_minute.is_some() || rl.tokens_per_minute.is_some())
+    {
+        layer = layer.store(s.store.clone());
     }
     // `.layer(..)`, not `.rate_limit(..)`: with tower's `limit` feature on, tower's own
     // inherent `ServiceBuilder::rate_limit(num, per)` shadows the extension method.

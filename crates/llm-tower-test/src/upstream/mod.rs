@@ -101,6 +101,47 @@ struct Shared {
     request_count: AtomicUsize,
     connection_count: AtomicUsize,
     tokens_used: AtomicU64,
+    cap: Mutex<Option<RateCap>>,
+    capped: AtomicUsize,
+}
+
+/// A provider-side limit over every completion request: at most `limit` per fixed window.
+#[derive(Debug, Clone, Copy)]
+struct RateCap {
+    limit: u64,
+    window: Duration,
+    start: Option<tokio::time::Instant>,
+    used: u64,
+}
+
+/// What the cap says about one request: served with `remaining` left until `reset`, or
+/// refused until `reset`.
+enum CapVerdict {
+    Served { remaining: u64, reset: Duration },
+    Refused { reset: Duration },
+}
+
+impl RateCap {
+    fn take(&mut self) -> CapVerdict {
+        let now = tokio::time::Instant::now();
+        let start = match self.start {
+            Some(s) if now < s + self.window => s,
+            _ => {
+                self.used = 0;
+                self.start = Some(now);
+                now
+            }
+        };
+        let reset = (start + self.window).saturating_duration_since(now);
+        if self.used >= self.limit {
+            return CapVerdict::Refused { reset };
+        }
+        self.used += 1;
+        CapVerdict::Served {
+            remaining: self.limit - self.used,
+            reset,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -209,6 +250,8 @@ impl MockUpstreamBuilder {
             request_count: AtomicUsize::new(0),
             connection_count: AtomicUsize::new(0),
             tokens_used: AtomicU64::new(0),
+            cap: Mutex::new(None),
+            capped: AtomicUsize::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(serve(listener, shared.clone(), stop_rx));
@@ -280,6 +323,38 @@ impl MockUpstream {
     /// How many requests (any path) were received.
     pub fn request_count(&self) -> usize {
         self.inner.shared.request_count.load(Ordering::Relaxed)
+    }
+
+    /// Behave like a provider with a request limit: at most `limit` completion requests
+    /// per fixed `window` (the first starts at the first request), over every client and
+    /// scenario. Beyond it a request is answered 429 with `retry-after` (whole seconds,
+    /// rounded up) and no remaining requests; within it the rate-limit headers report the
+    /// requests left and the window's reset (`x-ratelimit-reset-requests`,
+    /// `anthropic-ratelimit-requests-reset`). `None` removes the cap.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use llm_tower_test::MockUpstream;
+    /// use std::time::Duration;
+    ///
+    /// let upstream = MockUpstream::start().await;
+    /// upstream.set_rate_cap(Some((10, Duration::from_secs(60))));
+    /// // ... the 11th completion request within the minute gets a 429.
+    /// assert_eq!(upstream.rate_capped_count(), 0);
+    /// # }
+    /// ```
+    pub fn set_rate_cap(&self, cap: Option<(u64, Duration)>) {
+        *lock(&self.inner.shared.cap) = cap.map(|(limit, window)| RateCap {
+            limit,
+            window: window.max(Duration::from_millis(1)),
+            start: None,
+            used: 0,
+        });
+    }
+
+    /// How many requests the rate cap ([`set_rate_cap`](Self::set_rate_cap)) answered 429.
+    pub fn rate_capped_count(&self) -> usize {
+        self.inner.shared.capped.load(Ordering::Relaxed)
     }
 
     /// How many TCP connections were accepted (for connection-reuse tests).
@@ -443,6 +518,22 @@ async fn handle(
             }
         }
     };
+    let verdict = lock(&shared.cap).as_mut().map(RateCap::take);
+    let scenario = match verdict {
+        Some(CapVerdict::Refused { reset }) => {
+            shared.capped.fetch_add(1, Ordering::Relaxed);
+            let secs = reset.as_millis().div_ceil(1000).max(1);
+            Arc::new(Scenario::rate_limited(
+                u64::try_from(secs).unwrap_or(u64::MAX),
+            ))
+        }
+        Some(CapVerdict::Served { remaining, .. }) => {
+            let mut s = (*scenario).clone();
+            s.ratelimit_remaining_requests = Some(remaining);
+            Arc::new(s)
+        }
+        None => scenario,
+    };
     if !scenario.latency.is_zero() {
         tokio::time::sleep(scenario.latency).await;
     }
@@ -452,7 +543,11 @@ async fn handle(
     if let Some(ms) = scenario.header_drip_ms {
         drip.store(ms.max(1), Ordering::Relaxed);
     }
-    Ok(respond(&shared, api, seq, &body, &scenario))
+    let mut resp = respond(&shared, api, seq, &body, &scenario);
+    if let Some(CapVerdict::Served { reset, .. } | CapVerdict::Refused { reset }) = verdict {
+        render::requests_reset_header(api, resp.headers_mut(), reset);
+    }
+    Ok(resp)
 }
 
 fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) -> Response<Body> {

@@ -790,6 +790,22 @@ pub(crate) fn error_body(api: Api, s: &Scenario, model: &str, request_id: &str) 
 pub(crate) const LIMIT_REQUESTS: u64 = 10_000;
 pub(crate) const LIMIT_TOKENS: u64 = 2_000_000;
 
+/// Replaces the request-count reset header with `reset` from now.
+pub(crate) fn requests_reset_header(api: Api, h: &mut HeaderMap, reset: Duration) {
+    match api {
+        Api::OpenAi => put_str(
+            h,
+            "x-ratelimit-reset-requests",
+            &format!("{}ms", reset.as_millis().max(1)),
+        ),
+        Api::Anthropic => put_str(
+            h,
+            "anthropic-ratelimit-requests-reset",
+            &rfc3339(SystemTime::now() + reset),
+        ),
+    }
+}
+
 /// The provider's rate-limit headers.
 pub(crate) fn ratelimit_headers(
     api: Api,

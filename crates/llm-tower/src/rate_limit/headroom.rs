@@ -1,6 +1,7 @@
 //! The provider headroom tracker.
 
-use std::sync::{Arc, Mutex};
+use std::fmt;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use llm_tower_core::RateLimitHeadroom;
@@ -23,6 +24,14 @@ use tokio::time::Instant;
 ///
 /// Cheap to clone; clones share the state.
 ///
+/// # Sharing between processes
+///
+/// A tracker learns only from the responses its own process sees. To share what replicas
+/// learn, install an observer with [`on_observe`](Self::on_observe) that publishes each
+/// observation (it runs on the response path: it must not block), and feed what the other
+/// replicas published back with [`merge`](Self::merge). `llm-tower-redis`'s `headroom`
+/// module does both through Redis.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// use llm_tower::rate_limit::HeadroomTracker;
@@ -40,12 +49,58 @@ use tokio::time::Instant;
 /// assert_eq!(tracker.check(10), Ok(()));
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HeadroomTracker {
     state: Arc<Mutex<State>>,
     min_requests: u64,
     min_tokens: u64,
     default_reset: Duration,
+    observer: Option<Observer>,
+}
+
+type Observer = Arc<dyn Fn(&RateLimitHeadroom) + Send + Sync>;
+
+impl fmt::Debug for HeadroomTracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeadroomTracker")
+            .field("state", &self.state)
+            .field("min_requests", &self.min_requests)
+            .field("min_tokens", &self.min_tokens)
+            .field("default_reset", &self.default_reset)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
+}
+
+/// A [`HeadroomTracker`] that does not keep its state alive: for a background task that
+/// must stop when the tracker's last clone is dropped. See [`HeadroomTracker::downgrade`].
+#[derive(Clone)]
+pub struct WeakHeadroomTracker {
+    state: Weak<Mutex<State>>,
+    min_requests: u64,
+    min_tokens: u64,
+    default_reset: Duration,
+    observer: Option<Observer>,
+}
+
+impl fmt::Debug for WeakHeadroomTracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakHeadroomTracker")
+            .finish_non_exhaustive()
+    }
+}
+
+impl WeakHeadroomTracker {
+    /// The tracker, if a clone of it is still alive.
+    pub fn upgrade(&self) -> Option<HeadroomTracker> {
+        Some(HeadroomTracker {
+            state: self.state.upgrade()?,
+            min_requests: self.min_requests,
+            min_tokens: self.min_tokens,
+            default_reset: self.default_reset,
+            observer: self.observer.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -63,7 +118,80 @@ impl HeadroomTracker {
             min_requests: min_remaining_requests,
             min_tokens: min_remaining_tokens,
             default_reset: Duration::from_secs(1),
+            observer: None,
         }
+    }
+
+    /// Calls `f` with every observation [`observe`](Self::observe) records, after it is
+    /// recorded, with each reset filled in (the default reset where the provider gave none)
+    /// and capped. `f` runs on the response path: it must return at once (queue, never
+    /// wait). Replaces an earlier observer.
+    #[must_use]
+    pub fn on_observe<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&RateLimitHeadroom) + Send + Sync + 'static,
+    {
+        self.observer = Some(Arc::new(f));
+        self
+    }
+
+    /// A handle that does not keep the state alive (see [`WeakHeadroomTracker`]).
+    pub fn downgrade(&self) -> WeakHeadroomTracker {
+        WeakHeadroomTracker {
+            state: Arc::downgrade(&self.state),
+            min_requests: self.min_requests,
+            min_tokens: self.min_tokens,
+            default_reset: self.default_reset,
+            observer: self.observer.clone(),
+        }
+    }
+
+    /// Merges what another process observed (remaining counts, resets from now): a count
+    /// replaces the local one when it is **lower**, or when the local one is unknown or
+    /// past its reset. A higher count never raises the local one before its reset: each
+    /// process counts its own admissions down locally, and the lower of two views of the
+    /// same window is the one that has seen more of the traffic. Not passed to the
+    /// observer.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use llm_tower::rate_limit::HeadroomTracker;
+    /// use llm_tower::RateLimitHeadroom;
+    /// use std::time::Duration;
+    ///
+    /// let tracker = HeadroomTracker::new(5, 0);
+    /// // Another replica saw 3 requests left for the next 2 s.
+    /// tracker.merge(&RateLimitHeadroom {
+    ///     remaining_requests: Some(3),
+    ///     reset_requests: Some(Duration::from_secs(2)),
+    ///     ..Default::default()
+    /// });
+    /// assert_eq!(tracker.check(0), Err(Duration::from_secs(2)));
+    /// # }
+    /// ```
+    pub fn merge(&self, h: &RateLimitHeadroom) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let at = |reset: Option<Duration>| now + self.reset_of(reset);
+        let merge_one = |slot: &mut Option<(u64, Instant)>, rem: Option<u64>, reset| {
+            let Some(r) = rem else { return };
+            let replace = match *slot {
+                None => true,
+                Some((local, until)) => now >= until || r < local,
+            };
+            if replace {
+                *slot = Some((r, at(reset)));
+            }
+        };
+        merge_one(&mut st.requests, h.remaining_requests, h.reset_requests);
+        merge_one(&mut st.tokens, h.remaining_tokens, h.reset_tokens);
+    }
+
+    fn reset_of(&self, reset: Option<Duration>) -> Duration {
+        // A reset is the provider's word: capped, so that it cannot overflow the clock.
+        reset
+            .unwrap_or(self.default_reset)
+            .min(llm_tower_core::MAX_RETRY_AFTER)
     }
 
     /// The reset assumed when the provider gives a remaining count without a reset time.
@@ -76,18 +204,28 @@ impl HeadroomTracker {
     /// Records the headroom a response reported.
     pub fn observe(&self, h: &RateLimitHeadroom) {
         let now = Instant::now();
-        let mut st = self.lock();
-        // A reset is the provider's word: capped, so that it cannot overflow the clock.
-        let at = |reset: Option<Duration>| {
-            now + reset
-                .unwrap_or(self.default_reset)
-                .min(llm_tower_core::MAX_RETRY_AFTER)
-        };
-        if let Some(r) = h.remaining_requests {
-            st.requests = Some((r, at(h.reset_requests)));
+        {
+            let mut st = self.lock();
+            let at = |reset: Option<Duration>| now + self.reset_of(reset);
+            if let Some(r) = h.remaining_requests {
+                st.requests = Some((r, at(h.reset_requests)));
+            }
+            if let Some(t) = h.remaining_tokens {
+                st.tokens = Some((t, at(h.reset_tokens)));
+            }
         }
-        if let Some(t) = h.remaining_tokens {
-            st.tokens = Some((t, at(h.reset_tokens)));
+        if let Some(f) = &self.observer
+            && (h.remaining_requests.is_some() || h.remaining_tokens.is_some())
+        {
+            f(&RateLimitHeadroom {
+                remaining_requests: h.remaining_requests,
+                remaining_tokens: h.remaining_tokens,
+                reset_requests: h
+                    .remaining_requests
+                    .map(|_| self.reset_of(h.reset_requests)),
+                reset_tokens: h.remaining_tokens.map(|_| self.reset_of(h.reset_tokens)),
+                ..RateLimitHeadroom::default()
+            });
         }
     }
 

@@ -115,7 +115,7 @@ mod headroom;
 mod store;
 
 pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
-pub use headroom::HeadroomTracker;
+pub use headroom::{HeadroomTracker, WeakHeadroomTracker};
 pub use store::{Acquire, AcquireFuture, BucketCheck, InMemoryRateLimitStore, RateLimitStore};
 
 use std::collections::BTreeSet;
