@@ -673,6 +673,26 @@ pub struct PriceConfig {
     pub output_per_mtok: f64,
     /// Cached input tokens (default: the input price).
     pub cached_input_per_mtok: Option<f64>,
+    /// Input tokens written to the provider's prompt cache (Anthropic
+    /// `cache_creation_input_tokens`; default: the input price).
+    pub cache_write_input_per_mtok: Option<f64>,
+}
+
+impl PriceConfig {
+    /// The cost layer's price (its own conversion and checks).
+    pub fn model_price(
+        &self,
+    ) -> Result<llm_tower::cost::ModelPrice, llm_tower::cost::InvalidPrice> {
+        let p = llm_tower::cost::ModelPrice::per_mtok_usd(
+            self.input_per_mtok,
+            self.output_per_mtok,
+            self.cached_input_per_mtok,
+        )?;
+        match self.cache_write_input_per_mtok {
+            Some(w) => p.with_cache_write_per_mtok_usd(w),
+            None => Ok(p),
+        }
+    }
 }
 
 /// `[budgets]`.
@@ -1219,6 +1239,7 @@ impl Config {
                 Some(v.input_per_mtok),
                 Some(v.output_per_mtok),
                 v.cached_input_per_mtok,
+                v.cache_write_input_per_mtok,
             ];
             if all
                 .into_iter()
@@ -1235,11 +1256,7 @@ impl Config {
         for (model, p) in &self.prices {
             let v = p.get_ref();
             // The cost layer's own conversion, so what it would refuse fails here, with a line.
-            if let Err(e) = llm_tower::cost::ModelPrice::per_mtok_usd(
-                v.input_per_mtok,
-                v.output_per_mtok,
-                v.cached_input_per_mtok,
-            ) {
+            if let Err(e) = v.model_price() {
                 return Err(err(&p.span(), format!("prices.{model:?}: {e}")));
             }
         }
