@@ -99,7 +99,7 @@ use std::time::{Duration, SystemTime};
 
 use llm_tower_core::{
     CacheStatus, ChatRequest, Cost, ErrorKind, LlmError, LlmResponse, NanoUsd, Outcome,
-    ResponseBody, Usage,
+    PaidAttempt, ResponseBody, Usage,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -167,8 +167,13 @@ pub struct CostTotals {
     pub saved_nano_usd: NanoUsd,
     /// Responses that ended without a usage report (their cost is not in `nano_usd`).
     pub unknown_usage: u64,
-    /// Responses of a model with no price.
+    /// Responses (and discarded attempts) of a model with no price.
     pub unpriced: u64,
+    /// Attempts paid for whose answer was discarded (an answer validation rejected before
+    /// its retry, a fallback attempt that failed after reporting usage, the answers behind
+    /// a request that failed; see [`PaidAttempt`]): their tokens and cost are in the sums
+    /// above, but they are not counted in `requests`.
+    pub discarded_attempts: u64,
 }
 
 impl CostTotals {
@@ -182,6 +187,7 @@ impl CostTotals {
         self.saved_nano_usd = self.saved_nano_usd.saturating_add(o.saved_nano_usd);
         self.unknown_usage += o.unknown_usage;
         self.unpriced += o.unpriced;
+        self.discarded_attempts += o.discarded_attempts;
     }
 
     /// The cost in dollars, for display only.
@@ -226,6 +232,9 @@ pub struct CostRecord {
     pub cache_hit: bool,
     /// Whether the response was delivered completely.
     pub completed: bool,
+    /// Whether this is an attempt paid for whose answer was discarded (see
+    /// [`CostTotals::discarded_attempts`]) rather than the response.
+    pub discarded: bool,
 }
 
 type Key = (Arc<str>, Arc<str>, Arc<str>);
@@ -537,10 +546,60 @@ impl Ticket {
     /// Settles the hold: with the actual cost, or (unknown) with the estimate (no refund).
     /// Consumes the charges, so it cannot run twice.
     fn settle(&mut self, actual: Option<NanoUsd>) {
+        self.settle_with(actual, 0);
+    }
+
+    /// [`settle`](Self::settle), plus `paid`: what discarded attempts cost.
+    fn settle_with(&mut self, actual: Option<NanoUsd>, paid: NanoUsd) {
         let charges = std::mem::take(&mut self.charges);
         let Some(first) = charges.first() else { return };
-        let actual = actual.unwrap_or(first.amount);
+        let actual = actual.unwrap_or(first.amount).saturating_add(paid);
         self.layer.store.settle(self.hold, &charges, actual);
+    }
+
+    /// Prices the attempts paid for and discarded (each with the model that served it),
+    /// adds them to the totals and returns what they cost together.
+    fn record_paid(&self, paid: &[PaidAttempt]) -> NanoUsd {
+        let mut sum: NanoUsd = 0;
+        for a in paid {
+            let model: Arc<str> = a.model.as_deref().unwrap_or(&self.req_model).into();
+            let price = self.layer.price_of(&model);
+            let cost = price_usage(price, Some(&a.usage), false);
+            let nano = cost.map_or(0, |c| c.nano_usd);
+            sum = sum.saturating_add(nano);
+            let t = CostTotals {
+                discarded_attempts: 1,
+                unpriced: u64::from(price.is_none()),
+                prompt_tokens: a.usage.prompt_tokens,
+                cached_tokens: a.usage.cached_tokens(),
+                completion_tokens: a.usage.completion_tokens,
+                nano_usd: nano,
+                ..CostTotals::default()
+            };
+            self.add_totals(&model, &t);
+            if let Some(f) = &self.layer.config.on_record {
+                f(&CostRecord {
+                    task: self.task.clone(),
+                    tenant: self.tenant.clone(),
+                    model,
+                    usage: Some(a.usage.clone()),
+                    cost,
+                    cache_hit: false,
+                    completed: false,
+                    discarded: true,
+                });
+            }
+        }
+        sum
+    }
+
+    fn add_totals(&self, model: &Arc<str>, t: &CostTotals) {
+        let mut key = (self.task.clone(), self.tenant.clone(), model.clone());
+        let mut totals = lock(&self.layer.state.totals);
+        if totals.len() >= MAX_TOTAL_KEYS && !totals.contains_key(&key) {
+            key.0 = self.layer.state.other.clone();
+        }
+        totals.entry(key).or_default().add(t);
     }
 
     /// Forgets the charges without settling (the store refused: nothing is held).
@@ -552,19 +611,39 @@ impl Ticket {
         let model: Arc<str> = resp.meta.model.as_deref().unwrap_or(&self.req_model).into();
         let price = self.layer.price_of(&model);
         let hit = resp.meta.cache == CacheStatus::Hit;
-        match &resp.body {
-            ResponseBody::Complete(r) => resp.meta.cost = price_usage(price, r.usage.as_ref(), hit),
-            ResponseBody::Encoded(r) => resp.meta.cost = price_usage(price, r.usage(), hit),
-            ResponseBody::Stream(_) => {}
-        }
-        resp.on_finish(move |o: &Outcome| self.finish(o, &model, price, hit));
+        // Earlier attempts paid for and discarded: counted now, settled with the response.
+        let paid = if resp.meta.paid_attempts.is_empty() {
+            0
+        } else {
+            self.record_paid(&resp.meta.paid_attempts)
+        };
+        let cost = match &resp.body {
+            ResponseBody::Complete(r) => price_usage(price, r.usage.as_ref(), hit),
+            ResponseBody::Encoded(r) => price_usage(price, r.usage(), hit),
+            ResponseBody::Stream(_) => None,
+        };
+        resp.meta.cost = match cost {
+            Some(c) if paid > 0 => Some(Cost {
+                nano_usd: c.nano_usd.saturating_add(paid),
+                ..c
+            }),
+            other => other,
+        };
+        resp.on_finish(move |o: &Outcome| self.finish(o, &model, price, hit, paid));
         resp
     }
 
-    fn finish(mut self, o: &Outcome, model: &Arc<str>, price: Option<ModelPrice>, hit: bool) {
+    fn finish(
+        mut self,
+        o: &Outcome,
+        model: &Arc<str>,
+        price: Option<ModelPrice>,
+        hit: bool,
+        paid: NanoUsd,
+    ) {
         let usage = o.usage();
         let cost = price_usage(price, usage, hit);
-        self.settle(cost.map(|c| c.nano_usd));
+        self.settle_with(cost.map(|c| c.nano_usd), paid);
         let mut t = CostTotals {
             requests: 1,
             cache_hits: u64::from(hit),
@@ -581,13 +660,7 @@ impl Ticket {
             t.nano_usd = c.nano_usd;
             t.saved_nano_usd = c.saved_nano_usd;
         }
-        let mut key = (self.task.clone(), self.tenant.clone(), model.clone());
-        let mut totals = lock(&self.layer.state.totals);
-        if totals.len() >= MAX_TOTAL_KEYS && !totals.contains_key(&key) {
-            key.0 = self.layer.state.other.clone();
-        }
-        totals.entry(key).or_default().add(&t);
-        drop(totals);
+        self.add_totals(model, &t);
         if let Some(f) = &self.layer.config.on_record {
             f(&CostRecord {
                 task: self.task.clone(),
@@ -597,13 +670,26 @@ impl Ticket {
                 cost,
                 cache_hit: hit,
                 completed: o.is_completed(),
+                discarded: false,
             });
         }
     }
 
     fn on_error(mut self, e: &LlmError) {
-        let refund = rejected_before_generation(e.kind());
-        self.settle(refund.then_some(0));
+        // The failing attempt's own cost: known if it reported usage (it is among the
+        // paid attempts), else zero if the provider refused before generating, else the
+        // estimate (no refund).
+        let own = if e.usage().is_some() || rejected_before_generation(e.kind()) {
+            Some(0)
+        } else {
+            None
+        };
+        let paid = if e.paid_attempts().is_empty() {
+            0
+        } else {
+            self.record_paid(e.paid_attempts())
+        };
+        self.settle_with(own, paid);
     }
 }
 
