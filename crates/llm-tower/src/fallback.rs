@@ -56,7 +56,11 @@
 //! [`ResponseMeta::attempts`](crate::ResponseMeta) lists every target tried or skipped, with
 //! the model asked for and why it failed; the last one served.
 //! [`ResponseMeta::provider`](crate::ResponseMeta) is set to the serving target's name when
-//! the target did not set it.
+//! the target did not set it. A failed attempt that reported usage (its error's
+//! [`usage`](crate::LlmError::usage), or a stream whose usage arrived before it failed
+//! ahead of its commit point) was paid for: it is carried, with the model that target
+//! served, in the `paid_attempts` of the response (or the error) the chain returns, so that
+//! the cost and rate-limit layers above count it.
 //!
 //! # Example
 //!

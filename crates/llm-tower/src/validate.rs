@@ -33,6 +33,10 @@
 //! with the reason; [`LlmError::output`](crate::LlmError::output) holds the rejected output.
 //! Errors of the inner service are passed through untouched.
 //!
+//! A rejected answer was paid for: its usage is recorded as a
+//! [`PaidAttempt`](crate::PaidAttempt) in the `paid_attempts` of the response that follows
+//! (or of the error), so that the cost and rate-limit layers above count every attempt.
+//!
 //! # Streams
 //!
 //! A streamed response is **buffered and validated before the caller sees any of it**: the

@@ -1638,6 +1638,26 @@ default_chain = "main"
     }
 
     #[test]
+    fn cache_write_price_is_read() {
+        let text = format!(
+            "{MIN}\n[prices.claude]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
+             cached_input_per_mtok = 0.3\ncache_write_input_per_mtok = 3.75\n\
+             [prices.gpt]\ninput_per_mtok = 2.5\noutput_per_mtok = 10.0\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let claude = cfg.prices["claude"].get_ref().model_price().unwrap();
+        assert_eq!(claude.cache_write_input, 3_750_000);
+        // No write price: the input price (OpenAI has none).
+        let gpt = cfg.prices["gpt"].get_ref().model_price().unwrap();
+        assert_eq!(gpt.cache_write_input, gpt.input);
+        let bad = format!(
+            "{MIN}\n[prices.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 1.0\n\
+             cache_write_input_per_mtok = -1.0\n"
+        );
+        assert!(parse(&bad).unwrap_err().to_string().contains("prices"));
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         let cases = [
             ("[server]\nlisten = \"localhost\"\n", "server.listen"),

@@ -31,7 +31,7 @@ use std::time::Duration;
 use axum::Router;
 use llm_tower::cache::CacheLayer;
 use llm_tower::cost::{
-    Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, ModelPrice, PriceTable,
+    Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
 use llm_tower::fallback::{Cooldown, Fallback, FallbackTarget};
 use llm_tower::rate_limit::{

@@ -7,7 +7,10 @@
 //! ([`NanoUsd`], 1e-9 USD) per token ([`ModelPrice`]); costs and totals are
 //! integer sums. A [`PriceTable`] deserializes from configuration
 //! (`{"gpt-4o-mini": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6,
-//! "cached_input_per_mtok_usd": 0.075}}`) and finds dated or prefixed variants
+//! "cached_input_per_mtok_usd": 0.075}}`; Anthropic models add
+//! `cache_write_input_per_mtok_usd`, the price of the input tokens written to the prompt
+//! cache, `cache_creation_input_tokens`; both cache prices default to the input price) and
+//! finds dated or prefixed variants
 //! (`gpt-4o-mini-2024-07-18` → `gpt-4o-mini`; see [`PriceTable::get`]). The model priced is
 //! the one that served ([`ResponseMeta::model`](crate::ResponseMeta)), else the one asked for.
 //! A model with no price (and no [`CostLayer::default_price`]) costs nothing and is counted
@@ -25,6 +28,24 @@
 //! - Cache hit (`meta.cache == CacheStatus::Hit`): costs 0; `saved_nano_usd` is what it
 //!   would have cost.
 //!
+//! # Every paid attempt
+//!
+//! An upstream attempt that reported usage costs money even when its answer is thrown
+//! away: an answer the validate layer rejected before its retry, a fallback attempt that
+//! failed after its usage arrived (a provider stream that broke after Anthropic's
+//! `message_start`), the answers behind a request that failed in the end. The layer that
+//! discards such an answer records it as a [`PaidAttempt`] (with the model that served
+//! it) on what it returns next: [`ResponseMeta::paid_attempts`](crate::ResponseMeta) on a
+//! response, [`LlmError::paid_attempts`] on an error (whose own attempt's usage, if it
+//! reported one, is [`LlmError::usage`]). This layer prices each paid attempt at the price
+//! of its model and adds it to the totals under that model (in
+//! [`CostTotals::discarded_attempts`], not in `requests`), also when the request ends in
+//! an error; `meta.cost` of a complete response is the response's own cost plus its paid
+//! attempts'. The budget hold is settled with the same sum, and the rate-limit layer
+//! settles its token holds with the same usage. A stream dropped by the client after its
+//! usage arrived is settled with that usage (the completion hook's
+//! [`Outcome::Dropped`](crate::Outcome)).
+//!
 //! # Budgets
 //!
 //! A [`Budget`] caps spend per tenant, per task type, for one tenant or task, or globally,
@@ -39,11 +60,12 @@
 //! would pass it: the error is [`LlmError::budget_exceeded`] (HTTP 429,
 //! `insufficient_quota`) with a retry-after at the end of the window.
 //!
-//! Settlement rules (same as the rate-limit layer): usage unknown → the estimate is
-//! settled (no refund); future dropped after the call started → the estimate is settled;
-//! dropped before (or the store failed closed) → settled at zero; the inner service failed
-//! with an error that means the provider refused before generating (rate limited, bad
-//! request, …) → settled at zero (refunded). A hold whose settlement never arrives is
+//! Settlement rules (same as the rate-limit layer), always plus the cost of the paid
+//! attempts: usage unknown → the estimate is settled (no refund); future dropped after the
+//! call started → the estimate is settled; dropped before (or the store failed closed) →
+//! settled at zero; the inner service failed with an error that reports its own usage →
+//! that usage; with an error that means the provider refused before generating (rate
+//! limited, bad request, …) → zero (refunded). A hold whose settlement never arrives is
 //! released at its expiry.
 //!
 //! Stores: [`InMemoryBudgetStore`] (default) or any [`BudgetStore`]; `llm-tower-redis` has
