@@ -486,3 +486,40 @@ impl std::error::Error for LlmError {
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paid(model: &str, prompt: u64) -> PaidAttempt {
+        PaidAttempt::new(Some(model.into()), Usage::new(prompt, 0))
+    }
+
+    #[test]
+    fn paid_attempts_keep_their_order_and_the_own_attempt_last() {
+        let e = LlmError::timeout("slow")
+            .with_usage(Some("b".into()), Usage::new(2, 0))
+            .with_paid_attempts(vec![paid("a", 1)]);
+        assert_eq!(e.paid_attempts(), [paid("a", 1), paid("b", 2)]);
+        assert_eq!(e.usage(), Some(&Usage::new(2, 0)));
+        // A second own usage replaces the first, never adds to it.
+        let e = e.with_usage(Some("b".into()), Usage::new(3, 0));
+        assert_eq!(e.paid_attempts(), [paid("a", 1), paid("b", 3)]);
+        // Earlier attempts alone: the error's own usage stays unknown.
+        let mut e = LlmError::timeout("slow").with_paid_attempts(vec![paid("a", 1)]);
+        assert!(e.usage().is_none());
+        assert_eq!(e.take_paid_attempts(), [paid("a", 1)]);
+        assert!(e.paid_attempts().is_empty());
+    }
+
+    #[test]
+    fn all_failed_keeps_every_attempts_paid_usage() {
+        let a = LlmError::overloaded("a").with_usage(Some("a".into()), Usage::new(1, 0));
+        let b = LlmError::unavailable("b");
+        let e = LlmError::all_failed(vec![a.clone(), b]);
+        assert_eq!(e.paid_attempts(), [paid("a", 1)]);
+        assert!(e.usage().is_none(), "the last attempt reported nothing");
+        let e = LlmError::all_failed(vec![LlmError::unavailable("b"), a]);
+        assert_eq!(e.usage(), Some(&Usage::new(1, 0)));
+    }
+}
