@@ -149,7 +149,8 @@ impl Stream for ChunkStream {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(error))) => {
-                let usage = self.usage.as_deref().cloned();
+                // A provider that knew the usage when it failed says so on the error.
+                let usage = self.usage.as_deref().or_else(|| error.usage()).cloned();
                 self.finish(Outcome::Failed {
                     error: error.clone(),
                     usage,

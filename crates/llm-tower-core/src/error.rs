@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::{PaidAttempt, Usage};
+
 /// The longest [`LlmError::retry_after`]: one day. Larger values are cut to it.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
 
@@ -167,6 +169,10 @@ struct Inner {
     upstream_status: Option<u16>,
     attempts: Vec<LlmError>,
     output: Option<String>,
+    // Attempts behind this error that reported usage, in order; the failing attempt's own
+    // (if known) is the last one and `own_paid` is set.
+    paid: Vec<PaidAttempt>,
+    own_paid: bool,
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -183,6 +189,8 @@ impl LlmError {
             upstream_status: None,
             attempts: Vec::new(),
             output: None,
+            paid: Vec::new(),
+            own_paid: false,
             source: None,
         }))
     }
@@ -266,6 +274,12 @@ impl LlmError {
         // The soonest retry-after any attempt gave is when trying again makes sense.
         e.0.retry_after = attempts.iter().filter_map(LlmError::retry_after).min();
         e.0.code = last.0.code.clone();
+        // Whatever the attempts paid for stays with the error that reports them.
+        e.0.paid = attempts
+            .iter()
+            .flat_map(|a| a.0.paid.iter().cloned())
+            .collect();
+        e.0.own_paid = last.0.own_paid;
         e.0.attempts = attempts;
         e
     }
@@ -308,6 +322,41 @@ impl LlmError {
         self.0.upstream_status = Some(status);
         self
     }
+    /// Records the usage the failing attempt itself reported (a stream that failed after
+    /// its usage arrived, an answer that was then rejected), with the model that served it
+    /// (`None`: the requested one). Accounting layers settle with it instead of an estimate.
+    ///
+    /// ```
+    /// use llm_tower_core::{LlmError, Usage};
+    /// let e = LlmError::overloaded("mid-stream").with_usage(None, Usage::new(50, 0));
+    /// assert_eq!(e.usage().unwrap().prompt_tokens, 50);
+    /// assert_eq!(e.paid_attempts().len(), 1);
+    /// ```
+    #[must_use]
+    pub fn with_usage(mut self, model: Option<String>, usage: Usage) -> Self {
+        if self.0.own_paid {
+            self.0.paid.pop();
+        }
+        self.0.paid.push(PaidAttempt::new(model, usage));
+        self.0.own_paid = true;
+        self
+    }
+    /// Records earlier attempts of the request that were paid for (see [`PaidAttempt`]);
+    /// they go before the ones already recorded.
+    #[must_use]
+    pub fn with_paid_attempts(mut self, mut earlier: Vec<PaidAttempt>) -> Self {
+        if !earlier.is_empty() {
+            earlier.append(&mut self.0.paid);
+            self.0.paid = earlier;
+        }
+        self
+    }
+    /// Takes the paid attempts out of the error (a fallback moving on carries them to the
+    /// next attempt's result).
+    pub fn take_paid_attempts(&mut self) -> Vec<PaidAttempt> {
+        self.0.own_paid = false;
+        std::mem::take(&mut self.0.paid)
+    }
     /// Attaches the underlying error.
     #[must_use]
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
@@ -346,6 +395,20 @@ impl LlmError {
     /// For [`all_failed`](Self::all_failed): every attempt's error, in order.
     pub fn attempts(&self) -> &[LlmError] {
         &self.0.attempts
+    }
+    /// Every attempt behind this error that was paid for (reported usage), in order, the
+    /// failing attempt's own last if it reported usage (see [`usage`](Self::usage)).
+    pub fn paid_attempts(&self) -> &[PaidAttempt] {
+        &self.0.paid
+    }
+    /// The usage the failing attempt itself reported, if any (see
+    /// [`with_usage`](Self::with_usage)).
+    pub fn usage(&self) -> Option<&Usage> {
+        if self.0.own_paid {
+            self.0.paid.last().map(|a| &a.usage)
+        } else {
+            None
+        }
     }
     /// For [`ErrorKind::InvalidOutput`]: the output that failed validation.
     pub fn output(&self) -> Option<&str> {
@@ -399,6 +462,9 @@ impl fmt::Debug for LlmError {
         if !self.0.attempts.is_empty() {
             d.field("attempts", &self.0.attempts);
         }
+        if !self.0.paid.is_empty() {
+            d.field("paid_attempts", &self.0.paid.len());
+        }
         d.finish_non_exhaustive()
     }
 }
@@ -418,5 +484,42 @@ impl std::error::Error for LlmError {
             .source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paid(model: &str, prompt: u64) -> PaidAttempt {
+        PaidAttempt::new(Some(model.into()), Usage::new(prompt, 0))
+    }
+
+    #[test]
+    fn paid_attempts_keep_their_order_and_the_own_attempt_last() {
+        let e = LlmError::timeout("slow")
+            .with_usage(Some("b".into()), Usage::new(2, 0))
+            .with_paid_attempts(vec![paid("a", 1)]);
+        assert_eq!(e.paid_attempts(), [paid("a", 1), paid("b", 2)]);
+        assert_eq!(e.usage(), Some(&Usage::new(2, 0)));
+        // A second own usage replaces the first, never adds to it.
+        let e = e.with_usage(Some("b".into()), Usage::new(3, 0));
+        assert_eq!(e.paid_attempts(), [paid("a", 1), paid("b", 3)]);
+        // Earlier attempts alone: the error's own usage stays unknown.
+        let mut e = LlmError::timeout("slow").with_paid_attempts(vec![paid("a", 1)]);
+        assert!(e.usage().is_none());
+        assert_eq!(e.take_paid_attempts(), [paid("a", 1)]);
+        assert!(e.paid_attempts().is_empty());
+    }
+
+    #[test]
+    fn all_failed_keeps_every_attempts_paid_usage() {
+        let a = LlmError::overloaded("a").with_usage(Some("a".into()), Usage::new(1, 0));
+        let b = LlmError::unavailable("b");
+        let e = LlmError::all_failed(vec![a.clone(), b]);
+        assert_eq!(e.paid_attempts(), [paid("a", 1)]);
+        assert!(e.usage().is_none(), "the last attempt reported nothing");
+        let e = LlmError::all_failed(vec![LlmError::unavailable("b"), a]);
+        assert_eq!(e.usage(), Some(&Usage::new(1, 0)));
     }
 }

@@ -56,7 +56,8 @@ pub use encoded::EncodedResponse;
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 pub use meta::{
-    Attempt, AttemptError, CacheStatus, Cost, LocalLimits, NanoUsd, RateLimitHeadroom, ResponseMeta,
+    Attempt, AttemptError, CacheStatus, Cost, LocalLimits, NanoUsd, PaidAttempt, RateLimitHeadroom,
+    ResponseMeta,
 };
 pub use request::{
     ChatRequest, Content, ContentPart, Extra, FunctionCall, FunctionDef, ImageUrl, InputAudio,

@@ -42,6 +42,35 @@ pub struct Attempt {
     pub error: Option<AttemptError>,
 }
 
+/// An upstream attempt that was paid for (it reported usage) but whose answer did not
+/// become the response: an answer validation rejected before its retry, a fallback attempt
+/// that failed after its usage arrived, any answer received and then discarded.
+///
+/// The layer that discards the answer records it ([`ResponseMeta::paid_attempts`] on the
+/// response that follows, [`LlmError::paid_attempts`](crate::LlmError::paid_attempts) on
+/// an error), so that accounting layers above (cost, budgets, token limits) settle every
+/// attempt, priced with the model that served it.
+///
+/// ```
+/// use llm_tower_core::{PaidAttempt, Usage};
+/// let a = PaidAttempt::new(Some("gpt-4o-mini".into()), Usage::new(100, 20));
+/// assert_eq!(a.usage.total_tokens, 120);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaidAttempt {
+    /// The model that served the attempt (`None`: the one the request asked for).
+    pub model: Option<String>,
+    /// What the attempt reported.
+    pub usage: Usage,
+}
+
+impl PaidAttempt {
+    /// An attempt of `model` that used `usage`.
+    pub fn new(model: Option<String>, usage: Usage) -> Self {
+        Self { model, usage }
+    }
+}
+
 /// Why an attempt did not serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptError {
@@ -114,7 +143,12 @@ pub struct ResponseMeta {
     pub cache: CacheStatus,
     /// Token usage; for a stream, known only when it finished (see [`LlmResponse::on_finish`](crate::LlmResponse::on_finish)).
     pub usage: Option<Usage>,
-    /// Cost, when a cost layer ran.
+    /// Earlier attempts of this request that were paid for but whose answers were
+    /// discarded (see [`PaidAttempt`]); this response's own usage is not among them. Empty
+    /// (no allocation) when the first answer served.
+    pub paid_attempts: Vec<PaidAttempt>,
+    /// Cost, when a cost layer ran: this response's and its
+    /// [`paid_attempts`](Self::paid_attempts)' together.
     pub cost: Option<Cost>,
     /// The provider's rate-limit headroom.
     pub headroom: Option<RateLimitHeadroom>,

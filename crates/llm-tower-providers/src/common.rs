@@ -16,7 +16,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use llm_tower_core::{ChatChunk, Deadline, LlmError, LlmResponse, RateLimitHeadroom};
+use llm_tower_core::{ChatChunk, Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom};
 use tokio::time::Instant;
 
 use crate::classify;
@@ -337,6 +337,11 @@ pub(crate) trait Decoder: Send + Unpin + 'static {
     fn is_done(&self) -> bool;
     /// The terminal event's name, for the "ended early" error.
     fn terminal(&self) -> &'static str;
+    /// The usage the provider reported before the stream failed (Anthropic reports the
+    /// input tokens in `message_start`): the failed attempt was paid for.
+    fn usage_so_far(&self) -> Option<PaidAttempt> {
+        None
+    }
 }
 
 /// The chunk stream of a streamed response: body frames → SSE events → chunks.
@@ -369,7 +374,12 @@ where
         }
     }
 
-    fn fail(&mut self, err: LlmError) -> Poll<Option<Result<ChatChunk, LlmError>>> {
+    fn fail(&mut self, mut err: LlmError) -> Poll<Option<Result<ChatChunk, LlmError>>> {
+        if err.usage().is_none()
+            && let Some(paid) = self.decoder.usage_so_far()
+        {
+            err = err.with_usage(paid.model, paid.usage);
+        }
         self.finished = true;
         self.body = None;
         self.queue.clear();

@@ -214,3 +214,29 @@ fn an_event_past_the_limit_is_classified() {
     assert!(err.should_fall_back());
     assert_eq!(err.code(), Some("upstream_event_too_large"));
 }
+
+#[test]
+fn an_anthropic_stream_failing_after_message_start_reports_its_usage() {
+    let body = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1,\"cache_creation_input_tokens\":100}}}\n\n\
+event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let (_, err) = run(vec![Bytes::from_static(body)], anthropic());
+    let err = err.expect("an error event");
+    assert_eq!(err.kind(), ErrorKind::Overloaded);
+    // The input was processed (and the cache written): the attempt was paid for.
+    let usage = err.usage().expect("usage from message_start");
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (125, 1));
+    let written = usage
+        .prompt_tokens_details
+        .as_ref()
+        .unwrap()
+        .cache_write_tokens;
+    assert_eq!(written, Some(100));
+    assert_eq!(
+        err.paid_attempts()[0].model.as_deref(),
+        Some("claude-sonnet-4-5")
+    );
+    // Before `message_start` nothing was reported.
+    let body = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let (_, err) = run(vec![Bytes::from_static(body)], anthropic());
+    assert!(err.expect("an error event").usage().is_none());
+}

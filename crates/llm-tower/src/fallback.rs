@@ -56,7 +56,11 @@
 //! [`ResponseMeta::attempts`](crate::ResponseMeta) lists every target tried or skipped, with
 //! the model asked for and why it failed; the last one served.
 //! [`ResponseMeta::provider`](crate::ResponseMeta) is set to the serving target's name when
-//! the target did not set it.
+//! the target did not set it. A failed attempt that reported usage (its error's
+//! [`usage`](crate::LlmError::usage), or a stream whose usage arrived before it failed
+//! ahead of its commit point) was paid for: it is carried, with the model that target
+//! served, in the `paid_attempts` of the response (or the error) the chain returns, so that
+//! the cost and rate-limit layers above count it.
 //!
 //! # Example
 //!
@@ -107,7 +111,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use llm_tower_core::{
     Attempt, AttemptError, BoxChunkStream, BoxLlmService, ChatChunk, ChatRequest, LlmError,
-    LlmResponse, ResponseBody, boxed,
+    LlmResponse, PaidAttempt, ResponseBody, boxed,
 };
 use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
@@ -922,21 +926,53 @@ impl ResponseFuture {
         self.state = State::Next;
     }
 
+    /// Usage the failed attempts reported: they were paid for.
+    fn paid(&self) -> Vec<PaidAttempt> {
+        self.errors
+            .iter()
+            .flat_map(|e| e.paid_attempts().iter().cloned())
+            .collect()
+    }
+
     /// An attempt failed: move on (`None`) or give this error to the caller now.
     fn fail(&mut self, error: LlmError) -> Option<LlmError> {
         self.armed = None;
         let name = self.target().name.clone();
-        let error = if error.provider().is_none() {
+        let mut error = if error.provider().is_none() {
             error.with_provider(name.to_string())
         } else {
             error
         };
+        // A streamed attempt that failed before its commit point may have reported its
+        // usage: it was paid for.
+        if let Some(pending) = self.pending.take()
+            && let ResponseBody::Stream(s) = &pending.body
+            && let Some(u) = s.usage()
+            && error.usage().is_none()
+        {
+            error = error.with_usage(pending.meta.model.clone(), u.clone());
+        }
+        // Usage without a model is the attempt's: price it with the model this target served.
+        if let Some(u) = error.usage()
+            && error
+                .paid_attempts()
+                .last()
+                .is_some_and(|a| a.model.is_none())
+        {
+            let (u, model) = (
+                u.clone(),
+                self.cur_model
+                    .clone()
+                    .or_else(|| self.target().model.clone()),
+            );
+            error = error.with_usage(model, u);
+        }
         let probe = self.probe.take();
         if !error.should_fall_back() {
             // The target answered; the request itself is at fault.
             self.breakers.success(self.idx, probe, &self.config);
             self.state = State::Done;
-            return Some(error);
+            return Some(error.with_paid_attempts(self.paid()));
         }
         if std::mem::take(&mut self.deadline_hit) {
             // The caller's deadline, not the target, ran out: no mark against it.
@@ -979,6 +1015,13 @@ impl ResponseFuture {
         let inner = std::mem::take(&mut resp.meta.attempts);
         resp.meta.attempts = std::mem::take(&mut self.attempts);
         resp.meta.attempts.extend(inner);
+        if !self.errors.is_empty() {
+            let mut paid = self.paid();
+            if !paid.is_empty() {
+                paid.append(&mut resp.meta.paid_attempts);
+                resp.meta.paid_attempts = paid;
+            }
+        }
         resp.meta.provider.get_or_insert(name);
         self.state = State::Done;
         resp

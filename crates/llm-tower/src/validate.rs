@@ -33,6 +33,10 @@
 //! with the reason; [`LlmError::output`](crate::LlmError::output) holds the rejected output.
 //! Errors of the inner service are passed through untouched.
 //!
+//! A rejected answer was paid for: its usage is recorded as a
+//! [`PaidAttempt`](crate::PaidAttempt) in the `paid_attempts` of the response that follows
+//! (or of the error), so that the cost and rate-limit layers above count every attempt.
+//!
 //! # Streams
 //!
 //! A streamed response is **buffered and validated before the caller sees any of it**: the
@@ -99,7 +103,7 @@ use std::task::{Context, Poll, ready};
 use futures_util::StreamExt;
 use llm_tower_core::{
     ChatChunk, ChatRequest, ChatResponse, ChunkStream, Content, LlmError, LlmResponse, Message,
-    ResponseBody, StreamAccumulator,
+    PaidAttempt, ResponseBody, StreamAccumulator, Usage,
 };
 use pin_project_lite::pin_project;
 use serde_json::Value;
@@ -764,19 +768,35 @@ where
     let retries = plan.config.retries;
     let mut attempt = 0;
     let mut next = first;
+    // Attempts paid for and discarded (rejected answers, and what the inner service
+    // reported as such), for the accounting layers above.
+    let mut paid: Vec<PaidAttempt> = Vec::new();
     loop {
-        let (resp, assembled) = match assemble(next, plan.config.max_stream_bytes).await {
+        paid.append(&mut next.meta.paid_attempts);
+        let model = next.meta.model.clone();
+        let (mut resp, assembled) = match assemble(next, plan.config.max_stream_bytes).await {
             Ok(done) => done,
-            Err(Assemble::Failed(e)) => return Err(e),
-            Err(Assemble::TooLarge) => {
+            Err((Assemble::Failed(e), usage)) => {
+                let e = match usage {
+                    Some(u) if e.usage().is_none() => e.with_usage(model, u),
+                    _ => e,
+                };
+                return Err(e.with_paid_attempts(paid));
+            }
+            Err((Assemble::TooLarge, usage)) => {
                 shared.count(&plan.label, |c| c.too_large += 1);
                 let max = plan.config.max_stream_bytes;
-                return Err(LlmError::invalid_output(
+                let e = LlmError::invalid_output(
                     format!(
                         "the streamed answer is larger than the validation buffer ({max} bytes) and cannot be validated"
                     ),
                     "",
-                ));
+                )
+                .with_paid_attempts(paid);
+                return Err(match usage {
+                    Some(u) => e.with_usage(model, u),
+                    None => e,
+                });
             }
         };
         let checked = match (&resp.body, &assembled) {
@@ -789,10 +809,12 @@ where
             }
         };
         let failure = plan.check(checked).err();
+        let usage = resp.meta.usage.clone().or_else(|| checked.usage.clone());
         let Some((reminder, reason, output)) = failure else {
             if attempt > 0 {
                 shared.count(&plan.label, |c| c.fixed += 1);
             }
+            resp.meta.paid_attempts = paid;
             return Ok(resp);
         };
         shared.count(&plan.label, |c| c.failures += 1);
@@ -800,10 +822,20 @@ where
         if attempt >= retries || retry_req.is_none() {
             shared.count(&plan.label, |c| c.exhausted += 1);
             let tries = attempt + 1;
-            return Err(LlmError::invalid_output(
+            let e = LlmError::invalid_output(
                 format!("the model's output failed validation after {tries} tries: {reason}"),
                 output,
-            ));
+            )
+            .with_paid_attempts(paid);
+            // The rejected answer was paid for: the error carries its usage.
+            return Err(match usage {
+                Some(u) => e.with_usage(resp.meta.model.take(), u),
+                None => e,
+            });
+        }
+        // The rejected answer was paid for, though it is discarded.
+        if let Some(u) = usage {
+            paid.push(PaidAttempt::new(resp.meta.model.take(), u));
         }
         attempt += 1;
         shared.count(&plan.label, |c| c.retries += 1);
@@ -819,11 +851,18 @@ where
         req.messages.push(Message::user(format!(
             "{reminder} The previous answer failed because: {reason}"
         )));
-        next = svc.ready().await?.call(req).await?;
+        let called = match svc.ready().await {
+            Ok(s) => s.call(req).await,
+            Err(e) => Err(e),
+        };
+        next = match called {
+            Ok(next) => next,
+            Err(e) => return Err(e.with_paid_attempts(paid)),
+        };
     }
 }
 
-/// Why a response could not be assembled.
+/// Why a response could not be assembled (with the usage seen before, if any).
 enum Assemble {
     Failed(LlmError),
     /// A stream's chunks outgrew the buffer limit.
@@ -836,23 +875,27 @@ enum Assemble {
 async fn assemble(
     resp: LlmResponse,
     max_bytes: usize,
-) -> Result<(LlmResponse, Option<ChatResponse>), Assemble> {
+) -> Result<(LlmResponse, Option<ChatResponse>), (Assemble, Option<Usage>)> {
     match resp.body {
         ResponseBody::Complete(_) => Ok((resp, None)),
-        ResponseBody::Encoded(ref r) => {
-            let decoded = r.decode().map_err(Assemble::Failed)?;
-            Ok((resp, Some(decoded)))
-        }
+        ResponseBody::Encoded(ref r) => match r.decode() {
+            Ok(decoded) => Ok((resp, Some(decoded))),
+            // The upstream answered (and may have said what it used): paid all the same.
+            Err(e) => Err((Assemble::Failed(e), r.usage().cloned())),
+        },
         ResponseBody::Stream(mut stream) => {
             let mut acc = StreamAccumulator::default();
             let mut chunks: Vec<ChatChunk> = Vec::new();
             let mut held = 0usize;
             while let Some(item) = stream.next().await {
-                let chunk = item.map_err(Assemble::Failed)?;
+                let chunk = match item {
+                    Ok(c) => c,
+                    Err(e) => return Err((Assemble::Failed(e), stream.usage().cloned())),
+                };
                 held = held.saturating_add(crate::mem::chunk(&chunk));
                 if held > max_bytes {
                     // Dropping the stream ends the upstream call; nothing more is read.
-                    return Err(Assemble::TooLarge);
+                    return Err((Assemble::TooLarge, stream.usage().cloned()));
                 }
                 acc.push(&chunk);
                 chunks.push(chunk);

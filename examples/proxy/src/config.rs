@@ -694,6 +694,26 @@ pub struct PriceConfig {
     pub output_per_mtok: f64,
     /// Cached input tokens (default: the input price).
     pub cached_input_per_mtok: Option<f64>,
+    /// Input tokens written to the provider's prompt cache (Anthropic
+    /// `cache_creation_input_tokens`; default: the input price).
+    pub cache_write_input_per_mtok: Option<f64>,
+}
+
+impl PriceConfig {
+    /// The cost layer's price (its own conversion and checks).
+    pub fn model_price(
+        &self,
+    ) -> Result<llm_tower::cost::ModelPrice, llm_tower::cost::InvalidPrice> {
+        let p = llm_tower::cost::ModelPrice::per_mtok_usd(
+            self.input_per_mtok,
+            self.output_per_mtok,
+            self.cached_input_per_mtok,
+        )?;
+        match self.cache_write_input_per_mtok {
+            Some(w) => p.with_cache_write_per_mtok_usd(w),
+            None => Ok(p),
+        }
+    }
 }
 
 /// `[budgets]`.
@@ -1247,6 +1267,7 @@ impl Config {
                 Some(v.input_per_mtok),
                 Some(v.output_per_mtok),
                 v.cached_input_per_mtok,
+                v.cache_write_input_per_mtok,
             ];
             if all
                 .into_iter()
@@ -1263,11 +1284,7 @@ impl Config {
         for (model, p) in &self.prices {
             let v = p.get_ref();
             // The cost layer's own conversion, so what it would refuse fails here, with a line.
-            if let Err(e) = llm_tower::cost::ModelPrice::per_mtok_usd(
-                v.input_per_mtok,
-                v.output_per_mtok,
-                v.cached_input_per_mtok,
-            ) {
+            if let Err(e) = v.model_price() {
                 return Err(err(&p.span(), format!("prices.{model:?}: {e}")));
             }
         }
@@ -1677,6 +1694,26 @@ default_chain = "main"
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("\"cheap\""), "{e}");
         assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn cache_write_price_is_read() {
+        let text = format!(
+            "{MIN}\n[prices.claude]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
+             cached_input_per_mtok = 0.3\ncache_write_input_per_mtok = 3.75\n\
+             [prices.gpt]\ninput_per_mtok = 2.5\noutput_per_mtok = 10.0\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let claude = cfg.prices["claude"].get_ref().model_price().unwrap();
+        assert_eq!(claude.cache_write_input, 3_750_000);
+        // No write price: the input price (OpenAI has none).
+        let gpt = cfg.prices["gpt"].get_ref().model_price().unwrap();
+        assert_eq!(gpt.cache_write_input, gpt.input);
+        let bad = format!(
+            "{MIN}\n[prices.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 1.0\n\
+             cache_write_input_per_mtok = -1.0\n"
+        );
+        assert!(parse(&bad).unwrap_err().to_string().contains("prices"));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::time::Duration;
 use axum::Router;
 use llm_tower::cache::CacheLayer;
 use llm_tower::cost::{
-    Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, ModelPrice, PriceTable,
+    Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
 use llm_tower::fallback::{Cooldown, Fallback, FallbackTarget};
 use llm_tower::rate_limit::{
@@ -757,9 +757,9 @@ async fn build_cost(
     let mut prices = PriceTable::new();
     for (model, p) in &config.prices {
         let p = p.get_ref();
-        let price =
-            ModelPrice::per_mtok_usd(p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
-                .map_err(|e| setup(format!("price of {model:?}"), e))?;
+        let price = p
+            .model_price()
+            .map_err(|e| setup(format!("price of {model:?}"), e))?;
         prices.insert(model.clone(), price);
     }
     let mut layer = CostLayer::new(prices);

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use llm_tower_core::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, ContentPart, Delta, Extra,
-    FunctionCall, FunctionCallDelta, LlmError, Message, PromptTokensDetails, Role, ToolCall,
-    ToolCallDelta, Usage,
+    FunctionCall, FunctionCallDelta, LlmError, Message, PaidAttempt, PromptTokensDetails, Role,
+    ToolCall, ToolCallDelta, Usage,
 };
 use serde_json::{Map, Value, json};
 
@@ -796,6 +796,12 @@ impl Decoder for AnthropicDecoder {
 
     fn is_done(&self) -> bool {
         self.done
+    }
+
+    fn usage_so_far(&self) -> Option<PaidAttempt> {
+        let seen = matches!(&self.usage, Value::Object(m) if !m.is_empty());
+        (self.started && seen)
+            .then(|| PaidAttempt::new(Some(self.model.clone()), usage_from(&self.usage)))
     }
 
     fn terminal(&self) -> &'static str {

@@ -7,7 +7,10 @@
 //! ([`NanoUsd`], 1e-9 USD) per token ([`ModelPrice`]); costs and totals are
 //! integer sums. A [`PriceTable`] deserializes from configuration
 //! (`{"gpt-4o-mini": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6,
-//! "cached_input_per_mtok_usd": 0.075}}`) and finds dated or prefixed variants
+//! "cached_input_per_mtok_usd": 0.075}}`; Anthropic models add
+//! `cache_write_input_per_mtok_usd`, the price of the input tokens written to the prompt
+//! cache, `cache_creation_input_tokens`; both cache prices default to the input price) and
+//! finds dated or prefixed variants
 //! (`gpt-4o-mini-2024-07-18` → `gpt-4o-mini`; see [`PriceTable::get`]). The model priced is
 //! the one that served ([`ResponseMeta::model`](crate::ResponseMeta)), else the one asked for.
 //! A model with no price (and no [`CostLayer::default_price`]) costs nothing and is counted
@@ -25,6 +28,24 @@
 //! - Cache hit (`meta.cache == CacheStatus::Hit`): costs 0; `saved_nano_usd` is what it
 //!   would have cost.
 //!
+//! # Every paid attempt
+//!
+//! An upstream attempt that reported usage costs money even when its answer is thrown
+//! away: an answer the validate layer rejected before its retry, a fallback attempt that
+//! failed after its usage arrived (a provider stream that broke after Anthropic's
+//! `message_start`), the answers behind a request that failed in the end. The layer that
+//! discards such an answer records it as a [`PaidAttempt`] (with the model that served
+//! it) on what it returns next: [`ResponseMeta::paid_attempts`](crate::ResponseMeta) on a
+//! response, [`LlmError::paid_attempts`] on an error (whose own attempt's usage, if it
+//! reported one, is [`LlmError::usage`]). This layer prices each paid attempt at the price
+//! of its model and adds it to the totals under that model (in
+//! [`CostTotals::discarded_attempts`], not in `requests`), also when the request ends in
+//! an error; `meta.cost` of a complete response is the response's own cost plus its paid
+//! attempts'. The budget hold is settled with the same sum, and the rate-limit layer
+//! settles its token holds with the same usage. A stream dropped by the client after its
+//! usage arrived is settled with that usage (the completion hook's
+//! [`Outcome::Dropped`](crate::Outcome)).
+//!
 //! # Budgets
 //!
 //! A [`Budget`] caps spend per tenant, per task type, for one tenant or task, or globally,
@@ -39,11 +60,12 @@
 //! would pass it: the error is [`LlmError::budget_exceeded`] (HTTP 429,
 //! `insufficient_quota`) with a retry-after at the end of the window.
 //!
-//! Settlement rules (same as the rate-limit layer): usage unknown → the estimate is
-//! settled (no refund); future dropped after the call started → the estimate is settled;
-//! dropped before (or the store failed closed) → settled at zero; the inner service failed
-//! with an error that means the provider refused before generating (rate limited, bad
-//! request, …) → settled at zero (refunded). A hold whose settlement never arrives is
+//! Settlement rules (same as the rate-limit layer), always plus the cost of the paid
+//! attempts: usage unknown → the estimate is settled (no refund); future dropped after the
+//! call started → the estimate is settled; dropped before (or the store failed closed) →
+//! settled at zero; the inner service failed with an error that reports its own usage →
+//! that usage; with an error that means the provider refused before generating (rate
+//! limited, bad request, …) → zero (refunded). A hold whose settlement never arrives is
 //! released at its expiry.
 //!
 //! Stores: [`InMemoryBudgetStore`] (default) or any [`BudgetStore`]; `llm-tower-redis` has
@@ -99,7 +121,7 @@ use std::time::{Duration, SystemTime};
 
 use llm_tower_core::{
     CacheStatus, ChatRequest, Cost, ErrorKind, LlmError, LlmResponse, NanoUsd, Outcome,
-    ResponseBody, Usage,
+    PaidAttempt, ResponseBody, Usage,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -167,8 +189,13 @@ pub struct CostTotals {
     pub saved_nano_usd: NanoUsd,
     /// Responses that ended without a usage report (their cost is not in `nano_usd`).
     pub unknown_usage: u64,
-    /// Responses of a model with no price.
+    /// Responses (and discarded attempts) of a model with no price.
     pub unpriced: u64,
+    /// Attempts paid for whose answer was discarded (an answer validation rejected before
+    /// its retry, a fallback attempt that failed after reporting usage, the answers behind
+    /// a request that failed; see [`PaidAttempt`]): their tokens and cost are in the sums
+    /// above, but they are not counted in `requests`.
+    pub discarded_attempts: u64,
 }
 
 impl CostTotals {
@@ -182,6 +209,7 @@ impl CostTotals {
         self.saved_nano_usd = self.saved_nano_usd.saturating_add(o.saved_nano_usd);
         self.unknown_usage += o.unknown_usage;
         self.unpriced += o.unpriced;
+        self.discarded_attempts += o.discarded_attempts;
     }
 
     /// The cost in dollars, for display only.
@@ -226,6 +254,9 @@ pub struct CostRecord {
     pub cache_hit: bool,
     /// Whether the response was delivered completely.
     pub completed: bool,
+    /// Whether this is an attempt paid for whose answer was discarded (see
+    /// [`CostTotals::discarded_attempts`]) rather than the response.
+    pub discarded: bool,
 }
 
 type Key = (Arc<str>, Arc<str>, Arc<str>);
@@ -537,10 +568,60 @@ impl Ticket {
     /// Settles the hold: with the actual cost, or (unknown) with the estimate (no refund).
     /// Consumes the charges, so it cannot run twice.
     fn settle(&mut self, actual: Option<NanoUsd>) {
+        self.settle_with(actual, 0);
+    }
+
+    /// [`settle`](Self::settle), plus `paid`: what discarded attempts cost.
+    fn settle_with(&mut self, actual: Option<NanoUsd>, paid: NanoUsd) {
         let charges = std::mem::take(&mut self.charges);
         let Some(first) = charges.first() else { return };
-        let actual = actual.unwrap_or(first.amount);
+        let actual = actual.unwrap_or(first.amount).saturating_add(paid);
         self.layer.store.settle(self.hold, &charges, actual);
+    }
+
+    /// Prices the attempts paid for and discarded (each with the model that served it),
+    /// adds them to the totals and returns what they cost together.
+    fn record_paid(&self, paid: &[PaidAttempt]) -> NanoUsd {
+        let mut sum: NanoUsd = 0;
+        for a in paid {
+            let model: Arc<str> = a.model.as_deref().unwrap_or(&self.req_model).into();
+            let price = self.layer.price_of(&model);
+            let cost = price_usage(price, Some(&a.usage), false);
+            let nano = cost.map_or(0, |c| c.nano_usd);
+            sum = sum.saturating_add(nano);
+            let t = CostTotals {
+                discarded_attempts: 1,
+                unpriced: u64::from(price.is_none()),
+                prompt_tokens: a.usage.prompt_tokens,
+                cached_tokens: a.usage.cached_tokens(),
+                completion_tokens: a.usage.completion_tokens,
+                nano_usd: nano,
+                ..CostTotals::default()
+            };
+            self.add_totals(&model, &t);
+            if let Some(f) = &self.layer.config.on_record {
+                f(&CostRecord {
+                    task: self.task.clone(),
+                    tenant: self.tenant.clone(),
+                    model,
+                    usage: Some(a.usage.clone()),
+                    cost,
+                    cache_hit: false,
+                    completed: false,
+                    discarded: true,
+                });
+            }
+        }
+        sum
+    }
+
+    fn add_totals(&self, model: &Arc<str>, t: &CostTotals) {
+        let mut key = (self.task.clone(), self.tenant.clone(), model.clone());
+        let mut totals = lock(&self.layer.state.totals);
+        if totals.len() >= MAX_TOTAL_KEYS && !totals.contains_key(&key) {
+            key.0 = self.layer.state.other.clone();
+        }
+        totals.entry(key).or_default().add(t);
     }
 
     /// Forgets the charges without settling (the store refused: nothing is held).
@@ -552,19 +633,39 @@ impl Ticket {
         let model: Arc<str> = resp.meta.model.as_deref().unwrap_or(&self.req_model).into();
         let price = self.layer.price_of(&model);
         let hit = resp.meta.cache == CacheStatus::Hit;
-        match &resp.body {
-            ResponseBody::Complete(r) => resp.meta.cost = price_usage(price, r.usage.as_ref(), hit),
-            ResponseBody::Encoded(r) => resp.meta.cost = price_usage(price, r.usage(), hit),
-            ResponseBody::Stream(_) => {}
-        }
-        resp.on_finish(move |o: &Outcome| self.finish(o, &model, price, hit));
+        // Earlier attempts paid for and discarded: counted now, settled with the response.
+        let paid = if resp.meta.paid_attempts.is_empty() {
+            0
+        } else {
+            self.record_paid(&resp.meta.paid_attempts)
+        };
+        let cost = match &resp.body {
+            ResponseBody::Complete(r) => price_usage(price, r.usage.as_ref(), hit),
+            ResponseBody::Encoded(r) => price_usage(price, r.usage(), hit),
+            ResponseBody::Stream(_) => None,
+        };
+        resp.meta.cost = match cost {
+            Some(c) if paid > 0 => Some(Cost {
+                nano_usd: c.nano_usd.saturating_add(paid),
+                ..c
+            }),
+            other => other,
+        };
+        resp.on_finish(move |o: &Outcome| self.finish(o, &model, price, hit, paid));
         resp
     }
 
-    fn finish(mut self, o: &Outcome, model: &Arc<str>, price: Option<ModelPrice>, hit: bool) {
+    fn finish(
+        mut self,
+        o: &Outcome,
+        model: &Arc<str>,
+        price: Option<ModelPrice>,
+        hit: bool,
+        paid: NanoUsd,
+    ) {
         let usage = o.usage();
         let cost = price_usage(price, usage, hit);
-        self.settle(cost.map(|c| c.nano_usd));
+        self.settle_with(cost.map(|c| c.nano_usd), paid);
         let mut t = CostTotals {
             requests: 1,
             cache_hits: u64::from(hit),
@@ -581,13 +682,7 @@ impl Ticket {
             t.nano_usd = c.nano_usd;
             t.saved_nano_usd = c.saved_nano_usd;
         }
-        let mut key = (self.task.clone(), self.tenant.clone(), model.clone());
-        let mut totals = lock(&self.layer.state.totals);
-        if totals.len() >= MAX_TOTAL_KEYS && !totals.contains_key(&key) {
-            key.0 = self.layer.state.other.clone();
-        }
-        totals.entry(key).or_default().add(&t);
-        drop(totals);
+        self.add_totals(model, &t);
         if let Some(f) = &self.layer.config.on_record {
             f(&CostRecord {
                 task: self.task.clone(),
@@ -597,13 +692,26 @@ impl Ticket {
                 cost,
                 cache_hit: hit,
                 completed: o.is_completed(),
+                discarded: false,
             });
         }
     }
 
     fn on_error(mut self, e: &LlmError) {
-        let refund = rejected_before_generation(e.kind());
-        self.settle(refund.then_some(0));
+        // The failing attempt's own cost: known if it reported usage (it is among the
+        // paid attempts), else zero if the provider refused before generating, else the
+        // estimate (no refund).
+        let own = if e.usage().is_some() || rejected_before_generation(e.kind()) {
+            Some(0)
+        } else {
+            None
+        };
+        let paid = if e.paid_attempts().is_empty() {
+            0
+        } else {
+            self.record_paid(e.paid_attempts())
+        };
+        self.settle_with(own, paid);
     }
 }
 

@@ -24,6 +24,11 @@ pub struct ModelPrice {
     pub output: PicoUsd,
     /// Input tokens read from the provider's prompt cache.
     pub cached_input: PicoUsd,
+    /// Input tokens written to the provider's prompt cache (Anthropic
+    /// `cache_creation_input_tokens`, in
+    /// [`PromptTokensDetails::cache_write_tokens`](llm_tower_core::PromptTokensDetails)).
+    /// Defaults to the input price (OpenAI has no write price).
+    pub cache_write_input: PicoUsd,
 }
 
 /// A price that is negative, not a number, or absurdly large.
@@ -77,7 +82,33 @@ impl ModelPrice {
             input,
             output,
             cached_input,
+            cache_write_input: input,
         }
+    }
+
+    /// Sets the cache-write price, in pico-dollars per token.
+    #[must_use]
+    pub const fn with_cache_write_pico(mut self, cache_write_input: PicoUsd) -> Self {
+        self.cache_write_input = cache_write_input;
+        self
+    }
+
+    /// Sets the cache-write price in dollars per million tokens (Anthropic: 1.25 × the
+    /// input price for the 5-minute cache).
+    ///
+    /// ```
+    /// use llm_tower::cost::ModelPrice;
+    /// use llm_tower::Usage;
+    /// let p = ModelPrice::per_mtok_usd(3.0, 15.0, Some(0.3)).unwrap()
+    ///     .with_cache_write_per_mtok_usd(3.75).unwrap();
+    /// // 1000 input tokens: 100 plain, 200 read from the cache, 700 written to it.
+    /// let mut u = Usage::new(1000, 0).with_cached_tokens(200);
+    /// u.prompt_tokens_details.as_mut().unwrap().cache_write_tokens = Some(700);
+    /// assert_eq!(p.cost(&u), 100 * 3_000 + 200 * 300 + 700 * 3_750);
+    /// ```
+    pub fn with_cache_write_per_mtok_usd(mut self, usd: f64) -> Result<Self, InvalidPrice> {
+        self.cache_write_input = per_mtok_to_pico(usd, "cache_write_input_per_mtok_usd")?;
+        Ok(self)
     }
 
     /// A price in dollars per million tokens (the providers' price lists); `cached_input`
@@ -104,16 +135,27 @@ impl ModelPrice {
                 Some(c) => per_mtok_to_pico(c, "cached_input_per_mtok_usd")?,
                 None => input,
             },
+            cache_write_input: input,
         })
     }
 
-    /// The cost of `usage`: uncached input at the input price, cached input at the cached
-    /// price, output at the output price (saturating, never wrapping).
+    /// The cost of `usage`: input read from the prompt cache at the cached price, input
+    /// written to it at the cache-write price, the rest of the input at the input price,
+    /// output at the output price (saturating, never wrapping; the counts are the
+    /// upstream's, so cached + written are capped at the prompt tokens).
     pub fn cost(&self, usage: &Usage) -> NanoUsd {
         let cached = usage.cached_tokens().min(usage.prompt_tokens);
+        let written = usage
+            .prompt_tokens_details
+            .as_ref()
+            .and_then(|d| d.cache_write_tokens)
+            .unwrap_or(0)
+            .min(usage.prompt_tokens.saturating_sub(cached));
+        let plain = usage.prompt_tokens.saturating_sub(cached + written);
         pico_to_nano(
-            mul(usage.uncached_prompt_tokens(), self.input)
+            mul(plain, self.input)
                 + mul(cached, self.cached_input)
+                + mul(written, self.cache_write_input)
                 + mul(usage.completion_tokens, self.output),
         )
     }
@@ -124,7 +166,7 @@ impl ModelPrice {
     }
 }
 
-/// Tokens × price in u128: three such products cannot overflow it.
+/// Tokens × price in u128: four such products cannot overflow it.
 fn mul(tokens: u64, price: PicoUsd) -> u128 {
     u128::from(tokens) * u128::from(price)
 }
@@ -142,6 +184,7 @@ fn pico_to_nano(pico: u128) -> NanoUsd {
 /// input_per_mtok_usd = 0.15
 /// output_per_mtok_usd = 0.6
 /// cached_input_per_mtok_usd = 0.075   # optional; defaults to the input price
+/// cache_write_input_per_mtok_usd = 0.15   # optional; defaults to the input price
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,16 +196,24 @@ pub struct PriceConfig {
     /// Cached-input price, USD per million tokens (default: the input price).
     #[serde(default)]
     pub cached_input_per_mtok_usd: Option<f64>,
+    /// Cache-write price (Anthropic `cache_creation_input_tokens`), USD per million tokens
+    /// (default: the input price).
+    #[serde(default)]
+    pub cache_write_input_per_mtok_usd: Option<f64>,
 }
 
 impl TryFrom<PriceConfig> for ModelPrice {
     type Error = InvalidPrice;
     fn try_from(c: PriceConfig) -> Result<Self, InvalidPrice> {
-        ModelPrice::per_mtok_usd(
+        let p = ModelPrice::per_mtok_usd(
             c.input_per_mtok_usd,
             c.output_per_mtok_usd,
             c.cached_input_per_mtok_usd,
-        )
+        )?;
+        match c.cache_write_input_per_mtok_usd {
+            Some(w) => p.with_cache_write_per_mtok_usd(w),
+            None => Ok(p),
+        }
     }
 }
 

@@ -26,6 +26,10 @@
 //! [`RateLimitStore`] and [`ledger`](crate::ledger)), so a store that answers late, twice
 //! or not at all never counts a request twice.
 //!
+//! - Attempts paid for and discarded below this layer (an answer validation rejected
+//!   before its retry, a fallback attempt that failed after reporting usage; see
+//!   [`PaidAttempt`]) are settled too: their tokens are added to the response's (or the
+//!   error's) own.
 //! - Usage unknown (a stream dropped before its usage chunk, a provider that sends none,
 //!   an upstream timeout): **no refund**, the estimate stands (settled as the actual).
 //! - The future dropped after the call started (the caller went away): no refund. Dropped
@@ -125,7 +129,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use llm_tower_core::{ChatRequest, ErrorKind, LlmError, LlmResponse, LocalLimits, Outcome, Usage};
+use llm_tower_core::{
+    ChatRequest, ErrorKind, LlmError, LlmResponse, LocalLimits, Outcome, PaidAttempt, Usage,
+};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -435,6 +441,12 @@ impl TokenEstimator {
 fn used_tokens(u: &Usage) -> u64 {
     u.total_tokens
         .max(u.prompt_tokens.saturating_add(u.completion_tokens))
+}
+
+/// Tokens of the attempts paid for and discarded (see [`PaidAttempt`]).
+fn paid_tokens(paid: &[PaidAttempt]) -> u64 {
+    paid.iter()
+        .fold(0u64, |sum, a| sum.saturating_add(used_tokens(&a.usage)))
 }
 
 /// Errors that mean the provider refused the request before generating anything, so the
@@ -808,22 +820,23 @@ struct Reservation {
 }
 
 impl Reservation {
-    /// Settles with `actual` tokens; `None` (usage unknown) settles the estimate.
-    fn settle(mut self, actual: Option<u64>) {
-        self.settle_once(actual);
+    /// Settles with `actual` tokens (`None`, usage unknown: the estimate) plus `paid`, the
+    /// tokens of earlier attempts paid for and discarded.
+    fn settle(mut self, actual: Option<u64>, paid: u64) {
+        self.settle_once(actual, paid);
     }
 
-    fn settle_once(&mut self, actual: Option<u64>) {
+    fn settle_once(&mut self, actual: Option<u64>, paid: u64) {
         let buckets = std::mem::take(&mut self.buckets);
         let Some(first) = buckets.first() else { return };
-        let actual = actual.unwrap_or(first.amount);
+        let actual = actual.unwrap_or(first.amount).saturating_add(paid);
         self.store.settle(self.hold, &buckets, actual);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.settle_once(None);
+        self.settle_once(None, 0);
     }
 }
 
@@ -1148,13 +1161,19 @@ pub mod future {
                     resp.meta.limits = Some(limits);
                 }
                 if let Some(res) = ctx.reservation.take() {
-                    resp.on_finish(move |o: &Outcome| res.settle(o.usage().map(used_tokens)));
+                    let paid = paid_tokens(&resp.meta.paid_attempts);
+                    resp.on_finish(move |o: &Outcome| {
+                        res.settle(o.usage().map(used_tokens), paid);
+                    });
                 }
                 Ok(resp)
             }
             Err(e) => {
                 if let Some(res) = ctx.reservation.take() {
-                    res.settle(rejected_before_generation(e.kind()).then_some(0));
+                    // The failing attempt's own usage, if it reported one, is among the
+                    // paid attempts.
+                    let own = e.usage().is_some() || rejected_before_generation(e.kind());
+                    res.settle(own.then_some(0), paid_tokens(e.paid_attempts()));
                 }
                 Err(e)
             }
