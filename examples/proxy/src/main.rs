@@ -178,7 +178,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 /// timer pending there is none. At low load that is every request: its first timer (the
 /// fallback's attempt timeout, seconds away) finds the wheel empty. With this timer always
 /// due sooner, requests' timers wake nothing: two system calls fewer per request at
-/// concurrency 1 (`perf record -e raw_syscalls:sys_enter`, see the README), for one
+/// concurrency 1 (`perf record -e raw_syscalls:sys_enter`, see docs/design-notes.md), for one
 /// wake-up a second.
 async fn keep_timer_armed() {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
