@@ -18,7 +18,7 @@
 //! So a budget's spend is *settled + open holds*, and never less than what was settled.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
@@ -137,11 +137,16 @@ struct Entry {
 
 /// The holds and tombstones of one account (a budget key, a bucket), with their expiry
 /// order. Empty tables do not allocate; a busy table reuses its capacity, so a request
-/// costs map and heap operations but no allocation in the steady state.
+/// costs map and queue operations but no allocation in the steady state.
 #[derive(Debug, Default)]
 pub(crate) struct HoldTable {
     entries: crate::FastMap<HoldId, Entry>,
+    /// Open holds by expiry (items of holds closed since are stale and skipped).
     by_expiry: BinaryHeap<Reverse<(Instant, HoldId)>>,
+    /// Tombstones in the order they were made: a store gives them all one lifetime, so
+    /// they also expire in this order and leave from the front, without a heap's cache
+    /// misses on every request.
+    tombs: VecDeque<(Instant, HoldId)>,
 }
 
 impl HoldTable {
@@ -153,18 +158,27 @@ impl HoldTable {
                 break;
             }
             self.by_expiry.pop();
-            // A re-scored entry (hold turned tombstone) has a newer heap item: skip stale ones.
+            // Only a hold still open at this expiry is released; a closed one is a tombstone
+            // with its own expiry (or gone).
             if let Some(e) = self.entries.get(&id)
+                && e.open
                 && e.expires == at
             {
-                if e.open {
-                    released = released.saturating_add(e.amount);
-                }
+                released = released.saturating_add(e.amount);
                 self.entries.remove(&id);
             }
         }
-        if self.entries.is_empty() && self.by_expiry.len() > 64 {
-            self.by_expiry.clear();
+        while let Some(&(at, id)) = self.tombs.front() {
+            if at > now {
+                break;
+            }
+            self.tombs.pop_front();
+            if let Some(e) = self.entries.get(&id)
+                && !e.open
+                && e.expires == at
+            {
+                self.entries.remove(&id);
+            }
         }
         released
     }
@@ -213,7 +227,19 @@ impl HoldTable {
                 Closed::Missing
             }
         };
-        self.by_expiry.push(Reverse((tomb_until, id)));
+        self.tombs.push_back((tomb_until, id));
+        // A closed hold's heap item (due at the hold's expiry, minutes away) is now stale.
+        // Left alone, such items would pile up by the request rate times the hold
+        // lifetime; rebuilding from the open holds once the heap outgrows the entries keeps
+        // it within twice the entries, at O(1) amortized per close.
+        if self.by_expiry.len() > 2 * self.entries.len() + 64 {
+            self.by_expiry = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.open)
+                .map(|(id, e)| Reverse((e.expires, *id)))
+                .collect();
+        }
         found
     }
 
@@ -232,6 +258,26 @@ impl HoldTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_holds_leave_no_stale_heap_items_behind() {
+        let now = Instant::now();
+        let mut t = HoldTable::default();
+        // Many requests, each held for ten minutes and settled at once (tombstone: 2 s).
+        for i in 0..100_000u128 {
+            let at = now + Duration::from_micros(i as u64 * 50);
+            let id = HoldId::from_u128(i);
+            t.sweep(at);
+            t.hold(id, 1, at + Duration::from_secs(600));
+            assert_eq!(t.close(id, at + Duration::from_secs(2)), Closed::Held(1));
+            assert!(t.by_expiry.len() <= 2 * t.entries.len() + 65);
+        }
+        // Only the tombstones of the last 2 s are alive (40 000 at one request per 50 µs).
+        assert!(t.entries.len() <= 40_001, "{}", t.entries.len());
+        assert_eq!(t.open_holds(), 0);
+        assert_eq!(t.sweep(now + Duration::from_secs(3600)), 0);
+        assert!(t.is_empty());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn table_releases_holds_and_forgets_tombstones_at_expiry() {
