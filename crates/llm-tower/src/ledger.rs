@@ -233,12 +233,12 @@ impl HoldTable {
         // lifetime; rebuilding from the open holds once the heap outgrows the entries keeps
         // it within twice the entries, at O(1) amortized per close.
         if self.by_expiry.len() > 2 * self.entries.len() + 64 {
-            self.by_expiry = self
-                .entries
-                .iter()
-                .filter(|(_, e)| e.open)
-                .map(|(id, e)| Reverse((e.expires, *id)))
-                .collect();
+            // In place: the heap keeps its capacity, so a busy table does not free and
+            // fault in its pages again on every rebuild.
+            let entries = &self.entries;
+            self.by_expiry.retain(|Reverse((at, id))| {
+                entries.get(id).is_some_and(|e| e.open && e.expires == *at)
+            });
         }
         found
     }
