@@ -312,7 +312,7 @@ impl Account {
 
 /// How long a settled id is remembered by default in memory (a repeated settle within it is
 /// a no-op). Nothing arrives late in memory, so it is short.
-const DEFAULT_MEMORY_TOMBSTONE: Duration = Duration::from_secs(2);
+const DEFAULT_MEMORY_TOMBSTONE: Duration = Duration::from_millis(200);
 
 /// Budgets in an in-process map (one machine), with holds as in [`BudgetStore`]. Keys of
 /// past windows are dropped at their window's end by a sweep every 1024 operations; the
@@ -347,7 +347,7 @@ impl InMemoryBudgetStore {
         Self::default()
     }
 
-    /// Remembers settled ids for `ttl` (default 2 s): a repeated settle, or a reservation
+    /// Remembers settled ids for `ttl` (default 200 ms; memory grows with the request rate times it): a repeated settle, or a reservation
     /// with a settled id, within it is a no-op.
     #[must_use]
     pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {

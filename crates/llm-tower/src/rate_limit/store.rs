@@ -191,11 +191,11 @@ impl InMemoryRateLimitStore {
             buckets: Mutex::default(),
             ops: AtomicU64::new(0),
             max_keys: max_keys.max(1),
-            tombstone_ttl: Duration::from_secs(2),
+            tombstone_ttl: Duration::from_millis(200),
         }
     }
 
-    /// Remembers settled and final ids for `ttl` (default 2 s): a repeated settle or
+    /// Remembers settled and final ids for `ttl` (default 200 ms; memory grows with the request rate times it): a repeated settle or
     /// acquisition with such an id within it is a no-op.
     #[must_use]
     pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
