@@ -34,7 +34,7 @@
 //! Errors of the inner service are passed through untouched.
 //!
 //! A rejected answer was paid for: its usage is recorded as a
-//! [`PaidAttempt`](crate::PaidAttempt) in the `paid_attempts` of the response that follows
+//! [`PaidAttempt`] in the `paid_attempts` of the response that follows
 //! (or of the error), so that the cost and rate-limit layers above count every attempt.
 //!
 //! # Streams
