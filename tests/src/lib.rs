@@ -382,3 +382,9 @@ where
     }
     None
 }
+
+/// The Rust examples of the repository's README, compiled as doc tests so the library quick
+/// start cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod body;
+mod build;
 mod encoded;
 mod error;
 mod ext;
@@ -15,6 +16,7 @@ mod service;
 
 pub use aggregate::StreamAccumulator;
 pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
+pub use build::Answer;
 pub use encoded::EncodedResponse;
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};

@@ -44,6 +44,7 @@ mod config;
 mod http;
 mod limits;
 mod openai;
+mod quick;
 mod secret;
 pub mod sse;
 #[cfg(test)]
