@@ -1,4 +1,7 @@
 //! The LLM stack the handlers call, built with `ServiceBuilder` from llm-tower layers.
+//!
+//! `examples/axum-app` and `examples/tonic-app` each keep their own copy of this module on
+//! purpose: each example is meant to be copied out alone, with nothing shared to untangle.
 
 use std::time::Duration;
 
