@@ -16,6 +16,8 @@
 //! - [`LlmError`]: one classified error with [`ErrorKind`], `is_retryable()`,
 //!   `should_fall_back()`, the HTTP status and the OpenAI error body.
 //! - [`LlmService`] and the boxed [`BoxLlmService`].
+//! - [`Observer`]: the hook tracing uses to see events and upstream attempts inside the
+//!   stack (see [`RequestObserver`]).
 //!
 //! # Example
 //!
@@ -46,6 +48,7 @@ mod ext;
 mod json;
 mod meta;
 mod nullable;
+mod observe;
 mod request;
 mod response;
 mod service;
@@ -58,6 +61,9 @@ pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 pub use meta::{
     Attempt, AttemptError, CacheStatus, Cost, LocalLimits, NanoUsd, PaidAttempt, RateLimitHeadroom,
     ResponseMeta,
+};
+pub use observe::{
+    AttemptEnd, AttemptObserver, ObserveEvent, Observer, RequestObserver, TraceParent,
 };
 pub use request::{
     ChatRequest, Content, ContentPart, Extra, FunctionCall, FunctionDef, ImageUrl, InputAudio,

@@ -13,6 +13,7 @@
 //! | `cache` | [`cache`] | answer identical deterministic requests from a store |
 //! | `rate-limit` | [`rate_limit`] | requests and tokens per window, keyed by tenant/model/task |
 //! | `cost` | [`cost`] | price every response, total it, enforce budgets |
+//! | `observe` | `observe` | report upstream attempts and layer events to the request's [`Observer`] (tracing) |
 //!
 //! Layers never depend on each other: they talk through request extensions
 //! ([`TaskType`], [`Tenant`], …) and [`ResponseMeta`]. The core contract is re-exported at
@@ -77,6 +78,21 @@ pub use llm_tower_core::*;
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 mod builder;
+
+/// Reports `event` to the request's [`Observer`], if it has one (feature `observe`;
+/// without it, nothing).
+#[allow(dead_code, unused_variables)] // not every feature set reports an event
+#[inline]
+pub(crate) fn emit(req: &ChatRequest, event: ObserveEvent<'_>) {
+    #[cfg(feature = "observe")]
+    if let Some(o) = req.extensions.get::<Observer>() {
+        o.event(event);
+    }
+}
+
+#[cfg(feature = "observe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "observe")))]
+pub mod observe;
 
 #[cfg(any(feature = "cache", feature = "validate"))]
 mod mem;
