@@ -227,7 +227,11 @@ async fn otlp_http_spans_follow_genai_conventions_and_the_fallback() {
 
     // 2. The same deterministic request again: a cache hit, no attempt.
     let r = client
-        .post(&gw.url(), &[], &chat("gpt-4o-mini", "secret prompt text", false))
+        .post(
+            &gw.url(),
+            &[("x-llm-task", "summarize")],
+            &chat("gpt-4o-mini", "secret prompt text", false),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-llm-cache"), "hit");
@@ -264,7 +268,8 @@ async fn otlp_http_spans_follow_genai_conventions_and_the_fallback() {
     assert!(a.contains_key("gen_ai.usage.input_tokens"), "{a:?}");
     assert!(a.contains_key("gen_ai.usage.output_tokens"), "{a:?}");
     assert!(a.contains_key("gen_ai.response.finish_reasons"), "{a:?}");
-    assert_eq!(s(&a["llm_tower.task"]), "summarize");
+    // A task name the config does not know is `other`, as in the metrics.
+    assert_eq!(s(&a["llm_tower.task"]), "other");
     assert_eq!(s(&a["llm_tower.tenant"]), "acme");
     assert_eq!(s(&a["llm_tower.cache"]), "miss");
     assert_eq!(s(&a["llm_tower.attempts"]), "2");

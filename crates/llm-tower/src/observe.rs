@@ -442,6 +442,64 @@ mod tests {
         assert_eq!(resp.meta.usage.map(|u: Usage| u.total_tokens > 0), Some(true));
     }
 
+    #[cfg(feature = "cache")]
+    #[tokio::test(start_paused = true)]
+    async fn cache_hit_is_an_event_and_no_attempt() {
+        use crate::cache::CacheLayer;
+        let log = Log::default();
+        let mock = MockLlm::new("p");
+        let svc = CacheLayer::in_memory(1 << 20)
+            .layer(ObserveLayer::new("p").layer(mock.clone()));
+        let det = |log: &Log| {
+            let mut r = request(log, false);
+            r.temperature = Some(0.into());
+            r
+        };
+        svc.clone().oneshot(det(&log)).await.unwrap();
+        assert_eq!(log.take()[0], "attempt p");
+        svc.oneshot(det(&log)).await.unwrap();
+        assert_eq!(log.take(), ["CacheHit"]);
+        assert_eq!(mock.calls(), 1);
+    }
+
+    #[cfg(feature = "validate")]
+    #[tokio::test(start_paused = true)]
+    async fn validation_retry_is_an_event_between_two_attempts() {
+        use crate::validate::{Rule, ValidateLayer};
+        let log = Log::default();
+        let mock = MockLlm::new("p")
+            .then(Step::reply("not json"))
+            .then(Step::reply("{\"ok\":true}"));
+        let svc = ValidateLayer::new()
+            .task("extract", Rule::json())
+            .layer(ObserveLayer::new("p").layer(mock));
+        let req = request(&log, false).with_task_type("extract");
+        svc.oneshot(req).await.unwrap();
+        let seen = log.take();
+        assert_eq!(seen.len(), 5, "{seen:?}");
+        assert_eq!(seen[0], "attempt p");
+        assert!(seen[2].starts_with("ValidationRetry { attempt: 1"), "{seen:?}");
+        assert_eq!(seen[3], "attempt p");
+    }
+
+    #[cfg(feature = "rate-limit")]
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_wait_is_an_event() {
+        use crate::rate_limit::{OnLimit, RateLimitLayer, Rule};
+        use std::time::Duration;
+        let log = Log::default();
+        let layer = RateLimitLayer::new()
+            .rule(Rule::requests(1, Duration::from_secs(2)))
+            .on_limit(OnLimit::Wait {
+                max_wait: Duration::from_secs(5),
+            });
+        let svc = layer.layer(MockLlm::new("p"));
+        svc.clone().oneshot(request(&log, false)).await.unwrap();
+        assert!(log.take().is_empty());
+        svc.oneshot(request(&log, false)).await.unwrap();
+        assert_eq!(log.take(), ["RateLimitWait { wait: 2s }"]);
+    }
+
     #[test]
     fn finish_reasons_of_garbage_are_empty() {
         assert!(encoded_finish_reasons(b"not json").is_empty());
