@@ -70,8 +70,7 @@ async fn http_receiver() -> (SocketAddr, Arc<Received>) {
             post(move |body: Bytes| {
                 let got = g2.clone();
                 async move {
-                    let req =
-                        ExportMetricsServiceRequest::decode(body).expect("OTLP metrics body");
+                    let req = ExportMetricsServiceRequest::decode(body).expect("OTLP metrics body");
                     let mut names = got.metrics.lock().unwrap();
                     for rm in req.resource_metrics {
                         for sm in rm.scope_metrics {
@@ -209,7 +208,13 @@ async fn otlp_http_spans_follow_genai_conventions_and_the_fallback() {
     let extra = format!(
         "[telemetry]\nenabled = true\nprotocol = \"http/protobuf\"\nendpoint = \"http://{addr}\"\n"
     );
-    let gw = Gw::start(&base_config(&openai.base_url(), &anthropic.base_url(), false, &extra)).await;
+    let gw = Gw::start(&base_config(
+        &openai.base_url(),
+        &anthropic.base_url(),
+        false,
+        &extra,
+    ))
+    .await;
     let client = Client::with_key(ACME_KEY);
     let traceparent = format!("00-{INCOMING_TRACE}-{INCOMING_PARENT}-01");
 
@@ -218,7 +223,10 @@ async fn otlp_http_spans_follow_genai_conventions_and_the_fallback() {
     let r = client
         .post(
             &gw.url(),
-            &[("traceparent", traceparent.as_str()), ("x-llm-task", "summarize")],
+            &[
+                ("traceparent", traceparent.as_str()),
+                ("x-llm-task", "summarize"),
+            ],
             &chat("gpt-4o-mini", "secret prompt text", false),
         )
         .await;
@@ -279,7 +287,10 @@ async fn otlp_http_spans_follow_genai_conventions_and_the_fallback() {
     assert!(!a.contains_key("gen_ai.input.messages"));
     assert!(!a.contains_key("gen_ai.output.messages"));
     let dump = format!("{spans:?}");
-    assert!(!dump.contains("secret prompt text"), "prompt content exported");
+    assert!(
+        !dump.contains("secret prompt text"),
+        "prompt content exported"
+    );
 
     // --- its two attempts: CLIENT children, the first failed, the second served ---
     let mut children: Vec<&Span> = spans
@@ -287,7 +298,11 @@ async fn otlp_http_spans_follow_genai_conventions_and_the_fallback() {
         .filter(|s| s.parent_span_id == root.span_id)
         .collect();
     children.sort_by_key(|s| s.start_time_unix_nano);
-    assert_eq!(children.len(), 2, "one span per upstream attempt: {children:?}");
+    assert_eq!(
+        children.len(),
+        2,
+        "one span per upstream attempt: {children:?}"
+    );
     assert!(children.iter().all(|c| c.kind == SpanKind::Client as i32));
     assert!(children.iter().all(|c| c.trace_id == root.trace_id));
     let (first, second) = (attrs(children[0]), attrs(children[1]));
@@ -372,7 +387,13 @@ async fn otlp_grpc_exports_spans_and_content_only_when_asked() {
         "[telemetry]\nenabled = true\nprotocol = \"grpc\"\nendpoint = \"http://{addr}\"\n\
          metrics = false\ncapture_content = true\nmax_content_bytes = 64\n"
     );
-    let gw = Gw::start(&base_config(&openai.base_url(), &anthropic.base_url(), false, &extra)).await;
+    let gw = Gw::start(&base_config(
+        &openai.base_url(),
+        &anthropic.base_url(),
+        false,
+        &extra,
+    ))
+    .await;
     let r = Client::with_key(ACME_KEY)
         .post(&gw.url(), &[], &chat("solo", "captured prompt", false))
         .await;
@@ -396,8 +417,14 @@ async fn otlp_grpc_exports_spans_and_content_only_when_asked() {
         1
     );
     // The upstream got no traceparent from the client (none was sent) but the attempt's.
-    let tp = openai.requests()[0].header("traceparent").unwrap().to_owned();
-    assert!(tp.starts_with(&format!("00-{}-", hex(&root.trace_id))), "{tp}");
+    let tp = openai.requests()[0]
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
+    assert!(
+        tp.starts_with(&format!("00-{}-", hex(&root.trace_id))),
+        "{tp}"
+    );
 }
 
 #[tokio::test]
@@ -418,7 +445,10 @@ async fn telemetry_off_sends_no_traceparent() {
     let r = Client::with_key(ACME_KEY)
         .post(
             &format!("http://{addr}/v1/chat/completions"),
-            &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+            &[(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
             &chat("solo", "hi", false),
         )
         .await;
@@ -432,8 +462,14 @@ fn telemetry_config_errors_name_the_line() {
         ("protocol = \"http/json\"", "telemetry.protocol"),
         ("endpoint = \"collector:4317\"", "telemetry.endpoint"),
         ("sample_ratio = 1.5", "telemetry.sample_ratio"),
-        ("metrics_interval_secs = 0", "telemetry.metrics_interval_secs"),
-        ("max_content_bytes = 99999999", "telemetry.max_content_bytes"),
+        (
+            "metrics_interval_secs = 0",
+            "telemetry.metrics_interval_secs",
+        ),
+        (
+            "max_content_bytes = 99999999",
+            "telemetry.max_content_bytes",
+        ),
     ] {
         let toml = base_config(
             "http://127.0.0.1:1",
@@ -442,7 +478,9 @@ fn telemetry_config_errors_name_the_line() {
             &format!("[telemetry]\nenabled = true\n{bad}\n"),
         );
         let line = toml.lines().position(|l| l == bad).unwrap() + 1;
-        let err = Config::parse(&toml, Path::new(".")).unwrap_err().to_string();
+        let err = Config::parse(&toml, Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{err}");
         assert!(err.contains(&format!("line {line}")), "{err}");
     }

@@ -53,16 +53,13 @@ use std::time::{Duration, Instant};
 
 use futures_core::Stream;
 use llm_tower_core::{
-    AttemptEnd, AttemptObserver, BoxChunkStream, ChatChunk, ChatRequest, ChatResponse,
-    ChunkStream, LlmError, ObserveEvent, Observer, RequestObserver, ResponseMeta, TraceParent,
-    Usage,
+    AttemptEnd, AttemptObserver, BoxChunkStream, ChatChunk, ChatRequest, ChatResponse, ChunkStream,
+    LlmError, ObserveEvent, Observer, RequestObserver, ResponseMeta, TraceParent, Usage,
 };
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Histogram, Meter};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{
-    Span, SpanKind, Status, TraceContextExt, TraceFlags, Tracer,
-};
+use opentelemetry::trace::{Span, SpanKind, Status, TraceContextExt, TraceFlags, Tracer};
 use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 
@@ -266,10 +263,13 @@ impl OtelTracing {
     }
 }
 
+/// A model name → its metric label (itself, or `other` when the config does not know it).
+pub(crate) type ModelLabel = Box<dyn Fn(&str) -> Arc<str> + Send + Sync>;
+
 /// The router's view: the tracing setup and the model labels it may use in metrics.
 pub(crate) struct Otel {
     pub(crate) cfg: OtelTracing,
-    pub(crate) model_label: Box<dyn Fn(&str) -> Arc<str> + Send + Sync>,
+    pub(crate) model_label: ModelLabel,
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -469,7 +469,10 @@ impl RequestTrace {
         }
         let g = std::mem::take(&mut *self.gathered());
         if !g.reasons.is_empty() {
-            span.set_attribute(KeyValue::new(n::RESPONSE_FINISH_REASONS, strings(g.reasons)));
+            span.set_attribute(KeyValue::new(
+                n::RESPONSE_FINISH_REASONS,
+                strings(g.reasons),
+            ));
         }
         if st.otel.cfg.capture_content && !g.output.is_empty() {
             span.set_attribute(KeyValue::new(
@@ -538,7 +541,10 @@ fn strings(v: Vec<String>) -> Value {
 fn set_usage(span: &opentelemetry::trace::SpanRef<'_>, u: &Usage) {
     let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     span.set_attribute(KeyValue::new(n::USAGE_INPUT_TOKENS, i(u.prompt_tokens)));
-    span.set_attribute(KeyValue::new(n::USAGE_OUTPUT_TOKENS, i(u.completion_tokens)));
+    span.set_attribute(KeyValue::new(
+        n::USAGE_OUTPUT_TOKENS,
+        i(u.completion_tokens),
+    ));
     if u.cached_tokens() > 0 {
         span.set_attribute(KeyValue::new(
             n::USAGE_CACHE_READ_INPUT_TOKENS,
@@ -735,7 +741,10 @@ impl AttemptTrace {
         if let Some(u) = usage {
             let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             span.set_attribute(KeyValue::new(n::USAGE_INPUT_TOKENS, i(u.prompt_tokens)));
-            span.set_attribute(KeyValue::new(n::USAGE_OUTPUT_TOKENS, i(u.completion_tokens)));
+            span.set_attribute(KeyValue::new(
+                n::USAGE_OUTPUT_TOKENS,
+                i(u.completion_tokens),
+            ));
             if error.is_none() {
                 let mut a = attrs.clone();
                 a.push(KeyValue::new(n::TOKEN_TYPE, "input"));
@@ -804,20 +813,41 @@ mod tests {
         assert_eq!(n::REQUEST_TEMPERATURE, a::GEN_AI_REQUEST_TEMPERATURE);
         assert_eq!(n::REQUEST_STREAM, a::GEN_AI_REQUEST_STREAM);
         assert_eq!(n::RESPONSE_MODEL, a::GEN_AI_RESPONSE_MODEL);
-        assert_eq!(n::RESPONSE_FINISH_REASONS, a::GEN_AI_RESPONSE_FINISH_REASONS);
-        assert_eq!(n::RESPONSE_TIME_TO_FIRST_CHUNK, a::GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK);
+        assert_eq!(
+            n::RESPONSE_FINISH_REASONS,
+            a::GEN_AI_RESPONSE_FINISH_REASONS
+        );
+        assert_eq!(
+            n::RESPONSE_TIME_TO_FIRST_CHUNK,
+            a::GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK
+        );
         assert_eq!(n::USAGE_INPUT_TOKENS, a::GEN_AI_USAGE_INPUT_TOKENS);
         assert_eq!(n::USAGE_OUTPUT_TOKENS, a::GEN_AI_USAGE_OUTPUT_TOKENS);
-        assert_eq!(n::USAGE_CACHE_READ_INPUT_TOKENS, a::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS);
+        assert_eq!(
+            n::USAGE_CACHE_READ_INPUT_TOKENS,
+            a::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS
+        );
         assert_eq!(n::TOKEN_TYPE, a::GEN_AI_TOKEN_TYPE);
         assert_eq!(n::INPUT_MESSAGES, a::GEN_AI_INPUT_MESSAGES);
         assert_eq!(n::OUTPUT_MESSAGES, a::GEN_AI_OUTPUT_MESSAGES);
         assert_eq!(n::ERROR_TYPE, a::ERROR_TYPE);
-        assert_eq!(n::CLIENT_OPERATION_DURATION, m::GEN_AI_CLIENT_OPERATION_DURATION);
-        assert_eq!(n::CLIENT_TIME_TO_FIRST_CHUNK, m::GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK);
+        assert_eq!(
+            n::CLIENT_OPERATION_DURATION,
+            m::GEN_AI_CLIENT_OPERATION_DURATION
+        );
+        assert_eq!(
+            n::CLIENT_TIME_TO_FIRST_CHUNK,
+            m::GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK
+        );
         assert_eq!(n::CLIENT_TOKEN_USAGE, m::GEN_AI_CLIENT_TOKEN_USAGE);
-        assert_eq!(n::SERVER_REQUEST_DURATION, m::GEN_AI_SERVER_REQUEST_DURATION);
-        assert_eq!(n::SERVER_TIME_TO_FIRST_TOKEN, m::GEN_AI_SERVER_TIME_TO_FIRST_TOKEN);
+        assert_eq!(
+            n::SERVER_REQUEST_DURATION,
+            m::GEN_AI_SERVER_REQUEST_DURATION
+        );
+        assert_eq!(
+            n::SERVER_TIME_TO_FIRST_TOKEN,
+            m::GEN_AI_SERVER_TIME_TO_FIRST_TOKEN
+        );
     }
 
     #[test]

@@ -315,7 +315,12 @@ impl OpenAiProvider {
         let stream = req.is_stream();
         let ep = &self.inner.endpoint;
         let (resp, upstream_time, started) = ep
-            .send(body, stream, req.deadline(), req.extensions.get::<TraceParent>())
+            .send(
+                body,
+                stream,
+                req.deadline(),
+                req.extensions.get::<TraceParent>(),
+            )
             .await?;
         let (parts, body) = resp.into_parts();
         let headroom = ep.headroom(&parts.headers);

@@ -248,7 +248,12 @@ fn encoded_finish_reasons(json: &[u8]) -> Vec<String> {
     }
     serde_json::from_slice::<Body>(json).map_or_else(
         |_| Vec::new(),
-        |b| b.choices.into_iter().filter_map(|c| c.finish_reason).collect(),
+        |b| {
+            b.choices
+                .into_iter()
+                .filter_map(|c| c.finish_reason)
+                .collect()
+        },
     )
 }
 
@@ -374,7 +379,9 @@ mod tests {
         }
         fn attempt(&self, provider: &str, req: &mut ChatRequest) -> Box<dyn AttemptObserver> {
             req.extensions.insert(llm_tower_core::TraceParent::new(
-                http::HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                http::HeaderValue::from_static(
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
             ));
             self.push(format!("attempt {provider}"));
             Box::new(A(self.clone()))
@@ -439,7 +446,10 @@ mod tests {
         let svc = ObserveLayer::new("p").layer(MockLlm::new("p"));
         let req = ChatRequest::new("m", vec![Message::user("hi")]);
         let resp = svc.oneshot(req).await.unwrap();
-        assert_eq!(resp.meta.usage.map(|u: Usage| u.total_tokens > 0), Some(true));
+        assert_eq!(
+            resp.meta.usage.map(|u: Usage| u.total_tokens > 0),
+            Some(true)
+        );
     }
 
     #[cfg(feature = "cache")]
@@ -448,8 +458,7 @@ mod tests {
         use crate::cache::CacheLayer;
         let log = Log::default();
         let mock = MockLlm::new("p");
-        let svc = CacheLayer::in_memory(1 << 20)
-            .layer(ObserveLayer::new("p").layer(mock.clone()));
+        let svc = CacheLayer::in_memory(1 << 20).layer(ObserveLayer::new("p").layer(mock.clone()));
         let det = |log: &Log| {
             let mut r = request(log, false);
             r.temperature = Some(0.into());
@@ -478,7 +487,10 @@ mod tests {
         let seen = log.take();
         assert_eq!(seen.len(), 5, "{seen:?}");
         assert_eq!(seen[0], "attempt p");
-        assert!(seen[2].starts_with("ValidationRetry { attempt: 1"), "{seen:?}");
+        assert!(
+            seen[2].starts_with("ValidationRetry { attempt: 1"),
+            "{seen:?}"
+        );
         assert_eq!(seen[3], "attempt p");
     }
 

@@ -1427,13 +1427,9 @@ impl Config {
             ));
         }
         if let Some(e) = &t.endpoint {
-            let ok = e
-                .get_ref()
-                .parse::<http::Uri>()
-                .ok()
-                .is_some_and(|u| {
-                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-                });
+            let ok = e.get_ref().parse::<http::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
             if !ok {
                 return Err(err(
                     &e.span(),

@@ -464,7 +464,11 @@ fn build_providers(
         if observe {
             // One span per upstream call: below the provider's own limits (a provider
             // skipped for them was not called).
-            raw = boxed(ServiceBuilder::new().layer(ObserveLayer::new(name.as_str())).service(raw));
+            raw = boxed(
+                ServiceBuilder::new()
+                    .layer(ObserveLayer::new(name.as_str()))
+                    .service(raw),
+            );
         }
         out.insert(name.clone(), with_provider_limits(name, p, shared, raw));
         malformed.extend(count.map(|c| (name.clone(), c)));

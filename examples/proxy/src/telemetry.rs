@@ -106,13 +106,20 @@ pub fn build(
         .or_else(|| env("OTEL_SERVICE_NAME"))
         .unwrap_or_else(|| "llm-tower-proxy".to_owned());
     let resource = Resource::builder().with_service_name(service_name).build();
-    let endpoint = t.endpoint.as_ref().map(|e| e.get_ref().trim_end_matches('/').to_owned());
+    let endpoint = t
+        .endpoint
+        .as_ref()
+        .map(|e| e.get_ref().trim_end_matches('/').to_owned());
 
     let tracer_provider = if t.traces {
         let exporter = match protocol {
             OtlpProtocol::Grpc => {
                 let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-                if grpc_https(endpoint.as_deref(), env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                if grpc_https(
+                    endpoint.as_deref(),
+                    env,
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                ) {
                     b = b.with_tls_config(grpc_tls());
                 }
                 if let Some(e) = &endpoint {
@@ -154,7 +161,11 @@ pub fn build(
         let exporter = match protocol {
             OtlpProtocol::Grpc => {
                 let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-                if grpc_https(endpoint.as_deref(), env, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+                if grpc_https(
+                    endpoint.as_deref(),
+                    env,
+                    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                ) {
                     b = b.with_tls_config(grpc_tls());
                 }
                 if let Some(e) = &endpoint {

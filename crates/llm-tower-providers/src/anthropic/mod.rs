@@ -307,7 +307,12 @@ impl AnthropicProvider {
         let stream = req.is_stream();
         let ep = &self.inner.endpoint;
         let (resp, upstream_time, started) = ep
-            .send(bytes, stream, req.deadline(), req.extensions.get::<TraceParent>())
+            .send(
+                bytes,
+                stream,
+                req.deadline(),
+                req.extensions.get::<TraceParent>(),
+            )
             .await?;
         let (parts, body) = resp.into_parts();
         let headroom = ep.headroom(&parts.headers);
