@@ -72,6 +72,9 @@ mod auth;
 mod error;
 pub mod headers;
 mod metrics;
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub mod otel;
 mod panics;
 mod router;
 mod serve;

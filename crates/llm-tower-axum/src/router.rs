@@ -146,6 +146,8 @@ pub struct OpenAiRouter<S> {
     known_models: Option<Arc<Names>>,
     protected: Vec<Router>,
     public: Vec<Router>,
+    #[cfg(feature = "otel")]
+    otel: Option<crate::otel::OtelTracing>,
 }
 
 impl<S> fmt::Debug for OpenAiRouter<S> {
@@ -186,7 +188,19 @@ where
             known_models: None,
             protected: Vec::new(),
             public: Vec::new(),
+            #[cfg(feature = "otel")]
+            otel: None,
         }
+    }
+
+    /// OpenTelemetry GenAI spans and metrics for every chat request (feature `otel`; see
+    /// [`crate::otel`]).
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    #[must_use]
+    pub fn otel(mut self, otel: crate::otel::OtelTracing) -> Self {
+        self.otel = Some(otel);
+        self
     }
 
     /// The models and aliases `GET /v1/models` lists (replaces earlier ones).
@@ -318,12 +332,25 @@ where
             .map_or(0, |d| d.as_secs());
         let models = models_json(&self.models, created);
         let metrics_route = self.metrics.router(self.metrics_access);
+        #[cfg(feature = "otel")]
+        let otel = self.otel.map(|cfg| {
+            let known = self.known_models.clone();
+            Arc::new(crate::otel::Otel {
+                cfg,
+                model_label: Box::new(move |m: &str| match &known {
+                    None => m.into(),
+                    Some(k) => k.get(m).unwrap_or(&OTHER_LABEL).clone(),
+                }),
+            })
+        });
         let state = Arc::new(AppState {
             service: self.service,
             body_limit: self.body_limit,
             metrics: self.metrics,
             models,
             known_models: self.known_models,
+            #[cfg(feature = "otel")]
+            otel,
         });
 
         let mut protected: Router = Router::new()
@@ -491,6 +518,8 @@ struct AppState<S> {
     metrics: Metrics,
     models: Bytes,
     known_models: Option<Arc<Names>>,
+    #[cfg(feature = "otel")]
+    otel: Option<Arc<crate::otel::Otel>>,
 }
 
 impl<S> AppState<S> {
@@ -667,6 +696,8 @@ struct Finish {
     cost_nano_usd: Option<u64>,
     cache: CacheStatus,
     fallbacks: Vec<FailedAttempt>,
+    #[cfg(feature = "otel")]
+    trace: Option<crate::otel::RequestTrace>,
 }
 
 impl Finish {
@@ -679,10 +710,16 @@ impl Finish {
             cost_nano_usd: None,
             cache: CacheStatus::None,
             fallbacks: Vec::new(),
+            #[cfg(feature = "otel")]
+            trace: None,
         }
     }
 
-    fn record(&self, status: &str, usage: Option<&Usage>) {
+    fn record(&mut self, status: &str, usage: Option<&Usage>) {
+        #[cfg(feature = "otel")]
+        if let Some(t) = self.trace.take() {
+            t.end(status, usage, &self.labels);
+        }
         let total = self.start.elapsed();
         self.metrics.observe(&Observation {
             labels: &self.labels,
@@ -728,7 +765,7 @@ impl CancelGuard {
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if let Some(finish) = self.0.take() {
+        if let Some(mut finish) = self.0.take() {
             finish.record("client_closed", None);
         }
     }
@@ -822,6 +859,14 @@ where
     span.record("model", &*finish.labels.model);
     let wants_stream = chat_req.is_stream();
     span.record("stream", wants_stream);
+    #[cfg(feature = "otel")]
+    if let Some(otel) = &st.otel {
+        let id = parts
+            .headers
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok());
+        finish.trace = Some(otel.start(&parts.headers, &mut chat_req, &finish.labels, id));
+    }
     let include_usage = chat_req
         .stream_options
         .as_ref()
@@ -836,6 +881,10 @@ where
         Err(e) => return finish.reject(&e),
     };
     let meta = std::mem::take(&mut resp.meta);
+    #[cfg(feature = "otel")]
+    if let Some(t) = &finish.trace {
+        t.meta(&meta);
+    }
     if let Some(p) = &meta.provider {
         finish.labels.provider = p.clone();
     }
@@ -860,6 +909,10 @@ where
         let json = match resp.body {
             // Forwarded as the upstream sent it: no decoding and encoding again.
             ResponseBody::Encoded(r) => {
+                #[cfg(feature = "otel")]
+                if let Some(t) = &finish.trace {
+                    t.encoded(r.json());
+                }
                 finish.record("ok", r.usage().or(meta.usage.as_ref()));
                 Ok(r.into_json())
             }
@@ -870,9 +923,13 @@ where
                     meta: ResponseMeta::default(),
                 };
                 let complete = resp.into_complete().await;
-                let finish = guard.disarm();
+                let mut finish = guard.disarm();
                 match complete {
                     Ok(r) => {
+                        #[cfg(feature = "otel")]
+                        if let Some(t) = &finish.trace {
+                            t.complete(&r);
+                        }
                         finish.record("ok", r.usage.as_ref().or(meta.usage.as_ref()));
                         encode(&r, meta.body_bytes)
                     }
@@ -892,6 +949,10 @@ where
     }
 
     let mut stream = resp.into_stream();
+    #[cfg(feature = "otel")]
+    if let Some(t) = &finish.trace {
+        t.watch(&mut stream);
+    }
     stream.on_finish(move |outcome: &Outcome| {
         let status = match outcome {
             Outcome::Completed { .. } => "ok",

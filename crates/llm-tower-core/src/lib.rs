@@ -10,6 +10,7 @@ mod ext;
 mod json;
 mod meta;
 mod nullable;
+mod observe;
 mod request;
 mod response;
 mod service;
@@ -23,6 +24,9 @@ pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 pub use meta::{
     Attempt, AttemptError, CacheStatus, Cost, LocalLimits, NanoUsd, PaidAttempt, RateLimitHeadroom,
     ResponseMeta,
+};
+pub use observe::{
+    AttemptEnd, AttemptObserver, ObserveEvent, Observer, RequestObserver, TraceParent,
 };
 pub use request::{
     ChatRequest, Content, ContentPart, Extra, FunctionCall, FunctionDef, ImageUrl, InputAudio,

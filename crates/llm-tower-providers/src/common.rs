@@ -16,7 +16,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use llm_tower_core::{ChatChunk, Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom};
+use llm_tower_core::{
+    ChatChunk, Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom, TraceParent,
+};
 use tokio::time::Instant;
 
 use crate::classify;
@@ -166,6 +168,7 @@ impl Endpoint {
         body: Vec<u8>,
         stream: bool,
         deadline: Option<Deadline>,
+        trace: Option<&TraceParent>,
     ) -> Result<(HttpResponse, Duration, Instant), LlmError> {
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
@@ -179,6 +182,11 @@ impl Endpoint {
                 "application/json"
             }),
         );
+        // The attempt's trace context (set only when tracing is on), so the upstream's
+        // own spans join the request's trace.
+        if let Some(t) = trace {
+            t.write(req.headers_mut());
+        }
         let started = Instant::now();
         let fut = self.client.send(req);
         let result = match self.expiry(started, deadline) {

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, EncodedResponse, LlmError, LlmResponse, StreamOptions,
+    ChatChunk, ChatRequest, EncodedResponse, LlmError, LlmResponse, StreamOptions, TraceParent,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -314,7 +314,14 @@ impl OpenAiProvider {
         let body = self.encode(&req)?;
         let stream = req.is_stream();
         let ep = &self.inner.endpoint;
-        let (resp, upstream_time, started) = ep.send(body, stream, req.deadline()).await?;
+        let (resp, upstream_time, started) = ep
+            .send(
+                body,
+                stream,
+                req.deadline(),
+                req.extensions.get::<TraceParent>(),
+            )
+            .await?;
         let (parts, body) = resp.into_parts();
         let headroom = ep.headroom(&parts.headers);
         let mut out = if stream && !is_json(&parts.headers) {

@@ -11,6 +11,21 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 
 mod builder;
 
+/// Reports `event` to the request's [`Observer`], if it has one (feature `observe`;
+/// without it, nothing).
+#[allow(dead_code, unused_variables)] // not every feature set reports an event
+#[inline]
+pub(crate) fn emit(req: &ChatRequest, event: ObserveEvent<'_>) {
+    #[cfg(feature = "observe")]
+    if let Some(o) = req.extensions.get::<Observer>() {
+        o.event(event);
+    }
+}
+
+#[cfg(feature = "observe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "observe")))]
+pub mod observe;
+
 #[cfg(any(feature = "cache", feature = "validate"))]
 mod mem;
 pub use builder::LlmServiceBuilderExt;

@@ -851,6 +851,13 @@ where
         req.messages.push(Message::user(format!(
             "{reminder} The previous answer failed because: {reason}"
         )));
+        crate::emit(
+            &req,
+            crate::ObserveEvent::ValidationRetry {
+                attempt,
+                rule: &plan.label,
+            },
+        );
         let called = match svc.ready().await {
             Ok(s) => s.call(req).await,
             Err(e) => Err(e),

@@ -193,6 +193,9 @@ pub struct Config {
     /// Async jobs.
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// OpenTelemetry traces and metrics over OTLP (off by default).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// Where the file was loaded from (its directory resolves relative paths).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -1405,6 +1408,60 @@ impl Config {
                 "jobs.max_attempts and jobs.max_queued_per_tenant must be > 0",
             ));
         }
+        self.validate_telemetry(lines)
+    }
+
+    /// `[telemetry]`.
+    fn validate_telemetry(&self, lines: &Lines<'_>) -> Result<(), ConfigError> {
+        let err = |span: &Range<usize>, msg: String| self.invalid(lines.line(span), msg);
+        let t = &self.telemetry;
+        if let Some(p) = &t.protocol
+            && OtlpProtocol::parse(p.get_ref()).is_none()
+        {
+            return Err(err(
+                &p.span(),
+                format!(
+                    "telemetry.protocol = {:?}: use \"grpc\" or \"http/protobuf\"",
+                    p.get_ref()
+                ),
+            ));
+        }
+        if let Some(e) = &t.endpoint {
+            let ok = e.get_ref().parse::<http::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return Err(err(
+                    &e.span(),
+                    format!(
+                        "telemetry.endpoint = {:?} is not an http:// or https:// URL",
+                        e.get_ref()
+                    ),
+                ));
+            }
+        }
+        if let Some(r) = &t.sample_ratio
+            && !(0.0..=1.0).contains(r.get_ref())
+        {
+            return Err(err(
+                &r.span(),
+                "telemetry.sample_ratio must be within 0.0..=1.0".into(),
+            ));
+        }
+        let i = &t.metrics_interval_secs;
+        if *i.get_ref() == 0 || *i.get_ref() > 86_400 {
+            return Err(err(
+                &i.span(),
+                "telemetry.metrics_interval_secs must be within 1..=86400".into(),
+            ));
+        }
+        let m = &t.max_content_bytes;
+        if *m.get_ref() > 1 << 20 {
+            return Err(err(
+                &m.span(),
+                "telemetry.max_content_bytes must be at most 1048576".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -1894,5 +1951,89 @@ key_env = "ACME_KEY"
             "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
         );
         assert_eq!(parse_digest(&blake3_hex("abc")).map(|d| d.len()), Some(32));
+    }
+}
+
+/// `[telemetry]`: OpenTelemetry traces and metrics (GenAI semantic conventions) over OTLP.
+/// Unset keys fall back to the standard `OTEL_*` environment variables, then to the
+/// defaults below.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Export traces and metrics (default false; `OTEL_SDK_DISABLED=true` also turns it off).
+    #[serde(default)]
+    pub enabled: bool,
+    /// `"grpc"` or `"http/protobuf"` (default: `OTEL_EXPORTER_OTLP_PROTOCOL`, else
+    /// `http/protobuf`).
+    pub protocol: Option<Spanned<String>>,
+    /// The collector's base URL (default: `OTEL_EXPORTER_OTLP_ENDPOINT`, else
+    /// `http://localhost:4318` for HTTP, `http://localhost:4317` for gRPC). For HTTP,
+    /// `/v1/traces` and `/v1/metrics` are appended.
+    pub endpoint: Option<Spanned<String>>,
+    /// `service.name` of the resource (default: `OTEL_SERVICE_NAME`, else
+    /// `llm-tower-proxy`).
+    pub service_name: Option<String>,
+    /// Export traces (default true).
+    #[serde(default = "yes")]
+    pub traces: bool,
+    /// Export metrics (default true).
+    #[serde(default = "yes")]
+    pub metrics: bool,
+    /// Share of new traces sampled, parent-based (default: `OTEL_TRACES_SAMPLER`, else
+    /// all).
+    pub sample_ratio: Option<Spanned<f64>>,
+    /// Seconds between metric exports (default 60).
+    #[serde(default = "default_metrics_interval")]
+    pub metrics_interval_secs: Spanned<u64>,
+    /// Record prompts and completions on spans (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`). Default false: they may hold personal data.
+    #[serde(default)]
+    pub capture_content: bool,
+    /// The most bytes of content recorded per attribute (default 16384, at most 1 MiB).
+    #[serde(default = "default_max_content_bytes")]
+    pub max_content_bytes: Spanned<usize>,
+}
+
+fn default_metrics_interval() -> Spanned<u64> {
+    Spanned::new(0..0, 60)
+}
+fn default_max_content_bytes() -> Spanned<usize> {
+    Spanned::new(0..0, 16 * 1024)
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            protocol: None,
+            endpoint: None,
+            service_name: None,
+            traces: true,
+            metrics: true,
+            sample_ratio: None,
+            metrics_interval_secs: default_metrics_interval(),
+            capture_content: false,
+            max_content_bytes: default_max_content_bytes(),
+        }
+    }
+}
+
+/// The OTLP transports the gateway speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (tonic).
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies.
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// `grpc` or `http/protobuf` (as `OTEL_EXPORTER_OTLP_PROTOCOL` spells them).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "grpc" => Some(Self::Grpc),
+            "http/protobuf" => Some(Self::HttpProtobuf),
+            _ => None,
+        }
     }
 }

@@ -18,7 +18,8 @@
 //!                    └ per provider: rate limit + provider headroom (OnLimit::FallBack,
 //!                                    so a full provider hands over to the next step;
 //!                                    shared through Redis with [rate_limits] store = "redis")
-//!                       └ provider (OpenAI-compatible, Anthropic or simulated)
+//!                       └ observe (with [telemetry]): one span per upstream attempt
+//!                          └ provider (OpenAI-compatible, Anthropic or simulated)
 //! ```
 //!
 //! Every provider is built once and shared by every chain that names it, so its limits
@@ -35,6 +36,7 @@ use llm_tower::cost::{
     Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
 use llm_tower::fallback::{Cooldown, Fallback, FallbackTarget};
+use llm_tower::observe::ObserveLayer;
 use llm_tower::rate_limit::{
     HeadroomTracker, OnLimit as LimitPolicy, RateLimitLayer, Rule as LimitRule,
 };
@@ -116,6 +118,8 @@ pub struct Gateway {
     pub server: Server,
     /// `/metrics` on a listener of its own (`server.metrics_listen`): address and router.
     pub metrics_listener: Option<(std::net::SocketAddr, Router)>,
+    /// OpenTelemetry (`[telemetry]`), when on: flush it before exit.
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 impl fmt::Debug for Gateway {
@@ -156,13 +160,14 @@ pub async fn build(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Gateway, BuildError> {
     let secrets = config.resolve_secrets(env)?;
+    let telemetry = crate::telemetry::build(config, env).map_err(|e| setup("telemetry", e))?;
     let redis = RedisPool::default();
     let shared = provider_limits_store(config, &secrets, &redis).await?;
     let Providers {
         services: providers,
         malformed,
         client,
-    } = build_providers(config, &secrets, shared.as_ref())?;
+    } = build_providers(config, &secrets, shared.as_ref(), telemetry.is_some())?;
     let routed = build_route(config, &providers);
 
     let client_limits = build_client_limits(config, &secrets, &redis).await?;
@@ -249,6 +254,9 @@ pub async fn build(
         .metrics_access(metrics_access)
         .known_tasks(known_tasks(config))
         .known_models(known_models(config));
+    if let Some(t) = &telemetry {
+        http = http.otel(t.tracing.clone());
+    }
 
     let (jobs, worker) = if config.jobs.enabled {
         let jobs = build_jobs(config, &secrets).await?;
@@ -274,6 +282,7 @@ pub async fn build(
         grace,
         server,
         metrics_listener,
+        telemetry,
     })
 }
 
@@ -434,6 +443,7 @@ fn build_providers(
     config: &Config,
     secrets: &Secrets,
     shared: Option<&SharedLimits>,
+    observe: bool,
 ) -> Result<Providers, BuildError> {
     // One pooled HTTP client for every real provider.
     let needs_http = config
@@ -449,8 +459,17 @@ fn build_providers(
     let mut malformed = Vec::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
-        let (raw, count) =
+        let (mut raw, count) =
             provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
+        if observe {
+            // One span per upstream call: below the provider's own limits (a provider
+            // skipped for them was not called).
+            raw = boxed(
+                ServiceBuilder::new()
+                    .layer(ObserveLayer::new(name.as_str()))
+                    .service(raw),
+            );
+        }
         out.insert(name.clone(), with_provider_limits(name, p, shared, raw));
         malformed.extend(count.map(|c| (name.clone(), c)));
     }

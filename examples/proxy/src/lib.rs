@@ -2,5 +2,6 @@
 
 pub mod config;
 pub mod gateway;
+pub mod telemetry;
 
 pub use gateway::{BuildError, Gateway, app, build};

@@ -168,6 +168,10 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         // The worker has its own grace (the same), then releases unfinished jobs.
         let _ = task.await;
     }
+    if let Some(t) = gateway.telemetry.take() {
+        // Blocking (it waits for the exporters): off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::HeaderName;
-use llm_tower_core::{ChatRequest, LlmError, LlmResponse};
+use llm_tower_core::{ChatRequest, LlmError, LlmResponse, TraceParent};
 use serde::Deserialize;
 use serde_json::Value;
 use tower_service::Service;
@@ -306,7 +306,14 @@ impl AnthropicProvider {
         })?;
         let stream = req.is_stream();
         let ep = &self.inner.endpoint;
-        let (resp, upstream_time, started) = ep.send(bytes, stream, req.deadline()).await?;
+        let (resp, upstream_time, started) = ep
+            .send(
+                bytes,
+                stream,
+                req.deadline(),
+                req.extensions.get::<TraceParent>(),
+            )
+            .await?;
         let (parts, body) = resp.into_parts();
         let headroom = ep.headroom(&parts.headers);
         let mut out = if stream {

@@ -179,6 +179,7 @@ where
                 match got.await {
                     Ok(Ok(Some(entry))) => {
                         shared.stats.hit();
+                        crate::emit(&req, crate::ObserveEvent::CacheHit);
                         return Ok(entry.to_response(stream));
                     }
                     Ok(Ok(None)) => {}
@@ -235,6 +236,7 @@ where
                 Waited::Landed(Landing::Entry(entry)) => {
                     shared.stats.hit();
                     shared.stats.coalesce();
+                    crate::emit(&req, crate::ObserveEvent::CacheCoalesced);
                     return Ok(entry.to_response(stream));
                 }
                 Waited::Landed(Landing::Error(e)) => {

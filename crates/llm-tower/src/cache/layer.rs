@@ -400,6 +400,7 @@ where
             match shared.store.get_now(&key) {
                 Some(Ok(Some(entry))) => {
                     shared.stats.hit();
+                    crate::emit(&req, crate::ObserveEvent::CacheHit);
                     // The early return: no inner call, no boxed future.
                     return ResponseFuture::ready(Ok(entry.to_response(req.is_stream())));
                 }

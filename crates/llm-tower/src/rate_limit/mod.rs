@@ -987,7 +987,11 @@ pub mod future {
                 ctx.waited = true;
                 ctx.layer.counters.waited.fetch_add(1, Ordering::Relaxed);
             }
-            wake - now
+            let wait = wake - now;
+            if let Some(req) = &ctx.req {
+                crate::emit(req, crate::ObserveEvent::RateLimitWait { wait });
+            }
+            wait
         })
     }
 
