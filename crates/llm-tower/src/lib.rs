@@ -13,6 +13,8 @@
 //! | `cache` | [`cache`] | answer identical deterministic requests from a store |
 //! | `rate-limit` | [`rate_limit`] | requests and tokens per window, keyed by tenant/model/task |
 //! | `cost` | [`cost`] | price every response, total it, enforce budgets |
+//! | `balance` | [`balance`] | spread a route over equivalent targets by latency and headroom |
+//! | `hedge` | [`hedge`] | race a second attempt when the first is slower than usual |
 //!
 //! Layers never depend on each other: they talk through request extensions
 //! ([`TaskType`], [`Tenant`], …) and [`ResponseMeta`]. The core contract is re-exported at
@@ -109,3 +111,11 @@ pub mod rate_limit;
 #[cfg(feature = "cost")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cost")))]
 pub mod cost;
+
+#[cfg(feature = "balance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "balance")))]
+pub mod balance;
+
+#[cfg(feature = "hedge")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hedge")))]
+pub mod hedge;
