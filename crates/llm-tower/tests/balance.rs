@@ -88,7 +88,11 @@ async fn slow_member_gets_less_traffic_then_recovers() {
     let served = send(&mut group, 100).await;
     // The slow member's first answer raises its estimate to 2 s: it is tried again only
     // when its estimate has decayed below the fast one's.
-    assert!(count(&served, "slow") <= 10, "slow served {}", count(&served, "slow"));
+    assert!(
+        count(&served, "slow") <= 10,
+        "slow served {}",
+        count(&served, "slow")
+    );
     assert!(count(&served, "fast") >= 90);
     let snap = stats.snapshot();
     assert!(snap[1].latency > snap[0].latency, "{snap:?}");
@@ -98,8 +102,16 @@ async fn slow_member_gets_less_traffic_then_recovers() {
     slow.latency_ms.store(100, Ordering::Relaxed);
     tokio::time::advance(Duration::from_secs(60)).await;
     let served = send(&mut group, 100).await;
-    assert!(count(&served, "slow") >= 30, "slow served {}", count(&served, "slow"));
-    assert!(count(&served, "fast") >= 30, "fast served {}", count(&served, "fast"));
+    assert!(
+        count(&served, "slow") >= 30,
+        "slow served {}",
+        count(&served, "slow")
+    );
+    assert!(
+        count(&served, "fast") >= 30,
+        "fast served {}",
+        count(&served, "fast")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -125,7 +137,11 @@ async fn member_near_its_headroom_is_avoided() {
     high.remaining.store(90, Ordering::Relaxed);
     let mut group = Balance::new(vec![low.target(), high.target()]);
     let served = send(&mut group, 50).await;
-    assert!(count(&served, "low") <= 8, "low served {}", count(&served, "low"));
+    assert!(
+        count(&served, "low") <= 8,
+        "low served {}",
+        count(&served, "low")
+    );
 
     // At its limit it is not picked at all until the reset.
     low.remaining.store(0, Ordering::Relaxed);
@@ -136,7 +152,10 @@ async fn member_near_its_headroom_is_avoided() {
     low.remaining.store(NO_HEADROOM, Ordering::Relaxed);
     high.remaining.store(NO_HEADROOM, Ordering::Relaxed);
     let served = send(&mut group, 40).await;
-    assert!(count(&served, "low") > 0, "low is picked again after its reset");
+    assert!(
+        count(&served, "low") > 0,
+        "low is picked again after its reset"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -146,7 +165,8 @@ async fn rate_limited_member_is_left_alone_until_its_retry_after() {
             LlmError::rate_limited("429").with_retry_after(Duration::from_secs(30)),
         ))
         .otherwise(Step::reply("ok"));
-    let other = MockLlm::new("other").otherwise(Step::reply("ok").with_latency(Duration::from_secs(1)));
+    let other =
+        MockLlm::new("other").otherwise(Step::reply("ok").with_latency(Duration::from_secs(1)));
     let mut group = Balance::new(vec![
         BalanceTarget::new("limited", limited.clone()),
         BalanceTarget::new("other", other.clone()),
@@ -262,9 +282,11 @@ async fn stream_latency_is_time_to_first_chunk() {
 async fn layer_model_rewrite_and_round_robin() {
     let inner = MockLlm::new("inner");
     let other = MockLlm::new("other");
-    let layer = BalanceLayer::new(vec![BalanceTarget::new("other", other.clone()).with_model("m2")])
-        .first_name("inner")
-        .pick(Pick::RoundRobin);
+    let layer = BalanceLayer::new(vec![
+        BalanceTarget::new("other", other.clone()).with_model("m2"),
+    ])
+    .first_name("inner")
+    .pick(Pick::RoundRobin);
     let stats = layer.stats();
     let mut svc = layer.layer(inner.clone());
     for _ in 0..10 {
@@ -277,7 +299,8 @@ async fn layer_model_rewrite_and_round_robin() {
 
 #[tokio::test(start_paused = true)]
 async fn dropped_request_frees_its_slot() {
-    let hang = MockLlm::new("hang").otherwise(Step::reply("late").with_latency(Duration::from_secs(100)));
+    let hang =
+        MockLlm::new("hang").otherwise(Step::reply("late").with_latency(Duration::from_secs(100)));
     let mut group = Balance::new(vec![BalanceTarget::new("hang", hang)]);
     let fut = group.ready().await.unwrap().call(req());
     assert_eq!(group.stats().snapshot()[0].in_flight, 1);
