@@ -314,3 +314,15 @@ async fn empty_group_fails() {
     let e = group.ready().await.unwrap().call(req()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_taken_member_serves_when_no_other_is_left() {
+    let a = MockLlm::new("a");
+    let mut group = Balance::new(vec![BalanceTarget::new("a", a.clone())]);
+    let taken = TakenTargets::default();
+    taken.take("a");
+    let mut r = req();
+    r.extensions.insert(taken);
+    let resp = group.ready().await.unwrap().call(r).await.unwrap();
+    assert_eq!(resp.meta.provider.as_deref(), Some("a"));
+}

@@ -276,7 +276,11 @@ impl MockUpstreamBuilder {
     /// # drop(upstream); Ok(()) }
     /// ```
     pub fn latency_tail(mut self, share: f64, factor: u32) -> Self {
-        let share = if share.is_finite() { share.clamp(0.0, 1.0) } else { 0.0 };
+        let share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self.tail = (share > 0.0 && factor > 1).then(|| Tail {
             // In range after the clamp.
             ppm: (share * 1e6).round() as u64,

@@ -208,22 +208,24 @@ impl Shared {
         let cfg = &self.config.breaker;
         let mut open: Option<Duration> = None;
         let mut blocked: Option<Duration> = None;
-        let mut avoided = false;
         let mut cands: Vec<(usize, f64)> = Vec::with_capacity(self.members.len());
+        // Members another copy of this request took: used only when no other is left.
+        let mut taken_cands: Vec<(usize, f64)> = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
             if let Some(left) = self.breakers.open_for(i, now, cfg) {
                 open = Some(open.map_or(left, |o| o.min(left)));
                 continue;
             }
-            if taken.is_some_and(|t| t.contains(&m.name)) {
-                avoided = true;
-                continue;
-            }
+            let was_taken = taken.is_some_and(|t| t.contains(&m.name));
             match self.load(i, now) {
+                Ok(load) if was_taken => taken_cands.push((i, load)),
                 Ok(load) => cands.push((i, load)),
                 Err(Weight::Blocked(left)) => blocked = Some(blocked.map_or(left, |b| b.min(left))),
                 Err(Weight::Factor(_)) => {}
             }
+        }
+        if cands.is_empty() {
+            cands = taken_cands;
         }
         while !cands.is_empty() {
             let at = self.choose(&cands);
@@ -260,10 +262,6 @@ impl Shared {
             } else {
                 e.with_retry_after(left)
             }
-        } else if avoided {
-            LlmError::unavailable(
-                "no member of the balanced group is free of another copy of this request",
-            )
         } else {
             LlmError::unavailable("the balanced group has no members")
         })

@@ -36,8 +36,9 @@
 //!   moves to its next step instead of waiting.
 //! - **Hedged copies**: a member recorded in the request's
 //!   [`TakenTargets`](crate::TakenTargets) (the [`Hedge`](crate::hedge) layer shares one
-//!   between the two copies of a hedged request) is not picked, so the second attempt
-//!   goes to another member; the member picked is recorded there.
+//!   between the two copies of a hedged request) is not picked while another member can
+//!   be, so the second attempt goes to another member; the member picked is recorded
+//!   there.
 //! - **Response meta**: `meta.provider` is the serving member's name (unless the member set
 //!   it), `meta.model` its model; an error carries the member's name as its provider.
 //!
