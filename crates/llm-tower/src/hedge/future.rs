@@ -299,8 +299,12 @@ where
             first,
             second: None,
             spare: Some((spare, copy)),
+            // A delay past the clock's range (a huge fixed delay) means: never hedge.
             timer: Box::pin(tokio::time::sleep_until(
-                start.checked_add(delay).unwrap_or(start),
+                start
+                    .checked_add(delay)
+                    .or_else(|| start.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+                    .unwrap_or(start),
             )),
             start,
             second_start: start,

@@ -92,7 +92,7 @@ impl Rotating {
         if since < self.period {
             return;
         }
-        if since >= self.period * 2 {
+        if since >= self.period.saturating_mul(2) {
             // Idle for more than a window: nothing recent to read.
             self.read.reset();
         } else {
