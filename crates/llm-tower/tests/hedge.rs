@@ -16,11 +16,14 @@ fn req() -> ChatRequest {
     ChatRequest::new("gpt-4o", vec![Message::user("hello there")])
 }
 
-/// Sets its flag when dropped: stands for an upstream connection closed on cancel.
-struct Closed(Arc<AtomicBool>);
+/// Sets its flag when dropped before it was disarmed: stands for an upstream connection
+/// closed on cancel.
+struct Closed(Option<Arc<AtomicBool>>);
 impl Drop for Closed {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -29,7 +32,7 @@ impl Drop for Closed {
 #[derive(Clone)]
 struct Upstream {
     calls: Arc<AtomicUsize>,
-    cancelled: Arc<Vec<Arc<AtomicBool>>>,
+    cancelled: Arc<[Arc<AtomicBool>]>,
     latency: Arc<dyn Fn(usize) -> Result<Duration, LlmError> + Send + Sync>,
 }
 
@@ -37,7 +40,7 @@ impl Upstream {
     fn new(latency: impl Fn(usize) -> Result<Duration, LlmError> + Send + Sync + 'static) -> Self {
         Self {
             calls: Arc::default(),
-            cancelled: Arc::new((0..512).map(|_| Arc::new(AtomicBool::new(false))).collect()),
+            cancelled: (0..512).map(|_| Arc::new(AtomicBool::new(false))).collect(),
             latency: Arc::new(latency),
         }
     }
@@ -66,10 +69,10 @@ impl Service<ChatRequest> for Upstream {
         let latency = (self.latency)(i);
         let flag = self.cancelled[i.min(511)].clone();
         Box::pin(async move {
-            let guard = Closed(flag);
+            let mut guard = Closed(Some(flag));
             let d = latency?;
             tokio::time::sleep(d).await;
-            std::mem::forget(guard); // answered: not cancelled
+            guard.0 = None; // answered: not cancelled
             let mut answer = ChatResponse::from_text(req.model, format!("answer {i}"));
             answer.usage = Some(Usage::new(10, 5));
             Ok(LlmResponse::complete(answer))

@@ -197,7 +197,7 @@ impl Shared {
                 let pending = m.in_flight.load(Ordering::Relaxed) as f64;
                 Ok(l.ewma.estimate(now, c.decay_ns).max(1.0) * (pending + 1.0) * f)
             }
-            blocked => Err(blocked),
+            blocked @ Weight::Blocked(_) => Err(blocked),
         }
     }
 

@@ -159,8 +159,8 @@ impl Stream for Replay {
 
 /// One attempt.
 enum Leg<S: Service<ChatRequest>> {
-    /// Waiting for the (cloned) service to be ready.
-    Ready(S, Option<ChatRequest>),
+    /// Waiting for the (cloned) service to be ready (boxed: a request is large).
+    Ready(S, Option<Box<ChatRequest>>),
     Calling(Pin<Box<S::Future>>),
     /// A stream whose first chunk has not arrived.
     First(Box<LlmResponse>),
@@ -169,7 +169,8 @@ enum Leg<S: Service<ChatRequest>> {
 
 enum Step {
     Pending,
-    Won(LlmResponse),
+    // Boxed: a response is large and most polls are `Pending`.
+    Won(Box<LlmResponse>),
     Failed(LlmError),
 }
 
@@ -187,7 +188,7 @@ where
                         let Some(req) = req.take() else {
                             return self.fail(LlmError::internal("hedge leg called twice"));
                         };
-                        *self = Leg::Calling(Box::pin(svc.call(req)));
+                        *self = Leg::Calling(Box::pin(svc.call(*req)));
                     }
                 },
                 Leg::Calling(fut) => match fut.as_mut().poll(cx) {
@@ -196,7 +197,7 @@ where
                     Poll::Ready(Ok(resp)) if resp.is_stream() => *self = Leg::First(Box::new(resp)),
                     Poll::Ready(Ok(resp)) => {
                         *self = Leg::Failed;
-                        return Step::Won(resp);
+                        return Step::Won(Box::new(resp));
                     }
                 },
                 Leg::First(resp) => {
@@ -215,7 +216,7 @@ where
                                     inner,
                                 });
                             }
-                            return Step::Won(*resp);
+                            return Step::Won(resp);
                         }
                         Poll::Ready(Some(Err(e))) => return self.fail(e),
                         Poll::Ready(None) => {
@@ -258,7 +259,7 @@ pub(super) struct Race<S: Service<ChatRequest>> {
     first: Leg<S>,
     second: Option<Leg<S>>,
     /// The service and request of the second attempt, until it is sent.
-    spare: Option<(S, ChatRequest)>,
+    spare: Option<(S, Box<ChatRequest>)>,
     timer: Pin<Box<Sleep>>,
     start: Instant,
     second_start: Instant,
@@ -277,7 +278,7 @@ where
 {
     pub(super) fn new(
         shared: Arc<Shared>,
-        ready: S,
+        mut ready: S,
         spare: S,
         req: ChatRequest,
         copy: ChatRequest,
@@ -287,18 +288,13 @@ where
         let prompt_tokens =
             (req.prompt_text_len() as u64).div_ceil(4) + req.messages.len() as u64 * 4 + 3;
         let model = req.model.clone();
-        let mut first = Leg::Ready(ready, Some(req));
         // The first attempt's service was polled ready by the caller: call it now.
-        if let Leg::Ready(svc, r) = &mut first
-            && let Some(r) = r.take()
-        {
-            first = Leg::Calling(Box::pin(svc.call(r)));
-        }
+        let first = Leg::Calling(Box::pin(ready.call(req)));
         Self {
             shared,
             first,
             second: None,
-            spare: Some((spare, copy)),
+            spare: Some((spare, Box::new(copy))),
             // A delay past the clock's range (a huge fixed delay) means: never hedge.
             timer: Box::pin(tokio::time::sleep_until(
                 start
@@ -364,7 +360,7 @@ where
         let this = self.get_mut();
         loop {
             match this.first.poll(cx) {
-                Step::Won(resp) => return Poll::Ready(Ok(this.win(resp, false))),
+                Step::Won(resp) => return Poll::Ready(Ok(this.win(*resp, false))),
                 Step::Failed(e) => {
                     if this.second.as_ref().is_some_and(Leg::running) {
                         // The second attempt may still answer.
@@ -388,7 +384,7 @@ where
                 return Poll::Pending;
             };
             match second.poll(cx) {
-                Step::Won(resp) => return Poll::Ready(Ok(this.win(resp, true))),
+                Step::Won(resp) => return Poll::Ready(Ok(this.win(*resp, true))),
                 Step::Failed(e) => {
                     if let Some(first) = this.first_error.take() {
                         return Poll::Ready(Err(first));

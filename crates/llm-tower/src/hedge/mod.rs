@@ -29,10 +29,10 @@
 //!   fallback chain's job, not this layer's).
 //! - **Cost**: a cancelled loser reported no usage, but its prompt was sent and may be
 //!   billed: the winner's [`ResponseMeta::paid_attempts`](crate::ResponseMeta) gets a
-//!   [`PaidAttempt`](crate::PaidAttempt) of the request's estimated prompt tokens (bytes / 4
-//!   + 4 per message + 3; a stream's reported usage when it had arrived) and no output, so
-//!   a cost layer above prices both attempts, and budgets and token limits count both. The
-//!   winner's meta carries [`Hedged`] in its extensions.
+//!   [`PaidAttempt`](crate::PaidAttempt) of the request's estimated prompt tokens (a
+//!   quarter of its text bytes, plus 4 per message and 3; a stream's reported usage when it
+//!   had arrived) and no output, so a cost layer above prices both attempts, and budgets and
+//!   token limits count both. The winner's meta carries [`Hedged`] in its extensions.
 //!
 //! # Why not `tower::hedge`
 //!
