@@ -100,3 +100,45 @@ macro_rules! string_ext {
 string_ext!(TaskType);
 string_ext!(Tenant);
 string_ext!(IdempotencyKey);
+
+/// The targets already serving another copy of this request. The Hedge layer puts one
+/// shared value in both copies of a hedged request; a balancer records the target it picks
+/// with [`take`](Self::take) and avoids the targets another copy took, so that the second
+/// attempt goes to another target when there is one. Holds at most
+/// [`TakenTargets::MAX`] names (a request has few attempts; more are not recorded).
+///
+/// ```
+/// use llm_tower_core::TakenTargets;
+/// let taken = TakenTargets::default();
+/// let copy = taken.clone(); // shared
+/// taken.take("east");
+/// assert!(copy.contains("east"));
+/// assert!(!copy.contains("west"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct TakenTargets(Arc<std::sync::Mutex<Vec<Arc<str>>>>);
+
+impl TakenTargets {
+    /// Most names recorded.
+    pub const MAX: usize = 16;
+
+    /// Records that `target` serves a copy of the request.
+    pub fn take(&self, target: impl Into<Arc<str>>) {
+        let mut v = self.lock();
+        if v.len() < Self::MAX {
+            v.push(target.into());
+        }
+    }
+
+    /// Whether `target` serves a copy of the request already.
+    pub fn contains(&self, target: &str) -> bool {
+        self.lock().iter().any(|t| &**t == target)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
+        // Plain names: a panic elsewhere leaves them usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -20,7 +20,7 @@ pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
 pub use build::Answer;
 pub use encoded::EncodedResponse;
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
-pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
+pub use ext::{CachePolicy, Deadline, IdempotencyKey, TakenTargets, TaskType, Tenant};
 pub use meta::{
     Attempt, AttemptError, CacheStatus, Cost, LocalLimits, NanoUsd, PaidAttempt, RateLimitHeadroom,
     ResponseMeta,

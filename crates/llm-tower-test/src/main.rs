@@ -3,6 +3,7 @@
 //! ```text
 //! llm-tower-mock --addr 127.0.0.1:9000 [--latency-ms N] [--first-chunk-delay-ms N]
 //!                [--chunk-delay-ms N] [--text ...] [--record] [--threads N]
+//!                [--tail-share 0.05 --tail-factor 20]
 //! ```
 //!
 //! Serves `POST /v1/chat/completions`, `POST /v1/messages` and `GET /v1/models` with one
@@ -45,6 +46,13 @@ struct Args {
     /// Record requests in memory (off by default: memory would grow under load).
     #[arg(long)]
     record: bool,
+    /// A share (0–1) of requests that are `--tail-factor` times slower (latency and first
+    /// chunk delay), e.g. `--tail-share 0.05 --tail-factor 20`.
+    #[arg(long, default_value_t = 0.0)]
+    tail_share: f64,
+    /// How many times slower a request in the tail is.
+    #[arg(long, default_value_t = 20)]
+    tail_factor: u32,
     /// Runtime worker threads (default: the CPUs this process may run on).
     #[arg(long)]
     threads: Option<usize>,
@@ -95,6 +103,7 @@ async fn run(args: Args) -> ExitCode {
         .addr(args.addr)
         .default_scenario(scenario)
         .record_requests(args.record)
+        .latency_tail(args.tail_share, args.tail_factor)
         .start()
         .await
     {

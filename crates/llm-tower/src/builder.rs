@@ -62,9 +62,39 @@ pub trait LlmServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         layer: crate::cost::CostLayer,
     ) -> ServiceBuilder<Stack<crate::cost::CostLayer, L>>;
+    /// Adds a [`BalanceLayer`](crate::balance::BalanceLayer): the inner service becomes the
+    /// first member of a balanced group. See [`crate::balance`].
+    #[cfg(feature = "balance")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "balance")))]
+    fn balance(
+        self,
+        layer: crate::balance::BalanceLayer,
+    ) -> ServiceBuilder<Stack<crate::balance::BalanceLayer, L>>;
+    /// Adds a [`HedgeLayer`](crate::hedge::HedgeLayer): races a second attempt against a slow
+    /// first one. See [`crate::hedge`].
+    #[cfg(feature = "hedge")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "hedge")))]
+    fn hedge(
+        self,
+        layer: crate::hedge::HedgeLayer,
+    ) -> ServiceBuilder<Stack<crate::hedge::HedgeLayer, L>>;
 }
 
 impl<L> LlmServiceBuilderExt<L> for ServiceBuilder<L> {
+    #[cfg(feature = "balance")]
+    fn balance(
+        self,
+        layer: crate::balance::BalanceLayer,
+    ) -> ServiceBuilder<Stack<crate::balance::BalanceLayer, L>> {
+        self.layer(layer)
+    }
+    #[cfg(feature = "hedge")]
+    fn hedge(
+        self,
+        layer: crate::hedge::HedgeLayer,
+    ) -> ServiceBuilder<Stack<crate::hedge::HedgeLayer, L>> {
+        self.layer(layer)
+    }
     #[cfg(feature = "route")]
     fn route(
         self,

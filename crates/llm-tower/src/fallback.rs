@@ -256,14 +256,15 @@ impl Default for Cooldown {
 /// Default [`FallbackLayer::max_cooldown`]: 5 minutes.
 pub const DEFAULT_MAX_COOLDOWN: Duration = Duration::from_secs(300);
 
+// pub(crate): the balance layer's per-member breakers reuse it.
 #[derive(Debug, Clone, Copy)]
-struct Config {
-    total: Option<Duration>,
+pub(crate) struct Config {
+    pub(crate) total: Option<Duration>,
     first_chunk: Option<Duration>,
     stall: Option<Duration>,
-    cooldown: Option<Cooldown>,
-    max_cooldown: Duration,
-    honor_retry_after: bool,
+    pub(crate) cooldown: Option<Cooldown>,
+    pub(crate) max_cooldown: Duration,
+    pub(crate) honor_retry_after: bool,
     require_finish: bool,
 }
 
@@ -284,7 +285,7 @@ impl Default for Config {
 // ===== health (the shared breaker state) =====
 
 /// `at + d`, or far in the future when that would overflow (`Instant + Duration` panics).
-fn later(at: Instant, d: Duration) -> Instant {
+pub(crate) fn later(at: Instant, d: Duration) -> Instant {
     at.checked_add(d)
         .or_else(|| at.checked_add(Duration::from_secs(86_400 * 365 * 30)))
         .unwrap_or(at)
@@ -375,14 +376,14 @@ fn slot_of(epoch: Instant, now: Instant, c: &Cooldown) -> (u64, u64) {
     (slot, u64::from(WINDOW_BUCKETS))
 }
 
-enum Admit {
+pub(crate) enum Admit {
     Yes,
     /// This request probes the target (with this probe id).
     Probe(u64),
     Skip(Duration),
 }
 
-struct Breakers {
+pub(crate) struct Breakers {
     names: Vec<Arc<str>>,
     cells: Vec<Mutex<Breaker>>,
     /// Where bucket indexes count from.
@@ -390,7 +391,7 @@ struct Breakers {
 }
 
 impl Breakers {
-    fn new(names: Vec<Arc<str>>) -> Arc<Self> {
+    pub(crate) fn new(names: Vec<Arc<str>>) -> Arc<Self> {
         let cells = names.iter().map(|_| Mutex::default()).collect();
         Arc::new(Self {
             names,
@@ -404,7 +405,7 @@ impl Breakers {
         self.cells[i].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn admit(&self, i: usize, now: Instant, cfg: &Config) -> Admit {
+    pub(crate) fn admit(&self, i: usize, now: Instant, cfg: &Config) -> Admit {
         let mut b = self.lock(i);
         let Some(until) = b.open_until else {
             return Admit::Yes;
@@ -443,7 +444,7 @@ impl Breakers {
     }
 
     /// The target answered (a response, or an error that is not its fault).
-    fn success(&self, i: usize, probe: Option<u64>, cfg: &Config) {
+    pub(crate) fn success(&self, i: usize, probe: Option<u64>, cfg: &Config) {
         let now = Instant::now();
         let mut b = self.lock(i);
         b.successes += 1;
@@ -460,7 +461,13 @@ impl Breakers {
         }
     }
 
-    fn failure(&self, i: usize, probe: Option<u64>, retry_after: Option<Duration>, cfg: &Config) {
+    pub(crate) fn failure(
+        &self,
+        i: usize,
+        probe: Option<u64>,
+        retry_after: Option<Duration>,
+        cfg: &Config,
+    ) {
         let now = Instant::now();
         let mut b = self.lock(i);
         b.failures += 1;
@@ -495,8 +502,26 @@ impl Breakers {
 
     /// The probe ended without an answer (the caller dropped the request or its deadline
     /// ran out): free the slot so that the next request probes.
-    fn release_probe(&self, i: usize, probe: Option<u64>) {
+    pub(crate) fn release_probe(&self, i: usize, probe: Option<u64>) {
         Self::end_probe(&mut self.lock(i), probe);
+    }
+
+    /// Time left while target `i` is open (`Some(ZERO)`: half-open with a probe in
+    /// flight), without counting a skip or taking the probe slot; `None` if it may be tried.
+    pub(crate) fn open_for(&self, i: usize, now: Instant, cfg: &Config) -> Option<Duration> {
+        let b = self.lock(i);
+        let until = b.open_until?;
+        let stale = cfg
+            .cooldown
+            .map_or(cfg.max_cooldown, |c| c.duration)
+            .max(cfg.total.unwrap_or_default());
+        if now < until {
+            Some(until - now)
+        } else if b.probe.is_some_and(|(_, at)| now < later(at, stale)) {
+            Some(Duration::ZERO)
+        } else {
+            None
+        }
     }
 }
 
@@ -540,7 +565,7 @@ pub struct TargetHealth {
 
 /// A handle on a chain's shared breaker state (cheap to clone), for metrics.
 #[derive(Clone)]
-pub struct FallbackHealth(Arc<Breakers>);
+pub struct FallbackHealth(pub(crate) Arc<Breakers>);
 
 impl fmt::Debug for FallbackHealth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

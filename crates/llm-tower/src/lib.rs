@@ -57,3 +57,11 @@ pub mod rate_limit;
 #[cfg(feature = "cost")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cost")))]
 pub mod cost;
+
+#[cfg(feature = "balance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "balance")))]
+pub mod balance;
+
+#[cfg(feature = "hedge")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hedge")))]
+pub mod hedge;

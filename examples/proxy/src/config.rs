@@ -492,16 +492,92 @@ pub struct ChainConfig {
     /// Longest a step is skipped, whatever its cooldown or an upstream's retry-after asks,
     /// in seconds (default 300).
     pub max_cooldown_secs: Option<u64>,
+    /// `[chains.<name>.hedge]`: race a second attempt against a slow one (off when absent).
+    pub hedge: Option<Spanned<HedgeConfig>>,
+}
+
+/// `[chains.<name>.hedge]`: after `delay_ms` (or the observed `percentile` of the chain's
+/// latencies, once `min_samples` were seen), send the request a second time and take the
+/// first answer; at most `budget_percent` extra calls.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgeConfig {
+    /// A fixed delay before the second attempt, in milliseconds (default: observed).
+    pub delay_ms: Option<u64>,
+    /// The percentile of observed latencies to wait for (default 95).
+    pub percentile: Option<f64>,
+    /// Latencies observed before hedging starts (default 20).
+    pub min_samples: Option<u64>,
+    /// Most extra calls, in percent of the chain's requests (default 5).
+    pub budget_percent: Option<f64>,
+}
+
+/// How a balanced group picks its member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupPick {
+    /// Power of two choices by latency, in-flight requests and headroom.
+    #[default]
+    P2c,
+    /// Each member in turn.
+    RoundRobin,
+}
+
+/// A member of a balanced group: a provider name, or `{ provider, model }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum GroupMember {
+    /// A provider, asked for the step's model.
+    Provider(String),
+    /// A provider and the model to ask it for.
+    Step {
+        /// Provider name.
+        provider: String,
+        /// The model (default: the step's model, else the request's).
+        model: Option<String>,
+    },
+}
+
+impl GroupMember {
+    /// The provider's name.
+    pub fn provider(&self) -> &str {
+        match self {
+            Self::Provider(p) | Self::Step { provider: p, .. } => p,
+        }
+    }
+    /// The member's own model, if it names one.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Self::Provider(_) => None,
+            Self::Step { model, .. } => model.as_deref(),
+        }
+    }
+}
+
+impl ChainStep {
+    /// The models this step names (its own and its group members').
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.model
+            .as_deref()
+            .into_iter()
+            .chain(self.group.iter().filter_map(GroupMember::model))
+    }
 }
 
 /// One step of a chain: a provider and the model to ask it for.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainStep {
-    /// Provider name (a key of `[providers]`).
+    /// Provider name (a key of `[providers]`); empty for a balanced group.
+    #[serde(default)]
     pub provider: String,
     /// The model to ask for (default: the request's model).
     pub model: Option<String>,
+    /// A balanced group instead of one provider (see `[chains]` in docs/configuration.md).
+    #[serde(default)]
+    pub group: Vec<GroupMember>,
+    /// How the group picks its member (default `p2c`).
+    pub pick: Option<GroupPick>,
 }
 
 /// `[routing]`.
@@ -1000,6 +1076,82 @@ impl Config {
         }
     }
 
+    /// A step that is a balanced group: members, each a defined provider, named once.
+    fn check_group(
+        &self,
+        lines: &Lines<'_>,
+        chain: &str,
+        step: &Spanned<ChainStep>,
+    ) -> Result<(), ConfigError> {
+        let bad =
+            |msg: String| self.invalid(lines.line(&step.span()), format!("chain {chain:?}: {msg}"));
+        let s = step.get_ref();
+        if !s.provider.is_empty() {
+            return Err(bad("a step names a provider or a group, not both".into()));
+        }
+        if s.group.len() < 2 {
+            return Err(bad("a group needs at least two members".into()));
+        }
+        for (i, m) in s.group.iter().enumerate() {
+            if !self.providers.contains_key(m.provider()) {
+                return Err(bad(format!(
+                    "group member {:?} is not a defined provider (defined: {})",
+                    m.provider(),
+                    self.providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let same = |o: &GroupMember| {
+                o.provider() == m.provider()
+                    && o.model().or(s.model.as_deref()) == m.model().or(s.model.as_deref())
+            };
+            if s.group[..i].iter().any(same) {
+                return Err(bad(format!(
+                    "group member {:?} is named twice with the same model",
+                    m.provider()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[chains.<name>.hedge]`: values in range.
+    fn check_hedge(
+        &self,
+        lines: &Lines<'_>,
+        chain: &str,
+        h: &Spanned<HedgeConfig>,
+    ) -> Result<(), ConfigError> {
+        let bad = |msg: &str| {
+            self.invalid(
+                lines.line(&h.span()),
+                format!("chain {chain:?}: hedge.{msg}"),
+            )
+        };
+        let c = h.get_ref();
+        if c.delay_ms == Some(0) {
+            return Err(bad("delay_ms must be > 0"));
+        }
+        if c.delay_ms.is_some() && (c.percentile.is_some() || c.min_samples.is_some()) {
+            return Err(bad(
+                "delay_ms is a fixed delay: percentile and min_samples do not apply",
+            ));
+        }
+        if c.percentile.is_some_and(|p| !(p > 0.0 && p <= 100.0)) {
+            return Err(bad("percentile must be within (0, 100]"));
+        }
+        if c.min_samples == Some(0) {
+            return Err(bad("min_samples must be > 0"));
+        }
+        if c.budget_percent.is_some_and(|p| !(p > 0.0 && p <= 100.0)) {
+            return Err(bad("budget_percent must be within (0, 100]"));
+        }
+        Ok(())
+    }
+
     fn validate(&self, lines: &Lines<'_>) -> Result<(), ConfigError> {
         let err = |span: &Range<usize>, msg: String| self.invalid(lines.line(span), msg);
 
@@ -1158,6 +1310,10 @@ impl Config {
             }
             for step in &c.steps {
                 let s = step.get_ref();
+                if !s.group.is_empty() || s.pick.is_some() {
+                    self.check_group(lines, name, step)?;
+                    continue;
+                }
                 if !self.providers.contains_key(&s.provider) {
                     return Err(err(
                         &step.span(),
@@ -1181,6 +1337,9 @@ impl Config {
                 if v == Some(0) {
                     return Err(err(&span, format!("chain {name:?}: {field} must be > 0")));
                 }
+            }
+            if let Some(h) = &c.hedge {
+                self.check_hedge(lines, name, h)?;
             }
             if c.breaker_failure_ratio
                 .is_some_and(|r| !(0.0..=1.0).contains(&r))
@@ -1738,6 +1897,118 @@ default_chain = "main"
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("\"nope\""), "{e}");
         assert!(e.contains("line 8"), "{e}");
+    }
+
+    const GROUP: &str = r#"
+[providers.a]
+kind = "simulated"
+
+[providers.b]
+kind = "simulated"
+
+[chains.main]
+steps = [
+  { group = ["a", { provider = "b", model = "m-b" }], model = "m", pick = "round_robin" },
+  { provider = "a" },
+]
+
+[chains.main.hedge]
+budget_percent = 2.5
+
+[routing]
+default_chain = "main"
+"#;
+
+    #[test]
+    fn balanced_group_and_hedge_parse() {
+        let c = parse(GROUP).unwrap();
+        let chain = c.chains["main"].get_ref();
+        let step = chain.steps[0].get_ref();
+        assert_eq!(step.group.len(), 2);
+        assert_eq!(step.group[1].model(), Some("m-b"));
+        assert_eq!(step.pick, Some(GroupPick::RoundRobin));
+        assert_eq!(step.models().collect::<Vec<_>>(), ["m", "m-b"]);
+        let h = chain.hedge.as_ref().unwrap().get_ref();
+        assert_eq!((h.budget_percent, h.delay_ms), (Some(2.5), None));
+        assert!(
+            parse(MIN).unwrap().chains["main"].get_ref().hedge.is_none(),
+            "off by default"
+        );
+    }
+
+    #[test]
+    fn bad_groups_and_hedges_name_their_line() {
+        let cases = [
+            (
+                r#"{ group = ["a", { provider = "b", model = "m-b" }], model = "m", pick = "round_robin" }"#,
+                r#"{ group = ["a", "nope"] }"#,
+                "\"nope\" is not a defined provider",
+                "line 10",
+            ),
+            (
+                r#"{ group = ["a", { provider = "b", model = "m-b" }], model = "m", pick = "round_robin" }"#,
+                r#"{ group = ["a"] }"#,
+                "at least two members",
+                "line 10",
+            ),
+            (
+                r#"{ group = ["a", { provider = "b", model = "m-b" }], model = "m", pick = "round_robin" }"#,
+                r#"{ group = ["a", "a"] }"#,
+                "named twice",
+                "line 10",
+            ),
+            (
+                r#"{ group = ["a", { provider = "b", model = "m-b" }], model = "m", pick = "round_robin" }"#,
+                r#"{ provider = "a", group = ["a", "b"] }"#,
+                "not both",
+                "line 10",
+            ),
+            (
+                r#"{ group = ["a", { provider = "b", model = "m-b" }], model = "m", pick = "round_robin" }"#,
+                r#"{ group = ["a", "b"], pick = "random" }"#,
+                "unknown variant",
+                "line 10",
+            ),
+            (
+                "budget_percent = 2.5",
+                "budget_percent = 0",
+                "budget_percent",
+                "line 14",
+            ),
+            (
+                "budget_percent = 2.5",
+                "delay_ms = 0",
+                "delay_ms must be > 0",
+                "line 14",
+            ),
+            (
+                "budget_percent = 2.5",
+                "percentile = 101",
+                "percentile",
+                "line 14",
+            ),
+            (
+                "budget_percent = 2.5",
+                "delay_ms = 500\npercentile = 90",
+                "do not apply",
+                "line 14",
+            ),
+            (
+                "budget_percent = 2.5",
+                "delay = 5",
+                "unknown field",
+                "line 15",
+            ),
+        ];
+        for (from, to, want, line) in cases {
+            let text = GROUP.replace(from, to);
+            let e = match parse(&text) {
+                Ok(_) => panic!("accepted: {to}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(want), "{to}: {e}");
+            assert!(e.contains(line), "{to}: {e}");
+        }
     }
 
     #[test]

@@ -13,13 +13,15 @@
 //!           └ validate     checks fresh answers only (a cached answer was checked when
 //!              │           stored); its retry goes through routing and fallback again
 //!              └ route     model alias / task type → a chain (and the real model)
-//!                 └ fallback (one per chain): ordered steps, per-attempt timeouts,
-//!                    │                         cooldown, stream commit point
-//!                    └ per provider: rate limit + provider headroom (OnLimit::FallBack,
-//!                                    so a full provider hands over to the next step;
-//!                                    shared through Redis with [rate_limits] store = "redis")
-//!                       └ observe (with [telemetry]): one span per upstream attempt
-//!                          └ provider (OpenAI-compatible, Anthropic or simulated)
+//!                 └ hedge    (per chain, when configured) a second attempt after the p95
+//!                    └ fallback (one per chain): ordered steps, per-attempt timeouts,
+//!                       │                         cooldown, stream commit point
+//!                       └ balance (a step that is a group): p2c over its members
+//!                          └ per provider: rate limit + provider headroom (OnLimit::FallBack,
+//!                             │            so a full provider hands over to the next step;
+//!                             │            shared through Redis with [rate_limits] store = "redis")
+//!                             └ observe (with [telemetry]): one span per upstream attempt
+//!                                └ provider (OpenAI-compatible, Anthropic or simulated)
 //! ```
 //!
 //! Every provider is built once and shared by every chain that names it, so its limits
@@ -31,12 +33,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use llm_tower::balance::{Balance, BalanceStats, BalanceTarget, Pick};
 use llm_tower::cache::CacheLayer;
 use llm_tower::cost::{
     Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
 use llm_tower::fallback::{Cooldown, Fallback, FallbackTarget};
 use llm_tower::observe::ObserveLayer;
+use llm_tower::hedge::{HedgeDelay, HedgeLayer, HedgeStats};
 use llm_tower::rate_limit::{
     HeadroomTracker, OnLimit as LimitPolicy, RateLimitLayer, Rule as LimitRule,
 };
@@ -55,9 +59,9 @@ use llm_tower_test::SimulatedLlm;
 use tower::ServiceBuilder;
 
 use crate::config::{
-    BudgetScope, BudgetWindow, Config, ConfigError, JobsStoreKind, LimitKey, OnLimit,
-    ProviderConfig, ProviderKind, Secret, Secrets, SimulatedFailure, StoreKind, ValidatorKind,
-    parse_digest,
+    BudgetScope, BudgetWindow, ChainStep, Config, ConfigError, GroupPick, HedgeConfig,
+    JobsStoreKind, LimitKey, OnLimit, ProviderConfig, ProviderKind, Secret, Secrets,
+    SimulatedFailure, StoreKind, ValidatorKind, parse_digest,
 };
 
 /// Why the gateway could not be built.
@@ -168,7 +172,7 @@ pub async fn build(
         malformed,
         client,
     } = build_providers(config, &secrets, shared.as_ref(), telemetry.is_some())?;
-    let routed = build_route(config, &providers);
+    let (routed, route_stats) = build_route(config, &providers);
 
     let client_limits = build_client_limits(config, &secrets, &redis).await?;
     let cost = build_cost(config, &secrets, &redis).await?;
@@ -204,7 +208,7 @@ pub async fn build(
             c.get_ref()
                 .steps
                 .iter()
-                .filter_map(|s| s.get_ref().model.clone())
+                .flat_map(|s| s.get_ref().models().map(str::to_owned))
         })
         .filter(|m| !config.routing.models.contains_key(m))
         .collect();
@@ -233,6 +237,7 @@ pub async fn build(
             move || client.buffer_refusals(),
         );
     }
+    route_stats.register(&metrics);
     let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics);
     let body_limit =
         usize::try_from(*config.server.body_limit_bytes.get_ref()).unwrap_or(usize::MAX);
@@ -355,7 +360,7 @@ fn known_models(config: &Config) -> std::collections::BTreeSet<String> {
             c.get_ref()
                 .steps
                 .iter()
-                .filter_map(|s| s.get_ref().model.clone()),
+                .flat_map(|s| s.get_ref().models().map(str::to_owned)),
         );
     }
     for p in config.providers.values() {
@@ -629,15 +634,34 @@ fn with_provider_limits(
 
 // ===== route + fallback =====
 
-fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> Route {
+fn build_route(
+    config: &Config,
+    providers: &BTreeMap<String, BoxLlmService>,
+) -> (Route, RouteStats) {
     let mut policy = RoutePolicy::new();
+    let mut stats = RouteStats::default();
     for (name, chain) in &config.chains {
         let c = chain.get_ref();
+        let d = Cooldown::default();
+        let mut cooldown = Cooldown::new(
+            c.breaker_min_calls.unwrap_or(d.min_calls()),
+            c.breaker_window_secs
+                .map_or(d.window(), Duration::from_secs),
+            c.cooldown_secs.map_or(d.duration(), Duration::from_secs),
+        );
+        if let Some(r) = c.breaker_failure_ratio {
+            cooldown = cooldown.failure_ratio(r);
+        }
         let targets = c
             .steps
             .iter()
             .filter_map(|s| {
                 let s = s.get_ref();
+                if !s.group.is_empty() {
+                    let (t, group) = build_group(s, providers, cooldown, c.max_cooldown_secs);
+                    stats.groups.push((name.clone(), group));
+                    return Some(t);
+                }
                 // Validated at load: every step names a defined provider.
                 let svc = providers.get(&s.provider)?.clone();
                 let t = FallbackTarget::from_boxed(s.provider.as_str(), svc);
@@ -657,21 +681,18 @@ fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> 
         if let Some(ms) = c.stall_timeout_ms {
             fb = fb.stall_timeout(Duration::from_millis(ms));
         }
-        let d = Cooldown::default();
-        let mut cooldown = Cooldown::new(
-            c.breaker_min_calls.unwrap_or(d.min_calls()),
-            c.breaker_window_secs
-                .map_or(d.window(), Duration::from_secs),
-            c.cooldown_secs.map_or(d.duration(), Duration::from_secs),
-        );
-        if let Some(r) = c.breaker_failure_ratio {
-            cooldown = cooldown.failure_ratio(r);
-        }
         fb = fb.cooldown(cooldown);
         if let Some(secs) = c.max_cooldown_secs {
             fb = fb.max_cooldown(Duration::from_secs(secs));
         }
-        policy = policy.target(name.as_str(), fb);
+        match &c.hedge {
+            Some(h) => {
+                let hedge = hedge_layer(h.get_ref());
+                stats.hedges.push((name.clone(), hedge.stats()));
+                policy = policy.target(name.as_str(), tower::Layer::layer(&hedge, fb));
+            }
+            None => policy = policy.target(name.as_str(), fb),
+        }
     }
     for (alias, chain) in &config.routing.models {
         // The alias stays the model name: steps with a model of their own replace it.
@@ -681,7 +702,122 @@ fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> 
         policy = policy.task(task.as_str(), chain.get_ref().as_str());
     }
     policy = policy.default_target(config.routing.default_chain.get_ref().as_str());
-    Route::new(policy)
+    (Route::new(policy), stats)
+}
+
+// ===== balanced groups and hedging =====
+
+/// A chain step that is a balanced group: one fallback target over a [`Balance`] of its
+/// members (named `a+b`), each with the chain's breaker settings.
+fn build_group(
+    step: &ChainStep,
+    providers: &BTreeMap<String, BoxLlmService>,
+    cooldown: Cooldown,
+    max_cooldown_secs: Option<u64>,
+) -> (FallbackTarget, BalanceStats) {
+    let members: Vec<BalanceTarget> = step
+        .group
+        .iter()
+        .filter_map(|m| {
+            // Validated at load: every member names a defined provider.
+            let svc = providers.get(m.provider())?.clone();
+            let t = BalanceTarget::from_boxed(m.provider(), svc);
+            Some(match m.model().or(step.model.as_deref()) {
+                Some(model) => t.with_model(model),
+                None => t,
+            })
+        })
+        .collect();
+    let name = members
+        .iter()
+        .map(BalanceTarget::name)
+        .collect::<Vec<_>>()
+        .join("+");
+    let pick = match step.pick.unwrap_or_default() {
+        GroupPick::P2c => Pick::PowerOfTwo,
+        GroupPick::RoundRobin => Pick::RoundRobin,
+    };
+    let mut group = Balance::new(members).pick(pick).cooldown(cooldown);
+    if let Some(secs) = max_cooldown_secs {
+        group = group.max_cooldown(Duration::from_secs(secs));
+    }
+    let stats = group.stats();
+    (FallbackTarget::new(name, group), stats)
+}
+
+fn hedge_layer(h: &HedgeConfig) -> HedgeLayer {
+    let d = HedgeDelay::default();
+    let delay = match (h.delay_ms, d) {
+        (Some(ms), _) => HedgeDelay::Fixed(Duration::from_millis(ms)),
+        (
+            None,
+            HedgeDelay::Observed {
+                percentile,
+                min_samples,
+            },
+        ) => HedgeDelay::Observed {
+            percentile: h.percentile.unwrap_or(percentile),
+            min_samples: h.min_samples.unwrap_or(min_samples),
+        },
+        (None, fixed) => fixed,
+    };
+    HedgeLayer::new().delay(delay).budget(
+        h.budget_percent
+            .map_or(llm_tower::hedge::DEFAULT_BUDGET, |p| p / 100.0),
+    )
+}
+
+/// The balanced groups' and hedges' counters, read by `/metrics` at scrape time.
+#[derive(Default)]
+struct RouteStats {
+    groups: Vec<(String, BalanceStats)>,
+    hedges: Vec<(String, HedgeStats)>,
+}
+
+impl RouteStats {
+    fn register(self, metrics: &Metrics) {
+        for (chain, g) in self.groups {
+            for m in g.snapshot() {
+                let (g, member) = (g.clone(), m.name.to_string());
+                let read = member.clone();
+                metrics.counter_at_scrape(
+                    "llm_balance_picks_total",
+                    "Requests a balanced group sent to each member",
+                    &[("chain", chain.clone()), ("member", member)],
+                    move || g.picked(&read),
+                );
+            }
+        }
+        for (chain, h) in self.hedges {
+            let counters: [(&'static str, &'static str, fn(&HedgeStats) -> u64); 4] = [
+                (
+                    "llm_hedge_requests_total",
+                    "Requests seen by a chain's hedge",
+                    HedgeStats::requests,
+                ),
+                (
+                    "llm_hedge_sent_total",
+                    "Second attempts sent (extra upstream calls)",
+                    HedgeStats::hedged,
+                ),
+                (
+                    "llm_hedge_second_won_total",
+                    "Second attempts that answered first",
+                    HedgeStats::second_won,
+                ),
+                (
+                    "llm_hedge_denied_total",
+                    "Second attempts the hedge budget refused",
+                    HedgeStats::denied,
+                ),
+            ];
+            for (name, help, read) in counters {
+                let h = h.clone();
+                metrics
+                    .counter_at_scrape(name, help, &[("chain", chain.clone())], move || read(&h));
+            }
+        }
+    }
 }
 
 // ===== stores =====

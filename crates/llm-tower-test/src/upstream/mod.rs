@@ -103,6 +103,26 @@ struct Shared {
     tokens_used: AtomicU64,
     cap: Mutex<Option<RateCap>>,
     capped: AtomicUsize,
+    tail: Option<Tail>,
+}
+
+/// A long latency tail: `ppm` per million requests are `factor` times slower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tail {
+    ppm: u64,
+    factor: u32,
+}
+
+impl Tail {
+    /// Whether request `seq` is in the tail: a hash of `seq` (splitmix64), so a run is
+    /// reproducible and slow requests are spread evenly, not every n-th.
+    fn hits(&self, seq: usize) -> bool {
+        let mut z = (seq as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        z % 1_000_000 < self.ppm
+    }
 }
 
 /// A provider-side limit over every completion request: at most `limit` per fixed window.
@@ -206,6 +226,7 @@ pub struct MockUpstreamBuilder {
     addr: SocketAddr,
     default: Scenario,
     record: bool,
+    tail: Option<Tail>,
 }
 
 impl Default for MockUpstreamBuilder {
@@ -214,6 +235,7 @@ impl Default for MockUpstreamBuilder {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             default: Scenario::ok(),
             record: true,
+            tail: None,
         }
     }
 }
@@ -238,6 +260,35 @@ impl MockUpstreamBuilder {
         self
     }
 
+    /// A long latency tail: a `share` (0–1) of requests, spread by a hash of their sequence
+    /// number, wait `factor` times their scenario's `latency_ms` and `first_chunk_delay_ms`
+    /// (e.g. `0.05, 20`: 5 % of calls 20× slower).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
+    /// use llm_tower_test::{MockUpstream, Scenario};
+    /// use std::time::Duration;
+    /// let upstream = MockUpstream::builder()
+    ///     .default_scenario(Scenario::ok().latency(Duration::from_millis(20)))
+    ///     .latency_tail(0.05, 20) // 5 % take 400 ms
+    ///     .start()
+    ///     .await?;
+    /// # drop(upstream); Ok(()) }
+    /// ```
+    pub fn latency_tail(mut self, share: f64, factor: u32) -> Self {
+        let share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.tail = (share > 0.0 && factor > 1).then(|| Tail {
+            // In range after the clamp.
+            ppm: (share * 1e6).round() as u64,
+            factor,
+        });
+        self
+    }
+
     /// Bind and spawn the server on the current tokio runtime.
     pub async fn start(self) -> io::Result<MockUpstream> {
         let listener = TcpListener::bind(self.addr).await?;
@@ -252,6 +303,7 @@ impl MockUpstreamBuilder {
             tokens_used: AtomicU64::new(0),
             cap: Mutex::new(None),
             capped: AtomicUsize::new(0),
+            tail: self.tail,
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(serve(listener, shared.clone(), stop_rx));
@@ -533,6 +585,15 @@ async fn handle(
             Arc::new(s)
         }
         None => scenario,
+    };
+    let scenario = match shared.tail {
+        Some(t) if t.hits(seq) => {
+            let mut s = (*scenario).clone();
+            s.latency = s.latency.saturating_mul(t.factor);
+            s.first_chunk_delay = s.first_chunk_delay.saturating_mul(t.factor);
+            Arc::new(s)
+        }
+        _ => scenario,
     };
     if !scenario.latency.is_zero() {
         tokio::time::sleep(scenario.latency).await;

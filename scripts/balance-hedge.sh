@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Tail-latency benchmark of the Balance and Hedge layers.
+#
+#   scripts/balance-hedge.sh                      # DURATION=20s, ROUNDS=3, CONNS=16 by default
+#   PROFILE=dev DURATION=3s ROUNDS=1 scripts/balance-hedge.sh   # check the script only
+#
+# Runs, on 127.0.0.1 only, with examples/proxy/bench-balance.toml:
+#   - two mock upstreams (`llm-tower-mock`) answering after LATENCY_MS (20): "plain" on :9110,
+#     and "tail" on :9111 where 5 % of calls (a hash of the request number) take 20× longer;
+#   - the gateway on :9112, whose three chains put both upstreams in one balanced group and
+#     differ only in how it picks: round robin, Balance (p2c), Balance + Hedge (p95, 5 %);
+#   - wrk with CONNS connections against each chain in turn, ROUNDS rounds (interleaved, so
+#     the three share the machine's noise).
+# Reports the client-observed p50/p99/p99.9 of each (median over the rounds) and, for the
+# hedged chain, the second attempts sent per request (from the gateway's /metrics). Needs wrk
+# and curl. Writes the table to $OUT (default $CARGO_TARGET_DIR/balance-hedge.md).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DURATION="${DURATION:-20s}"
+ROUNDS="${ROUNDS:-3}"
+CONNS="${CONNS:-16}"
+LATENCY_MS="${LATENCY_MS:-20}"
+PROFILE="${PROFILE:-release}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
+OUT="${OUT:-$TARGET_DIR/balance-hedge.md}"
+GW=127.0.0.1:9112
+
+for tool in wrk curl; do
+  command -v "$tool" >/dev/null || { echo "balance-hedge: $tool is required" >&2; exit 1; }
+done
+. scripts/bench-lib.sh
+
+echo "== building $PROFILE binaries (llm-tower-mock, llm-tower-proxy)" >&2
+cargo build --profile "$PROFILE" -q -p llm-tower-test --bin llm-tower-mock -p llm-tower-proxy --bin llm-tower-proxy
+MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
+GW_BIN="$TARGET_DIR/$DIR/llm-tower-proxy"
+
+PIDS=()
+TMP="$(mktemp -d)"
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+"$MOCK_BIN" --addr 127.0.0.1:9110 --threads 1 --latency-ms "$LATENCY_MS" >/dev/null 2>&1 &
+PIDS+=($!)
+"$MOCK_BIN" --addr 127.0.0.1:9111 --threads 1 --latency-ms "$LATENCY_MS" \
+  --tail-share 0.05 --tail-factor 20 >/dev/null 2>&1 &
+PIDS+=($!)
+RUST_LOG=warn "$GW_BIN" --config examples/proxy/bench-balance.toml >/dev/null 2>&1 &
+PIDS+=($!)
+wait_up "http://127.0.0.1:9110/v1/models"
+wait_up "http://127.0.0.1:9111/v1/models"
+wait_up "http://$GW/healthz"
+
+# One wrk script per chain; `done` prints the percentiles wrk's --latency lacks (p99.9).
+for chain in rr p2c hedge; do
+  wrk_lua "$TMP/$chain.lua" "{\"model\":\"bench-$chain\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello to the benchmark\"}]}" no-cache
+  cat >>"$TMP/$chain.lua" <<'LUAEOF'
+done = function(summary, latency, requests)
+  io.write(string.format("P50 %d\nP99 %d\nP999 %d\nREQS %d\nERRS %d\n",
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    summary.requests, summary.errors.status + summary.errors.connect + summary.errors.read
+      + summary.errors.write + summary.errors.timeout))
+end
+LUAEOF
+done
+
+# `metric NAME`: the gateway's counter NAME for chain "hedge" (0 if absent).
+metric() {
+  curl -sf "http://$GW/metrics" | awk -v n="$1" '$1 ~ "^"n"\\{" && $1 ~ /chain="hedge"/ { v = $2 } END { printf "%d", v + 0 }'
+}
+field() { awk -v k="$1" '$1 == k { print $2 }' <<<"$2"; }
+ms() { awk -v u="$1" 'BEGIN { printf "%.1f", u / 1000 }'; }
+
+echo "== warm-up (the hedge needs 20 samples before it hedges)" >&2
+for chain in rr p2c hedge; do wrk -t1 -c4 -d2s -s "$TMP/$chain.lua" "http://$GW/v1/chat/completions" >/dev/null; done
+
+declare -A P50 P99 P999
+EXTRA=()
+for round in $(seq 1 "$ROUNDS"); do
+  for chain in rr p2c hedge; do
+    echo "== round $round/$ROUNDS: $chain, c=$CONNS, $DURATION" >&2
+    sent0=$(metric llm_hedge_sent_total); req0=$(metric llm_hedge_requests_total)
+    out="$(wrk -t1 -c"$CONNS" -d"$DURATION" -s "$TMP/$chain.lua" "http://$GW/v1/chat/completions")"
+    errs=$(field ERRS "$out")
+    if [ "${errs:-0}" != 0 ]; then echo "warning: $chain: $errs errors" >&2; fi
+    P50[$chain]+="$(field P50 "$out") "; P99[$chain]+="$(field P99 "$out") "; P999[$chain]+="$(field P999 "$out") "
+    if [ "$chain" = hedge ]; then
+      sent=$(( $(metric llm_hedge_sent_total) - sent0 )); req=$(( $(metric llm_hedge_requests_total) - req0 ))
+      EXTRA+=("$(awk -v s="$sent" -v r="$req" 'BEGIN { printf "%.2f", r ? 100 * s / r : 0 }')")
+      echo "   p99 $(ms "$(field P99 "$out")") ms; extra calls $sent / $req = ${EXTRA[-1]} %" >&2
+    else
+      echo "   p99 $(ms "$(field P99 "$out")") ms" >&2
+    fi
+  done
+done
+
+# shellcheck disable=SC2086 # word splitting of the collected values is meant
+{
+  echo "| picking | p50 | p99 | p99.9 | extra upstream calls |"
+  echo "|---|---|---|---|---|"
+  for chain in rr p2c hedge; do
+    case $chain in rr) name="round robin";; p2c) name="Balance (p2c)";; hedge) name="Balance + Hedge (p95, 5 % budget)";; esac
+    extra="0 %"; [ "$chain" = hedge ] && extra="$(med %.2f "${EXTRA[@]}") %"
+    echo "| $name | $(ms "$(med %.0f ${P50[$chain]})") ms | $(ms "$(med %.0f ${P99[$chain]})") ms | $(ms "$(med %.0f ${P999[$chain]})") ms | $extra |"
+  done
+  echo
+  echo "Median of $ROUNDS round(s); wrk -t1 -c$CONNS, $DURATION per run; upstreams answer in ${LATENCY_MS} ms, one of them 20× slower for 5 % of its calls; profile $PROFILE; $(nproc) cores; $(date -u +%FT%TZ)."
+} | tee "$OUT"
