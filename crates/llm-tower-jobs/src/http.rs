@@ -208,7 +208,7 @@ fn error(status: u16, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn llm_error(e: &LlmError) -> Response {
+pub(crate) fn llm_error(e: &LlmError) -> Response {
     let mut resp = error(e.status(), e.to_openai_json());
     if let Some(after) = e.retry_after() {
         // Whole seconds, rounded up: the client never comes back too early.

@@ -20,7 +20,8 @@
 //!
 //! # Bounds
 //!
-//! [`JobsWsLimits`]: subscriptions per socket (64), the size of a client frame (64 KiB;
+//! [`JobsWsLimits`]: open sockets (1 024; more are refused with 503), subscriptions per
+//! socket (64), the size of a client frame (64 KiB;
 //! bigger closes the socket), an idle timeout (a socket with no subscription and no
 //! client frame for 60 s is closed), a write timeout (a client that does not take a
 //! frame within 10 s is too slow and is disconnected) and the largest update sent (4 MiB;
@@ -62,6 +63,7 @@ use crate::types::JobId;
 /// ```
 #[derive(Debug, Clone)]
 pub struct JobsWsLimits {
+    max_sockets: usize,
     max_subscriptions: usize,
     max_client_message_bytes: usize,
     max_update_bytes: usize,
@@ -72,10 +74,11 @@ pub struct JobsWsLimits {
 }
 
 impl Default for JobsWsLimits {
-    /// 64 subscriptions, 64 KiB client frames, 4 MiB updates, 60 s idle, 10 s write
+    /// 1 024 sockets, 64 subscriptions each, 64 KiB client frames, 4 MiB updates, 60 s idle, 10 s write
     /// timeout, a ping every 20 s.
     fn default() -> Self {
         Self {
+            max_sockets: 1024,
             max_subscriptions: 64,
             max_client_message_bytes: 64 * 1024,
             max_update_bytes: 4 * 1024 * 1024,
@@ -88,6 +91,14 @@ impl Default for JobsWsLimits {
 }
 
 impl JobsWsLimits {
+    /// Most sockets open at once (over every router built with these limits); past it an
+    /// upgrade is refused with 503 before it happens. An upgraded socket leaves the
+    /// server's own connection count, so this is its bound.
+    #[must_use]
+    pub fn max_sockets(mut self, n: usize) -> Self {
+        self.max_sockets = n.max(1);
+        self
+    }
     /// Most jobs one socket follows at once (at least 1).
     #[must_use]
     pub fn max_subscriptions(mut self, n: usize) -> Self {
@@ -137,6 +148,8 @@ impl JobsWsLimits {
 /// Counters of the jobs WebSocket ([`JobsWsLimits::stats`]).
 #[derive(Debug, Default)]
 pub struct JobsWsStats {
+    open: AtomicU64,
+    refused_sockets: AtomicU64,
     connections: AtomicU64,
     subscriptions: AtomicU64,
     updates: AtomicU64,
@@ -162,6 +175,8 @@ macro_rules! ws_counters {
 }
 
 ws_counters! {
+    open: "Sockets open now.";
+    refused_sockets: "Upgrades refused: over the socket cap.";
     connections: "Sockets opened.";
     subscriptions: "Subscriptions accepted.";
     updates: "Job updates sent (`job` and `final` messages).";
@@ -189,12 +204,36 @@ pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let tenant = crate::http::tenant_of(tenant);
+    let stats = st.limits.stats.clone();
+    // Taken before the upgrade, given back when the socket ends (or the upgrade fails).
+    let open = stats.open.fetch_add(1, Ordering::AcqRel);
+    let slot = OpenSlot(stats.clone());
+    if open >= st.limits.max_sockets as u64 {
+        drop(slot);
+        bump(&stats.refused_sockets);
+        return crate::http::llm_error(
+            &llm_tower_core::LlmError::overloaded("too many job sockets open; retry later")
+                .with_retry_after(Duration::from_secs(1)),
+        );
+    }
     let max = st.limits.max_client_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
         // Bounded: a write that would grow the buffer past this fails (and closes).
         .max_write_buffer_size(st.limits.max_update_bytes.saturating_mul(2))
-        .on_upgrade(move |socket| serve(socket, st, tenant))
+        .on_upgrade(move |socket| async move {
+            serve(socket, st, tenant).await;
+            drop(slot);
+        })
+}
+
+/// One counted open socket.
+struct OpenSlot(Arc<JobsWsStats>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Deserialize)]

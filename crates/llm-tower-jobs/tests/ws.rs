@@ -304,3 +304,28 @@ async fn a_socket_without_subscriptions_is_closed_when_idle() {
     assert_eq!(s.stats.idle_closes(), 1);
     assert_eq!(s.stats.connections(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sockets_past_the_cap_are_refused_before_the_upgrade() {
+    let s = server(JobsWsLimits::default().max_sockets(1)).await;
+    let mut first = connect(&s, "acme").await;
+    let mut req = s.url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-tenant", "acme".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+        }
+        other => panic!("expected a 503, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(s.stats.refused_sockets(), 1);
+    // Closing the first frees the slot.
+    first.close(None).await.unwrap();
+    within("the slot to free", async {
+        while s.stats.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let _second = connect(&s, "acme").await;
+}

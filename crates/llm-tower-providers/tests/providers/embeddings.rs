@@ -22,10 +22,16 @@ fn envelope(format: Option<EncodingFormat>) -> ChatRequest {
 #[tokio::test]
 async fn posts_to_embeddings_with_the_body_as_sent_and_the_mapped_model() {
     let (up, client) = upstream().await;
-    let provider =
-        OpenAiProvider::new(openai_config(&up).model("alias", "text-embedding-3-small"), &client)
-            .unwrap();
-    for format in [None, Some(EncodingFormat::Float), Some(EncodingFormat::Base64)] {
+    let provider = OpenAiProvider::new(
+        openai_config(&up).model("alias", "text-embedding-3-small"),
+        &client,
+    )
+    .unwrap();
+    for format in [
+        None,
+        Some(EncodingFormat::Float),
+        Some(EncodingFormat::Base64),
+    ] {
         let resp = provider.clone().oneshot(envelope(format)).await.unwrap();
         assert_eq!(resp.meta.provider.as_deref(), Some("openai"));
         assert!(resp.meta.usage.as_ref().unwrap().prompt_tokens > 0);
@@ -48,7 +54,12 @@ async fn posts_to_embeddings_with_the_body_as_sent_and_the_mapped_model() {
         assert_eq!(sent.json().unwrap(), want);
     }
     // Both encodings decode to the same vectors.
-    let a = provider.clone().oneshot(envelope(None)).await.unwrap().into_embeddings();
+    let a = provider
+        .clone()
+        .oneshot(envelope(None))
+        .await
+        .unwrap()
+        .into_embeddings();
     let b = provider
         .clone()
         .oneshot(envelope(Some(EncodingFormat::Base64)))
@@ -69,18 +80,27 @@ async fn token_inputs_and_a_single_input_go_as_sent() {
         .await
         .unwrap();
     assert_eq!(resp.into_embeddings().unwrap().data.len(), 1);
-    assert_eq!(up.last_request().unwrap().json().unwrap()["input"], json!([1, 2, 3]));
+    assert_eq!(
+        up.last_request().unwrap().json().unwrap()["input"],
+        json!([1, 2, 3])
+    );
 }
 
 #[tokio::test]
 async fn upstream_failures_are_classified() {
     let (up, client) = upstream().await;
     up.push(Scenario::unavailable());
-    let e = openai(&up, &client).oneshot(envelope(None)).await.unwrap_err();
+    let e = openai(&up, &client)
+        .oneshot(envelope(None))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);
     assert!(e.should_fall_back());
     up.push(Scenario::ok().malformed_json());
-    let e = openai(&up, &client).oneshot(envelope(None)).await.unwrap_err();
+    let e = openai(&up, &client)
+        .oneshot(envelope(None))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Transport, "{e}");
     assert_eq!(e.provider(), Some("openai"));
 }
@@ -88,7 +108,10 @@ async fn upstream_failures_are_classified() {
 #[tokio::test]
 async fn the_anthropic_provider_refuses_embeddings_without_a_call() {
     let (up, client) = upstream().await;
-    let e = anthropic(&up, &client).oneshot(envelope(None)).await.unwrap_err();
+    let e = anthropic(&up, &client)
+        .oneshot(envelope(None))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::BadRequest);
     assert_eq!(up.request_count(), 0);
 }
