@@ -60,6 +60,10 @@ async fn server(ws: JobsWsLimits) -> Server {
             Ok(json!({"sum": a + b + c}))
         }
     });
+    // A job with a 2 MB result, for the slow-reader test.
+    jobs.register("big", |_ctx, _input| async move {
+        Ok(json!({"blob": "x".repeat(2_000_000)}))
+    });
     let mock = MockLlm::new("m").otherwise(Step::reply("hello from the job"));
     let (worker, _handle) = jobs
         .worker(boxed(mock))
@@ -328,4 +332,34 @@ async fn sockets_past_the_cap_are_refused_before_the_upgrade() {
     })
     .await;
     let _second = connect(&s, "acme").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_does_not_read_is_disconnected_and_counted() {
+    let s = server(JobsWsLimits::default().write_timeout(Duration::from_millis(200))).await;
+    let tenant = Tenant::from("acme");
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        let sub = s
+            .jobs
+            .submit(&tenant, "big", json!({}), JobOptions::default())
+            .await
+            .unwrap();
+        ids.push(sub.job.id);
+    }
+    for id in &ids {
+        common::wait_done(&s.jobs, &tenant, *id).await;
+    }
+    let mut ws = connect(&s, "acme").await;
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    send(&mut ws, json!({"type": "subscribe", "ids": ids})).await;
+    // 32 MB of final states queue up behind a client that reads nothing.
+    within("the slow client to be dropped", async {
+        while s.stats.slow_closes() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(s.stats.slow_closes(), 1);
+    drop(ws);
 }
