@@ -6,10 +6,13 @@
 
 The gateway must run the demo config (examples/proxy/demo.toml; client key "sk-demo").
 Checks a plain call, a streamed call, the gateway's headers through the SDK's raw
-response, a cache hit, and that an error surfaces as the SDK's typed exception.
+response, a cache hit, that an error surfaces as the SDK's typed exception, and
+embeddings (float, base64, a half-cached batch).
 Exits non-zero on the first failure.
 """
 
+import base64
+import struct
 import sys
 
 import openai
@@ -86,6 +89,40 @@ def main():
     # 5. Models list.
     ids = [m.id for m in client.models.list()]
     check("gpt-4o-mini" in ids, f"models list has the aliases ({len(ids)} models)")
+    # 6. Embeddings: the SDK's default (it asks for base64 and decodes), float, base64.
+    emb_model = "text-embedding-3-small"
+    texts = ["a tower layer", "a fallback chain"]
+    default = client.embeddings.create(model=emb_model, input=texts, dimensions=8)
+    vecs = [d.embedding for d in default.data]
+    check(len(vecs) == 2 and all(len(v) == 8 for v in vecs), "embeddings: two vectors of 8 dimensions")
+    check([d.index for d in default.data] == [0, 1], "embeddings: in input order")
+    check(default.usage.prompt_tokens > 0, "embeddings report prompt tokens")
+    floats = client.embeddings.with_raw_response.create(
+        model=emb_model, input=texts, dimensions=8, encoding_format="float"
+    )
+    check(floats.headers.get("x-llm-cache") == "hit", "the same inputs are a cache hit in another encoding")
+    fl = [d.embedding for d in floats.parse().data]
+    check(
+        all(abs(x - y) < 1e-6 for a, b in zip(fl, vecs) for x, y in zip(a, b)),
+        "float and base64 encodings carry the same vectors",
+    )
+    b64 = client.embeddings.create(model=emb_model, input=texts[1], dimensions=8, encoding_format="base64")
+    raw_b64 = b64.data[0].embedding
+    check(isinstance(raw_b64, str), "explicit base64 stays a string")
+    decoded = list(struct.unpack("<8f", base64.b64decode(raw_b64)))
+    check(decoded == vecs[1], "base64 decodes to the exact f32 vector")
+    half = client.embeddings.with_raw_response.create(
+        model=emb_model, input=["a new input", texts[0]], dimensions=8
+    )
+    got = [d.embedding for d in half.parse().data]
+    check(got[1] == vecs[0], "a half-cached batch is put back together in order")
+    check(half.headers.get("x-llm-cache") == "miss", "a half-cached batch asks upstream (miss)")
+    try:
+        client.embeddings.create(model=emb_model, input=[])
+        check(False, "empty embeddings input is rejected")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400, "empty embeddings input raises BadRequestError (400)")
+
     print("all OpenAI SDK checks passed")
 
 

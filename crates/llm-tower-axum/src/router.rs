@@ -32,6 +32,8 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::metrics::{FailedAttempt, Labels, Metrics, Observation};
 use crate::sse::SseStream;
 
+mod embeddings;
+
 /// Default request body limit: 4 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
 
@@ -355,6 +357,7 @@ where
 
         let mut protected: Router = Router::new()
             .route("/v1/chat/completions", post(chat::<S>))
+            .route("/v1/embeddings", post(embeddings::embeddings::<S>))
             .route("/v1/models", get(list_models::<S>))
             .with_state(state);
         for r in self.protected {

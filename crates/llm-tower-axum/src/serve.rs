@@ -392,7 +392,11 @@ impl ConnTask {
                 }
             })
         };
-        let conn = self.builder.serve_connection(TokioIo::new(tcp), service);
+        // With upgrades: a WebSocket (`GET /v1/jobs/ws`) takes the connection over after
+        // its 101 answer; the connection then ends here and the socket lives on its own.
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service);
         let mut conn = pin!(conn);
         let mut idle = pin!(idle_watch(&activity, self.idle_timeout));
         let closing = tokio::select! {

@@ -6,7 +6,9 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 
-use crate::{ChatChunk, ChatResponse, EncodedResponse, LlmError, ResponseMeta, Usage};
+use crate::{
+    ChatChunk, ChatResponse, EmbeddingsResponse, EncodedResponse, LlmError, ResponseMeta, Usage,
+};
 
 /// A boxed stream of chunks, as providers and layers produce it.
 pub type BoxChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, LlmError>> + Send>>;
@@ -195,6 +197,8 @@ pub enum ResponseBody {
     Encoded(EncodedResponse),
     /// A stream of chunks.
     Stream(ChunkStream),
+    /// The answer to an embeddings request ([`ChatRequest::embeddings`](crate::ChatRequest::embeddings)).
+    Embeddings(Box<EmbeddingsResponse>),
 }
 
 /// What every LLM service returns: a complete response or a stream, plus [`ResponseMeta`].
@@ -253,6 +257,27 @@ impl LlmResponse {
         }
     }
 
+    /// The answer to an embeddings request; its usage and model are copied into the meta.
+    pub fn embeddings(response: EmbeddingsResponse) -> Self {
+        let meta = ResponseMeta {
+            usage: Some(response.usage.clone()),
+            model: Some(response.model.clone()),
+            ..ResponseMeta::default()
+        };
+        Self {
+            body: ResponseBody::Embeddings(Box::new(response)),
+            meta,
+        }
+    }
+
+    /// The embeddings answer, or an internal error if the body is a chat answer.
+    pub fn into_embeddings(self) -> Result<EmbeddingsResponse, LlmError> {
+        match self.body {
+            ResponseBody::Embeddings(r) => Ok(*r),
+            _ => Err(not_embeddings()),
+        }
+    }
+
     /// A streamed response.
     pub fn stream<S>(stream: S) -> Self
     where
@@ -284,6 +309,10 @@ impl LlmResponse {
                 usage: r.usage().cloned(),
             }),
             ResponseBody::Stream(s) => s.on_finish(hook),
+            // The meta's usage: a partly cached batch was paid for only in part.
+            ResponseBody::Embeddings(r) => hook(&Outcome::Completed {
+                usage: Some(self.meta.usage.clone().unwrap_or_else(|| r.usage.clone())),
+            }),
         }
     }
 
@@ -303,6 +332,7 @@ impl LlmResponse {
                 }
                 Ok(acc.finish())
             }
+            ResponseBody::Embeddings(_) => Err(not_chat()),
         }
     }
 
@@ -316,8 +346,20 @@ impl LlmResponse {
                 Ok(r) => r,
                 Err(e) => return ChunkStream::new(futures_util::stream::iter([Err(e)])),
             },
+            ResponseBody::Embeddings(_) => {
+                return ChunkStream::new(futures_util::stream::iter([Err(not_chat())]));
+            }
         };
         let chunks = complete.to_chunks().into_iter().map(Ok);
         ChunkStream::new(futures_util::stream::iter(chunks))
     }
+}
+
+/// A chat view asked of an embeddings answer: a bug in the stack, not the client's fault.
+fn not_chat() -> LlmError {
+    LlmError::internal("an embeddings answer has no chat form")
+}
+
+fn not_embeddings() -> LlmError {
+    LlmError::internal("a chat answer to an embeddings request")
 }

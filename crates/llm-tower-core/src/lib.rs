@@ -4,6 +4,7 @@
 mod aggregate;
 mod body;
 mod build;
+pub mod embeddings;
 mod encoded;
 mod error;
 mod ext;
@@ -18,6 +19,10 @@ mod service;
 pub use aggregate::StreamAccumulator;
 pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
 pub use build::Answer;
+pub use embeddings::{
+    EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, EncodingFormat,
+    MAX_EMBEDDING_DIMENSIONS, MAX_EMBEDDING_INPUTS,
+};
 pub use encoded::EncodedResponse;
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TakenTargets, TaskType, Tenant};

@@ -235,7 +235,11 @@ impl ChatRequest {
     }
 
     /// Concatenated text of every message (for token estimates and validators).
+    /// An embeddings envelope counts its inputs ([`ChatRequest::embeddings`]).
     pub fn prompt_text_len(&self) -> usize {
+        if let Some(e) = self.as_embeddings() {
+            return e.input_len();
+        }
         self.messages.iter().map(|m| m.text_len()).sum()
     }
 }

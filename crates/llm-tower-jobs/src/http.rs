@@ -44,6 +44,7 @@ pub struct JobsApiLimits {
     max_attempts: u32,
     max_backoff: Duration,
     max_queued_per_tenant: u64,
+    ws: crate::ws::JobsWsLimits,
 }
 
 /// Default of [`JobsApiLimits::body_limit`]: 4 MiB (the chat endpoint's default too).
@@ -60,6 +61,7 @@ impl Default for JobsApiLimits {
             max_attempts: 10,
             max_backoff: Duration::from_secs(300),
             max_queued_per_tenant: 1000,
+            ws: crate::ws::JobsWsLimits::default(),
         }
     }
 }
@@ -100,6 +102,17 @@ impl JobsApiLimits {
     pub fn max_queued_per_tenant(mut self, n: u64) -> Self {
         self.max_queued_per_tenant = n.max(1);
         self
+    }
+    /// The limits of `GET /v1/jobs/ws` (default [`JobsWsLimits::default`](crate::JobsWsLimits)).
+    #[must_use]
+    pub fn websocket(mut self, ws: crate::ws::JobsWsLimits) -> Self {
+        self.ws = ws;
+        self
+    }
+    /// The limits of `GET /v1/jobs/ws`, whose [`stats`](crate::JobsWsLimits::stats) count
+    /// what its sockets refused and closed.
+    pub fn websocket_limits(&self) -> &crate::ws::JobsWsLimits {
+        &self.ws
     }
     /// The priority cap of `tenant`.
     pub fn priority_cap(&self, tenant: &str) -> i64 {
@@ -147,6 +160,9 @@ pub fn jobs_router(jobs: Jobs) -> Router {
 /// - `GET /v1/jobs/{id}/events`: server-sent events, one per change of status, attempts or
 ///   progress (`event:` is the status, `data:` the job JSON), ending with the final state;
 ///   a finished job gives its final state at once.
+/// - `GET /v1/jobs/ws`: a WebSocket on which a client subscribes to one or many of its
+///   jobs and is pushed each change and the final state with the result (see
+///   [`crate::ws`] for the messages and [`JobsWsLimits`](crate::JobsWsLimits) for the bounds).
 /// - `DELETE /v1/jobs/{id}`: cancels; answers the job (status `cancelled`, or its final
 ///   state if it had already finished).
 ///
@@ -165,6 +181,12 @@ pub fn jobs_router(jobs: Jobs) -> Router {
 /// ```
 pub fn jobs_router_with(jobs: Jobs, limits: JobsApiLimits) -> Router {
     let body_limit = limits.body_limit;
+    let ws = Router::new()
+        .route("/v1/jobs/ws", get(crate::ws::upgrade))
+        .with_state(crate::ws::WsState {
+            jobs: jobs.clone(),
+            limits: Arc::new(limits.ws.clone()),
+        });
     Router::new()
         .route("/v1/jobs", post(submit))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
@@ -174,9 +196,10 @@ pub fn jobs_router_with(jobs: Jobs, limits: JobsApiLimits) -> Router {
             jobs,
             limits: Arc::new(limits),
         })
+        .merge(ws)
 }
 
-fn tenant_of(t: Option<Extension<Tenant>>) -> Tenant {
+pub(crate) fn tenant_of(t: Option<Extension<Tenant>>) -> Tenant {
     t.map_or_else(|| Tenant::from(DEFAULT_TENANT), |Extension(t)| t)
 }
 
@@ -185,7 +208,7 @@ fn error(status: u16, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn llm_error(e: &LlmError) -> Response {
+pub(crate) fn llm_error(e: &LlmError) -> Response {
     let mut resp = error(e.status(), e.to_openai_json());
     if let Some(after) = e.retry_after() {
         // Whole seconds, rounded up: the client never comes back too early.

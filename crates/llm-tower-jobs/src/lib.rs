@@ -84,6 +84,7 @@ mod jobs;
 mod store;
 mod types;
 mod worker;
+pub mod ws;
 
 pub use http::{DEFAULT_JOBS_BODY_LIMIT, JobsApiLimits, jobs_router, jobs_router_with};
 pub use jobs::{CHAT_KIND, DEFAULT_TENANT, Jobs, JobsBuilder};
@@ -93,3 +94,4 @@ pub use types::{
     Progress, Submitted,
 };
 pub use worker::{FaultPoint, JobContext, Worker, WorkerBuilder, WorkerHandle, WorkerStats};
+pub use ws::{JobsWsLimits, JobsWsStats};

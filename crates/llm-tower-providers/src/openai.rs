@@ -7,7 +7,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, EncodedResponse, LlmError, LlmResponse, StreamOptions, TraceParent,
+    ChatChunk, ChatRequest, EmbeddingsResponse, EncodedResponse, LlmError, LlmResponse,
+    StreamOptions, TraceParent,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -206,6 +207,8 @@ pub struct OpenAiProvider {
 
 struct Inner {
     endpoint: Endpoint,
+    /// `{base_url}/embeddings`: the same client, headers and limits.
+    embeddings: Endpoint,
     models: HashMap<String, String>,
     default_model: Option<String>,
     stream_usage: bool,
@@ -237,9 +240,19 @@ impl OpenAiProvider {
             client.clone(),
         )?;
         endpoint.limits = config.limits;
+        let mut embeddings = endpoint.clone();
+        embeddings.url = format!("{}/embeddings", config.base_url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| {
+                LlmError::bad_request(format!(
+                    "{} configuration: invalid base_url: {e}",
+                    config.name
+                ))
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
+                embeddings,
                 models: config.models,
                 default_model: config.default_model,
                 stream_usage: config.stream_usage,
@@ -309,7 +322,56 @@ impl OpenAiProvider {
             })
     }
 
+    /// `POST {base_url}/embeddings` with the envelope's embeddings request, as the client
+    /// sent it but for `model` (the envelope's, mapped).
+    async fn run_embeddings(self, mut req: ChatRequest) -> Result<LlmResponse, LlmError> {
+        map_model(
+            &mut req.model,
+            &self.inner.models,
+            self.inner.default_model.as_deref(),
+        );
+        let Some(emb) = req.as_embeddings() else {
+            return Err(LlmError::internal("not an embeddings request"));
+        };
+        let ep = &self.inner.embeddings;
+        let mut emb = emb.clone();
+        emb.model.clone_from(&req.model);
+        let expected = emb.input.len();
+        let body = serde_json::to_vec(&emb).map_err(|e| {
+            LlmError::bad_request(format!("cannot encode the request: {e}"))
+                .with_provider(self.name())
+        })?;
+        let (resp, upstream_time, started) = ep.send(body, false, req.deadline()).await?;
+        let (parts, body) = resp.into_parts();
+        let headroom = ep.headroom(&parts.headers);
+        let bytes = ep.read_body(body, started, req.deadline()).await?;
+        let len = bytes.len();
+        let mut answer = match EmbeddingsResponse::from_slice(&bytes, expected) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+                    && let Some(err) = classify::classify_inline(&ep.provider, &v, ep.key.as_ref())
+                {
+                    return Err(err);
+                }
+                return Err(e.with_provider(&*ep.provider));
+            }
+        };
+        if answer.model.is_empty() {
+            answer.model.clone_from(&req.model);
+        }
+        let mut out = LlmResponse::embeddings(answer);
+        out.meta.body_bytes = Some(len);
+        out.meta.provider = Some(ep.provider.clone());
+        out.meta.headroom = headroom;
+        out.meta.upstream_time = Some(upstream_time);
+        Ok(out)
+    }
+
     async fn run(self, mut req: ChatRequest) -> Result<LlmResponse, LlmError> {
+        if req.as_embeddings().is_some() {
+            return self.run_embeddings(req).await;
+        }
         self.prepare(&mut req);
         let body = self.encode(&req)?;
         let stream = req.is_stream();

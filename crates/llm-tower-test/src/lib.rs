@@ -14,5 +14,5 @@ mod simulated;
 pub mod upstream;
 
 pub use mock::{MockFuture, MockLlm, Step};
-pub use simulated::{SimulatedFuture, SimulatedLlm, SimulatedLlmBuilder};
+pub use simulated::{SIMULATED_DIMENSIONS, SimulatedFuture, SimulatedLlm, SimulatedLlmBuilder};
 pub use upstream::{MockUpstream, MockUpstreamBuilder, RecordedRequest, SCENARIO_HEADER, Scenario};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, ErrorKind, LlmError, LlmResponse, ResponseBody,
-    ResponseMeta, Role, Usage,
+    ChatChunk, ChatRequest, ChatResponse, EmbeddingInput, EmbeddingsResponse, ErrorKind, LlmError,
+    LlmResponse, ResponseBody, ResponseMeta, Role, Usage,
 };
 use serde_json::{Map, Value, json};
 use tower_service::Service;
@@ -268,6 +268,31 @@ impl Service<ChatRequest> for SimulatedLlm {
         let this = self.clone();
         SimulatedFuture(Box::pin(async move {
             let inner = &this.inner;
+            if let Some(emb) = req.as_embeddings() {
+                if !inner.latency.is_zero() {
+                    tokio::time::sleep(inner.latency).await;
+                }
+                if let Some(err) = this.failure(call) {
+                    return Err(err);
+                }
+                let model = inner.model.clone().unwrap_or_else(|| req.model.clone());
+                let dims = emb
+                    .dimensions
+                    .map_or(SIMULATED_DIMENSIONS, |d| usize::try_from(d).unwrap_or(1));
+                let data = emb.input.iter().map(|x| embed(&model, x, dims)).collect();
+                let tokens = emb
+                    .input
+                    .iter()
+                    .map(|x| estimate_tokens(x.len_bytes()))
+                    .sum();
+                let mut resp = LlmResponse::embeddings(EmbeddingsResponse {
+                    model,
+                    data,
+                    usage: Usage::new(tokens, 0),
+                });
+                resp.meta.provider = Some(inner.name.clone());
+                return Ok(resp);
+            }
             if req.messages.is_empty() {
                 return Err(LlmError::bad_request("'messages' must not be empty")
                     .with_param("messages")
@@ -346,6 +371,36 @@ impl Service<ChatRequest> for SimulatedLlm {
 fn next_id() -> String {
     static N: AtomicU64 = AtomicU64::new(1);
     format!("chatcmpl-sim{:012}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Dimensions of a simulated embedding when the request names none.
+pub const SIMULATED_DIMENSIONS: usize = 256;
+
+/// A deterministic unit vector for `input` under `model` (splitmix64 seeded by FNV-1a): the
+/// same input always gets the same vector, different inputs different ones.
+pub(crate) fn embed(model: &str, input: &EmbeddingInput, dims: usize) -> Vec<f32> {
+    let mut seed = match input {
+        EmbeddingInput::Text(t) => fnv(t),
+        EmbeddingInput::Tokens(t) => t.iter().fold(fnv("tokens"), |h, id| {
+            (h ^ u64::from(*id)).wrapping_mul(0x0100_0000_01b3)
+        }),
+    } ^ fnv(model).rotate_left(17);
+    let mut v: Vec<f32> = (0..dims)
+        .map(|_| {
+            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            // Uniform in [-1, 1).
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
 }
 
 /// ~4 bytes a token, at least one.

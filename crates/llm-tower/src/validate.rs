@@ -566,6 +566,10 @@ impl<S> Validate<S> {
 
     /// The rules that apply to `req`, or `None` when none does.
     fn plan(&self, req: &ChatRequest) -> Result<Option<Plan>, LlmError> {
+        // Validators check a model's text; an embedding has none.
+        if req.as_embeddings().is_some() {
+            return Ok(None);
+        }
         let task = req.task_type().map(|t| &t.0);
         let task_rules = task.and_then(|t| self.config.tasks.get(t));
         let mut extra = None;
@@ -802,6 +806,10 @@ where
         let checked = match (&resp.body, &assembled) {
             (_, Some(a)) => a,
             (ResponseBody::Complete(r), None) => r,
+            (ResponseBody::Embeddings(_), None) => {
+                resp.meta.paid_attempts = paid;
+                return Ok(resp);
+            }
             (ResponseBody::Encoded(_) | ResponseBody::Stream(_), None) => {
                 return Err(LlmError::internal(
                     "validate: a streamed or encoded body was not assembled",
@@ -884,7 +892,7 @@ async fn assemble(
     max_bytes: usize,
 ) -> Result<(LlmResponse, Option<ChatResponse>), (Assemble, Option<Usage>)> {
     match resp.body {
-        ResponseBody::Complete(_) => Ok((resp, None)),
+        ResponseBody::Complete(_) | ResponseBody::Embeddings(_) => Ok((resp, None)),
         ResponseBody::Encoded(ref r) => match r.decode() {
             Ok(decoded) => Ok((resp, Some(decoded))),
             // The upstream answered (and may have said what it used): paid all the same.

@@ -38,6 +38,7 @@ async fn drain(resp: LlmResponse) -> (String, Option<LlmError>) {
     match resp.body {
         ResponseBody::Complete(r) => (r.text(), None),
         ResponseBody::Encoded(r) => (r.decode().unwrap().text(), None),
+        ResponseBody::Embeddings(_) => panic!("an embeddings answer to a chat request"),
         ResponseBody::Stream(mut s) => {
             let mut text = String::new();
             while let Some(item) = s.next().await {

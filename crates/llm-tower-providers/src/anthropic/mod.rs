@@ -298,6 +298,13 @@ impl AnthropicProvider {
     }
 
     async fn run(self, req: ChatRequest) -> Result<LlmResponse, LlmError> {
+        if req.as_embeddings().is_some() {
+            return Err(LlmError::bad_request(format!(
+                "{}: the Anthropic API has no embeddings endpoint",
+                self.name()
+            ))
+            .with_provider(self.name()));
+        }
         let body = self.request_body(&req)?;
         let model = body["model"].as_str().unwrap_or_default().to_owned();
         let bytes = serde_json::to_vec(&body).map_err(|e| {

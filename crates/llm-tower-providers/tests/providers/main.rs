@@ -2,6 +2,7 @@
 //! 127.0.0.1, plus the SSE parser's property tests.
 
 mod anthropic;
+mod embeddings;
 mod hostile;
 mod openai;
 mod pool;

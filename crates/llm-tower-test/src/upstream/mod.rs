@@ -525,11 +525,12 @@ async fn handle(
         });
     }
     let route = path.strip_prefix("/v1").unwrap_or(path);
+    let embeddings = route == "/embeddings" && parts.method == Method::POST;
     let api = match (route, &parts.method) {
-        ("/chat/completions", &Method::POST) => Api::OpenAi,
+        ("/chat/completions" | "/embeddings", &Method::POST) => Api::OpenAi,
         ("/messages", &Method::POST) => Api::Anthropic,
         ("/models", &Method::GET) => return Ok(models(&parts.headers)),
-        ("/chat/completions" | "/messages" | "/models", _) => {
+        ("/chat/completions" | "/messages" | "/models" | "/embeddings", _) => {
             return Ok(openai_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
@@ -604,7 +605,11 @@ async fn handle(
     if let Some(ms) = scenario.header_drip_ms {
         drip.store(ms.max(1), Ordering::Relaxed);
     }
-    let mut resp = respond(&shared, api, seq, &body, &scenario);
+    let mut resp = if embeddings && (200..300).contains(&scenario.status) {
+        respond_embeddings(seq, &body, &scenario)
+    } else {
+        respond(&shared, api, seq, &body, &scenario)
+    };
     if let Some(CapVerdict::Served { reset, .. } | CapVerdict::Refused { reset }) = verdict {
         render::requests_reset_header(api, resp.headers_mut(), reset);
     }
@@ -732,6 +737,54 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
         }
     }
     resp
+}
+
+/// `POST /v1/embeddings`: the simulated provider's deterministic vectors, written in the
+/// request's `encoding_format`, with usage and the OpenAI rate-limit headers. A scenario's
+/// `malformed_json` cuts the document short.
+fn respond_embeddings(seq: usize, body: &Bytes, s: &Scenario) -> Response<Body> {
+    let req = match llm_tower_core::EmbeddingsRequest::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(Api::OpenAi, e.message()),
+    };
+    let dims = req
+        .dimensions
+        .map_or(crate::simulated::SIMULATED_DIMENSIONS, |d| {
+            usize::try_from(d).unwrap_or(1)
+        });
+    let data = req
+        .input
+        .iter()
+        .map(|x| crate::simulated::embed(&req.model, x, dims))
+        .collect();
+    let tokens = req
+        .input
+        .iter()
+        .map(|x| render::estimate_tokens(x.len_bytes()))
+        .sum();
+    let answer = llm_tower_core::EmbeddingsResponse {
+        model: req.model.clone(),
+        data,
+        usage: llm_tower_core::Usage::new(tokens, 0),
+    };
+    let mut json = answer.to_json(req.format());
+    if s.malformed_json {
+        json.truncate(json.len() / 2);
+    }
+    let status = StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK);
+    let mut r = full(status, JSON, Bytes::from(json));
+    let rr = s
+        .ratelimit_remaining_requests
+        .unwrap_or(render::LIMIT_REQUESTS - 1);
+    let rt = s
+        .ratelimit_remaining_tokens
+        .unwrap_or(render::LIMIT_TOKENS.saturating_sub(tokens));
+    render::ratelimit_headers(Api::OpenAi, r.headers_mut(), rr, rt);
+    if let Ok(v) = HeaderValue::from_str(&format!("req_mock{seq:016x}")) {
+        r.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
+    r
 }
 
 /// The body of a hostile 2xx scenario (huge, endless, deep, reset after the head), if any.

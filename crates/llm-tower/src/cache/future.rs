@@ -20,7 +20,7 @@ use super::flight::{FlightGuard, Join, Landing, Waited, wait};
 use super::layer::Shared;
 use super::{CacheKey, CachedEntry};
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 pin_project! {
     /// Response future of [`Cache`](super::Cache).
@@ -69,6 +69,12 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn bypass(future: F) -> Self {
         Self {
             kind: Kind::Bypass { future },
+        }
+    }
+
+    pub(crate) fn boxed(future: BoxFuture<Result<LlmResponse, LlmError>>) -> Self {
+        Self {
+            kind: Kind::Slow { future },
         }
     }
 
@@ -303,6 +309,8 @@ where
             let entry = Arc::new(CachedEntry::encoded(r.clone(), &resp.meta));
             writer.finish(entry).await;
         }
+        // Not reached: embeddings take their own path (`embed`).
+        ResponseBody::Embeddings(_) => writer.skip(),
         ResponseBody::Stream(s) => {
             let meta = meta_for_entry(&resp.meta);
             let max = shared.config.max_entry_bytes;

@@ -3,8 +3,9 @@
 use std::fmt;
 
 use llm_tower_core::{
-    ChatRequest, Content, ContentPart, Extra, FunctionCall, FunctionDef, ImageUrl, InputAudio,
-    JsonSchemaFormat, Message, ResponseFormat, Role, Tool, ToolCall,
+    ChatRequest, Content, ContentPart, EmbeddingInput, EmbeddingsRequest, Extra, FunctionCall,
+    FunctionDef, ImageUrl, InputAudio, JsonSchemaFormat, Message, ResponseFormat, Role, Tool,
+    ToolCall,
 };
 use serde_json::{Map, Number, Value};
 
@@ -79,6 +80,50 @@ impl CacheKey {
         h.opt(req.tenant().map(|t| t.as_str()), KeyHasher::str);
         h.opt(req.task_type().map(|t| t.as_str()), KeyHasher::str);
         h.request(req);
+        Self(h.finish())
+    }
+
+    /// The key of one input of an embeddings request: the tenant, the task, the model,
+    /// `dimensions`, every untyped field but those in [`IGNORED_FIELDS`], and that one
+    /// input, so each input of a batch is cached on its own and a later batch that shares
+    /// inputs finds them. `encoding_format` is not part of it: the vector is stored once
+    /// and written in whichever format a request asks for. Chat and embedding keys never
+    /// collide (each starts with its own tag).
+    ///
+    /// ```
+    /// use llm_tower::cache::CacheKey;
+    /// use llm_tower::{ChatRequest, EmbeddingsRequest, EncodingFormat};
+    ///
+    /// let mut emb = EmbeddingsRequest::new("text-embedding-3-small", ["a", "b"]);
+    /// let req = ChatRequest::embeddings(emb.clone());
+    /// let a = CacheKey::for_embedding(&req, &emb, &emb.input[0]);
+    /// assert_ne!(a, CacheKey::for_embedding(&req, &emb, &emb.input[1]));
+    /// emb.encoding_format = Some(EncodingFormat::Base64);
+    /// assert_eq!(a, CacheKey::for_embedding(&req, &emb, &emb.input[0]));
+    /// emb.dimensions = Some(64);
+    /// assert_ne!(a, CacheKey::for_embedding(&req, &emb, &emb.input[0]));
+    /// ```
+    pub fn for_embedding(
+        req: &ChatRequest,
+        emb: &EmbeddingsRequest,
+        input: &EmbeddingInput,
+    ) -> Self {
+        let mut h = KeyHasher::new();
+        h.raw(KEY_VERSION);
+        h.raw(b"embedding");
+        h.opt(req.tenant().map(|t| t.as_str()), KeyHasher::str);
+        h.opt(req.task_type().map(|t| t.as_str()), KeyHasher::str);
+        h.field("model");
+        h.str(&req.model);
+        h.field("dimensions");
+        h.opt(emb.dimensions, KeyHasher::u64);
+        h.field("extra");
+        h.object(&emb.extra, IGNORED_FIELDS);
+        h.field("input");
+        match input {
+            EmbeddingInput::Text(t) => h.str(t),
+            EmbeddingInput::Tokens(t) => h.vec(t, |h, id| h.u64(u64::from(*id))),
+        }
         Self(h.finish())
     }
 

@@ -98,6 +98,7 @@ impl Shared {
         }
         req.temperature_f64() == Some(0.0)
             || req.seed.is_some()
+            || req.as_embeddings().is_some()
             || req
                 .task_type()
                 .is_some_and(|t| self.config.cacheable_tasks.contains(t.as_str()))
@@ -394,6 +395,18 @@ where
             }
             Decision::Cache(ttl) => (ttl, true),
         };
+        if req.as_embeddings().is_some() {
+            // Per input, not per request: see `embed`.
+            let fresh = self.inner.clone();
+            let ready = std::mem::replace(&mut self.inner, fresh);
+            return ResponseFuture::boxed(Box::pin(super::embed::run(
+                shared.clone(),
+                ready,
+                req,
+                ttl,
+                read,
+            )));
+        }
         let key = CacheKey::for_request(&req);
         let mut lookup = read;
         if read {

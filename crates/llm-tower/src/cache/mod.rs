@@ -50,6 +50,16 @@
 //!   to a non-streaming request is assembled with
 //!   [`StreamAccumulator`](crate::StreamAccumulator). `stream` is not part of the key, so
 //!   both kinds of request share entries.
+//! - **Embeddings** ([`ChatRequest::embeddings`](crate::ChatRequest::embeddings)) are
+//!   deterministic, so the default rule caches them. Each input is an entry of its own
+//!   ([`CacheKey::for_embedding`]; `encoding_format` is not part of it): the inputs found
+//!   are served from the store, the upstream is asked only for the others (one call, in
+//!   their order), and the answer is put back together in input order. Each input counts
+//!   once in the hit and miss counters. All found: `Hit`, with the original usage.
+//!   Some or none found: `Miss`; `meta.usage` is what the upstream call used (what was
+//!   paid for), the body's usage adds the cached inputs' shares. An upstream reports one
+//!   token count per call, which is split over its inputs by size. Identical in-flight
+//!   embeddings are not coalesced.
 //! - **Errors.** Inner-service errors are never cached. The cache fails open: a store error
 //!   or a store call slower than [`CacheLayer::store_timeout`] counts as a miss (served
 //!   from upstream) and in [`CacheStats::errors`].
@@ -94,6 +104,7 @@
 //! # Ok(()) }
 //! ```
 
+mod embed;
 mod flight;
 mod future;
 mod key;

@@ -126,6 +126,9 @@ pub enum CachedBody {
     /// Every chunk of a stream that completed, in order.
     #[serde(rename = "c")]
     Chunks(Vec<ChatChunk>),
+    /// The vector of one embeddings input ([`CacheKey::for_embedding`]).
+    #[serde(rename = "v")]
+    Embedding(Vec<f32>),
 }
 
 /// A cached answer: the body plus what a hit reports in [`ResponseMeta`] (the original
@@ -213,6 +216,17 @@ impl CachedEntry {
         }
     }
 
+    /// An entry for one embeddings input: its vector and its share of the call's usage.
+    pub fn embedding(vector: Vec<f32>, usage: Usage, meta: &ResponseMeta) -> Self {
+        Self {
+            body: CachedBody::Embedding(vector),
+            usage: Some(usage),
+            provider: meta.provider.as_deref().map(str::to_owned),
+            model: meta.model.clone(),
+            size: OnceLock::new(),
+        }
+    }
+
     /// Whether the answer is complete enough to be served again: at least one choice,
     /// and (for a stream) every choice ended with a finish reason. A stream cut short
     /// without an error is therefore never stored.
@@ -220,6 +234,7 @@ impl CachedEntry {
         match &self.body {
             CachedBody::Complete(r) => !r.choices.is_empty(),
             CachedBody::Encoded(r) => r.choice_count() > 0,
+            CachedBody::Embedding(v) => !v.is_empty(),
             CachedBody::Chunks(chunks) => {
                 let mut acc = StreamAccumulator::default();
                 for c in chunks {
@@ -251,6 +266,7 @@ impl CachedEntry {
             CachedBody::Complete(r) => r.heap(),
             CachedBody::Encoded(r) => r.heap(),
             CachedBody::Chunks(c) => c.heap(),
+            CachedBody::Embedding(v) => alloc(v.capacity() * size_of::<f32>()),
         };
         // The `Arc`'s two counters and the entry inline.
         alloc(2 * size_of::<usize>() + size_of::<Self>())
@@ -342,6 +358,13 @@ impl CachedEntry {
                 }
                 ResponseBody::Complete(Box::new(self.with_usage(acc.finish())))
             }
+            // Embedding entries have keys of their own and are read by the embeddings
+            // path only; a chat request cannot reach one.
+            (CachedBody::Embedding(_), _) => ResponseBody::Stream(ChunkStream::new(
+                futures_util::stream::iter([Err(llm_tower_core::LlmError::internal(
+                    "a cached embedding served to a chat request",
+                ))]),
+            )),
         };
         LlmResponse { body, meta }
     }

@@ -643,6 +643,10 @@ impl Ticket {
             ResponseBody::Complete(r) => price_usage(price, r.usage.as_ref(), hit),
             ResponseBody::Encoded(r) => price_usage(price, r.usage(), hit),
             ResponseBody::Stream(_) => None,
+            // A partly cached batch reports in the meta only what the upstream was paid for.
+            ResponseBody::Embeddings(r) => {
+                price_usage(price, resp.meta.usage.as_ref().or(Some(&r.usage)), hit)
+            }
         };
         resp.meta.cost = match cost {
             Some(c) if paid > 0 => Some(Cost {
