@@ -341,7 +341,14 @@ impl OpenAiProvider {
             LlmError::bad_request(format!("cannot encode the request: {e}"))
                 .with_provider(self.name())
         })?;
-        let (resp, upstream_time, started) = ep.send(body, false, req.deadline()).await?;
+        let (resp, upstream_time, started) = ep
+            .send(
+                body,
+                false,
+                req.deadline(),
+                req.extensions.get::<TraceParent>(),
+            )
+            .await?;
         let (parts, body) = resp.into_parts();
         let headroom = ep.headroom(&parts.headers);
         let bytes = ep.read_body(body, started, req.deadline()).await?;

@@ -223,6 +223,11 @@ fn report(attempt: Box<dyn AttemptObserver>, resp: &mut LlmResponse) {
                 finish_reasons: &reasons,
             });
         }
+        ResponseBody::Embeddings(r) => attempt.finish(AttemptEnd::Answered {
+            model: meta_model.as_deref().or(Some(r.model.as_str())),
+            usage: Some(&r.usage),
+            finish_reasons: &[],
+        }),
         ResponseBody::Stream(s) => s.wrap(move |inner| ObservedStream {
             inner,
             attempt: Some(attempt),

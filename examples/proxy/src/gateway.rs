@@ -39,8 +39,8 @@ use llm_tower::cost::{
     Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
 use llm_tower::fallback::{Cooldown, Fallback, FallbackTarget};
-use llm_tower::observe::ObserveLayer;
 use llm_tower::hedge::{HedgeDelay, HedgeLayer, HedgeStats};
+use llm_tower::observe::ObserveLayer;
 use llm_tower::rate_limit::{
     HeadroomTracker, OnLimit as LimitPolicy, RateLimitLayer, Rule as LimitRule,
 };
