@@ -4,6 +4,7 @@
 //! # Overview
 //!
 //! - [`OpenAiRouter`]: the consuming builder: `POST /v1/chat/completions` (JSON and SSE),
+//!   `POST /v1/embeddings` (through the same service: see `llm_tower_core::embeddings`),
 //!   `GET /v1/models`, `GET /healthz`, `GET /metrics`; OpenAI-format errors for
 //!   everything, including 404/405/413 and panics.
 //! - [`AuthLayer`] / [`ClientKeys`]: `Authorization: Bearer <key>` → [`Tenant`](llm_tower_core::Tenant)

@@ -100,6 +100,7 @@ impl MakeRequestId for MakeRequestUuidV7 {
 /// | route | auth | answer |
 /// |---|---|---|
 /// | `POST /v1/chat/completions` | yes | JSON, or SSE when `"stream": true` |
+/// | `POST /v1/embeddings` | yes | through the same service, as a [`ChatRequest::embeddings`] envelope |
 /// | `GET /v1/models` | yes | the configured [`models`](Self::models) |
 /// | `GET /healthz` | no | `{"status":"ok"}` |
 /// | `GET /metrics` | see [`metrics_access`](Self::metrics_access) | Prometheus text ([`Metrics::render`]); 404 when disabled |

@@ -2,7 +2,8 @@
 //!
 //! - **Async first**: submitting a chat request returns a job id at once; workers run it
 //!   through the LLM stack; clients poll (`GET /v1/jobs/{id}`) or are pushed changes
-//!   (`GET /v1/jobs/{id}/events`, server-sent events).
+//!   (`GET /v1/jobs/{id}/events`, server-sent events; `GET /v1/jobs/ws`, a WebSocket for many
+//!   jobs: [`ws`]).
 //! - **Durable multi-step jobs**: a handler is ordinary async Rust made of named steps,
 //!   `ctx.step("generate_script", || async { … }).await?`. Each completed step's output is
 //!   recorded (fenced by the lease) before the next runs; after a crash another worker
