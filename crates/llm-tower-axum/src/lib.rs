@@ -68,6 +68,7 @@
 //! The workspace's `rust-version` (1.94) is the minimum supported.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod activity;
 mod auth;
 mod error;
 pub mod headers;
@@ -76,7 +77,12 @@ mod panics;
 mod router;
 mod serve;
 mod sse;
+mod status;
 
+pub use activity::{
+    Activity, ActivitySnapshot, FallbackCount, Latency, MAX_SETS_PER_MINUTE, MINUTES,
+    ProviderActivity, SinceStart, TimelinePoint, Totals,
+};
 pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
 pub use error::{OpenAiError, error_response};
 pub use metrics::Metrics;
@@ -87,3 +93,4 @@ pub use serve::{
     DEFAULT_MAX_CONNECTIONS, Server, ShutdownOutcome, serve,
 };
 pub use sse::sse_body;
+pub use status::{STATUS_PAGE, StatusQuery, StatusSource, status_router};

@@ -493,7 +493,7 @@ impl Default for Labels {
 impl Labels {
     /// The same with task and model `other`: where requests go once the label sets are
     /// [`MAX_LABEL_SETS`].
-    fn overflow(&self) -> Self {
+    pub(crate) fn overflow(&self) -> Self {
         static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "other".into());
         Self {
             task: OTHER.clone(),

@@ -26,6 +26,7 @@ use tower_http::request_id::{
 };
 use tracing::Instrument;
 
+use crate::activity::Activity;
 use crate::auth::{ANONYMOUS_TENANT, AuthLayer, ClientKeys};
 use crate::error::{error_response, status_response};
 use crate::headers::{self, X_REQUEST_ID};
@@ -144,6 +145,7 @@ pub struct OpenAiRouter<S> {
     metrics_access: MetricsAccess,
     known_tasks: Option<Arc<Names>>,
     known_models: Option<Arc<Names>>,
+    activity: Option<Activity>,
     protected: Vec<Router>,
     public: Vec<Router>,
 }
@@ -184,6 +186,7 @@ where
             metrics_access: MetricsAccess::default(),
             known_tasks: None,
             known_models: None,
+            activity: None,
             protected: Vec::new(),
             public: Vec::new(),
         }
@@ -294,6 +297,13 @@ where
         self
     }
 
+    /// Also records every finished request into `activity` (windowed sums for `/status`).
+    #[must_use]
+    pub fn activity(mut self, activity: Activity) -> Self {
+        self.activity = Some(activity);
+        self
+    }
+
     /// Adds routes **behind the authentication layer** (the jobs router): its handlers
     /// read `Extension<Tenant>`. They also get the request id, panic protection and
     /// OpenAI-format errors. The router must not set its own fallback.
@@ -324,6 +334,7 @@ where
             metrics: self.metrics,
             models,
             known_models: self.known_models,
+            activity: self.activity,
         });
 
         let mut protected: Router = Router::new()
@@ -438,6 +449,26 @@ impl MetricsAccess {
         Self(Access::Off)
     }
 
+    pub(crate) fn is_off(&self) -> bool {
+        matches!(self.0, Access::Off)
+    }
+
+    /// The 401 answer for a request `h` that may not read `path`, or `None` if it may.
+    pub(crate) fn refuse(&self, h: &http::HeaderMap, path: &str) -> Option<Response> {
+        if self.allows(h) {
+            return None;
+        }
+        let mut resp = error_response(
+            &LlmError::auth(format!(
+                "`{path}` needs `Authorization: Bearer <metrics token>`."
+            ))
+            .with_code("invalid_api_key"),
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Some(resp)
+    }
+
     fn allows(&self, h: &http::HeaderMap) -> bool {
         match &self.0 {
             Access::Public => true,
@@ -478,7 +509,14 @@ impl Metrics {
 
     /// [`router`](Self::router) with OpenAI-format 404/405 errors, to serve alone.
     pub fn standalone_router(&self, access: MetricsAccess) -> Router {
+        self.standalone_router_with(access, Router::new())
+    }
+
+    /// [`standalone_router`](Self::standalone_router) with `extra` routes (such as
+    /// [`status_router`](crate::status_router) under the same access) merged in.
+    pub fn standalone_router_with(&self, access: MetricsAccess, extra: Router) -> Router {
         self.router(access)
+            .merge(extra)
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::map_response(json_errors))
@@ -491,6 +529,7 @@ struct AppState<S> {
     metrics: Metrics,
     models: Bytes,
     known_models: Option<Arc<Names>>,
+    activity: Option<Activity>,
 }
 
 impl<S> AppState<S> {
@@ -661,6 +700,7 @@ fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
 /// What is recorded when a request ends (at once, or when its stream finishes).
 struct Finish {
     metrics: Metrics,
+    activity: Option<Activity>,
     labels: Labels,
     start: Instant,
     upstream: Option<Duration>,
@@ -673,6 +713,7 @@ impl Finish {
     fn new(metrics: Metrics, labels: Labels, start: Instant) -> Self {
         Self {
             metrics,
+            activity: None,
             labels,
             start,
             upstream: None,
@@ -684,7 +725,7 @@ impl Finish {
 
     fn record(&self, status: &str, usage: Option<&Usage>) {
         let total = self.start.elapsed();
-        self.metrics.observe(&Observation {
+        let o = Observation {
             labels: &self.labels,
             status,
             total,
@@ -693,7 +734,11 @@ impl Finish {
             cost_nano_usd: self.cost_nano_usd,
             cache: self.cache,
             fallbacks: &self.fallbacks,
-        });
+        };
+        self.metrics.observe(&o);
+        if let Some(a) = &self.activity {
+            a.observe(&o);
+        }
         tracing::info!(
             status,
             duration_ms = total.as_secs_f64() * 1000.0,
@@ -790,6 +835,7 @@ where
         },
         start,
     );
+    finish.activity.clone_from(&st.activity);
     let (parts, body) = req.into_parts();
 
     let bytes = match read_body(body, &parts.headers, st.body_limit).await {
