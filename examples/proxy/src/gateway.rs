@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use llm_tower::cache::CacheLayer;
+use llm_tower::cache::{CacheLayer, MemoryStore};
 use llm_tower::cost::{
     Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
@@ -53,10 +53,12 @@ use llm_tower_test::SimulatedLlm;
 use tower::ServiceBuilder;
 
 use crate::config::{
-    BudgetScope, BudgetWindow, Config, ConfigError, JobsStoreKind, LimitKey, OnLimit,
-    ProviderConfig, ProviderKind, Secret, Secrets, SimulatedFailure, StoreKind, ValidatorKind,
-    parse_digest,
+    BudgetScope, BudgetWindow, ChainConfig, Config, ConfigError, JobsStoreKind, LimitKey,
+    OnLimit, ProviderConfig, ProviderKind, Secret, Secrets, SimulatedFailure, StoreKind,
+    ValidatorKind, parse_digest,
 };
+use crate::reload::{Carry, CarryState, Fp, fp, secret_fp};
+use crate::status::{BudgetPart, BudgetRead, CachePart, ChainPart, LimitPart, Parts, ProviderPart, RedisPart};
 
 /// Why the gateway could not be built.
 #[derive(Debug)]
@@ -151,23 +153,45 @@ pub async fn app(config: &Config) -> Result<Router, BuildError> {
 }
 
 /// Builds the gateway from `config`, reading the secrets it names through `env`.
+/// (To reload it later, start it with [`Live`](crate::reload::Live) instead.)
 pub async fn build(
     config: &Config,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Gateway, BuildError> {
+    let carry = Carry::default();
+    let (gateway, next, parts) = build_with(config, env, &carry).await?;
+    carry.commit(next, &gateway.llm, parts);
+    Ok(gateway)
+}
+
+/// [`build`], reusing what `carry` holds from the previous build where the configuration
+/// is unchanged; the caller commits the returned state once it serves the new build.
+pub(crate) async fn build_with(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+    carry: &Carry,
+) -> Result<(Gateway, CarryState, Parts), BuildError> {
+    let prev = carry.previous();
+    let mut next = CarryState::default();
+    let mut parts = Parts::default();
     let secrets = config.resolve_secrets(env)?;
-    let redis = RedisPool::default();
+    let redis = RedisPool::from_previous(&prev);
     let shared = provider_limits_store(config, &secrets, &redis).await?;
     let Providers {
         services: providers,
         malformed,
         client,
-    } = build_providers(config, &secrets, shared.as_ref())?;
-    let routed = build_route(config, &providers);
+    } = build_providers(config, &secrets, shared.as_ref(), &prev, &mut next)?;
+    parts.providers = next
+        .providers
+        .iter()
+        .map(|(n, (_, _, p))| (n.clone(), p.clone()))
+        .collect();
+    let routed = build_route(config, &providers, &prev, &mut next, &mut parts);
 
-    let client_limits = build_client_limits(config, &secrets, &redis).await?;
-    let cost = build_cost(config, &secrets, &redis).await?;
-    let cache = build_cache(config, &secrets, &redis).await?;
+    let client_limits = build_client_limits(config, &secrets, &redis, &prev, &mut next).await?;
+    let cost = build_cost(config, &secrets, &redis, carry, &prev, &mut next, &mut parts).await?;
+    let cache = build_cache(config, &secrets, &redis, &prev, &mut next, &mut parts).await?;
     let validate = build_validate(config)?;
 
     let llm = boxed(
@@ -207,11 +231,17 @@ pub async fn build(
     real.dedup();
     models.extend(real.into_iter().map(ModelEntry::new));
 
-    let metrics = if config.server.metrics {
-        Metrics::prometheus()
-    } else {
-        Metrics::disabled()
-    };
+    // One recorder for the process: a reload keeps the counters.
+    let metrics = carry
+        .metrics
+        .get_or_init(|| {
+            if config.server.metrics {
+                Metrics::prometheus()
+            } else {
+                Metrics::disabled()
+            }
+        })
+        .clone();
     for (name, read) in malformed {
         metrics.counter_at_scrape(
             "llm_upstream_malformed_headers_total",
@@ -228,7 +258,8 @@ pub async fn build(
             move || client.buffer_refusals(),
         );
     }
-    let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics);
+    let status = crate::status::source(carry);
+    let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics, &status);
     let body_limit =
         usize::try_from(*config.server.body_limit_bytes.get_ref()).unwrap_or(usize::MAX);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
@@ -246,27 +277,47 @@ pub async fn build(
         .client_keys(keys)
         .body_limit(body_limit)
         .metrics(metrics)
-        .metrics_access(metrics_access)
+        .metrics_access(metrics_access.clone())
         .known_tasks(known_tasks(config))
-        .known_models(known_models(config));
+        .known_models(known_models(config))
+        .activity(carry.activity.clone())
+        .merge(llm_tower_axum::status_router(metrics_access, status));
 
-    let (jobs, worker) = if config.jobs.enabled {
-        let jobs = build_jobs(config, &secrets).await?;
-        let worker = jobs
-            .worker(llm.clone())
-            .concurrency(config.jobs.workers)
-            .shutdown_grace(grace)
-            .build();
+    // The jobs store and worker are made once; the worker calls the stack in force.
+    let (jobs, worker) = match carry.jobs.get() {
+        Some(jobs) => (jobs.clone(), None),
+        None if config.jobs.enabled => {
+            let jobs = build_jobs(config, &secrets).await?;
+            let current = crate::reload::CurrentLlm(carry.llm.clone());
+            let worker = jobs
+                .worker(boxed(current))
+                .concurrency(config.jobs.workers)
+                .shutdown_grace(grace)
+                .build();
+            let _ = carry.jobs.set(Some(jobs.clone()));
+            (Some(jobs), Some(worker))
+        }
+        None => {
+            let _ = carry.jobs.set(None);
+            (None, None)
+        }
+    };
+    if let Some(jobs) = &jobs
+        && config.jobs.enabled
+    {
         http = http.merge_authenticated(jobs_router_with(
             jobs.clone(),
             jobs_limits(config, body_limit),
         ));
-        (Some(jobs), Some(worker))
-    } else {
-        (None, None)
-    };
+        let kind = match config.jobs.store.get_ref() {
+            JobsStoreKind::Sqlite => "sqlite",
+            JobsStoreKind::Postgres => "postgres",
+        };
+        parts.jobs = Some((kind, jobs.clone(), secrets.jobs_database_url.clone()));
+    }
+    parts.redis = redis.parts(&mut next);
 
-    Ok(Gateway {
+    let gateway = Gateway {
         router: http.into_router(),
         llm,
         worker,
@@ -274,7 +325,8 @@ pub async fn build(
         grace,
         server,
         metrics_listener,
-    })
+    };
+    Ok((gateway, next, parts))
 }
 
 /// Who reads `/metrics` on the main listener, and the metrics listener if any. Not public
@@ -283,6 +335,7 @@ fn metrics_access(
     config: &Config,
     secrets: &Secrets,
     metrics: &Metrics,
+    status: &llm_tower_axum::StatusSource,
 ) -> (MetricsAccess, Option<(std::net::SocketAddr, Router)>) {
     let s = &config.server;
     let access = match &secrets.metrics_token {
@@ -297,7 +350,10 @@ fn metrics_access(
         let addr = addr.get_ref().parse().ok();
         return (
             MetricsAccess::off(),
-            addr.map(|a| (a, metrics.standalone_router(access))),
+            addr.map(|a| {
+                let status = llm_tower_axum::status_router(access.clone(), status.clone());
+                (a, metrics.standalone_router_with(access, status))
+            }),
         );
     }
     if secrets.metrics_token.is_none() && !config.listen_addr().ip().is_loopback() {
@@ -398,6 +454,8 @@ struct Providers {
 /// Where the providers' limits and headroom are shared between replicas: the rate-limit
 /// Redis (`[rate_limits] store = "redis"`), when a provider has limits.
 struct SharedLimits {
+    /// What the providers' fingerprints include (the store's URL digest, the refresh).
+    fp: String,
     conn: RedisConn,
     /// One store (one settlement queue) for every provider's buckets.
     store: Arc<llm_tower_redis::rate_limit::RedisRateLimitStore>,
@@ -422,6 +480,11 @@ async fn provider_limits_store(
         .ok_or_else(|| setup("provider rate limits", "no Redis URL"))?;
     let conn = redis.get("rate limits", url).await?;
     Ok(Some(SharedLimits {
+        fp: format!(
+            "{}:{}",
+            secret_fp(Some(url.expose())),
+            config.rate_limits.headroom_refresh_ms
+        ),
         store: Arc::new(llm_tower_redis::rate_limit::RedisRateLimitStore::new(
             conn.clone(),
         )),
@@ -434,24 +497,60 @@ fn build_providers(
     config: &Config,
     secrets: &Secrets,
     shared: Option<&SharedLimits>,
+    prev: &CarryState,
+    next: &mut CarryState,
 ) -> Result<Providers, BuildError> {
-    // One pooled HTTP client for every real provider.
+    // One pooled HTTP client for every real provider (kept over a reload when
+    // `[upstream]` is unchanged, with its open connections).
     let needs_http = config
         .providers
         .values()
         .any(|p| p.get_ref().kind != ProviderKind::Simulated);
-    let client = if needs_http {
-        Some(HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?)
-    } else {
-        None
+    let http_fp = fp(&[&config.upstream]);
+    let client = match &prev.http {
+        Some((f, c)) if needs_http && *f == http_fp => Some(c.clone()),
+        _ if needs_http => Some(
+            HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?,
+        ),
+        _ => None,
     };
+    next.http = client.clone().map(|c| (http_fp, c));
     let mut out = BTreeMap::new();
     let mut malformed = Vec::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
+        let mut secret_digests: Vec<String> = vec![secret_fp(
+            secrets.provider_keys.get(name).map(|k| k.expose()),
+        )];
+        for (h, v) in secrets.provider_headers.get(name).into_iter().flatten() {
+            secret_digests.push(format!("{h}={}", secret_fp(Some(v.expose()))));
+        }
+        let f = fp(&[
+            name,
+            p,
+            &config.upstream,
+            &secret_digests,
+            &shared.map(|s| s.fp.as_str()),
+        ]);
+        if let Some((pf, svc, part)) = prev.providers.get(name)
+            && *pf == f
+        {
+            // Unchanged: the same service, with its limit buckets and headroom.
+            out.insert(name.clone(), svc.clone());
+            next.providers
+                .insert(name.clone(), (f, svc.clone(), part.clone()));
+            continue;
+        }
         let (raw, count) =
             provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
-        out.insert(name.clone(), with_provider_limits(name, p, shared, raw));
+        let (svc, limits) = with_provider_limits(name, p, shared, raw);
+        let part = ProviderPart {
+            kind: p.kind.as_str(),
+            limits,
+        };
+        next.providers
+            .insert(name.clone(), (f, svc.clone(), part));
+        out.insert(name.clone(), svc);
         malformed.extend(count.map(|c| (name.clone(), c)));
     }
     Ok(Providers {
@@ -568,11 +667,17 @@ fn with_provider_limits(
     p: &ProviderConfig,
     shared: Option<&SharedLimits>,
     svc: BoxLlmService,
-) -> BoxLlmService {
+) -> (BoxLlmService, Option<LimitPart>) {
     let Some(rl) = &p.rate_limit else {
-        return svc;
+        return (svc, None);
     };
     let rl = rl.get_ref();
+    let mut part = LimitPart {
+        name: name.to_owned(),
+        rpm: rl.requests_per_minute,
+        tpm: rl.tokens_per_minute,
+        ..LimitPart::default()
+    };
     let mut layer = RateLimitLayer::new()
         .on_limit(LimitPolicy::FallBack)
         .target(name);
@@ -596,24 +701,75 @@ fn with_provider_limits(
                 .clone(),
             None => tracker,
         };
+        part.headroom = Some(tracker.clone());
         layer = layer.headroom(tracker);
     }
     if let Some(s) = shared
         && (rl.requests_per_minute.is_some() || rl.tokens_per_minute.is_some())
     {
         layer = layer.store(s.store.clone());
+    } else {
+        // The layer's own in-memory store, kept here too so `/status` reads its buckets.
+        let buckets = Arc::new(llm_tower::rate_limit::InMemoryRateLimitStore::new());
+        part.buckets = Some(buckets.clone());
+        layer = layer.store(buckets);
     }
     // `.layer(..)`, not `.rate_limit(..)`: with tower's `limit` feature on, tower's own
     // inherent `ServiceBuilder::rate_limit(num, per)` shadows the extension method.
-    boxed(ServiceBuilder::new().layer(layer).service(svc))
+    (
+        boxed(ServiceBuilder::new().layer(layer).service(svc)),
+        Some(part),
+    )
 }
 
 // ===== route + fallback =====
 
-fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> Route {
+fn build_route(
+    config: &Config,
+    providers: &BTreeMap<String, BoxLlmService>,
+    prev: &CarryState,
+    next: &mut CarryState,
+    parts: &mut Parts,
+) -> Route {
     let mut policy = RoutePolicy::new();
     for (name, chain) in &config.chains {
         let c = chain.get_ref();
+        // Unchanged steps over unchanged providers: the same chain, breakers included.
+        let step_fps: Vec<Option<Fp>> = c
+            .steps
+            .iter()
+            .map(|s| next.providers.get(&s.get_ref().provider).map(|p| p.0))
+            .collect();
+        let f = fp(&[name, c, &step_fps]);
+        let fb = match prev.chains.get(name) {
+            Some((pf, fb)) if *pf == f => fb.clone(),
+            _ => chain_fallback(c, providers),
+        };
+        next.chains.insert(name.clone(), (f, fb.clone()));
+        parts.chains.push(ChainPart {
+            name: name.clone(),
+            steps: c
+                .steps
+                .iter()
+                .map(|s| (s.get_ref().provider.clone(), s.get_ref().model.clone()))
+                .collect(),
+            health: fb.health(),
+        });
+        policy = policy.target(name.as_str(), fb);
+    }
+    for (alias, chain) in &config.routing.models {
+        // The alias stays the model name: steps with a model of their own replace it.
+        policy = policy.alias(alias.as_str(), chain.get_ref().as_str(), alias.as_str());
+    }
+    for (task, chain) in &config.routing.tasks {
+        policy = policy.task(task.as_str(), chain.get_ref().as_str());
+    }
+    policy = policy.default_target(config.routing.default_chain.get_ref().as_str());
+    Route::new(policy)
+}
+
+fn chain_fallback(c: &ChainConfig, providers: &BTreeMap<String, BoxLlmService>) -> Fallback {
+    {
         let targets = c
             .steps
             .iter()
@@ -652,29 +808,52 @@ fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> 
         if let Some(secs) = c.max_cooldown_secs {
             fb = fb.max_cooldown(Duration::from_secs(secs));
         }
-        policy = policy.target(name.as_str(), fb);
+        fb
     }
-    for (alias, chain) in &config.routing.models {
-        // The alias stays the model name: steps with a model of their own replace it.
-        policy = policy.alias(alias.as_str(), chain.get_ref().as_str(), alias.as_str());
-    }
-    for (task, chain) in &config.routing.tasks {
-        policy = policy.task(task.as_str(), chain.get_ref().as_str());
-    }
-    policy = policy.default_target(config.routing.default_chain.get_ref().as_str());
-    Route::new(policy)
 }
 
 // ===== stores =====
 
-/// Redis connections by URL, so stores naming the same server share one connection.
+/// Redis connections by URL, so stores naming the same server share one connection
+/// (also across a reload), with the stores using each.
 #[derive(Default)]
-struct RedisPool(tokio::sync::Mutex<BTreeMap<String, RedisConn>>);
+struct RedisPool {
+    previous: BTreeMap<String, RedisConn>,
+    used: tokio::sync::Mutex<BTreeMap<String, (RedisConn, Vec<String>)>>,
+}
 
 impl RedisPool {
+    fn from_previous(prev: &CarryState) -> Self {
+        Self {
+            previous: prev.redis.clone(),
+            used: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The connections used by this build (into `next`), for `/status`.
+    fn parts(&self, next: &mut CarryState) -> Vec<RedisPart> {
+        let used = self.used.try_lock().map(|m| m.clone()).unwrap_or_default();
+        used.into_iter()
+            .map(|(url, (conn, mut used_by))| {
+                next.redis.insert(url.clone(), conn.clone());
+                used_by.dedup();
+                RedisPart {
+                    used_by,
+                    conn,
+                    url: Secret::new(url),
+                }
+            })
+            .collect()
+    }
+
     async fn get(&self, what: &str, url: &Secret) -> Result<RedisConn, BuildError> {
-        let mut map = self.0.lock().await;
-        if let Some(c) = map.get(url.expose()) {
+        let mut map = self.used.lock().await;
+        if let Some((c, used_by)) = map.get_mut(url.expose()) {
+            used_by.push(what.to_owned());
+            return Ok(c.clone());
+        }
+        if let Some(c) = self.previous.get(url.expose()) {
+            map.insert(url.expose().to_owned(), (c.clone(), vec![what.to_owned()]));
             return Ok(c.clone());
         }
         let opts = RedisOptions {
@@ -686,7 +865,7 @@ impl RedisPool {
         let conn = RedisConn::connect(url.expose(), opts)
             .await
             .map_err(|e| setup(format!("{what} (Redis)"), redact(&e.to_string(), url)))?;
-        map.insert(url.expose().to_owned(), conn.clone());
+        map.insert(url.expose().to_owned(), (conn.clone(), vec![what.to_owned()]));
         Ok(conn)
     }
 }
@@ -699,15 +878,33 @@ async fn build_client_limits(
     config: &Config,
     secrets: &Secrets,
     redis: &RedisPool,
+    prev: &CarryState,
+    next: &mut CarryState,
 ) -> Result<Option<RateLimitLayer>, BuildError> {
     let rl = &config.rate_limits;
     if rl.rules.is_empty() {
         return Ok(None);
     }
-    let mut layer = RateLimitLayer::new();
     // The requested model is the client's choice: names the config does not know share
     // one bucket.
     let models = known_models(config);
+    let f = fp(&[
+        rl,
+        &models,
+        &secret_fp(secrets.rate_limit_redis_url.as_ref().map(Secret::expose)),
+    ]);
+    if let Some((pf, layer)) = &prev.client_limits
+        && *pf == f
+    {
+        if *rl.store.get_ref() == StoreKind::Redis
+            && let Some(url) = &secrets.rate_limit_redis_url
+        {
+            redis.get("rate limits", url).await?;
+        }
+        next.client_limits = Some((f, layer.clone()));
+        return Ok(Some(layer.clone()));
+    }
+    let mut layer = RateLimitLayer::new();
     for (i, rule) in rl.rules.iter().enumerate() {
         let r = rule.get_ref();
         let key = |mut rule: LimitRule| {
@@ -746,6 +943,7 @@ async fn build_client_limits(
             llm_tower_redis::rate_limit::RedisRateLimitStore::new(conn),
         ));
     }
+    next.client_limits = Some((f, layer.clone()));
     Ok(Some(layer))
 }
 
@@ -753,7 +951,36 @@ async fn build_cost(
     config: &Config,
     secrets: &Secrets,
     redis: &RedisPool,
+    carry: &Carry,
+    prev: &CarryState,
+    next: &mut CarryState,
+    parts: &mut Parts,
 ) -> Result<CostLayer, BuildError> {
+    let redis_store = !config.budgets.limits.is_empty()
+        && *config.budgets.store.get_ref() == StoreKind::Redis;
+    let budget_url = secrets.budget_redis_url.as_ref().filter(|_| redis_store);
+    let f = fp(&[
+        &config.prices,
+        &config.budgets,
+        &secret_fp(budget_url.map(Secret::expose)),
+    ]);
+    let reused = prev
+        .cost
+        .as_ref()
+        .filter(|(pf, _)| *pf == f)
+        .map(|(_, l)| l.clone());
+    budget_parts(config, parts);
+    parts.budget_read = Some(BudgetRead::Memory(carry.budget_mem.clone()));
+    if let Some(url) = budget_url {
+        let conn = redis.get("budgets", url).await?;
+        parts.budget_read = Some(BudgetRead::Redis(
+            llm_tower_redis::budget::RedisBudgetStore::new(conn),
+        ));
+    }
+    if let Some(layer) = reused {
+        next.cost = Some((f, layer.clone()));
+        return Ok(layer);
+    }
     let mut prices = PriceTable::new();
     for (model, p) in &config.prices {
         let p = p.get_ref();
@@ -782,7 +1009,10 @@ async fn build_cost(
         };
         layer = layer.budget(Budget::new(scope, limit, window));
     }
-    if !config.budgets.limits.is_empty() && *config.budgets.store.get_ref() == StoreKind::Redis {
+    // In memory, spend is kept across reloads: a budget with the same scope and window
+    // has the same key, and keeps what it has spent.
+    layer = layer.store(carry.budget_mem.clone());
+    if redis_store {
         let url = secrets
             .budget_redis_url
             .as_ref()
@@ -792,29 +1022,145 @@ async fn build_cost(
             conn,
         )));
     }
+    next.cost = Some((f, layer.clone()));
     Ok(layer)
+}
+
+/// The budgets' rows for `/status`: per-tenant and per-task budgets get one row per
+/// tenant and task the config knows.
+fn budget_parts(config: &Config, parts: &mut Parts) {
+    let mut tenants: Vec<String> = config
+        .auth
+        .keys
+        .iter()
+        .map(|k| k.get_ref().tenant.clone())
+        .collect();
+    if tenants.is_empty() {
+        tenants.push(llm_tower_axum::ANONYMOUS_TENANT.to_owned());
+    }
+    tenants.sort();
+    tenants.dedup();
+    let tasks: Vec<String> = known_tasks(config).into_iter().collect();
+    for b in &config.budgets.limits {
+        let b = b.get_ref();
+        let Some(limit) = llm_tower::cost::usd_to_nano(b.usd) else {
+            continue;
+        };
+        let (window, cw) = match b.per {
+            BudgetWindow::Hour => ("hour", CostWindow::Every(Duration::from_secs(3600))),
+            BudgetWindow::Day => ("day", CostWindow::Daily),
+            BudgetWindow::Month => ("month", CostWindow::Monthly),
+            BudgetWindow::Total => ("total", CostWindow::Total),
+        };
+        let row = |scope: CostScope, subject: Option<String>, tenant: &str, task: &str| {
+            let budget = Budget::new(scope, limit, cw);
+            BudgetPart {
+                name: budget_name(budget.scope()),
+                scope: match b.scope {
+                    BudgetScope::Global => "global",
+                    BudgetScope::Tenant => "tenant",
+                    BudgetScope::Task => "task",
+                },
+                subject,
+                window,
+                budget,
+                tenant: tenant.to_owned(),
+                task: task.to_owned(),
+            }
+        };
+        match (b.scope, &b.only) {
+            (BudgetScope::Global, _) => parts.budgets.push(row(CostScope::Global, None, "", "")),
+            (BudgetScope::Tenant, Some(t)) => parts.budgets.push(row(
+                CostScope::Tenant(t.as_str().into()),
+                Some(t.clone()),
+                t,
+                "",
+            )),
+            (BudgetScope::Task, Some(t)) => parts.budgets.push(row(
+                CostScope::Task(t.as_str().into()),
+                Some(t.clone()),
+                "",
+                t,
+            )),
+            (BudgetScope::Tenant, None) => {
+                for t in &tenants {
+                    parts
+                        .budgets
+                        .push(row(CostScope::PerTenant, Some(t.clone()), t, ""));
+                }
+            }
+            (BudgetScope::Task, None) => {
+                for t in &tasks {
+                    parts
+                        .budgets
+                        .push(row(CostScope::PerTask, Some(t.clone()), "", t));
+                }
+            }
+        }
+    }
+}
+
+fn budget_name(scope: &CostScope) -> String {
+    match scope {
+        CostScope::Global => "global".to_owned(),
+        CostScope::PerTenant => "per tenant".to_owned(),
+        CostScope::PerTask => "per task".to_owned(),
+        CostScope::Tenant(t) => format!("tenant {t}"),
+        CostScope::Task(t) => format!("task {t}"),
+    }
 }
 
 async fn build_cache(
     config: &Config,
     secrets: &Secrets,
     redis: &RedisPool,
+    prev: &CarryState,
+    next: &mut CarryState,
+    parts: &mut Parts,
 ) -> Result<Option<CacheLayer>, BuildError> {
     let c = &config.cache;
     if !c.enabled {
         return Ok(None);
     }
+    let f = fp(&[
+        c,
+        &secret_fp(secrets.cache_redis_url.as_ref().map(Secret::expose)),
+    ]);
     let mut layer = match c.store.get_ref() {
-        StoreKind::Memory => CacheLayer::in_memory(c.max_memory_mb.saturating_mul(1024 * 1024)),
+        StoreKind::Memory => {
+            let max = c.max_memory_mb.saturating_mul(1024 * 1024);
+            // The entries stay over a reload while the size does.
+            let store = match &prev.cache_mem {
+                Some((m, s)) if *m == max => s.clone(),
+                _ => Arc::new(MemoryStore::new(max)),
+            };
+            next.cache_mem = Some((max, store.clone()));
+            parts.cache = Some(CachePart {
+                kind: "memory",
+                memory: Some(store.clone()),
+            });
+            CacheLayer::from_arc(store)
+        }
         StoreKind::Redis => {
             let url = secrets
                 .cache_redis_url
                 .as_ref()
                 .ok_or_else(|| setup("the cache", "no Redis URL"))?;
             let conn = redis.get("the cache", url).await?;
+            parts.cache = Some(CachePart {
+                kind: "redis",
+                memory: None,
+            });
             CacheLayer::new(llm_tower_redis::cache::RedisCacheStore::new(conn))
         }
     };
+    if let Some((pf, l)) = &prev.cache
+        && *pf == f
+    {
+        // Unchanged: the same layer (its counters and in-flight coalescing too).
+        next.cache = Some((f, l.clone()));
+        return Ok(Some(l.clone()));
+    }
     layer = layer.default_ttl(Duration::from_secs(c.ttl_secs));
     for (task, secs) in &c.ttl_by_task {
         layer = layer.task_ttl(task.as_str(), Duration::from_secs(*secs));
@@ -828,6 +1174,7 @@ async fn build_cache(
     if let Some(bytes) = c.max_stream_bytes {
         layer = layer.max_stream_bytes(bytes);
     }
+    next.cache = Some((f, layer.clone()));
     Ok(Some(layer))
 }
 

@@ -20,5 +20,7 @@
 
 pub mod config;
 pub mod gateway;
+pub mod reload;
+mod status;
 
 pub use gateway::{BuildError, Gateway, app, build};
