@@ -159,7 +159,8 @@ pub async fn build(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Gateway, BuildError> {
     let carry = Carry::default();
-    let (gateway, next, parts) = build_with(config, env, &carry).await?;
+    let secrets = config.resolve_secrets(env)?;
+    let (gateway, next, parts) = build_with(config, secrets, &carry).await?;
     carry.commit(next, &gateway.llm, parts);
     Ok(gateway)
 }
@@ -168,13 +169,12 @@ pub async fn build(
 /// is unchanged; the caller commits the returned state once it serves the new build.
 pub(crate) async fn build_with(
     config: &Config,
-    env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
     carry: &Carry,
 ) -> Result<(Gateway, CarryState, Parts), BuildError> {
     let prev = carry.previous();
     let mut next = CarryState::default();
     let mut parts = Parts::default();
-    let secrets = config.resolve_secrets(env)?;
     let redis = RedisPool::from_previous(&prev);
     let shared = provider_limits_store(config, &secrets, &redis).await?;
     let Providers {

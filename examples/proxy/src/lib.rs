@@ -22,5 +22,6 @@ pub mod config;
 pub mod gateway;
 pub mod reload;
 mod status;
+pub mod usage;
 
 pub use gateway::{BuildError, Gateway, app, build};

@@ -328,7 +328,10 @@ impl Live {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .path = Some(path.clone());
-        let (gateway, next, parts) = build_with(&config, &|k: &str| env(k), &carry)
+        let secrets = config
+            .resolve_secrets(|k: &str| env(k))
+            .map_err(ReloadError::Config)?;
+        let (gateway, next, parts) = build_with(&config, secrets, &carry)
             .await
             .map_err(ReloadError::Build)?;
         carry.commit(next, &gateway.llm, parts);
@@ -387,8 +390,10 @@ impl Live {
 
     async fn try_reload(&self) -> Result<ReloadReport, ReloadError> {
         let config = Config::from_file(&self.path).map_err(ReloadError::Config)?;
-        let env = self.env.clone();
-        let (gateway, next, parts) = build_with(&config, &|k: &str| env(k), &self.carry)
+        let secrets = config
+            .resolve_secrets(|k: &str| (self.env)(k))
+            .map_err(ReloadError::Config)?;
+        let (gateway, next, parts) = build_with(&config, secrets, &self.carry)
             .await
             .map_err(ReloadError::Build)?;
         self.carry.commit(next, &gateway.llm, parts);
