@@ -53,12 +53,14 @@ use llm_tower_test::SimulatedLlm;
 use tower::ServiceBuilder;
 
 use crate::config::{
-    BudgetScope, BudgetWindow, ChainConfig, Config, ConfigError, JobsStoreKind, LimitKey,
-    OnLimit, ProviderConfig, ProviderKind, Secret, Secrets, SimulatedFailure, StoreKind,
-    ValidatorKind, parse_digest,
+    BudgetScope, BudgetWindow, ChainConfig, Config, ConfigError, JobsStoreKind, LimitKey, OnLimit,
+    ProviderConfig, ProviderKind, Secret, Secrets, SimulatedFailure, StoreKind, ValidatorKind,
+    parse_digest,
 };
 use crate::reload::{Carry, CarryState, Fp, fp, secret_fp};
-use crate::status::{BudgetPart, BudgetRead, CachePart, ChainPart, LimitPart, Parts, ProviderPart, RedisPart};
+use crate::status::{
+    BudgetPart, BudgetRead, CachePart, ChainPart, LimitPart, Parts, ProviderPart, RedisPart,
+};
 
 /// Why the gateway could not be built.
 #[derive(Debug)]
@@ -190,7 +192,10 @@ pub(crate) async fn build_with(
     let routed = build_route(config, &providers, &prev, &mut next, &mut parts);
 
     let client_limits = build_client_limits(config, &secrets, &redis, &prev, &mut next).await?;
-    let cost = build_cost(config, &secrets, &redis, carry, &prev, &mut next, &mut parts).await?;
+    let cost = build_cost(
+        config, &secrets, &redis, carry, &prev, &mut next, &mut parts,
+    )
+    .await?;
     let cache = build_cache(config, &secrets, &redis, &prev, &mut next, &mut parts).await?;
     let validate = build_validate(config)?;
 
@@ -509,9 +514,9 @@ fn build_providers(
     let http_fp = fp(&[&config.upstream]);
     let client = match &prev.http {
         Some((f, c)) if needs_http && *f == http_fp => Some(c.clone()),
-        _ if needs_http => Some(
-            HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?,
-        ),
+        _ if needs_http => {
+            Some(HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?)
+        }
         _ => None,
     };
     next.http = client.clone().map(|c| (http_fp, c));
@@ -548,8 +553,7 @@ fn build_providers(
             kind: p.kind.as_str(),
             limits,
         };
-        next.providers
-            .insert(name.clone(), (f, svc.clone(), part));
+        next.providers.insert(name.clone(), (f, svc.clone(), part));
         out.insert(name.clone(), svc);
         malformed.extend(count.map(|c| (name.clone(), c)));
     }
@@ -865,7 +869,10 @@ impl RedisPool {
         let conn = RedisConn::connect(url.expose(), opts)
             .await
             .map_err(|e| setup(format!("{what} (Redis)"), redact(&e.to_string(), url)))?;
-        map.insert(url.expose().to_owned(), (conn.clone(), vec![what.to_owned()]));
+        map.insert(
+            url.expose().to_owned(),
+            (conn.clone(), vec![what.to_owned()]),
+        );
         Ok(conn)
     }
 }
@@ -956,8 +963,8 @@ async fn build_cost(
     next: &mut CarryState,
     parts: &mut Parts,
 ) -> Result<CostLayer, BuildError> {
-    let redis_store = !config.budgets.limits.is_empty()
-        && *config.budgets.store.get_ref() == StoreKind::Redis;
+    let redis_store =
+        !config.budgets.limits.is_empty() && *config.budgets.store.get_ref() == StoreKind::Redis;
     let budget_url = secrets.budget_redis_url.as_ref().filter(|_| redis_store);
     let f = fp(&[
         &config.prices,

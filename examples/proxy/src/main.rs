@@ -209,8 +209,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 /// Reloads the configuration on every SIGHUP (one at a time; see `reload::Live`).
 #[cfg(unix)]
 async fn reload_on_sighup(live: std::sync::Arc<Live>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: reload is off");
         return;
     };
@@ -224,7 +223,9 @@ async fn reload_on_sighup(live: std::sync::Arc<Live>) {
                 restart_needed = ?report.restart_needed,
                 "configuration reloaded; these settings changed but apply only after a restart"
             ),
-            Err(e) => tracing::error!("reload refused, the previous configuration keeps serving: {e}"),
+            Err(e) => {
+                tracing::error!("reload refused, the previous configuration keeps serving: {e}")
+            }
         }
     }
 }

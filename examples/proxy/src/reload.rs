@@ -80,7 +80,9 @@ pub(crate) fn fp(parts: &[&dyn fmt::Debug]) -> Fp {
 
 /// The digest of a secret, to put in a fingerprint (never the secret itself).
 pub(crate) fn secret_fp(s: Option<&str>) -> String {
-    s.map_or_else(String::new, |s| blake3::hash(s.as_bytes()).to_hex().to_string())
+    s.map_or_else(String::new, |s| {
+        blake3::hash(s.as_bytes()).to_hex().to_string()
+    })
 }
 
 /// Removes `span: 12..40, ` (toml's `Spanned` prints its byte range).

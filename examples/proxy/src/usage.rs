@@ -123,7 +123,11 @@ async fn fetch(config: &Path, url: Option<&str>, window: u32) -> Result<Value, S
     let chunked = head
         .lines()
         .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     serde_json::from_slice(&body).map_err(|e| format!("the answer is not JSON: {e}"))
 }
 
@@ -208,7 +212,11 @@ pub fn tables(activity: &Value) -> String {
 
 /// Nano-dollars as dollars with 6 decimals, exactly (integer arithmetic).
 fn usd(nano: u64) -> String {
-    format!("{}.{:06}", nano / 1_000_000_000, (nano % 1_000_000_000) / 1000)
+    format!(
+        "{}.{:06}",
+        nano / 1_000_000_000,
+        (nano % 1_000_000_000) / 1000
+    )
 }
 
 #[cfg(test)]
@@ -230,11 +238,7 @@ mod tests {
         assert!(t.starts_with("last 15 min"), "{t}");
         assert!(t.contains("summarize"), "{t}");
         assert!(t.contains("1.234567"), "{t}");
-        let total_line = t
-            .lines()
-            .filter(|l| l.starts_with("total"))
-            .next()
-            .unwrap();
+        let total_line = t.lines().filter(|l| l.starts_with("total")).next().unwrap();
         assert!(total_line.contains(" 4 "), "{total_line}");
         assert_eq!(usd(1_500_000_000), "1.500000");
         assert_eq!(usd(999), "0.000000");
@@ -242,7 +246,10 @@ mod tests {
 
     #[test]
     fn chunked_bodies_are_joined() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
         assert!(dechunk(b"ff\r\nabc").is_err());
         assert!(dechunk(b"zz\r\n").is_err());
     }
