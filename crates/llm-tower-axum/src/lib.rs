@@ -11,6 +11,9 @@
 //! - [`error_response`] / [`OpenAiError`]: an [`LlmError`](llm_tower_core::LlmError) as
 //!   an HTTP response (status, OpenAI JSON, `retry-after`).
 //! - [`Metrics`]: Prometheus metrics (private recorder by default, or installed globally).
+//! - [`Activity`]: per-minute sums of the last hour (by task, tenant, model, provider) for
+//!   humans; [`status_router`]: `GET /status` as JSON from a [`StatusSource`], or the
+//!   embedded status page for a browser, with the access of `/metrics`.
 //! - [`headers`]: the header names and the header ↔ extension / meta mapping.
 //! - [`sse_body`]: OpenAI's SSE framing of a chunk stream.
 //! - [`Server`] / [`serve`]: serving with header and idle timeouts, a connection cap,

@@ -224,7 +224,7 @@ async fn reload_on_sighup(live: std::sync::Arc<Live>) {
                 "configuration reloaded; these settings changed but apply only after a restart"
             ),
             Err(e) => {
-                tracing::error!("reload refused, the previous configuration keeps serving: {e}")
+                tracing::error!("reload refused, the previous configuration keeps serving: {e}");
             }
         }
     }

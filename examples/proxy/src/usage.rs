@@ -238,7 +238,7 @@ mod tests {
         assert!(t.starts_with("last 15 min"), "{t}");
         assert!(t.contains("summarize"), "{t}");
         assert!(t.contains("1.234567"), "{t}");
-        let total_line = t.lines().filter(|l| l.starts_with("total")).next().unwrap();
+        let total_line = t.lines().find(|l| l.starts_with("total")).unwrap();
         assert!(total_line.contains(" 4 "), "{total_line}");
         assert_eq!(usd(1_500_000_000), "1.500000");
         assert_eq!(usd(999), "0.000000");

@@ -112,9 +112,7 @@ fn chat(model: &str, content: &str, stream: bool) -> String {
 async fn status(port: u16) -> Value {
     let answer = exchange(
         port,
-        &format!(
-            "GET /status HTTP/1.1\r\nhost: x\r\naccept: application/json\r\nconnection: close\r\n\r\n"
-        ),
+        "GET /status HTTP/1.1\r\nhost: x\r\naccept: application/json\r\nconnection: close\r\n\r\n",
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

@@ -135,9 +135,11 @@ async fn the_page_shows_the_json_figures_and_updates_after_traffic() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("gateway.toml");
     std::fs::write(&path, config(port)).unwrap();
-    let (live, gateway) = Live::start(&path, |k: &str| (k == "STATUS_TOKEN").then(|| TOKEN.to_owned()))
-        .await
-        .unwrap();
+    let (live, gateway) = Live::start(&path, |k: &str| {
+        (k == "STATUS_TOKEN").then(|| TOKEN.to_owned())
+    })
+    .await
+    .unwrap();
     let inner = live.router();
     traffic(&inner, 0, 12).await;
 
@@ -250,7 +252,11 @@ async fn the_page_shows_the_json_figures_and_updates_after_traffic() {
             b["name"].as_str().unwrap(),
             b["subject"].as_str().unwrap()
         );
-        assert_eq!(figure(&dom, &name), Some(format!("${used:.6}").as_str()), "{name}");
+        assert_eq!(
+            figure(&dom, &name),
+            Some(format!("${used:.6}").as_str()),
+            "{name}"
+        );
     }
     // `flaky` answers 503 with a retry-after: its breaker opened, `steady` serves now.
     assert_eq!(status["chains"]["main"]["serving"], "steady");
@@ -265,7 +271,11 @@ async fn the_page_shows_the_json_figures_and_updates_after_traffic() {
             f["reason"].as_str().unwrap(),
             f["skipped"]
         );
-        assert_eq!(figure(&dom, &name), Some(f["count"].to_string().as_str()), "{name}");
+        assert_eq!(
+            figure(&dom, &name),
+            Some(f["count"].to_string().as_str()),
+            "{name}"
+        );
     }
     assert_eq!(
         figure(&dom, "provider:steady:served"),
