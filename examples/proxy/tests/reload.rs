@@ -354,3 +354,72 @@ async fn sighup_reloads_the_binary_and_usage_reads_its_status() {
     assert!(table.contains("sim-small"), "{table}");
     drop(child);
 }
+
+/// `/status` reports the Redis and PostgreSQL stores, and the budgets kept in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs REDIS_URL and DATABASE_URL"]
+async fn status_reports_redis_and_postgres_stores() {
+    let redis = std::env::var("REDIS_URL").expect("REDIS_URL");
+    let pg = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let port = free_port();
+    let path = dir("status-stores").join("gateway.toml");
+    // A budget name of its own, so runs do not share spend.
+    let tenant = format!("stores-{}-{port}", std::process::id());
+    let text = config(port, false)
+        .replace(
+            "[cache]\nstore = \"memory\"",
+            "[cache]\nstore = \"redis\"\nredis_url_env = \"REDIS_URL\"",
+        )
+        .replace(
+            "[[budgets.limits]]\nscope = \"global\"",
+            &format!(
+                "[budgets]\nstore = \"redis\"\nredis_url_env = \"REDIS_URL\"\n\n[[budgets.limits]]\nscope = \"tenant\"\nonly = \"{tenant}\""
+            ),
+        )
+        .replace(
+            "[jobs]\nenabled = false",
+            "[jobs]\nstore = \"postgres\"\nurl_env = \"DATABASE_URL\"",
+        );
+    std::fs::write(&path, text).unwrap();
+    let env = move |k: &str| match k {
+        "REDIS_URL" => Some(redis.clone()),
+        "DATABASE_URL" => Some(pg.clone()),
+        _ => None,
+    };
+    let (live, mut gateway) = Live::start(&path, env).await.unwrap();
+    let _worker = gateway.spawn_worker();
+    let listener = tokio::net::TcpListener::bind(live.listen_addr())
+        .await
+        .unwrap();
+    tokio::spawn(
+        gateway
+            .server
+            .clone()
+            .serve(listener, live.router(), std::future::pending()),
+    );
+    let answer = exchange(port, &raw_post(port, &chat("any", "stores", false))).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let s = status(port).await;
+    let stores = s["stores"].as_array().unwrap();
+    let redis = stores.iter().find(|st| st["kind"] == "redis").unwrap();
+    assert_eq!(redis["healthy"], true, "{redis}");
+    let used_by = redis["used_by"].to_string();
+    assert!(
+        used_by.contains("budgets") && used_by.contains("cache"),
+        "{used_by}"
+    );
+    let pg = stores.iter().find(|st| st["kind"] == "postgres").unwrap();
+    assert_eq!(pg["healthy"], true, "{pg}");
+    assert_eq!(pg["last_error"], Value::Null);
+    assert_eq!(s["cache"]["store"], "redis");
+    // The budget of another tenant: read from Redis, nothing spent by us.
+    assert_eq!(s["budgets"][0]["subject"], tenant.as_str());
+    assert_eq!(s["budgets"][0]["used_usd"], 0.0, "{}", s["budgets"]);
+    // Nothing secret in the answer.
+    let text = s.to_string();
+    assert!(
+        !text.contains("redis://") && !text.contains("postgres://"),
+        "{text}"
+    );
+}
