@@ -7,7 +7,7 @@
 use axum::body::Body;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::BodyExt;
-use llm_tower_axum::{ClientKeys, Metrics, OpenAiRouter};
+use llm_tower_axum::{Activity, ClientKeys, Metrics, OpenAiRouter};
 use llm_tower_core::{ChatRequest, ChatResponse, LlmError, LlmResponse, Usage};
 use tower::ServiceExt;
 
@@ -26,6 +26,10 @@ fn bench(c: &mut Criterion) {
     let full = OpenAiRouter::new(llm)
         .client_keys(ClientKeys::new().with_key("sk-bench", "bench"))
         .into_router();
+    let with_activity = OpenAiRouter::new(llm)
+        .client_keys(ClientKeys::new().with_key("sk-bench", "bench"))
+        .activity(Activity::new())
+        .into_router();
     let no_metrics = OpenAiRouter::new(llm)
         .client_keys(ClientKeys::new().with_key("sk-bench", "bench"))
         .metrics(Metrics::disabled())
@@ -42,6 +46,7 @@ fn bench(c: &mut Criterion) {
 
     for (name, app) in [
         ("router_json_request", full),
+        ("router_json_request_with_activity", with_activity),
         ("router_json_request_no_metrics", no_metrics),
         ("bare_axum_baseline", bare),
     ] {

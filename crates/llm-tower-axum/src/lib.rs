@@ -12,6 +12,9 @@
 //! - [`error_response`] / [`OpenAiError`]: an [`LlmError`](llm_tower_core::LlmError) as
 //!   an HTTP response (status, OpenAI JSON, `retry-after`).
 //! - [`Metrics`]: Prometheus metrics (private recorder by default, or installed globally).
+//! - [`Activity`]: per-minute sums of the last hour (by task, tenant, model, provider) for
+//!   humans; [`status_router`]: `GET /status` as JSON from a [`StatusSource`], or the
+//!   embedded status page for a browser, with the access of `/metrics`.
 //! - [`headers`]: the header names and the header ↔ extension / meta mapping.
 //! - [`sse_body`]: OpenAI's SSE framing of a chunk stream.
 //! - [`Server`] / [`serve`]: serving with header and idle timeouts, a connection cap,
@@ -69,6 +72,7 @@
 //! The workspace's `rust-version` (1.94) is the minimum supported.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod activity;
 mod auth;
 mod error;
 pub mod headers;
@@ -80,7 +84,12 @@ mod panics;
 mod router;
 mod serve;
 mod sse;
+mod status;
 
+pub use activity::{
+    Activity, ActivitySnapshot, FallbackCount, Latency, MAX_SETS_PER_MINUTE, MINUTES,
+    ProviderActivity, SinceStart, TimelinePoint, Totals,
+};
 pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
 pub use error::{OpenAiError, error_response};
 pub use metrics::Metrics;
@@ -91,3 +100,4 @@ pub use serve::{
     DEFAULT_MAX_CONNECTIONS, Server, ShutdownOutcome, serve,
 };
 pub use sse::sse_body;
+pub use status::{STATUS_PAGE, StatusQuery, StatusSource, status_router};

@@ -88,6 +88,8 @@ struct Inner {
 
 /// A counter kept outside the recorder, copied into it at every render.
 struct Scraped {
+    /// The name and labels: registering them again replaces this entry.
+    key: (&'static str, Vec<(&'static str, String)>),
     counter: Counter,
     read: Box<dyn Fn() -> u64 + Send + Sync>,
 }
@@ -255,7 +257,9 @@ impl Metrics {
     }
 
     /// Exports a counter kept elsewhere: at every render of `/metrics`, `name{labels}` is
-    /// set to what `read` returns (a monotonic count). Does nothing when disabled.
+    /// set to what `read` returns (a monotonic count). Registering the same name and
+    /// labels again replaces the earlier `read` (a rebuilt component, after a config
+    /// reload). Does nothing when disabled.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -273,6 +277,9 @@ impl Metrics {
     /// );
     /// errors.store(3, Ordering::Relaxed);
     /// assert!(metrics.render().unwrap().contains(r#"my_errors_total{component="parser"} 3"#));
+    /// // Registered again (a rebuilt parser): the new count replaces the old one.
+    /// metrics.counter_at_scrape("my_errors_total", "Errors", &[("component", "parser".to_owned())], || 7);
+    /// assert!(metrics.render().unwrap().contains(r#"my_errors_total{component="parser"} 7"#));
     /// ```
     pub fn counter_at_scrape(
         &self,
@@ -287,14 +294,18 @@ impl Metrics {
             counter = Some(counter!(name, labels));
         });
         if let Some(counter) = counter {
-            self.inner
+            let key = (name, labels.to_vec());
+            let mut scraped = self
+                .inner
                 .scraped
                 .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(Scraped {
-                    counter,
-                    read: Box::new(read),
-                });
+                .unwrap_or_else(PoisonError::into_inner);
+            scraped.retain(|s| s.key != key);
+            scraped.push(Scraped {
+                key,
+                counter,
+                read: Box::new(read),
+            });
         }
     }
 
@@ -493,7 +504,7 @@ impl Default for Labels {
 impl Labels {
     /// The same with task and model `other`: where requests go once the label sets are
     /// [`MAX_LABEL_SETS`].
-    fn overflow(&self) -> Self {
+    pub(crate) fn overflow(&self) -> Self {
         static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "other".into());
         Self {
             task: OTHER.clone(),

@@ -26,6 +26,7 @@ use tower_http::request_id::{
 };
 use tracing::Instrument;
 
+use crate::activity::Activity;
 use crate::auth::{ANONYMOUS_TENANT, AuthLayer, ClientKeys};
 use crate::error::{error_response, status_response};
 use crate::headers::{self, X_REQUEST_ID};
@@ -147,6 +148,7 @@ pub struct OpenAiRouter<S> {
     metrics_access: MetricsAccess,
     known_tasks: Option<Arc<Names>>,
     known_models: Option<Arc<Names>>,
+    activity: Option<Activity>,
     protected: Vec<Router>,
     public: Vec<Router>,
     #[cfg(feature = "otel")]
@@ -189,6 +191,7 @@ where
             metrics_access: MetricsAccess::default(),
             known_tasks: None,
             known_models: None,
+            activity: None,
             protected: Vec::new(),
             public: Vec::new(),
             #[cfg(feature = "otel")]
@@ -311,6 +314,13 @@ where
         self
     }
 
+    /// Also records every finished request into `activity` (windowed sums for `/status`).
+    #[must_use]
+    pub fn activity(mut self, activity: Activity) -> Self {
+        self.activity = Some(activity);
+        self
+    }
+
     /// Adds routes **behind the authentication layer** (the jobs router): its handlers
     /// read `Extension<Tenant>`. They also get the request id, panic protection and
     /// OpenAI-format errors. The router must not set its own fallback.
@@ -354,6 +364,7 @@ where
             known_models: self.known_models,
             #[cfg(feature = "otel")]
             otel,
+            activity: self.activity,
         });
 
         let mut protected: Router = Router::new()
@@ -469,6 +480,26 @@ impl MetricsAccess {
         Self(Access::Off)
     }
 
+    pub(crate) fn is_off(&self) -> bool {
+        matches!(self.0, Access::Off)
+    }
+
+    /// The 401 answer for a request `h` that may not read `path`, or `None` if it may.
+    pub(crate) fn refuse(&self, h: &http::HeaderMap, path: &str) -> Option<Response> {
+        if self.allows(h) {
+            return None;
+        }
+        let mut resp = error_response(
+            &LlmError::auth(format!(
+                "`{path}` needs `Authorization: Bearer <metrics token>`."
+            ))
+            .with_code("invalid_api_key"),
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Some(resp)
+    }
+
     fn allows(&self, h: &http::HeaderMap) -> bool {
         match &self.0 {
             Access::Public => true,
@@ -509,7 +540,14 @@ impl Metrics {
 
     /// [`router`](Self::router) with OpenAI-format 404/405 errors, to serve alone.
     pub fn standalone_router(&self, access: MetricsAccess) -> Router {
+        self.standalone_router_with(access, Router::new())
+    }
+
+    /// [`standalone_router`](Self::standalone_router) with `extra` routes (such as
+    /// [`status_router`](crate::status_router) under the same access) merged in.
+    pub fn standalone_router_with(&self, access: MetricsAccess, extra: Router) -> Router {
         self.router(access)
+            .merge(extra)
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::map_response(json_errors))
@@ -524,6 +562,7 @@ struct AppState<S> {
     known_models: Option<Arc<Names>>,
     #[cfg(feature = "otel")]
     otel: Option<Arc<crate::otel::Otel>>,
+    activity: Option<Activity>,
 }
 
 impl<S> AppState<S> {
@@ -694,6 +733,7 @@ fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
 /// What is recorded when a request ends (at once, or when its stream finishes).
 struct Finish {
     metrics: Metrics,
+    activity: Option<Activity>,
     labels: Labels,
     start: Instant,
     upstream: Option<Duration>,
@@ -708,6 +748,7 @@ impl Finish {
     fn new(metrics: Metrics, labels: Labels, start: Instant) -> Self {
         Self {
             metrics,
+            activity: None,
             labels,
             start,
             upstream: None,
@@ -725,7 +766,7 @@ impl Finish {
             t.end(status, usage, &self.labels);
         }
         let total = self.start.elapsed();
-        self.metrics.observe(&Observation {
+        let o = Observation {
             labels: &self.labels,
             status,
             total,
@@ -734,7 +775,11 @@ impl Finish {
             cost_nano_usd: self.cost_nano_usd,
             cache: self.cache,
             fallbacks: &self.fallbacks,
-        });
+        };
+        self.metrics.observe(&o);
+        if let Some(a) = &self.activity {
+            a.observe(&o);
+        }
         tracing::info!(
             status,
             duration_ms = total.as_secs_f64() * 1000.0,
@@ -831,6 +876,7 @@ where
         },
         start,
     );
+    finish.activity.clone_from(&st.activity);
     let (parts, body) = req.into_parts();
 
     let bytes = match read_body(body, &parts.headers, st.body_limit).await {

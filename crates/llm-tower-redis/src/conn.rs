@@ -73,6 +73,7 @@ pub struct RedisConn {
     opts: Arc<RedisOptions>,
     breaker: Arc<Mutex<BreakerState>>,
     failures: Arc<AtomicU64>,
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for RedisConn {
@@ -106,6 +107,7 @@ impl RedisConn {
             opts: Arc::new(opts),
             breaker: Arc::default(),
             failures: Arc::default(),
+            last_error: Arc::default(),
         })
     }
 
@@ -126,6 +128,7 @@ impl RedisConn {
             opts: Arc::new(opts),
             breaker: Arc::default(),
             failures: Arc::default(),
+            last_error: Arc::default(),
         })
     }
 
@@ -145,6 +148,15 @@ impl RedisConn {
     /// Failed operations so far (timeouts, errors, rejections by the open breaker).
     pub fn failure_count(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The last failed operation's error (timeout, Redis error, open breaker), if any;
+    /// kept after later successes (see [`is_closed`](Self::is_closed) for health now).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether the breaker is open now.
@@ -176,6 +188,12 @@ impl RedisConn {
                 Ok(Ok(v)) => Ok(v),
             };
         guard.armed = false;
+        if let Err(e) = &result {
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+        }
         self.record(result.is_ok(), probe);
         result
     }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use axum::Router;
 use llm_tower::balance::{Balance, BalanceStats, BalanceTarget, Pick};
-use llm_tower::cache::CacheLayer;
+use llm_tower::cache::{CacheLayer, MemoryStore};
 use llm_tower::cost::{
     Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
@@ -59,9 +59,13 @@ use llm_tower_test::SimulatedLlm;
 use tower::ServiceBuilder;
 
 use crate::config::{
-    BudgetScope, BudgetWindow, ChainStep, Config, ConfigError, GroupPick, HedgeConfig,
+    BudgetScope, BudgetWindow, ChainConfig, ChainStep, Config, ConfigError, GroupPick, HedgeConfig,
     JobsStoreKind, LimitKey, OnLimit, ProviderConfig, ProviderKind, Secret, Secrets,
     SimulatedFailure, StoreKind, ValidatorKind, parse_digest,
+};
+use crate::reload::{Carry, CarryState, Fp, fp, secret_fp};
+use crate::status::{
+    BudgetPart, BudgetRead, CachePart, ChainPart, LimitPart, Parts, ProviderPart, RedisPart,
 };
 
 /// Why the gateway could not be built.
@@ -159,24 +163,71 @@ pub async fn app(config: &Config) -> Result<Router, BuildError> {
 }
 
 /// Builds the gateway from `config`, reading the secrets it names through `env`.
+/// (To reload it later, start it with [`Live`](crate::reload::Live) instead.)
 pub async fn build(
     config: &Config,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Gateway, BuildError> {
+    let carry = Carry::default();
     let secrets = config.resolve_secrets(env)?;
-    let telemetry = crate::telemetry::build(config, env).map_err(|e| setup("telemetry", e))?;
-    let redis = RedisPool::default();
+    init_telemetry(config, env, &carry)?;
+    let (gateway, next, parts) = build_with(config, secrets, &carry).await?;
+    carry.commit(next, &gateway.llm, parts);
+    Ok(gateway)
+}
+
+/// Sets up telemetry once, before the first build: its exporters outlive a reload, so
+/// `[telemetry]` takes effect at start only.
+pub(crate) fn init_telemetry(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+    carry: &Carry,
+) -> Result<(), BuildError> {
+    if carry.telemetry.get().is_none() {
+        let t = crate::telemetry::build(config, env).map_err(|e| setup("telemetry", e))?;
+        let _ = carry.telemetry.set(t);
+    }
+    Ok(())
+}
+
+/// [`build`], reusing what `carry` holds from the previous build where the configuration
+/// is unchanged; the caller commits the returned state once it serves the new build.
+pub(crate) async fn build_with(
+    config: &Config,
+    secrets: Secrets,
+    carry: &Carry,
+) -> Result<(Gateway, CarryState, Parts), BuildError> {
+    let telemetry = carry.telemetry.get().cloned().flatten();
+    let prev = carry.previous();
+    let mut next = CarryState::default();
+    let mut parts = Parts::default();
+    let redis = RedisPool::from_previous(&prev);
     let shared = provider_limits_store(config, &secrets, &redis).await?;
     let Providers {
         services: providers,
         malformed,
         client,
-    } = build_providers(config, &secrets, shared.as_ref(), telemetry.is_some())?;
-    let (routed, route_stats) = build_route(config, &providers);
+    } = build_providers(
+        config,
+        &secrets,
+        shared.as_ref(),
+        telemetry.is_some(),
+        &prev,
+        &mut next,
+    )?;
+    parts.providers = next
+        .providers
+        .iter()
+        .map(|(n, (_, _, p))| (n.clone(), p.clone()))
+        .collect();
+    let (routed, route_stats) = build_route(config, &providers, &prev, &mut next, &mut parts);
 
-    let client_limits = build_client_limits(config, &secrets, &redis).await?;
-    let cost = build_cost(config, &secrets, &redis).await?;
-    let cache = build_cache(config, &secrets, &redis).await?;
+    let client_limits = build_client_limits(config, &secrets, &redis, &prev, &mut next).await?;
+    let cost = build_cost(
+        config, &secrets, &redis, carry, &prev, &mut next, &mut parts,
+    )
+    .await?;
+    let cache = build_cache(config, &secrets, &redis, &prev, &mut next, &mut parts).await?;
     let validate = build_validate(config)?;
 
     let llm = boxed(
@@ -216,11 +267,17 @@ pub async fn build(
     real.dedup();
     models.extend(real.into_iter().map(ModelEntry::new));
 
-    let metrics = if config.server.metrics {
-        Metrics::prometheus()
-    } else {
-        Metrics::disabled()
-    };
+    // One recorder for the process: a reload keeps the counters.
+    let metrics = carry
+        .metrics
+        .get_or_init(|| {
+            if config.server.metrics {
+                Metrics::prometheus()
+            } else {
+                Metrics::disabled()
+            }
+        })
+        .clone();
     for (name, read) in malformed {
         metrics.counter_at_scrape(
             "llm_upstream_malformed_headers_total",
@@ -238,7 +295,8 @@ pub async fn build(
         );
     }
     route_stats.register(&metrics);
-    let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics);
+    let status = crate::status::source(carry);
+    let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics, &status);
     let body_limit =
         usize::try_from(*config.server.body_limit_bytes.get_ref()).unwrap_or(usize::MAX);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
@@ -256,30 +314,50 @@ pub async fn build(
         .client_keys(keys)
         .body_limit(body_limit)
         .metrics(metrics)
-        .metrics_access(metrics_access)
+        .metrics_access(metrics_access.clone())
         .known_tasks(known_tasks(config))
-        .known_models(known_models(config));
+        .known_models(known_models(config))
+        .activity(carry.activity.clone())
+        .merge(llm_tower_axum::status_router(metrics_access, status));
     if let Some(t) = &telemetry {
         http = http.otel(t.tracing.clone());
     }
 
-    let (jobs, worker) = if config.jobs.enabled {
-        let jobs = build_jobs(config, &secrets).await?;
-        let worker = jobs
-            .worker(llm.clone())
-            .concurrency(config.jobs.workers)
-            .shutdown_grace(grace)
-            .build();
+    // The jobs store and worker are made once; the worker calls the stack in force.
+    let (jobs, worker) = match carry.jobs.get() {
+        Some(jobs) => (jobs.clone(), None),
+        None if config.jobs.enabled => {
+            let jobs = build_jobs(config, &secrets).await?;
+            let current = crate::reload::CurrentLlm(carry.llm.clone());
+            let worker = jobs
+                .worker(boxed(current))
+                .concurrency(config.jobs.workers)
+                .shutdown_grace(grace)
+                .build();
+            let _ = carry.jobs.set(Some(jobs.clone()));
+            (Some(jobs), Some(worker))
+        }
+        None => {
+            let _ = carry.jobs.set(None);
+            (None, None)
+        }
+    };
+    if let Some(jobs) = &jobs
+        && config.jobs.enabled
+    {
         http = http.merge_authenticated(jobs_router_with(
             jobs.clone(),
             jobs_limits(config, body_limit),
         ));
-        (Some(jobs), Some(worker))
-    } else {
-        (None, None)
-    };
+        let kind = match config.jobs.store.get_ref() {
+            JobsStoreKind::Sqlite => "sqlite",
+            JobsStoreKind::Postgres => "postgres",
+        };
+        parts.jobs = Some((kind, jobs.clone(), secrets.jobs_database_url.clone()));
+    }
+    parts.redis = redis.parts(&mut next);
 
-    Ok(Gateway {
+    let gateway = Gateway {
         router: http.into_router(),
         llm,
         worker,
@@ -288,7 +366,8 @@ pub async fn build(
         server,
         metrics_listener,
         telemetry,
-    })
+    };
+    Ok((gateway, next, parts))
 }
 
 /// Who reads `/metrics` on the main listener, and the metrics listener if any. Not public
@@ -297,6 +376,7 @@ fn metrics_access(
     config: &Config,
     secrets: &Secrets,
     metrics: &Metrics,
+    status: &llm_tower_axum::StatusSource,
 ) -> (MetricsAccess, Option<(std::net::SocketAddr, Router)>) {
     let s = &config.server;
     let access = match &secrets.metrics_token {
@@ -311,7 +391,10 @@ fn metrics_access(
         let addr = addr.get_ref().parse().ok();
         return (
             MetricsAccess::off(),
-            addr.map(|a| (a, metrics.standalone_router(access))),
+            addr.map(|a| {
+                let status = llm_tower_axum::status_router(access.clone(), status.clone());
+                (a, metrics.standalone_router_with(access, status))
+            }),
         );
     }
     if secrets.metrics_token.is_none() && !config.listen_addr().ip().is_loopback() {
@@ -412,6 +495,8 @@ struct Providers {
 /// Where the providers' limits and headroom are shared between replicas: the rate-limit
 /// Redis (`[rate_limits] store = "redis"`), when a provider has limits.
 struct SharedLimits {
+    /// What the providers' fingerprints include (the store's URL digest, the refresh).
+    fp: String,
     conn: RedisConn,
     /// One store (one settlement queue) for every provider's buckets.
     store: Arc<llm_tower_redis::rate_limit::RedisRateLimitStore>,
@@ -436,6 +521,11 @@ async fn provider_limits_store(
         .ok_or_else(|| setup("provider rate limits", "no Redis URL"))?;
     let conn = redis.get("rate limits", url).await?;
     Ok(Some(SharedLimits {
+        fp: format!(
+            "{}:{}",
+            secret_fp(Some(url.expose())),
+            config.rate_limits.headroom_refresh_ms
+        ),
         store: Arc::new(llm_tower_redis::rate_limit::RedisRateLimitStore::new(
             conn.clone(),
         )),
@@ -449,21 +539,50 @@ fn build_providers(
     secrets: &Secrets,
     shared: Option<&SharedLimits>,
     observe: bool,
+    prev: &CarryState,
+    next: &mut CarryState,
 ) -> Result<Providers, BuildError> {
-    // One pooled HTTP client for every real provider.
+    // One pooled HTTP client for every real provider (kept over a reload when
+    // `[upstream]` is unchanged, with its open connections).
     let needs_http = config
         .providers
         .values()
         .any(|p| p.get_ref().kind != ProviderKind::Simulated);
-    let client = if needs_http {
-        Some(HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?)
-    } else {
-        None
+    let http_fp = fp(&[&config.upstream]);
+    let client = match &prev.http {
+        Some((f, c)) if needs_http && *f == http_fp => Some(c.clone()),
+        _ if needs_http => {
+            Some(HttpClient::new(config.upstream.http()).map_err(|e| setup("the HTTP client", e))?)
+        }
+        _ => None,
     };
+    next.http = client.clone().map(|c| (http_fp, c));
     let mut out = BTreeMap::new();
     let mut malformed = Vec::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
+        let mut secret_digests: Vec<String> = vec![secret_fp(
+            secrets.provider_keys.get(name).map(|k| k.expose()),
+        )];
+        for (h, v) in secrets.provider_headers.get(name).into_iter().flatten() {
+            secret_digests.push(format!("{h}={}", secret_fp(Some(v.expose()))));
+        }
+        let f = fp(&[
+            name,
+            p,
+            &config.upstream,
+            &secret_digests,
+            &shared.map(|s| s.fp.as_str()),
+        ]);
+        if let Some((pf, svc, part)) = prev.providers.get(name)
+            && *pf == f
+        {
+            // Unchanged: the same service, with its limit buckets and headroom.
+            out.insert(name.clone(), svc.clone());
+            next.providers
+                .insert(name.clone(), (f, svc.clone(), part.clone()));
+            continue;
+        }
         let (mut raw, count) =
             provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
         if observe {
@@ -475,7 +594,13 @@ fn build_providers(
                     .service(raw),
             );
         }
-        out.insert(name.clone(), with_provider_limits(name, p, shared, raw));
+        let (svc, limits) = with_provider_limits(name, p, shared, raw);
+        let part = ProviderPart {
+            kind: p.kind.as_str(),
+            limits,
+        };
+        next.providers.insert(name.clone(), (f, svc.clone(), part));
+        out.insert(name.clone(), svc);
         malformed.extend(count.map(|c| (name.clone(), c)));
     }
     Ok(Providers {
@@ -592,11 +717,17 @@ fn with_provider_limits(
     p: &ProviderConfig,
     shared: Option<&SharedLimits>,
     svc: BoxLlmService,
-) -> BoxLlmService {
+) -> (BoxLlmService, Option<LimitPart>) {
     let Some(rl) = &p.rate_limit else {
-        return svc;
+        return (svc, None);
     };
     let rl = rl.get_ref();
+    let mut part = LimitPart {
+        name: name.to_owned(),
+        rpm: rl.requests_per_minute,
+        tpm: rl.tokens_per_minute,
+        ..LimitPart::default()
+    };
     let mut layer = RateLimitLayer::new()
         .on_limit(LimitPolicy::FallBack)
         .target(name);
@@ -620,16 +751,25 @@ fn with_provider_limits(
                 .clone(),
             None => tracker,
         };
+        part.headroom = Some(tracker.clone());
         layer = layer.headroom(tracker);
     }
     if let Some(s) = shared
         && (rl.requests_per_minute.is_some() || rl.tokens_per_minute.is_some())
     {
         layer = layer.store(s.store.clone());
+    } else {
+        // The layer's own in-memory store, kept here too so `/status` reads its buckets.
+        let buckets = Arc::new(llm_tower::rate_limit::InMemoryRateLimitStore::new());
+        part.buckets = Some(buckets.clone());
+        layer = layer.store(buckets);
     }
     // `.layer(..)`, not `.rate_limit(..)`: with tower's `limit` feature on, tower's own
     // inherent `ServiceBuilder::rate_limit(num, per)` shadows the extension method.
-    boxed(ServiceBuilder::new().layer(layer).service(svc))
+    (
+        boxed(ServiceBuilder::new().layer(layer).service(svc)),
+        Some(part),
+    )
 }
 
 // ===== route + fallback =====
@@ -637,62 +777,47 @@ fn with_provider_limits(
 fn build_route(
     config: &Config,
     providers: &BTreeMap<String, BoxLlmService>,
+    prev: &CarryState,
+    next: &mut CarryState,
+    parts: &mut Parts,
 ) -> (Route, RouteStats) {
     let mut policy = RoutePolicy::new();
     let mut stats = RouteStats::default();
     for (name, chain) in &config.chains {
         let c = chain.get_ref();
-        let d = Cooldown::default();
-        let mut cooldown = Cooldown::new(
-            c.breaker_min_calls.unwrap_or(d.min_calls()),
-            c.breaker_window_secs
-                .map_or(d.window(), Duration::from_secs),
-            c.cooldown_secs.map_or(d.duration(), Duration::from_secs),
-        );
-        if let Some(r) = c.breaker_failure_ratio {
-            cooldown = cooldown.failure_ratio(r);
-        }
-        let targets = c
+        // Unchanged steps over unchanged providers: the same chain, breakers, balanced
+        // groups and hedge statistics included.
+        let step_fps: Vec<Vec<Option<Fp>>> = c
             .steps
             .iter()
-            .filter_map(|s| {
-                let s = s.get_ref();
-                if !s.group.is_empty() {
-                    let (t, group) = build_group(s, providers, cooldown, c.max_cooldown_secs);
-                    stats.groups.push((name.clone(), group));
-                    return Some(t);
-                }
-                // Validated at load: every step names a defined provider.
-                let svc = providers.get(&s.provider)?.clone();
-                let t = FallbackTarget::from_boxed(s.provider.as_str(), svc);
-                Some(match &s.model {
-                    Some(m) => t.with_model(m.as_str()),
-                    None => t,
-                })
+            .map(|s| {
+                step_providers(s.get_ref())
+                    .map(|p| next.providers.get(p).map(|p| p.0))
+                    .collect()
             })
             .collect();
-        let mut fb = Fallback::new(targets);
-        if let Some(ms) = c.attempt_timeout_ms {
-            fb = fb.timeout(Duration::from_millis(ms));
-        }
-        if let Some(ms) = c.first_chunk_timeout_ms {
-            fb = fb.first_chunk_timeout(Duration::from_millis(ms));
-        }
-        if let Some(ms) = c.stall_timeout_ms {
-            fb = fb.stall_timeout(Duration::from_millis(ms));
-        }
-        fb = fb.cooldown(cooldown);
-        if let Some(secs) = c.max_cooldown_secs {
-            fb = fb.max_cooldown(Duration::from_secs(secs));
-        }
-        match &c.hedge {
-            Some(h) => {
-                let hedge = hedge_layer(h.get_ref());
-                stats.hedges.push((name.clone(), hedge.stats()));
-                policy = policy.target(name.as_str(), tower::Layer::layer(&hedge, fb));
-            }
-            None => policy = policy.target(name.as_str(), fb),
-        }
+        let f = fp(&[name, c, &step_fps]);
+        let built = match prev.chains.get(name) {
+            Some((pf, built)) if *pf == f => built.clone(),
+            _ => chain_service(name, c, providers),
+        };
+        next.chains.insert(name.clone(), (f, built.clone()));
+        parts.chains.push(ChainPart {
+            name: name.clone(),
+            steps: c
+                .steps
+                .iter()
+                .map(|s| {
+                    let s = s.get_ref();
+                    let provider = step_providers(s).collect::<Vec<_>>().join("+");
+                    (provider, s.model.clone())
+                })
+                .collect(),
+            health: built.fallback.health(),
+        });
+        stats.groups.extend(built.stats.groups.iter().cloned());
+        stats.hedges.extend(built.stats.hedges.iter().cloned());
+        policy = policy.target(name.as_str(), built.service);
     }
     for (alias, chain) in &config.routing.models {
         // The alias stays the model name: steps with a model of their own replace it.
@@ -703,6 +828,87 @@ fn build_route(
     }
     policy = policy.default_target(config.routing.default_chain.get_ref().as_str());
     (Route::new(policy), stats)
+}
+
+/// The providers a step calls: its own, or its group's members.
+fn step_providers(s: &ChainStep) -> impl Iterator<Item = &str> {
+    let single = s.group.is_empty().then_some(s.provider.as_str());
+    single
+        .into_iter()
+        .chain(s.group.iter().map(|m| m.provider()))
+}
+
+/// One chain as built: its fallback (whose health `/status` reads), the service that
+/// serves it (the fallback, hedged when configured) and its groups' and hedge's counters.
+#[derive(Clone)]
+pub(crate) struct BuiltChain {
+    fallback: Fallback,
+    service: BoxLlmService,
+    stats: RouteStats,
+}
+
+fn chain_service(
+    name: &str,
+    c: &ChainConfig,
+    providers: &BTreeMap<String, BoxLlmService>,
+) -> BuiltChain {
+    let mut stats = RouteStats::default();
+    let d = Cooldown::default();
+    let mut cooldown = Cooldown::new(
+        c.breaker_min_calls.unwrap_or(d.min_calls()),
+        c.breaker_window_secs
+            .map_or(d.window(), Duration::from_secs),
+        c.cooldown_secs.map_or(d.duration(), Duration::from_secs),
+    );
+    if let Some(r) = c.breaker_failure_ratio {
+        cooldown = cooldown.failure_ratio(r);
+    }
+    let targets = c
+        .steps
+        .iter()
+        .filter_map(|s| {
+            let s = s.get_ref();
+            if !s.group.is_empty() {
+                let (t, group) = build_group(s, providers, cooldown, c.max_cooldown_secs);
+                stats.groups.push((name.to_owned(), group));
+                return Some(t);
+            }
+            // Validated at load: every step names a defined provider.
+            let svc = providers.get(&s.provider)?.clone();
+            let t = FallbackTarget::from_boxed(s.provider.as_str(), svc);
+            Some(match &s.model {
+                Some(m) => t.with_model(m.as_str()),
+                None => t,
+            })
+        })
+        .collect();
+    let mut fb = Fallback::new(targets);
+    if let Some(ms) = c.attempt_timeout_ms {
+        fb = fb.timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = c.first_chunk_timeout_ms {
+        fb = fb.first_chunk_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = c.stall_timeout_ms {
+        fb = fb.stall_timeout(Duration::from_millis(ms));
+    }
+    fb = fb.cooldown(cooldown);
+    if let Some(secs) = c.max_cooldown_secs {
+        fb = fb.max_cooldown(Duration::from_secs(secs));
+    }
+    let service = match &c.hedge {
+        Some(h) => {
+            let hedge = hedge_layer(h.get_ref());
+            stats.hedges.push((name.to_owned(), hedge.stats()));
+            boxed(tower::Layer::layer(&hedge, fb.clone()))
+        }
+        None => boxed(fb.clone()),
+    };
+    BuiltChain {
+        fallback: fb,
+        service,
+        stats,
+    }
 }
 
 // ===== balanced groups and hedging =====
@@ -768,7 +974,7 @@ fn hedge_layer(h: &HedgeConfig) -> HedgeLayer {
 }
 
 /// The balanced groups' and hedges' counters, read by `/metrics` at scrape time.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct RouteStats {
     groups: Vec<(String, BalanceStats)>,
     hedges: Vec<(String, HedgeStats)>,
@@ -822,14 +1028,46 @@ impl RouteStats {
 
 // ===== stores =====
 
-/// Redis connections by URL, so stores naming the same server share one connection.
+/// Redis connections by URL, so stores naming the same server share one connection
+/// (also across a reload), with the stores using each.
 #[derive(Default)]
-struct RedisPool(tokio::sync::Mutex<BTreeMap<String, RedisConn>>);
+struct RedisPool {
+    previous: BTreeMap<String, RedisConn>,
+    used: tokio::sync::Mutex<BTreeMap<String, (RedisConn, Vec<String>)>>,
+}
 
 impl RedisPool {
+    fn from_previous(prev: &CarryState) -> Self {
+        Self {
+            previous: prev.redis.clone(),
+            used: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The connections used by this build (into `next`), for `/status`.
+    fn parts(&self, next: &mut CarryState) -> Vec<RedisPart> {
+        let used = self.used.try_lock().map(|m| m.clone()).unwrap_or_default();
+        used.into_iter()
+            .map(|(url, (conn, mut used_by))| {
+                next.redis.insert(url.clone(), conn.clone());
+                used_by.dedup();
+                RedisPart {
+                    used_by,
+                    conn,
+                    url: Secret::new(url),
+                }
+            })
+            .collect()
+    }
+
     async fn get(&self, what: &str, url: &Secret) -> Result<RedisConn, BuildError> {
-        let mut map = self.0.lock().await;
-        if let Some(c) = map.get(url.expose()) {
+        let mut map = self.used.lock().await;
+        if let Some((c, used_by)) = map.get_mut(url.expose()) {
+            used_by.push(what.to_owned());
+            return Ok(c.clone());
+        }
+        if let Some(c) = self.previous.get(url.expose()) {
+            map.insert(url.expose().to_owned(), (c.clone(), vec![what.to_owned()]));
             return Ok(c.clone());
         }
         let opts = RedisOptions {
@@ -841,7 +1079,10 @@ impl RedisPool {
         let conn = RedisConn::connect(url.expose(), opts)
             .await
             .map_err(|e| setup(format!("{what} (Redis)"), redact(&e.to_string(), url)))?;
-        map.insert(url.expose().to_owned(), conn.clone());
+        map.insert(
+            url.expose().to_owned(),
+            (conn.clone(), vec![what.to_owned()]),
+        );
         Ok(conn)
     }
 }
@@ -854,15 +1095,33 @@ async fn build_client_limits(
     config: &Config,
     secrets: &Secrets,
     redis: &RedisPool,
+    prev: &CarryState,
+    next: &mut CarryState,
 ) -> Result<Option<RateLimitLayer>, BuildError> {
     let rl = &config.rate_limits;
     if rl.rules.is_empty() {
         return Ok(None);
     }
-    let mut layer = RateLimitLayer::new();
     // The requested model is the client's choice: names the config does not know share
     // one bucket.
     let models = known_models(config);
+    let f = fp(&[
+        rl,
+        &models,
+        &secret_fp(secrets.rate_limit_redis_url.as_ref().map(Secret::expose)),
+    ]);
+    if let Some((pf, layer)) = &prev.client_limits
+        && *pf == f
+    {
+        if *rl.store.get_ref() == StoreKind::Redis
+            && let Some(url) = &secrets.rate_limit_redis_url
+        {
+            redis.get("rate limits", url).await?;
+        }
+        next.client_limits = Some((f, layer.clone()));
+        return Ok(Some(layer.clone()));
+    }
+    let mut layer = RateLimitLayer::new();
     for (i, rule) in rl.rules.iter().enumerate() {
         let r = rule.get_ref();
         let key = |mut rule: LimitRule| {
@@ -901,6 +1160,7 @@ async fn build_client_limits(
             llm_tower_redis::rate_limit::RedisRateLimitStore::new(conn),
         ));
     }
+    next.client_limits = Some((f, layer.clone()));
     Ok(Some(layer))
 }
 
@@ -908,7 +1168,36 @@ async fn build_cost(
     config: &Config,
     secrets: &Secrets,
     redis: &RedisPool,
+    carry: &Carry,
+    prev: &CarryState,
+    next: &mut CarryState,
+    parts: &mut Parts,
 ) -> Result<CostLayer, BuildError> {
+    let redis_store =
+        !config.budgets.limits.is_empty() && *config.budgets.store.get_ref() == StoreKind::Redis;
+    let budget_url = secrets.budget_redis_url.as_ref().filter(|_| redis_store);
+    let f = fp(&[
+        &config.prices,
+        &config.budgets,
+        &secret_fp(budget_url.map(Secret::expose)),
+    ]);
+    let reused = prev
+        .cost
+        .as_ref()
+        .filter(|(pf, _)| *pf == f)
+        .map(|(_, l)| l.clone());
+    budget_parts(config, parts);
+    parts.budget_read = Some(BudgetRead::Memory(carry.budget_mem.clone()));
+    if let Some(url) = budget_url {
+        let conn = redis.get("budgets", url).await?;
+        parts.budget_read = Some(BudgetRead::Redis(
+            llm_tower_redis::budget::RedisBudgetStore::new(conn),
+        ));
+    }
+    if let Some(layer) = reused {
+        next.cost = Some((f, layer.clone()));
+        return Ok(layer);
+    }
     let mut prices = PriceTable::new();
     for (model, p) in &config.prices {
         let p = p.get_ref();
@@ -937,7 +1226,10 @@ async fn build_cost(
         };
         layer = layer.budget(Budget::new(scope, limit, window));
     }
-    if !config.budgets.limits.is_empty() && *config.budgets.store.get_ref() == StoreKind::Redis {
+    // In memory, spend is kept across reloads: a budget with the same scope and window
+    // has the same key, and keeps what it has spent.
+    layer = layer.store(carry.budget_mem.clone());
+    if redis_store {
         let url = secrets
             .budget_redis_url
             .as_ref()
@@ -947,29 +1239,145 @@ async fn build_cost(
             conn,
         )));
     }
+    next.cost = Some((f, layer.clone()));
     Ok(layer)
+}
+
+/// The budgets' rows for `/status`: per-tenant and per-task budgets get one row per
+/// tenant and task the config knows.
+fn budget_parts(config: &Config, parts: &mut Parts) {
+    let mut tenants: Vec<String> = config
+        .auth
+        .keys
+        .iter()
+        .map(|k| k.get_ref().tenant.clone())
+        .collect();
+    if tenants.is_empty() {
+        tenants.push(llm_tower_axum::ANONYMOUS_TENANT.to_owned());
+    }
+    tenants.sort();
+    tenants.dedup();
+    let tasks: Vec<String> = known_tasks(config).into_iter().collect();
+    for b in &config.budgets.limits {
+        let b = b.get_ref();
+        let Some(limit) = llm_tower::cost::usd_to_nano(b.usd) else {
+            continue;
+        };
+        let (window, cw) = match b.per {
+            BudgetWindow::Hour => ("hour", CostWindow::Every(Duration::from_secs(3600))),
+            BudgetWindow::Day => ("day", CostWindow::Daily),
+            BudgetWindow::Month => ("month", CostWindow::Monthly),
+            BudgetWindow::Total => ("total", CostWindow::Total),
+        };
+        let row = |scope: CostScope, subject: Option<String>, tenant: &str, task: &str| {
+            let budget = Budget::new(scope, limit, cw);
+            BudgetPart {
+                name: budget_name(budget.scope()),
+                scope: match b.scope {
+                    BudgetScope::Global => "global",
+                    BudgetScope::Tenant => "tenant",
+                    BudgetScope::Task => "task",
+                },
+                subject,
+                window,
+                budget,
+                tenant: tenant.to_owned(),
+                task: task.to_owned(),
+            }
+        };
+        match (b.scope, &b.only) {
+            (BudgetScope::Global, _) => parts.budgets.push(row(CostScope::Global, None, "", "")),
+            (BudgetScope::Tenant, Some(t)) => parts.budgets.push(row(
+                CostScope::Tenant(t.as_str().into()),
+                Some(t.clone()),
+                t,
+                "",
+            )),
+            (BudgetScope::Task, Some(t)) => parts.budgets.push(row(
+                CostScope::Task(t.as_str().into()),
+                Some(t.clone()),
+                "",
+                t,
+            )),
+            (BudgetScope::Tenant, None) => {
+                for t in &tenants {
+                    parts
+                        .budgets
+                        .push(row(CostScope::PerTenant, Some(t.clone()), t, ""));
+                }
+            }
+            (BudgetScope::Task, None) => {
+                for t in &tasks {
+                    parts
+                        .budgets
+                        .push(row(CostScope::PerTask, Some(t.clone()), "", t));
+                }
+            }
+        }
+    }
+}
+
+fn budget_name(scope: &CostScope) -> String {
+    match scope {
+        CostScope::Global => "global".to_owned(),
+        CostScope::PerTenant => "per tenant".to_owned(),
+        CostScope::PerTask => "per task".to_owned(),
+        CostScope::Tenant(t) => format!("tenant {t}"),
+        CostScope::Task(t) => format!("task {t}"),
+    }
 }
 
 async fn build_cache(
     config: &Config,
     secrets: &Secrets,
     redis: &RedisPool,
+    prev: &CarryState,
+    next: &mut CarryState,
+    parts: &mut Parts,
 ) -> Result<Option<CacheLayer>, BuildError> {
     let c = &config.cache;
     if !c.enabled {
         return Ok(None);
     }
+    let f = fp(&[
+        c,
+        &secret_fp(secrets.cache_redis_url.as_ref().map(Secret::expose)),
+    ]);
     let mut layer = match c.store.get_ref() {
-        StoreKind::Memory => CacheLayer::in_memory(c.max_memory_mb.saturating_mul(1024 * 1024)),
+        StoreKind::Memory => {
+            let max = c.max_memory_mb.saturating_mul(1024 * 1024);
+            // The entries stay over a reload while the size does.
+            let store = match &prev.cache_mem {
+                Some((m, s)) if *m == max => s.clone(),
+                _ => Arc::new(MemoryStore::new(max)),
+            };
+            next.cache_mem = Some((max, store.clone()));
+            parts.cache = Some(CachePart {
+                kind: "memory",
+                memory: Some(store.clone()),
+            });
+            CacheLayer::from_arc(store)
+        }
         StoreKind::Redis => {
             let url = secrets
                 .cache_redis_url
                 .as_ref()
                 .ok_or_else(|| setup("the cache", "no Redis URL"))?;
             let conn = redis.get("the cache", url).await?;
+            parts.cache = Some(CachePart {
+                kind: "redis",
+                memory: None,
+            });
             CacheLayer::new(llm_tower_redis::cache::RedisCacheStore::new(conn))
         }
     };
+    if let Some((pf, l)) = &prev.cache
+        && *pf == f
+    {
+        // Unchanged: the same layer (its counters and in-flight coalescing too).
+        next.cache = Some((f, l.clone()));
+        return Ok(Some(l.clone()));
+    }
     layer = layer.default_ttl(Duration::from_secs(c.ttl_secs));
     for (task, secs) in &c.ttl_by_task {
         layer = layer.task_ttl(task.as_str(), Duration::from_secs(*secs));
@@ -983,6 +1391,7 @@ async fn build_cache(
     if let Some(bytes) = c.max_stream_bytes {
         layer = layer.max_stream_bytes(bytes);
     }
+    next.cache = Some((f, layer.clone()));
     Ok(Some(layer))
 }
 

@@ -2,6 +2,9 @@
 
 pub mod config;
 pub mod gateway;
+pub mod reload;
+mod status;
 pub mod telemetry;
+pub mod usage;
 
 pub use gateway::{BuildError, Gateway, app, build};

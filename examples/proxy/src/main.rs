@@ -4,10 +4,13 @@
 //! llm-tower-proxy [--config FILE]      serve (default: examples/proxy/demo.toml of this crate)
 //! llm-tower-proxy --config FILE --check  validate the file and the secrets it names, then exit
 //! llm-tower-proxy hash-key < key.txt     print the BLAKE3 digest of a client key (for key_blake3)
+//! llm-tower-proxy usage [--window 60] [--json]  cost and tokens of the running gateway
 //! ```
 //!
 //! Stops on ctrl-c or SIGTERM: stops accepting, lets in-flight requests and streams finish
-//! for `server.shutdown_grace_secs`, stops the jobs worker, then exits.
+//! for `server.shutdown_grace_secs`, stops the jobs worker, then exits. On SIGHUP it reads
+//! the file again and swaps the new stack in (a file that does not validate is refused and
+//! the old one keeps serving; see docs/operations.md).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -16,6 +19,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use llm_tower_axum::{Server, ShutdownOutcome};
 use llm_tower_proxy::config::{Config, blake3_hex};
+use llm_tower_proxy::reload::Live;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -47,6 +51,20 @@ struct Cli {
 enum Command {
     /// Read a client key from stdin and print its BLAKE3 digest, for `key_blake3`.
     HashKey,
+    /// Print cost and tokens per task type, tenant and model over a window, read from the
+    /// running gateway's `/status` (the address and metrics token come from the config).
+    Usage {
+        /// The window, in minutes (1 to 60).
+        #[arg(long, default_value_t = 60)]
+        window: u32,
+        /// Print the JSON (the `activity` part of `/status`) instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// The gateway's base URL (plain `http://`; default: `server.listen`, or
+        /// `server.metrics_listen` when `/status` is served there).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 fn default_config() -> PathBuf {
@@ -61,6 +79,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::HashKey) = cli.command {
         return hash_key();
+    }
+    if let Some(Command::Usage { window, json, url }) = &cli.command {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return ExitCode::FAILURE;
+        };
+        return rt.block_on(llm_tower_proxy::usage::run(
+            &cli.config,
+            url.as_deref(),
+            *window,
+            *json,
+        ));
     }
     let threads = cli
         .worker_threads
@@ -130,9 +162,10 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(config = %cli.config.display(), "configuration is valid");
         return Ok(());
     }
-    let mut gateway = llm_tower_proxy::build(&config, &|k: &str| std::env::var(k).ok()).await?;
+    let (live, mut gateway) = Live::start(&cli.config, |k: &str| std::env::var(k).ok()).await?;
+    let live = std::sync::Arc::new(live);
     let worker = gateway.spawn_worker();
-    let addr = config.listen_addr();
+    let addr = live.listen_addr();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -152,10 +185,12 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(Server::new().serve(metrics_listener, router, std::future::pending()));
     }
     tokio::spawn(keep_timer_armed());
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(live.clone()));
     let outcome = gateway
         .server
         .clone()
-        .serve(listener, gateway.router.clone(), shutdown_signal())
+        .serve(listener, live.router(), shutdown_signal())
         .await?;
     match outcome {
         ShutdownOutcome::Graceful => tracing::info!("all in-flight requests finished"),
@@ -173,6 +208,30 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
     }
     Ok(())
+}
+
+/// Reloads the configuration on every SIGHUP (one at a time; see `reload::Live`).
+#[cfg(unix)]
+async fn reload_on_sighup(live: std::sync::Arc<Live>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match live.reload().await {
+            Ok(report) if report.restart_needed.is_empty() => {
+                tracing::info!(config = %live.path().display(), "configuration reloaded");
+            }
+            Ok(report) => tracing::warn!(
+                config = %live.path().display(),
+                restart_needed = ?report.restart_needed,
+                "configuration reloaded; these settings changed but apply only after a restart"
+            ),
+            Err(e) => {
+                tracing::error!("reload refused, the previous configuration keeps serving: {e}");
+            }
+        }
+    }
 }
 
 /// Keeps a timer due within a second, forever.

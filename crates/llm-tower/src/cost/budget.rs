@@ -184,10 +184,32 @@ impl Budget {
         }
     }
 
+    /// The store key of this budget for a request of `tenant` and `task` (`""`: none) at
+    /// `now`, or `None` if the budget does not apply to such a request: to read what it has
+    /// spent from a store (`InMemoryBudgetStore::spent`, or Redis).
+    ///
+    /// ```
+    /// use llm_tower::cost::{Budget, BudgetWindow};
+    /// let b = Budget::per_tenant(1_000, BudgetWindow::Total);
+    /// assert_eq!(b.key_at("acme", "", std::time::SystemTime::now()).unwrap(), "tenant|t=acme|total");
+    /// assert!(Budget::tenant("acme", 1, BudgetWindow::Total).key_at("other", "", std::time::SystemTime::now()).is_none());
+    /// ```
+    pub fn key_at(&self, tenant: &str, task: &str, now: SystemTime) -> Option<String> {
+        let name = match &self.name {
+            Some(n) => n.to_string(),
+            None => self.default_name(),
+        };
+        self.key_parts(&name, tenant, task, &self.window.current(now).0)
+    }
+
     /// The store key for `req` now, or `None` if the budget does not apply to it.
     pub(crate) fn key_for(&self, name: &str, req: &ChatRequest, window_id: &str) -> Option<String> {
         let tenant = req.tenant().map_or("", |t| t.as_str());
         let task = req.task_type().map_or("", |t| t.as_str());
+        self.key_parts(name, tenant, task, window_id)
+    }
+
+    fn key_parts(&self, name: &str, tenant: &str, task: &str, window_id: &str) -> Option<String> {
         let part = match &self.scope {
             BudgetScope::Global => None,
             BudgetScope::PerTenant => Some(("|t=", escape(tenant))),
