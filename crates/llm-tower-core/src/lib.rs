@@ -51,8 +51,10 @@ mod response;
 mod service;
 
 pub use aggregate::StreamAccumulator;
-pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
-pub use encoded::EncodedResponse;
+pub use body::{
+    BoxChunkStream, BoxEventStream, ChunkStream, LlmResponse, Outcome, ResponseBody, StreamEvent,
+};
+pub use encoded::{EncodedChunk, EncodedResponse};
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};
 pub use meta::{
