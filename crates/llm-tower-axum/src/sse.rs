@@ -12,8 +12,7 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use bytes::Bytes;
 use futures_core::Stream;
-use futures_util::StreamExt;
-use llm_tower_core::{ChatChunk, ChunkStream, LlmError};
+use llm_tower_core::{ChunkStream, LlmError, StreamEvent};
 
 /// The SSE body for `stream`, in OpenAI's framing.
 ///
@@ -44,17 +43,25 @@ pub fn sse_body(stream: ChunkStream, include_usage: bool) -> Body {
     Body::from_stream(SseStream::new(None, stream, include_usage))
 }
 
-/// The stream of SSE frames; the first chunk may already have been taken from the inner
+/// Most bytes one write carries: events ready together leave in one write up to this, so
+/// a burst of events is never held in one growing buffer.
+const MAX_WRITE_BYTES: usize = 64 * 1024;
+
+/// The stream of SSE writes; the first event may already have been taken from the inner
 /// stream (the handler waits for it before sending headers).
+///
+/// An encoded chunk (see [`llm_tower_core::EncodedChunk`]) is forwarded as the JSON its
+/// upstream sent, framed `data: …\n\n`; a typed one is encoded. Every event ready at one
+/// poll goes into the same write (hyper then writes and flushes once for all of them).
 pub(crate) struct SseStream {
-    first: Option<ChatChunk>,
+    first: Option<StreamEvent>,
     inner: ChunkStream,
     include_usage: bool,
     done: bool,
 }
 
 impl SseStream {
-    pub(crate) fn new(first: Option<ChatChunk>, inner: ChunkStream, include_usage: bool) -> Self {
+    pub(crate) fn new(first: Option<StreamEvent>, inner: ChunkStream, include_usage: bool) -> Self {
         Self {
             first,
             inner,
@@ -63,25 +70,45 @@ impl SseStream {
         }
     }
 
-    /// The frame for `chunk`, or `None` if it is not forwarded.
-    fn frame(&self, mut chunk: ChatChunk) -> Result<Option<Bytes>, LlmError> {
+    /// Appends the frame for `event` to `out` (nothing if it is not forwarded).
+    fn frame(&self, event: StreamEvent, out: &mut Vec<u8>) -> Result<(), LlmError> {
+        if let StreamEvent::Encoded(c) = &event
+            && (self.include_usage || c.usage().is_none())
+        {
+            push_frame(out, c.json());
+            return Ok(());
+        }
+        // The usage must come off, or the chunk is typed: through the typed encoder.
+        let mut chunk = event.into_chunk()?;
         if !self.include_usage {
             if chunk.choices.is_empty() && chunk.usage().is_some() {
-                return Ok(None);
+                return Ok(());
             }
             chunk.usage = None;
         }
-        let json = serde_json::to_vec(&chunk)
-            .map_err(|e| LlmError::internal(format!("cannot encode a stream chunk: {e}")))?;
-        Ok(Some(data_frame(&json)))
+        let start = out.len();
+        out.extend_from_slice(b"data: ");
+        if let Err(e) = serde_json::to_writer(&mut *out, &chunk) {
+            out.truncate(start);
+            return Err(LlmError::internal(format!(
+                "cannot encode a stream chunk: {e}"
+            )));
+        }
+        out.extend_from_slice(b"\n\n");
+        Ok(())
     }
+}
+
+fn push_frame(out: &mut Vec<u8>, json: &[u8]) {
+    out.reserve(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
 }
 
 fn data_frame(json: &[u8]) -> Bytes {
     let mut buf = Vec::with_capacity(json.len() + 8);
-    buf.extend_from_slice(b"data: ");
-    buf.extend_from_slice(json);
-    buf.extend_from_slice(b"\n\n");
+    push_frame(&mut buf, json);
     Bytes::from(buf)
 }
 
@@ -100,36 +127,44 @@ impl Stream for SseStream {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
+        let this = &mut *self;
+        if this.done {
             return Poll::Ready(None);
         }
-        loop {
-            let next = match self.first.take() {
+        let mut out = Vec::new();
+        while out.len() < MAX_WRITE_BYTES {
+            let next = match this.first.take() {
                 Some(first) => Some(Ok(first)),
-                None => match self.inner.poll_next_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
+                None => match this.inner.poll_next_event(cx) {
+                    Poll::Pending => break,
                     Poll::Ready(item) => item,
                 },
             };
             match next {
-                Some(Ok(chunk)) => match self.frame(chunk) {
-                    Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.done = true;
-                        return Poll::Ready(Some(Ok(error_frame(&e))));
+                Some(Ok(event)) => {
+                    if let Err(e) = this.frame(event, &mut out) {
+                        this.done = true;
+                        out.extend_from_slice(&error_frame(&e));
+                        break;
                     }
-                },
+                }
                 Some(Err(e)) => {
-                    self.done = true;
+                    this.done = true;
                     tracing::warn!(error = %e, "stream failed after it started");
-                    return Poll::Ready(Some(Ok(error_frame(&e))));
+                    out.extend_from_slice(&error_frame(&e));
+                    break;
                 }
                 None => {
-                    self.done = true;
-                    return Poll::Ready(Some(Ok(Bytes::from_static(DONE))));
+                    this.done = true;
+                    out.extend_from_slice(DONE);
+                    break;
                 }
             }
         }
+        if out.is_empty() {
+            // Nothing ready (the inner stream registered the waker).
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Ok(Bytes::from(out))))
     }
 }

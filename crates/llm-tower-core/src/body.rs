@@ -40,7 +40,7 @@ pub type BoxEventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, LlmError
 /// assert!(encoded.has_finish() && !typed.has_finish());
 /// assert_eq!(encoded.into_chunk().unwrap().choices[0].delta.text(), Some("hi"));
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum StreamEvent {
     /// A typed chunk (boxed: events move through every layer's stream).
     Chunk(Box<ChatChunk>),
@@ -73,6 +73,20 @@ impl StreamEvent {
         }
     }
 
+    /// The choice indices in the event and those that finished in it, as bit sets (bit `i`
+    /// for index `i`); `None` when an index is 64 or more (see
+    /// [`EncodedChunk::choice_indices`]).
+    pub fn choice_indices(&self) -> Option<(u64, u64)> {
+        match self {
+            StreamEvent::Chunk(c) => c.choices.iter().try_fold((0, 0), |(seen, fin), ch| {
+                let bit = 1u64.checked_shl(ch.index)?;
+                let f = if ch.finish_reason().is_some() { bit } else { 0 };
+                Some((seen | bit, fin | f))
+            }),
+            StreamEvent::Encoded(c) => c.choice_indices(),
+        }
+    }
+
     /// The typed chunk, decoded if the event is encoded (see [`EncodedChunk::decode`]).
     pub fn into_chunk(self) -> Result<ChatChunk, LlmError> {
         match self {
@@ -81,12 +95,47 @@ impl StreamEvent {
         }
     }
 
-    /// The event with an encoded chunk's JSON in an allocation of its own
-    /// ([`EncodedChunk::compacted`]); what a store keeping events in memory keeps.
-    pub fn compacted(&self) -> Self {
-        match self {
-            StreamEvent::Chunk(c) => StreamEvent::Chunk(c.clone()),
-            StreamEvent::Encoded(c) => StreamEvent::Encoded(c.compacted()),
+    /// The events with the encoded chunks' JSON copied into one allocation of their total
+    /// size: each is otherwise a slice of a read buffer, which it keeps alive whole. What a
+    /// store keeping events in memory keeps.
+    pub fn compacted(events: &[StreamEvent]) -> Vec<StreamEvent> {
+        let total = events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::Encoded(c) => c.json().len(),
+                StreamEvent::Chunk(_) => 0,
+            })
+            .sum();
+        let mut all = bytes::BytesMut::with_capacity(total);
+        for e in events {
+            if let StreamEvent::Encoded(c) = e {
+                all.extend_from_slice(c.json());
+            }
+        }
+        let mut all = all.freeze();
+        events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::Chunk(c) => StreamEvent::Chunk(c.clone()),
+                StreamEvent::Encoded(c) => {
+                    StreamEvent::Encoded(c.with_json(all.split_to(c.json().len())))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Two events are equal when they hold the same document (two encoded ones) or the same
+/// chunk (a typed one against any, the encoded one decoded).
+impl PartialEq for StreamEvent {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (StreamEvent::Chunk(a), StreamEvent::Chunk(b)) => a == b,
+            (StreamEvent::Encoded(a), StreamEvent::Encoded(b)) => a == b,
+            (StreamEvent::Chunk(c), StreamEvent::Encoded(e))
+            | (StreamEvent::Encoded(e), StreamEvent::Chunk(c)) => {
+                e.decode().is_ok_and(|d| d == **c)
+            }
         }
     }
 }
@@ -444,6 +493,17 @@ impl LlmResponse {
     {
         Self {
             body: ResponseBody::Stream(ChunkStream::new(stream)),
+            meta: ResponseMeta::default(),
+        }
+    }
+
+    /// A streamed response of events (typed or encoded chunks).
+    pub fn events<S>(stream: S) -> Self
+    where
+        S: Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static,
+    {
+        Self {
+            body: ResponseBody::Stream(ChunkStream::from_events(stream)),
             meta: ResponseMeta::default(),
         }
     }

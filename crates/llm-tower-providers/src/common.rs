@@ -16,7 +16,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use llm_tower_core::{ChatChunk, Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom};
+use llm_tower_core::{
+    Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom, StreamEvent,
+};
 use tokio::time::Instant;
 
 use crate::classify;
@@ -329,10 +331,12 @@ async fn read_limited(
     })
 }
 
-/// Turns SSE events of one provider into chunks.
+/// Turns SSE events of one provider into chunk events (typed, or kept in the upstream's
+/// JSON where that is the client's format too).
 pub(crate) trait Decoder: Send + Unpin + 'static {
-    /// Handles one event, pushing the chunks it yields.
-    fn decode(&mut self, event: &SseEvent, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError>;
+    /// Handles one event, pushing the chunk events it yields.
+    fn decode(&mut self, event: &SseEvent, out: &mut VecDeque<StreamEvent>)
+    -> Result<(), LlmError>;
     /// Whether the terminal event has been seen.
     fn is_done(&self) -> bool;
     /// The terminal event's name, for the "ended early" error.
@@ -344,7 +348,7 @@ pub(crate) trait Decoder: Send + Unpin + 'static {
     }
 }
 
-/// The chunk stream of a streamed response: body frames → SSE events → chunks.
+/// The event stream of a streamed response: body frames → SSE events → chunk events.
 ///
 /// Ends with an error (never a clean end) if the body ends or breaks before the
 /// provider's terminal event.
@@ -352,7 +356,7 @@ pub(crate) struct SseStream<B, D> {
     body: Option<B>,
     parser: SseParser,
     decoder: D,
-    queue: VecDeque<ChatChunk>,
+    queue: VecDeque<StreamEvent>,
     provider: Arc<str>,
     finished: bool,
 }
@@ -374,7 +378,7 @@ where
         }
     }
 
-    fn fail(&mut self, mut err: LlmError) -> Poll<Option<Result<ChatChunk, LlmError>>> {
+    fn fail(&mut self, mut err: LlmError) -> Poll<Option<Result<StreamEvent, LlmError>>> {
         if err.usage().is_none()
             && let Some(paid) = self.decoder.usage_so_far()
         {
@@ -407,7 +411,7 @@ where
     B::Error: std::error::Error + 'static,
     D: Decoder,
 {
-    type Item = Result<ChatChunk, LlmError>;
+    type Item = Result<StreamEvent, LlmError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();

@@ -42,6 +42,10 @@ pub struct EncodedChunk {
     usage: Option<Box<Usage>>,
     choices: u32,
     finish: bool,
+    // Bit `i`: choice `i` (< 64) is in the chunk / finished in it; `wide`: an index >= 64.
+    indices: u64,
+    finished: u64,
+    wide: bool,
 }
 
 impl EncodedChunk {
@@ -57,6 +61,9 @@ impl EncodedChunk {
             usage: found.usage.map(Box::new),
             choices: u32::try_from(found.choices).ok()?,
             finish: found.finish,
+            indices: found.indices,
+            finished: found.finished,
+            wide: found.wide,
             json,
         })
     }
@@ -81,6 +88,13 @@ impl EncodedChunk {
         self.finish
     }
 
+    /// The choice indices in the chunk and those that finished in it, as bit sets (bit `i`
+    /// for index `i`); `None` when an index is 64 or more. What a layer checking that every
+    /// choice of a stream finished needs, without decoding.
+    pub fn choice_indices(&self) -> Option<(u64, u64)> {
+        (!self.wide).then_some((self.indices, self.finished))
+    }
+
     /// The typed chunk. Where the document's deeper parts do not have the types
     /// [`ChatChunk`] requires (the check leaves a few to serde: numbers beyond `f64`'s range
     /// in untyped fields), a [`Transport`](crate::ErrorKind::Transport) error, as for any
@@ -94,8 +108,14 @@ impl EncodedChunk {
     /// a slice of the read buffer, which the slice keeps alive whole. What a store that
     /// keeps chunks in memory keeps.
     pub fn compacted(&self) -> Self {
+        self.with_json(Bytes::copy_from_slice(&self.json))
+    }
+
+    /// The same chunk read from `json`, a copy of its document.
+    pub(crate) fn with_json(&self, json: Bytes) -> Self {
+        debug_assert_eq!(json, self.json);
         Self {
-            json: Bytes::copy_from_slice(&self.json),
+            json,
             ..self.clone()
         }
     }
@@ -146,6 +166,16 @@ mod tests {
         Some((c.usage().cloned(), c.choices.len(), finish))
     }
 
+    /// The choice bit sets, from serde's reading.
+    fn bits(json: &[u8]) -> (u64, u64) {
+        let c = ChatChunk::from_slice(json).unwrap();
+        c.choices.iter().fold((0, 0), |(seen, fin), ch| {
+            let bit = 1u64 << ch.index;
+            let f = if ch.finish_reason().is_some() { bit } else { 0 };
+            (seen | bit, fin | f)
+        })
+    }
+
     #[test]
     fn reads_what_serde_reads_on_the_common_chunks() {
         for seed in SEEDS {
@@ -157,6 +187,7 @@ mod tests {
                 want,
                 "{seed}"
             );
+            assert_eq!(c.choice_indices(), Some(bits(seed.as_bytes())), "{seed}");
             assert!(c.decode().is_ok());
         }
     }
@@ -208,6 +239,9 @@ mod tests {
                     want,
                     "{text}"
                 );
+                if let Some(got) = c.choice_indices() {
+                    assert_eq!(got, bits(&doc), "{text}");
+                }
             };
             for i in 0..seed.len() {
                 let mut d = seed.to_vec();

@@ -52,6 +52,11 @@ pub(super) struct ChunkFound {
     pub(super) usage: Option<Usage>,
     pub(super) choices: usize,
     pub(super) finish: bool,
+    /// Bit `i`: a choice of index `i` (< 64) is in the chunk / has a finish reason.
+    pub(super) indices: u64,
+    pub(super) finished: u64,
+    /// A choice has an index of 64 or more (not in the bit sets).
+    pub(super) wide: bool,
 }
 
 /// The shape check of one `chat.completion.chunk` event's JSON: validates the JSON and the
@@ -69,6 +74,30 @@ pub(super) fn check_chunk(json: &[u8]) -> Option<ChunkFound> {
     let found = s.chunk()?;
     s.ws();
     (s.i == json.len()).then_some(found)
+}
+
+/// The choice indices of a chunk, as bit sets.
+#[derive(Default)]
+struct ChoiceSets {
+    finish: bool,
+    indices: u64,
+    finished: u64,
+    wide: bool,
+}
+
+impl ChoiceSets {
+    fn add(&mut self, index: u32, finish: bool) {
+        self.finish |= finish;
+        match 1u64.checked_shl(index) {
+            Some(bit) => {
+                self.indices |= bit;
+                if finish {
+                    self.finished |= bit;
+                }
+            }
+            None => self.wide = true,
+        }
+    }
 }
 
 fn hex4(b: &[u8], i: usize) -> Option<u16> {
@@ -330,7 +359,8 @@ impl Scanner<'_> {
     /// choices, `usage` null or a usage; an `error` field is left to the caller's decoder.
     fn chunk(&mut self) -> Option<ChunkFound> {
         let mut seen = [false; 6];
-        let (mut choices, mut usage, mut finish) = (0, None, false);
+        let (mut choices, mut usage) = (0, None);
+        let mut sets = ChoiceSets::default();
         self.object(|s, key| {
             match key {
                 b"id" | b"object" | b"model" => {
@@ -348,7 +378,7 @@ impl Scanner<'_> {
                 }
                 b"choices" => {
                     once(&mut seen[4])?;
-                    choices = s.array(|s| s.chunk_choice(&mut finish))?;
+                    choices = s.array(|s| s.chunk_choice(&mut sets))?;
                 }
                 b"usage" => {
                     once(&mut seen[5])?;
@@ -362,17 +392,21 @@ impl Scanner<'_> {
         Some(ChunkFound {
             usage,
             choices,
-            finish,
+            finish: sets.finish,
+            indices: sets.indices,
+            finished: sets.finished,
+            wide: sets.wide,
         })
     }
 
-    fn chunk_choice(&mut self, finish: &mut bool) -> Option<()> {
+    fn chunk_choice(&mut self, sets: &mut ChoiceSets) -> Option<()> {
         let mut seen = [false; 3];
+        let (mut index, mut finish) = (0, false);
         self.object(|s, key| {
             match key {
                 b"index" => {
                     once(&mut seen[0])?;
-                    u32::try_from(s.u64()?).ok()?;
+                    index = u32::try_from(s.u64()?).ok()?;
                 }
                 b"delta" => {
                     once(&mut seen[1])?;
@@ -382,13 +416,15 @@ impl Scanner<'_> {
                     once(&mut seen[2])?;
                     if !s.null() {
                         s.string()?;
-                        *finish = true;
+                        finish = true;
                     }
                 }
                 _ => s.value()?,
             }
             Some(())
-        })
+        })?;
+        sets.add(index, finish);
+        Some(())
     }
 
     /// A delta without tool calls (those are left to serde).
@@ -401,7 +437,11 @@ impl Scanner<'_> {
             }
             b"content" => {
                 once(&mut seen[1])?;
-                if s.null() { Some(()) } else { s.string().map(drop) }
+                if s.null() {
+                    Some(())
+                } else {
+                    s.string().map(drop)
+                }
             }
             b"tool_calls" | b"function_call" => None,
             _ => s.value(),
