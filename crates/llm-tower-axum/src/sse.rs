@@ -168,3 +168,93 @@ impl Stream for SseStream {
         Poll::Ready(Some(Ok(Bytes::from(out))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use llm_tower_core::{ChatChunk, EncodedChunk};
+
+    const TEXT: &str = r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}],"usage":null}"#;
+    const LAST: &str = r#"{"id":"c","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+    const USAGE: &str = r#"{"id":"c","model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+
+    fn enc(json: &str) -> StreamEvent {
+        EncodedChunk::from_json(Bytes::copy_from_slice(json.as_bytes()))
+            .unwrap()
+            .into()
+    }
+
+    /// The writes the SSE stream makes, one string each.
+    async fn writes(s: SseStream) -> Vec<String> {
+        s.map(|w| String::from_utf8(w.unwrap().to_vec()).unwrap())
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn encoded_events_leave_as_sent_and_together() {
+        let events = vec![Ok(enc(TEXT)), Ok(enc(TEXT)), Ok(enc(USAGE))];
+        let s = ChunkStream::from_events(futures_util::stream::iter(events));
+        let out = writes(SseStream::new(None, s, true)).await;
+        // All ready at once: one write, the documents byte for byte.
+        assert_eq!(
+            out,
+            vec![format!(
+                "data: {TEXT}\n\ndata: {TEXT}\n\ndata: {USAGE}\n\ndata: [DONE]\n\n"
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_include_usage_the_usage_comes_off() {
+        let events = vec![Ok(enc(TEXT)), Ok(enc(LAST)), Ok(enc(USAGE))];
+        let s = ChunkStream::from_events(futures_util::stream::iter(events));
+        let out = writes(SseStream::new(None, s, false)).await.concat();
+        let frames: Vec<&str> = out.split("\n\n").filter(|f| !f.is_empty()).collect();
+        assert_eq!(frames.len(), 3, "{out}");
+        assert_eq!(frames[0], format!("data: {TEXT}"));
+        // The chunk with choices and usage: re-encoded without the usage.
+        let last = ChatChunk::from_slice(frames[1].strip_prefix("data: ").unwrap().as_bytes());
+        let last = last.unwrap();
+        assert!(last.usage.is_none() && last.choices[0].finish_reason() == Some("stop"));
+        assert_eq!(frames[2], "data: [DONE]");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_apart_leave_apart_and_a_failure_ends_without_done() {
+        let (tx, rx) = futures_channel_like();
+        let s = ChunkStream::from_events(rx);
+        let mut sse = SseStream::new(Some(enc(TEXT)), s, true);
+        // The first event is ready, the next is not: the first leaves alone.
+        let first = sse.next().await.unwrap().unwrap();
+        assert_eq!(first, format!("data: {TEXT}\n\n").as_bytes());
+        tx.send(Ok(ChatChunk::text("c", "m", "typed").into()))
+            .unwrap();
+        tx.send(Err(LlmError::timeout("stalled"))).unwrap();
+        drop(tx);
+        let rest = String::from_utf8(sse.next().await.unwrap().unwrap().to_vec()).unwrap();
+        assert!(
+            rest.starts_with("data: {") && rest.contains("\"typed\""),
+            "{rest}"
+        );
+        assert!(
+            rest.contains("\"error\"") && !rest.contains("[DONE]"),
+            "{rest}"
+        );
+        assert!(sse.next().await.is_none());
+    }
+
+    type Tx = tokio::sync::mpsc::UnboundedSender<Result<StreamEvent, LlmError>>;
+
+    fn futures_channel_like() -> (
+        Tx,
+        impl futures_core::Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            tx,
+            futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+        )
+    }
+}
