@@ -11,7 +11,6 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::{HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use llm_tower_core::{
@@ -1013,8 +1012,8 @@ where
     });
     // Headers go out with the first chunk: an upstream that fails before it still gets a
     // proper HTTP error status (the commit point), and the timing is time-to-headers.
-    let first = match stream.next().await {
-        Some(Ok(chunk)) => Some(chunk),
+    let first = match stream.next_event().await {
+        Some(Ok(event)) => Some(event),
         Some(Err(e)) => {
             let mut out = error_response(&e);
             headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());

@@ -12,8 +12,7 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use bytes::Bytes;
 use futures_core::Stream;
-use futures_util::StreamExt;
-use llm_tower_core::{ChatChunk, ChunkStream, LlmError};
+use llm_tower_core::{ChunkStream, LlmError, StreamEvent};
 
 /// The SSE body for `stream`, in OpenAI's framing.
 ///
@@ -44,17 +43,25 @@ pub fn sse_body(stream: ChunkStream, include_usage: bool) -> Body {
     Body::from_stream(SseStream::new(None, stream, include_usage))
 }
 
-/// The stream of SSE frames; the first chunk may already have been taken from the inner
+/// Most bytes one write carries: events ready together leave in one write up to this, so
+/// a burst of events is never held in one growing buffer.
+const MAX_WRITE_BYTES: usize = 64 * 1024;
+
+/// The stream of SSE writes; the first event may already have been taken from the inner
 /// stream (the handler waits for it before sending headers).
+///
+/// An encoded chunk (see [`llm_tower_core::EncodedChunk`]) is forwarded as the JSON its
+/// upstream sent, framed `data: …\n\n`; a typed one is encoded. Every event ready at one
+/// poll goes into the same write (hyper then writes and flushes once for all of them).
 pub(crate) struct SseStream {
-    first: Option<ChatChunk>,
+    first: Option<StreamEvent>,
     inner: ChunkStream,
     include_usage: bool,
     done: bool,
 }
 
 impl SseStream {
-    pub(crate) fn new(first: Option<ChatChunk>, inner: ChunkStream, include_usage: bool) -> Self {
+    pub(crate) fn new(first: Option<StreamEvent>, inner: ChunkStream, include_usage: bool) -> Self {
         Self {
             first,
             inner,
@@ -63,25 +70,45 @@ impl SseStream {
         }
     }
 
-    /// The frame for `chunk`, or `None` if it is not forwarded.
-    fn frame(&self, mut chunk: ChatChunk) -> Result<Option<Bytes>, LlmError> {
+    /// Appends the frame for `event` to `out` (nothing if it is not forwarded).
+    fn frame(&self, event: StreamEvent, out: &mut Vec<u8>) -> Result<(), LlmError> {
+        if let StreamEvent::Encoded(c) = &event
+            && (self.include_usage || c.usage().is_none())
+        {
+            push_frame(out, c.json());
+            return Ok(());
+        }
+        // The usage must come off, or the chunk is typed: through the typed encoder.
+        let mut chunk = event.into_chunk()?;
         if !self.include_usage {
             if chunk.choices.is_empty() && chunk.usage().is_some() {
-                return Ok(None);
+                return Ok(());
             }
             chunk.usage = None;
         }
-        let json = serde_json::to_vec(&chunk)
-            .map_err(|e| LlmError::internal(format!("cannot encode a stream chunk: {e}")))?;
-        Ok(Some(data_frame(&json)))
+        let start = out.len();
+        out.extend_from_slice(b"data: ");
+        if let Err(e) = serde_json::to_writer(&mut *out, &chunk) {
+            out.truncate(start);
+            return Err(LlmError::internal(format!(
+                "cannot encode a stream chunk: {e}"
+            )));
+        }
+        out.extend_from_slice(b"\n\n");
+        Ok(())
     }
+}
+
+fn push_frame(out: &mut Vec<u8>, json: &[u8]) {
+    out.reserve(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
 }
 
 fn data_frame(json: &[u8]) -> Bytes {
     let mut buf = Vec::with_capacity(json.len() + 8);
-    buf.extend_from_slice(b"data: ");
-    buf.extend_from_slice(json);
-    buf.extend_from_slice(b"\n\n");
+    push_frame(&mut buf, json);
     Bytes::from(buf)
 }
 
@@ -100,36 +127,134 @@ impl Stream for SseStream {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
+        let this = &mut *self;
+        if this.done {
             return Poll::Ready(None);
         }
-        loop {
-            let next = match self.first.take() {
+        let mut out = Vec::new();
+        while out.len() < MAX_WRITE_BYTES {
+            let next = match this.first.take() {
                 Some(first) => Some(Ok(first)),
-                None => match self.inner.poll_next_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
+                None => match this.inner.poll_next_event(cx) {
+                    Poll::Pending => break,
                     Poll::Ready(item) => item,
                 },
             };
             match next {
-                Some(Ok(chunk)) => match self.frame(chunk) {
-                    Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.done = true;
-                        return Poll::Ready(Some(Ok(error_frame(&e))));
+                Some(Ok(event)) => {
+                    if let Err(e) = this.frame(event, &mut out) {
+                        this.done = true;
+                        out.extend_from_slice(&error_frame(&e));
+                        break;
                     }
-                },
+                }
                 Some(Err(e)) => {
-                    self.done = true;
+                    this.done = true;
                     tracing::warn!(error = %e, "stream failed after it started");
-                    return Poll::Ready(Some(Ok(error_frame(&e))));
+                    out.extend_from_slice(&error_frame(&e));
+                    break;
                 }
                 None => {
-                    self.done = true;
-                    return Poll::Ready(Some(Ok(Bytes::from_static(DONE))));
+                    this.done = true;
+                    out.extend_from_slice(DONE);
+                    break;
                 }
             }
         }
+        if out.is_empty() {
+            // Nothing ready (the inner stream registered the waker).
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Ok(Bytes::from(out))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use llm_tower_core::{ChatChunk, EncodedChunk};
+
+    const TEXT: &str = r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}],"usage":null}"#;
+    const LAST: &str = r#"{"id":"c","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+    const USAGE: &str = r#"{"id":"c","model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+
+    fn enc(json: &str) -> StreamEvent {
+        EncodedChunk::from_json(Bytes::copy_from_slice(json.as_bytes()))
+            .unwrap()
+            .into()
+    }
+
+    /// The writes the SSE stream makes, one string each.
+    async fn writes(s: SseStream) -> Vec<String> {
+        s.map(|w| String::from_utf8(w.unwrap().to_vec()).unwrap())
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn encoded_events_leave_as_sent_and_together() {
+        let events = vec![Ok(enc(TEXT)), Ok(enc(TEXT)), Ok(enc(USAGE))];
+        let s = ChunkStream::from_events(futures_util::stream::iter(events));
+        let out = writes(SseStream::new(None, s, true)).await;
+        // All ready at once: one write, the documents byte for byte.
+        assert_eq!(
+            out,
+            vec![format!(
+                "data: {TEXT}\n\ndata: {TEXT}\n\ndata: {USAGE}\n\ndata: [DONE]\n\n"
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_include_usage_the_usage_comes_off() {
+        let events = vec![Ok(enc(TEXT)), Ok(enc(LAST)), Ok(enc(USAGE))];
+        let s = ChunkStream::from_events(futures_util::stream::iter(events));
+        let out = writes(SseStream::new(None, s, false)).await.concat();
+        let frames: Vec<&str> = out.split("\n\n").filter(|f| !f.is_empty()).collect();
+        assert_eq!(frames.len(), 3, "{out}");
+        assert_eq!(frames[0], format!("data: {TEXT}"));
+        // The chunk with choices and usage: re-encoded without the usage.
+        let last = ChatChunk::from_slice(frames[1].strip_prefix("data: ").unwrap().as_bytes());
+        let last = last.unwrap();
+        assert!(last.usage.is_none() && last.choices[0].finish_reason() == Some("stop"));
+        assert_eq!(frames[2], "data: [DONE]");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_apart_leave_apart_and_a_failure_ends_without_done() {
+        let (tx, rx) = futures_channel_like();
+        let s = ChunkStream::from_events(rx);
+        let mut sse = SseStream::new(Some(enc(TEXT)), s, true);
+        // The first event is ready, the next is not: the first leaves alone.
+        let first = sse.next().await.unwrap().unwrap();
+        assert_eq!(first, format!("data: {TEXT}\n\n").as_bytes());
+        tx.send(Ok(ChatChunk::text("c", "m", "typed").into()))
+            .unwrap();
+        tx.send(Err(LlmError::timeout("stalled"))).unwrap();
+        drop(tx);
+        let rest = String::from_utf8(sse.next().await.unwrap().unwrap().to_vec()).unwrap();
+        assert!(
+            rest.starts_with("data: {") && rest.contains("\"typed\""),
+            "{rest}"
+        );
+        assert!(
+            rest.contains("\"error\"") && !rest.contains("[DONE]"),
+            "{rest}"
+        );
+        assert!(sse.next().await.is_none());
+    }
+
+    type Tx = tokio::sync::mpsc::UnboundedSender<Result<StreamEvent, LlmError>>;
+
+    fn futures_channel_like() -> (
+        Tx,
+        impl futures_core::Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            tx,
+            futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+        )
     }
 }

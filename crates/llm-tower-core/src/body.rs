@@ -5,13 +5,177 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
+use futures_util::StreamExt;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{
-    ChatChunk, ChatResponse, EmbeddingsResponse, EncodedResponse, LlmError, ResponseMeta, Usage,
+    ChatChunk, ChatResponse, EmbeddingsResponse, EncodedChunk, EncodedResponse, LlmError,
+    ResponseMeta, Usage,
 };
 
-/// A boxed stream of chunks, as providers and layers produce it.
+/// A boxed stream of typed chunks.
 pub type BoxChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, LlmError>> + Send>>;
+
+/// A boxed stream of events, as providers and layers produce it.
+pub type BoxEventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, LlmError>> + Send>>;
+
+/// One event of a streamed chat response: a typed [`ChatChunk`], or an [`EncodedChunk`]
+/// still in the JSON its upstream sent.
+///
+/// Providers whose wire format is the client's (an OpenAI-compatible upstream behind an
+/// OpenAI-compatible surface) produce encoded events, which an HTTP surface forwards as
+/// they came; layers read what they need from either kind without decoding
+/// ([`usage`](Self::usage), [`has_finish`](Self::has_finish),
+/// [`choice_count`](Self::choice_count)), and [`into_chunk`](Self::into_chunk) gives the
+/// typed view to those that need the content.
+///
+/// It serializes as the chunk's JSON (an encoded event as the document it holds), so a
+/// stored list of events reads back as the same list of chunks.
+///
+/// ```
+/// use llm_tower_core::{ChatChunk, EncodedChunk, StreamEvent};
+///
+/// let typed = StreamEvent::from(ChatChunk::text("id", "m", "hi"));
+/// let json = br#"{"id":"id","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+/// let encoded = StreamEvent::from(EncodedChunk::from_json(json.as_slice().into()).unwrap());
+/// assert!(encoded.has_finish() && !typed.has_finish());
+/// assert_eq!(encoded.into_chunk().unwrap().choices[0].delta.text(), Some("hi"));
+/// ```
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// A typed chunk (boxed: events move through every layer's stream).
+    Chunk(Box<ChatChunk>),
+    /// A chunk in its upstream's JSON.
+    Encoded(EncodedChunk),
+}
+
+impl StreamEvent {
+    /// The usage the event carries, if any.
+    pub fn usage(&self) -> Option<&Usage> {
+        match self {
+            StreamEvent::Chunk(c) => c.usage(),
+            StreamEvent::Encoded(c) => c.usage(),
+        }
+    }
+
+    /// How many choices the event has (0 on a usage-only chunk).
+    pub fn choice_count(&self) -> usize {
+        match self {
+            StreamEvent::Chunk(c) => c.choices.len(),
+            StreamEvent::Encoded(c) => c.choice_count(),
+        }
+    }
+
+    /// Whether a choice of the event has a finish reason.
+    pub fn has_finish(&self) -> bool {
+        match self {
+            StreamEvent::Chunk(c) => c.choices.iter().any(|c| c.finish_reason().is_some()),
+            StreamEvent::Encoded(c) => c.has_finish(),
+        }
+    }
+
+    /// The choice indices in the event and those that finished in it, as bit sets (bit `i`
+    /// for index `i`); `None` when an index is 64 or more (see
+    /// [`EncodedChunk::choice_indices`]).
+    pub fn choice_indices(&self) -> Option<(u64, u64)> {
+        match self {
+            StreamEvent::Chunk(c) => c.choices.iter().try_fold((0, 0), |(seen, fin), ch| {
+                let bit = 1u64.checked_shl(ch.index)?;
+                let f = if ch.finish_reason().is_some() { bit } else { 0 };
+                Some((seen | bit, fin | f))
+            }),
+            StreamEvent::Encoded(c) => c.choice_indices(),
+        }
+    }
+
+    /// The typed chunk, decoded if the event is encoded (see [`EncodedChunk::decode`]).
+    pub fn into_chunk(self) -> Result<ChatChunk, LlmError> {
+        match self {
+            StreamEvent::Chunk(c) => Ok(*c),
+            StreamEvent::Encoded(c) => c.decode(),
+        }
+    }
+
+    /// The events with the encoded chunks' JSON copied into one allocation of their total
+    /// size: each is otherwise a slice of a read buffer, which it keeps alive whole. What a
+    /// store keeping events in memory keeps.
+    pub fn compacted(events: &[StreamEvent]) -> Vec<StreamEvent> {
+        let total = events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::Encoded(c) => c.json().len(),
+                StreamEvent::Chunk(_) => 0,
+            })
+            .sum();
+        let mut all = bytes::BytesMut::with_capacity(total);
+        for e in events {
+            if let StreamEvent::Encoded(c) = e {
+                all.extend_from_slice(c.json());
+            }
+        }
+        let mut all = all.freeze();
+        events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::Chunk(c) => StreamEvent::Chunk(c.clone()),
+                StreamEvent::Encoded(c) => {
+                    StreamEvent::Encoded(c.with_json(all.split_to(c.json().len())))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Two events are equal when they hold the same document (two encoded ones) or the same
+/// chunk (a typed one against any, the encoded one decoded).
+impl PartialEq for StreamEvent {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (StreamEvent::Chunk(a), StreamEvent::Chunk(b)) => a == b,
+            (StreamEvent::Encoded(a), StreamEvent::Encoded(b)) => a == b,
+            (StreamEvent::Chunk(c), StreamEvent::Encoded(e))
+            | (StreamEvent::Encoded(e), StreamEvent::Chunk(c)) => {
+                e.decode().is_ok_and(|d| d == **c)
+            }
+        }
+    }
+}
+
+impl From<ChatChunk> for StreamEvent {
+    fn from(chunk: ChatChunk) -> Self {
+        StreamEvent::Chunk(Box::new(chunk))
+    }
+}
+
+impl From<EncodedChunk> for StreamEvent {
+    fn from(chunk: EncodedChunk) -> Self {
+        StreamEvent::Encoded(chunk)
+    }
+}
+
+/// Serializes as the chunk's JSON.
+impl Serialize for StreamEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StreamEvent::Chunk(c) => c.serialize(s),
+            StreamEvent::Encoded(c) => c.serialize(s),
+        }
+    }
+}
+
+/// Deserializes a chunk: kept encoded when [`EncodedChunk::from_json`] reads it, else typed.
+impl<'de> Deserialize<'de> for StreamEvent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let json = bytes::Bytes::from(String::from(raw.get()).into_bytes());
+        if let Some(c) = EncodedChunk::from_json(json.clone()) {
+            return Ok(StreamEvent::Encoded(c));
+        }
+        ChatChunk::from_slice(&json)
+            .map(StreamEvent::from)
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 /// How a response finished, as seen by the caller.
 #[derive(Debug, Clone)]
@@ -74,7 +238,7 @@ type Hook = Box<dyn FnOnce(&Outcome) + Send>;
 /// # }
 /// ```
 pub struct ChunkStream {
-    inner: BoxChunkStream,
+    inner: BoxEventStream,
     hooks: Vec<Hook>,
     // Boxed: this is a variant of `ResponseBody`, which moves through every layer's future.
     usage: Option<Box<Usage>>,
@@ -87,13 +251,37 @@ impl ChunkStream {
     where
         S: Stream<Item = Result<ChatChunk, LlmError>> + Send + 'static,
     {
-        Self::from_boxed(Box::pin(stream))
+        Self::from_events(stream.map(|item| item.map(StreamEvent::from)))
     }
 
     /// Wraps an already boxed stream.
     pub fn from_boxed(inner: BoxChunkStream) -> Self {
+        Self::new(inner)
+    }
+
+    /// Wraps a stream of events (typed or encoded chunks).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use futures_util::StreamExt;
+    /// use llm_tower_core::{ChunkStream, EncodedChunk, StreamEvent};
+    ///
+    /// let json = br#"{"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+    /// let event = StreamEvent::from(EncodedChunk::from_json(json.as_slice().into()).unwrap());
+    /// let mut s = ChunkStream::from_events(futures_util::stream::iter([Ok(event.clone())]));
+    /// // The event level: as it came, nothing decoded.
+    /// assert_eq!(s.next_event().await.unwrap().unwrap(), event);
+    /// // The typed level decodes it.
+    /// let mut s = ChunkStream::from_events(futures_util::stream::iter([Ok(event)]));
+    /// assert_eq!(s.next().await.unwrap().unwrap().choices[0].delta.text(), Some("hi"));
+    /// # }
+    /// ```
+    pub fn from_events<S>(stream: S) -> Self
+    where
+        S: Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static,
+    {
         Self {
-            inner,
+            inner: Box::pin(stream),
             hooks: Vec::new(),
             usage: None,
             finished: false,
@@ -113,10 +301,28 @@ impl ChunkStream {
 
     /// Replaces the inner stream by `f(inner)`, keeping the hooks outside it, so that hooks
     /// see what the caller sees (for example a stall timeout inserted by `f`).
+    ///
+    /// `f` sees typed chunks: every encoded event is decoded for it (a chunk that does not
+    /// decode is an error item). A layer that needs no content uses
+    /// [`wrap_events`](Self::wrap_events) instead.
     pub fn wrap<F, S>(&mut self, f: F)
     where
         F: FnOnce(BoxChunkStream) -> S,
         S: Stream<Item = Result<ChatChunk, LlmError>> + Send + 'static,
+    {
+        self.wrap_events(|inner| {
+            let typed: BoxChunkStream =
+                Box::pin(inner.map(|item| item.and_then(StreamEvent::into_chunk)));
+            f(typed).map(|item| item.map(StreamEvent::from))
+        });
+    }
+
+    /// Replaces the inner stream of events by `f(inner)`, keeping the hooks outside it;
+    /// events pass as they are (encoded ones stay encoded).
+    pub fn wrap_events<F, S>(&mut self, f: F)
+    where
+        F: FnOnce(BoxEventStream) -> S,
+        S: Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static,
     {
         let inner = std::mem::replace(&mut self.inner, Box::pin(futures_util::stream::empty()));
         self.inner = Box::pin(f(inner));
@@ -133,37 +339,63 @@ impl ChunkStream {
             hook(&outcome);
         }
     }
-}
 
-impl Stream for ChunkStream {
-    type Item = Result<ChatChunk, LlmError>;
+    fn fail(&mut self, error: LlmError) -> LlmError {
+        // A provider that knew the usage when it failed says so on the error.
+        let usage = self.usage.as_deref().or_else(|| error.usage()).cloned();
+        self.finish(Outcome::Failed {
+            error: error.clone(),
+            usage,
+        });
+        error
+    }
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    /// The next event as it came (an encoded chunk stays encoded); the hooks run as for
+    /// [`poll_next`](Stream::poll_next).
+    pub fn poll_next_event(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<StreamEvent, LlmError>>> {
         if self.finished {
             return Poll::Ready(None);
         }
         match self.inner.as_mut().poll_next(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(chunk))) => {
-                if let Some(u) = chunk.usage() {
+            Poll::Ready(Some(Ok(event))) => {
+                if let Some(u) = event.usage() {
                     self.usage = Some(Box::new(u.clone()));
                 }
-                Poll::Ready(Some(Ok(chunk)))
+                Poll::Ready(Some(Ok(event)))
             }
-            Poll::Ready(Some(Err(error))) => {
-                // A provider that knew the usage when it failed says so on the error.
-                let usage = self.usage.as_deref().or_else(|| error.usage()).cloned();
-                self.finish(Outcome::Failed {
-                    error: error.clone(),
-                    usage,
-                });
-                Poll::Ready(Some(Err(error)))
-            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(self.fail(error)))),
             Poll::Ready(None) => {
                 let usage = self.usage.as_deref().cloned();
                 self.finish(Outcome::Completed { usage });
                 Poll::Ready(None)
             }
+        }
+    }
+
+    /// The next event as it came; see [`poll_next_event`](Self::poll_next_event).
+    pub async fn next_event(&mut self) -> Option<Result<StreamEvent, LlmError>> {
+        std::future::poll_fn(|cx| self.poll_next_event(cx)).await
+    }
+}
+
+/// The typed view: encoded events are decoded as they are taken; one that does not decode
+/// ends the stream with its error (the hooks see `Failed`).
+impl Stream for ChunkStream {
+    type Item = Result<ChatChunk, LlmError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.poll_next_event(cx) {
+            Poll::Ready(Some(Ok(event))) => match event.into_chunk() {
+                Ok(chunk) => Poll::Ready(Some(Ok(chunk))),
+                Err(e) => Poll::Ready(Some(Err(self.fail(e)))),
+            },
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -289,6 +521,17 @@ impl LlmResponse {
         }
     }
 
+    /// A streamed response of events (typed or encoded chunks).
+    pub fn events<S>(stream: S) -> Self
+    where
+        S: Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static,
+    {
+        Self {
+            body: ResponseBody::Stream(ChunkStream::from_events(stream)),
+            meta: ResponseMeta::default(),
+        }
+    }
+
     /// Whether the body is a stream.
     pub fn is_stream(&self) -> bool {
         matches!(self.body, ResponseBody::Stream(_))
@@ -325,7 +568,6 @@ impl LlmResponse {
             ResponseBody::Complete(r) => Ok(*r),
             ResponseBody::Encoded(r) => r.decode(),
             ResponseBody::Stream(mut s) => {
-                use futures_util::StreamExt;
                 let mut acc = crate::StreamAccumulator::default();
                 while let Some(item) = s.next().await {
                     acc.push(&item?);

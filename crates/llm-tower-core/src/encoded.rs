@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{ChatResponse, LlmError, Usage};
 
+mod chunk;
 mod scan;
+
+pub use chunk::EncodedChunk;
 
 /// A complete chat-completions response kept in the JSON encoding its upstream sent, so
 /// that an OpenAI-compatible gateway forwards it as it came instead of decoding it into a

@@ -17,13 +17,15 @@ mod response;
 mod service;
 
 pub use aggregate::StreamAccumulator;
-pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
+pub use body::{
+    BoxChunkStream, BoxEventStream, ChunkStream, LlmResponse, Outcome, ResponseBody, StreamEvent,
+};
 pub use build::Answer;
 pub use embeddings::{
     EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, EncodingFormat,
     MAX_EMBEDDING_DIMENSIONS, MAX_EMBEDDING_INPUTS,
 };
-pub use encoded::EncodedResponse;
+pub use encoded::{EncodedChunk, EncodedResponse};
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TakenTargets, TaskType, Tenant};
 pub use meta::{

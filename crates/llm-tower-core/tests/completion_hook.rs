@@ -163,3 +163,76 @@ async fn into_complete_aggregates_and_reports_errors() {
         llm_tower_core::ErrorKind::Unavailable
     );
 }
+
+fn encoded(json: &str) -> llm_tower_core::StreamEvent {
+    llm_tower_core::EncodedChunk::from_json(bytes::Bytes::copy_from_slice(json.as_bytes()))
+        .expect(json)
+        .into()
+}
+
+#[tokio::test]
+async fn encoded_events_report_usage_without_a_decode_at_the_event_level() {
+    let log = Log::default();
+    let events = vec![
+        Ok(encoded(
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}"#,
+        )),
+        Ok(encoded(
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#,
+        )),
+    ];
+    let mut s = ChunkStream::from_events(futures_util::stream::iter(events.clone()));
+    s.on_finish(recorder(&log, "h"));
+    let mut seen = Vec::new();
+    while let Some(e) = s.next_event().await {
+        seen.push(e.unwrap());
+    }
+    // Passed as they came (still encoded), and the hook saw the usage.
+    assert!(
+        seen.iter()
+            .all(|e| matches!(e, llm_tower_core::StreamEvent::Encoded(_)))
+    );
+    assert_eq!(
+        seen,
+        events.into_iter().map(Result::unwrap).collect::<Vec<_>>()
+    );
+    assert_eq!(*log.lock().unwrap(), vec!["h:completed:Some(12)"]);
+}
+
+#[tokio::test]
+async fn an_event_the_typed_view_cannot_decode_fails_the_stream_once() {
+    // Valid JSON the check accepts, but beyond f64's range where serde keeps a number.
+    let odd = encoded(r#"{"id":"c","x":1e400,"choices":[]}"#);
+    let log = Log::default();
+    let mut s = ChunkStream::from_events(futures_util::stream::iter([Ok(odd.clone()), Ok(odd)]));
+    s.on_finish(recorder(&log, "h"));
+    let err = s.next().await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), llm_tower_core::ErrorKind::Transport);
+    assert!(s.next().await.is_none());
+    assert_eq!(*log.lock().unwrap(), vec!["h:failed:transport:None"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrap_gives_typed_chunks_and_wrap_events_keeps_them_encoded() {
+    let json =
+        r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+    let mut s = ChunkStream::from_events(futures_util::stream::iter([Ok(encoded(json))]));
+    s.wrap_events(|inner| inner);
+    s.wrap(|inner| {
+        inner.map(|c| {
+            c.map(|mut c: ChatChunk| {
+                c.model = "seen typed".into();
+                c
+            })
+        })
+    });
+    let out = s.next_event().await.unwrap().unwrap();
+    // After a typed wrap, the event is typed (decoded once, for it).
+    let llm_tower_core::StreamEvent::Chunk(c) = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(
+        (c.model.as_str(), c.choices[0].delta.text()),
+        ("seen typed", Some("hi"))
+    );
+}

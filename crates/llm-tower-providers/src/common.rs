@@ -17,7 +17,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use llm_tower_core::{
-    ChatChunk, Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom, TraceParent,
+    Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom, StreamEvent, TraceParent,
 };
 use tokio::time::Instant;
 
@@ -337,10 +337,12 @@ async fn read_limited(
     })
 }
 
-/// Turns SSE events of one provider into chunks.
+/// Turns SSE events of one provider into chunk events (typed, or kept in the upstream's
+/// JSON where that is the client's format too).
 pub(crate) trait Decoder: Send + Unpin + 'static {
-    /// Handles one event, pushing the chunks it yields.
-    fn decode(&mut self, event: &SseEvent, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError>;
+    /// Handles one event, pushing the chunk events it yields.
+    fn decode(&mut self, event: &SseEvent, out: &mut VecDeque<StreamEvent>)
+    -> Result<(), LlmError>;
     /// Whether the terminal event has been seen.
     fn is_done(&self) -> bool;
     /// The terminal event's name, for the "ended early" error.
@@ -352,7 +354,7 @@ pub(crate) trait Decoder: Send + Unpin + 'static {
     }
 }
 
-/// The chunk stream of a streamed response: body frames → SSE events → chunks.
+/// The event stream of a streamed response: body frames → SSE events → chunk events.
 ///
 /// Ends with an error (never a clean end) if the body ends or breaks before the
 /// provider's terminal event.
@@ -360,7 +362,7 @@ pub(crate) struct SseStream<B, D> {
     body: Option<B>,
     parser: SseParser,
     decoder: D,
-    queue: VecDeque<ChatChunk>,
+    queue: VecDeque<StreamEvent>,
     provider: Arc<str>,
     finished: bool,
 }
@@ -382,7 +384,7 @@ where
         }
     }
 
-    fn fail(&mut self, mut err: LlmError) -> Poll<Option<Result<ChatChunk, LlmError>>> {
+    fn fail(&mut self, mut err: LlmError) -> Poll<Option<Result<StreamEvent, LlmError>>> {
         if err.usage().is_none()
             && let Some(paid) = self.decoder.usage_so_far()
         {
@@ -415,7 +417,7 @@ where
     B::Error: std::error::Error + 'static,
     D: Decoder,
 {
-    type Item = Result<ChatChunk, LlmError>;
+    type Item = Result<StreamEvent, LlmError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();

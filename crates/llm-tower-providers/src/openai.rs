@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, EmbeddingsResponse, EncodedResponse, LlmError, LlmResponse,
-    StreamOptions, TraceParent,
+    ChatChunk, ChatRequest, EmbeddingsResponse, EncodedChunk, EncodedResponse, LlmError,
+    LlmResponse, StreamEvent, StreamOptions, TraceParent,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -399,7 +399,7 @@ impl OpenAiProvider {
                 key: ep.key.clone(),
                 done: false,
             };
-            let mut r = LlmResponse::stream(SseStream::new(
+            let mut r = LlmResponse::events(SseStream::new(
                 body,
                 decoder,
                 ep.provider.clone(),
@@ -481,16 +481,22 @@ pub(crate) struct OpenAiDecoder {
 }
 
 impl Decoder for OpenAiDecoder {
-    fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError> {
+    fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<StreamEvent>) -> Result<(), LlmError> {
         let data = ev.data();
         if data == b"[DONE]" {
             self.done = true;
             return Ok(());
         }
         let is_error_event = ev.event() == Some("error");
+        // The common chunk is kept as sent: an OpenAI-compatible surface forwards it, and
+        // only who needs the content decodes it.
+        if !is_error_event && let Some(chunk) = EncodedChunk::from_json(ev.data_bytes().clone()) {
+            out.push_back(chunk.into());
+            return Ok(());
+        }
         match ChatChunk::from_slice(data) {
             Ok(chunk) if !is_error_event && !chunk.extra.contains_key("error") => {
-                out.push_back(chunk);
+                out.push_back(chunk.into());
                 Ok(())
             }
             parsed => {

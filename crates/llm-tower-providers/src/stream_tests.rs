@@ -64,7 +64,7 @@ fn run<D: Decoder>(parts: Vec<Bytes>, decoder: D) -> (Vec<ChatChunk>, Option<Llm
         let mut out = Vec::new();
         while let Some(item) = stream.next().await {
             match item {
-                Ok(c) => out.push(c),
+                Ok(c) => out.push(c.into_chunk().unwrap()),
                 Err(e) => {
                     assert!(stream.next().await.is_none());
                     return (out, Some(e));

@@ -110,8 +110,8 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use llm_tower_core::{
-    Attempt, AttemptError, BoxChunkStream, BoxLlmService, ChatChunk, ChatRequest, LlmError,
-    LlmResponse, PaidAttempt, ResponseBody, boxed,
+    Attempt, AttemptError, BoxEventStream, BoxLlmService, ChatRequest, LlmError, LlmResponse,
+    PaidAttempt, ResponseBody, StreamEvent, boxed,
 };
 use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
@@ -1195,7 +1195,7 @@ impl Future for ResponseFuture {
                             "fallback future polled after completion",
                         )));
                     };
-                    match Pin::new(stream).poll_next(cx) {
+                    match stream.poll_next_event(cx) {
                         Poll::Ready(Some(Ok(chunk))) => {
                             let Some(mut resp) = slot.take() else {
                                 continue;
@@ -1206,7 +1206,7 @@ impl Future for ResponseFuture {
                                     this.config,
                                     this.targets[this.idx].name.clone(),
                                 );
-                                s.wrap(move |inner| committed.with_inner(inner));
+                                s.wrap_events(move |inner| committed.with_inner(inner));
                             }
                             return Poll::Ready(Ok(this.succeed(*resp)));
                         }
@@ -1260,12 +1260,37 @@ fn next_request(
 
 // ===== the committed stream =====
 
+/// The stall limit of a committed stream: the time of the last event, and a timer that
+/// fires at the earliest moment the limit could be over.
+struct Stall {
+    limit: Duration,
+    last: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Stall {
+    /// Whether `limit` passed since the last event; if not, the timer is re-armed for
+    /// the moment it would, and its waker registered.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = later(self.last, self.limit);
+            if due <= self.timer.deadline() {
+                return true;
+            }
+            self.timer.as_mut().reset(due);
+        }
+    }
+}
+
 /// A stream past its commit point: replays the first chunk, then the upstream's, with the
 /// stall limit; any failure ends it with an explicit error item.
 struct Committed {
-    first: Option<ChatChunk>,
-    inner: Option<BoxChunkStream>,
-    stall: Option<(Duration, Pin<Box<Sleep>>)>,
+    first: Option<StreamEvent>,
+    inner: Option<BoxEventStream>,
+    stall: Option<Stall>,
     require_finish: bool,
     saw_finish: bool,
     done: bool,
@@ -1273,15 +1298,17 @@ struct Committed {
 }
 
 impl Committed {
-    fn new(first: ChatChunk, config: Config, name: Arc<str>) -> Self {
+    fn new(first: StreamEvent, config: Config, name: Arc<str>) -> Self {
         Self {
             first: Some(first),
             inner: None,
-            stall: config.stall.map(|d| {
-                (
-                    d,
-                    Box::pin(tokio::time::sleep_until(later(Instant::now(), d))),
-                )
+            stall: config.stall.map(|limit| {
+                let now = Instant::now();
+                Stall {
+                    limit,
+                    last: now,
+                    timer: Box::pin(tokio::time::sleep_until(later(now, limit))),
+                }
             }),
             require_finish: config.require_finish,
             saw_finish: false,
@@ -1290,21 +1317,22 @@ impl Committed {
         }
     }
 
-    fn with_inner(mut self, inner: BoxChunkStream) -> Self {
+    fn with_inner(mut self, inner: BoxEventStream) -> Self {
         self.inner = Some(inner);
         self
     }
 
-    fn yielded(&mut self, chunk: &ChatChunk) {
-        if chunk.choices.iter().any(|c| c.finish_reason().is_some()) {
+    fn yielded(&mut self, chunk: &StreamEvent) {
+        if chunk.has_finish() {
             self.saw_finish = true;
         }
-        if let Some((d, sleep)) = &mut self.stall {
-            sleep.as_mut().reset(later(Instant::now(), *d));
+        if let Some(stall) = &mut self.stall {
+            // Only the arrival time: the timer is moved when it fires, not per event.
+            stall.last = Instant::now();
         }
     }
 
-    fn end_with(&mut self, error: LlmError) -> Poll<Option<Result<ChatChunk, LlmError>>> {
+    fn end_with(&mut self, error: LlmError) -> Poll<Option<Result<StreamEvent, LlmError>>> {
         self.done = true;
         let error = if error.provider().is_none() {
             error.with_provider(self.name.to_string())
@@ -1316,7 +1344,7 @@ impl Committed {
 }
 
 impl Stream for Committed {
-    type Item = Result<ChatChunk, LlmError>;
+    type Item = Result<StreamEvent, LlmError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -1347,10 +1375,10 @@ impl Stream for Committed {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if let Some((d, sleep)) = &mut this.stall
-                    && sleep.as_mut().poll(cx).is_ready()
+                if let Some(stall) = &mut this.stall
+                    && stall.expired(cx)
                 {
-                    let d = *d;
+                    let d = stall.limit;
                     return this.end_with(LlmError::timeout(format!(
                         "the stream stalled: no chunk for {d:?}"
                     )));

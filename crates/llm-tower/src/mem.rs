@@ -5,8 +5,8 @@
 
 use llm_tower_core::{
     ChatChunk, ChatResponse, Choice, ChunkChoice, CompletionTokensDetails, Content, Delta,
-    EncodedResponse, FunctionCall, FunctionCallDelta, Message, PromptTokensDetails, Role, ToolCall,
-    ToolCallDelta, Usage,
+    EncodedResponse, FunctionCall, FunctionCallDelta, Message, PromptTokensDetails, Role,
+    StreamEvent, ToolCall, ToolCallDelta, Usage,
 };
 use serde_json::{Map, Value};
 
@@ -203,6 +203,21 @@ impl Heap for ChatChunk {
     }
 }
 
+impl Heap for StreamEvent {
+    fn heap(&self) -> usize {
+        match self {
+            StreamEvent::Chunk(c) => c.heap(),
+            // The JSON as if in an allocation of its own (in a stream it is a slice of a
+            // read buffer of about the events' size; in a stored entry, of one for all).
+            StreamEvent::Encoded(c) => {
+                alloc(c.json().len())
+                    + c.usage()
+                        .map_or(0, |u| alloc(size_of::<Usage>()) + u.heap())
+            }
+        }
+    }
+}
+
 impl Heap for EncodedResponse {
     fn heap(&self) -> usize {
         // The document (the cache keeps an exactly sized copy; see `MemoryStore`), the
@@ -215,8 +230,9 @@ impl Heap for EncodedResponse {
 }
 
 /// Memory a buffered chunk holds: its inline size plus its heap.
-pub(crate) fn chunk(c: &ChatChunk) -> usize {
-    size_of::<ChatChunk>() + c.heap()
+/// Bytes a stream event held in a vector occupies.
+pub(crate) fn event(e: &StreamEvent) -> usize {
+    size_of::<StreamEvent>() + e.heap()
 }
 
 #[cfg(test)]
@@ -238,7 +254,16 @@ mod tests {
         let r = ChatResponse::from_text("m", "x".repeat(1000));
         // The text dominates; every allocation on the way is counted too.
         assert!(r.heap() > 1000 + size_of::<Choice>(), "{}", r.heap());
-        let c = ChatChunk::default();
-        assert!(chunk(&c) >= size_of::<ChatChunk>());
+        let c = StreamEvent::from(ChatChunk::default());
+        assert!(event(&c) >= size_of::<ChatChunk>());
+        let json = br#"{"id":"c","choices":[],"usage":{"prompt_tokens":1}}"#;
+        let e = StreamEvent::from(
+            llm_tower_core::EncodedChunk::from_json(json.as_slice().into()).unwrap(),
+        );
+        assert!(
+            event(&e) >= json.len() + size_of::<Usage>(),
+            "{}",
+            event(&e)
+        );
     }
 }

@@ -100,10 +100,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 
-use futures_util::StreamExt;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, ChunkStream, Content, LlmError, LlmResponse, Message,
-    PaidAttempt, ResponseBody, StreamAccumulator, Usage,
+    ChatRequest, ChatResponse, ChunkStream, Content, LlmError, LlmResponse, Message, PaidAttempt,
+    ResponseBody, StreamAccumulator, StreamEvent, Usage,
 };
 use pin_project_lite::pin_project;
 use serde_json::Value;
@@ -900,22 +899,31 @@ async fn assemble(
         },
         ResponseBody::Stream(mut stream) => {
             let mut acc = StreamAccumulator::default();
-            let mut chunks: Vec<ChatChunk> = Vec::new();
+            // The events are replayed as they came (encoded ones are forwarded as sent);
+            // each is decoded once, for the check.
+            let mut events: Vec<StreamEvent> = Vec::new();
             let mut held = 0usize;
-            while let Some(item) = stream.next().await {
-                let chunk = match item {
-                    Ok(c) => c,
+            while let Some(item) = stream.next_event().await {
+                let event = match item {
+                    Ok(e) => e,
                     Err(e) => return Err((Assemble::Failed(e), stream.usage().cloned())),
                 };
-                held = held.saturating_add(crate::mem::chunk(&chunk));
+                held = held.saturating_add(crate::mem::event(&event));
                 if held > max_bytes {
                     // Dropping the stream ends the upstream call; nothing more is read.
                     return Err((Assemble::TooLarge, stream.usage().cloned()));
                 }
-                acc.push(&chunk);
-                chunks.push(chunk);
+                match &event {
+                    StreamEvent::Chunk(c) => acc.push(c),
+                    StreamEvent::Encoded(c) => match c.decode() {
+                        Ok(c) => acc.push(&c),
+                        Err(e) => return Err((Assemble::Failed(e), stream.usage().cloned())),
+                    },
+                }
+                events.push(event);
             }
-            let replay = ChunkStream::new(futures_util::stream::iter(chunks.into_iter().map(Ok)));
+            let replay =
+                ChunkStream::from_events(futures_util::stream::iter(events.into_iter().map(Ok)));
             let mut meta = resp.meta;
             if meta.usage.is_none() {
                 meta.usage = stream.usage().cloned();

@@ -1076,3 +1076,98 @@ async fn streams_past_the_buffer_cap_are_served_but_not_stored() {
     assert_eq!(layer.stats().writes(), 1);
     assert_eq!(layer.stats().stream_overflows(), 0);
 }
+
+// ===== encoded streams =====
+
+const ENC: [&str; 3] = [
+    r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}],"usage":null}"#,
+    r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}],"usage":null}"#,
+    r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+];
+
+fn encoded_events(docs: &[&str]) -> Vec<llm_tower::StreamEvent> {
+    docs.iter()
+        .map(|d| {
+            llm_tower::EncodedChunk::from_json(d.as_bytes().to_vec().into())
+                .unwrap()
+                .into()
+        })
+        .collect()
+}
+
+/// A service answering every call with these encoded events, counting its calls.
+fn encoded_upstream(
+    docs: &'static [&'static str],
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+) -> llm_tower::BoxLlmService {
+    llm_tower::boxed(tower::service_fn(move |_req: ChatRequest| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let events = encoded_events(docs).into_iter().map(Ok).collect::<Vec<_>>();
+        async move { Ok::<_, LlmError>(LlmResponse::events(futures_util::stream::iter(events))) }
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_of_encoded_events_is_stored_and_replayed_as_sent() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let layer = CacheLayer::in_memory(1 << 20);
+    let mut s = Cache::new(encoded_upstream(&ENC, calls.clone()), &layer);
+    for round in 0..2 {
+        let resp = s
+            .ready()
+            .await
+            .unwrap()
+            .call(stream_req("q"))
+            .await
+            .unwrap();
+        let want = if round == 0 {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Hit
+        };
+        assert_eq!(resp.meta.cache, want);
+        let ResponseBody::Stream(mut st) = resp.body else {
+            panic!("expected a stream");
+        };
+        let mut got = Vec::new();
+        while let Some(e) = st.next_event().await {
+            got.push(e.unwrap());
+        }
+        // The same documents, still encoded, byte for byte.
+        let json: Vec<&[u8]> = got
+            .iter()
+            .map(|e| match e {
+                llm_tower::StreamEvent::Encoded(c) => c.json().as_ref(),
+                other => panic!("round {round}: typed event {other:?}"),
+            })
+            .collect();
+        assert_eq!(json, ENC.map(str::as_bytes).to_vec(), "round {round}");
+        assert_eq!(st.usage().map(|u| u.total_tokens), Some(5));
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The same entry answers a request that does not stream, assembled.
+    let resp = s.ready().await.unwrap().call(req("q")).await.unwrap();
+    assert_eq!(resp.meta.cache, CacheStatus::Hit);
+    assert_eq!(text_of(resp).await, "Hello");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_encoded_stream_without_a_finish_is_not_stored() {
+    static CUT: [&str; 1] = [ENC[0]];
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let layer = CacheLayer::in_memory(1 << 20);
+    let mut s = Cache::new(encoded_upstream(&CUT, calls.clone()), &layer);
+    for _ in 0..2 {
+        let resp = s
+            .ready()
+            .await
+            .unwrap()
+            .call(stream_req("q"))
+            .await
+            .unwrap();
+        assert_eq!(resp.meta.cache, CacheStatus::Miss);
+        let (texts, err) = drain(resp).await;
+        assert_eq!((texts, err.is_none()), (vec!["Hel".to_owned()], true));
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -28,6 +28,7 @@ pub(super) fn check(json: &[u8]) -> Option<Found> {
         b: json,
         i: 0,
         depth: 0,
+        strict: false,
     };
     let found = s.top()?;
     s.ws();
@@ -41,6 +42,71 @@ struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
     depth: u32,
+    /// Refuse `\u` escapes that do not spell a character (lone surrogates), as serde does
+    /// where it decodes a string (the chunk check: its strings are decoded, not skipped).
+    strict: bool,
+}
+
+/// What the chunk check reads.
+pub(super) struct ChunkFound {
+    pub(super) usage: Option<Usage>,
+    pub(super) choices: usize,
+    pub(super) finish: bool,
+    /// Bit `i`: a choice of index `i` (< 64) is in the chunk / has a finish reason.
+    pub(super) indices: u64,
+    pub(super) finished: u64,
+    /// A choice has an index of 64 or more (not in the bit sets).
+    pub(super) wide: bool,
+}
+
+/// The shape check of one `chat.completion.chunk` event's JSON: validates the JSON and the
+/// types of every field [`ChatChunk`](crate::ChatChunk) types, reads the usage, the number
+/// of choices and whether one of them finished. `None` where it is unsure (tool-call
+/// deltas, escaped keys, duplicate fields, an `error` field, deep nesting, any error): the
+/// caller then decodes the event with serde.
+pub(super) fn check_chunk(json: &[u8]) -> Option<ChunkFound> {
+    let mut s = Scanner {
+        b: json,
+        i: 0,
+        depth: 0,
+        strict: true,
+    };
+    let found = s.chunk()?;
+    s.ws();
+    (s.i == json.len()).then_some(found)
+}
+
+/// The choice indices of a chunk, as bit sets.
+#[derive(Default)]
+struct ChoiceSets {
+    finish: bool,
+    indices: u64,
+    finished: u64,
+    wide: bool,
+}
+
+impl ChoiceSets {
+    fn add(&mut self, index: u32, finish: bool) {
+        self.finish |= finish;
+        match 1u64.checked_shl(index) {
+            Some(bit) => {
+                self.indices |= bit;
+                if finish {
+                    self.finished |= bit;
+                }
+            }
+            None => self.wide = true,
+        }
+    }
+}
+
+fn hex4(b: &[u8], i: usize) -> Option<u16> {
+    let hex = b.get(i..i + 4)?;
+    let text = std::str::from_utf8(hex).ok()?;
+    if !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u16::from_str_radix(text, 16).ok()
 }
 
 /// Records that a field was seen; `None` (give up) when it was already.
@@ -81,11 +147,25 @@ impl Scanner<'_> {
                     match *self.b.get(self.i + 1)? {
                         b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
                         b'u' => {
-                            let hex = self.b.get(self.i + 2..self.i + 6)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return None;
-                            }
+                            let code = hex4(self.b, self.i + 2)?;
                             self.i += 6;
+                            if self.strict {
+                                match code {
+                                    0xD800..=0xDBFF => {
+                                        // A leading surrogate: its trailing half must follow.
+                                        if self.b.get(self.i..self.i + 2)? != b"\\u" {
+                                            return None;
+                                        }
+                                        let low = hex4(self.b, self.i + 2)?;
+                                        if !(0xDC00..=0xDFFF).contains(&low) {
+                                            return None;
+                                        }
+                                        self.i += 6;
+                                    }
+                                    0xDC00..=0xDFFF => return None,
+                                    _ => {}
+                                }
+                            }
                         }
                         _ => return None,
                     }
@@ -272,6 +352,99 @@ impl Scanner<'_> {
             model: model?,
             usage: usage.flatten(),
             choices: choices?,
+        })
+    }
+
+    /// A chunk: `id`, `object`, `model` strings, `created` a `u64`, `choices` the chunk
+    /// choices, `usage` null or a usage; an `error` field is left to the caller's decoder.
+    fn chunk(&mut self) -> Option<ChunkFound> {
+        let mut seen = [false; 6];
+        let (mut choices, mut usage) = (0, None);
+        let mut sets = ChoiceSets::default();
+        self.object(|s, key| {
+            match key {
+                b"id" | b"object" | b"model" => {
+                    let i = match key {
+                        b"id" => 0,
+                        b"object" => 1,
+                        _ => 2,
+                    };
+                    once(&mut seen[i])?;
+                    s.string()?;
+                }
+                b"created" => {
+                    once(&mut seen[3])?;
+                    s.u64()?;
+                }
+                b"choices" => {
+                    once(&mut seen[4])?;
+                    choices = s.array(|s| s.chunk_choice(&mut sets))?;
+                }
+                b"usage" => {
+                    once(&mut seen[5])?;
+                    usage = s.usage()?;
+                }
+                b"error" => return None,
+                _ => s.value()?,
+            }
+            Some(())
+        })?;
+        Some(ChunkFound {
+            usage,
+            choices,
+            finish: sets.finish,
+            indices: sets.indices,
+            finished: sets.finished,
+            wide: sets.wide,
+        })
+    }
+
+    fn chunk_choice(&mut self, sets: &mut ChoiceSets) -> Option<()> {
+        let mut seen = [false; 3];
+        let (mut index, mut finish) = (0, false);
+        self.object(|s, key| {
+            match key {
+                b"index" => {
+                    once(&mut seen[0])?;
+                    index = u32::try_from(s.u64()?).ok()?;
+                }
+                b"delta" => {
+                    once(&mut seen[1])?;
+                    s.delta()?;
+                }
+                b"finish_reason" => {
+                    once(&mut seen[2])?;
+                    if !s.null() {
+                        s.string()?;
+                        finish = true;
+                    }
+                }
+                _ => s.value()?,
+            }
+            Some(())
+        })?;
+        sets.add(index, finish);
+        Some(())
+    }
+
+    /// A delta without tool calls (those are left to serde).
+    fn delta(&mut self) -> Option<()> {
+        let mut seen = [false; 2];
+        self.object(|s, key| match key {
+            b"role" => {
+                once(&mut seen[0])?;
+                s.string().map(drop)
+            }
+            b"content" => {
+                once(&mut seen[1])?;
+                if s.null() {
+                    Some(())
+                } else {
+                    s.string().map(drop)
+                }
+            }
+            b"tool_calls" | b"function_call" => None,
+            _ => s.value(),
         })
     }
 

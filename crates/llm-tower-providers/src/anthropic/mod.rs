@@ -325,7 +325,7 @@ impl AnthropicProvider {
         let headroom = ep.headroom(&parts.headers);
         let mut out = if stream {
             let decoder = AnthropicDecoder::new(ep.provider.clone(), ep.key.clone(), model.clone());
-            let mut r = LlmResponse::stream(SseStream::new(
+            let mut r = LlmResponse::events(SseStream::new(
                 body,
                 decoder,
                 ep.provider.clone(),

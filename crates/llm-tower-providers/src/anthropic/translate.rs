@@ -7,7 +7,7 @@ use std::sync::Arc;
 use llm_tower_core::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, ContentPart, Delta, Extra,
     FunctionCall, FunctionCallDelta, LlmError, Message, PaidAttempt, PromptTokensDetails, Role,
-    ToolCall, ToolCallDelta, Usage,
+    StreamEvent, ToolCall, ToolCallDelta, Usage,
 };
 use serde_json::{Map, Value, json};
 
@@ -666,7 +666,7 @@ fn tool_delta(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> D
 }
 
 impl Decoder for AnthropicDecoder {
-    fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError> {
+    fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<StreamEvent>) -> Result<(), LlmError> {
         let v: Value = serde_json::from_slice(ev.data()).map_err(|e| self.malformed(e))?;
         let kind = v
             .get("type")
@@ -694,14 +694,14 @@ impl Decoder for AnthropicDecoder {
                     self.model = m.to_owned();
                 }
                 self.merge_usage(msg.get("usage"));
-                out.push_back(self.chunk(
+                out.push_back(StreamEvent::from(self.chunk(
                     Delta {
                         role: Some(Role::Assistant),
                         content: Some(Some(String::new())),
                         ..Delta::default()
                     },
                     None,
-                ));
+                )));
             }
             "content_block_start" => {
                 let i =
@@ -715,7 +715,7 @@ impl Decoder for AnthropicDecoder {
                             .and_then(Value::as_str)
                             .filter(|t| !t.is_empty())
                         {
-                            out.push_back(self.chunk(text_delta(t), None));
+                            out.push_back(StreamEvent::from(self.chunk(text_delta(t), None)));
                         }
                     }
                     Some("tool_use") => {
@@ -731,7 +731,9 @@ impl Decoder for AnthropicDecoder {
                             }
                             _ => String::new(),
                         };
-                        out.push_back(self.chunk(tool_delta(t, Some(id), Some(name), &args), None));
+                        out.push_back(StreamEvent::from(
+                            self.chunk(tool_delta(t, Some(id), Some(name), &args), None),
+                        ));
                     }
                     Some("thinking") => *self.block_mut(i)? = Block::Thinking,
                     _ => *self.block_mut(i)? = Block::Other,
@@ -747,20 +749,22 @@ impl Decoder for AnthropicDecoder {
                 match (delta.get("type").and_then(Value::as_str), block) {
                     (Some("text_delta"), _) => {
                         let t = delta.get("text").and_then(Value::as_str).unwrap_or("");
-                        out.push_back(self.chunk(text_delta(t), None));
+                        out.push_back(StreamEvent::from(self.chunk(text_delta(t), None)));
                     }
                     (Some("input_json_delta"), Block::Tool(t)) => {
                         let p = delta
                             .get("partial_json")
                             .and_then(Value::as_str)
                             .unwrap_or("");
-                        out.push_back(self.chunk(tool_delta(t, None, None, p), None));
+                        out.push_back(StreamEvent::from(
+                            self.chunk(tool_delta(t, None, None, p), None),
+                        ));
                     }
                     (Some("thinking_delta"), _) => {
                         let t = delta.get("thinking").and_then(Value::as_str).unwrap_or("");
                         let mut d = Delta::default();
                         d.extra.insert("reasoning_content".into(), Value::from(t));
-                        out.push_back(self.chunk(d, None));
+                        out.push_back(StreamEvent::from(self.chunk(d, None)));
                     }
                     _ => {} // signature deltas, citations, server tool input
                 }
@@ -773,7 +777,9 @@ impl Decoder for AnthropicDecoder {
                     .and_then(|d| d.get("stop_reason"))
                     .and_then(Value::as_str)
                 {
-                    out.push_back(self.chunk(Delta::default(), Some(finish_reason(r).to_owned())));
+                    out.push_back(StreamEvent::from(
+                        self.chunk(Delta::default(), Some(finish_reason(r).to_owned())),
+                    ));
                 }
             }
             "message_stop" => {
@@ -781,7 +787,7 @@ impl Decoder for AnthropicDecoder {
                 let mut last = self.chunk(Delta::default(), None);
                 last.choices.clear();
                 last.usage = Some(Some(usage_from(&self.usage)));
-                out.push_back(last);
+                out.push_back(StreamEvent::from(last));
             }
             "error" => {
                 return Err(

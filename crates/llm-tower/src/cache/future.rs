@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use llm_tower_core::{
-    BoxChunkStream, CacheStatus, ChatChunk, ChatRequest, ErrorKind, LlmError, LlmResponse,
-    ResponseBody, ResponseMeta,
+    BoxEventStream, CacheStatus, ChatChunk, ChatRequest, ErrorKind, LlmError, LlmResponse,
+    ResponseBody, ResponseMeta, StreamEvent,
 };
 use pin_project_lite::pin_project;
 use tower::ServiceExt;
@@ -315,7 +315,7 @@ where
             let meta = meta_for_entry(&resp.meta);
             let max = shared.config.max_entry_bytes;
             let max_mem = shared.config.max_stream_bytes;
-            s.wrap(move |inner| Tee {
+            s.wrap_events(move |inner| Tee {
                 inner,
                 chunks: Some(Vec::new()),
                 bytes: 0,
@@ -397,7 +397,16 @@ impl Writer {
     }
 }
 
-/// Rough size of a chunk in the stored JSON, to stop copying an oversized stream early.
+/// Size of an event in the stored JSON (an encoded one's exactly, a typed one's roughly),
+/// to stop copying an oversized stream early.
+fn event_size(e: &StreamEvent) -> usize {
+    match e {
+        StreamEvent::Encoded(c) => c.json().len(),
+        StreamEvent::Chunk(c) => chunk_size(c),
+    }
+}
+
+/// Rough size of a chunk in the stored JSON.
 fn chunk_size(c: &ChatChunk) -> usize {
     let payload: usize = c
         .choices
@@ -424,8 +433,8 @@ pin_project! {
     /// cleanly. An error item, or the stream being dropped first, stores nothing.
     struct Tee {
         #[pin]
-        inner: BoxChunkStream,
-        chunks: Option<Vec<ChatChunk>>,
+        inner: BoxEventStream,
+        chunks: Option<Vec<StreamEvent>>,
         // The copy's JSON estimate, against the entry limit.
         bytes: usize,
         max: usize,
@@ -440,7 +449,7 @@ pin_project! {
 }
 
 impl Stream for Tee {
-    type Item = Result<ChatChunk, LlmError>;
+    type Item = Result<StreamEvent, LlmError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
@@ -458,8 +467,8 @@ impl Stream for Tee {
         match ready!(this.inner.as_mut().poll_next(cx)) {
             Some(Ok(chunk)) => {
                 if let Some(v) = this.chunks.as_mut() {
-                    *this.bytes = this.bytes.saturating_add(chunk_size(&chunk));
-                    *this.mem = this.mem.saturating_add(crate::mem::chunk(&chunk));
+                    *this.bytes = this.bytes.saturating_add(event_size(&chunk));
+                    *this.mem = this.mem.saturating_add(crate::mem::event(&chunk));
                     if *this.mem > *this.max_mem {
                         // Dropped at once: the buffer never holds more than the cap.
                         if let Some(w) = this.writer.as_ref() {
@@ -494,7 +503,7 @@ impl Stream for Tee {
                 };
                 // The copy grew by doubling; the stored entry keeps only what it holds.
                 chunks.shrink_to_fit();
-                let entry = CachedEntry::chunks(chunks, this.meta.usage.take(), this.meta);
+                let entry = CachedEntry::events(chunks, this.meta.usage.take(), this.meta);
                 if !entry.is_complete() {
                     // Ended without a finish reason: cut short, never stored.
                     writer.skip();

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use llm_tower_core::{
-    CacheStatus, ChatChunk, ChatResponse, ChunkStream, EncodedResponse, LlmResponse, ResponseBody,
-    ResponseMeta, StreamAccumulator, Usage,
+    CacheStatus, ChatChunk, ChatResponse, ChunkStream, EncodedResponse, LlmError, LlmResponse,
+    ResponseBody, ResponseMeta, StreamAccumulator, StreamEvent, Usage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -123,9 +123,10 @@ pub enum CachedBody {
     /// A complete response as its upstream's JSON document.
     #[serde(rename = "e")]
     Encoded(EncodedResponse),
-    /// Every chunk of a stream that completed, in order.
+    /// Every chunk of a stream that completed, in order; chunks an upstream sent in the
+    /// client's format stay in its JSON (they serialize as the same chunks either way).
     #[serde(rename = "c")]
-    Chunks(Vec<ChatChunk>),
+    Chunks(Vec<StreamEvent>),
     /// The vector of one embeddings input ([`CacheKey::for_embedding`]).
     #[serde(rename = "v")]
     Embedding(Vec<f32>),
@@ -206,6 +207,16 @@ impl CachedEntry {
 
     /// An entry for the chunks of a completed stream.
     pub fn chunks(chunks: Vec<ChatChunk>, usage: Option<Usage>, meta: &ResponseMeta) -> Self {
+        Self::events(
+            chunks.into_iter().map(StreamEvent::from).collect(),
+            usage,
+            meta,
+        )
+    }
+
+    /// An entry for the events of a completed stream, typed or in their upstream's JSON
+    /// (stored as they are).
+    pub fn events(chunks: Vec<StreamEvent>, usage: Option<Usage>, meta: &ResponseMeta) -> Self {
         let usage = usage.or_else(|| chunks.iter().rev().find_map(|c| c.usage().cloned()));
         Self {
             body: CachedBody::Chunks(chunks),
@@ -236,11 +247,18 @@ impl CachedEntry {
             CachedBody::Encoded(r) => r.choice_count() > 0,
             CachedBody::Embedding(v) => !v.is_empty(),
             CachedBody::Chunks(chunks) => {
-                let mut acc = StreamAccumulator::default();
-                for c in chunks {
-                    acc.push(c);
+                // The choice indices seen and finished, without decoding; a choice index of
+                // 64 or more takes the accumulator.
+                let sets = chunks.iter().try_fold((0u64, 0u64), |(seen, fin), c| {
+                    let (s, f) = c.choice_indices()?;
+                    Some((seen | s, fin | f))
+                });
+                if let Some((seen, finished)) = sets {
+                    return seen != 0 && seen & !finished == 0;
                 }
-                let r = acc.finish();
+                let Ok(r) = accumulate(chunks) else {
+                    return false;
+                };
                 !r.choices.is_empty() && r.choices.iter().all(|c| c.finish_reason.is_some())
             }
         }
@@ -281,12 +299,17 @@ impl CachedEntry {
     /// alive whole; a store that keeps entries in memory stores this copy instead.
     /// `None` when there is nothing to compact.
     pub fn compacted(&self) -> Option<Self> {
-        let CachedBody::Encoded(r) = &self.body else {
-            return None;
+        let body = match &self.body {
+            CachedBody::Encoded(r) => {
+                CachedBody::Encoded(EncodedResponse::from_json(r.json().to_vec().into()).ok()?)
+            }
+            CachedBody::Chunks(c) if c.iter().any(|e| matches!(e, StreamEvent::Encoded(_))) => {
+                CachedBody::Chunks(StreamEvent::compacted(c))
+            }
+            _ => return None,
         };
-        let json = EncodedResponse::from_json(r.json().to_vec().into()).ok()?;
         Some(Self {
-            body: CachedBody::Encoded(json),
+            body,
             usage: self.usage.clone(),
             provider: self.provider.clone(),
             model: self.model.clone(),
@@ -350,14 +373,15 @@ impl CachedEntry {
                     ResponseBody::Stream(ChunkStream::new(futures_util::stream::iter([Err(e)])))
                 }
             },
-            (CachedBody::Chunks(c), true) => ResponseBody::Stream(replay(c.clone())),
-            (CachedBody::Chunks(c), false) => {
-                let mut acc = StreamAccumulator::default();
-                for chunk in c {
-                    acc.push(chunk);
+            (CachedBody::Chunks(c), true) => ResponseBody::Stream(ChunkStream::from_events(
+                futures_util::stream::iter(c.clone()).map(Ok),
+            )),
+            (CachedBody::Chunks(c), false) => match accumulate(c) {
+                Ok(r) => ResponseBody::Complete(Box::new(self.with_usage(r))),
+                Err(e) => {
+                    ResponseBody::Stream(ChunkStream::new(futures_util::stream::iter([Err(e)])))
                 }
-                ResponseBody::Complete(Box::new(self.with_usage(acc.finish())))
-            }
+            },
             // Embedding entries have keys of their own and are read by the embeddings
             // path only; a chat request cannot reach one.
             (CachedBody::Embedding(_), _) => ResponseBody::Stream(ChunkStream::new(
@@ -379,6 +403,18 @@ impl CachedEntry {
         }
         r
     }
+}
+
+/// The response the events of a stream make up (decoding those still encoded).
+fn accumulate(events: &[StreamEvent]) -> Result<ChatResponse, LlmError> {
+    let mut acc = StreamAccumulator::default();
+    for e in events {
+        match e {
+            StreamEvent::Chunk(c) => acc.push(c),
+            StreamEvent::Encoded(c) => acc.push(&c.decode()?),
+        }
+    }
+    Ok(acc.finish())
 }
 
 fn replay(chunks: Vec<ChatChunk>) -> ChunkStream {
