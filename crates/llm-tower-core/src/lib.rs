@@ -16,6 +16,8 @@
 //! - [`LlmError`]: one classified error with [`ErrorKind`], `is_retryable()`,
 //!   `should_fall_back()`, the HTTP status and the OpenAI error body.
 //! - [`LlmService`] and the boxed [`BoxLlmService`].
+//! - [`dialect`]: requests in other wire formats (Anthropic Messages) as the chat view
+//!   plus their original body ([`NativeRequest`]), and the translations both ways.
 //!
 //! # Example
 //!
@@ -40,6 +42,7 @@
 
 mod aggregate;
 mod body;
+pub mod dialect;
 mod encoded;
 mod error;
 mod ext;
@@ -52,6 +55,7 @@ mod service;
 
 pub use aggregate::StreamAccumulator;
 pub use body::{BoxChunkStream, ChunkStream, LlmResponse, Outcome, ResponseBody};
+pub use dialect::{Dialect, NativeRequest};
 pub use encoded::EncodedResponse;
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TaskType, Tenant};

@@ -310,6 +310,13 @@ impl OpenAiProvider {
     }
 
     async fn run(self, mut req: ChatRequest) -> Result<LlmResponse, LlmError> {
+        // A request in another dialect is sent as its chat view: only if the view says
+        // everything the client asked.
+        if let Some(native) = req.extensions.get::<llm_tower_core::NativeRequest>() {
+            native
+                .check_translatable()
+                .map_err(|e| e.with_provider(&*self.inner.endpoint.provider))?;
+        }
         self.prepare(&mut req);
         let body = self.encode(&req)?;
         let stream = req.is_stream();
