@@ -70,6 +70,7 @@
 
 mod auth;
 mod error;
+mod messages;
 pub mod headers;
 mod metrics;
 mod panics;
@@ -79,6 +80,7 @@ mod sse;
 
 pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
 pub use error::{OpenAiError, error_response};
+pub use messages::CountTokens;
 pub use metrics::Metrics;
 pub use panics::{install_panic_counter, panic_count};
 pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, MetricsAccess, ModelEntry, OpenAiRouter};

@@ -146,6 +146,7 @@ pub struct OpenAiRouter<S> {
     known_models: Option<Arc<Names>>,
     protected: Vec<Router>,
     public: Vec<Router>,
+    count_tokens: Option<crate::messages::CountTokens>,
 }
 
 impl<S> fmt::Debug for OpenAiRouter<S> {
@@ -186,7 +187,18 @@ where
             known_models: None,
             protected: Vec::new(),
             public: Vec::new(),
+            count_tokens: None,
         }
+    }
+
+    /// How `POST /v1/messages/count_tokens` counts: `counter` gets the request's chat
+    /// view (its [`NativeRequest`](llm_tower_core::NativeRequest) included) and answers the
+    /// input token count. Default: an estimate from the text length
+    /// ([`estimate_input_tokens`](llm_tower_core::dialect::messages::estimate_input_tokens)).
+    #[must_use]
+    pub fn count_tokens(mut self, counter: crate::messages::CountTokens) -> Self {
+        self.count_tokens = Some(counter);
+        self
     }
 
     /// The models and aliases `GET /v1/models` lists (replaces earlier ones).
@@ -324,11 +336,17 @@ where
             metrics: self.metrics,
             models,
             known_models: self.known_models,
+            count_tokens: self.count_tokens,
         });
 
         let mut protected: Router = Router::new()
             .route("/v1/chat/completions", post(chat::<S>))
             .route("/v1/models", get(list_models::<S>))
+            .route("/v1/messages", post(crate::messages::messages::<S>))
+            .route(
+                "/v1/messages/count_tokens",
+                post(crate::messages::count_tokens::<S>),
+            )
             .with_state(state);
         for r in self.protected {
             protected = protected.merge(r);
@@ -485,18 +503,19 @@ impl Metrics {
     }
 }
 
-struct AppState<S> {
-    service: S,
-    body_limit: usize,
-    metrics: Metrics,
+pub(crate) struct AppState<S> {
+    pub(crate) service: S,
+    pub(crate) body_limit: usize,
+    pub(crate) metrics: Metrics,
     models: Bytes,
     known_models: Option<Arc<Names>>,
+    pub(crate) count_tokens: Option<crate::messages::CountTokens>,
 }
 
 impl<S> AppState<S> {
     /// The `model` label for `model`: itself, or `other` when models are known and it is
     /// not one of them.
-    fn model_label(&self, model: &str) -> Arc<str> {
+    pub(crate) fn model_label(&self, model: &str) -> Arc<str> {
         match &self.known_models {
             None => model.into(),
             Some(known) => known.get(model).unwrap_or(&OTHER_LABEL).clone(),
@@ -538,7 +557,7 @@ fn models_json(models: &[ModelEntry], created: u64) -> Bytes {
     )
 }
 
-fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     // Room for the `x-llm-*` headers and `x-request-id`: allocated once, not grown.
@@ -582,6 +601,14 @@ fn render_metrics(metrics: &Metrics, access: &MetricsAccess, h: &http::HeaderMap
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
+    if crate::messages::is_messages_path(uri.path()) {
+        let mut r = crate::messages::error_response(&LlmError::not_found(format!(
+            "Invalid URL ({method} {})",
+            uri.path()
+        )));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    }
     status_response(
         StatusCode::NOT_FOUND,
         format!("Invalid URL ({method} {})", uri.path()),
@@ -589,6 +616,14 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    if crate::messages::is_messages_path(uri.path()) {
+        let mut r = crate::messages::error_response(&LlmError::not_found(format!(
+            "Method {method} is not allowed for {}",
+            uri.path()
+        )));
+        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        return r;
+    }
     status_response(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("Method {method} is not allowed for {}", uri.path()),
@@ -659,9 +694,9 @@ fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
 }
 
 /// What is recorded when a request ends (at once, or when its stream finishes).
-struct Finish {
+pub(crate) struct Finish {
     metrics: Metrics,
-    labels: Labels,
+    pub(crate) labels: Labels,
     start: Instant,
     upstream: Option<Duration>,
     cost_nano_usd: Option<u64>,
@@ -670,7 +705,7 @@ struct Finish {
 }
 
 impl Finish {
-    fn new(metrics: Metrics, labels: Labels, start: Instant) -> Self {
+    pub(crate) fn new(metrics: Metrics, labels: Labels, start: Instant) -> Self {
         Self {
             metrics,
             labels,
@@ -682,7 +717,7 @@ impl Finish {
         }
     }
 
-    fn record(&self, status: &str, usage: Option<&Usage>) {
+    pub(crate) fn record(&self, status: &str, usage: Option<&Usage>) {
         let total = self.start.elapsed();
         self.metrics.observe(&Observation {
             labels: &self.labels,
@@ -704,12 +739,41 @@ impl Finish {
     }
 
     /// Records a request refused with `err` and answers it.
-    fn reject(mut self, err: &LlmError) -> Response {
+    fn reject(self, err: &LlmError) -> Response {
+        self.reject_with(err, error_response)
+    }
+
+    /// [`reject`](Self::reject) with the error body of the client's dialect.
+    pub(crate) fn reject_with(mut self, err: &LlmError, body: fn(&LlmError) -> Response) -> Response {
         self.fallbacks = FailedAttempt::from_error(err);
         self.record(err.kind().as_str(), None);
-        let mut resp = error_response(err);
+        let mut resp = body(err);
         headers::write_error_headers(resp.headers_mut(), err, self.start.elapsed());
         resp
+    }
+
+    /// What the response's meta says about the request: provider, served model (its label
+    /// when known), upstream time, cost, cache status, failed attempts.
+    pub(crate) fn observe_meta<S>(&mut self, st: &AppState<S>, meta: &ResponseMeta) {
+        if let Some(p) = &meta.provider {
+            self.labels.provider = p.clone();
+        }
+        // The served model, when known; else the requested model's label stays (an
+        // upstream may answer with a dated name of a known model).
+        if let Some(m) = &meta.model {
+            match &st.known_models {
+                None => self.labels.model = m.as_str().into(),
+                Some(known) => {
+                    if let Some(label) = known.get(m.as_str()) {
+                        self.labels.model = label.clone();
+                    }
+                }
+            }
+        }
+        self.upstream = meta.upstream_time;
+        self.cost_nano_usd = meta.cost.map(|c| c.nano_usd);
+        self.cache = meta.cache;
+        self.fallbacks = FailedAttempt::from_meta(&meta.attempts);
     }
 }
 
@@ -717,11 +781,11 @@ impl Finish {
 /// `client_closed` if the client goes away meanwhile (axum drops the handler future), so
 /// no accepted request goes unrecorded. Streams already sent are covered by the stream's
 /// own completion hook (`dropped`).
-struct CancelGuard(Option<Finish>);
+pub(crate) struct CancelGuard(pub(crate) Option<Finish>);
 
 impl CancelGuard {
     /// Gives the [`Finish`] back: the wait is over.
-    fn disarm(mut self) -> Finish {
+    pub(crate) fn disarm(mut self) -> Finish {
         self.0.take().expect("a guard is disarmed once")
     }
 }
@@ -836,30 +900,12 @@ where
         Err(e) => return finish.reject(&e),
     };
     let meta = std::mem::take(&mut resp.meta);
-    if let Some(p) = &meta.provider {
-        finish.labels.provider = p.clone();
-    }
-    // The served model, when known; else the requested model's label stays (an upstream
-    // may answer with a dated name of a known model).
-    if let Some(m) = &meta.model {
-        match &st.known_models {
-            None => finish.labels.model = m.as_str().into(),
-            Some(known) => {
-                if let Some(label) = known.get(m.as_str()) {
-                    finish.labels.model = label.clone();
-                }
-            }
-        }
-    }
-    finish.upstream = meta.upstream_time;
-    finish.cost_nano_usd = meta.cost.map(|c| c.nano_usd);
-    finish.cache = meta.cache;
-    finish.fallbacks = FailedAttempt::from_meta(&meta.attempts);
+    finish.observe_meta(&st, &meta);
 
     if !wants_stream {
         let json = match resp.body {
             // Forwarded as the upstream sent it: no decoding and encoding again.
-            ResponseBody::Encoded(r) => {
+            ResponseBody::Encoded(r) if r.dialect() == llm_tower_core::Dialect::Chat => {
                 finish.record("ok", r.usage().or(meta.usage.as_ref()));
                 Ok(r.into_json())
             }
@@ -939,7 +985,7 @@ fn encode(r: &ChatResponse, hint: Option<usize>) -> Result<Bytes, LlmError> {
 }
 
 /// Reads the body up to `limit` bytes; too big is 413, a broken body is 400.
-async fn read_body(
+pub(crate) async fn read_body(
     body: Body,
     headers: &http::HeaderMap,
     limit: usize,

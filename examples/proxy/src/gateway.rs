@@ -662,6 +662,10 @@ fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> 
         policy = policy.task(task.as_str(), chain.get_ref().as_str());
     }
     policy = policy.default_target(config.routing.default_chain.get_ref().as_str());
+    if !config.routing.catch_all {
+        // A typo in `model` is a 404, not a call to the default (maybe dearest) chain.
+        policy = policy.default_for_models(known_models(config));
+    }
     Route::new(policy)
 }
 
