@@ -10,8 +10,8 @@
 //! (enabled) and thinking blocks, `top_k`, server tools and their blocks, documents,
 //! images in tool results, image sources other than base64 and URL, `metadata` keys other
 //! than `user_id`, and any top-level field this module does not know. `cache_control`
-//! (a caching hint) and `service_tier` are not carried: an OpenAI-compatible provider
-//! caches prompts on its own.
+//! (a caching hint, on blocks, tools or the whole request) and `service_tier` are not
+//! carried: an OpenAI-compatible provider caches prompts on its own.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -41,6 +41,7 @@ const KNOWN: &[&str] = &[
     "tool_choice",
     "thinking",
     "service_tier",
+    "cache_control",
 ];
 
 fn bad(msg: impl Into<String>) -> LlmError {
