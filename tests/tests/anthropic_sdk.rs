@@ -37,5 +37,8 @@ async fn official_anthropic_python_sdk_works_against_the_demo_gateway() {
         out.status.success(),
         "SDK check failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
-    assert!(stdout.contains("all Anthropic SDK checks passed"), "{stdout}");
+    assert!(
+        stdout.contains("all Anthropic SDK checks passed"),
+        "{stdout}"
+    );
 }

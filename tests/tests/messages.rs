@@ -175,7 +175,10 @@ async fn a_failing_anthropic_step_falls_back_to_openai_in_messages_framing() {
     let v = r.json();
     assert_eq!(v["type"], "message");
     assert_eq!(v["role"], "assistant");
-    assert_eq!(v["content"][0], json!({"type": "text", "text": "Answer from OpenAI"}));
+    assert_eq!(
+        v["content"][0],
+        json!({"type": "text", "text": "Answer from OpenAI"})
+    );
     assert_eq!(v["stop_reason"], "end_turn");
     assert_eq!(v["usage"]["input_tokens"], 20);
     assert_eq!(v["usage"]["output_tokens"], 5);
@@ -186,7 +189,10 @@ async fn a_failing_anthropic_step_falls_back_to_openai_in_messages_framing() {
     let up = s.openai.last_request().unwrap().json().unwrap();
     assert_eq!(up["model"], "gpt-4o-mini");
     assert_eq!(up["max_tokens"], 100);
-    assert_eq!(up["messages"][0], json!({"role": "system", "content": "Be brief."}));
+    assert_eq!(
+        up["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
     assert_eq!(up["messages"][1]["content"][0]["text"], "Hi");
     assert!(!up.to_string().contains("cache_control"), "{up}");
 }
@@ -212,7 +218,10 @@ async fn a_streamed_fallback_to_openai_is_a_messages_event_stream() {
     let evs = events(&r.text());
     let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names[..3], ["message_start", "ping", "content_block_start"]);
-    assert_eq!(names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(
+        names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
     assert_eq!(text_of(&evs), "alpha beta gamma");
     let (_, delta) = &evs[evs.len() - 2];
     assert_eq!(delta["delta"]["stop_reason"], "end_turn");
@@ -240,7 +249,10 @@ async fn what_a_chat_step_cannot_carry_is_a_400_naming_it() {
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "invalid_request_error");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("`context_management`") || msg.contains("`thinking`"), "{msg}");
+    assert!(
+        msg.contains("`context_management`") || msg.contains("`thinking`"),
+        "{msg}"
+    );
     // Nothing was sent to the chat upstream.
     assert_eq!(s.openai.request_count(), 0);
 }

@@ -70,8 +70,8 @@
 
 mod auth;
 mod error;
-mod messages;
 pub mod headers;
+mod messages;
 mod metrics;
 mod panics;
 mod router;

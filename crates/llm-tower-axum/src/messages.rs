@@ -153,7 +153,9 @@ where
     {
         span.record("request_id", id);
     }
-    messages_inner(st, req, start, tenant).instrument(span).await
+    messages_inner(st, req, start, tenant)
+        .instrument(span)
+        .await
 }
 
 async fn messages_inner<S>(
@@ -298,10 +300,7 @@ pub(crate) async fn count_tokens<S>(State(st): State<Arc<AppState<S>>>, req: Req
         None => Ok(messages::estimate_input_tokens(&view)),
     };
     match counted {
-        Ok(n) => json_response(
-            StatusCode::OK,
-            format!(r#"{{"input_tokens":{n}}}"#),
-        ),
+        Ok(n) => json_response(StatusCode::OK, format!(r#"{{"input_tokens":{n}}}"#)),
         Err(e) => error_response(&e),
     }
 }

@@ -744,7 +744,11 @@ impl Finish {
     }
 
     /// [`reject`](Self::reject) with the error body of the client's dialect.
-    pub(crate) fn reject_with(mut self, err: &LlmError, body: fn(&LlmError) -> Response) -> Response {
+    pub(crate) fn reject_with(
+        mut self,
+        err: &LlmError,
+        body: fn(&LlmError) -> Response,
+    ) -> Response {
         self.fallbacks = FailedAttempt::from_error(err);
         self.record(err.kind().as_str(), None);
         let mut resp = body(err);

@@ -133,9 +133,8 @@ impl EncodedResponse {
         if self.dialect == Dialect::Messages {
             let v: serde_json::Value = crate::json::from_slice(&self.json)
                 .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))?;
-            return crate::dialect::messages::response_from_json(&v).map_err(|e| {
-                LlmError::transport(format!("malformed Messages API response: {e}"))
-            });
+            return crate::dialect::messages::response_from_json(&v)
+                .map_err(|e| LlmError::transport(format!("malformed Messages API response: {e}")));
         }
         ChatResponse::from_slice(&self.json)
             .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))

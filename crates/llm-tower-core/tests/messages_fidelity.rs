@@ -58,7 +58,10 @@ fn views_say_what_a_chat_provider_would_be_missing() {
     assert_eq!(err.kind(), ErrorKind::BadRequest);
     assert_eq!(err.param(), Some("top_k"), "{err}");
     assert_eq!(basic.messages[0].role, Role::System);
-    assert_eq!(basic.user.as_deref(), Some("13803d75-b4b5-4c3e-b2a2-6f21399b021b"));
+    assert_eq!(
+        basic.user.as_deref(),
+        Some("13803d75-b4b5-4c3e-b2a2-6f21399b021b")
+    );
     assert_eq!(basic.extra["stop"], json!(["\n\nHuman:"]));
     assert_eq!(basic.max_tokens, Some(1024));
     // Unknown fields stay in the view, so a cache tells such requests apart.
@@ -74,7 +77,15 @@ fn views_say_what_a_chat_provider_would_be_missing() {
     let roles: Vec<&str> = tools.messages.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(
         roles,
-        ["system", "user", "assistant", "tool", "user", "assistant", "tool"]
+        [
+            "system",
+            "user",
+            "assistant",
+            "tool",
+            "user",
+            "assistant",
+            "tool"
+        ]
     );
     let Some(Content::Parts(parts)) = tools.messages[1].content() else {
         panic!("parts expected");
@@ -91,13 +102,22 @@ fn views_say_what_a_chat_provider_would_be_missing() {
     let call = &tools.messages[2].tool_calls.as_ref().unwrap()[0];
     assert_eq!(call.id, "toolu_01A09q90qw90lq917835lq9");
     let args: Value = serde_json::from_str(&call.function.arguments).unwrap();
-    assert_eq!(args, json!({"location": "Paris, France", "unit": "celsius"}));
-    assert_eq!(tools.messages[3].tool_call_id.as_deref(), Some(call.id.as_str()));
+    assert_eq!(
+        args,
+        json!({"location": "Paris, France", "unit": "celsius"})
+    );
+    assert_eq!(
+        tools.messages[3].tool_call_id.as_deref(),
+        Some(call.id.as_str())
+    );
     assert_eq!(tools.messages[3].text(), "15 degrees, cloudy");
     assert_eq!(tools.messages[6].text(), "Error: service down");
     assert_eq!(tools.extra["parallel_tool_calls"], false);
     assert_eq!(tools.tool_choice, Some(json!("auto")));
-    assert_eq!(tools.stream_options.as_ref().unwrap().include_usage, Some(true));
+    assert_eq!(
+        tools.stream_options.as_ref().unwrap().include_usage,
+        Some(true)
+    );
     let tool = &tools.tools.as_ref().unwrap()[0];
     assert_eq!(tool.function.as_ref().unwrap().name, "get_weather");
     // The chat view serializes as a plain chat request (no Anthropic-only keys).
@@ -116,7 +136,9 @@ fn views_say_what_a_chat_provider_would_be_missing() {
     let Some(Content::Parts(parts)) = thinking.messages[1].content() else {
         panic!("parts expected");
     };
-    assert!(matches!(&parts[0], ContentPart::Other(o) if o["signature"] == "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"));
+    assert!(
+        matches!(&parts[0], ContentPart::Other(o) if o["signature"] == "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds")
+    );
 }
 
 #[test]
@@ -131,10 +153,12 @@ fn answers_are_kept_byte_for_byte() {
         let back: EncodedResponse = serde_json::from_str(&text).unwrap();
         assert_eq!(back, enc);
     }
-    let enc =
-        EncodedResponse::from_messages_json(Bytes::from(read("response_text.json"))).unwrap();
+    let enc = EncodedResponse::from_messages_json(Bytes::from(read("response_text.json"))).unwrap();
     let u = enc.usage().unwrap();
-    assert_eq!((u.prompt_tokens, u.completion_tokens, u.cached_tokens()), (4195, 503, 2000));
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.cached_tokens()),
+        (4195, 503, 2000)
+    );
     assert_eq!(enc.model(), "claude-sonnet-4-5-20250929");
 }
 
@@ -261,7 +285,9 @@ fn an_error_ends_a_stream_in_anthropic_framing() {
     assert_eq!(data["error"]["type"], "overloaded_error");
     assert!(!evs.iter().any(|(n, _)| n == "message_stop"));
     assert_eq!(
-        evs.iter().filter(|(n, _)| n == "content_block_delta").count(),
+        evs.iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .count(),
         1
     );
 }
@@ -312,9 +338,19 @@ fn malformed_requests_are_bad_requests_naming_the_field() {
     ];
     for (body, param) in cases {
         let e = bad(body);
-        assert_eq!(e.kind(), ErrorKind::BadRequest, "{}", String::from_utf8_lossy(body));
+        assert_eq!(
+            e.kind(),
+            ErrorKind::BadRequest,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
         if !param.is_empty() {
-            assert_eq!(e.param(), Some(param), "{}: {e}", String::from_utf8_lossy(body));
+            assert_eq!(
+                e.param(),
+                Some(param),
+                "{}: {e}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

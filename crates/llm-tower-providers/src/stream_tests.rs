@@ -273,7 +273,11 @@ fn native_anthropic_events_reach_the_client_as_sent() {
     ))
     .unwrap();
     let want = sse_events(&corpus);
-    for cuts in [vec![], vec![7, 100, 101, 900], (1..60).map(|i| i * 37).collect()] {
+    for cuts in [
+        vec![],
+        vec![7, 100, 101, 900],
+        (1..60).map(|i| i * 37).collect(),
+    ] {
         let native = AnthropicDecoder::new(Arc::from("anthropic"), None, "m".into()).native(true);
         let (chunks, err) = run(split(corpus.as_bytes(), &cuts), native);
         assert!(err.is_none(), "{err:?}");

@@ -109,7 +109,10 @@ impl fmt::Debug for RoutePolicy {
             .field("aliases", &self.aliases)
             .field("tasks", &self.tasks)
             .field("default", &self.default)
-            .field("default_models", &self.default_models.as_ref().map(Vec::len))
+            .field(
+                "default_models",
+                &self.default_models.as_ref().map(Vec::len),
+            )
             .finish()
     }
 }

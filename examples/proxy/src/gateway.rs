@@ -162,8 +162,10 @@ pub async fn build(
         services: providers,
         malformed,
         client,
+        anthropic,
     } = build_providers(config, &secrets, shared.as_ref())?;
     let routed = build_route(config, &providers);
+    let count_tokens = token_counter(config, routed.clone(), anthropic);
 
     let client_limits = build_client_limits(config, &secrets, &redis).await?;
     let cost = build_cost(config, &secrets, &redis).await?;
@@ -248,7 +250,8 @@ pub async fn build(
         .metrics(metrics)
         .metrics_access(metrics_access)
         .known_tasks(known_tasks(config))
-        .known_models(known_models(config));
+        .known_models(known_models(config))
+        .count_tokens(count_tokens);
 
     let (jobs, worker) = if config.jobs.enabled {
         let jobs = build_jobs(config, &secrets).await?;
@@ -393,6 +396,8 @@ struct Providers {
     malformed: Vec<(String, MalformedCount)>,
     /// The HTTP client every real provider shares (none when all are simulated).
     client: Option<HttpClient>,
+    /// The Anthropic providers by name, for `count_tokens`.
+    anthropic: BTreeMap<String, AnthropicProvider>,
 }
 
 /// Where the providers' limits and headroom are shared between replicas: the rate-limit
@@ -447,17 +452,20 @@ fn build_providers(
     };
     let mut out = BTreeMap::new();
     let mut malformed = Vec::new();
+    let mut anthropic = BTreeMap::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
-        let (raw, count) =
+        let (raw, count, claude) =
             provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
         out.insert(name.clone(), with_provider_limits(name, p, shared, raw));
         malformed.extend(count.map(|c| (name.clone(), c)));
+        anthropic.extend(claude.map(|c| (name.clone(), c)));
     }
     Ok(Providers {
         services: out,
         malformed,
         client,
+        anthropic,
     })
 }
 
@@ -467,7 +475,14 @@ fn provider_service(
     secrets: &Secrets,
     client: Option<&HttpClient>,
     limits: llm_tower_providers::ResponseLimits,
-) -> Result<(BoxLlmService, Option<MalformedCount>), BuildError> {
+) -> Result<
+    (
+        BoxLlmService,
+        Option<MalformedCount>,
+        Option<AnthropicProvider>,
+    ),
+    BuildError,
+> {
     let key = secrets.provider_keys.get(name);
     // The plain headers and those read from the environment (`headers_env`); the
     // provider marks every extra header value sensitive and never prints one.
@@ -509,7 +524,7 @@ fn provider_service(
                     })
                     .service(llm),
             );
-            Ok((svc, None))
+            Ok((svc, None, None))
         }
         ProviderKind::Openai | ProviderKind::Anthropic => {
             let client =
@@ -533,6 +548,7 @@ fn provider_service(
                 Ok((
                     boxed(provider),
                     Some(Box::new(move || read.malformed_headers())),
+                    None,
                 ))
             } else {
                 let mut c = AnthropicConfig {
@@ -551,8 +567,9 @@ fn provider_service(
                 let provider = AnthropicProvider::new(c, client).map_err(bad)?;
                 let read = provider.clone();
                 Ok((
-                    boxed(provider),
+                    boxed(provider.clone()),
                     Some(Box::new(move || read.malformed_headers())),
+                    Some(provider),
                 ))
             }
         }
@@ -667,6 +684,42 @@ fn build_route(config: &Config, providers: &BTreeMap<String, BoxLlmService>) -> 
         policy = policy.default_for_models(known_models(config));
     }
     Route::new(policy)
+}
+
+/// `POST /v1/messages/count_tokens`: routed like a request; when the chain's first step is
+/// an Anthropic provider, it counts (`/v1/messages/count_tokens` upstream), otherwise the
+/// text-length estimate answers. Not an LLM call: no limit, budget or cache applies.
+fn token_counter(
+    config: &Config,
+    route: Route,
+    anthropic: BTreeMap<String, AnthropicProvider>,
+) -> llm_tower_axum::CountTokens {
+    // chain → (its first step's Anthropic provider, the step's model).
+    let first: BTreeMap<String, (AnthropicProvider, Option<String>)> = config
+        .chains
+        .iter()
+        .filter_map(|(name, c)| {
+            let step = c.get_ref().steps.first()?.get_ref();
+            let p = anthropic.get(&step.provider)?.clone();
+            Some((name.clone(), (p, step.model.clone())))
+        })
+        .collect();
+    let first = Arc::new(first);
+    Arc::new(move |mut req: ChatRequest| {
+        let resolved = route
+            .resolve(&req)
+            .map(|(chain, model)| (first.get(chain).cloned(), model));
+        Box::pin(async move {
+            let (provider, model) = resolved?;
+            match provider {
+                Some((p, step_model)) => {
+                    req.model = step_model.unwrap_or(model);
+                    p.count_tokens(&req).await
+                }
+                None => Ok(llm_tower::dialect::messages::estimate_input_tokens(&req)),
+            }
+        })
+    })
 }
 
 // ===== stores =====

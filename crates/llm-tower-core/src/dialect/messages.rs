@@ -20,8 +20,8 @@ use serde_json::{Map, Number, Value, json};
 use super::{Dialect, NATIVE_EVENT, NativeRequest};
 use crate::{
     ChatChunk, ChatRequest, ChatResponse, Choice, Content, ContentPart, ErrorKind, Extra,
-    FunctionCall, FunctionDef, ImageUrl, LlmError, MAX_REQUEST_BYTES, Message,
-    PromptTokensDetails, Role, StreamOptions, Tool, ToolCall, Usage,
+    FunctionCall, FunctionDef, ImageUrl, LlmError, MAX_REQUEST_BYTES, Message, PromptTokensDetails,
+    Role, StreamOptions, Tool, ToolCall, Usage,
 };
 
 /// Top-level request fields this module maps (any other one is kept in the view's `extra`
@@ -98,8 +98,8 @@ fn parse(body: Bytes, needs_max_tokens: bool) -> Result<ChatRequest, LlmError> {
             body.len()
         )));
     }
-    let top: Map<String, Value> = crate::json::from_slice(&body)
-        .map_err(|e| bad(format!("invalid request body: {e}")))?;
+    let top: Map<String, Value> =
+        crate::json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))?;
     let mut p = Parser {
         req: ChatRequest::default(),
         first_untranslatable: None,
@@ -125,7 +125,9 @@ struct Parser {
 fn str_field<'a>(v: &'a Value, key: &str, at: &str) -> Result<&'a str, LlmError> {
     match v.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(bad(format!("`{at}.{key}` must be a string")).with_param(format!("{at}.{key}"))),
+        Some(_) => {
+            Err(bad(format!("`{at}.{key}` must be a string")).with_param(format!("{at}.{key}")))
+        }
         None => Err(bad(format!("`{at}` needs `{key}`")).with_param(format!("{at}.{key}"))),
     }
 }
@@ -211,7 +213,9 @@ impl Parser {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
                 if !a.is_empty() {
-                    self.req.extra.insert("stop".into(), Value::Array(a.clone()));
+                    self.req
+                        .extra
+                        .insert("stop".into(), Value::Array(a.clone()));
                 }
             }
             Some(_) => {
@@ -380,9 +384,9 @@ impl Parser {
     }
 
     fn image(&mut self, b: &Value, at: &str) -> Result<ContentPart, LlmError> {
-        let src = b
-            .get("source")
-            .ok_or_else(|| bad(format!("`{at}` needs `source`")).with_param(format!("{at}.source")))?;
+        let src = b.get("source").ok_or_else(|| {
+            bad(format!("`{at}` needs `source`")).with_param(format!("{at}.source"))
+        })?;
         let sat = format!("{at}.source");
         let url = match str_field(src, "type", &sat)? {
             "base64" => format!(
@@ -393,7 +397,9 @@ impl Parser {
             "url" => str_field(src, "url", &sat)?.to_owned(),
             other => {
                 self.cannot(&sat, &format!("an image source of type `{other}`"));
-                let Value::Object(o) = b else { unreachable!("checked by str_field") };
+                let Value::Object(o) = b else {
+                    unreachable!("checked by str_field")
+                };
                 return Ok(ContentPart::Other(o.clone()));
             }
         };
@@ -598,7 +604,10 @@ pub fn usage_to_json(u: &Usage) -> Value {
     let mut m = Map::new();
     m.insert(
         "input_tokens".into(),
-        u.prompt_tokens.saturating_sub(read).saturating_sub(write).into(),
+        u.prompt_tokens
+            .saturating_sub(read)
+            .saturating_sub(write)
+            .into(),
     );
     m.insert("output_tokens".into(), u.completion_tokens.into());
     m.insert("cache_creation_input_tokens".into(), write.into());
@@ -745,10 +754,10 @@ pub fn response_to_json(r: &ChatResponse) -> Value {
         }
         stop = choice.finish_reason.as_deref().map(stop_reason);
     }
-    let usage = r.usage.as_ref().map_or_else(
-        || usage_to_json(&Usage::default()),
-        usage_to_json,
-    );
+    let usage = r
+        .usage
+        .as_ref()
+        .map_or_else(|| usage_to_json(&Usage::default()), usage_to_json);
     json!({
         "id": message_id(&r.id),
         "type": "message",
@@ -815,7 +824,10 @@ pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<
         for (k, v) in [
             ("input_tokens", c(u.input_tokens)),
             ("output_tokens", c(u.output_tokens)),
-            ("cache_creation_input_tokens", c(u.cache_creation_input_tokens)),
+            (
+                "cache_creation_input_tokens",
+                c(u.cache_creation_input_tokens),
+            ),
             ("cache_read_input_tokens", c(u.cache_read_input_tokens)),
         ] {
             if let Some(v) = v {
@@ -1075,7 +1087,10 @@ impl EventEncoder {
             if let Some(args) = tc.function.as_ref().and_then(|f| f.arguments.as_deref())
                 && !args.is_empty()
             {
-                self.delta(json!({"type": "input_json_delta", "partial_json": args}), out);
+                self.delta(
+                    json!({"type": "input_json_delta", "partial_json": args}),
+                    out,
+                );
             }
         }
         if let Some(r) = choice.finish_reason() {
@@ -1142,9 +1157,8 @@ pub fn estimate_input_tokens(req: &ChatRequest) -> u64 {
         if let Some(f) = &t.function {
             bytes = bytes.saturating_add(f.name.len() as u64);
             bytes = bytes.saturating_add(f.description.as_ref().map_or(0, |d| d.len()) as u64);
-            bytes = bytes.saturating_add(
-                f.parameters.as_ref().map_or(0, |p| p.to_string().len()) as u64,
-            );
+            bytes = bytes
+                .saturating_add(f.parameters.as_ref().map_or(0, |p| p.to_string().len()) as u64);
         }
     }
     (bytes / 4).saturating_add(4u64.saturating_mul(req.messages.len() as u64))

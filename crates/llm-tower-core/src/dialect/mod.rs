@@ -178,9 +178,8 @@ impl NativeRequest {
         append: &[serde_json::Value],
     ) -> Result<Vec<u8>, LlmError> {
         let _ = view;
-        let bad = |e: serde_json::Error| {
-            LlmError::bad_request(format!("invalid request body: {e}"))
-        };
+        let bad =
+            |e: serde_json::Error| LlmError::bad_request(format!("invalid request body: {e}"));
         let top: Vec<(String, &RawValue)> = crate::json::from_slice::<TopLevel<'_>>(&self.body)
             .map_err(bad)?
             .0;
@@ -191,8 +190,7 @@ impl NativeRequest {
                 continue;
             }
             if key == "messages" && !append.is_empty() {
-                let mut items: Vec<&RawValue> =
-                    serde_json::from_str(value.get()).map_err(bad)?;
+                let mut items: Vec<&RawValue> = serde_json::from_str(value.get()).map_err(bad)?;
                 let extra: Vec<Box<RawValue>> = append
                     .iter()
                     .map(|v| serde_json::value::to_raw_value(v).map_err(bad))

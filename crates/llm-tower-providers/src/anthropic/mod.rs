@@ -208,6 +208,7 @@ pub struct AnthropicProvider {
 
 struct Inner {
     endpoint: Endpoint,
+    count: Endpoint,
     models: HashMap<String, String>,
     default_model: Option<String>,
     opts: TranslateOptions,
@@ -243,9 +244,18 @@ impl AnthropicProvider {
             client.clone(),
         )?;
         endpoint.limits = config.limits;
+        // The same target and headers, for `count_tokens`.
+        let mut count = endpoint.clone();
+        count.url = format!(
+            "{}/v1/messages/count_tokens",
+            config.base_url.trim_end_matches('/')
+        )
+        .parse()
+        .map_err(|e| LlmError::bad_request(format!("invalid base_url: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
+                count,
                 models: config.models,
                 default_model: config.default_model,
                 opts: TranslateOptions {
@@ -304,7 +314,11 @@ impl AnthropicProvider {
     /// The Messages request of a client that spoke Messages: its own body, with the
     /// routed model and whatever a layer appended to the view (a validation reminder)
     /// translated and added.
-    fn native_body(&self, req: &ChatRequest, native: &NativeRequest) -> Result<(Vec<u8>, String), LlmError> {
+    fn native_body(
+        &self,
+        req: &ChatRequest,
+        native: &NativeRequest,
+    ) -> Result<(Vec<u8>, String), LlmError> {
         let mut model = req.model.clone();
         map_model(
             &mut model,
@@ -352,6 +366,47 @@ impl AnthropicProvider {
                 (name.clone(), value.clone())
             })
             .collect()
+    }
+
+    /// Counts the input tokens of `req` with the provider's `POST /v1/messages/count_tokens`:
+    /// a request that arrived in the Messages dialect is counted as it was sent (with the
+    /// provider's model), any other as its translation.
+    ///
+    /// # Errors
+    ///
+    /// The provider's error, classified; a malformed answer is a transport error.
+    pub async fn count_tokens(&self, req: &ChatRequest) -> Result<u64, LlmError> {
+        let native = req
+            .extensions
+            .get::<NativeRequest>()
+            .filter(|n| n.dialect() == Dialect::Messages);
+        let (bytes, headers) = match native {
+            Some(n) => (self.native_body(req, n)?.0, self.native_headers(n)),
+            None => {
+                let mut body = self.request_body(req)?;
+                if let Some(o) = body.as_object_mut() {
+                    // Not part of a count request.
+                    o.remove("max_tokens");
+                    o.remove("stream");
+                }
+                let bytes = serde_json::to_vec(&body).map_err(|e| {
+                    LlmError::bad_request(format!("cannot encode the request: {e}"))
+                })?;
+                (bytes, Vec::new())
+            }
+        };
+        let ep = &self.inner.count;
+        let (resp, _, started) = ep.send_with(bytes, false, req.deadline(), &headers).await?;
+        let body = ep
+            .read_body(resp.into_body(), started, req.deadline())
+            .await?;
+        #[derive(Deserialize)]
+        struct Counted {
+            input_tokens: u64,
+        }
+        serde_json::from_slice::<Counted>(&body)
+            .map(|c| c.input_tokens)
+            .map_err(|e| classify::malformed(&ep.provider, "count_tokens answer", e))
     }
 
     async fn run(self, req: ChatRequest) -> Result<LlmResponse, LlmError> {
@@ -406,7 +461,11 @@ impl AnthropicProvider {
                         })?;
                         // Not a message: an inline error, or malformed.
                         from_messages_response(&v, &ep.provider)?;
-                        return Err(classify::malformed(&ep.provider, "Messages API response", e));
+                        return Err(classify::malformed(
+                            &ep.provider,
+                            "Messages API response",
+                            e,
+                        ));
                     }
                 }
             } else {

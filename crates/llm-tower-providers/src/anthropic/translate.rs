@@ -426,9 +426,15 @@ pub use llm_tower_core::dialect::messages::{finish_reason, usage_from};
 /// ```
 pub fn from_messages_response(v: &Value, provider: &str) -> Result<ChatResponse, LlmError> {
     if v.get("type").and_then(Value::as_str) == Some("error") {
-        return Err(classify::classify_inline(provider, v, None).unwrap_or_else(|| {
-            classify::malformed(provider, "Messages API response", "an error without details")
-        }));
+        return Err(
+            classify::classify_inline(provider, v, None).unwrap_or_else(|| {
+                classify::malformed(
+                    provider,
+                    "Messages API response",
+                    "an error without details",
+                )
+            }),
+        );
     }
     llm_tower_core::dialect::messages::response_from_json(v)
         .map_err(|what| classify::malformed(provider, "Messages API response", what))
