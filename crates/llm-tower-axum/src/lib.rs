@@ -4,9 +4,11 @@
 //! # Overview
 //!
 //! - [`OpenAiRouter`]: the consuming builder: `POST /v1/chat/completions` (JSON and SSE),
-//!   `GET /v1/models`, `GET /healthz`, `GET /metrics`; OpenAI-format errors for
-//!   everything, including 404/405/413 and panics.
-//! - [`AuthLayer`] / [`ClientKeys`]: `Authorization: Bearer <key>` → [`Tenant`](llm_tower_core::Tenant)
+//!   `POST /v1/messages` and `/v1/messages/count_tokens` (the Anthropic Messages API on
+//!   the same service, Anthropic-format errors), `GET /v1/models`, `GET /healthz`,
+//!   `GET /metrics`; OpenAI-format errors for everything else, including 404/405/413 and
+//!   panics.
+//! - [`AuthLayer`] / [`ClientKeys`]: `Authorization: Bearer <key>` (or `x-api-key`) → [`Tenant`](llm_tower_core::Tenant)
 //!   in the request extensions; reusable on other routers (jobs).
 //! - [`error_response`] / [`OpenAiError`]: an [`LlmError`](llm_tower_core::LlmError) as
 //!   an HTTP response (status, OpenAI JSON, `retry-after`).

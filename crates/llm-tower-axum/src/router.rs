@@ -98,6 +98,8 @@ impl MakeRequestId for MakeRequestUuidV7 {
 /// | route | auth | answer |
 /// |---|---|---|
 /// | `POST /v1/chat/completions` | yes | JSON, or SSE when `"stream": true` |
+/// | `POST /v1/messages` | yes | Anthropic Messages: JSON, or Anthropic's SSE events; Anthropic-format errors |
+/// | `POST /v1/messages/count_tokens` | yes | `{"input_tokens": n}` (see [`count_tokens`](Self::count_tokens)) |
 /// | `GET /v1/models` | yes | the configured [`models`](Self::models) |
 /// | `GET /healthz` | no | `{"status":"ok"}` |
 /// | `GET /metrics` | see [`metrics_access`](Self::metrics_access) | Prometheus text ([`Metrics::render`]); 404 when disabled |
