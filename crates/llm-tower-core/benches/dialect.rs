@@ -38,14 +38,16 @@ fn bench(c: &mut Criterion) {
     c.bench_function("request/chat", |b| b.iter(chat_request));
     c.bench_function("request/messages", |b| b.iter(messages_request));
     c.bench_function("answer/chat", |b| {
-        b.iter(|| EncodedResponse::from_json(Bytes::from_static(black_box(CHAT_ANSWER.as_bytes()))))
+        b.iter(|| {
+            EncodedResponse::from_json(Bytes::from_static(black_box(CHAT_ANSWER.as_bytes())))
+        });
     });
     c.bench_function("answer/messages", |b| {
         b.iter(|| {
             EncodedResponse::from_messages_json(Bytes::from_static(black_box(
                 MESSAGES_ANSWER.as_bytes(),
             )))
-        })
+        });
     });
 }
 
