@@ -15,6 +15,9 @@ use tower::{Layer, Service};
 
 use crate::error_response;
 
+/// The header Anthropic's clients send their key in.
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 /// The tenant given to every request when no client keys are configured.
 pub const ANONYMOUS_TENANT: &str = "anonymous";
 
@@ -133,8 +136,15 @@ fn check(keys: &ClientKeys, headers: &http::HeaderMap) -> Result<Tenant, LlmErro
         return Ok(Tenant::from(ANONYMOUS_TENANT));
     }
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        // Anthropic's clients send the key as `x-api-key`.
+        if let Some(key) = headers.get(&X_API_KEY) {
+            return keys
+                .tenant_for(key.as_bytes().trim_ascii())
+                .cloned()
+                .ok_or_else(|| LlmError::auth("Incorrect API key provided."));
+        }
         return Err(LlmError::auth(
-            "Missing API key: send it as `Authorization: Bearer <key>`.",
+            "Missing API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.",
         ));
     };
     let bytes = value.as_bytes();
@@ -151,7 +161,8 @@ fn check(keys: &ClientKeys, headers: &http::HeaderMap) -> Result<Tenant, LlmErro
         .ok_or_else(|| LlmError::auth("Incorrect API key provided."))
 }
 
-/// Client-key authentication: `Authorization: Bearer <key>` → [`Tenant`].
+/// Client-key authentication: `Authorization: Bearer <key>` (or `x-api-key: <key>`, as
+/// Anthropic's clients send it) → [`Tenant`].
 ///
 /// `AuthLayer` is an ordinary tower layer over axum services: it looks the presented key
 /// up among the configured [`ClientKeys`], answers `401` with an OpenAI error body when it
@@ -276,7 +287,11 @@ where
             }
             Err(e) => {
                 tracing::debug!(reason = e.message(), "client key refused");
-                let mut resp = error_response(&e);
+                let mut resp = if crate::messages::is_messages_path(req.uri().path()) {
+                    crate::messages::error_response(&e)
+                } else {
+                    error_response(&e)
+                };
                 resp.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     http::HeaderValue::from_static("Bearer"),
@@ -353,6 +368,14 @@ mod tests {
         assert!(check(&keys, &headers("Basic k1")).is_err());
         assert!(check(&keys, &headers("Bearer")).is_err());
         assert!(check(&keys, &HeaderMap::new()).is_err());
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "k2".parse().unwrap());
+        assert_eq!(check(&keys, &h).unwrap().as_str(), "b");
+        h.insert("x-api-key", "k9".parse().unwrap());
+        assert!(check(&keys, &h).is_err());
+        // `Authorization` wins when both are sent.
+        h.insert(header::AUTHORIZATION, "Bearer k1".parse().unwrap());
+        assert_eq!(check(&keys, &h).unwrap().as_str(), "a");
     }
 
     #[test]

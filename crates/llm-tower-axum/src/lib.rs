@@ -5,9 +5,11 @@
 //!
 //! - [`OpenAiRouter`]: the consuming builder: `POST /v1/chat/completions` (JSON and SSE),
 //!   `POST /v1/embeddings` (through the same service: see `llm_tower_core::embeddings`),
-//!   `GET /v1/models`, `GET /healthz`, `GET /metrics`; OpenAI-format errors for
-//!   everything, including 404/405/413 and panics.
-//! - [`AuthLayer`] / [`ClientKeys`]: `Authorization: Bearer <key>` → [`Tenant`](llm_tower_core::Tenant)
+//!   `POST /v1/messages` and `/v1/messages/count_tokens` (the Anthropic Messages API on
+//!   the same service, Anthropic-format errors), `GET /v1/models`, `GET /healthz`,
+//!   `GET /metrics`; OpenAI-format errors for everything else, including 404/405/413 and
+//!   panics.
+//! - [`AuthLayer`] / [`ClientKeys`]: `Authorization: Bearer <key>` (or `x-api-key`) → [`Tenant`](llm_tower_core::Tenant)
 //!   in the request extensions; reusable on other routers (jobs).
 //! - [`error_response`] / [`OpenAiError`]: an [`LlmError`](llm_tower_core::LlmError) as
 //!   an HTTP response (status, OpenAI JSON, `retry-after`).
@@ -76,6 +78,7 @@ mod activity;
 mod auth;
 mod error;
 pub mod headers;
+mod messages;
 mod metrics;
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
@@ -92,6 +95,7 @@ pub use activity::{
 };
 pub use auth::{ANONYMOUS_TENANT, Auth, AuthFuture, AuthLayer, ClientKey, ClientKeys};
 pub use error::{OpenAiError, error_response};
+pub use messages::CountTokens;
 pub use metrics::Metrics;
 pub use panics::{install_panic_counter, panic_count};
 pub use router::{DEFAULT_BODY_LIMIT, MakeRequestUuidV7, MetricsAccess, ModelEntry, OpenAiRouter};

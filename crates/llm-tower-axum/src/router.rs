@@ -101,6 +101,8 @@ impl MakeRequestId for MakeRequestUuidV7 {
 /// |---|---|---|
 /// | `POST /v1/chat/completions` | yes | JSON, or SSE when `"stream": true` |
 /// | `POST /v1/embeddings` | yes | through the same service, as a [`ChatRequest::embeddings`] envelope |
+/// | `POST /v1/messages` | yes | Anthropic Messages: JSON, or Anthropic's SSE events; Anthropic-format errors |
+/// | `POST /v1/messages/count_tokens` | yes | `{"input_tokens": n}` (see [`count_tokens`](Self::count_tokens)) |
 /// | `GET /v1/models` | yes | the configured [`models`](Self::models) |
 /// | `GET /healthz` | no | `{"status":"ok"}` |
 /// | `GET /metrics` | see [`metrics_access`](Self::metrics_access) | Prometheus text ([`Metrics::render`]); 404 when disabled |
@@ -152,6 +154,7 @@ pub struct OpenAiRouter<S> {
     public: Vec<Router>,
     #[cfg(feature = "otel")]
     otel: Option<crate::otel::OtelTracing>,
+    count_tokens: Option<crate::messages::CountTokens>,
 }
 
 impl<S> fmt::Debug for OpenAiRouter<S> {
@@ -195,6 +198,7 @@ where
             public: Vec::new(),
             #[cfg(feature = "otel")]
             otel: None,
+            count_tokens: None,
         }
     }
 
@@ -205,6 +209,16 @@ where
     #[must_use]
     pub fn otel(mut self, otel: crate::otel::OtelTracing) -> Self {
         self.otel = Some(otel);
+        self
+    }
+
+    /// How `POST /v1/messages/count_tokens` counts: `counter` gets the request's chat
+    /// view (its [`NativeRequest`](llm_tower_core::NativeRequest) included) and answers the
+    /// input token count. Default: an estimate from the text length
+    /// ([`estimate_input_tokens`](llm_tower_core::dialect::messages::estimate_input_tokens)).
+    #[must_use]
+    pub fn count_tokens(mut self, counter: crate::messages::CountTokens) -> Self {
+        self.count_tokens = Some(counter);
         self
     }
 
@@ -364,12 +378,18 @@ where
             #[cfg(feature = "otel")]
             otel,
             activity: self.activity,
+            count_tokens: self.count_tokens,
         });
 
         let mut protected: Router = Router::new()
             .route("/v1/chat/completions", post(chat::<S>))
             .route("/v1/embeddings", post(embeddings::embeddings::<S>))
             .route("/v1/models", get(list_models::<S>))
+            .route("/v1/messages", post(crate::messages::messages::<S>))
+            .route(
+                "/v1/messages/count_tokens",
+                post(crate::messages::count_tokens::<S>),
+            )
             .with_state(state);
         for r in self.protected {
             protected = protected.merge(r);
@@ -553,21 +573,22 @@ impl Metrics {
     }
 }
 
-struct AppState<S> {
-    service: S,
-    body_limit: usize,
-    metrics: Metrics,
+pub(crate) struct AppState<S> {
+    pub(crate) service: S,
+    pub(crate) body_limit: usize,
+    pub(crate) metrics: Metrics,
     models: Bytes,
     known_models: Option<Arc<Names>>,
     #[cfg(feature = "otel")]
     otel: Option<Arc<crate::otel::Otel>>,
     activity: Option<Activity>,
+    pub(crate) count_tokens: Option<crate::messages::CountTokens>,
 }
 
 impl<S> AppState<S> {
     /// The `model` label for `model`: itself, or `other` when models are known and it is
     /// not one of them.
-    fn model_label(&self, model: &str) -> Arc<str> {
+    pub(crate) fn model_label(&self, model: &str) -> Arc<str> {
         match &self.known_models {
             None => model.into(),
             Some(known) => known.get(model).unwrap_or(&OTHER_LABEL).clone(),
@@ -609,7 +630,7 @@ fn models_json(models: &[ModelEntry], created: u64) -> Bytes {
     )
 }
 
-fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     // Room for the `x-llm-*` headers and `x-request-id`: allocated once, not grown.
@@ -653,6 +674,14 @@ fn render_metrics(metrics: &Metrics, access: &MetricsAccess, h: &http::HeaderMap
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
+    if crate::messages::is_messages_path(uri.path()) {
+        let mut r = crate::messages::error_response(&LlmError::not_found(format!(
+            "Invalid URL ({method} {})",
+            uri.path()
+        )));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    }
     status_response(
         StatusCode::NOT_FOUND,
         format!("Invalid URL ({method} {})", uri.path()),
@@ -660,6 +689,14 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    if crate::messages::is_messages_path(uri.path()) {
+        let mut r = crate::messages::error_response(&LlmError::not_found(format!(
+            "Method {method} is not allowed for {}",
+            uri.path()
+        )));
+        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        return r;
+    }
     status_response(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("Method {method} is not allowed for {}", uri.path()),
@@ -730,10 +767,10 @@ fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
 }
 
 /// What is recorded when a request ends (at once, or when its stream finishes).
-struct Finish {
+pub(crate) struct Finish {
     metrics: Metrics,
     activity: Option<Activity>,
-    labels: Labels,
+    pub(crate) labels: Labels,
     start: Instant,
     upstream: Option<Duration>,
     cost_nano_usd: Option<u64>,
@@ -744,7 +781,7 @@ struct Finish {
 }
 
 impl Finish {
-    fn new(metrics: Metrics, labels: Labels, start: Instant) -> Self {
+    pub(crate) fn new(metrics: Metrics, labels: Labels, start: Instant) -> Self {
         Self {
             metrics,
             activity: None,
@@ -759,7 +796,7 @@ impl Finish {
         }
     }
 
-    fn record(&mut self, status: &str, usage: Option<&Usage>) {
+    pub(crate) fn record(&mut self, status: &str, usage: Option<&Usage>) {
         #[cfg(feature = "otel")]
         if let Some(t) = self.trace.take() {
             t.end(status, usage, &self.labels);
@@ -789,12 +826,45 @@ impl Finish {
     }
 
     /// Records a request refused with `err` and answers it.
-    fn reject(mut self, err: &LlmError) -> Response {
+    fn reject(self, err: &LlmError) -> Response {
+        self.reject_with(err, error_response)
+    }
+
+    /// [`reject`](Self::reject) with the error body of the client's dialect.
+    pub(crate) fn reject_with(
+        mut self,
+        err: &LlmError,
+        body: fn(&LlmError) -> Response,
+    ) -> Response {
         self.fallbacks = FailedAttempt::from_error(err);
         self.record(err.kind().as_str(), None);
-        let mut resp = error_response(err);
+        let mut resp = body(err);
         headers::write_error_headers(resp.headers_mut(), err, self.start.elapsed());
         resp
+    }
+
+    /// What the response's meta says about the request: provider, served model (its label
+    /// when known), upstream time, cost, cache status, failed attempts.
+    pub(crate) fn observe_meta<S>(&mut self, st: &AppState<S>, meta: &ResponseMeta) {
+        if let Some(p) = &meta.provider {
+            self.labels.provider = p.clone();
+        }
+        // The served model, when known; else the requested model's label stays (an
+        // upstream may answer with a dated name of a known model).
+        if let Some(m) = &meta.model {
+            match &st.known_models {
+                None => self.labels.model = m.as_str().into(),
+                Some(known) => {
+                    if let Some(label) = known.get(m.as_str()) {
+                        self.labels.model = label.clone();
+                    }
+                }
+            }
+        }
+        self.upstream = meta.upstream_time;
+        self.cost_nano_usd = meta.cost.map(|c| c.nano_usd);
+        self.cache = meta.cache;
+        self.fallbacks = FailedAttempt::from_meta(&meta.attempts);
     }
 }
 
@@ -802,11 +872,11 @@ impl Finish {
 /// `client_closed` if the client goes away meanwhile (axum drops the handler future), so
 /// no accepted request goes unrecorded. Streams already sent are covered by the stream's
 /// own completion hook (`dropped`).
-struct CancelGuard(Option<Finish>);
+pub(crate) struct CancelGuard(pub(crate) Option<Finish>);
 
 impl CancelGuard {
     /// Gives the [`Finish`] back: the wait is over.
-    fn disarm(mut self) -> Finish {
+    pub(crate) fn disarm(mut self) -> Finish {
         self.0.take().expect("a guard is disarmed once")
     }
 }
@@ -934,30 +1004,12 @@ where
     if let Some(t) = &finish.trace {
         t.meta(&meta);
     }
-    if let Some(p) = &meta.provider {
-        finish.labels.provider = p.clone();
-    }
-    // The served model, when known; else the requested model's label stays (an upstream
-    // may answer with a dated name of a known model).
-    if let Some(m) = &meta.model {
-        match &st.known_models {
-            None => finish.labels.model = m.as_str().into(),
-            Some(known) => {
-                if let Some(label) = known.get(m.as_str()) {
-                    finish.labels.model = label.clone();
-                }
-            }
-        }
-    }
-    finish.upstream = meta.upstream_time;
-    finish.cost_nano_usd = meta.cost.map(|c| c.nano_usd);
-    finish.cache = meta.cache;
-    finish.fallbacks = FailedAttempt::from_meta(&meta.attempts);
+    finish.observe_meta(&st, &meta);
 
     if !wants_stream {
         let json = match resp.body {
             // Forwarded as the upstream sent it: no decoding and encoding again.
-            ResponseBody::Encoded(r) => {
+            ResponseBody::Encoded(r) if r.dialect() == llm_tower_core::Dialect::Chat => {
                 #[cfg(feature = "otel")]
                 if let Some(t) = &finish.trace {
                     t.encoded(r.json());
@@ -1049,7 +1101,7 @@ fn encode(r: &ChatResponse, hint: Option<usize>) -> Result<Bytes, LlmError> {
 }
 
 /// Reads the body up to `limit` bytes; too big is 413, a broken body is 400.
-async fn read_body(
+pub(crate) async fn read_body(
     body: Body,
     headers: &http::HeaderMap,
     limit: usize,

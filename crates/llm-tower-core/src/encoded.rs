@@ -6,7 +6,7 @@ use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::{ChatResponse, LlmError, Usage};
+use crate::{ChatResponse, Dialect, LlmError, Usage};
 
 mod chunk;
 mod scan;
@@ -45,6 +45,7 @@ pub struct EncodedResponse {
     // Boxed: this is a variant of `ResponseBody`, which moves through every layer's future.
     usage: Option<Box<Usage>>,
     choices: usize,
+    dialect: Dialect,
 }
 
 impl EncodedResponse {
@@ -60,6 +61,7 @@ impl EncodedResponse {
                 usage: found.usage.map(Box::new),
                 choices: found.choices,
                 json,
+                dialect: Dialect::Chat,
             });
         }
         let shape: Shape = crate::json::from_slice(&json)?;
@@ -68,7 +70,38 @@ impl EncodedResponse {
             model: shape.model,
             usage: shape.usage.map(Box::new),
             choices: shape.choices.0,
+            dialect: Dialect::Chat,
         })
+    }
+
+    /// Checks that `json` is an Anthropic Messages API answer (an object with a string
+    /// `id` and `model`, `"type": "message"`, a `content` array and, if present, a `usage`
+    /// object of token counts) and keeps it: a gateway forwards it as it came to a client
+    /// that speaks Messages, and [`decode`](Self::decode) translates it for the others.
+    ///
+    /// ```
+    /// use llm_tower_core::{Dialect, EncodedResponse};
+    /// let json = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#;
+    /// let r = EncodedResponse::from_messages_json(json.as_slice().into()).unwrap();
+    /// assert_eq!(r.dialect(), Dialect::Messages);
+    /// assert_eq!(r.usage().unwrap().total_tokens, 4);
+    /// assert_eq!(r.decode().unwrap().text(), "hi");
+    /// ```
+    pub fn from_messages_json(json: Bytes) -> serde_json::Result<Self> {
+        let (model, usage) = crate::dialect::messages::check_response(&json)?;
+        Ok(Self {
+            json,
+            model,
+            usage: usage.map(Box::new),
+            choices: 1,
+            dialect: Dialect::Messages,
+        })
+    }
+
+    /// The dialect of the document: [`Dialect::Chat`] unless built by
+    /// [`from_messages_json`](Self::from_messages_json).
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// The JSON document, as received.
@@ -100,6 +133,12 @@ impl EncodedResponse {
     /// usage details) do not have the types [`ChatResponse`] requires, a
     /// [`Transport`](crate::ErrorKind::Transport) error, as for any malformed upstream answer.
     pub fn decode(&self) -> Result<ChatResponse, LlmError> {
+        if self.dialect == Dialect::Messages {
+            let v: serde_json::Value = crate::json::from_slice(&self.json)
+                .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))?;
+            return crate::dialect::messages::response_from_json(&v)
+                .map_err(|e| LlmError::transport(format!("malformed Messages API response: {e}")));
+        }
         ChatResponse::from_slice(&self.json)
             .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))
     }
@@ -112,6 +151,7 @@ impl fmt::Debug for EncodedResponse {
             .field("model", &self.model)
             .field("usage", &self.usage)
             .field("choices", &self.choices)
+            .field("dialect", &self.dialect)
             .finish()
     }
 }
@@ -126,12 +166,15 @@ impl Serialize for EncodedResponse {
     }
 }
 
-/// Deserializes a chat completion document, checked as [`from_json`](Self::from_json) does.
+/// Deserializes a chat completion document, checked as [`from_json`](Self::from_json) does,
+/// or else a Messages API answer ([`from_messages_json`](Self::from_messages_json)).
 impl<'de> Deserialize<'de> for EncodedResponse {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
         let json = Bytes::from(String::from(raw.get()).into_bytes());
-        Self::from_json(json).map_err(de::Error::custom)
+        Self::from_json(json.clone())
+            .or_else(|e| Self::from_messages_json(json).map_err(|_| e))
+            .map_err(de::Error::custom)
     }
 }
 

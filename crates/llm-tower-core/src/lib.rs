@@ -4,6 +4,7 @@
 mod aggregate;
 mod body;
 mod build;
+pub mod dialect;
 pub mod embeddings;
 mod encoded;
 mod error;
@@ -21,6 +22,7 @@ pub use body::{
     BoxChunkStream, BoxEventStream, ChunkStream, LlmResponse, Outcome, ResponseBody, StreamEvent,
 };
 pub use build::Answer;
+pub use dialect::{Dialect, NativeRequest};
 pub use embeddings::{
     EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, EncodingFormat,
     MAX_EMBEDDING_DIMENSIONS, MAX_EMBEDDING_INPUTS,

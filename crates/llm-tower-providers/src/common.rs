@@ -170,10 +170,26 @@ impl Endpoint {
         deadline: Option<Deadline>,
         trace: Option<&TraceParent>,
     ) -> Result<(HttpResponse, Duration, Instant), LlmError> {
+        self.send_with(body, stream, deadline, trace, &[]).await
+    }
+
+    /// [`send`](Self::send) with request headers of this call that replace the fixed ones
+    /// of the same name.
+    pub(crate) async fn send_with(
+        &self,
+        body: Vec<u8>,
+        stream: bool,
+        deadline: Option<Deadline>,
+        trace: Option<&TraceParent>,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<(HttpResponse, Duration, Instant), LlmError> {
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.url.clone();
         *req.headers_mut() = self.headers.clone();
+        for (name, value) in headers {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
         req.headers_mut().insert(
             http::header::ACCEPT,
             HeaderValue::from_static(if stream {

@@ -379,6 +379,13 @@ impl OpenAiProvider {
         if req.as_embeddings().is_some() {
             return self.run_embeddings(req).await;
         }
+        // A request in another dialect is sent as its chat view: only if the view says
+        // everything the client asked.
+        if let Some(native) = req.extensions.get::<llm_tower_core::NativeRequest>() {
+            native
+                .check_translatable()
+                .map_err(|e| e.with_provider(&*self.inner.endpoint.provider))?;
+        }
         self.prepare(&mut req);
         let body = self.encode(&req)?;
         let stream = req.is_stream();

@@ -240,3 +240,67 @@ event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"
     let (_, err) = run(vec![Bytes::from_static(body)], anthropic());
     assert!(err.expect("an error event").usage().is_none());
 }
+
+/// Splits SSE text into (event name, data as JSON).
+fn sse_events(text: &str) -> Vec<(String, serde_json::Value)> {
+    text.split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in f.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (name, serde_json::from_str(&data).expect(&data))
+        })
+        .collect()
+}
+
+/// A Messages stream answering a Messages request reaches the client event for event, equal
+/// as JSON values (thinking signatures, citations and unknown events included), whatever
+/// the body's framing; the chat view of the same chunks still carries text, tool arguments
+/// and usage for the layers.
+#[test]
+fn native_anthropic_events_reach_the_client_as_sent() {
+    use llm_tower_core::dialect::messages::EventEncoder;
+    let corpus = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../llm-tower-core/tests/corpus/messages/events_thinking_tools.sse"
+    ))
+    .unwrap();
+    let want = sse_events(&corpus);
+    for cuts in [
+        vec![],
+        vec![7, 100, 101, 900],
+        (1..60).map(|i| i * 37).collect(),
+    ] {
+        let native = AnthropicDecoder::new(Arc::from("anthropic"), None, "m".into()).native(true);
+        let (chunks, err) = run(split(corpus.as_bytes(), &cuts), native);
+        assert!(err.is_none(), "{err:?}");
+        let mut enc = EventEncoder::new();
+        let mut out = Vec::new();
+        for c in &chunks {
+            enc.push(c, &mut out);
+        }
+        enc.finish(&mut out);
+        assert_eq!(sse_events(std::str::from_utf8(&out).unwrap()), want);
+        // The view: the same chunks as without native frames, plus carriers.
+        let (plain, _) = run(vec![Bytes::from(corpus.clone())], anthropic());
+        let strip = |cs: &[ChatChunk]| -> Vec<ChatChunk> {
+            let mut cs: Vec<ChatChunk> = cs
+                .iter()
+                .filter(|c| !(c.choices.is_empty() && c.usage.is_none()))
+                .cloned()
+                .collect();
+            for c in &mut cs {
+                c.extra.remove(llm_tower_core::dialect::NATIVE_EVENT);
+            }
+            cs
+        };
+        assert_eq!(normalized(strip(&chunks)), normalized(strip(&plain)));
+    }
+}

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, EmbeddingInput, EmbeddingsResponse, ErrorKind, LlmError,
-    LlmResponse, ResponseBody, ResponseMeta, Role, Usage,
+    ChatChunk, ChatRequest, ChatResponse, EmbeddingInput, EmbeddingsResponse, ErrorKind,
+    FunctionCall, FunctionCallDelta, LlmError, LlmResponse, ResponseBody, ResponseMeta, Role,
+    ToolCall, ToolCallDelta, Usage,
 };
 use serde_json::{Map, Value, json};
 use tower_service::Service;
@@ -26,7 +27,9 @@ type AnswerFn = Arc<dyn Fn(&ChatRequest) -> String + Send + Sync>;
 /// The answer is deterministic and derived from the prompt. A request whose
 /// `response_format` is `json_object` gets `{"answer": "..."}`; one with a `json_schema` gets
 /// a JSON value that satisfies the schema (its `enum`/`const` values, required properties,
-/// types), so validation demos pass.
+/// types), so validation demos pass. A request with function tools gets a call of the chosen
+/// (or first) one, with schema-satisfying arguments, until its last message is a tool
+/// result.
 ///
 /// Clones share the call counter (so `fail_every` counts across clones). Time uses tokio's
 /// clock: `tokio::time::pause()` makes the delays instant in tests.
@@ -316,6 +319,10 @@ impl Service<ChatRequest> for SimulatedLlm {
                 model: Some(model.clone()),
                 ..ResponseMeta::default()
             };
+            let call = tool_call(&req, call);
+            if let Some(tc) = call {
+                return Ok(tool_answer(&req, tc, model, usage, meta, started));
+            }
             let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
             if req.is_stream() {
                 meta.upstream_time = Some(started.elapsed());
@@ -365,6 +372,91 @@ impl Service<ChatRequest> for SimulatedLlm {
                 })
             }
         }))
+    }
+}
+
+/// The tool call a request with function tools gets, unless its last message is already a
+/// tool result or `tool_choice` is `"none"`: the chosen (or first) function, with arguments
+/// that satisfy its parameter schema.
+fn tool_call(req: &ChatRequest, call: u64) -> Option<ToolCall> {
+    let tools = req.tools.as_ref()?;
+    if req.messages.last().is_some_and(|m| m.role == Role::Tool) {
+        return None;
+    }
+    let named = match &req.tool_choice {
+        Some(Value::String(s)) if s == "none" => return None,
+        Some(Value::Object(o)) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str),
+        _ => None,
+    };
+    let f = tools
+        .iter()
+        .filter_map(|t| t.function.as_ref())
+        .find(|f| named.is_none_or(|n| n == f.name))?;
+    let schema = f.parameters.clone().unwrap_or(Value::Null);
+    let args = value_for_schema(&schema, &schema, &last_user_text(req), 0);
+    Some(ToolCall {
+        id: format!("call_sim{call:012}"),
+        kind: "function".into(),
+        function: FunctionCall {
+            name: f.name.clone(),
+            arguments: args.to_string(),
+            extra: Map::new(),
+        },
+        extra: Map::new(),
+    })
+}
+
+/// The answer that is a tool call, complete or as a stream (the call in one delta).
+fn tool_answer(
+    req: &ChatRequest,
+    tc: ToolCall,
+    model: String,
+    usage: Usage,
+    mut meta: ResponseMeta,
+    started: tokio::time::Instant,
+) -> LlmResponse {
+    meta.upstream_time = Some(started.elapsed());
+    if req.is_stream() {
+        let id = next_id();
+        let mut first = ChatChunk::text(id.clone(), model.clone(), "");
+        first.choices[0].delta.content = None;
+        first.choices[0].delta.tool_calls = Some(vec![ToolCallDelta {
+            index: 0,
+            id: Some(tc.id),
+            kind: Some("function".into()),
+            function: Some(FunctionCallDelta {
+                name: Some(tc.function.name),
+                arguments: Some(tc.function.arguments),
+                extra: Map::new(),
+            }),
+            extra: Map::new(),
+        }]);
+        let mut last = ChatChunk::text(id.clone(), model.clone(), "");
+        last.choices[0].delta.content = None;
+        last.choices[0].finish_reason = Some(Some("tool_calls".into()));
+        let mut u = ChatChunk::text(id, model, "");
+        u.choices.clear();
+        u.usage = Some(Some(usage));
+        let items = [first, last, u].map(Ok);
+        return LlmResponse {
+            body: ResponseBody::Stream(llm_tower_core::ChunkStream::new(
+                futures_util::stream::iter(items),
+            )),
+            meta,
+        };
+    }
+    let mut resp = ChatResponse::from_text(model, "");
+    resp.choices[0].message.content = Some(None);
+    resp.choices[0].message.tool_calls = Some(vec![tc]);
+    resp.choices[0].finish_reason = Some("tool_calls".into());
+    resp.usage = Some(usage.clone());
+    meta.usage = Some(usage);
+    LlmResponse {
+        body: ResponseBody::Complete(Box::new(resp)),
+        meta,
     }
 }
 

@@ -8,6 +8,8 @@ pub use llm_tower_core::*;
 /// gateway's instructions per request. Seeded per map, like std's.
 #[allow(dead_code)] // not every feature set has such a map
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+#[allow(dead_code)] // used by some features only
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 mod builder;
 

@@ -8,10 +8,12 @@
 //!    and the request's model is rewritten to the alias's real model.
 //! 2. **Task type**: else, when the request carries a [`TaskType`](crate::TaskType) extension
 //!    with a rule, that target serves it (with the rule's model, if it sets one).
-//! 3. **Default**: else the default target, with the request's model unchanged.
+//! 3. **Default**: else the default target, with the request's model unchanged — for any
+//!    model, or, with [`RoutePolicy::default_for_models`], only for the models listed.
 //!
-//! When nothing matches and there is no default, the request fails at once with a
-//! bad-request [`LlmError`] naming the task type and the model (the unknown alias).
+//! When nothing matches, the request fails at once with a not-found [`LlmError`] (404,
+//! code `model_not_found`, as OpenAI and Anthropic answer an unknown model) naming the
+//! model, and the task type if it had one.
 //! The chosen target's name is recorded in [`ResponseMeta::route`](crate::ResponseMeta),
 //! and in [`ResponseMeta::provider`](crate::ResponseMeta) when the target left it empty.
 //!
@@ -94,6 +96,7 @@ pub struct RoutePolicy {
     aliases: Vec<(String, Arc<str>, Arc<str>)>,
     tasks: Vec<TaskRule>,
     default: Option<(Arc<str>, Option<Arc<str>>)>,
+    default_models: Option<Vec<String>>,
 }
 
 impl fmt::Debug for RoutePolicy {
@@ -106,6 +109,10 @@ impl fmt::Debug for RoutePolicy {
             .field("aliases", &self.aliases)
             .field("tasks", &self.tasks)
             .field("default", &self.default)
+            .field(
+                "default_models",
+                &self.default_models.as_ref().map(Vec::len),
+            )
             .finish()
     }
 }
@@ -198,6 +205,39 @@ impl RoutePolicy {
         self
     }
 
+    /// The default route serves only requests for these models (a typo in `model` is then
+    /// a 404, not a call to the default target); without this it serves any model.
+    /// Aliases and task rules are not affected.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use llm_tower::route::{Route, RoutePolicy};
+    /// use llm_tower::{ChatRequest, ChatResponse, ErrorKind, LlmError, LlmResponse, Message};
+    /// use tower::ServiceExt;
+    ///
+    /// let llm = tower::service_fn(|req: ChatRequest| async move {
+    ///     Ok::<_, LlmError>(LlmResponse::complete(ChatResponse::from_text(req.model, "hi")))
+    /// });
+    /// let route = Route::new(
+    ///     RoutePolicy::new().target("main", llm).default_target("main").default_for_models(["gpt-4o"]),
+    /// );
+    /// let ok = ChatRequest::new("gpt-4o", vec![Message::user("Hi")]);
+    /// assert!(route.clone().oneshot(ok).await.is_ok());
+    /// let typo = ChatRequest::new("gpt-4oo", vec![Message::user("Hi")]);
+    /// let err = route.oneshot(typo).await.unwrap_err();
+    /// assert_eq!((err.kind(), err.code()), (ErrorKind::NotFound, Some("model_not_found")));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn default_for_models<I>(mut self, models: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.default_models = Some(models.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// The names of the targets added so far.
     pub fn target_names(&self) -> impl Iterator<Item = &str> {
         self.targets.iter().map(|(n, _)| &**n)
@@ -269,6 +309,9 @@ impl RoutePolicy {
             aliases,
             tasks,
             default,
+            default_models: self
+                .default_models
+                .map(|m| m.into_iter().collect::<crate::FastSet<String>>()),
         }
     }
 }
@@ -281,6 +324,7 @@ struct Table {
     aliases: crate::FastMap<String, Dest>,
     tasks: crate::FastMap<Arc<str>, Dest>,
     default: Option<Dest>,
+    default_models: Option<crate::FastSet<String>>,
 }
 
 impl Table {
@@ -292,22 +336,23 @@ impl Table {
         if let Some(d) = task.and_then(|t| self.tasks.get(&t.0)) {
             return Ok(d);
         }
-        self.default.as_ref().ok_or_else(|| {
+        let default = self.default.as_ref().filter(|_| {
+            self.default_models
+                .as_ref()
+                .is_none_or(|m| m.contains(req.model.as_str()))
+        });
+        default.ok_or_else(|| {
             let msg = match task {
                 Some(t) => format!(
-                    "no route for task type {:?} and model {:?} is not a known alias \
-                     (and no default route is configured)",
+                    "The model `{}` does not exist, and no route serves task type {:?}",
+                    req.model,
                     t.as_str(),
-                    req.model
                 ),
-                None => format!(
-                    "unknown model alias {:?} (and no default route is configured)",
-                    req.model
-                ),
+                None => format!("The model `{}` does not exist", req.model),
             };
-            LlmError::bad_request(msg)
+            LlmError::not_found(msg)
                 .with_param("model")
-                .with_code("unknown_route")
+                .with_code("model_not_found")
         })
     }
 }
@@ -595,20 +640,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn unknown_alias_without_default_is_bad_request_naming_it() {
+    async fn unknown_model_without_default_is_not_found_naming_it() {
         let (a, b) = (MockLlm::new("pa"), MockLlm::new("pb"));
         let svc = Route::new(policy(&a, &b));
         let err = svc.clone().oneshot(req("mystery")).await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::BadRequest);
-        assert!(err.message().contains("\"mystery\""), "{err}");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(err.code(), Some("model_not_found"));
+        assert!(err.message().contains("`mystery`"), "{err}");
         let err = svc
             .oneshot(req("mystery").with_task_type("poetry"))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::BadRequest);
+        assert_eq!(err.kind(), ErrorKind::NotFound);
         assert!(err.message().contains("\"poetry\""), "{err}");
-        assert!(err.message().contains("\"mystery\""), "{err}");
+        assert!(err.message().contains("`mystery`"), "{err}");
         assert_eq!(a.calls() + b.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_default_for_some_models_refuses_the_others() {
+        let (a, b) = (MockLlm::new("pa"), MockLlm::new("pb"));
+        let svc = Route::new(
+            policy(&a, &b)
+                .default_target("a")
+                .default_for_models(["known"]),
+        );
+        let r = svc.clone().oneshot(req("known")).await.unwrap();
+        assert_eq!(r.meta.route.as_deref(), Some("a"));
+        let err = svc.clone().oneshot(req("knwon")).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(err.status(), 404);
+        assert_eq!(a.calls(), 1);
+        // Task rules still route any model.
+        let r = svc
+            .oneshot(req("knwon").with_task_type("classify"))
+            .await
+            .unwrap();
+        assert_eq!(r.meta.route.as_deref(), Some("a"));
+        assert_eq!(a.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -592,6 +592,12 @@ pub struct RoutingConfig {
     /// Task type (`x-llm-task`) → chain. Takes precedence over the model alias.
     #[serde(default)]
     pub tasks: BTreeMap<String, Spanned<String>>,
+    /// Whether `default_chain` also serves model names the config does not know (a
+    /// catch-all). Default `false`: an unknown model is a 404 `model_not_found`, and the
+    /// default chain serves only the models the config names (chain steps, `model_map`,
+    /// `[prices]`) that no alias routes.
+    #[serde(default)]
+    pub catch_all: bool,
 }
 
 /// Where a store lives.

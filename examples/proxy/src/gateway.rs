@@ -207,6 +207,7 @@ pub(crate) async fn build_with(
         services: providers,
         malformed,
         client,
+        anthropic,
     } = build_providers(
         config,
         &secrets,
@@ -221,6 +222,7 @@ pub(crate) async fn build_with(
         .map(|(n, (_, _, p))| (n.clone(), p.clone()))
         .collect();
     let (routed, route_stats) = build_route(config, &providers, &prev, &mut next, &mut parts);
+    let count_tokens = token_counter(config, routed.clone(), anthropic);
 
     let client_limits = build_client_limits(config, &secrets, &redis, &prev, &mut next).await?;
     let cost = build_cost(
@@ -318,7 +320,8 @@ pub(crate) async fn build_with(
         .known_tasks(known_tasks(config))
         .known_models(known_models(config))
         .activity(carry.activity.clone())
-        .merge(llm_tower_axum::status_router(metrics_access, status));
+        .merge(llm_tower_axum::status_router(metrics_access, status))
+        .count_tokens(count_tokens);
     if let Some(t) = &telemetry {
         http = http.otel(t.tracing.clone());
     }
@@ -490,6 +493,8 @@ struct Providers {
     malformed: Vec<(String, MalformedCount)>,
     /// The HTTP client every real provider shares (none when all are simulated).
     client: Option<HttpClient>,
+    /// The Anthropic providers by name, for `count_tokens`.
+    anthropic: BTreeMap<String, AnthropicProvider>,
 }
 
 /// Where the providers' limits and headroom are shared between replicas: the rate-limit
@@ -559,6 +564,7 @@ fn build_providers(
     next.http = client.clone().map(|c| (http_fp, c));
     let mut out = BTreeMap::new();
     let mut malformed = Vec::new();
+    let mut anthropic = BTreeMap::new();
     for (name, p) in &config.providers {
         let p = p.get_ref();
         let mut secret_digests: Vec<String> = vec![secret_fp(
@@ -579,11 +585,12 @@ fn build_providers(
         {
             // Unchanged: the same service, with its limit buckets and headroom.
             out.insert(name.clone(), svc.clone());
+            anthropic.extend(part.anthropic.clone().map(|c| (name.clone(), c)));
             next.providers
                 .insert(name.clone(), (f, svc.clone(), part.clone()));
             continue;
         }
-        let (mut raw, count) =
+        let (mut raw, count, claude) =
             provider_service(name, p, secrets, client.as_ref(), config.upstream.limits())?;
         if observe {
             // One span per upstream call: below the provider's own limits (a provider
@@ -598,15 +605,18 @@ fn build_providers(
         let part = ProviderPart {
             kind: p.kind.as_str(),
             limits,
+            anthropic: claude.clone(),
         };
         next.providers.insert(name.clone(), (f, svc.clone(), part));
         out.insert(name.clone(), svc);
         malformed.extend(count.map(|c| (name.clone(), c)));
+        anthropic.extend(claude.map(|c| (name.clone(), c)));
     }
     Ok(Providers {
         services: out,
         malformed,
         client,
+        anthropic,
     })
 }
 
@@ -616,7 +626,14 @@ fn provider_service(
     secrets: &Secrets,
     client: Option<&HttpClient>,
     limits: llm_tower_providers::ResponseLimits,
-) -> Result<(BoxLlmService, Option<MalformedCount>), BuildError> {
+) -> Result<
+    (
+        BoxLlmService,
+        Option<MalformedCount>,
+        Option<AnthropicProvider>,
+    ),
+    BuildError,
+> {
     let key = secrets.provider_keys.get(name);
     // The plain headers and those read from the environment (`headers_env`); the
     // provider marks every extra header value sensitive and never prints one.
@@ -658,7 +675,7 @@ fn provider_service(
                     })
                     .service(llm),
             );
-            Ok((svc, None))
+            Ok((svc, None, None))
         }
         ProviderKind::Openai | ProviderKind::Anthropic => {
             let client =
@@ -682,6 +699,7 @@ fn provider_service(
                 Ok((
                     boxed(provider),
                     Some(Box::new(move || read.malformed_headers())),
+                    None,
                 ))
             } else {
                 let mut c = AnthropicConfig {
@@ -700,8 +718,9 @@ fn provider_service(
                 let provider = AnthropicProvider::new(c, client).map_err(bad)?;
                 let read = provider.clone();
                 Ok((
-                    boxed(provider),
+                    boxed(provider.clone()),
                     Some(Box::new(move || read.malformed_headers())),
+                    Some(provider),
                 ))
             }
         }
@@ -827,6 +846,10 @@ fn build_route(
         policy = policy.task(task.as_str(), chain.get_ref().as_str());
     }
     policy = policy.default_target(config.routing.default_chain.get_ref().as_str());
+    if !config.routing.catch_all {
+        // A typo in `model` is a 404, not a call to the default (maybe dearest) chain.
+        policy = policy.default_for_models(known_models(config));
+    }
     (Route::new(policy), stats)
 }
 
@@ -1024,6 +1047,42 @@ impl RouteStats {
             }
         }
     }
+}
+
+/// `POST /v1/messages/count_tokens`: routed like a request; when the chain's first step is
+/// an Anthropic provider, it counts (`/v1/messages/count_tokens` upstream), otherwise the
+/// text-length estimate answers. Not an LLM call: no limit, budget or cache applies.
+fn token_counter(
+    config: &Config,
+    route: Route,
+    anthropic: BTreeMap<String, AnthropicProvider>,
+) -> llm_tower_axum::CountTokens {
+    // chain → (its first step's Anthropic provider, the step's model).
+    let first: BTreeMap<String, (AnthropicProvider, Option<String>)> = config
+        .chains
+        .iter()
+        .filter_map(|(name, c)| {
+            let step = c.get_ref().steps.first()?.get_ref();
+            let p = anthropic.get(&step.provider)?.clone();
+            Some((name.clone(), (p, step.model.clone())))
+        })
+        .collect();
+    let first = Arc::new(first);
+    Arc::new(move |mut req: ChatRequest| {
+        let resolved = route
+            .resolve(&req)
+            .map(|(chain, model)| (first.get(chain).cloned(), model));
+        Box::pin(async move {
+            let (provider, model) = resolved?;
+            match provider {
+                Some((p, step_model)) => {
+                    req.model = step_model.unwrap_or(model);
+                    p.count_tokens(&req).await
+                }
+                None => Ok(llm_tower::dialect::messages::estimate_input_tokens(&req)),
+            }
+        })
+    })
 }
 
 // ===== stores =====

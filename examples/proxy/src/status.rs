@@ -25,6 +25,8 @@ use crate::reload::{Carry, ReloadInfo, unix_now};
 pub(crate) struct ProviderPart {
     pub(crate) kind: &'static str,
     pub(crate) limits: Option<LimitPart>,
+    /// The Anthropic client itself, for `/v1/messages/count_tokens` (kept over a reload).
+    pub(crate) anthropic: Option<llm_tower_providers::AnthropicProvider>,
 }
 
 /// A provider's own limits: the configured rates, the local buckets (in memory) and the

@@ -44,6 +44,7 @@ steps = [{{ provider = "up" }}]
 
 [routing]
 default_chain = "main"
+catch_all = true   # the step has no model: any model name goes to the upstream as sent
 models = {{ "fast" = "main" }}
 tasks = {{ classify = "main" }}
 

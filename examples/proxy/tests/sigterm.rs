@@ -72,7 +72,7 @@ async fn sigterm_drains_an_in_flight_stream_then_exits() {
     }
     assert!(up, "the gateway did not start");
 
-    let body = r#"{"model":"any","stream":true,"messages":[{"role":"user","content":"Tell me a long story about graceful shutdowns"}]}"#;
+    let body = r#"{"model":"sim-small","stream":true,"messages":[{"role":"user","content":"Tell me a long story about graceful shutdowns"}]}"#;
     let raw = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()

@@ -8,8 +8,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::HeaderName;
-use llm_tower_core::{ChatRequest, LlmError, LlmResponse, TraceParent};
+use http::{HeaderName, HeaderValue};
+use llm_tower_core::{
+    ChatRequest, Dialect, EncodedResponse, LlmError, LlmResponse, NativeRequest, TraceParent,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use tower_service::Service;
@@ -179,6 +181,10 @@ impl fmt::Debug for AnthropicConfig {
 ///   that ends without `message_stop` ends with an error.
 /// - Prompt caching ([`AnthropicConfig::prompt_caching`]) marks the system prompt and
 ///   tool definitions with `cache_control`.
+/// - Native passthrough: a request that arrived in the Messages dialect (it carries a
+///   [`NativeRequest`]) is sent as the client wrote it, only `model` mapped, with the
+///   client's `anthropic-version` / `anthropic-beta`; the answer stays Anthropic's bytes
+///   (an [`EncodedResponse`] of [`Dialect::Messages`], or chunks carrying their events).
 /// - Meta: provider name, model served, usage, headroom from `anthropic-ratelimit-*`,
 ///   time to response headers. Always ready, like [`OpenAiProvider`](crate::OpenAiProvider).
 ///
@@ -204,6 +210,7 @@ pub struct AnthropicProvider {
 
 struct Inner {
     endpoint: Endpoint,
+    count: Endpoint,
     models: HashMap<String, String>,
     default_model: Option<String>,
     opts: TranslateOptions,
@@ -239,9 +246,18 @@ impl AnthropicProvider {
             client.clone(),
         )?;
         endpoint.limits = config.limits;
+        // The same target and headers, for `count_tokens`.
+        let mut count = endpoint.clone();
+        count.url = format!(
+            "{}/v1/messages/count_tokens",
+            config.base_url.trim_end_matches('/')
+        )
+        .parse()
+        .map_err(|e| LlmError::bad_request(format!("invalid base_url: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
+                count,
                 models: config.models,
                 default_model: config.default_model,
                 opts: TranslateOptions {
@@ -297,6 +313,106 @@ impl AnthropicProvider {
         Ok(body)
     }
 
+    /// The Messages request of a client that spoke Messages: its own body, with the
+    /// routed model and whatever a layer appended to the view (a validation reminder)
+    /// translated and added.
+    fn native_body(
+        &self,
+        req: &ChatRequest,
+        native: &NativeRequest,
+    ) -> Result<(Vec<u8>, String), LlmError> {
+        let mut model = req.model.clone();
+        map_model(
+            &mut model,
+            &self.inner.models,
+            self.inner.default_model.as_deref(),
+        );
+        let appended = native.appended(req);
+        let append = if appended.is_empty() {
+            Vec::new()
+        } else {
+            let tail = ChatRequest::new(model.as_str(), appended.to_vec());
+            match to_messages_request(&tail, &self.inner.opts)
+                .map_err(|e| e.with_provider(self.name()))?
+                .get_mut("messages")
+                .map(Value::take)
+            {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            }
+        };
+        let body = native
+            .body_for(req, &model, &append)
+            .map_err(|e| e.with_provider(self.name()))?;
+        Ok((body, model))
+    }
+
+    /// The client's `anthropic-version` replaces the configured one; its `anthropic-beta`
+    /// features are added to the configured ones.
+    fn native_headers(&self, native: &NativeRequest) -> Vec<(HeaderName, HeaderValue)> {
+        let ep = &self.inner.endpoint;
+        native
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                if name.as_str() == "anthropic-beta"
+                    && let Some(own) = ep.headers.get("anthropic-beta")
+                {
+                    let mut merged = own.as_bytes().to_vec();
+                    merged.push(b',');
+                    merged.extend_from_slice(value.as_bytes());
+                    if let Ok(v) = HeaderValue::from_bytes(&merged) {
+                        return (name.clone(), v);
+                    }
+                }
+                (name.clone(), value.clone())
+            })
+            .collect()
+    }
+
+    /// Counts the input tokens of `req` with the provider's `POST /v1/messages/count_tokens`:
+    /// a request that arrived in the Messages dialect is counted as it was sent (with the
+    /// provider's model), any other as its translation.
+    ///
+    /// # Errors
+    ///
+    /// The provider's error, classified; a malformed answer is a transport error.
+    pub async fn count_tokens(&self, req: &ChatRequest) -> Result<u64, LlmError> {
+        let native = req
+            .extensions
+            .get::<NativeRequest>()
+            .filter(|n| n.dialect() == Dialect::Messages);
+        let (bytes, headers) = match native {
+            Some(n) => (self.native_body(req, n)?.0, self.native_headers(n)),
+            None => {
+                let mut body = self.request_body(req)?;
+                if let Some(o) = body.as_object_mut() {
+                    // Not part of a count request.
+                    o.remove("max_tokens");
+                    o.remove("stream");
+                }
+                let bytes = serde_json::to_vec(&body).map_err(|e| {
+                    LlmError::bad_request(format!("cannot encode the request: {e}"))
+                })?;
+                (bytes, Vec::new())
+            }
+        };
+        let ep = &self.inner.count;
+        let (resp, _, started) = ep
+            .send_with(bytes, false, req.deadline(), None, &headers)
+            .await?;
+        let body = ep
+            .read_body(resp.into_body(), started, req.deadline())
+            .await?;
+        #[derive(Deserialize)]
+        struct Counted {
+            input_tokens: u64,
+        }
+        serde_json::from_slice::<Counted>(&body)
+            .map(|c| c.input_tokens)
+            .map_err(|e| classify::malformed(&ep.provider, "count_tokens answer", e))
+    }
+
     async fn run(self, req: ChatRequest) -> Result<LlmResponse, LlmError> {
         if req.as_embeddings().is_some() {
             return Err(LlmError::bad_request(format!(
@@ -305,26 +421,42 @@ impl AnthropicProvider {
             ))
             .with_provider(self.name()));
         }
-        let body = self.request_body(&req)?;
-        let model = body["model"].as_str().unwrap_or_default().to_owned();
-        let bytes = serde_json::to_vec(&body).map_err(|e| {
-            LlmError::bad_request(format!("cannot encode the request: {e}"))
-                .with_provider(self.name())
-        })?;
+        let native = req
+            .extensions
+            .get::<NativeRequest>()
+            .filter(|n| n.dialect() == Dialect::Messages);
+        let (bytes, model, headers) = match native {
+            Some(n) => {
+                let (bytes, model) = self.native_body(&req, n)?;
+                (bytes, model, self.native_headers(n))
+            }
+            None => {
+                let body = self.request_body(&req)?;
+                let model = body["model"].as_str().unwrap_or_default().to_owned();
+                let bytes = serde_json::to_vec(&body).map_err(|e| {
+                    LlmError::bad_request(format!("cannot encode the request: {e}"))
+                        .with_provider(self.name())
+                })?;
+                (bytes, model, Vec::new())
+            }
+        };
+        let native = native.is_some();
         let stream = req.is_stream();
         let ep = &self.inner.endpoint;
         let (resp, upstream_time, started) = ep
-            .send(
+            .send_with(
                 bytes,
                 stream,
                 req.deadline(),
                 req.extensions.get::<TraceParent>(),
+                &headers,
             )
             .await?;
         let (parts, body) = resp.into_parts();
         let headroom = ep.headroom(&parts.headers);
         let mut out = if stream {
-            let decoder = AnthropicDecoder::new(ep.provider.clone(), ep.key.clone(), model.clone());
+            let decoder = AnthropicDecoder::new(ep.provider.clone(), ep.key.clone(), model.clone())
+                .native(native);
             let mut r = LlmResponse::events(SseStream::new(
                 body,
                 decoder,
@@ -335,11 +467,31 @@ impl AnthropicProvider {
             r
         } else {
             let bytes = ep.read_body(body, started, req.deadline()).await?;
-            let v: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| classify::malformed(&ep.provider, "JSON in the response", e))?;
-            let mut r = LlmResponse::complete(from_messages_response(&v, &ep.provider)?);
+            let len = bytes.len();
+            let mut r = if native {
+                // Kept as Anthropic's bytes: the client reads them as they came.
+                match EncodedResponse::from_messages_json(bytes.clone()) {
+                    Ok(enc) => LlmResponse::encoded(enc),
+                    Err(e) => {
+                        let v: Value = serde_json::from_slice(&bytes).map_err(|_| {
+                            classify::malformed(&ep.provider, "Messages API response", &e)
+                        })?;
+                        // Not a message: an inline error, or malformed.
+                        from_messages_response(&v, &ep.provider)?;
+                        return Err(classify::malformed(
+                            &ep.provider,
+                            "Messages API response",
+                            e,
+                        ));
+                    }
+                }
+            } else {
+                let v: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| classify::malformed(&ep.provider, "JSON in the response", e))?;
+                LlmResponse::complete(from_messages_response(&v, &ep.provider)?)
+            };
             // Anthropic's JSON, not the translation's, but close enough for a size hint.
-            r.meta.body_bytes = Some(bytes.len());
+            r.meta.body_bytes = Some(len);
             r
         };
         out.meta.provider = Some(ep.provider.clone());

@@ -5,9 +5,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, ContentPart, Delta, Extra,
-    FunctionCall, FunctionCallDelta, LlmError, Message, PaidAttempt, PromptTokensDetails, Role,
-    StreamEvent, ToolCall, ToolCallDelta, Usage,
+    ChatChunk, ChatRequest, ChatResponse, ChunkChoice, Content, ContentPart, Delta, Extra,
+    FunctionCallDelta, LlmError, Message, PaidAttempt, Role, StreamEvent, ToolCallDelta,
 };
 use serde_json::{Map, Value, json};
 
@@ -15,6 +14,7 @@ use crate::classify;
 use crate::common::Decoder;
 use crate::secret::ApiKey;
 use crate::sse::SseEvent;
+use llm_tower_core::dialect::messages;
 
 /// How a [`ChatRequest`] becomes a Messages API request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -405,44 +405,11 @@ fn tool_result(m: &Message, i: usize) -> Result<Value, LlmError> {
     Ok(Value::Object(b))
 }
 
-/// Maps an Anthropic `stop_reason` to an OpenAI `finish_reason`.
-pub fn finish_reason(stop_reason: &str) -> &str {
-    match stop_reason {
-        "end_turn" | "stop_sequence" | "pause_turn" => "stop",
-        "max_tokens" | "model_context_window_exceeded" => "length",
-        "tool_use" => "tool_calls",
-        "refusal" => "content_filter",
-        other => other,
-    }
-}
+pub use llm_tower_core::dialect::messages::{finish_reason, usage_from};
 
-/// Maps Anthropic usage (`input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
-/// `cache_read_input_tokens`) to [`Usage`]: `prompt_tokens` counts all input, cached
-/// reads included, and the cache reads / writes go to `prompt_tokens_details`.
-pub fn usage_from(v: &Value) -> Usage {
-    let n = |k: &str| v.get(k).and_then(Value::as_u64);
-    let input = n("input_tokens").unwrap_or(0);
-    let output = n("output_tokens").unwrap_or(0);
-    let write = n("cache_creation_input_tokens");
-    let read = n("cache_read_input_tokens");
-    // Saturating: the counts are the upstream's, never trusted.
-    let prompt = input
-        .saturating_add(write.unwrap_or(0))
-        .saturating_add(read.unwrap_or(0));
-    let mut u = Usage::new(prompt, output);
-    if write.is_some() || read.is_some() {
-        u.prompt_tokens_details = Some(PromptTokensDetails {
-            cached_tokens: Some(read.unwrap_or(0)),
-            cache_write_tokens: write,
-            ..PromptTokensDetails::default()
-        });
-    }
-    u
-}
-
-/// Translates a Messages API response into a chat-completions response: text blocks
-/// joined, `tool_use` blocks as tool calls (input serialized as the arguments string),
-/// `thinking` blocks in `message.reasoning_content`, stop reason and usage mapped.
+/// Translates a Messages API response into a chat-completions response
+/// ([`response_from_json`](llm_tower_core::dialect::messages::response_from_json), shared
+/// with the HTTP edge); an `error` document is classified as the provider's error.
 ///
 /// ```
 /// use llm_tower_providers::anthropic::from_messages_response;
@@ -458,94 +425,19 @@ pub fn usage_from(v: &Value) -> Usage {
 /// assert_eq!((usage.prompt_tokens, usage.cached_tokens()), (100, 90));
 /// ```
 pub fn from_messages_response(v: &Value, provider: &str) -> Result<ChatResponse, LlmError> {
-    let malformed = |what: &str| classify::malformed(provider, "Messages API response", what);
-    let obj = v
-        .as_object()
-        .ok_or_else(|| malformed("not a JSON object"))?;
-    if obj.get("type").and_then(Value::as_str) == Some("error") {
-        return Err(classify::classify_inline(provider, v, None)
-            .unwrap_or_else(|| malformed("an error without details")));
+    if v.get("type").and_then(Value::as_str) == Some("error") {
+        return Err(
+            classify::classify_inline(provider, v, None).unwrap_or_else(|| {
+                classify::malformed(
+                    provider,
+                    "Messages API response",
+                    "an error without details",
+                )
+            }),
+        );
     }
-    let content = obj
-        .get("content")
-        .and_then(Value::as_array)
-        .ok_or_else(|| malformed("missing `content`"))?;
-    let mut text: Option<String> = None;
-    let mut reasoning: Option<String> = None;
-    let mut calls = Vec::new();
-    for block in content {
-        match block.get("type").and_then(Value::as_str) {
-            Some("text") => {
-                let t = block.get("text").and_then(Value::as_str).unwrap_or("");
-                text.get_or_insert_with(String::new).push_str(t);
-            }
-            Some("thinking") => {
-                let t = block.get("thinking").and_then(Value::as_str).unwrap_or("");
-                reasoning.get_or_insert_with(String::new).push_str(t);
-            }
-            Some("tool_use") => {
-                let id = block.get("id").and_then(Value::as_str).unwrap_or("");
-                let name = block
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| malformed("a tool_use block without `name`"))?;
-                let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
-                calls.push(ToolCall {
-                    id: id.to_owned(),
-                    kind: "function".into(),
-                    function: FunctionCall {
-                        name: name.to_owned(),
-                        arguments: input.to_string(),
-                        extra: Extra::new(),
-                    },
-                    extra: Extra::new(),
-                });
-            }
-            _ => {} // redacted thinking, server tool blocks: nothing to map
-        }
-    }
-    let mut extra = Extra::new();
-    if let Some(r) = reasoning {
-        extra.insert("reasoning_content".into(), Value::from(r));
-    }
-    let tool_calls = (!calls.is_empty()).then_some(calls);
-    let content = match text {
-        Some(t) => Some(Some(Content::Text(t))),
-        None if tool_calls.is_some() => Some(None),
-        None => Some(Some(Content::Text(String::new()))),
-    };
-    let finish = obj
-        .get("stop_reason")
-        .and_then(Value::as_str)
-        .map(|r| finish_reason(r).to_owned());
-    Ok(ChatResponse {
-        id: obj
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
-        object: "chat.completion".into(),
-        created: unix_now(),
-        model: obj
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
-        choices: vec![Choice {
-            index: 0,
-            message: Message {
-                role: Role::Assistant,
-                content,
-                tool_calls,
-                extra,
-                ..Message::default()
-            },
-            finish_reason: finish,
-            extra: Extra::new(),
-        }],
-        usage: obj.get("usage").map(usage_from),
-        extra: Extra::new(),
-    })
+    llm_tower_core::dialect::messages::response_from_json(v)
+        .map_err(|what| classify::malformed(provider, "Messages API response", what))
 }
 
 fn unix_now() -> u64 {
@@ -577,11 +469,14 @@ pub(crate) struct AnthropicDecoder {
     usage: Value,
     started: bool,
     done: bool,
+    /// Each chunk carries its original event (the request was in the Messages dialect).
+    native: bool,
 }
 
 impl AnthropicDecoder {
     pub(crate) fn new(provider: Arc<str>, key: Option<ApiKey>, model: String) -> Self {
         Self {
+            native: false,
             provider,
             key,
             id: String::new(),
@@ -593,6 +488,13 @@ impl AnthropicDecoder {
             started: false,
             done: false,
         }
+    }
+
+    /// Chunks carry their original events ([`NATIVE_EVENT`](llm_tower_core::dialect::NATIVE_EVENT)),
+    /// and events with no chat meaning get a chunk of their own.
+    pub(crate) fn native(mut self, on: bool) -> Self {
+        self.native = on;
+        self
     }
 
     fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatChunk {
@@ -667,6 +569,49 @@ fn tool_delta(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> D
 
 impl Decoder for AnthropicDecoder {
     fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<StreamEvent>) -> Result<(), LlmError> {
+        let mut chunks = VecDeque::new();
+        let kind = self.decode_event(ev, &mut chunks)?;
+        if self.native {
+            let frame = messages::native_frame(
+                ev.event().unwrap_or(&kind),
+                &String::from_utf8_lossy(ev.data()),
+            );
+            match chunks.front_mut() {
+                Some(first) => messages::attach_native(first, frame),
+                None => {
+                    let mut carrier = self.chunk(Delta::default(), None);
+                    carrier.choices.clear();
+                    messages::attach_native(&mut carrier, frame);
+                    chunks.push_back(carrier);
+                }
+            }
+        }
+        out.extend(chunks.into_iter().map(StreamEvent::from));
+        Ok(())
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn usage_so_far(&self) -> Option<PaidAttempt> {
+        let seen = matches!(&self.usage, Value::Object(m) if !m.is_empty());
+        (self.started && seen)
+            .then(|| PaidAttempt::new(Some(self.model.clone()), usage_from(&self.usage)))
+    }
+
+    fn terminal(&self) -> &'static str {
+        "message_stop"
+    }
+}
+
+impl AnthropicDecoder {
+    /// Decodes one event into chunks; returns its type.
+    fn decode_event(
+        &mut self,
+        ev: &SseEvent,
+        out: &mut VecDeque<ChatChunk>,
+    ) -> Result<String, LlmError> {
         let v: Value = serde_json::from_slice(ev.data()).map_err(|e| self.malformed(e))?;
         let kind = v
             .get("type")
@@ -694,14 +639,14 @@ impl Decoder for AnthropicDecoder {
                     self.model = m.to_owned();
                 }
                 self.merge_usage(msg.get("usage"));
-                out.push_back(StreamEvent::from(self.chunk(
+                out.push_back(self.chunk(
                     Delta {
                         role: Some(Role::Assistant),
                         content: Some(Some(String::new())),
                         ..Delta::default()
                     },
                     None,
-                )));
+                ));
             }
             "content_block_start" => {
                 let i =
@@ -715,7 +660,7 @@ impl Decoder for AnthropicDecoder {
                             .and_then(Value::as_str)
                             .filter(|t| !t.is_empty())
                         {
-                            out.push_back(StreamEvent::from(self.chunk(text_delta(t), None)));
+                            out.push_back(self.chunk(text_delta(t), None));
                         }
                     }
                     Some("tool_use") => {
@@ -731,9 +676,7 @@ impl Decoder for AnthropicDecoder {
                             }
                             _ => String::new(),
                         };
-                        out.push_back(StreamEvent::from(
-                            self.chunk(tool_delta(t, Some(id), Some(name), &args), None),
-                        ));
+                        out.push_back(self.chunk(tool_delta(t, Some(id), Some(name), &args), None));
                     }
                     Some("thinking") => *self.block_mut(i)? = Block::Thinking,
                     _ => *self.block_mut(i)? = Block::Other,
@@ -749,22 +692,20 @@ impl Decoder for AnthropicDecoder {
                 match (delta.get("type").and_then(Value::as_str), block) {
                     (Some("text_delta"), _) => {
                         let t = delta.get("text").and_then(Value::as_str).unwrap_or("");
-                        out.push_back(StreamEvent::from(self.chunk(text_delta(t), None)));
+                        out.push_back(self.chunk(text_delta(t), None));
                     }
                     (Some("input_json_delta"), Block::Tool(t)) => {
                         let p = delta
                             .get("partial_json")
                             .and_then(Value::as_str)
                             .unwrap_or("");
-                        out.push_back(StreamEvent::from(
-                            self.chunk(tool_delta(t, None, None, p), None),
-                        ));
+                        out.push_back(self.chunk(tool_delta(t, None, None, p), None));
                     }
                     (Some("thinking_delta"), _) => {
                         let t = delta.get("thinking").and_then(Value::as_str).unwrap_or("");
                         let mut d = Delta::default();
                         d.extra.insert("reasoning_content".into(), Value::from(t));
-                        out.push_back(StreamEvent::from(self.chunk(d, None)));
+                        out.push_back(self.chunk(d, None));
                     }
                     _ => {} // signature deltas, citations, server tool input
                 }
@@ -777,9 +718,7 @@ impl Decoder for AnthropicDecoder {
                     .and_then(|d| d.get("stop_reason"))
                     .and_then(Value::as_str)
                 {
-                    out.push_back(StreamEvent::from(
-                        self.chunk(Delta::default(), Some(finish_reason(r).to_owned())),
-                    ));
+                    out.push_back(self.chunk(Delta::default(), Some(finish_reason(r).to_owned())));
                 }
             }
             "message_stop" => {
@@ -787,7 +726,7 @@ impl Decoder for AnthropicDecoder {
                 let mut last = self.chunk(Delta::default(), None);
                 last.choices.clear();
                 last.usage = Some(Some(usage_from(&self.usage)));
-                out.push_back(StreamEvent::from(last));
+                out.push_back(last);
             }
             "error" => {
                 return Err(
@@ -797,20 +736,6 @@ impl Decoder for AnthropicDecoder {
             }
             _ => {} // new event types are ignored, as Anthropic's versioning policy asks
         }
-        Ok(())
-    }
-
-    fn is_done(&self) -> bool {
-        self.done
-    }
-
-    fn usage_so_far(&self) -> Option<PaidAttempt> {
-        let seen = matches!(&self.usage, Value::Object(m) if !m.is_empty());
-        (self.started && seen)
-            .then(|| PaidAttempt::new(Some(self.model.clone()), usage_from(&self.usage)))
-    }
-
-    fn terminal(&self) -> &'static str {
-        "message_stop"
+        Ok(kind.to_owned())
     }
 }

@@ -47,7 +47,8 @@ const KEY_VERSION: &[u8] = b"llm-tower-cache-key-v1";
 ///
 /// What goes in, in order: a version tag; the tenant (absent ≠ empty); the task type (a
 /// route layer may pick a different model per task, so two tasks never share an entry);
-/// then every request field except those in [`IGNORED_FIELDS`]. The encoding is
+/// the dialect of a request that carries a
+/// [`NativeRequest`](llm_tower_core::NativeRequest) of another dialect than chat; then every request field except those in [`IGNORED_FIELDS`]. The encoding is
 /// canonical: every value is tagged and length-prefixed (no two different requests encode
 /// the same), JSON object keys are hashed in sorted order (so `{"a":1,"b":2}` and
 /// `{"b":2,"a":1}` agree) and integral numbers hash the same whatever their spelling
@@ -79,6 +80,15 @@ impl CacheKey {
         h.raw(KEY_VERSION);
         h.opt(req.tenant().map(|t| t.as_str()), KeyHasher::str);
         h.opt(req.task_type().map(|t| t.as_str()), KeyHasher::str);
+        // A request of another dialect is answered in it (its provider's own bytes), so it
+        // never shares an entry with a chat request of the same view. Chat keys are as
+        // they were.
+        if let Some(native) = req.extensions.get::<llm_tower_core::NativeRequest>()
+            && native.dialect() != llm_tower_core::Dialect::Chat
+        {
+            h.field("dialect");
+            h.str(native.dialect().as_str());
+        }
         h.request(req);
         Self(h.finish())
     }
