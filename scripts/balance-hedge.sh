@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Tail-latency benchmark of the Balance and Hedge layers.
 #
-#   scripts/balance-hedge.sh                      # DURATION=20s, ROUNDS=3, CONNS=16 by default
+#   scripts/balance-hedge.sh                      # DURATION=10s, ROUNDS=3, CONNS=4, LATENCY_MS=50, PROFILE=release
 #   PROFILE=dev DURATION=3s ROUNDS=1 scripts/balance-hedge.sh   # check the script only
 #
 # Runs, on 127.0.0.1 only, with examples/proxy/bench-balance.toml:
-#   - two mock upstreams (`llm-tower-mock`) answering after LATENCY_MS (20): "plain" on :9110,
+#   - two mock upstreams (`llm-tower-mock`) answering after LATENCY_MS (50): "plain" on :9110,
 #     and "tail" on :9111 where 5 % of calls (a hash of the request number) take 20× longer;
 #   - the gateway on :9112, whose three chains put both upstreams in one balanced group and
 #     differ only in how it picks: round robin, Balance (p2c), Balance + Hedge (p95, 5 %);
@@ -17,10 +17,10 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DURATION="${DURATION:-20s}"
+DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-3}"
-CONNS="${CONNS:-16}"
-LATENCY_MS="${LATENCY_MS:-20}"
+CONNS="${CONNS:-4}"
+LATENCY_MS="${LATENCY_MS:-50}"
 PROFILE="${PROFILE:-release}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
