@@ -46,9 +46,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$MOCK_BIN" --addr 127.0.0.1:9110 --threads 1 --latency-ms "$LATENCY_MS" >/dev/null 2>&1 &
+# Both mocks report the same, ample rate-limit headroom on every answer: by default a mock
+# counts its remaining requests down from 10 000 over its whole life, which after a few
+# thousand requests would make the balancer steer away from the busier one (as it should
+# for a real provider) and blur what this measures, latency.
+HEADROOM='{"ratelimit_remaining_requests":9999,"ratelimit_remaining_tokens":1999999}'
+"$MOCK_BIN" --addr 127.0.0.1:9110 --threads 1 --latency-ms "$LATENCY_MS" --scenario "$HEADROOM" >/dev/null 2>&1 &
 PIDS+=($!)
-"$MOCK_BIN" --addr 127.0.0.1:9111 --threads 1 --latency-ms "$LATENCY_MS" \
+"$MOCK_BIN" --addr 127.0.0.1:9111 --threads 1 --latency-ms "$LATENCY_MS" --scenario "$HEADROOM" \
   --tail-share 0.05 --tail-factor 20 >/dev/null 2>&1 &
 PIDS+=($!)
 RUST_LOG=warn "$GW_BIN" --config examples/proxy/bench-balance.toml >/dev/null 2>&1 &
