@@ -90,7 +90,7 @@ EXTRA=()
 for round in $(seq 1 "$ROUNDS"); do
   for chain in rr p2c hedge; do
     echo "== round $round/$ROUNDS: $chain, c=$CONNS, $DURATION" >&2
-    sent0=$(metric llm_hedge_sent_total); req0=$(metric llm_hedge_requests_total)
+    sent0=$(metric llm_hedge_sent_total); req0=$(metric llm_hedge_requests_total); den0=$(metric llm_hedge_denied_total)
     out="$(wrk -t1 -c"$CONNS" -d"$DURATION" -s "$TMP/$chain.lua" "http://$GW/v1/chat/completions")"
     errs=$(field ERRS "$out")
     if [ "${errs:-0}" != 0 ]; then echo "warning: $chain: $errs errors" >&2; fi
@@ -98,13 +98,14 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ "$chain" = hedge ]; then
       sent=$(( $(metric llm_hedge_sent_total) - sent0 )); req=$(( $(metric llm_hedge_requests_total) - req0 ))
       EXTRA+=("$(awk -v s="$sent" -v r="$req" 'BEGIN { printf "%.2f", r ? 100 * s / r : 0 }')")
-      echo "   p99 $(ms "$(field P99 "$out")") ms; extra calls $sent / $req = ${EXTRA[-1]} %" >&2
+      echo "   p99 $(ms "$(field P99 "$out")") ms; extra calls $sent / $req = ${EXTRA[-1]} %; refused by the budget $(( $(metric llm_hedge_denied_total) - den0 ))" >&2
     else
       echo "   p99 $(ms "$(field P99 "$out")") ms" >&2
     fi
   done
 done
 
+curl -sf "http://$GW/metrics" | grep -E '^llm_balance_picks_total' >&2 || true
 # shellcheck disable=SC2086 # word splitting of the collected values is meant
 {
   echo "| picking | p50 | p99 | p99.9 | extra upstream calls |"
