@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Tail-latency benchmark of the Balance and Hedge layers.
 #
-#   scripts/balance-hedge.sh                      # DURATION=20s, ROUNDS=3, CONNS=16 by default
+#   scripts/balance-hedge.sh                      # DURATION=10s, ROUNDS=3, CONNS=4, LATENCY_MS=50, PROFILE=release
 #   PROFILE=dev DURATION=3s ROUNDS=1 scripts/balance-hedge.sh   # check the script only
 #
 # Runs, on 127.0.0.1 only, with examples/proxy/bench-balance.toml:
-#   - two mock upstreams (`llm-tower-mock`) answering after LATENCY_MS (20): "plain" on :9110,
+#   - two mock upstreams (`llm-tower-mock`) answering after LATENCY_MS (50): "plain" on :9110,
 #     and "tail" on :9111 where 5 % of calls (a hash of the request number) take 20× longer;
 #   - the gateway on :9112, whose three chains put both upstreams in one balanced group and
 #     differ only in how it picks: round robin, Balance (p2c), Balance + Hedge (p95, 5 %);
@@ -17,10 +17,10 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DURATION="${DURATION:-20s}"
+DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-3}"
-CONNS="${CONNS:-16}"
-LATENCY_MS="${LATENCY_MS:-20}"
+CONNS="${CONNS:-4}"
+LATENCY_MS="${LATENCY_MS:-50}"
 PROFILE="${PROFILE:-release}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 DIR="$PROFILE"; [ "$PROFILE" = dev ] && DIR=debug
@@ -46,9 +46,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$MOCK_BIN" --addr 127.0.0.1:9110 --threads 1 --latency-ms "$LATENCY_MS" >/dev/null 2>&1 &
+# Both mocks report the same, ample rate-limit headroom on every answer: by default a mock
+# counts its remaining requests down from 10 000 over its whole life, which after a few
+# thousand requests would make the balancer steer away from the busier one (as it should
+# for a real provider) and blur what this measures, latency.
+HEADROOM='{"ratelimit_remaining_requests":9999,"ratelimit_remaining_tokens":1999999}'
+"$MOCK_BIN" --addr 127.0.0.1:9110 --threads 1 --latency-ms "$LATENCY_MS" --scenario "$HEADROOM" >/dev/null 2>&1 &
 PIDS+=($!)
-"$MOCK_BIN" --addr 127.0.0.1:9111 --threads 1 --latency-ms "$LATENCY_MS" \
+"$MOCK_BIN" --addr 127.0.0.1:9111 --threads 1 --latency-ms "$LATENCY_MS" --scenario "$HEADROOM" \
   --tail-share 0.05 --tail-factor 20 >/dev/null 2>&1 &
 PIDS+=($!)
 RUST_LOG=warn "$GW_BIN" --config examples/proxy/bench-balance.toml >/dev/null 2>&1 &
@@ -85,7 +90,7 @@ EXTRA=()
 for round in $(seq 1 "$ROUNDS"); do
   for chain in rr p2c hedge; do
     echo "== round $round/$ROUNDS: $chain, c=$CONNS, $DURATION" >&2
-    sent0=$(metric llm_hedge_sent_total); req0=$(metric llm_hedge_requests_total)
+    sent0=$(metric llm_hedge_sent_total); req0=$(metric llm_hedge_requests_total); den0=$(metric llm_hedge_denied_total)
     out="$(wrk -t1 -c"$CONNS" -d"$DURATION" -s "$TMP/$chain.lua" "http://$GW/v1/chat/completions")"
     errs=$(field ERRS "$out")
     if [ "${errs:-0}" != 0 ]; then echo "warning: $chain: $errs errors" >&2; fi
@@ -93,13 +98,14 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ "$chain" = hedge ]; then
       sent=$(( $(metric llm_hedge_sent_total) - sent0 )); req=$(( $(metric llm_hedge_requests_total) - req0 ))
       EXTRA+=("$(awk -v s="$sent" -v r="$req" 'BEGIN { printf "%.2f", r ? 100 * s / r : 0 }')")
-      echo "   p99 $(ms "$(field P99 "$out")") ms; extra calls $sent / $req = ${EXTRA[-1]} %" >&2
+      echo "   p99 $(ms "$(field P99 "$out")") ms; extra calls $sent / $req = ${EXTRA[-1]} %; refused by the budget $(( $(metric llm_hedge_denied_total) - den0 ))" >&2
     else
       echo "   p99 $(ms "$(field P99 "$out")") ms" >&2
     fi
   done
 done
 
+curl -sf "http://$GW/metrics" | grep -E '^llm_balance_picks_total' >&2 || true
 # shellcheck disable=SC2086 # word splitting of the collected values is meant
 {
   echo "| picking | p50 | p99 | p99.9 | extra upstream calls |"

@@ -996,6 +996,9 @@ fn hedge_layer(h: &HedgeConfig) -> HedgeLayer {
     )
 }
 
+/// A hedge counter: metric name, help, and how to read it.
+type HedgeCounter = (&'static str, &'static str, fn(&HedgeStats) -> u64);
+
 /// The balanced groups' and hedges' counters, read by `/metrics` at scrape time.
 #[derive(Default, Clone)]
 struct RouteStats {
@@ -1018,7 +1021,7 @@ impl RouteStats {
             }
         }
         for (chain, h) in self.hedges {
-            let counters: [(&'static str, &'static str, fn(&HedgeStats) -> u64); 4] = [
+            let counters: [HedgeCounter; 4] = [
                 (
                     "llm_hedge_requests_total",
                     "Requests seen by a chain's hedge",

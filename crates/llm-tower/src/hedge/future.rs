@@ -262,7 +262,6 @@ pub(super) struct Race<S: Service<ChatRequest>> {
     spare: Option<(S, Box<ChatRequest>)>,
     timer: Pin<Box<Sleep>>,
     start: Instant,
-    second_start: Instant,
     first_error: Option<LlmError>,
     prompt_tokens: u64,
     model: String,
@@ -303,7 +302,6 @@ where
                     .unwrap_or(start),
             )),
             start,
-            second_start: start,
             first_error: None,
             prompt_tokens,
             model,
@@ -313,12 +311,11 @@ where
     /// The winner's response, with the loser (dropped: its connection closes) counted as a
     /// paid attempt.
     fn win(&mut self, mut resp: LlmResponse, second_won: bool) -> LlmResponse {
-        let started = if second_won {
-            self.second_start
-        } else {
-            self.start
-        };
-        self.shared.record(started.elapsed());
+        // The histogram estimates how long a first attempt takes: when the second won, the
+        // first took at least this long (a lower bound, above the delay), so the share of
+        // samples above the delay stays what it is for first attempts. The second attempt's
+        // own latency is not a first attempt's, and would pull the percentile down.
+        self.shared.record(self.start.elapsed());
         let hedged = self.second.is_some();
         if hedged {
             let loser = if second_won {
@@ -376,7 +373,6 @@ where
             if this.spare.is_some() && this.timer.as_mut().poll(cx).is_ready() {
                 let (svc, copy) = this.spare.take().expect("checked above");
                 if this.first.running() && this.shared.withdraw() {
-                    this.second_start = Instant::now();
                     this.second = Some(Leg::Ready(svc, Some(copy)));
                 }
             }

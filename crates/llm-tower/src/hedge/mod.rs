@@ -12,8 +12,9 @@
 //!   winner's stream is returned with that chunk replayed first. After the first chunk
 //!   nothing is raced.
 //! - **When**: [`HedgeDelay::Observed`] (the default): after the 95th percentile of the
-//!   latencies this layer observed (time to answer, or to a stream's first chunk; answers
-//!   only, not errors) over a sliding window ([`HedgeLayer::period`], 60 s), once 20 were
+//!   latencies of first attempts this layer observed (time to answer, or to a stream's
+//!   first chunk; answers only, not errors; a first attempt cancelled because the second
+//!   won counts the time until then) over a sliding window ([`HedgeLayer::period`], 60 s), once 20 were
 //!   observed; requests are not hedged before. [`HedgeDelay::Fixed`]: after a fixed delay.
 //! - **Budget**: at most [`HedgeLayer::budget`] (5 %) extra calls, counted by tower's
 //!   `TpsBudget` (each request deposits, each hedge withdraws, over a 10 s window); when it
