@@ -41,6 +41,7 @@ steps = [{{ provider = "{name}" }}, {{ provider = "spare" }}]
 
 [routing]
 default_chain = "main"
+catch_all = true
 
 [cache]
 enabled = false

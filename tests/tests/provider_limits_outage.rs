@@ -131,6 +131,7 @@ steps = [{{ provider = "limited" }}, {{ provider = "spare" }}]
 
 [routing]
 default_chain = "main"
+catch_all = true
 
 [cache]
 enabled = false

@@ -28,6 +28,7 @@ budget_percent = 100
 
 [routing]
 default_chain = "group"
+catch_all = true
 models = { hedged = "hedged" }
 
 [cache]

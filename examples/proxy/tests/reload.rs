@@ -40,6 +40,7 @@ steps = [{{ provider = "sim", model = "sim-small" }}]
 
 [routing]
 default_chain = "main"
+catch_all = true
 
 [cache]
 store = "memory"
