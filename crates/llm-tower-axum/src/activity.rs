@@ -156,7 +156,7 @@ struct Inner {
     overflowed: AtomicU64,
 }
 
-/// The per-minute record of finished requests (see the [module docs](self)). Cheap to
+/// The per-minute record of finished requests. Cheap to
 /// clone; clones share the record. Give it to [`OpenAiRouter::activity`](crate::OpenAiRouter::activity).
 #[derive(Clone, Default)]
 pub struct Activity(Arc<Inner>);

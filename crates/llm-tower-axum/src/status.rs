@@ -117,7 +117,7 @@ struct StatusState {
     source: StatusSource,
 }
 
-/// `GET /status` and `GET /status.html` (see the [module docs](self)); no routes when
+/// `GET /status` and `GET /status.html`; no routes when
 /// `access` is [`MetricsAccess::off`]. Merge it into an [`OpenAiRouter`](crate::OpenAiRouter)
 /// with `merge`, or serve it beside [`Metrics::router`](crate::Metrics::router).
 pub fn status_router(access: MetricsAccess, source: StatusSource) -> Router {

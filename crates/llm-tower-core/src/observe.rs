@@ -103,8 +103,8 @@ pub trait AttemptObserver: Send + 'static {
     fn finish(self: Box<Self>, end: AttemptEnd<'_>);
 }
 
-/// Receives what the stack does while serving one request (see the [module
-/// docs](self)). Implementations must be cheap: they run on the request path.
+/// Receives what the stack does while serving one request (installed through an
+/// [`Observer`]). Implementations must be cheap: they run on the request path.
 pub trait RequestObserver: Send + Sync + 'static {
     /// A layer did something worth a point on the trace.
     fn event(&self, event: ObserveEvent<'_>);
