@@ -485,3 +485,48 @@ fn telemetry_config_errors_name_the_line() {
         assert!(err.contains(&format!("line {line}")), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messages_request_has_its_request_span_and_attempt() {
+    let (addr, got) = http_receiver().await;
+    let (openai, anthropic) = mocks().await;
+    let extra =
+        format!("[telemetry]\nenabled = true\nendpoint = \"http://{addr}\"\nmetrics = false\n");
+    let gw = Gw::start(&base_config(
+        &openai.base_url(),
+        &anthropic.base_url(),
+        false,
+        &extra,
+    ))
+    .await;
+    let traceparent = format!("00-{INCOMING_TRACE}-{INCOMING_PARENT}-01");
+    let body = serde_json::json!({
+        "model": "solo",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hello over Messages"}],
+    });
+    let r = Client::with_key(ACME_KEY)
+        .post(
+            &format!("http://{}/v1/messages", gw.addr),
+            &[("traceparent", traceparent.as_str())],
+            &body,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    gw.flush().await;
+
+    let spans = got.spans();
+    let root = spans
+        .iter()
+        .find(|sp| hex(&sp.trace_id) == INCOMING_TRACE && sp.kind == SpanKind::Server as i32)
+        .expect("a request span in the client's trace");
+    let a = attrs(root);
+    assert_eq!(s(&a["gen_ai.operation.name"]), "chat", "{a:?}");
+    assert!(a.contains_key("gen_ai.usage.input_tokens"), "{a:?}");
+    let attempts: Vec<_> = spans
+        .iter()
+        .filter(|sp| sp.parent_span_id == root.span_id)
+        .collect();
+    assert_eq!(attempts.len(), 1, "one upstream attempt");
+    assert_eq!(attempts[0].kind, SpanKind::Client as i32);
+}

@@ -180,7 +180,11 @@ where
         },
         start,
     );
-    let view = match view(&st, req, tenant, false).await {
+    // The client's trace context, read before the request is consumed (only when tracing).
+    #[cfg(feature = "otel")]
+    let incoming = st.otel.is_some().then(|| req.headers().clone());
+    #[allow(unused_mut)] // mutated only with the `otel` feature
+    let mut view = match view(&st, req, tenant, false).await {
         Ok(v) => v,
         Err((status, e)) => return refuse(finish, status, &e),
     };
@@ -193,6 +197,11 @@ where
     span.record("model", &*finish.labels.model);
     let wants_stream = view.is_stream();
     span.record("stream", wants_stream);
+    #[cfg(feature = "otel")]
+    if let (Some(otel), Some(h)) = (&st.otel, &incoming) {
+        let id = h.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok());
+        finish.trace = Some(otel.start(h, &mut view, &finish.labels, id));
+    }
 
     let guard = CancelGuard(Some(finish));
     let called = st.service.clone().oneshot(view).await;
@@ -202,6 +211,10 @@ where
         Err(e) => return refuse(finish, None, &e),
     };
     let meta = std::mem::take(&mut resp.meta);
+    #[cfg(feature = "otel")]
+    if let Some(t) = &finish.trace {
+        t.meta(&meta);
+    }
     finish.observe_meta(&st, &meta);
 
     if !wants_stream {
@@ -222,6 +235,10 @@ where
                 let mut finish = guard.disarm();
                 match complete {
                     Ok(r) => {
+                        #[cfg(feature = "otel")]
+                        if let Some(t) = &finish.trace {
+                            t.complete(&r);
+                        }
                         finish.record("ok", r.usage.as_ref().or(meta.usage.as_ref()));
                         serde_json::to_vec(&messages::response_to_json(&r))
                             .map(Bytes::from)
@@ -245,6 +262,10 @@ where
     }
 
     let mut stream = resp.into_stream();
+    #[cfg(feature = "otel")]
+    if let Some(t) = &finish.trace {
+        t.watch(&mut stream);
+    }
     stream.on_finish(move |outcome: &Outcome| {
         let status = match outcome {
             Outcome::Completed { .. } => "ok",

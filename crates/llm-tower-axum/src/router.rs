@@ -580,7 +580,7 @@ pub(crate) struct AppState<S> {
     models: Bytes,
     known_models: Option<Arc<Names>>,
     #[cfg(feature = "otel")]
-    otel: Option<Arc<crate::otel::Otel>>,
+    pub(crate) otel: Option<Arc<crate::otel::Otel>>,
     activity: Option<Activity>,
     pub(crate) count_tokens: Option<crate::messages::CountTokens>,
 }
@@ -777,7 +777,7 @@ pub(crate) struct Finish {
     cache: CacheStatus,
     fallbacks: Vec<FailedAttempt>,
     #[cfg(feature = "otel")]
-    trace: Option<crate::otel::RequestTrace>,
+    pub(crate) trace: Option<crate::otel::RequestTrace>,
 }
 
 impl Finish {
