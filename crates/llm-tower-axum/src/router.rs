@@ -202,7 +202,7 @@ where
         }
     }
 
-    /// OpenTelemetry GenAI spans and metrics for every chat request (feature `otel`; see
+    /// OpenTelemetry GenAI spans and metrics for every chat and Messages request (feature `otel`; see
     /// [`crate::otel`]).
     #[cfg(feature = "otel")]
     #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
