@@ -383,6 +383,32 @@ where
     None
 }
 
+/// Runs the Python SDK check `tests/sdk/{script}` (with `$PYTHON`, default `python3`)
+/// against the gateway on the demo config, asserts that it exited successfully, and returns
+/// its standard output for the caller's own checks.
+pub async fn run_sdk_check(script: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root");
+    let config =
+        Config::from_file(root.join("examples/proxy/demo.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let gw = TestGateway::start_config(&config).await;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let out = tokio::process::Command::new(&python)
+        .arg(root.join("tests/sdk").join(script))
+        .arg(gw.url(""))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK check failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    stdout
+}
+
 /// The Rust examples of the repository's README, compiled as doc tests so the library quick
 /// start cannot drift from the API.
 #[cfg(doctest)]

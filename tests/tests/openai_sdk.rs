@@ -8,34 +8,11 @@
 //!
 //! `PYTHON` selects the interpreter (default `python3`).
 
-use std::path::Path;
-
-use llm_tower_e2e::TestGateway;
-use llm_tower_proxy::config::Config;
+use llm_tower_e2e::run_sdk_check;
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs python3 with `pip install openai==3.57.0` (run with -- --include-ignored)"]
 async fn official_openai_python_sdk_works_against_the_demo_gateway() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root");
-    let config =
-        Config::from_file(root.join("examples/proxy/demo.toml")).unwrap_or_else(|e| panic!("{e}"));
-    let gw = TestGateway::start_config(&config).await;
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let script = root.join("tests/sdk/openai_sdk_check.py");
-    let base = gw.url("");
-    let out = tokio::process::Command::new(&python)
-        .arg(&script)
-        .arg(&base)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "SDK check failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
+    let stdout = run_sdk_check("openai_sdk_check.py").await;
     assert!(stdout.contains("all OpenAI SDK checks passed"), "{stdout}");
 }
