@@ -555,6 +555,14 @@ impl GroupMember {
 }
 
 impl ChainStep {
+    /// The providers this step calls: its own, or its group's members.
+    pub fn providers(&self) -> impl Iterator<Item = &str> {
+        let single = self.group.is_empty().then_some(self.provider.as_str());
+        single
+            .into_iter()
+            .chain(self.group.iter().map(GroupMember::provider))
+    }
+
     /// The models this step names (its own and its group members').
     pub fn models(&self) -> impl Iterator<Item = &str> {
         self.model

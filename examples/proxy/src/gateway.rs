@@ -810,7 +810,8 @@ fn build_route(
             .steps
             .iter()
             .map(|s| {
-                step_providers(s.get_ref())
+                s.get_ref()
+                    .providers()
                     .map(|p| next.providers.get(p).map(|p| p.0))
                     .collect()
             })
@@ -828,7 +829,7 @@ fn build_route(
                 .iter()
                 .map(|s| {
                     let s = s.get_ref();
-                    let provider = step_providers(s).collect::<Vec<_>>().join("+");
+                    let provider = s.providers().collect::<Vec<_>>().join("+");
                     (provider, s.model.clone())
                 })
                 .collect(),
@@ -851,14 +852,6 @@ fn build_route(
         policy = policy.default_for_models(known_models(config));
     }
     (Route::new(policy), stats)
-}
-
-/// The providers a step calls: its own, or its group's members.
-fn step_providers(s: &ChainStep) -> impl Iterator<Item = &str> {
-    let single = s.group.is_empty().then_some(s.provider.as_str());
-    single
-        .into_iter()
-        .chain(s.group.iter().map(|m| m.provider()))
 }
 
 /// One chain as built: its fallback (whose health `/status` reads), the service that
