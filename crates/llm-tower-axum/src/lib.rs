@@ -6,7 +6,9 @@
 //! - [`OpenAiRouter`]: the consuming builder: `POST /v1/chat/completions` (JSON and SSE),
 //!   `POST /v1/embeddings` (through the same service: see `llm_tower_core::embeddings`),
 //!   `POST /v1/messages` and `/v1/messages/count_tokens` (the Anthropic Messages API on
-//!   the same service, Anthropic-format errors), `GET /v1/models`, `GET /healthz`,
+//!   the same service, Anthropic-format errors), `POST /v1/responses` with
+//!   `GET` / `DELETE /v1/responses/{id}` (the OpenAI Responses API, stored responses in a
+//!   `ResponseStore`), `GET /v1/models`, `GET /healthz`,
 //!   `GET /metrics`; OpenAI-format errors for everything else, including 404/405/413 and
 //!   panics.
 //! - [`AuthLayer`] / [`ClientKeys`]: `Authorization: Bearer <key>` (or `x-api-key`) → [`Tenant`](llm_tower_core::Tenant)
@@ -80,10 +82,12 @@ mod error;
 pub mod headers;
 mod messages;
 mod metrics;
+mod native;
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub mod otel;
 mod panics;
+mod responses;
 mod router;
 mod serve;
 mod sse;

@@ -21,20 +21,19 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
-use http::{HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderName, StatusCode};
 use llm_tower_core::dialect::messages::{self, EventEncoder};
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, NativeRequest, Outcome,
-    ResponseBody, ResponseMeta, Tenant,
+    ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, NativeRequest,
+    ResponseBody, Tenant,
 };
-use tower::{Service, ServiceExt};
+use tower::Service;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
 
-use crate::auth::ANONYMOUS_TENANT;
-use crate::headers::{self, X_REQUEST_ID};
-use crate::metrics::Labels;
-use crate::router::{AppState, CancelGuard, Finish, json_response, read_body};
+use crate::headers;
+use crate::native::{self, tenant_of};
+use crate::router::{AppState, Finish, json_response, read_body};
 
 /// Counts the input tokens of a `count_tokens` request (see
 /// [`OpenAiRouter::count_tokens`](crate::OpenAiRouter::count_tokens)).
@@ -68,13 +67,6 @@ pub(crate) fn error_response(error: &LlmError) -> Response {
     let mut resp = crate::error::error_response(error);
     *resp.body_mut() = Body::from(body);
     resp
-}
-
-fn tenant_of(req: &Request) -> Tenant {
-    req.extensions()
-        .get::<Tenant>()
-        .cloned()
-        .unwrap_or_else(|| Tenant::from(ANONYMOUS_TENANT))
 }
 
 /// Reads and parses the body into the view, with the request metadata, the tenant, the
@@ -137,22 +129,7 @@ where
 {
     let start = Instant::now();
     let tenant = tenant_of(&req);
-    let span = tracing::info_span!(
-        "llm_request",
-        request_id = tracing::field::Empty,
-        tenant = %tenant,
-        dialect = Dialect::Messages.as_str(),
-        task = tracing::field::Empty,
-        model = tracing::field::Empty,
-        stream = tracing::field::Empty,
-    );
-    if let Some(id) = req
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-    {
-        span.record("request_id", id);
-    }
+    let span = native::request_span(Dialect::Messages, &tenant, &req);
     messages_inner(st, req, start, tenant)
         .instrument(span)
         .await
@@ -172,86 +149,36 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut finish = Finish::new(
-        st.metrics.clone(),
-        Labels {
-            tenant: tenant.0.clone(),
-            ..Labels::default()
-        },
-        start,
-    );
+    let finish = native::finish_for(&st, &tenant, start);
     // The client's trace context, read before the request is consumed (only when tracing).
-    #[cfg(feature = "otel")]
-    let incoming = st.otel.is_some().then(|| req.headers().clone());
-    #[allow(unused_mut)] // mutated only with the `otel` feature
-    let mut view = match view(&st, req, tenant, false).await {
+    let incoming = st.traces().then(|| req.headers().clone());
+    let view = match view(&st, req, tenant, false).await {
         Ok(v) => v,
         Err((status, e)) => return refuse(finish, status, &e),
     };
-    if let Some(task) = view.task_type() {
-        finish.labels.task = task.0.clone();
-    }
-    finish.labels.model = st.model_label(view.model.as_str());
-    let span = tracing::Span::current();
-    span.record("task", &*finish.labels.task);
-    span.record("model", &*finish.labels.model);
-    let wants_stream = view.is_stream();
-    span.record("stream", wants_stream);
-    #[cfg(feature = "otel")]
-    if let (Some(otel), Some(h)) = (&st.otel, &incoming) {
-        let id = h.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok());
-        finish.trace = Some(otel.start(h, &mut view, &finish.labels, id));
-    }
-
-    let guard = CancelGuard(Some(finish));
-    let called = st.service.clone().oneshot(view).await;
-    let mut finish = guard.disarm();
-    let mut resp = match called {
-        Ok(r) => r,
-        Err(e) => return refuse(finish, None, &e),
+    let native::Dispatched {
+        finish,
+        response: resp,
+        meta,
+        stream: wants_stream,
+    } = match native::dispatch(&st, view, finish, incoming.as_ref()).await {
+        Ok(d) => d,
+        Err((finish, e)) => return refuse(finish, None, &e),
     };
-    let meta = std::mem::take(&mut resp.meta);
-    #[cfg(feature = "otel")]
-    if let Some(t) = &finish.trace {
-        t.meta(&meta);
-    }
-    finish.observe_meta(&st, &meta);
 
     if !wants_stream {
         let json = match resp.body {
             // Anthropic's own answer: forwarded as it came.
             ResponseBody::Encoded(r) if r.dialect() == Dialect::Messages => {
+                let mut finish = finish;
                 finish.record("ok", r.usage().or(meta.usage.as_ref()));
                 Ok(r.into_json())
             }
-            body => {
-                let guard = CancelGuard(Some(finish));
-                let complete = LlmResponse {
-                    body,
-                    meta: ResponseMeta::default(),
-                }
-                .into_complete()
-                .await;
-                let mut finish = guard.disarm();
-                match complete {
-                    Ok(r) => {
-                        #[cfg(feature = "otel")]
-                        if let Some(t) = &finish.trace {
-                            t.complete(&r);
-                        }
-                        finish.record("ok", r.usage.as_ref().or(meta.usage.as_ref()));
-                        serde_json::to_vec(&messages::response_to_json(&r))
-                            .map(Bytes::from)
-                            .map_err(|e| {
-                                LlmError::internal(format!("cannot encode the response: {e}"))
-                            })
-                    }
-                    Err(e) => {
-                        finish.record(e.kind().as_str(), None);
-                        Err(e)
-                    }
-                }
-            }
+            body => native::complete(finish, body, &meta).await.and_then(|r| {
+                serde_json::to_vec(&messages::response_to_json(&r))
+                    .map(Bytes::from)
+                    .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))
+            }),
         };
         let mut out = match json {
             Ok(json) => json_response(StatusCode::OK, json),
@@ -261,45 +188,24 @@ where
         return out;
     }
 
-    let mut stream = resp.into_stream();
-    #[cfg(feature = "otel")]
-    if let Some(t) = &finish.trace {
-        t.watch(&mut stream);
-    }
-    stream.on_finish(move |outcome: &Outcome| {
-        let status = match outcome {
-            Outcome::Completed { .. } => "ok",
-            Outcome::Failed { error, .. } => error.kind().as_str(),
-            Outcome::Dropped { .. } => "dropped",
-        };
-        finish.record(status, outcome.usage());
-    });
-    // Headers go out with the first chunk: a failure before it is an HTTP error.
-    let first = match stream.next().await {
-        Some(Ok(chunk)) => Some(chunk),
-        Some(Err(e)) => {
+    let (first, stream) = match native::open_stream(finish, resp).await {
+        Ok(s) => s,
+        Err(e) => {
             let mut out = error_response(&e);
             headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
             return out;
         }
-        None => None,
     };
-    let mut out = Response::new(Body::from_stream(MessagesSse {
-        first,
-        inner: stream,
-        encoder: EventEncoder::new(),
-        done: false,
-    }));
-    let h = out.headers_mut();
-    *h = http::HeaderMap::with_capacity(16);
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers::write_meta_headers(h, &meta, start.elapsed());
-    out
+    native::sse_response(
+        Body::from_stream(MessagesSse {
+            first,
+            inner: stream,
+            encoder: EventEncoder::new(),
+            done: false,
+        }),
+        &meta,
+        start,
+    )
 }
 
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`. Not an LLM call: no limits,

@@ -103,6 +103,8 @@ impl MakeRequestId for MakeRequestUuidV7 {
 /// | `POST /v1/embeddings` | yes | through the same service, as a [`ChatRequest::embeddings`] envelope |
 /// | `POST /v1/messages` | yes | Anthropic Messages: JSON, or Anthropic's SSE events; Anthropic-format errors |
 /// | `POST /v1/messages/count_tokens` | yes | `{"input_tokens": n}` (see [`count_tokens`](Self::count_tokens)) |
+/// | `POST /v1/responses` | yes | OpenAI Responses: JSON, or its typed SSE events; `store` / `previous_response_id` (see [`response_store`](Self::response_store)) |
+/// | `GET`, `DELETE /v1/responses/{id}` | yes | a stored response of the caller's tenant |
 /// | `GET /v1/models` | yes | the configured [`models`](Self::models) |
 /// | `GET /healthz` | no | `{"status":"ok"}` |
 /// | `GET /metrics` | see [`metrics_access`](Self::metrics_access) | Prometheus text ([`Metrics::render`]); 404 when disabled |
@@ -155,6 +157,7 @@ pub struct OpenAiRouter<S> {
     #[cfg(feature = "otel")]
     otel: Option<crate::otel::OtelTracing>,
     count_tokens: Option<crate::messages::CountTokens>,
+    responses: Option<crate::responses::ResponseStorage>,
 }
 
 impl<S> fmt::Debug for OpenAiRouter<S> {
@@ -199,7 +202,22 @@ where
             #[cfg(feature = "otel")]
             otel: None,
             count_tokens: None,
+            responses: None,
         }
+    }
+
+    /// Where `POST /v1/responses` keeps the responses it answers with `store` (the
+    /// default), for `previous_response_id`, `GET` and `DELETE /v1/responses/{id}`;
+    /// each is kept for `retention`. Without a store, `store` is ignored and a
+    /// `previous_response_id` is not found.
+    #[must_use]
+    pub fn response_store(
+        mut self,
+        store: Arc<dyn llm_tower_core::dialect::responses::ResponseStore>,
+        retention: std::time::Duration,
+    ) -> Self {
+        self.responses = Some(crate::responses::ResponseStorage::new(store, retention));
+        self
     }
 
     /// OpenTelemetry GenAI spans and metrics for every chat and Messages request (feature `otel`; see
@@ -379,6 +397,7 @@ where
             otel,
             activity: self.activity,
             count_tokens: self.count_tokens,
+            responses: self.responses,
         });
 
         let mut protected: Router = Router::new()
@@ -389,6 +408,11 @@ where
             .route(
                 "/v1/messages/count_tokens",
                 post(crate::messages::count_tokens::<S>),
+            )
+            .route("/v1/responses", post(crate::responses::create::<S>))
+            .route(
+                "/v1/responses/{id}",
+                get(crate::responses::retrieve::<S>).delete(crate::responses::delete::<S>),
             )
             .with_state(state);
         for r in self.protected {
@@ -583,9 +607,18 @@ pub(crate) struct AppState<S> {
     pub(crate) otel: Option<Arc<crate::otel::Otel>>,
     activity: Option<Activity>,
     pub(crate) count_tokens: Option<crate::messages::CountTokens>,
+    pub(crate) responses: Option<crate::responses::ResponseStorage>,
 }
 
 impl<S> AppState<S> {
+    /// Whether requests are traced (OpenTelemetry, feature `otel`).
+    pub(crate) fn traces(&self) -> bool {
+        #[cfg(feature = "otel")]
+        return self.otel.is_some();
+        #[cfg(not(feature = "otel"))]
+        false
+    }
+
     /// The `model` label for `model`: itself, or `other` when models are known and it is
     /// not one of them.
     pub(crate) fn model_label(&self, model: &str) -> Arc<str> {

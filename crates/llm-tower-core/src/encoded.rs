@@ -98,8 +98,32 @@ impl EncodedResponse {
         })
     }
 
+    /// Checks that `json` is an OpenAI Responses API answer (`"object": "response"`, a
+    /// string `id` and `model`, an `output` array, an optional `usage` object) and keeps
+    /// it, as [`from_messages_json`](Self::from_messages_json) does for Messages.
+    ///
+    /// ```
+    /// use llm_tower_core::{Dialect, EncodedResponse};
+    /// let json = br#"{"id":"resp_1","object":"response","model":"gpt-4o","status":"completed","output":[{"type":"message","role":"assistant","content":[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":3,"output_tokens":1,"total_tokens":4}}"#;
+    /// let r = EncodedResponse::from_responses_json(json.as_slice().into()).unwrap();
+    /// assert_eq!(r.dialect(), Dialect::Responses);
+    /// assert_eq!(r.usage().unwrap().total_tokens, 4);
+    /// assert_eq!(r.decode().unwrap().text(), "hi");
+    /// ```
+    pub fn from_responses_json(json: Bytes) -> serde_json::Result<Self> {
+        let (model, usage) = crate::dialect::responses::check_response(&json)?;
+        Ok(Self {
+            json,
+            model,
+            usage: usage.map(Box::new),
+            choices: 1,
+            dialect: Dialect::Responses,
+        })
+    }
+
     /// The dialect of the document: [`Dialect::Chat`] unless built by
-    /// [`from_messages_json`](Self::from_messages_json).
+    /// [`from_messages_json`](Self::from_messages_json) or
+    /// [`from_responses_json`](Self::from_responses_json).
     pub fn dialect(&self) -> Dialect {
         self.dialect
     }
@@ -138,6 +162,13 @@ impl EncodedResponse {
                 .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))?;
             return crate::dialect::messages::response_from_json(&v)
                 .map_err(|e| LlmError::transport(format!("malformed Messages API response: {e}")));
+        }
+        if self.dialect == Dialect::Responses {
+            let v: serde_json::Value = crate::json::from_slice(&self.json)
+                .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))?;
+            return crate::dialect::responses::response_from_json(&v).map_err(|e| {
+                LlmError::transport(format!("malformed Responses API response: {e}"))
+            });
         }
         ChatResponse::from_slice(&self.json)
             .map_err(|e| LlmError::transport(format!("malformed JSON in the response: {e}")))

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use llm_tower_core::dialect::{messages, responses};
 use llm_tower_core::{
-    ChatChunk, ChatRequest, EmbeddingsResponse, EncodedChunk, EncodedResponse, LlmError,
-    LlmResponse, StreamEvent, StreamOptions, TraceParent,
+    ChatChunk, ChatRequest, ChunkChoice, Delta, Dialect, EmbeddingsResponse, EncodedChunk,
+    EncodedResponse, FunctionCallDelta, LlmError, LlmResponse, NativeRequest, StreamEvent,
+    StreamOptions, ToolCallDelta, TraceParent,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -68,6 +70,11 @@ pub struct OpenAiConfig {
     pub stream_usage: bool,
     /// Bounds on the answers read (body size, event size, response timeout).
     pub limits: ResponseLimits,
+    /// Whether the server speaks the Responses API (`POST {base_url}/responses`): a
+    /// Responses request is then forwarded as the client sent it (only `model` mapped) and
+    /// its answer kept as the upstream's bytes; otherwise it is sent as its chat view and
+    /// the answer translated. Default: `true` for `api.openai.com`, `false` elsewhere.
+    pub responses: Option<bool>,
 }
 
 impl Default for OpenAiConfig {
@@ -82,6 +89,7 @@ impl Default for OpenAiConfig {
             default_model: None,
             stream_usage: true,
             limits: ResponseLimits::default(),
+            responses: None,
         }
     }
 }
@@ -124,6 +132,12 @@ impl OpenAiConfig {
         self.models.insert(alias.into(), model.into());
         self
     }
+    /// Whether the server speaks the Responses API (see [`OpenAiConfig::responses`]).
+    #[must_use]
+    pub fn responses(mut self, on: bool) -> Self {
+        self.responses = Some(on);
+        self
+    }
     /// Sets the bounds on the answers read (see [`ResponseLimits`]).
     #[must_use]
     pub fn limits(mut self, limits: ResponseLimits) -> Self {
@@ -144,6 +158,7 @@ impl fmt::Debug for OpenAiConfig {
             .field("default_model", &self.default_model)
             .field("stream_usage", &self.stream_usage)
             .field("limits", &self.limits)
+            .field("responses", &self.responses)
             .finish()
     }
 }
@@ -209,6 +224,8 @@ struct Inner {
     endpoint: Endpoint,
     /// `{base_url}/embeddings`: the same client, headers and limits.
     embeddings: Endpoint,
+    /// `{base_url}/responses`, when the server speaks the Responses API.
+    responses: Option<Endpoint>,
     models: HashMap<String, String>,
     default_model: Option<String>,
     stream_usage: bool,
@@ -240,19 +257,35 @@ impl OpenAiProvider {
             client.clone(),
         )?;
         endpoint.limits = config.limits;
-        let mut embeddings = endpoint.clone();
-        embeddings.url = format!("{}/embeddings", config.base_url.trim_end_matches('/'))
-            .parse()
-            .map_err(|e| {
-                LlmError::bad_request(format!(
-                    "{} configuration: invalid base_url: {e}",
-                    config.name
-                ))
-            })?;
+        let sibling = |path: &str| -> Result<Endpoint, LlmError> {
+            let mut ep = endpoint.clone();
+            ep.url = format!("{}{path}", config.base_url.trim_end_matches('/'))
+                .parse()
+                .map_err(|e| {
+                    LlmError::bad_request(format!(
+                        "{} configuration: invalid base_url: {e}",
+                        config.name
+                    ))
+                })?;
+            Ok(ep)
+        };
+        let embeddings = sibling("/embeddings")?;
+        let speaks_responses = config.responses.unwrap_or_else(|| {
+            config
+                .base_url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_ascii_lowercase))
+                .is_some_and(|h| h == "api.openai.com")
+        });
+        let responses = speaks_responses
+            .then(|| sibling("/responses"))
+            .transpose()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
                 embeddings,
+                responses,
                 models: config.models,
                 default_model: config.default_model,
                 stream_usage: config.stream_usage,
@@ -379,6 +412,15 @@ impl OpenAiProvider {
         if req.as_embeddings().is_some() {
             return self.run_embeddings(req).await;
         }
+        if self.inner.responses.is_some()
+            && let Some(native) = req
+                .extensions
+                .get::<llm_tower_core::NativeRequest>()
+                .filter(|n| n.dialect() == Dialect::Responses)
+        {
+            let native = native.clone();
+            return self.run_responses(req, native).await;
+        }
         // A request in another dialect is sent as its chat view: only if the view says
         // everything the client asked.
         if let Some(native) = req.extensions.get::<llm_tower_core::NativeRequest>() {
@@ -427,6 +469,310 @@ impl OpenAiProvider {
         out.meta.headroom = headroom;
         out.meta.upstream_time = Some(upstream_time);
         Ok(out)
+    }
+}
+
+impl OpenAiProvider {
+    /// Whether this provider forwards Responses requests to `{base_url}/responses`.
+    pub fn speaks_responses(&self) -> bool {
+        self.inner.responses.is_some()
+    }
+
+    /// `POST {base_url}/responses` with the client's own body (model mapped, any message a
+    /// layer appended to the view added to `input`); the answer kept as the upstream sent
+    /// it (JSON as an [`EncodedResponse`] of [`Dialect::Responses`], events as chunks
+    /// carrying their frames).
+    async fn run_responses(
+        self,
+        mut req: ChatRequest,
+        native: NativeRequest,
+    ) -> Result<LlmResponse, LlmError> {
+        let Some(ep) = self.inner.responses.as_ref() else {
+            return Err(LlmError::internal("no Responses endpoint"));
+        };
+        map_model(
+            &mut req.model,
+            &self.inner.models,
+            self.inner.default_model.as_deref(),
+        );
+        let append: Vec<Value> = native
+            .appended(&req)
+            .iter()
+            .map(|m| {
+                let role = match m.role {
+                    llm_tower_core::Role::Assistant => "assistant",
+                    llm_tower_core::Role::System => "system",
+                    llm_tower_core::Role::Developer => "developer",
+                    _ => "user",
+                };
+                serde_json::json!({"role": role, "content": m.text()})
+            })
+            .collect();
+        let body = native
+            .body_for(&req, &req.model, &append)
+            .map_err(|e| e.with_provider(&*ep.provider))?;
+        let stream = req.is_stream();
+        let (resp, upstream_time, started) = ep
+            .send(
+                body,
+                stream,
+                req.deadline(),
+                req.extensions.get::<TraceParent>(),
+            )
+            .await?;
+        let (parts, body) = resp.into_parts();
+        let headroom = ep.headroom(&parts.headers);
+        let mut out = if stream && !is_json(&parts.headers) {
+            let decoder = ResponsesDecoder::new(ep.provider.clone(), ep.key.clone(), &req.model);
+            let mut r = LlmResponse::events(SseStream::new(
+                body,
+                decoder,
+                ep.provider.clone(),
+                ep.limits.max_sse_event_bytes,
+            ));
+            r.meta.model = Some(req.model);
+            r
+        } else {
+            let bytes = ep.read_body(body, started, req.deadline()).await?;
+            let len = bytes.len();
+            let enc = match EncodedResponse::from_responses_json(bytes.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+                        && let Some(err) =
+                            classify::classify_inline(&ep.provider, &v, ep.key.as_ref())
+                    {
+                        return Err(err);
+                    }
+                    return Err(classify::malformed(
+                        &ep.provider,
+                        "Responses API response",
+                        e,
+                    ));
+                }
+            };
+            let mut r = LlmResponse::encoded(enc);
+            r.meta.body_bytes = Some(len);
+            r
+        };
+        out.meta.provider = Some(ep.provider.clone());
+        out.meta.headroom = headroom;
+        out.meta.upstream_time = Some(upstream_time);
+        Ok(out)
+    }
+}
+
+/// Responses API events → chunks that carry their frames
+/// ([`NATIVE_EVENT`](llm_tower_core::dialect::NATIVE_EVENT)) and, for the layers, the
+/// chat view of what they say (text, tool calls, the end and its usage).
+pub(crate) struct ResponsesDecoder {
+    provider: Arc<str>,
+    key: Option<ApiKey>,
+    model: String,
+    id: String,
+    created: u64,
+    /// `output_index` of each function call → its chat tool index (bounded: a call
+    /// beyond [`MAX_TOOL_CALLS`] is malformed).
+    tools: Vec<u64>,
+    done: bool,
+}
+
+/// Function calls one streamed answer may make.
+const MAX_TOOL_CALLS: usize = 1024;
+
+impl ResponsesDecoder {
+    pub(crate) fn new(provider: Arc<str>, key: Option<ApiKey>, model: &str) -> Self {
+        Self {
+            provider,
+            key,
+            model: model.to_owned(),
+            id: String::new(),
+            created: 0,
+            tools: Vec::new(),
+            done: false,
+        }
+    }
+
+    fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatChunk {
+        ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: Some(finish),
+                extra: llm_tower_core::Extra::new(),
+            }],
+            usage: None,
+            extra: llm_tower_core::Extra::new(),
+        }
+    }
+
+    fn tool(&self, index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> ChatChunk {
+        self.chunk(
+            Delta {
+                tool_calls: Some(vec![ToolCallDelta {
+                    index,
+                    id: id.map(str::to_owned),
+                    kind: id.map(|_| "function".to_owned()),
+                    function: Some(FunctionCallDelta {
+                        name: name.map(str::to_owned),
+                        arguments: Some(args.to_owned()),
+                        extra: llm_tower_core::Extra::new(),
+                    }),
+                    extra: llm_tower_core::Extra::new(),
+                }]),
+                ..Delta::default()
+            },
+            None,
+        )
+    }
+
+    fn view(&mut self, v: &Value, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError> {
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+        let output_index = v.get("output_index").and_then(Value::as_u64);
+        match kind {
+            "response.created" => {
+                let r = v.get("response");
+                let s = |k: &str| r.and_then(|r| r.get(k)).and_then(Value::as_str);
+                if let Some(id) = s("id") {
+                    self.id = id.to_owned();
+                }
+                if let Some(m) = s("model") {
+                    self.model = m.to_owned();
+                }
+                self.created = r
+                    .and_then(|r| r.get("created_at"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                out.push_back(self.chunk(
+                    Delta {
+                        role: Some(llm_tower_core::Role::Assistant),
+                        content: Some(Some(String::new())),
+                        ..Delta::default()
+                    },
+                    None,
+                ));
+            }
+            "response.output_text.delta" => {
+                let t = v.get("delta").and_then(Value::as_str).unwrap_or("");
+                out.push_back(self.chunk(
+                    Delta {
+                        content: Some(Some(t.to_owned())),
+                        ..Delta::default()
+                    },
+                    None,
+                ));
+            }
+            "response.output_item.added" => {
+                let item = v.get("item");
+                if item.and_then(|i| i.get("type")).and_then(Value::as_str) == Some("function_call")
+                {
+                    if self.tools.len() >= MAX_TOOL_CALLS {
+                        return Err(classify::malformed(
+                            &self.provider,
+                            "stream event",
+                            format!("more than {MAX_TOOL_CALLS} function calls"),
+                        ));
+                    }
+                    let t = u32::try_from(self.tools.len()).unwrap_or(u32::MAX);
+                    self.tools.push(output_index.unwrap_or(u64::MAX));
+                    let s = |k: &str| item.and_then(|i| i.get(k)).and_then(Value::as_str);
+                    let args = s("arguments").unwrap_or("");
+                    out.push_back(self.tool(t, Some(s("call_id").unwrap_or("")), s("name"), args));
+                }
+            }
+            "response.function_call_arguments.delta" => {
+                if let Some(t) = self.tools.iter().position(|i| Some(*i) == output_index) {
+                    let d = v.get("delta").and_then(Value::as_str).unwrap_or("");
+                    let t = u32::try_from(t).unwrap_or(u32::MAX);
+                    out.push_back(self.tool(t, None, None, d));
+                }
+            }
+            "response.completed" | "response.incomplete" => {
+                self.done = true;
+                let finish = if !self.tools.is_empty() {
+                    "tool_calls"
+                } else if kind == "response.incomplete" {
+                    "length"
+                } else {
+                    "stop"
+                };
+                out.push_back(self.chunk(Delta::default(), Some(finish.to_owned())));
+                let mut last = self.chunk(Delta::default(), None);
+                last.choices.clear();
+                last.usage = v
+                    .get("response")
+                    .and_then(|r| r.get("usage"))
+                    .filter(|u| u.is_object())
+                    .map(|u| Some(responses::usage_from(u)));
+                out.push_back(last);
+            }
+            "response.failed" => {
+                let r = v.get("response").cloned().unwrap_or(Value::Null);
+                return Err(
+                    classify::classify_inline(&self.provider, &r, self.key.as_ref())
+                        .unwrap_or_else(|| {
+                            LlmError::unavailable(format!("{}: the response failed", self.provider))
+                                .with_provider(&*self.provider)
+                        }),
+                );
+            }
+            "error" => {
+                let wrapped = serde_json::json!({"error": v});
+                return Err(
+                    classify::classify_inline(&self.provider, &wrapped, self.key.as_ref())
+                        .unwrap_or_else(|| {
+                            LlmError::unavailable(format!(
+                                "{}: the stream reported an error",
+                                self.provider
+                            ))
+                            .with_provider(&*self.provider)
+                        }),
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for ResponsesDecoder {
+    fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<StreamEvent>) -> Result<(), LlmError> {
+        let v: Value = serde_json::from_slice(ev.data())
+            .map_err(|e| classify::malformed(&self.provider, "JSON in a stream event", e))?;
+        let mut chunks = VecDeque::new();
+        self.view(&v, &mut chunks)?;
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .or(ev.event())
+            .unwrap_or("message");
+        let frame = messages::native_frame(
+            ev.event().unwrap_or(kind),
+            &String::from_utf8_lossy(ev.data()),
+        );
+        match chunks.front_mut() {
+            Some(first) => messages::attach_native(first, frame),
+            None => {
+                let mut carrier = self.chunk(Delta::default(), None);
+                carrier.choices.clear();
+                messages::attach_native(&mut carrier, frame);
+                chunks.push_back(carrier);
+            }
+        }
+        out.extend(chunks.into_iter().map(StreamEvent::from));
+        Ok(())
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn terminal(&self) -> &'static str {
+        "response.completed"
     }
 }
 

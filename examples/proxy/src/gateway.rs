@@ -48,6 +48,7 @@ use llm_tower::route::{Route, RoutePolicy};
 use llm_tower::validate::{Rule as ValidateRule, ValidateLayer};
 use llm_tower::{BoxLlmService, ChatRequest, ErrorKind, LlmServiceBuilderExt, boxed};
 use llm_tower_axum::{ClientKeys, Metrics, MetricsAccess, ModelEntry, OpenAiRouter, Server};
+use llm_tower_core::dialect::responses::MemoryResponseStore;
 use llm_tower_jobs::{
     Jobs, JobsApiLimits, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router_with,
 };
@@ -192,6 +193,12 @@ pub(crate) fn init_telemetry(
 
 /// [`build`], reusing what `carry` holds from the previous build where the configuration
 /// is unchanged; the caller commits the returned state once it serves the new build.
+/// Responses kept in memory when no jobs store is configured (the oldest go first).
+const MEMORY_RESPONSES: usize = 1000;
+
+/// How long a stored Responses answer is kept.
+const RESPONSES_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 pub(crate) async fn build_with(
     config: &Config,
     secrets: Secrets,
@@ -358,6 +365,12 @@ pub(crate) async fn build_with(
         };
         parts.jobs = Some((kind, jobs.clone(), secrets.jobs_database_url.clone()));
     }
+    // Stored Responses answers live in the jobs database; without jobs, in memory.
+    let response_store = jobs
+        .as_ref()
+        .and_then(|j| j.store().response_store())
+        .unwrap_or_else(|| Arc::new(MemoryResponseStore::new(MEMORY_RESPONSES)));
+    http = http.response_store(response_store, RESPONSES_RETENTION);
     parts.redis = redis.parts(&mut next);
 
     let gateway = Gateway {

@@ -1,8 +1,8 @@
 //! Dialects: the wire formats clients speak, and the original body a request keeps.
 //!
 //! Every layer acts on one canonical view, the [`ChatRequest`]. A request that arrives in
-//! another dialect (the Anthropic Messages API today; the OpenAI Responses API is the next
-//! one this plumbing is shaped for) is parsed into that view **and** keeps its original
+//! another dialect (the Anthropic Messages API, [`messages`]; the OpenAI Responses API,
+//! [`responses`]) is parsed into that view **and** keeps its original
 //! body in the view's extensions as a [`NativeRequest`]:
 //!
 //! - a provider that speaks the request's dialect sends the original body (only `model`
@@ -19,6 +19,7 @@
 //! that carry their original event under [`NATIVE_EVENT`] (see [`native_event`]).
 
 pub mod messages;
+pub mod responses;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -166,7 +167,7 @@ impl NativeRequest {
 
     /// The body to send to a provider of this dialect: the original one with its top-level
     /// `model` set to `model` and the (already translated) `append`ed items added to its
-    /// `messages` array. Every other field stays as the client sent it (the top level is
+    /// `messages` array (`input` for Responses, a string `input` becoming one user item). Every other field stays as the client sent it (the top level is
     /// re-assembled, so only its whitespace and key order may differ).
     ///
     /// `view` is unused today; it is taken so that later dialects can read what layers
@@ -185,17 +186,34 @@ impl NativeRequest {
             .0;
         let mut out = Vec::with_capacity(self.body.len() + model.len() + 64);
         out.push(b'{');
+        let list = match self.dialect {
+            Dialect::Responses => "input",
+            _ => "messages",
+        };
         for (key, value) in &top {
             if key == "model" {
                 continue;
             }
-            if key == "messages" && !append.is_empty() {
-                let mut items: Vec<&RawValue> = serde_json::from_str(value.get()).map_err(bad)?;
+            if key == list && !append.is_empty() {
+                let mut items: Vec<Box<RawValue>> = match serde_json::from_str::<&str>(value.get())
+                {
+                    Ok(text) => vec![
+                        serde_json::value::to_raw_value(
+                            &serde_json::json!({"role": "user", "content": text}),
+                        )
+                        .map_err(bad)?,
+                    ],
+                    Err(_) => serde_json::from_str::<Vec<&RawValue>>(value.get())
+                        .map_err(bad)?
+                        .into_iter()
+                        .map(|v| v.to_owned())
+                        .collect(),
+                };
                 let extra: Vec<Box<RawValue>> = append
                     .iter()
                     .map(|v| serde_json::value::to_raw_value(v).map_err(bad))
                     .collect::<Result<_, _>>()?;
-                items.extend(extra.iter().map(|b| &**b));
+                items.extend(extra);
                 serde_json::to_writer(&mut out, key).map_err(bad)?;
                 out.push(b':');
                 serde_json::to_writer(&mut out, &items).map_err(bad)?;

@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use crate::types::{Finish, Job, JobError, JobId, Lease, LlmCall, NewJob, Submitted};
 
 mod postgres;
+mod responses;
 mod sqlite;
 
 pub use postgres::PostgresStore;
@@ -140,6 +141,13 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// counting no further than `limit` (so the cost is bounded).
     fn count_queued<'a>(&'a self, tenant: &'a str, limit: u64) -> StoreFuture<'a, u64>;
 
+    /// The [`ResponseStore`](llm_tower_core::dialect::responses::ResponseStore) in the
+    /// same database (table `llm_responses`), for a gateway's stored Responses answers;
+    /// `None` (the default) for a store that keeps none.
+    fn response_store(&self) -> Option<Arc<dyn llm_tower_core::dialect::responses::ResponseStore>> {
+        None
+    }
+
     /// Runs until dropped, calling `wake.notify_waiters()` whenever another process
     /// submitted or released work (PostgreSQL: `LISTEN`). The default waits forever:
     /// an embedded store only has in-process submitters, which wake workers directly.
@@ -211,6 +219,9 @@ impl<S: JobStore + ?Sized> JobStore for Arc<S> {
     }
     fn count_queued<'a>(&'a self, tenant: &'a str, limit: u64) -> StoreFuture<'a, u64> {
         (**self).count_queued(tenant, limit)
+    }
+    fn response_store(&self) -> Option<Arc<dyn llm_tower_core::dialect::responses::ResponseStore>> {
+        (**self).response_store()
     }
     fn listen(&self, wake: Arc<Notify>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         (**self).listen(wake)

@@ -73,6 +73,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/postgres/0002_llm_calls.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            "responses".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0003_responses.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -575,6 +582,12 @@ impl JobStore for PostgresStore {
             .map_err(JobError::store)?;
             rows.into_iter().map(llm_call).collect()
         })
+    }
+
+    fn response_store(
+        &self,
+    ) -> Option<std::sync::Arc<dyn llm_tower_core::dialect::responses::ResponseStore>> {
+        Some(std::sync::Arc::new(self.clone()))
     }
 
     fn purge_expired(&self, now: i64) -> StoreFuture<'_, u64> {

@@ -58,6 +58,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/sqlite/0002_llm_calls.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            "responses".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0003_responses.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -511,6 +518,12 @@ impl JobStore for SqliteStore {
             .map_err(JobError::store)?;
             rows.into_iter().map(llm_call).collect()
         })
+    }
+
+    fn response_store(
+        &self,
+    ) -> Option<std::sync::Arc<dyn llm_tower_core::dialect::responses::ResponseStore>> {
+        Some(std::sync::Arc::new(self.clone()))
     }
 
     fn purge_expired(&self, now: i64) -> StoreFuture<'_, u64> {

@@ -431,6 +431,13 @@ impl AnthropicProvider {
                 (bytes, model, self.native_headers(n))
             }
             None => {
+                // A request in another dialect (Responses) is sent as its chat view: only
+                // if the view says everything the client asked.
+                if let Some(other) = req.extensions.get::<NativeRequest>() {
+                    other
+                        .check_translatable()
+                        .map_err(|e| e.with_provider(self.name()))?;
+                }
                 let body = self.request_body(&req)?;
                 let model = body["model"].as_str().unwrap_or_default().to_owned();
                 let bytes = serde_json::to_vec(&body).map_err(|e| {

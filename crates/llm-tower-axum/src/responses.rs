@@ -1,0 +1,430 @@
+//! The OpenAI Responses front door: `POST /v1/responses`, `GET` and
+//! `DELETE /v1/responses/{id}`, over the same LLM service as chat completions.
+//!
+//! The body is parsed into the chat view the layers act on
+//! ([`responses::request_from_bytes`]), which keeps the original body for a provider that
+//! speaks Responses. Answers are written in the Responses dialect: an upstream's own JSON
+//! or events as they came, anything else translated. Errors are OpenAI's.
+//!
+//! `store` (default `true`) keeps the answer, with the whole conversation's input, in the
+//! [`ResponseStore`] for its retention; `previous_response_id` continues from a stored
+//! answer of the same tenant: its input and output come before the new input, before any
+//! layer sees the request. An unknown, expired or other tenant's id is a 404.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use http::StatusCode;
+use llm_tower_core::dialect::responses::{self, Echo, EventEncoder, ResponseStore, StoredResponse};
+use llm_tower_core::{
+    ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, ResponseBody, Tenant,
+};
+use serde_json::{Map, Value};
+use tower::Service;
+use tower_http::request_id::RequestId;
+use tracing::Instrument;
+
+use crate::error::error_response;
+use crate::headers;
+use crate::native::{self, tenant_of};
+use crate::router::{AppState, json_response, read_body};
+
+/// Input items a stored conversation may reach (with `previous_response_id`).
+pub(crate) const MAX_CONVERSATION_ITEMS: usize = 4096;
+
+/// How often expired responses are purged, at most.
+const PURGE_EVERY_MS: i64 = 60_000;
+
+/// The response store of a router and its retention.
+#[derive(Clone)]
+pub(crate) struct ResponseStorage {
+    store: Arc<dyn ResponseStore>,
+    retention_ms: i64,
+    last_purge: Arc<AtomicI64>,
+}
+
+impl ResponseStorage {
+    pub(crate) fn new(store: Arc<dyn ResponseStore>, retention: Duration) -> Self {
+        Self {
+            store,
+            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            last_purge: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    /// Keeps `response` (with its conversation's `input`) for the tenant; a failure is
+    /// logged, not the client's problem (its answer is already paid for).
+    async fn save(&self, tenant: &str, input: Vec<Value>, response: Value) {
+        let Some(id) = response
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            return;
+        };
+        let now = now_ms();
+        let row = StoredResponse {
+            id,
+            tenant: tenant.to_owned(),
+            input: Value::Array(input),
+            response,
+            created_at: now,
+            expires_at: now.saturating_add(self.retention_ms),
+        };
+        if let Err(e) = self.store.put_response(row).await {
+            tracing::warn!(error = %e, "cannot store the response");
+        }
+        // Expired rows go at most once a minute, on the way of a write.
+        let last = self.last_purge.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= PURGE_EVERY_MS
+            && self
+                .last_purge
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            match self.store.purge_expired_responses(now).await {
+                Ok(n) if n > 0 => tracing::debug!(purged = n, "expired responses purged"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot purge expired responses"),
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn not_found(id: &str, param: &str) -> LlmError {
+    LlmError::not_found(format!("Response with id '{id}' not found."))
+        .with_param(param)
+        .with_code("not_found")
+}
+
+/// The request prepared for the service: the view, what to echo, and the conversation's
+/// input to store.
+struct Prepared {
+    view: ChatRequest,
+    echo: Echo,
+    store: bool,
+    input: Vec<Value>,
+}
+
+fn bad(msg: impl Into<String>) -> LlmError {
+    LlmError::bad_request(msg.into())
+}
+
+/// Reads the body, resolves `previous_response_id`, parses the view.
+async fn prepare<S>(
+    st: &AppState<S>,
+    req: Request,
+    tenant: &Tenant,
+) -> Result<Prepared, (Option<StatusCode>, LlmError)> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(body, &parts.headers, st.body_limit)
+        .await
+        .map_err(|(s, e)| (Some(s), e))?;
+    let mut top: Map<String, Value> = serde_json::from_slice(&bytes)
+        .map_err(|e| (None, bad(format!("invalid request body: {e}"))))?;
+    let store = st.responses.is_some() && top.get("store") != Some(&Value::Bool(false));
+    let mut input = match top.get("input") {
+        Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
+        Some(Value::Array(items)) => items.clone(),
+        // The parser words the error.
+        _ => Vec::new(),
+    };
+    let mut echo = Echo::from_body(&bytes);
+    let body = match top.get("previous_response_id") {
+        Some(Value::String(prev)) => {
+            let prev = prev.clone();
+            let found = match &st.responses {
+                Some(s) => s
+                    .store
+                    .get_response(&tenant.0, &prev, now_ms())
+                    .await
+                    .map_err(|e| (None, e))?,
+                None => None,
+            };
+            let Some(found) = found else {
+                return Err((None, not_found(&prev, "previous_response_id")));
+            };
+            let mut full = match found.input {
+                Value::Array(items) => items,
+                _ => Vec::new(),
+            };
+            if let Some(Value::Array(out)) = found.response.get("output") {
+                full.extend(out.iter().cloned());
+            }
+            full.append(&mut input);
+            if full.len() > MAX_CONVERSATION_ITEMS {
+                return Err((
+                    None,
+                    bad(format!(
+                        "the conversation has {} items, more than {MAX_CONVERSATION_ITEMS}",
+                        full.len()
+                    ))
+                    .with_param("previous_response_id")
+                    .with_code("conversation_too_long"),
+                ));
+            }
+            top.remove("previous_response_id");
+            top.insert("input".into(), Value::Array(full.clone()));
+            input = full;
+            echo.set("previous_response_id", Value::String(prev));
+            let body = serde_json::to_vec(&top)
+                .map_err(|e| (None, LlmError::internal(format!("cannot encode: {e}"))))?;
+            if body.len() > st.body_limit {
+                return Err((
+                    Some(StatusCode::PAYLOAD_TOO_LARGE),
+                    bad(format!(
+                        "the conversation exceeds the limit of {} bytes",
+                        st.body_limit
+                    ))
+                    .with_param("previous_response_id")
+                    .with_code("request_too_large"),
+                ));
+            }
+            Bytes::from(body)
+        }
+        Some(Value::Null) | None => bytes,
+        Some(_) => {
+            return Err((
+                None,
+                bad("`previous_response_id` must be a string").with_param("previous_response_id"),
+            ));
+        }
+    };
+    let mut view = responses::request_from_bytes(body).map_err(|e| (None, e))?;
+    headers::request_metadata(&parts.headers, &mut view).map_err(|e| (None, e))?;
+    view.extensions.insert(tenant.clone());
+    if let Some(id) = parts.extensions.get::<RequestId>() {
+        view.extensions.insert(id.clone());
+    }
+    Ok(Prepared {
+        view,
+        echo,
+        store,
+        input,
+    })
+}
+
+/// `POST /v1/responses`.
+pub(crate) async fn create<S>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response
+where
+    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let start = Instant::now();
+    let tenant = tenant_of(&req);
+    let span = native::request_span(Dialect::Responses, &tenant, &req);
+    create_inner(st, req, start, tenant).instrument(span).await
+}
+
+async fn create_inner<S>(
+    st: Arc<AppState<S>>,
+    req: Request,
+    start: Instant,
+    tenant: Tenant,
+) -> Response
+where
+    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let finish = native::finish_for(&st, &tenant, start);
+    let incoming = st.traces().then(|| req.headers().clone());
+    let Prepared {
+        view,
+        echo,
+        store,
+        input,
+    } = match prepare(&st, req, &tenant).await {
+        Ok(p) => p,
+        Err((status, e)) => {
+            let mut resp = finish.reject_with(&e, error_response);
+            if let Some(s) = status {
+                *resp.status_mut() = s;
+            }
+            return resp;
+        }
+    };
+    let storage = if store { st.responses.clone() } else { None };
+    let native::Dispatched {
+        finish,
+        response: resp,
+        meta,
+        stream: wants_stream,
+    } = match native::dispatch(&st, view, finish, incoming.as_ref()).await {
+        Ok(d) => d,
+        Err((finish, e)) => return finish.reject_with(&e, error_response),
+    };
+    let id = responses::new_response_id();
+
+    if !wants_stream {
+        let json = match resp.body {
+            // The upstream's own Responses answer: forwarded as it came.
+            ResponseBody::Encoded(r) if r.dialect() == Dialect::Responses => {
+                let mut finish = finish;
+                finish.record("ok", r.usage().or(meta.usage.as_ref()));
+                Ok((r.into_json(), None))
+            }
+            body => native::complete(finish, body, &meta).await.and_then(|r| {
+                let v = responses::response_to_json(&r, &id, &echo);
+                serde_json::to_vec(&v)
+                    .map(|b| (Bytes::from(b), Some(v)))
+                    .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))
+            }),
+        };
+        let mut out = match json {
+            Ok((json, value)) => {
+                if let Some(storage) = &storage {
+                    let value = value.or_else(|| serde_json::from_slice(&json).ok());
+                    if let Some(v) = value {
+                        storage.save(&tenant.0, input, v).await;
+                    }
+                }
+                json_response(StatusCode::OK, json)
+            }
+            Err(e) => error_response(&e),
+        };
+        headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
+        return out;
+    }
+
+    let (first, stream) = match native::open_stream(finish, resp).await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut out = error_response(&e);
+            headers::write_meta_headers(out.headers_mut(), &meta, start.elapsed());
+            return out;
+        }
+    };
+    let sse = Sse {
+        first,
+        inner: stream,
+        encoder: EventEncoder::new(id, echo),
+        done: false,
+        save: storage.map(|s| (s, tenant.0.to_string(), input)),
+    };
+    let body = futures_util::stream::unfold(sse, |mut sse| async move {
+        sse.next_batch()
+            .await
+            .map(|b| (Ok::<_, Infallible>(b), sse))
+    });
+    native::sse_response(Body::from_stream(body), &meta, start)
+}
+
+/// The Responses SSE body: chunks → events ([`EventEncoder`]); the first chunk may already
+/// have been taken. The answer is stored before its last event is sent, so a client that
+/// continues from it at once finds it.
+struct Sse {
+    first: Option<ChatChunk>,
+    inner: ChunkStream,
+    encoder: EventEncoder,
+    done: bool,
+    save: Option<(ResponseStorage, String, Vec<Value>)>,
+}
+
+impl Sse {
+    fn take(&mut self, next: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>) {
+        match next {
+            Some(Ok(chunk)) => self.encoder.push(&chunk, out),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "stream failed after it started");
+                self.encoder.error(&e, out);
+                self.done = true;
+            }
+            None => {
+                self.encoder.finish(out);
+                self.done = true;
+            }
+        }
+        if self.encoder.is_ended() {
+            self.done = true;
+        }
+    }
+
+    async fn next_batch(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        let mut out = Vec::new();
+        let next = match self.first.take() {
+            Some(c) => Some(Ok(c)),
+            None => self.inner.next().await,
+        };
+        self.take(next, &mut out);
+        // What is ready is written together, in bounded batches.
+        while !self.done && out.len() < 64 * 1024 {
+            match self.inner.next().now_or_never() {
+                Some(next) => self.take(next, &mut out),
+                None => break,
+            }
+        }
+        if self.done
+            && let Some((storage, tenant, input)) = self.save.take()
+            && let Some(r) = self.encoder.final_response()
+            && r.get("status").and_then(Value::as_str) != Some("failed")
+        {
+            storage.save(&tenant, input, r.clone()).await;
+        }
+        Some(Bytes::from(out))
+    }
+}
+
+/// `GET /v1/responses/{id}`: the tenant's stored response.
+pub(crate) async fn retrieve<S>(
+    State(st): State<Arc<AppState<S>>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let tenant = tenant_of(&req);
+    let Some(storage) = &st.responses else {
+        return error_response(&not_found(&id, "response_id"));
+    };
+    match storage.store.get_response(&tenant.0, &id, now_ms()).await {
+        Ok(Some(r)) => match serde_json::to_vec(&r.response) {
+            Ok(b) => json_response(StatusCode::OK, b),
+            Err(e) => error_response(&LlmError::internal(format!("cannot encode: {e}"))),
+        },
+        Ok(None) => error_response(&not_found(&id, "response_id")),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `DELETE /v1/responses/{id}`: `{"id", "object": "response.deleted", "deleted": true}`.
+pub(crate) async fn delete<S>(
+    State(st): State<Arc<AppState<S>>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let tenant = tenant_of(&req);
+    let Some(storage) = &st.responses else {
+        return error_response(&not_found(&id, "response_id"));
+    };
+    match storage.store.delete_response(&tenant.0, &id).await {
+        Ok(true) => json_response(
+            StatusCode::OK,
+            serde_json::json!({"id": id, "object": "response.deleted", "deleted": true})
+                .to_string(),
+        ),
+        Ok(false) => error_response(&not_found(&id, "response_id")),
+        Err(e) => error_response(&e),
+    }
+}

@@ -1,0 +1,1540 @@
+//! The OpenAI Responses dialect (`POST /v1/responses`): its requests as the [`ChatRequest`]
+//! view, its answers from and to chat-completions answers, its streamed events, and the
+//! [`ResponseStore`] that keeps answers for `previous_response_id`.
+//!
+//! What the chat view carries: `input` (a string, or items: messages with `input_text` /
+//! `input_image` / `output_text` parts, `function_call` and `function_call_output`),
+//! `instructions` (a first system message), function `tools`, `tool_choice`,
+//! `text.format` (`json_schema` / `json_object` as `response_format`), `max_output_tokens`,
+//! `temperature`, `top_p`, `parallel_tool_calls`, `user`, `stream`. `metadata`, `store`
+//! and `previous_response_id` are the gateway's business (echoed in the answer, acted on by
+//! the HTTP edge) and never need a provider. `reasoning` input items are the previous
+//! model's private state and are left out of a translation; everything else (hosted tools,
+//! `input_file`, `include`, `background`, `conversation`, `prompt`, …) is recorded as
+//! untranslatable ([`NativeRequest::check_translatable`]): a 400 naming it at a provider
+//! that does not speak Responses.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use serde_json::{Map, Number, Value, json};
+
+use super::messages::write_frame;
+use super::{Dialect, NativeRequest};
+use crate::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, CompletionTokensDetails, Content, ContentPart,
+    ErrorKind, Extra, FunctionCall, FunctionDef, ImageUrl, JsonSchemaFormat, LlmError,
+    MAX_REQUEST_BYTES, Message, PromptTokensDetails, ResponseFormat, Role, StreamOptions, Tool,
+    ToolCall, Usage,
+};
+
+/// Top-level fields this module maps or that the gateway handles; any other one is kept in
+/// the view's `extra` and is untranslatable.
+const KNOWN: &[&str] = &[
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "text",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "metadata",
+    "stream",
+    "stream_options",
+    "store",
+    "previous_response_id",
+    "parallel_tool_calls",
+    "user",
+    "reasoning",
+    "truncation",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "include",
+    "background",
+];
+
+/// Fields of the request echoed in the response object (as OpenAI does).
+const ECHOED: &[&str] = &[
+    "instructions",
+    "max_output_tokens",
+    "metadata",
+    "parallel_tool_calls",
+    "previous_response_id",
+    "reasoning",
+    "store",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_p",
+    "truncation",
+    "user",
+];
+
+fn bad(msg: impl Into<String>) -> LlmError {
+    LlmError::bad_request(msg.into())
+}
+
+fn untranslatable(param: &str, what: &str) -> LlmError {
+    bad(format!(
+        "`{param}`: {what} has no equivalent in the chat completions API, so this request \
+         cannot be served by the provider chosen for it"
+    ))
+    .with_param(param)
+    .with_code("untranslatable_field")
+}
+
+/// Parses a Responses API request into the [`ChatRequest`] view, with the body kept as a
+/// [`NativeRequest`] of [`Dialect::Responses`]. Malformed input (not JSON, no `model`, no
+/// `input`, an item without its fields) is a bad request naming the field.
+///
+/// ```
+/// use llm_tower_core::dialect::responses::request_from_slice;
+///
+/// let req = request_from_slice(br#"{
+///     "model": "gpt-4o-mini", "instructions": "Be brief.", "input": "Hi",
+///     "max_output_tokens": 50, "stream": true
+/// }"#).unwrap();
+/// assert_eq!(req.messages.len(), 2);
+/// assert_eq!(req.messages[0].text(), "Be brief.");
+/// assert_eq!(req.max_tokens, Some(50));
+/// assert!(req.is_stream());
+/// ```
+pub fn request_from_slice(body: &[u8]) -> Result<ChatRequest, LlmError> {
+    request_from_bytes(Bytes::copy_from_slice(body))
+}
+
+/// [`request_from_slice`] on a body already in [`Bytes`] (kept without a copy).
+pub fn request_from_bytes(body: Bytes) -> Result<ChatRequest, LlmError> {
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(bad(format!(
+            "request body of {} bytes exceeds the limit of {MAX_REQUEST_BYTES} bytes",
+            body.len()
+        )));
+    }
+    let top: Map<String, Value> =
+        crate::json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    let mut p = Parser {
+        req: ChatRequest::default(),
+        first: None,
+    };
+    p.top(&top)?;
+    let Parser { mut req, first } = p;
+    let mut native = NativeRequest::new(Dialect::Responses, body, req.messages.len());
+    if let Some(e) = first {
+        native.set_untranslatable(e);
+    }
+    req.extensions.insert(native);
+    Ok(req)
+}
+
+struct Parser {
+    req: ChatRequest,
+    first: Option<LlmError>,
+}
+
+fn str_field<'a>(v: &'a Value, key: &str, at: &str) -> Result<&'a str, LlmError> {
+    match v.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => {
+            Err(bad(format!("`{at}.{key}` must be a string")).with_param(format!("{at}.{key}")))
+        }
+        None => Err(bad(format!("`{at}` needs `{key}`")).with_param(format!("{at}.{key}"))),
+    }
+}
+
+fn number(v: &Value, param: &str) -> Result<Number, LlmError> {
+    match v {
+        Value::Number(n) => Ok(n.clone()),
+        _ => Err(bad(format!("`{param}` must be a number")).with_param(param)),
+    }
+}
+
+impl Parser {
+    fn cannot(&mut self, param: &str, what: &str) {
+        if self.first.is_none() {
+            self.first = Some(untranslatable(param, what));
+        }
+    }
+
+    fn top(&mut self, top: &Map<String, Value>) -> Result<(), LlmError> {
+        match top.get("model") {
+            Some(Value::String(m)) if !m.trim().is_empty() => self.req.model.clone_from(m),
+            Some(Value::String(_)) => {
+                return Err(bad("`model` must not be empty").with_param("model"));
+            }
+            Some(_) => return Err(bad("`model` must be a string").with_param("model")),
+            None => return Err(bad("`model`: field required").with_param("model")),
+        }
+        match top.get("instructions") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => self.req.messages.push(Message::system(s.as_str())),
+            Some(_) => {
+                return Err(bad("`instructions` must be a string").with_param("instructions"));
+            }
+        }
+        match top.get("input") {
+            Some(Value::String(s)) => self.req.messages.push(Message::user(s.as_str())),
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.item(item, i)?;
+                }
+            }
+            _ => {
+                return Err(
+                    bad("`input` must be a string or an array of input items").with_param("input")
+                );
+            }
+        }
+        if let Some(t) = top.get("temperature").filter(|v| !v.is_null()) {
+            self.req.temperature = Some(number(t, "temperature")?);
+        }
+        if let Some(t) = top.get("top_p").filter(|v| !v.is_null()) {
+            self.req.top_p = Some(number(t, "top_p")?);
+        }
+        match top.get("max_output_tokens") {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let n = v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
+                    bad("`max_output_tokens` must be an integer of at least 1")
+                        .with_param("max_output_tokens")
+                })?;
+                self.req.max_tokens = Some(n);
+            }
+        }
+        match top.get("stream") {
+            None | Some(Value::Null) => {}
+            Some(Value::Bool(s)) => {
+                self.req.stream = Some(*s);
+                if *s {
+                    self.req.stream_options = Some(StreamOptions {
+                        include_usage: Some(true),
+                        extra: Extra::new(),
+                    });
+                }
+            }
+            Some(_) => return Err(bad("`stream` must be a boolean").with_param("stream")),
+        }
+        for key in ["store", "background"] {
+            match top.get(key) {
+                None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+                Some(_) => return Err(bad(format!("`{key}` must be a boolean")).with_param(key)),
+            }
+        }
+        if top.get("background") == Some(&Value::Bool(true)) {
+            self.cannot("background", "a background response");
+        }
+        match top.get("previous_response_id") {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(_) => {
+                return Err(bad("`previous_response_id` must be a string")
+                    .with_param("previous_response_id"));
+            }
+        }
+        match top.get("metadata") {
+            None | Some(Value::Null) | Some(Value::Object(_)) => {}
+            Some(_) => return Err(bad("`metadata` must be an object").with_param("metadata")),
+        }
+        match top.get("user") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(u)) => self.req.user = Some(u.clone()),
+            Some(_) => return Err(bad("`user` must be a string").with_param("user")),
+        }
+        for key in [
+            "parallel_tool_calls",
+            "service_tier",
+            "prompt_cache_key",
+            "safety_identifier",
+        ] {
+            if let Some(v) = top.get(key).filter(|v| !v.is_null()) {
+                self.req.extra.insert(key.into(), v.clone());
+            }
+        }
+        if let Some(tools) = top.get("tools").filter(|v| !v.is_null()) {
+            self.tools(tools)?;
+        }
+        if let Some(choice) = top.get("tool_choice").filter(|v| !v.is_null()) {
+            self.tool_choice(choice)?;
+        }
+        if let Some(text) = top.get("text").filter(|v| !v.is_null()) {
+            self.text(text)?;
+        }
+        match top.get("reasoning") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(r)) => {
+                for (k, v) in r {
+                    match (k.as_str(), v) {
+                        (_, Value::Null) => {}
+                        ("effort", e) => {
+                            self.req.extra.insert("reasoning_effort".into(), e.clone());
+                        }
+                        _ => self.cannot(&format!("reasoning.{k}"), "this reasoning option"),
+                    }
+                }
+            }
+            Some(_) => return Err(bad("`reasoning` must be an object").with_param("reasoning")),
+        }
+        match top.get("truncation") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(t)) if t == "disabled" => {}
+            Some(_) => self.cannot("truncation", "automatic truncation"),
+        }
+        match top.get("include") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(_) => self.cannot("include", "`include`"),
+        }
+        for (k, v) in top {
+            if !KNOWN.contains(&k.as_str()) {
+                // Kept in the view, so that the cache key tells such requests apart.
+                self.req.extra.insert(k.clone(), v.clone());
+                self.cannot(k, "this field");
+            }
+        }
+        Ok(())
+    }
+
+    fn item(&mut self, item: &Value, i: usize) -> Result<(), LlmError> {
+        let at = format!("input[{i}]");
+        let Value::Object(o) = item else {
+            return Err(bad(format!("`{at}` must be an object")).with_param(at));
+        };
+        let kind = match o.get("type") {
+            None => "message",
+            Some(Value::String(t)) => t.as_str(),
+            Some(_) => {
+                return Err(
+                    bad(format!("`{at}.type` must be a string")).with_param(format!("{at}.type"))
+                );
+            }
+        };
+        match kind {
+            "message" => self.message(item, &at),
+            "function_call" => {
+                let call_id = str_field(item, "call_id", &at)?;
+                let name = str_field(item, "name", &at)?;
+                let arguments = str_field(item, "arguments", &at)?;
+                let call = ToolCall {
+                    id: call_id.to_owned(),
+                    kind: "function".into(),
+                    function: FunctionCall {
+                        name: name.to_owned(),
+                        arguments: arguments.to_owned(),
+                        extra: Extra::new(),
+                    },
+                    extra: Extra::new(),
+                };
+                // Consecutive calls (and the text just before them) are one chat turn.
+                match self.req.messages.last_mut() {
+                    Some(m) if m.role == Role::Assistant => {
+                        m.tool_calls.get_or_insert_with(Vec::new).push(call);
+                    }
+                    _ => self.req.messages.push(Message {
+                        role: Role::Assistant,
+                        content: Some(None),
+                        tool_calls: Some(vec![call]),
+                        ..Message::default()
+                    }),
+                }
+                Ok(())
+            }
+            "function_call_output" => {
+                let call_id = str_field(item, "call_id", &at)?;
+                let text = match o.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(parts)) => {
+                        let mut text = String::new();
+                        for (k, p) in parts.iter().enumerate() {
+                            let pat = format!("{at}.output[{k}]");
+                            match str_field(p, "type", &pat)? {
+                                "input_text" | "output_text" => {
+                                    text.push_str(str_field(p, "text", &pat)?);
+                                }
+                                other => self.cannot(&pat, &format!("an `{other}` tool output")),
+                            }
+                        }
+                        text
+                    }
+                    _ => {
+                        return Err(bad(format!("`{at}.output` must be a string or an array"))
+                            .with_param(format!("{at}.output")));
+                    }
+                };
+                self.req.messages.push(Message {
+                    role: Role::Tool,
+                    content: Some(Some(Content::Text(text))),
+                    tool_call_id: Some(call_id.to_owned()),
+                    ..Message::default()
+                });
+                Ok(())
+            }
+            // The previous model's private reasoning: a chat model cannot take it back.
+            "reasoning" => Ok(()),
+            other => {
+                self.cannot(&at, &format!("an input item of type `{other}`"));
+                Ok(())
+            }
+        }
+    }
+
+    fn message(&mut self, m: &Value, at: &str) -> Result<(), LlmError> {
+        let role = match str_field(m, "role", at)? {
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "system" => Role::System,
+            "developer" => Role::Developer,
+            other => {
+                return Err(bad(format!(
+                    "`{at}.role` must be user, assistant, system or developer, not `{other}`"
+                ))
+                .with_param(format!("{at}.role")));
+            }
+        };
+        let content = match m.get("content") {
+            Some(Value::String(s)) => Content::Text(s.clone()),
+            Some(Value::Array(parts)) => {
+                let mut out = Vec::with_capacity(parts.len());
+                for (j, p) in parts.iter().enumerate() {
+                    let pat = format!("{at}.content[{j}]");
+                    match str_field(p, "type", &pat)? {
+                        "input_text" | "output_text" | "text" => out.push(ContentPart::Text {
+                            text: str_field(p, "text", &pat)?.to_owned(),
+                            extra: Extra::new(),
+                        }),
+                        "refusal" => out.push(ContentPart::Text {
+                            text: str_field(p, "refusal", &pat)?.to_owned(),
+                            extra: Extra::new(),
+                        }),
+                        "input_image" => match p.get("image_url") {
+                            Some(Value::String(url)) => out.push(ContentPart::ImageUrl {
+                                image_url: ImageUrl {
+                                    url: url.clone(),
+                                    detail: p
+                                        .get("detail")
+                                        .and_then(Value::as_str)
+                                        .map(str::to_owned),
+                                    extra: Extra::new(),
+                                },
+                                extra: Extra::new(),
+                            }),
+                            _ => self.cannot(&pat, "an image given by `file_id`"),
+                        },
+                        other => self.cannot(&pat, &format!("an `{other}` content part")),
+                    }
+                }
+                // One text part is the plain string form (what most chat servers expect).
+                match out.as_slice() {
+                    [ContentPart::Text { text, .. }] => Content::Text(text.clone()),
+                    _ => Content::Parts(out),
+                }
+            }
+            _ => {
+                return Err(bad(format!(
+                    "`{at}.content` must be a string or an array of parts"
+                ))
+                .with_param(format!("{at}.content")));
+            }
+        };
+        self.req.messages.push(Message {
+            role,
+            content: Some(Some(content)),
+            ..Message::default()
+        });
+        Ok(())
+    }
+
+    fn tools(&mut self, tools: &Value) -> Result<(), LlmError> {
+        let Value::Array(tools) = tools else {
+            return Err(bad("`tools` must be an array").with_param("tools"));
+        };
+        let mut out = Vec::with_capacity(tools.len());
+        for (i, t) in tools.iter().enumerate() {
+            let at = format!("tools[{i}]");
+            match str_field(t, "type", &at)? {
+                "function" => {
+                    let mut extra = Extra::new();
+                    if let Some(s) = t.get("strict").filter(|v| !v.is_null()) {
+                        extra.insert("strict".into(), s.clone());
+                    }
+                    out.push(Tool {
+                        kind: "function".into(),
+                        function: Some(FunctionDef {
+                            name: str_field(t, "name", &at)?.to_owned(),
+                            description: t
+                                .get("description")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned),
+                            parameters: t.get("parameters").filter(|v| !v.is_null()).cloned(),
+                            extra,
+                        }),
+                        extra: Extra::new(),
+                    });
+                }
+                other => self.cannot(&at, &format!("the hosted tool `{other}`")),
+            }
+        }
+        if !out.is_empty() {
+            self.req.tools = Some(out);
+        }
+        Ok(())
+    }
+
+    fn tool_choice(&mut self, c: &Value) -> Result<(), LlmError> {
+        let choice = match c {
+            Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => c.clone(),
+            Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+                let name = str_field(c, "name", "tool_choice")?;
+                json!({"type": "function", "function": {"name": name}})
+            }
+            Value::Object(_) => {
+                self.cannot("tool_choice", "this tool choice");
+                return Ok(());
+            }
+            _ => {
+                return Err(
+                    bad("`tool_choice` must be auto, none, required or an object")
+                        .with_param("tool_choice"),
+                );
+            }
+        };
+        self.req.tool_choice = Some(choice);
+        Ok(())
+    }
+
+    fn text(&mut self, text: &Value) -> Result<(), LlmError> {
+        let Value::Object(o) = text else {
+            return Err(bad("`text` must be an object").with_param("text"));
+        };
+        for (k, v) in o {
+            match (k.as_str(), v) {
+                (_, Value::Null) => {}
+                ("format", f) => {
+                    let format = match str_field(f, "type", "text.format")? {
+                        "text" => continue,
+                        "json_object" => ResponseFormat {
+                            kind: "json_object".into(),
+                            json_schema: None,
+                            extra: Extra::new(),
+                        },
+                        "json_schema" => {
+                            let mut extra = Extra::new();
+                            if let Some(d) = f.get("description").filter(|v| !v.is_null()) {
+                                extra.insert("description".into(), d.clone());
+                            }
+                            ResponseFormat {
+                                kind: "json_schema".into(),
+                                json_schema: Some(JsonSchemaFormat {
+                                    name: str_field(f, "name", "text.format")?.to_owned(),
+                                    schema: f.get("schema").cloned(),
+                                    strict: f.get("strict").and_then(Value::as_bool),
+                                    extra,
+                                }),
+                                extra: Extra::new(),
+                            }
+                        }
+                        other => {
+                            return Err(bad(format!(
+                                "`text.format.type` must be text, json_object or json_schema, not `{other}`"
+                            ))
+                            .with_param("text.format.type"));
+                        }
+                    };
+                    self.req.response_format = Some(format);
+                }
+                ("verbosity", v) => {
+                    self.req.extra.insert("verbosity".into(), v.clone());
+                }
+                _ => self.cannot(&format!("text.{k}"), "this text option"),
+            }
+        }
+        Ok(())
+    }
+}
+
+// ===== answers =====
+
+/// The request fields a Responses answer echoes (`instructions`, `tools`, `metadata`, …),
+/// read from the client's body, plus `previous_response_id` when the edge resolved one.
+#[derive(Debug, Clone, Default)]
+pub struct Echo(Map<String, Value>);
+
+impl Echo {
+    /// The echoed fields of `body` (a Responses request); empty when it is not an object.
+    pub fn from_body(body: &[u8]) -> Self {
+        let top: Map<String, Value> = crate::json::from_slice(body).unwrap_or_default();
+        Self(
+            top.into_iter()
+                .filter(|(k, _)| ECHOED.contains(&k.as_str()))
+                .collect(),
+        )
+    }
+
+    /// Sets an echoed field.
+    pub fn set(&mut self, key: &str, value: Value) {
+        self.0.insert(key.to_owned(), value);
+    }
+
+    fn get(&self, key: &str) -> Value {
+        self.0.get(key).cloned().unwrap_or(Value::Null)
+    }
+}
+
+/// A new response id, `resp_…`.
+pub fn new_response_id() -> String {
+    format!("resp_{}", crate::response::next_id())
+}
+
+/// [`Usage`] as Responses usage (`input_tokens`, `output_tokens`, their details, total).
+pub fn usage_to_json(u: &Usage) -> Value {
+    json!({
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens()},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens()},
+        "total_tokens": u.prompt_tokens.saturating_add(u.completion_tokens),
+    })
+}
+
+/// Responses usage → [`Usage`]; counts read saturating (the upstream is not trusted).
+pub fn usage_from(v: &Value) -> Usage {
+    let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+    let mut u = Usage::new(n(v.get("input_tokens")), n(v.get("output_tokens")));
+    let cached = v
+        .get("input_tokens_details")
+        .and_then(|d| d.get("cached_tokens"))
+        .and_then(Value::as_u64);
+    if cached.is_some() {
+        u.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: cached,
+            ..PromptTokensDetails::default()
+        });
+    }
+    let reasoning = v
+        .get("output_tokens_details")
+        .and_then(|d| d.get("reasoning_tokens"))
+        .and_then(Value::as_u64);
+    if reasoning.is_some() {
+        u.completion_tokens_details = Some(CompletionTokensDetails {
+            reasoning_tokens: reasoning,
+            ..CompletionTokensDetails::default()
+        });
+    }
+    u
+}
+
+fn item_suffix(id: &str, n: usize) -> String {
+    let base = id.strip_prefix("resp_").unwrap_or(id);
+    format!("{base}_{n}")
+}
+
+/// The response object around `output`, as OpenAI writes it.
+fn envelope(
+    id: &str,
+    created_at: u64,
+    model: &str,
+    status: &str,
+    output: Vec<Value>,
+    usage: Option<&Usage>,
+    echo: &Echo,
+) -> Value {
+    let incomplete = match status {
+        "incomplete" => json!({"reason": "max_output_tokens"}),
+        _ => Value::Null,
+    };
+    let text = match echo.get("text") {
+        Value::Null => json!({"format": {"type": "text"}}),
+        t => t,
+    };
+    let tool_choice = match echo.get("tool_choice") {
+        Value::Null => json!("auto"),
+        t => t,
+    };
+    json!({
+        "id": id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "error": null,
+        "incomplete_details": incomplete,
+        "instructions": echo.get("instructions"),
+        "max_output_tokens": echo.get("max_output_tokens"),
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": echo.get("parallel_tool_calls").as_bool().unwrap_or(true),
+        "previous_response_id": echo.get("previous_response_id"),
+        "reasoning": echo.get("reasoning"),
+        "store": echo.get("store").as_bool().unwrap_or(true),
+        "temperature": echo.get("temperature"),
+        "text": text,
+        "tool_choice": tool_choice,
+        "tools": match echo.get("tools") { Value::Null => json!([]), t => t },
+        "top_p": echo.get("top_p"),
+        "truncation": match echo.get("truncation") { Value::Null => json!("disabled"), t => t },
+        "usage": usage.map(usage_to_json),
+        "user": echo.get("user"),
+        "metadata": match echo.get("metadata") { Value::Null => json!({}), m => m },
+    })
+}
+
+fn status_of(finish: Option<&str>) -> &'static str {
+    match finish {
+        Some("length") => "incomplete",
+        _ => "completed",
+    }
+}
+
+/// Translates a chat-completions response (its first choice) into a Responses API
+/// response with id `id`: reasoning as a `reasoning` item, the text as a `message` item,
+/// tool calls as `function_call` items; usage mapped, `length` as `incomplete`.
+///
+/// ```
+/// use llm_tower_core::ChatResponse;
+/// use llm_tower_core::dialect::responses::{Echo, response_to_json};
+/// let v = response_to_json(&ChatResponse::from_text("gpt-4o-mini", "Hi!"), "resp_1", &Echo::default());
+/// assert_eq!(v["object"], "response");
+/// assert_eq!(v["output"][0]["content"][0]["text"], "Hi!");
+/// assert_eq!(v["status"], "completed");
+/// ```
+pub fn response_to_json(r: &ChatResponse, id: &str, echo: &Echo) -> Value {
+    let mut output = Vec::new();
+    let mut finish = None;
+    if let Some(choice) = r.choices.first() {
+        let m = &choice.message;
+        if let Some(Value::String(t)) = m.extra.get("reasoning_content")
+            && !t.is_empty()
+        {
+            output.push(json!({
+                "id": format!("rs_{}", item_suffix(id, output.len())),
+                "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": t}],
+            }));
+        }
+        let text = m.text();
+        if !text.is_empty() || m.tool_calls.is_none() {
+            output.push(json!({
+                "id": format!("msg_{}", item_suffix(id, output.len())),
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+            }));
+        }
+        for tc in m.tool_calls.iter().flatten() {
+            output.push(json!({
+                "id": format!("fc_{}", item_suffix(id, output.len())),
+                "type": "function_call",
+                "status": "completed",
+                "call_id": tc.id,
+                "name": tc.function.name,
+                "arguments": tc.function.arguments,
+            }));
+        }
+        finish = choice.finish_reason.as_deref();
+    }
+    let created = if r.created > 0 {
+        r.created
+    } else {
+        crate::response::unix_now()
+    };
+    envelope(
+        id,
+        created,
+        &r.model,
+        status_of(finish),
+        output,
+        Some(r.usage.as_ref().unwrap_or(&Usage::default())),
+        echo,
+    )
+}
+
+/// Translates a Responses API response into a chat-completions response: `output_text`
+/// parts joined, `function_call` items as tool calls, reasoning summaries as
+/// `reasoning_content`, usage mapped. The error names what is malformed.
+///
+/// ```
+/// use llm_tower_core::dialect::responses::response_from_json;
+/// let r = response_from_json(&serde_json::json!({
+///     "id": "resp_1", "object": "response", "model": "gpt-4o", "status": "completed",
+///     "output": [{"type": "message", "role": "assistant",
+///                 "content": [{"type": "output_text", "text": "Hi!"}]}],
+///     "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+/// })).unwrap();
+/// assert_eq!(r.text(), "Hi!");
+/// assert_eq!(r.usage.unwrap().total_tokens, 7);
+/// ```
+pub fn response_from_json(v: &Value) -> Result<ChatResponse, String> {
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let output = obj
+        .get("output")
+        .and_then(Value::as_array)
+        .ok_or("missing `output`")?;
+    let mut text: Option<String> = None;
+    let mut reasoning: Option<String> = None;
+    let mut calls = Vec::new();
+    for item in output {
+        match item.get("type").and_then(Value::as_str) {
+            Some("message") => {
+                for part in item
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let t = part
+                        .get("text")
+                        .or_else(|| part.get("refusal"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    text.get_or_insert_with(String::new).push_str(t);
+                }
+            }
+            Some("reasoning") => {
+                for s in item
+                    .get("summary")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let t = s.get("text").and_then(Value::as_str).unwrap_or("");
+                    reasoning.get_or_insert_with(String::new).push_str(t);
+                }
+            }
+            Some("function_call") => {
+                let s = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                calls.push(ToolCall {
+                    id: s("call_id"),
+                    kind: "function".into(),
+                    function: FunctionCall {
+                        name: item
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .ok_or("a function_call item without `name`")?
+                            .to_owned(),
+                        arguments: s("arguments"),
+                        extra: Extra::new(),
+                    },
+                    extra: Extra::new(),
+                });
+            }
+            _ => {}
+        }
+    }
+    let mut extra = Extra::new();
+    if let Some(r) = reasoning {
+        extra.insert("reasoning_content".into(), Value::from(r));
+    }
+    let tool_calls = (!calls.is_empty()).then_some(calls);
+    let finish = if tool_calls.is_some() {
+        "tool_calls"
+    } else if obj.get("status").and_then(Value::as_str) == Some("incomplete") {
+        "length"
+    } else {
+        "stop"
+    };
+    let content = match text {
+        Some(t) => Some(Some(Content::Text(t))),
+        None if tool_calls.is_some() => Some(None),
+        None => Some(Some(Content::Text(String::new()))),
+    };
+    let s = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    Ok(ChatResponse {
+        id: s("id"),
+        object: "chat.completion".into(),
+        created: obj
+            .get("created_at")
+            .and_then(Value::as_u64)
+            .unwrap_or_else(crate::response::unix_now),
+        model: s("model"),
+        choices: vec![Choice {
+            index: 0,
+            message: Message {
+                role: Role::Assistant,
+                content,
+                tool_calls,
+                extra,
+                ..Message::default()
+            },
+            finish_reason: Some(finish.to_owned()),
+            extra: Extra::new(),
+        }],
+        usage: obj.get("usage").filter(|u| u.is_object()).map(usage_from),
+        extra: Extra::new(),
+    })
+}
+
+/// Checks that `json` is a Responses API answer (`"object": "response"`, a string `id` and
+/// `model`, an `output` array); returns its model and usage.
+pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<Usage>)> {
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        #[serde(rename = "id")]
+        _id: String,
+        object: String,
+        model: String,
+        #[serde(rename = "output")]
+        _output: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        usage: Option<Value>,
+    }
+    let shape: Shape = crate::json::from_slice(json)?;
+    if shape.object != "response" {
+        return Err(serde::de::Error::custom(format!(
+            "`object` is `{}`, not `response`",
+            shape.object
+        )));
+    }
+    let usage = shape.usage.filter(Value::is_object).map(|u| usage_from(&u));
+    Ok((shape.model, usage))
+}
+
+// ===== errors =====
+
+/// The OpenAI error `type` for an error kind.
+fn error_type(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::RateLimited | ErrorKind::BudgetExceeded => "rate_limit_error",
+        ErrorKind::BadRequest | ErrorKind::ContextLengthExceeded | ErrorKind::ContentFiltered => {
+            "invalid_request_error"
+        }
+        ErrorKind::Auth => "authentication_error",
+        ErrorKind::NotFound => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
+/// The stream `error` event for `e`.
+pub fn error_event(e: &LlmError, sequence_number: u64) -> Value {
+    json!({
+        "type": "error",
+        "code": e.code().unwrap_or(error_type(e.kind())),
+        "message": e.message(),
+        "param": e.param(),
+        "sequence_number": sequence_number,
+    })
+}
+
+// ===== streams =====
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Open {
+    None,
+    Text,
+    Tool(u32),
+}
+
+/// Chat-completions chunks → the Responses API's streamed events, each with its
+/// `sequence_number`.
+///
+/// Events in order: `response.created` and `response.in_progress` with the first chunk;
+/// for text `response.output_item.added`, `response.content_part.added`,
+/// `response.output_text.delta`…, `response.output_text.done`,
+/// `response.content_part.done`, `response.output_item.done`; for a tool call
+/// `response.output_item.added`, `response.function_call_arguments.delta`…,
+/// `response.function_call_arguments.done`, `response.output_item.done`; at the end
+/// `response.completed` (or `response.incomplete`) with the whole response. A failure
+/// after the start is `response.failed`. Chunks that carry their original event
+/// ([`NATIVE_EVENT`](super::NATIVE_EVENT)) are written as they are.
+///
+/// ```
+/// use llm_tower_core::ChatChunk;
+/// use llm_tower_core::dialect::responses::{Echo, EventEncoder};
+///
+/// let mut enc = EventEncoder::new("resp_1".into(), Echo::default());
+/// let mut out = Vec::new();
+/// enc.push(&ChatChunk::text("c1", "m", "Hel"), &mut out);
+/// enc.push(&ChatChunk::text("c1", "m", "lo"), &mut out);
+/// enc.finish(&mut out);
+/// let text = String::from_utf8(out).unwrap();
+/// assert!(text.starts_with("event: response.created\n"));
+/// assert!(text.contains("event: response.output_text.delta\n"));
+/// assert_eq!(enc.final_response().unwrap()["output"][0]["content"][0]["text"], "Hello");
+/// ```
+#[derive(Debug)]
+pub struct EventEncoder {
+    id: String,
+    echo: Echo,
+    model: String,
+    created_at: u64,
+    seq: u64,
+    started: bool,
+    native: bool,
+    ended: bool,
+    open: Open,
+    output: Vec<Value>,
+    text: String,
+    args: String,
+    finish: Option<String>,
+    usage: Option<Usage>,
+    tools_seen: Vec<u32>,
+    pending_call: Option<Value>,
+    last: Option<Value>,
+}
+
+impl EventEncoder {
+    /// An encoder for the response `id` (used when the stream is translated), echoing
+    /// `echo`.
+    pub fn new(id: String, echo: Echo) -> Self {
+        Self {
+            id,
+            echo,
+            model: String::new(),
+            created_at: crate::response::unix_now(),
+            seq: 0,
+            started: false,
+            native: false,
+            ended: false,
+            open: Open::None,
+            output: Vec::new(),
+            text: String::new(),
+            args: String::new(),
+            finish: None,
+            usage: None,
+            tools_seen: Vec::new(),
+            pending_call: None,
+            last: None,
+        }
+    }
+
+    /// Whether the stream's end or an error was written.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The whole response of a stream that ended (`response.completed` / `.incomplete` /
+    /// `.failed`), translated or as the upstream sent it.
+    pub fn final_response(&self) -> Option<&Value> {
+        self.last.as_ref()
+    }
+
+    fn event(&mut self, mut v: Value, out: &mut Vec<u8>) {
+        v["sequence_number"] = self.seq.into();
+        self.seq = self.seq.saturating_add(1);
+        let name = v
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("error")
+            .to_owned();
+        write_frame(out, &name, &v.to_string());
+    }
+
+    fn snapshot(&self, status: &str, output: Vec<Value>, usage: Option<&Usage>) -> Value {
+        envelope(
+            &self.id,
+            self.created_at,
+            &self.model,
+            status,
+            output,
+            usage,
+            &self.echo,
+        )
+    }
+
+    fn start(&mut self, chunk: &ChatChunk, out: &mut Vec<u8>) {
+        self.started = true;
+        self.model.clone_from(&chunk.model);
+        let r = self.snapshot("in_progress", Vec::new(), None);
+        self.event(
+            json!({"type": "response.created", "response": r.clone()}),
+            out,
+        );
+        self.event(json!({"type": "response.in_progress", "response": r}), out);
+    }
+
+    fn item_id(&self, prefix: &str) -> String {
+        format!("{prefix}_{}", item_suffix(&self.id, self.output.len()))
+    }
+
+    fn close(&mut self, out: &mut Vec<u8>) {
+        let index = self.output.len();
+        match self.open {
+            Open::None => return,
+            Open::Text => {
+                let id = self.item_id("msg");
+                let text = std::mem::take(&mut self.text);
+                let part =
+                    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+                self.event(
+                    json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
+                           "content_index": 0, "text": text, "logprobs": []}),
+                    out,
+                );
+                self.event(
+                    json!({"type": "response.content_part.done", "item_id": id, "output_index": index,
+                           "content_index": 0, "part": part.clone()}),
+                    out,
+                );
+                let item = json!({"id": id, "type": "message", "status": "completed",
+                                  "role": "assistant", "content": [part]});
+                self.event(
+                    json!({"type": "response.output_item.done", "output_index": index, "item": item.clone()}),
+                    out,
+                );
+                self.output.push(item);
+            }
+            Open::Tool(_) => {
+                let id = self.item_id("fc");
+                let args = std::mem::take(&mut self.args);
+                let mut item = self.pending_call.take().unwrap_or_else(|| json!({}));
+                item["id"] = id.clone().into();
+                item["status"] = "completed".into();
+                item["arguments"] = args.clone().into();
+                self.event(
+                    json!({"type": "response.function_call_arguments.done", "item_id": id,
+                           "output_index": index, "name": item["name"].clone(), "arguments": args}),
+                    out,
+                );
+                self.event(
+                    json!({"type": "response.output_item.done", "output_index": index, "item": item.clone()}),
+                    out,
+                );
+                self.output.push(item);
+            }
+        }
+        self.open = Open::None;
+    }
+
+    /// Adds the events for `chunk` to `out`.
+    pub fn push(&mut self, chunk: &ChatChunk, out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        if let Some(frame) = super::native_event(chunk) {
+            self.native = true;
+            self.started = true;
+            self.seq = self.seq.saturating_add(1);
+            out.extend_from_slice(frame.as_bytes());
+            for end in [
+                "event: response.completed",
+                "event: response.incomplete",
+                "event: response.failed",
+            ] {
+                if frame.starts_with(end) {
+                    self.ended = true;
+                    self.last =
+                        frame_data(frame).and_then(|mut v| v.get_mut("response").map(Value::take));
+                }
+            }
+            return;
+        }
+        if self.native {
+            return;
+        }
+        if !self.started {
+            self.start(chunk, out);
+        }
+        if let Some(u) = chunk.usage() {
+            self.usage = Some(u.clone());
+        }
+        let Some(choice) = chunk.choices.iter().find(|c| c.index == 0) else {
+            return;
+        };
+        if let Some(t) = choice.delta.text()
+            && !t.is_empty()
+        {
+            if self.open != Open::Text {
+                self.close(out);
+                self.open = Open::Text;
+                let index = self.output.len();
+                let id = self.item_id("msg");
+                self.event(
+                    json!({"type": "response.output_item.added", "output_index": index,
+                           "item": {"id": id, "type": "message", "status": "in_progress",
+                                    "role": "assistant", "content": []}}),
+                    out,
+                );
+                self.event(
+                    json!({"type": "response.content_part.added", "item_id": id, "output_index": index,
+                           "content_index": 0,
+                           "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+                    out,
+                );
+            }
+            self.text.push_str(t);
+            let index = self.output.len();
+            let id = self.item_id("msg");
+            self.event(
+                json!({"type": "response.output_text.delta", "item_id": id, "output_index": index,
+                       "content_index": 0, "delta": t, "logprobs": []}),
+                out,
+            );
+        }
+        for tc in choice.delta.tool_calls.iter().flatten() {
+            if self.open != Open::Tool(tc.index) {
+                if self.tools_seen.contains(&tc.index) {
+                    self.error(
+                        &LlmError::transport(
+                            "the upstream interleaved the arguments of two tool calls",
+                        ),
+                        out,
+                    );
+                    return;
+                }
+                self.close(out);
+                self.tools_seen.push(tc.index);
+                self.open = Open::Tool(tc.index);
+                let f = tc.function.as_ref();
+                let index = self.output.len();
+                let item = json!({
+                    "id": self.item_id("fc"),
+                    "type": "function_call",
+                    "status": "in_progress",
+                    "call_id": tc.id.clone().unwrap_or_default(),
+                    "name": f.and_then(|f| f.name.clone()).unwrap_or_default(),
+                    "arguments": "",
+                });
+                self.pending_call = Some(item.clone());
+                self.event(
+                    json!({"type": "response.output_item.added", "output_index": index, "item": item}),
+                    out,
+                );
+            }
+            if let Some(args) = tc.function.as_ref().and_then(|f| f.arguments.as_deref())
+                && !args.is_empty()
+            {
+                self.args.push_str(args);
+                let index = self.output.len();
+                let id = self.item_id("fc");
+                self.event(
+                    json!({"type": "response.function_call_arguments.delta", "item_id": id,
+                           "output_index": index, "delta": args}),
+                    out,
+                );
+            }
+        }
+        if let Some(r) = choice.finish_reason() {
+            self.finish = Some(r.to_owned());
+        }
+    }
+
+    /// Writes the end of a stream that completed (`response.completed`, or
+    /// `response.incomplete` when the model ran out of tokens).
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.ended || self.native {
+            self.ended = true;
+            return;
+        }
+        if !self.started {
+            self.start(&ChatChunk::default(), out);
+        }
+        self.close(out);
+        let status = status_of(self.finish.as_deref());
+        let usage = self.usage.clone().unwrap_or_default();
+        let r = self.snapshot(status, self.output.clone(), Some(&usage));
+        let name = if status == "incomplete" {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        self.event(json!({"type": name, "response": r.clone()}), out);
+        self.last = Some(r);
+        self.ended = true;
+    }
+
+    /// Writes the end of a stream that failed after it started: `response.failed` (an
+    /// `error` event on a stream whose events came from the upstream).
+    pub fn error(&mut self, e: &LlmError, out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        if self.native || !self.started {
+            let v = error_event(e, self.seq);
+            self.seq = self.seq.saturating_add(1);
+            write_frame(out, "error", &v.to_string());
+            return;
+        }
+        let output = std::mem::take(&mut self.output);
+        let mut r = self.snapshot("failed", output, None);
+        r["error"] = json!({"code": e.code().unwrap_or("server_error"), "message": e.message()});
+        self.event(json!({"type": "response.failed", "response": r}), out);
+    }
+}
+
+/// The JSON data of an SSE frame as [`write_frame`] writes it.
+fn frame_data(frame: &str) -> Option<Value> {
+    let mut data = String::new();
+    for line in frame.lines() {
+        if let Some(d) = line
+            .strip_prefix("data: ")
+            .or_else(|| line.strip_prefix("data:"))
+        {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d);
+        }
+    }
+    serde_json::from_str(&data).ok()
+}
+
+// ===== the store =====
+
+/// A stored response: what `previous_response_id` continues from and
+/// `GET /v1/responses/{id}` returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    /// The response id (`resp_…`).
+    pub id: String,
+    /// The tenant that created it; no other tenant can read or delete it.
+    pub tenant: String,
+    /// The whole conversation's input items up to this response (previous ones included).
+    pub input: Value,
+    /// The response object as the client received it (its `output` continues the
+    /// conversation).
+    pub response: Value,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds after which the response is gone.
+    pub expires_at: i64,
+}
+
+/// The future every [`ResponseStore`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LlmError>> + Send + 'a>>;
+
+/// Where stored responses live (the jobs store implements it for SQLite and PostgreSQL).
+/// Times are Unix milliseconds passed in by the caller. Every read and delete is scoped by
+/// tenant.
+pub trait ResponseStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores (or replaces, for the same tenant and id) a response.
+    fn put_response(&self, r: StoredResponse) -> StoreFuture<'_, ()>;
+    /// The tenant's response `id`, unless unknown, another tenant's or expired.
+    fn get_response<'a>(
+        &'a self,
+        tenant: &'a str,
+        id: &'a str,
+        now: i64,
+    ) -> StoreFuture<'a, Option<StoredResponse>>;
+    /// Deletes the tenant's response `id`; whether there was one.
+    fn delete_response<'a>(&'a self, tenant: &'a str, id: &'a str) -> StoreFuture<'a, bool>;
+    /// Deletes expired responses; how many.
+    fn purge_expired_responses(&self, now: i64) -> StoreFuture<'_, u64>;
+}
+
+/// An in-memory [`ResponseStore`] holding at most `capacity` responses (the oldest go
+/// first); for tests and for a server without a database.
+///
+/// ```
+/// use llm_tower_core::dialect::responses::{MemoryResponseStore, ResponseStore, StoredResponse};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let store = MemoryResponseStore::new(100);
+/// let r = StoredResponse { id: "resp_1".into(), tenant: "a".into(), input: serde_json::json!([]),
+///     response: serde_json::json!({}), created_at: 0, expires_at: 10 };
+/// store.put_response(r).await.unwrap();
+/// assert!(store.get_response("a", "resp_1", 5).await.unwrap().is_some());
+/// assert!(store.get_response("b", "resp_1", 5).await.unwrap().is_none());
+/// assert!(store.get_response("a", "resp_1", 10).await.unwrap().is_none());
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct MemoryResponseStore {
+    capacity: usize,
+    rows: std::sync::Mutex<std::collections::VecDeque<StoredResponse>>,
+}
+
+impl MemoryResponseStore {
+    /// A store for at most `capacity` responses.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            rows: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    fn rows(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<StoredResponse>> {
+        self.rows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ResponseStore for MemoryResponseStore {
+    fn put_response(&self, r: StoredResponse) -> StoreFuture<'_, ()> {
+        let mut rows = self.rows();
+        rows.retain(|x| !(x.tenant == r.tenant && x.id == r.id));
+        while rows.len() >= self.capacity {
+            rows.pop_front();
+        }
+        rows.push_back(r);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn get_response<'a>(
+        &'a self,
+        tenant: &'a str,
+        id: &'a str,
+        now: i64,
+    ) -> StoreFuture<'a, Option<StoredResponse>> {
+        let found = self
+            .rows()
+            .iter()
+            .find(|x| x.tenant == tenant && x.id == id && x.expires_at > now)
+            .cloned();
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn delete_response<'a>(&'a self, tenant: &'a str, id: &'a str) -> StoreFuture<'a, bool> {
+        let mut rows = self.rows();
+        let before = rows.len();
+        rows.retain(|x| !(x.tenant == tenant && x.id == id));
+        let gone = rows.len() < before;
+        Box::pin(async move { Ok(gone) })
+    }
+
+    fn purge_expired_responses(&self, now: i64) -> StoreFuture<'_, u64> {
+        let mut rows = self.rows();
+        let before = rows.len();
+        rows.retain(|x| x.expires_at > now);
+        let n = (before - rows.len()) as u64;
+        Box::pin(async move { Ok(n) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_become_chat_turns() {
+        let req = request_from_slice(
+            br#"{"model":"m","input":[
+                {"role":"user","content":[{"type":"input_text","text":"weather?"},
+                    {"type":"input_image","image_url":"https://x/y.png"}]},
+                {"type":"function_call","call_id":"c1","name":"get","arguments":"{}"},
+                {"type":"function_call","call_id":"c2","name":"get","arguments":"{\"a\":1}"},
+                {"type":"function_call_output","call_id":"c1","output":"sunny"},
+                {"type":"function_call_output","call_id":"c2","output":"rain"},
+                {"type":"reasoning","id":"rs_1","summary":[]}
+            ],"tools":[{"type":"function","name":"get","parameters":{"type":"object"}}],
+              "tool_choice":{"type":"function","name":"get"},
+              "text":{"format":{"type":"json_schema","name":"w","schema":{"type":"object"},"strict":true}}}"#,
+        )
+        .unwrap();
+        assert_eq!(req.messages.len(), 4);
+        assert_eq!(req.messages[1].tool_calls.as_ref().unwrap().len(), 2);
+        assert_eq!(req.messages[2].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(
+            req.tools.as_ref().unwrap()[0]
+                .function
+                .as_ref()
+                .unwrap()
+                .name,
+            "get"
+        );
+        assert_eq!(req.tool_choice.as_ref().unwrap()["function"]["name"], "get");
+        let f = req.response_format.as_ref().unwrap();
+        assert_eq!(f.json_schema.as_ref().unwrap().name, "w");
+        let native = req.extensions.get::<NativeRequest>().unwrap();
+        assert!(native.check_translatable().is_ok());
+    }
+
+    #[test]
+    fn untranslatable_fields_are_named() {
+        for (body, field) in [
+            (
+                r#"{"model":"m","input":"x","tools":[{"type":"web_search"}]}"#,
+                "tools[0]",
+            ),
+            (
+                r#"{"model":"m","input":"x","include":["file_search_call.results"]}"#,
+                "include",
+            ),
+            (r#"{"model":"m","input":"x","x_new":1}"#, "x_new"),
+            (
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_id":"f"}]}]}"#,
+                "input[0].content[0]",
+            ),
+        ] {
+            let req = request_from_slice(body.as_bytes()).unwrap();
+            let e = req
+                .extensions
+                .get::<NativeRequest>()
+                .unwrap()
+                .check_translatable()
+                .unwrap_err();
+            assert_eq!(e.param(), Some(field), "{body}");
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_bad_requests() {
+        for body in [
+            &br#"{"input":"x"}"#[..],
+            br#"{"model":"m"}"#,
+            br#"{"model":"m","input":[{"type":"function_call","name":"f"}]}"#,
+            br#"{"model":"m","input":"x","max_output_tokens":0}"#,
+            br#"not json"#,
+        ] {
+            assert!(request_from_slice(body).is_err());
+        }
+    }
+
+    #[test]
+    fn a_tool_stream_becomes_function_call_events() {
+        use crate::{ChunkChoice, Delta, FunctionCallDelta, ToolCallDelta};
+        let mut enc = EventEncoder::new("resp_t".into(), Echo::default());
+        let mut out = Vec::new();
+        let call = |id: Option<&str>, args: &str| ChatChunk {
+            model: "m".into(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    tool_calls: Some(vec![ToolCallDelta {
+                        index: 0,
+                        id: id.map(str::to_owned),
+                        kind: None,
+                        function: Some(FunctionCallDelta {
+                            name: id.map(|_| "get".to_owned()),
+                            arguments: Some(args.to_owned()),
+                            extra: Extra::new(),
+                        }),
+                        extra: Extra::new(),
+                    }]),
+                    ..Delta::default()
+                },
+                finish_reason: None,
+                extra: Extra::new(),
+            }],
+            ..ChatChunk::default()
+        };
+        enc.push(&call(Some("call_1"), ""), &mut out);
+        enc.push(&call(None, "{\"a\":"), &mut out);
+        enc.push(&call(None, "1}"), &mut out);
+        enc.finish(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed"
+            ]
+        );
+        let r = enc.final_response().unwrap();
+        assert_eq!(r["output"][0]["arguments"], "{\"a\":1}");
+        assert_eq!(r["output"][0]["call_id"], "call_1");
+        // Sequence numbers count from 0 without gaps.
+        let seqs: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| {
+                serde_json::from_str::<Value>(d).unwrap()["sequence_number"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (0..8).collect::<Vec<_>>());
+    }
+}
