@@ -6,8 +6,9 @@
 
 The gateway must run the demo config (examples/proxy/demo.toml; client key "sk-demo").
 Checks a plain call, a streamed call, the gateway's headers through the SDK's raw
-response, a cache hit, that an error surfaces as the SDK's typed exception, and
-embeddings (float, base64, a half-cached batch).
+response, a cache hit, that an error surfaces as the SDK's typed exception,
+embeddings (float, base64, a half-cached batch), and the Responses API (plain,
+streamed, a function-call round trip with previous_response_id, retrieve, delete).
 Exits non-zero on the first failure.
 """
 
@@ -123,7 +124,67 @@ def main():
     except openai.BadRequestError as e:
         check(e.status_code == 400, "empty embeddings input raises BadRequestError (400)")
 
+    responses_checks(client)
     print("all OpenAI SDK checks passed")
+
+
+def responses_checks(client):
+    # 7. Responses: plain.
+    r = client.responses.create(model="gpt-4o-mini", input="What is a tower layer?", instructions="Be brief.")
+    check(r.object == "response" and r.status == "completed", f"responses.create answered ({r.status})")
+    check(isinstance(r.output_text, str) and r.output_text, f"output_text: {r.output_text[:60]!r}")
+    check(r.usage is not None and r.usage.total_tokens > 0, "a response reports usage")
+    check(r.instructions == "Be brief.", "instructions are echoed")
+
+    # 8. Responses: streamed, typed events with sequence numbers.
+    kinds, parts, seqs, final = [], [], [], None
+    with client.responses.stream(model="gpt-4o", input="Explain streaming in one sentence.") as stream:
+        for event in stream:
+            kinds.append(event.type)
+            seqs.append(event.sequence_number)
+            if event.type == "response.output_text.delta":
+                parts.append(event.delta)
+        final = stream.get_final_response()
+    check(kinds[0] == "response.created" and kinds[-1] == "response.completed", "stream starts created, ends completed")
+    check(len(parts) > 1, f"text arrived in {len(parts)} deltas")
+    check(seqs == list(range(len(seqs))), "sequence numbers count from 0")
+    check(final.output_text == "".join(parts), "the final response has the streamed text")
+    streamed = client.responses.create(model="gpt-4o", input="Say hi.", stream=True)
+    check(any(e.type == "response.output_text.delta" for e in streamed), "responses.create(stream=True) iterates events")
+
+    # 9. A function-call round trip with previous_response_id.
+    tools = [{
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }]
+    first = client.responses.create(model="gpt-4o-mini", input="Weather in Paris?", tools=tools)
+    calls = [o for o in first.output if o.type == "function_call"]
+    check(len(calls) == 1 and calls[0].name == "get_weather", "the model calls the function")
+    second = client.responses.create(
+        model="gpt-4o-mini",
+        previous_response_id=first.id,
+        tools=tools,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temp_c": 21}'}],
+    )
+    check(second.previous_response_id == first.id, "the answer names its previous response")
+    check(second.output_text, f"the function output is answered: {second.output_text[:60]!r}")
+
+    # 10. Retrieve and delete.
+    got = client.responses.retrieve(second.id)
+    check(got.id == second.id and got.output_text == second.output_text, "responses.retrieve returns it")
+    client.responses.delete(second.id)
+    try:
+        client.responses.retrieve(second.id)
+        check(False, "a deleted response is gone")
+    except openai.NotFoundError as e:
+        check(e.status_code == 404, "a deleted response is gone (404)")
+    try:
+        client.responses.create(model="gpt-4o-mini", previous_response_id="resp_unknown", input="x")
+        check(False, "an unknown previous_response_id is rejected")
+    except openai.NotFoundError as e:
+        check(e.status_code == 404, "an unknown previous_response_id raises NotFoundError (404)")
 
 
 if __name__ == "__main__":
