@@ -583,9 +583,20 @@ impl Echo {
     }
 }
 
-/// A new response id, `resp_…`.
+/// A new response id, `resp_…`: the clock in nanoseconds, the process id and a counter,
+/// so ids stay unique across restarts (a stored id is never reused).
 pub fn new_response_id() -> String {
-    format!("resp_{}", crate::response::next_id())
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "resp_{:016x}{:08x}{:06x}",
+        nanos as u64,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed) & 0xff_ffff
+    )
 }
 
 /// [`Usage`] as Responses usage (`input_tokens`, `output_tokens`, their details, total).
