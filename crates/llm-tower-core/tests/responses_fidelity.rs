@@ -155,7 +155,10 @@ fn translations_round_trip_as_json_values() {
     let back = response_from_json(&there).unwrap();
     assert_eq!(back.text(), "Bonjour");
     let u = back.usage.unwrap();
-    assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (10, 3, 13));
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (10, 3, 13)
+    );
 }
 
 fn frames(text: &str) -> Vec<String> {

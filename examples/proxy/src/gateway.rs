@@ -193,12 +193,6 @@ pub(crate) fn init_telemetry(
 
 /// [`build`], reusing what `carry` holds from the previous build where the configuration
 /// is unchanged; the caller commits the returned state once it serves the new build.
-/// Responses kept in memory when no jobs store is configured (the oldest go first).
-const MEMORY_RESPONSES: usize = 1000;
-
-/// How long a stored Responses answer is kept.
-const RESPONSES_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
-
 pub(crate) async fn build_with(
     config: &Config,
     secrets: Secrets,
@@ -366,11 +360,14 @@ pub(crate) async fn build_with(
         parts.jobs = Some((kind, jobs.clone(), secrets.jobs_database_url.clone()));
     }
     // Stored Responses answers live in the jobs database; without jobs, in memory.
-    let response_store = jobs
-        .as_ref()
-        .and_then(|j| j.store().response_store())
-        .unwrap_or_else(|| Arc::new(MemoryResponseStore::new(MEMORY_RESPONSES)));
-    http = http.response_store(response_store, RESPONSES_RETENTION);
+    if config.responses.store {
+        let r = &config.responses;
+        let response_store = jobs
+            .as_ref()
+            .and_then(|j| j.store().response_store())
+            .unwrap_or_else(|| Arc::new(MemoryResponseStore::new(r.memory_capacity)));
+        http = http.response_store(response_store, Duration::from_secs(r.retention_secs));
+    }
     parts.redis = redis.parts(&mut next);
 
     let gateway = Gateway {
@@ -702,6 +699,7 @@ fn provider_service(
                     models,
                     headers: headers.clone(),
                     limits,
+                    responses: p.responses,
                     ..OpenAiConfig::default()
                 };
                 if let Some(url) = &p.base_url {

@@ -102,6 +102,7 @@ impl Config {
         self.check_validators(lines)?;
         self.check_auth(lines)?;
         self.check_jobs(lines)?;
+        self.check_responses()?;
         self.check_telemetry(lines)
     }
 
@@ -246,6 +247,12 @@ impl Config {
                         format!("provider {name:?}: rate limits must be > 0"),
                     ));
                 }
+            }
+            if p.responses.is_some() && p.kind != ProviderKind::Openai {
+                return Err(err(
+                    &span,
+                    format!("provider {name:?}: responses applies only to kind = \"openai\""),
+                ));
             }
             if p.prompt_caching && p.kind != ProviderKind::Anthropic {
                 return Err(err(
@@ -574,6 +581,21 @@ impl Config {
                 None,
                 "jobs.max_attempts and jobs.max_queued_per_tenant must be > 0",
             ));
+        }
+        Ok(())
+    }
+
+    /// `[responses]`: a retention of one minute to ten years, a bounded memory store.
+    fn check_responses(&self) -> Result<(), ConfigError> {
+        let r = &self.responses;
+        if !(60..=10 * 365 * 24 * 3600).contains(&r.retention_secs) {
+            return Err(self.invalid(
+                None,
+                "responses.retention_secs must be within 60..=315360000 (ten years)",
+            ));
+        }
+        if r.memory_capacity == 0 || r.memory_capacity > 1_000_000 {
+            return Err(self.invalid(None, "responses.memory_capacity must be within 1..=1000000"));
         }
         Ok(())
     }

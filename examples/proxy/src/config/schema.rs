@@ -43,6 +43,9 @@ pub struct Config {
     /// Async jobs.
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// Stored OpenAI Responses answers (`store`, `previous_response_id`).
+    #[serde(default)]
+    pub responses: ResponsesConfig,
     /// OpenTelemetry traces and metrics over OTLP (off by default).
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -247,6 +250,10 @@ pub struct ProviderConfig {
     pub rate_limit: Option<Spanned<ProviderLimitConfig>>,
     /// Behaviour of a `simulated` provider.
     pub simulated: Option<Spanned<SimulatedConfig>>,
+    /// `openai` only: the server speaks the Responses API (`POST {base_url}/responses`), so
+    /// a Responses request is forwarded as sent; otherwise it is translated to chat.
+    /// Default: true for `api.openai.com`, false elsewhere.
+    pub responses: Option<bool>,
 }
 
 /// `[providers.<name>.rate_limit]`.
@@ -801,6 +808,42 @@ pub struct JobsConfig {
     /// Most queued jobs per tenant; more is 429. Default 1000.
     #[serde(default = "default_job_queue")]
     pub max_queued_per_tenant: u64,
+}
+
+/// `[responses]`: where answers to `POST /v1/responses` with `store` (the default) are
+/// kept: the jobs database (`[jobs]`), or memory (the last `memory_capacity`) when jobs
+/// are off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponsesConfig {
+    /// Keep stored answers (default true); false ignores `store` and refuses every
+    /// `previous_response_id` (404).
+    #[serde(default = "yes")]
+    pub store: bool,
+    /// How long a stored answer is kept, in seconds (default 2592000: 30 days). Expired
+    /// ones are not found, and are purged.
+    #[serde(default = "default_responses_retention")]
+    pub retention_secs: u64,
+    /// Answers kept in memory when jobs are off (the oldest go first). Default 1000.
+    #[serde(default = "default_responses_memory")]
+    pub memory_capacity: usize,
+}
+
+fn default_responses_retention() -> u64 {
+    30 * 24 * 3600
+}
+fn default_responses_memory() -> usize {
+    1000
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self {
+            store: true,
+            retention_secs: default_responses_retention(),
+            memory_capacity: default_responses_memory(),
+        }
+    }
 }
 
 fn default_job_attempts() -> u32 {
