@@ -221,7 +221,7 @@ impl Parser {
         }
         for key in ["store", "background"] {
             match top.get(key) {
-                None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+                None | Some(Value::Null | Value::Bool(_)) => {}
                 Some(_) => return Err(bad(format!("`{key}` must be a boolean")).with_param(key)),
             }
         }
@@ -229,14 +229,14 @@ impl Parser {
             self.cannot("background", "a background response");
         }
         match top.get("previous_response_id") {
-            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            None | Some(Value::Null | Value::String(_)) => {}
             Some(_) => {
                 return Err(bad("`previous_response_id` must be a string")
                     .with_param("previous_response_id"));
             }
         }
         match top.get("metadata") {
-            None | Some(Value::Null) | Some(Value::Object(_)) => {}
+            None | Some(Value::Null | Value::Object(_)) => {}
             Some(_) => return Err(bad("`metadata` must be an object").with_param("metadata")),
         }
         match top.get("user") {
@@ -1049,7 +1049,7 @@ impl EventEncoder {
         self.model.clone_from(&chunk.model);
         let r = self.snapshot("in_progress", Vec::new(), None);
         self.event(
-            json!({"type": "response.created", "response": r.clone()}),
+            json!({"type": "response.created", "response": r}),
             out,
         );
         self.event(json!({"type": "response.in_progress", "response": r}), out);
@@ -1075,13 +1075,13 @@ impl EventEncoder {
                 );
                 self.event(
                     json!({"type": "response.content_part.done", "item_id": id, "output_index": index,
-                           "content_index": 0, "part": part.clone()}),
+                           "content_index": 0, "part": part}),
                     out,
                 );
                 let item = json!({"id": id, "type": "message", "status": "completed",
                                   "role": "assistant", "content": [part]});
                 self.event(
-                    json!({"type": "response.output_item.done", "output_index": index, "item": item.clone()}),
+                    json!({"type": "response.output_item.done", "output_index": index, "item": item}),
                     out,
                 );
                 self.output.push(item);
@@ -1240,7 +1240,7 @@ impl EventEncoder {
         } else {
             "response.completed"
         };
-        self.event(json!({"type": name, "response": r.clone()}), out);
+        self.event(json!({"type": name, "response": r}), out);
         self.last = Some(r);
         self.ended = true;
     }
