@@ -304,3 +304,61 @@ fn native_anthropic_events_reach_the_client_as_sent() {
         assert_eq!(normalized(strip(&chunks)), normalized(strip(&plain)));
     }
 }
+
+const RESPONSES: &str = "event: response.created\n\
+data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"created_at\":7,\"model\":\"gpt-4.1\",\"status\":\"in_progress\",\"output\":[]}}\n\n\
+event: response.output_item.added\n\
+data: {\"type\":\"response.output_item.added\",\"sequence_number\":1,\"output_index\":0,\"item\":{\"id\":\"fc_1\",\"type\":\"function_call\",\"status\":\"in_progress\",\"call_id\":\"call_1\",\"name\":\"get\",\"arguments\":\"\"}}\n\n\
+event: response.function_call_arguments.delta\n\
+data: {\"type\":\"response.function_call_arguments.delta\",\"sequence_number\":2,\"item_id\":\"fc_1\",\"output_index\":0,\"delta\":\"{\\\"a\\\":\"}\n\n\
+event: response.function_call_arguments.delta\n\
+data: {\"type\":\"response.function_call_arguments.delta\",\"sequence_number\":3,\"item_id\":\"fc_1\",\"output_index\":0,\"delta\":\"1}\"}\n\n\
+event: response.completed\n\
+data: {\"type\":\"response.completed\",\"sequence_number\":4,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"created_at\":7,\"model\":\"gpt-4.1\",\"status\":\"completed\",\"output\":[],\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13,\"input_tokens_details\":{\"cached_tokens\":2}}}}\n\n";
+
+#[test]
+fn responses_events_keep_their_frames_and_give_the_layers_a_chat_view() {
+    use crate::openai::ResponsesDecoder;
+    use llm_tower_core::dialect::native_event;
+    let decoder = || ResponsesDecoder::new(Arc::from("openai"), None, "gpt-4.1");
+    let (chunks, err) = run(vec![Bytes::from_static(RESPONSES.as_bytes())], decoder());
+    assert!(err.is_none(), "{err:?}");
+    // Every event is carried as it came, once, in order.
+    let frames: String = chunks.iter().filter_map(native_event).collect();
+    assert_eq!(frames, RESPONSES);
+    // The view: one call with its arguments, the finish and the usage.
+    let args: String = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .flat_map(|c| c.delta.tool_calls.iter().flatten())
+        .filter_map(|t| t.function.as_ref()?.arguments.clone())
+        .collect();
+    assert_eq!(args, "{\"a\":1}");
+    let finish = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .find_map(|c| c.finish_reason().map(str::to_owned));
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    let u = chunks.last().unwrap().usage().unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.cached_tokens()),
+        (9, 4, 2)
+    );
+    // Any split gives the same chunks; a cut before `response.completed` is an error.
+    let whole = run(vec![Bytes::from_static(RESPONSES.as_bytes())], decoder()).0;
+    let parts = split(RESPONSES.as_bytes(), &[17, 300, 301, 900]);
+    assert_eq!(run(parts, decoder()).0, whole);
+    let cut = RESPONSES.find("event: response.completed").unwrap();
+    let (_, err) = run(
+        vec![Bytes::copy_from_slice(&RESPONSES.as_bytes()[..cut])],
+        decoder(),
+    );
+    assert!(err.is_some());
+    // An upstream failure mid-stream is an error, classified.
+    let failed = "event: response.created\n\
+data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"r\",\"model\":\"m\"}}\n\n\
+event: response.failed\n\
+data: {\"type\":\"response.failed\",\"sequence_number\":1,\"response\":{\"id\":\"r\",\"status\":\"failed\",\"error\":{\"code\":\"server_error\",\"message\":\"boom\"}}}\n\n";
+    let (_, err) = run(vec![Bytes::from_static(failed.as_bytes())], decoder());
+    assert!(err.unwrap().message().contains("boom"));
+}

@@ -1048,10 +1048,7 @@ impl EventEncoder {
         self.started = true;
         self.model.clone_from(&chunk.model);
         let r = self.snapshot("in_progress", Vec::new(), None);
-        self.event(
-            json!({"type": "response.created", "response": r}),
-            out,
-        );
+        self.event(json!({"type": "response.created", "response": r}), out);
         self.event(json!({"type": "response.in_progress", "response": r}), out);
     }
 
