@@ -275,6 +275,30 @@ default_chain = "main"
     }
 
     #[test]
+    fn responses_keys_are_read_and_checked() {
+        let c = parse(MIN).unwrap();
+        assert!(c.responses.store);
+        assert_eq!(c.responses.retention_secs, 30 * 24 * 3600);
+        let c = parse(&format!(
+            "{MIN}\n[responses]\nretention_secs = 3600\nmemory_capacity = 10\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.responses.retention_secs, c.responses.memory_capacity),
+            (3600, 10)
+        );
+        let e = parse(&format!("{MIN}\n[responses]\nretention_secs = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("responses.retention_secs"), "{e}");
+        // `responses` is a flag of OpenAI-compatible providers only.
+        let text = MIN.replace(
+            "kind = \"simulated\"",
+            "kind = \"simulated\"\nresponses = true",
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(e.to_string().contains("responses applies only"), "{e}");
+    }
+
+    #[test]
     fn upstream_limits_are_read_and_checked() {
         let c = parse(&format!(
             "[upstream]\nmax_body_bytes = 1024\nmax_response_headers = 50\nhttp2_only = true\n{MIN}"
