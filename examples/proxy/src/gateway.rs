@@ -51,11 +51,11 @@ use llm_tower_axum::{ClientKeys, Metrics, MetricsAccess, ModelEntry, OpenAiRoute
 use llm_tower_jobs::{
     Jobs, JobsApiLimits, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router_with,
 };
+use llm_tower_providers::SimulatedLlm;
 use llm_tower_providers::{
     AnthropicConfig, AnthropicProvider, ApiKey, HttpClient, OpenAiConfig, OpenAiProvider,
 };
 use llm_tower_redis::{RedisConn, RedisOptions};
-use llm_tower_test::SimulatedLlm;
 use tower::ServiceBuilder;
 
 use crate::config::{
@@ -1253,15 +1253,7 @@ async fn build_cost(
         next.cost = Some((f, layer.clone()));
         return Ok(layer);
     }
-    let mut prices = PriceTable::new();
-    for (model, p) in &config.prices {
-        let p = p.get_ref();
-        let price = p
-            .model_price()
-            .map_err(|e| setup(format!("price of {model:?}"), e))?;
-        prices.insert(model.clone(), price);
-    }
-    let mut layer = CostLayer::new(prices);
+    let mut layer = CostLayer::new(price_table(config)?);
     for b in &config.budgets.limits {
         let b = b.get_ref();
         let limit = llm_tower::cost::usd_to_nano(b.usd)
@@ -1450,26 +1442,96 @@ async fn build_cache(
     Ok(Some(layer))
 }
 
+/// The configuration's price table (`[prices]`).
+pub(crate) fn price_table(config: &Config) -> Result<PriceTable, BuildError> {
+    let mut prices = PriceTable::new();
+    for (model, p) in &config.prices {
+        let p = p.get_ref();
+        let price = p
+            .model_price()
+            .map_err(|e| setup(format!("price of {model:?}"), e))?;
+        prices.insert(model.clone(), price);
+    }
+    Ok(prices)
+}
+
+/// The validator of `task` (`[validators.TASK]`), if it has one.
+pub(crate) fn validator_rule(
+    config: &Config,
+    task: &str,
+) -> Result<Option<ValidateRule>, BuildError> {
+    let Some(v) = config.validators.get(task) else {
+        return Ok(None);
+    };
+    let vc = v.get_ref();
+    let rule = match vc.kind {
+        ValidatorKind::Json => ValidateRule::json(),
+        ValidatorKind::JsonSchema => {
+            let schema = config
+                .validator_schema(vc)?
+                .ok_or_else(|| setup(format!("validator {task:?}"), "no schema"))?;
+            ValidateRule::json_schema(&schema)
+                .map_err(|e| setup(format!("validator {task:?}"), e))?
+        }
+    };
+    Ok(Some(rule))
+}
+
 fn build_validate(config: &Config) -> Result<Option<ValidateLayer>, BuildError> {
     if config.validators.is_empty() {
         return Ok(None);
     }
     let mut layer = ValidateLayer::new();
-    for (task, v) in &config.validators {
-        let vc = v.get_ref();
-        let rule = match vc.kind {
-            ValidatorKind::Json => ValidateRule::json(),
-            ValidatorKind::JsonSchema => {
-                let schema = config
-                    .validator_schema(vc)?
-                    .ok_or_else(|| setup(format!("validator {task:?}"), "no schema"))?;
-                ValidateRule::json_schema(&schema)
-                    .map_err(|e| setup(format!("validator {task:?}"), e))?
-            }
-        };
-        layer = layer.task(task.as_str(), rule);
+    for task in config.validators.keys() {
+        if let Some(rule) = validator_rule(config, task)? {
+            layer = layer.task(task.as_str(), rule);
+        }
     }
     Ok(Some(layer))
+}
+
+/// The services `eval` runs candidates on: every chain and every provider, built as the
+/// gateway builds them but without the client-facing layers (rate limits, budgets, cost,
+/// validation); with `use_cache`, each goes through the configured cache. Providers' own
+/// limits apply, counted in this process only.
+pub(crate) async fn eval_services(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+    use_cache: bool,
+) -> Result<
+    (
+        BTreeMap<String, BoxLlmService>,
+        BTreeMap<String, BoxLlmService>,
+    ),
+    BuildError,
+> {
+    let secrets = config.resolve_secrets(env)?;
+    let prev = CarryState::default();
+    let mut next = CarryState::default();
+    let providers = build_providers(config, &secrets, None, false, &prev, &mut next)?.services;
+    let mut chains: BTreeMap<String, BoxLlmService> = config
+        .chains
+        .iter()
+        .map(|(name, c)| {
+            (
+                name.clone(),
+                chain_service(name, c.get_ref(), &providers).service,
+            )
+        })
+        .collect();
+    let mut providers = providers;
+    if use_cache {
+        let redis = RedisPool::default();
+        let mut parts = Parts::default();
+        if let Some(cache) =
+            build_cache(config, &secrets, &redis, &prev, &mut next, &mut parts).await?
+        {
+            for svc in chains.values_mut().chain(providers.values_mut()) {
+                *svc = boxed(tower::Layer::layer(&cache, svc.clone()));
+            }
+        }
+    }
+    Ok((chains, providers))
 }
 
 async fn build_jobs(config: &Config, secrets: &Secrets) -> Result<Jobs, BuildError> {
