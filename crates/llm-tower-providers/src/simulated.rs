@@ -112,10 +112,12 @@ pub struct SimulatedLlmBuilder {
 /// The quality knobs: which calls answer invalid JSON or a different answer.
 ///
 /// A rate is kept in parts per million and applied by call number, not drawn at random:
-/// call `n` is affected when `floor((n·ppm + phase) / 10⁶)` steps up, so any `N` consecutive
-/// calls hold `⌊N·rate⌋` or `⌈N·rate⌉` affected ones, exactly `N·rate` when that is whole.
-/// The phase comes from the seed; each knob has its own, so the two kinds of bad answers
-/// do not always land on the same calls.
+/// with the rate as a reduced fraction `k / m` (0.125 = 1/8), every block of `m`
+/// consecutive calls (calls 1 to m, m+1 to 2m, …) holds exactly `k` affected calls, at
+/// places within the block drawn from the seed. So `N` calls from the first hold exactly
+/// `N·rate` affected ones when `N` is a multiple of `m` (and within `k` of it otherwise),
+/// and two clients taking turns on one provider do not split the affected calls by
+/// parity. Each knob draws its own places.
 #[derive(Debug, Clone, Copy, Default)]
 struct Quality {
     invalid_json_ppm: u32,
@@ -125,27 +127,44 @@ struct Quality {
 
 const MILLION: u64 = 1_000_000;
 
+/// Multipliers coprime to 10⁶ (so to every block size): `p ↦ (a·p + c) mod m` is then a
+/// permutation of a block.
+const COPRIME: [u64; 8] = [7, 11, 13, 17, 19, 23, 29, 31];
+
 impl Quality {
-    fn hits(ppm: u32, call: u64, phase: u64) -> bool {
+    fn hits(ppm: u32, call: u64, seed: u64) -> bool {
         if ppm == 0 || call == 0 {
             return false;
         }
         let ppm = u64::from(ppm);
-        let at = |n: u64| n.saturating_mul(ppm).saturating_add(phase) / MILLION;
-        at(call) != at(call - 1)
-    }
-
-    fn phase(&self, salt: u64) -> u64 {
-        splitmix(self.seed ^ salt) % MILLION
+        if ppm >= MILLION {
+            return true;
+        }
+        let g = gcd(ppm, MILLION);
+        let (k, m) = (ppm / g, MILLION / g);
+        let (block, place) = ((call - 1) / m, (call - 1) % m);
+        let h = splitmix(seed ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let a = COPRIME[(h % 8) as usize];
+        let c = (h >> 8) % m;
+        // u128: a·place < 31·10⁶ fits u64 too, but the sum stays obviously in range.
+        let slot = (u128::from(a) * u128::from(place) + u128::from(c)) % u128::from(m);
+        slot < u128::from(k)
     }
 
     fn invalid_json(&self, call: u64) -> bool {
-        Self::hits(self.invalid_json_ppm, call, self.phase(0x6a73))
+        Self::hits(self.invalid_json_ppm, call, splitmix(self.seed ^ 0x6a73))
     }
 
     fn wrong_answer(&self, call: u64) -> bool {
-        Self::hits(self.wrong_answer_ppm, call, self.phase(0x7772))
+        Self::hits(self.wrong_answer_ppm, call, splitmix(self.seed ^ 0x7772))
     }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 fn rate_ppm(rate: f64) -> u32 {
@@ -222,7 +241,7 @@ impl SimulatedLlmBuilder {
 
     /// The share of calls (0 to 1) whose JSON answer is broken: cut before its last
     /// character, as a model that stopped early would. Prose answers are unchanged (they
-    /// are not JSON anyway). Spread evenly over calls, not drawn at random: see
+    /// are not JSON anyway). Exact over blocks of calls, not drawn at random: see
     /// [`quality_seed`](Self::quality_seed).
     pub fn invalid_json_rate(mut self, rate: f64) -> Self {
         self.quality.invalid_json_ppm = rate_ppm(rate);
@@ -238,8 +257,9 @@ impl SimulatedLlmBuilder {
     }
 
     /// Where in the call sequence the affected calls of the quality rates fall (default 0).
-    /// Whatever the seed, any `N` consecutive calls hold `⌊N·rate⌋` or `⌈N·rate⌉` affected
-    /// ones, so tests can assert exact rates.
+    /// Whatever the seed, every block of calls the size of the rate's denominator holds
+    /// exactly its share of affected calls (one in every 4 calls for 0.25), so tests can
+    /// assert exact rates.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {

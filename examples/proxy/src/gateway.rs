@@ -64,6 +64,7 @@ use crate::config::{
     SimulatedFailure, StoreKind, ValidatorKind, parse_digest,
 };
 use crate::reload::{Carry, CarryState, Fp, fp, secret_fp};
+use crate::shadow::{ShadowLayer, ShadowTarget};
 use crate::status::{
     BudgetPart, BudgetRead, CachePart, ChainPart, LimitPart, Parts, ProviderPart, RedisPart,
 };
@@ -231,9 +232,14 @@ pub(crate) async fn build_with(
     .await?;
     let cache = build_cache(config, &secrets, &redis, &prev, &mut next, &mut parts).await?;
     let validate = build_validate(config)?;
+    let shadow = build_shadow(config, &next)?;
+    parts.shadow = shadow.as_ref().map(ShadowLayer::stats);
 
+    // Shadow outermost: it sees the answer the client gets, and its copies go straight to
+    // the candidate chain, past none of the client's limits, budgets or cache.
     let llm = boxed(
         ServiceBuilder::new()
+            .option_layer(shadow)
             .option_layer(client_limits)
             .cost(cost)
             .option_layer(cache)
@@ -297,6 +303,9 @@ pub(crate) async fn build_with(
         );
     }
     route_stats.register(&metrics);
+    if let Some(stats) = &parts.shadow {
+        stats.register(&metrics);
+    }
     let status = crate::status::source(carry);
     let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics, &status);
     let body_limit =
@@ -418,6 +427,7 @@ fn known_tasks(config: &Config) -> std::collections::BTreeSet<String> {
         .tasks
         .keys()
         .chain(config.validators.keys())
+        .chain(config.shadow.keys())
         .chain(config.cache.ttl_by_task.keys())
         .chain(&config.cache.cacheable_tasks)
         .cloned()
@@ -663,6 +673,9 @@ fn provider_service(
                 .latency(Duration::from_millis(sim.latency_ms))
                 .token_delay(Duration::from_millis(sim.token_delay_ms))
                 .fail_every(sim.fail_every, kind)
+                .invalid_json_rate(sim.invalid_json_rate)
+                .wrong_answer_rate(sim.wrong_answer_rate)
+                .quality_seed(sim.quality_seed)
                 .build();
             let map: Arc<BTreeMap<String, String>> = Arc::new(p.model_map.clone());
             let svc = boxed(
@@ -1439,6 +1452,46 @@ async fn build_cache(
         layer = layer.max_stream_bytes(bytes);
     }
     next.cache = Some((f, layer.clone()));
+    Ok(Some(layer))
+}
+
+/// `[shadow.TASK]`: the shadow layer over this build's chains (none when no task is
+/// shadowed).
+fn build_shadow(config: &Config, built: &CarryState) -> Result<Option<ShadowLayer>, BuildError> {
+    if config.shadow.is_empty() {
+        return Ok(None);
+    }
+    let mut layer = ShadowLayer::new(price_table(config)?);
+    for (task, s) in &config.shadow {
+        let s = s.get_ref();
+        let chain = s.chain.get_ref();
+        // Validated at load: the chain exists.
+        let Some((_, c)) = built.chains.get(chain) else {
+            return Err(setup(
+                format!("shadow {task:?}"),
+                format!("no chain {chain:?}"),
+            ));
+        };
+        let mut t = ShadowTarget::new(task.as_str(), chain.as_str(), c.service.clone())
+            .sample_rate(s.sample_rate)
+            .max_in_flight(s.max_in_flight)
+            .timeout(Duration::from_millis(s.timeout_ms));
+        if let Some(usd) = s.budget_usd {
+            let nano = llm_tower::cost::usd_to_nano(usd)
+                .ok_or_else(|| setup(format!("shadow {task:?}"), "budget out of range"))?;
+            t = t.budget(nano);
+        }
+        if let Some(m) = &s.model {
+            t = t.model(m.as_str());
+        }
+        if let Some(seed) = s.seed {
+            t = t.seed(seed);
+        }
+        if let Some(rule) = validator_rule(config, task)? {
+            t = t.validator(rule);
+        }
+        layer = layer.target(t);
+    }
     Ok(Some(layer))
 }
 

@@ -55,6 +55,7 @@ pub struct ShadowTarget {
     validator: Option<Rule>,
     timeout: Duration,
     max_in_flight: usize,
+    seed: Option<u64>,
 }
 
 impl fmt::Debug for ShadowTarget {
@@ -90,7 +91,15 @@ impl ShadowTarget {
             validator: None,
             timeout: Duration::from_secs(60),
             max_in_flight: 4,
+            seed: None,
         }
+    }
+
+    /// Seeds this task's sampler (default: the layer's [`seed`](ShadowLayer::seed)).
+    #[must_use]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
     }
 
     /// The cap on this task's shadow calls in flight; a copy finding none free is dropped
@@ -373,7 +382,7 @@ impl Sampler {
 struct Shared {
     targets: Vec<(ShadowTarget, Arc<ShadowCounters>)>,
     slots: Vec<Arc<Semaphore>>,
-    sampler: Sampler,
+    samplers: Vec<Sampler>,
     prices: PriceTable,
     stats: ShadowStats,
 }
@@ -447,7 +456,8 @@ impl ShadowLayer {
         self.rebuilt()
     }
 
-    /// Seeds the sampler, so the same requests are picked on every run (tests).
+    /// Seeds the samplers of targets without a seed of their own, so the same requests are
+    /// picked on every run (tests).
     #[must_use]
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -486,13 +496,21 @@ fn build_shared(targets: &[ShadowTarget], seed: Option<u64>, prices: &PriceTable
             .iter()
             .map(|(t, _)| Arc::new(Semaphore::new(t.max_in_flight)))
             .collect();
+        let samplers = targets
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| Sampler {
+                // Tasks sharing the layer's seed still draw different sequences.
+                seed: t
+                    .seed
+                    .unwrap_or(seed ^ (i as u64).wrapping_mul(0xa076_1d64_78bd_642f)),
+                n: AtomicU64::new(0),
+            })
+            .collect();
         Arc::new(Shared {
             targets,
             slots,
-            sampler: Sampler {
-                seed,
-                n: AtomicU64::new(0),
-            },
+            samplers,
             prices: prices.clone(),
             stats,
         })
@@ -562,7 +580,7 @@ impl<S> Shadow<S> {
             .position(|(t, _)| t.task == task.0)?;
         let (t, c) = &self.shared.targets[idx];
         ShadowCounters::add(&c.requests, 1);
-        if req.as_embeddings().is_some() || !self.shared.sampler.pick(t.rate_ppm) {
+        if req.as_embeddings().is_some() || !self.shared.samplers[idx].pick(t.rate_ppm) {
             return None;
         }
         ShadowCounters::add(&c.sampled, 1);
