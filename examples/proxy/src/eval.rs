@@ -808,11 +808,7 @@ async fn main_inner(args: EvalArgs) -> Result<(String, bool), EvalError> {
         |done, total| {
             if tty {
                 let width = 30u64;
-                let filled = if total == 0 {
-                    width
-                } else {
-                    done * width / total
-                };
+                let filled = (done * width).checked_div(total).unwrap_or(width);
                 let bar: String = (0..width)
                     .map(|i| if i < filled { '#' } else { '.' })
                     .collect();

@@ -5,23 +5,25 @@
 //!
 //! ```text
 //! HTTP (llm-tower-axum: auth → tenant, body limit, request id, metrics, headers, SSE)
-//!  └ client rate limits   reject (or wait) before anything is spent or looked up
-//!     └ cost + budgets     reserve the expected cost first, so concurrent requests cannot
-//!        │                 slip past a budget; a cache hit below is priced at 0 (and the
-//!        │                 saving counted), which needs cost ABOVE the cache
-//!        └ cache           a hit skips validation, routing and every provider
-//!           └ validate     checks fresh answers only (a cached answer was checked when
-//!              │           stored); its retry goes through routing and fallback again
-//!              └ route     model alias / task type → a chain (and the real model)
-//!                 └ hedge    (per chain, when configured) a second attempt after the p95
-//!                    └ fallback (one per chain): ordered steps, per-attempt timeouts,
-//!                       │                         cooldown, stream commit point
-//!                       └ balance (a step that is a group): p2c over its members
-//!                          └ per provider: rate limit + provider headroom (OnLimit::FallBack,
-//!                             │            so a full provider hands over to the next step;
-//!                             │            shared through Redis with [rate_limits] store = "redis")
-//!                             └ observe (with [telemetry]): one span per upstream attempt
-//!                                └ provider (OpenAI-compatible, Anthropic or simulated)
+//!  └ shadow                (with [shadow.TASK]) once the answer is complete, a sampled
+//!     │                   copy to a candidate chain, in a task of its own
+//!     └ client rate limits   reject (or wait) before anything is spent or looked up
+//!        └ cost + budgets     reserve the expected cost first, so concurrent requests cannot
+//!           │                 slip past a budget; a cache hit below is priced at 0 (and the
+//!           │                 saving counted), which needs cost ABOVE the cache
+//!           └ cache           a hit skips validation, routing and every provider
+//!              └ validate     checks fresh answers only (a cached answer was checked when
+//!                 │           stored); its retry goes through routing and fallback again
+//!                 └ route     model alias / task type → a chain (and the real model)
+//!                    └ hedge    (per chain, when configured) a second attempt after the p95
+//!                       └ fallback (one per chain): ordered steps, per-attempt timeouts,
+//!                          │                         cooldown, stream commit point
+//!                          └ balance (a step that is a group): p2c over its members
+//!                             └ per provider: rate limit + provider headroom (OnLimit::FallBack,
+//!                                │            so a full provider hands over to the next step;
+//!                                │            shared through Redis with [rate_limits] store = "redis")
+//!                                └ observe (with [telemetry]): one span per upstream attempt
+//!                                   └ provider (OpenAI-compatible, Anthropic or simulated)
 //! ```
 //!
 //! Every provider is built once and shared by every chain that names it, so its limits

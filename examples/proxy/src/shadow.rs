@@ -258,7 +258,10 @@ impl ShadowCounters {
 
 /// Every shadow's counters, by task and candidate (cheap to clone).
 #[derive(Clone, Default, Debug)]
-pub struct ShadowStats(Arc<Vec<(Arc<str>, Arc<str>, Arc<ShadowCounters>)>>);
+pub struct ShadowStats(Arc<[TaskCounters]>);
+
+/// A task, its candidate and their counters.
+type TaskCounters = (Arc<str>, Arc<str>, Arc<ShadowCounters>);
 
 impl ShadowStats {
     /// The counters of `task`'s shadow.
@@ -486,12 +489,12 @@ fn build_shared(targets: &[ShadowTarget], seed: Option<u64>, prices: &PriceTable
             .iter()
             .map(|t| (t.clone(), Arc::new(ShadowCounters::default())))
             .collect();
-        let stats = ShadowStats(Arc::new(
+        let stats = ShadowStats(
             targets
                 .iter()
                 .map(|(t, c)| (t.task.clone(), t.candidate.clone(), c.clone()))
                 .collect(),
-        ));
+        );
         let slots = targets
             .iter()
             .map(|(t, _)| Arc::new(Semaphore::new(t.max_in_flight)))
@@ -728,12 +731,9 @@ async fn run_copy(plan: &Plan, served: &str) {
         let answer = resp.into_complete().await?;
         Ok::<_, LlmError>((meta, answer))
     };
-    let (meta, answer) = match tokio::time::timeout(t.timeout, call).await {
-        Ok(Ok(x)) => x,
-        Ok(Err(_)) | Err(_) => {
-            ShadowCounters::add(&c.errors, 1);
-            return;
-        }
+    let Ok(Ok((meta, answer))) = tokio::time::timeout(t.timeout, call).await else {
+        ShadowCounters::add(&c.errors, 1);
+        return;
     };
     ShadowCounters::add(&c.completed, 1);
     let usage = meta.usage.clone().or_else(|| answer.usage.clone());
