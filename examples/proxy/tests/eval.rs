@@ -233,3 +233,46 @@ fn dataset_lines_name_their_faults() {
     assert_eq!(ok[0].expected, Some(json!({"x": 1})));
     assert_eq!(ok[0].request.model, "eval");
 }
+
+#[tokio::test(start_paused = true)]
+async fn candidates_come_from_the_configuration() {
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/demo.toml"));
+    let config = llm_tower_proxy::config::Config::from_file(path).unwrap();
+    let env = |_: &str| None;
+    let names = ["cheap".to_owned(), "sim-tiny/sim-tiny".to_owned()];
+    let cands = eval::candidates_from_config(&config, &env, &names, false)
+        .await
+        .unwrap();
+    assert_eq!(cands[0].model, None);
+    assert_eq!(cands[1].model.as_deref(), Some("sim-tiny"));
+    let items = eval::read_dataset(&path.with_file_name("eval/classify.jsonl")).unwrap();
+    assert_eq!(items.len(), 24);
+    let rule = eval::validator_for(&config, "classify").unwrap();
+    let mut opts = EvalOptions::new("classify");
+    opts.reference = Some("cheap".into());
+    let r = eval::run(
+        &cands,
+        &items,
+        rule.as_ref(),
+        &eval::prices_of(&config).unwrap(),
+        &opts,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    // The demo's expected labels are the simulated models' own: the cheap chain matches all.
+    assert_eq!(r.candidates[0].match_rate, Some(1.0));
+    // sim-tiny breaks 1 JSON answer in 8: exactly 3 of 24.
+    assert_eq!(r.candidates[1].validated - r.candidates[1].valid, 3);
+    assert!(r.candidates[1].cost_nano < r.candidates[0].cost_nano);
+
+    for (bad, needle) in [
+        ("nope", "not a chain"),
+        ("ghost/m", "no provider \"ghost\""),
+    ] {
+        let e = eval::candidates_from_config(&config, &env, &[bad.to_owned()], false)
+            .await
+            .unwrap_err();
+        assert!(e.0.contains(needle), "{e}");
+    }
+}
