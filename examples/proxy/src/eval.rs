@@ -769,10 +769,12 @@ pub struct EvalArgs {
 pub async fn main(args: EvalArgs) -> std::process::ExitCode {
     match main_inner(args).await {
         Ok((out, stopped)) => {
-            #[allow(clippy::print_stdout)] // the command's output
-            {
-                println!("{out}");
-            }
+            // Not `println!`: a closed pipe (`| head`) must not panic.
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout
+                .write_all(out.as_bytes())
+                .and_then(|()| stdout.write_all(b"\n"))
+                .and_then(|()| stdout.flush());
             if stopped {
                 std::process::ExitCode::from(2)
             } else {
