@@ -13,6 +13,9 @@
 //! - [`ProviderConfig`]: either config, tagged by `kind`, for configuration files;
 //!   [`ProviderConfig::build`] gives a [`BoxLlmService`](llm_tower_core::BoxLlmService).
 //! - [`ApiKey`]: a key that never shows in `Debug`, errors or logs.
+//! - `SimulatedLlm` (feature `simulated`): an in-process simulated provider for demos and
+//!   evaluations: no network, no key, deterministic answers, scripted failures and quality
+//!   knobs.
 //! - [`sse::SseParser`]: the incremental server-sent events parser both providers use.
 //!
 //! Errors are classified from the status, headers and body (rate limited with
@@ -46,6 +49,9 @@ mod limits;
 mod openai;
 mod quick;
 mod secret;
+#[cfg(feature = "simulated")]
+#[cfg_attr(docsrs, doc(cfg(feature = "simulated")))]
+pub mod simulated;
 pub mod sse;
 #[cfg(test)]
 mod stream_tests;
@@ -58,3 +64,6 @@ pub use http::{HttpClient, HttpClientConfig, TlsRoots};
 pub use limits::ResponseLimits;
 pub use openai::{OpenAiConfig, OpenAiProvider};
 pub use secret::ApiKey;
+#[cfg(feature = "simulated")]
+#[cfg_attr(docsrs, doc(cfg(feature = "simulated")))]
+pub use simulated::{SIMULATED_DIMENSIONS, SimulatedFuture, SimulatedLlm, SimulatedLlmBuilder};

@@ -6,13 +6,17 @@
 //!   (JSON and SSE, error statuses with the providers' bodies and headers, latency, dropped
 //!   and malformed streams), scripted with [`Scenario`]s; also the `llm-tower-mock` binary.
 //! - [`SimulatedLlm`]: an in-process simulated provider for demos (no network, no key):
-//!   plausible deterministic answers, streaming word by word, usage, scripted failures.
+//!   plausible deterministic answers, streaming word by word, usage, scripted failures;
+//!   re-exported from `llm-tower-providers` (feature `simulated`).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod mock;
-mod simulated;
 pub mod upstream;
 
 pub use mock::{MockFuture, MockLlm, Step};
-pub use simulated::{SIMULATED_DIMENSIONS, SimulatedFuture, SimulatedLlm, SimulatedLlmBuilder};
+// The simulated provider lives in llm-tower-providers (feature `simulated`) so the gateway
+// ships it without this test-support crate; re-exported so tests keep one import.
+pub use llm_tower_providers::simulated::{
+    SIMULATED_DIMENSIONS, SimulatedFuture, SimulatedLlm, SimulatedLlmBuilder,
+};
 pub use upstream::{MockUpstream, MockUpstreamBuilder, RecordedRequest, SCENARIO_HEADER, Scenario};

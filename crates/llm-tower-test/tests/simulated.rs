@@ -317,3 +317,66 @@ async fn works_as_a_boxed_llm_service() {
     let resp = boxed.oneshot(req("hello")).await.unwrap();
     assert_eq!(resp.meta.provider.as_deref(), Some("sim"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn quality_knobs_break_json_and_vary_answers_at_exact_rates() {
+    let schema = json!({
+        "type": "object",
+        "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
+        "required": ["label"]
+    });
+    let llm = SimulatedLlm::builder("sim")
+        .invalid_json_rate(0.1)
+        .wrong_answer_rate(0.3)
+        .quality_seed(11)
+        .build();
+    let reference = SimulatedLlm::new("ref");
+    let (mut invalid, mut wrong) = (0, 0);
+    for i in 0..100 {
+        let mut r = req(&format!("review {i}"));
+        r.response_format = Some(json_format("json_schema", Some(schema.clone())));
+        let expected = reference.answer_text(&r);
+        let text = llm
+            .clone()
+            .oneshot(r)
+            .await
+            .unwrap()
+            .into_complete()
+            .await
+            .unwrap()
+            .text();
+        match serde_json::from_str::<Value>(&text) {
+            Err(_) => invalid += 1,
+            Ok(v) => {
+                // A wrong answer is still one the schema allows.
+                let label = v["label"].as_str().unwrap();
+                assert!(
+                    ["positive", "negative", "neutral"].contains(&label),
+                    "{text}"
+                );
+                if text != expected {
+                    wrong += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(invalid, 10);
+    // 30 wrong answers; those also picked for broken JSON count as invalid above.
+    assert!((20..=30).contains(&wrong), "{wrong}");
+
+    // Prose: a classification gets another label.
+    let sim = SimulatedLlm::builder("s").wrong_answer_rate(1.0).build();
+    let r = req("I love it").with_task_type("classify");
+    let right = sim.answer_text(&r);
+    let got = sim
+        .clone()
+        .oneshot(r)
+        .await
+        .unwrap()
+        .into_complete()
+        .await
+        .unwrap()
+        .text();
+    assert_ne!(got, right);
+    assert!(["positive", "negative", "neutral"].contains(&got.as_str()));
+}

@@ -5,23 +5,25 @@
 //!
 //! ```text
 //! HTTP (llm-tower-axum: auth → tenant, body limit, request id, metrics, headers, SSE)
-//!  └ client rate limits   reject (or wait) before anything is spent or looked up
-//!     └ cost + budgets     reserve the expected cost first, so concurrent requests cannot
-//!        │                 slip past a budget; a cache hit below is priced at 0 (and the
-//!        │                 saving counted), which needs cost ABOVE the cache
-//!        └ cache           a hit skips validation, routing and every provider
-//!           └ validate     checks fresh answers only (a cached answer was checked when
-//!              │           stored); its retry goes through routing and fallback again
-//!              └ route     model alias / task type → a chain (and the real model)
-//!                 └ hedge    (per chain, when configured) a second attempt after the p95
-//!                    └ fallback (one per chain): ordered steps, per-attempt timeouts,
-//!                       │                         cooldown, stream commit point
-//!                       └ balance (a step that is a group): p2c over its members
-//!                          └ per provider: rate limit + provider headroom (OnLimit::FallBack,
-//!                             │            so a full provider hands over to the next step;
-//!                             │            shared through Redis with [rate_limits] store = "redis")
-//!                             └ observe (with [telemetry]): one span per upstream attempt
-//!                                └ provider (OpenAI-compatible, Anthropic or simulated)
+//!  └ shadow                (with [shadow.TASK]) once the answer is complete, a sampled
+//!     │                   copy to a candidate chain, in a task of its own
+//!     └ client rate limits   reject (or wait) before anything is spent or looked up
+//!        └ cost + budgets     reserve the expected cost first, so concurrent requests cannot
+//!           │                 slip past a budget; a cache hit below is priced at 0 (and the
+//!           │                 saving counted), which needs cost ABOVE the cache
+//!           └ cache           a hit skips validation, routing and every provider
+//!              └ validate     checks fresh answers only (a cached answer was checked when
+//!                 │           stored); its retry goes through routing and fallback again
+//!                 └ route     model alias / task type → a chain (and the real model)
+//!                    └ hedge    (per chain, when configured) a second attempt after the p95
+//!                       └ fallback (one per chain): ordered steps, per-attempt timeouts,
+//!                          │                         cooldown, stream commit point
+//!                          └ balance (a step that is a group): p2c over its members
+//!                             └ per provider: rate limit + provider headroom (OnLimit::FallBack,
+//!                                │            so a full provider hands over to the next step;
+//!                                │            shared through Redis with [rate_limits] store = "redis")
+//!                                └ observe (with [telemetry]): one span per upstream attempt
+//!                                   └ provider (OpenAI-compatible, Anthropic or simulated)
 //! ```
 //!
 //! Every provider is built once and shared by every chain that names it, so its limits
@@ -52,11 +54,11 @@ use llm_tower_core::dialect::responses::MemoryResponseStore;
 use llm_tower_jobs::{
     Jobs, JobsApiLimits, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router_with,
 };
+use llm_tower_providers::SimulatedLlm;
 use llm_tower_providers::{
     AnthropicConfig, AnthropicProvider, ApiKey, HttpClient, OpenAiConfig, OpenAiProvider,
 };
 use llm_tower_redis::{RedisConn, RedisOptions};
-use llm_tower_test::SimulatedLlm;
 use tower::ServiceBuilder;
 
 use crate::config::{
@@ -65,6 +67,7 @@ use crate::config::{
     SimulatedFailure, StoreKind, ValidatorKind, parse_digest,
 };
 use crate::reload::{Carry, CarryState, Fp, fp, secret_fp};
+use crate::shadow::{ShadowLayer, ShadowTarget};
 use crate::status::{
     BudgetPart, BudgetRead, CachePart, ChainPart, LimitPart, Parts, ProviderPart, RedisPart,
 };
@@ -232,9 +235,14 @@ pub(crate) async fn build_with(
     .await?;
     let cache = build_cache(config, &secrets, &redis, &prev, &mut next, &mut parts).await?;
     let validate = build_validate(config)?;
+    let shadow = build_shadow(config, &next)?;
+    parts.shadow = shadow.as_ref().map(ShadowLayer::stats);
 
+    // Shadow outermost: it sees the answer the client gets, and its copies go straight to
+    // the candidate chain, past none of the client's limits, budgets or cache.
     let llm = boxed(
         ServiceBuilder::new()
+            .option_layer(shadow)
             .option_layer(client_limits)
             .cost(cost)
             .option_layer(cache)
@@ -298,6 +306,9 @@ pub(crate) async fn build_with(
         );
     }
     route_stats.register(&metrics);
+    if let Some(stats) = &parts.shadow {
+        stats.register(&metrics);
+    }
     let status = crate::status::source(carry);
     let (metrics_access, metrics_listener) = metrics_access(config, &secrets, &metrics, &status);
     let body_limit =
@@ -428,6 +439,7 @@ fn known_tasks(config: &Config) -> std::collections::BTreeSet<String> {
         .tasks
         .keys()
         .chain(config.validators.keys())
+        .chain(config.shadow.keys())
         .chain(config.cache.ttl_by_task.keys())
         .chain(&config.cache.cacheable_tasks)
         .cloned()
@@ -673,6 +685,9 @@ fn provider_service(
                 .latency(Duration::from_millis(sim.latency_ms))
                 .token_delay(Duration::from_millis(sim.token_delay_ms))
                 .fail_every(sim.fail_every, kind)
+                .invalid_json_rate(sim.invalid_json_rate)
+                .wrong_answer_rate(sim.wrong_answer_rate)
+                .quality_seed(sim.quality_seed)
                 .build();
             let map: Arc<BTreeMap<String, String>> = Arc::new(p.model_map.clone());
             let svc = boxed(
@@ -1264,15 +1279,7 @@ async fn build_cost(
         next.cost = Some((f, layer.clone()));
         return Ok(layer);
     }
-    let mut prices = PriceTable::new();
-    for (model, p) in &config.prices {
-        let p = p.get_ref();
-        let price = p
-            .model_price()
-            .map_err(|e| setup(format!("price of {model:?}"), e))?;
-        prices.insert(model.clone(), price);
-    }
-    let mut layer = CostLayer::new(prices);
+    let mut layer = CostLayer::new(price_table(config)?);
     for b in &config.budgets.limits {
         let b = b.get_ref();
         let limit = llm_tower::cost::usd_to_nano(b.usd)
@@ -1461,26 +1468,136 @@ async fn build_cache(
     Ok(Some(layer))
 }
 
+/// `[shadow.TASK]`: the shadow layer over this build's chains (none when no task is
+/// shadowed).
+fn build_shadow(config: &Config, built: &CarryState) -> Result<Option<ShadowLayer>, BuildError> {
+    if config.shadow.is_empty() {
+        return Ok(None);
+    }
+    let mut layer = ShadowLayer::new(price_table(config)?);
+    for (task, s) in &config.shadow {
+        let s = s.get_ref();
+        let chain = s.chain.get_ref();
+        // Validated at load: the chain exists.
+        let Some((_, c)) = built.chains.get(chain) else {
+            return Err(setup(
+                format!("shadow {task:?}"),
+                format!("no chain {chain:?}"),
+            ));
+        };
+        let mut t = ShadowTarget::new(task.as_str(), chain.as_str(), c.service.clone())
+            .sample_rate(s.sample_rate)
+            .max_in_flight(s.max_in_flight)
+            .timeout(Duration::from_millis(s.timeout_ms));
+        if let Some(usd) = s.budget_usd {
+            let nano = llm_tower::cost::usd_to_nano(usd)
+                .ok_or_else(|| setup(format!("shadow {task:?}"), "budget out of range"))?;
+            t = t.budget(nano);
+        }
+        if let Some(m) = &s.model {
+            t = t.model(m.as_str());
+        }
+        if let Some(seed) = s.seed {
+            t = t.seed(seed);
+        }
+        if let Some(rule) = validator_rule(config, task)? {
+            t = t.validator(rule);
+        }
+        layer = layer.target(t);
+    }
+    Ok(Some(layer))
+}
+
+/// The configuration's price table (`[prices]`).
+pub(crate) fn price_table(config: &Config) -> Result<PriceTable, BuildError> {
+    let mut prices = PriceTable::new();
+    for (model, p) in &config.prices {
+        let p = p.get_ref();
+        let price = p
+            .model_price()
+            .map_err(|e| setup(format!("price of {model:?}"), e))?;
+        prices.insert(model.clone(), price);
+    }
+    Ok(prices)
+}
+
+/// The validator of `task` (`[validators.TASK]`), if it has one.
+pub(crate) fn validator_rule(
+    config: &Config,
+    task: &str,
+) -> Result<Option<ValidateRule>, BuildError> {
+    let Some(v) = config.validators.get(task) else {
+        return Ok(None);
+    };
+    let vc = v.get_ref();
+    let rule = match vc.kind {
+        ValidatorKind::Json => ValidateRule::json(),
+        ValidatorKind::JsonSchema => {
+            let schema = config
+                .validator_schema(vc)?
+                .ok_or_else(|| setup(format!("validator {task:?}"), "no schema"))?;
+            ValidateRule::json_schema(&schema)
+                .map_err(|e| setup(format!("validator {task:?}"), e))?
+        }
+    };
+    Ok(Some(rule))
+}
+
 fn build_validate(config: &Config) -> Result<Option<ValidateLayer>, BuildError> {
     if config.validators.is_empty() {
         return Ok(None);
     }
     let mut layer = ValidateLayer::new();
-    for (task, v) in &config.validators {
-        let vc = v.get_ref();
-        let rule = match vc.kind {
-            ValidatorKind::Json => ValidateRule::json(),
-            ValidatorKind::JsonSchema => {
-                let schema = config
-                    .validator_schema(vc)?
-                    .ok_or_else(|| setup(format!("validator {task:?}"), "no schema"))?;
-                ValidateRule::json_schema(&schema)
-                    .map_err(|e| setup(format!("validator {task:?}"), e))?
-            }
-        };
-        layer = layer.task(task.as_str(), rule);
+    for task in config.validators.keys() {
+        if let Some(rule) = validator_rule(config, task)? {
+            layer = layer.task(task.as_str(), rule);
+        }
     }
     Ok(Some(layer))
+}
+
+/// The services `eval` runs candidates on: every chain and every provider, built as the
+/// gateway builds them but without the client-facing layers (rate limits, budgets, cost,
+/// validation); with `use_cache`, each goes through the configured cache. Providers' own
+/// limits apply, counted in this process only.
+pub(crate) async fn eval_services(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+    use_cache: bool,
+) -> Result<
+    (
+        BTreeMap<String, BoxLlmService>,
+        BTreeMap<String, BoxLlmService>,
+    ),
+    BuildError,
+> {
+    let secrets = config.resolve_secrets(env)?;
+    let prev = CarryState::default();
+    let mut next = CarryState::default();
+    let providers = build_providers(config, &secrets, None, false, &prev, &mut next)?.services;
+    let mut chains: BTreeMap<String, BoxLlmService> = config
+        .chains
+        .iter()
+        .map(|(name, c)| {
+            (
+                name.clone(),
+                chain_service(name, c.get_ref(), &providers).service,
+            )
+        })
+        .collect();
+    let mut providers = providers;
+    if use_cache {
+        let redis = RedisPool::default();
+        let mut parts = Parts::default();
+        if let Some(cache) =
+            build_cache(config, &secrets, &redis, &prev, &mut next, &mut parts).await?
+        {
+            for svc in chains.values_mut().chain(providers.values_mut()) {
+                *svc = boxed(tower::Layer::layer(&cache, svc.clone()));
+            }
+        }
+    }
+    Ok((chains, providers))
 }
 
 async fn build_jobs(config: &Config, secrets: &Secrets) -> Result<Jobs, BuildError> {

@@ -5,6 +5,7 @@
 //! llm-tower-proxy --config FILE --check  validate the file and the secrets it names, then exit
 //! llm-tower-proxy hash-key < key.txt     print the BLAKE3 digest of a client key (for key_blake3)
 //! llm-tower-proxy usage [--window 60] [--json]  cost and tokens of the running gateway
+//! llm-tower-proxy eval --task T --dataset F --candidate A --candidate B …  compare candidates
 //! ```
 //!
 //! Stops on ctrl-c or SIGTERM: stops accepting, lets in-flight requests and streams finish
@@ -65,6 +66,47 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Run a dataset (JSONL of chat requests) through candidate chains or provider/model
+    /// pairs with a task's validator; print pass rate, match, agreement, latency, tokens
+    /// and cost per candidate (see docs/eval-and-shadow.md).
+    Eval(EvalCli),
+}
+
+#[derive(Debug, clap::Args)]
+struct EvalCli {
+    /// The task type (its validator applies; requests carry it).
+    #[arg(long)]
+    task: String,
+    /// The dataset: one chat request per line, optional `id` and `expected`.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// A candidate: a chain of the configuration, or provider/model (repeat).
+    #[arg(long = "candidate", required = true)]
+    candidates: Vec<String>,
+    /// The candidate the others are compared with.
+    #[arg(long)]
+    reference: Option<String>,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Stop starting calls once this run has cost this much (USD).
+    #[arg(long)]
+    max_spend_usd: Option<f64>,
+    /// Go through the configured cache (bypassed by default).
+    #[arg(long)]
+    use_cache: bool,
+    /// Where results are kept and resumed from (default: DATASET.results.jsonl).
+    #[arg(long)]
+    results: Option<PathBuf>,
+    /// Start over: forget the results file's earlier results.
+    #[arg(long)]
+    fresh: bool,
+    /// Longest a call may take, in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn default_config() -> PathBuf {
@@ -93,6 +135,15 @@ fn main() -> ExitCode {
             *window,
             *json,
         ));
+    }
+    if let Some(Command::Eval(e)) = &cli.command {
+        let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        else {
+            return ExitCode::FAILURE;
+        };
+        return rt.block_on(eval_main(&cli.config, e));
     }
     let threads = cli
         .worker_threads
@@ -137,6 +188,54 @@ async fn serve_main(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn eval_main(config: &std::path::Path, e: &EvalCli) -> ExitCode {
+    use llm_tower_proxy::eval;
+    let results = e.results.clone().unwrap_or_else(|| {
+        let mut name = e.dataset.clone().into_os_string();
+        name.push(".results.jsonl");
+        PathBuf::from(name)
+    });
+    if e.fresh
+        && let Err(err) = std::fs::remove_file(&results)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        #[allow(clippy::print_stderr)] // the command's error
+        {
+            eprintln!(
+                "llm-tower-proxy eval: cannot remove {}: {err}",
+                results.display()
+            );
+        }
+        return ExitCode::FAILURE;
+    }
+    let spend_cap = match e.max_spend_usd.map(llm_tower::cost::usd_to_nano) {
+        Some(None) => {
+            #[allow(clippy::print_stderr)] // the command's error
+            {
+                eprintln!("llm-tower-proxy eval: --max-spend-usd must be a non-negative amount");
+            }
+            return ExitCode::FAILURE;
+        }
+        Some(Some(n)) => Some(n),
+        None => None,
+    };
+    let mut options = eval::EvalOptions::new(e.task.clone());
+    options.concurrency = e.concurrency.clamp(1, 1024);
+    options.spend_cap = spend_cap;
+    options.reference = e.reference.clone();
+    options.use_cache = e.use_cache;
+    options.results = Some(results);
+    options.timeout = std::time::Duration::from_secs(e.timeout_secs.max(1));
+    eval::main(eval::EvalArgs {
+        config: config.to_path_buf(),
+        dataset: e.dataset.clone(),
+        candidates: e.candidates.clone(),
+        options,
+        json: e.json,
+    })
+    .await
 }
 
 fn hash_key() -> ExitCode {

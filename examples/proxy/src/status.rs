@@ -83,6 +83,8 @@ pub(crate) struct Parts {
     pub(crate) budget_read: Option<BudgetRead>,
     pub(crate) redis: Vec<RedisPart>,
     pub(crate) jobs: Option<(&'static str, Jobs, Option<Secret>)>,
+    /// Shadow traffic counters per task (`[shadow]`).
+    pub(crate) shadow: Option<crate::shadow::ShadowStats>,
 }
 
 /// How long `/status` waits for a store it asks (budgets in Redis, the jobs store).
@@ -320,6 +322,7 @@ async fn render(
         "cache": cache,
         "budgets": budgets,
         "stores": stores,
+        "shadow": parts.shadow.as_ref().map_or_else(|| json!({}), crate::shadow::ShadowStats::to_json),
         "activity": activity,
     })
 }

@@ -749,13 +749,13 @@ fn respond_embeddings(seq: usize, body: &Bytes, s: &Scenario) -> Response<Body> 
     };
     let dims = req
         .dimensions
-        .map_or(crate::simulated::SIMULATED_DIMENSIONS, |d| {
+        .map_or(llm_tower_providers::simulated::SIMULATED_DIMENSIONS, |d| {
             usize::try_from(d).unwrap_or(1)
         });
     let data = req
         .input
         .iter()
-        .map(|x| crate::simulated::embed(&req.model, x, dims))
+        .map(|x| llm_tower_providers::simulated::embed(&req.model, x, dims))
         .collect();
     let tokens = req
         .input

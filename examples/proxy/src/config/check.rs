@@ -103,7 +103,8 @@ impl Config {
         self.check_auth(lines)?;
         self.check_jobs(lines)?;
         self.check_responses()?;
-        self.check_telemetry(lines)
+        self.check_telemetry(lines)?;
+        self.check_shadow(lines)
     }
 
     /// `[server]`: addresses, limits and timeouts.
@@ -253,6 +254,20 @@ impl Config {
                     &span,
                     format!("provider {name:?}: responses applies only to kind = \"openai\""),
                 ));
+            }
+            if let Some(sim) = &p.simulated {
+                let c = sim.get_ref();
+                for (key, rate) in [
+                    ("invalid_json_rate", c.invalid_json_rate),
+                    ("wrong_answer_rate", c.wrong_answer_rate),
+                ] {
+                    if !(0.0..=1.0).contains(&rate) {
+                        return Err(err(
+                            &sim.span(),
+                            format!("provider {name:?}: simulated.{key} must be within [0, 1]"),
+                        ));
+                    }
+                }
             }
             if p.prompt_caching && p.kind != ProviderKind::Anthropic {
                 return Err(err(
@@ -508,6 +523,41 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `[shadow]`: each names a defined chain, with values in range.
+    fn check_shadow(&self, lines: &Lines<'_>) -> Result<(), ConfigError> {
+        for (task, s) in &self.shadow {
+            let bad = |msg: String| {
+                self.invalid(lines.line(&s.span()), format!("shadow.{task:?}: {msg}"))
+            };
+            let c = s.get_ref();
+            if !self.chains.contains_key(c.chain.get_ref()) {
+                return Err(self.invalid(
+                    lines.line(&c.chain.span()),
+                    format!(
+                        "shadow.{task:?}: chain {:?} is not a defined chain (defined: {})",
+                        c.chain.get_ref(),
+                        self.chains.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            if !(0.0..=1.0).contains(&c.sample_rate) {
+                return Err(bad("sample_rate must be within [0, 1]".into()));
+            }
+            if c.budget_usd
+                .is_some_and(|b| llm_tower::cost::usd_to_nano(b).is_none())
+            {
+                return Err(bad("budget_usd must be a non-negative amount".into()));
+            }
+            if !(1..=1024).contains(&c.max_in_flight) {
+                return Err(bad("max_in_flight must be within 1 to 1024".into()));
+            }
+            if c.timeout_ms == 0 {
+                return Err(bad("timeout_ms must be > 0".into()));
             }
         }
         Ok(())

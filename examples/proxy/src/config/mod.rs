@@ -649,6 +649,37 @@ default_chain = "main"
     }
 
     #[test]
+    fn shadow_tables_are_read_and_checked() {
+        let c = parse(&format!(
+            "{MIN}\n[shadow.classify]\nchain = \"main\"\nsample_rate = 0.25\nbudget_usd = 2.5\nseed = 3\n"
+        ))
+        .unwrap();
+        let s = c.shadow["classify"].get_ref();
+        assert_eq!(
+            (s.sample_rate, s.budget_usd, s.seed),
+            (0.25, Some(2.5), Some(3))
+        );
+        assert_eq!((s.max_in_flight, s.timeout_ms), (4, 60_000));
+        for (bad, needle) in [
+            ("chain = \"nope\"", "\"nope\" is not a defined chain"),
+            ("chain = \"main\"\nsample_rate = 1.5", "sample_rate"),
+            ("chain = \"main\"\nbudget_usd = -1.0", "budget_usd"),
+            ("chain = \"main\"\nmax_in_flight = 0", "max_in_flight"),
+            ("chain = \"main\"\ntimeout_ms = 0", "timeout_ms"),
+            ("chain = \"main\"\nrate = 1", "rate"),
+        ] {
+            let e = parse(&format!("{MIN}\n[shadow.classify]\n{bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
+        let e = parse(&MIN.replace(
+            "kind = \"simulated\"",
+            "kind = \"simulated\"\nsimulated = { invalid_json_rate = 2.0 }",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid_json_rate"), "{e}");
+    }
+
+    #[test]
     fn simulated_provider_takes_no_key() {
         let text = MIN.replace(
             "kind = \"simulated\"",

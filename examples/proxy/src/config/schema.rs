@@ -49,6 +49,10 @@ pub struct Config {
     /// OpenTelemetry traces and metrics over OTLP (off by default).
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Shadow traffic by task type: a sampled copy of the task's requests goes to a
+    /// candidate chain once the served answer is complete (docs/eval-and-shadow.md).
+    #[serde(default)]
+    pub shadow: BTreeMap<String, Spanned<ShadowConfig>>,
     /// Where the file was loaded from (its directory resolves relative paths).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -290,6 +294,16 @@ pub struct SimulatedConfig {
     /// How the scripted failures fail (default `unavailable`, a 503).
     #[serde(default)]
     pub fail_kind: SimulatedFailure,
+    /// Share of answers (0 to 1) whose JSON is broken (cut short), spread evenly over calls.
+    #[serde(default)]
+    pub invalid_json_rate: f64,
+    /// Share of answers (0 to 1) that differ from the answer other calls give (another
+    /// label, another enum value), still valid.
+    #[serde(default)]
+    pub wrong_answer_rate: f64,
+    /// Where the affected calls fall in the call sequence (default 0).
+    #[serde(default)]
+    pub quality_seed: u64,
 }
 
 /// The error kind of a simulated provider's scripted failures.
@@ -314,6 +328,9 @@ impl Default for SimulatedConfig {
             token_delay_ms: default_sim_token(),
             fail_every: 0,
             fail_kind: SimulatedFailure::default(),
+            invalid_json_rate: 0.0,
+            wrong_answer_rate: 0.0,
+            quality_seed: 0,
         }
     }
 }
@@ -323,6 +340,39 @@ fn default_sim_latency() -> u64 {
 }
 fn default_sim_token() -> u64 {
     10
+}
+
+/// `[shadow.<task>]`: shadow traffic for one task type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The candidate: a chain of this file.
+    pub chain: Spanned<String>,
+    /// Share of the task's requests copied, 0 to 1 (default 0.05).
+    #[serde(default = "default_shadow_rate")]
+    pub sample_rate: f64,
+    /// The candidate's spend cap per UTC day, in USD (default: none).
+    pub budget_usd: Option<f64>,
+    /// Shadow calls of this task in flight at once; more copies are dropped (default 4).
+    #[serde(default = "default_shadow_in_flight")]
+    pub max_in_flight: usize,
+    /// A shadow call taking longer is cut, in milliseconds (default 60 000).
+    #[serde(default = "default_shadow_timeout")]
+    pub timeout_ms: u64,
+    /// The model the copy asks for (default: the client's).
+    pub model: Option<String>,
+    /// Seeds the sampler, so the same requests are picked on every run (default: random).
+    pub seed: Option<u64>,
+}
+
+fn default_shadow_rate() -> f64 {
+    0.05
+}
+fn default_shadow_in_flight() -> usize {
+    4
+}
+fn default_shadow_timeout() -> u64 {
+    60_000
 }
 
 /// `[chains.<name>]`: an ordered fallback chain.

@@ -1,4 +1,5 @@
-//! [`SimulatedLlm`]: an in-process stand-in for a real provider, for demos and examples.
+//! [`SimulatedLlm`]: an in-process stand-in for a real provider, for demos, examples and
+//! evaluations (per-model quality knobs), behind the `simulated` feature.
 
 use std::fmt;
 use std::future::Future;
@@ -38,7 +39,7 @@ type AnswerFn = Arc<dyn Fn(&ChatRequest) -> String + Send + Sync>;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), llm_tower_core::LlmError> {
 /// # tokio::time::pause();
 /// use llm_tower_core::{ChatRequest, ErrorKind, Message};
-/// use llm_tower_test::SimulatedLlm;
+/// use llm_tower_providers::SimulatedLlm;
 /// use std::time::Duration;
 /// use tower::{Service, ServiceExt};
 ///
@@ -75,6 +76,7 @@ struct Inner {
     failure: Option<(u64, ErrorKind)>,
     retry_after: Duration,
     answer: Option<AnswerFn>,
+    quality: Quality,
     calls: AtomicU64,
 }
 
@@ -87,6 +89,7 @@ impl fmt::Debug for SimulatedLlm {
             .field("latency", &i.latency)
             .field("token_delay", &i.token_delay)
             .field("failure", &i.failure)
+            .field("quality", &i.quality)
             .field("calls", &self.calls())
             .finish_non_exhaustive()
     }
@@ -103,6 +106,80 @@ pub struct SimulatedLlmBuilder {
     failure: Option<(u64, ErrorKind)>,
     retry_after: Duration,
     answer: Option<AnswerFn>,
+    quality: Quality,
+}
+
+/// The quality knobs: which calls answer invalid JSON or a different answer.
+///
+/// A rate is kept in parts per million and applied by call number, not drawn at random:
+/// with the rate as a reduced fraction `k / m` (0.125 = 1/8), every block of `m`
+/// consecutive calls (calls 1 to m, m+1 to 2m, …) holds exactly `k` affected calls, at
+/// places within the block drawn from the seed. So `N` calls from the first hold exactly
+/// `N·rate` affected ones when `N` is a multiple of `m` (and within `k` of it otherwise),
+/// and two clients taking turns on one provider do not split the affected calls by
+/// parity. Each knob draws its own places.
+#[derive(Debug, Clone, Copy, Default)]
+struct Quality {
+    invalid_json_ppm: u32,
+    wrong_answer_ppm: u32,
+    seed: u64,
+}
+
+const MILLION: u64 = 1_000_000;
+
+/// Multipliers coprime to 10⁶ (so to every block size): `p ↦ (a·p + c) mod m` is then a
+/// permutation of a block.
+const COPRIME: [u64; 8] = [7, 11, 13, 17, 19, 23, 29, 31];
+
+impl Quality {
+    fn hits(ppm: u32, call: u64, seed: u64) -> bool {
+        if ppm == 0 || call == 0 {
+            return false;
+        }
+        let ppm = u64::from(ppm);
+        if ppm >= MILLION {
+            return true;
+        }
+        let g = gcd(ppm, MILLION);
+        let (k, m) = (ppm / g, MILLION / g);
+        let (block, place) = ((call - 1) / m, (call - 1) % m);
+        let h = splitmix(seed ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let a = COPRIME[(h % 8) as usize];
+        let c = (h >> 8) % m;
+        // u128: a·place < 31·10⁶ fits u64 too, but the sum stays obviously in range.
+        let slot = (u128::from(a) * u128::from(place) + u128::from(c)) % u128::from(m);
+        slot < u128::from(k)
+    }
+
+    fn invalid_json(&self, call: u64) -> bool {
+        Self::hits(self.invalid_json_ppm, call, splitmix(self.seed ^ 0x6a73))
+    }
+
+    fn wrong_answer(&self, call: u64) -> bool {
+        Self::hits(self.wrong_answer_ppm, call, splitmix(self.seed ^ 0x7772))
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn rate_ppm(rate: f64) -> u32 {
+    if rate.is_nan() {
+        return 0;
+    }
+    // Clamped to [0, 1] first, so the cast cannot overflow.
+    (rate.clamp(0.0, 1.0) * MILLION as f64).round() as u32
+}
+
+fn splitmix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl fmt::Debug for SimulatedLlmBuilder {
@@ -113,6 +190,7 @@ impl fmt::Debug for SimulatedLlmBuilder {
             .field("latency", &self.latency)
             .field("token_delay", &self.token_delay)
             .field("failure", &self.failure)
+            .field("quality", &self.quality)
             .finish_non_exhaustive()
     }
 }
@@ -161,6 +239,51 @@ impl SimulatedLlmBuilder {
         self
     }
 
+    /// The share of calls (0 to 1) whose JSON answer is broken: cut before its last
+    /// character, as a model that stopped early would. Prose answers are unchanged (they
+    /// are not JSON anyway). Exact over blocks of calls, not drawn at random: see
+    /// [`quality_seed`](Self::quality_seed).
+    pub fn invalid_json_rate(mut self, rate: f64) -> Self {
+        self.quality.invalid_json_ppm = rate_ppm(rate);
+        self
+    }
+
+    /// The share of calls (0 to 1) that give a different answer from the one every other
+    /// call gives the same request: another label for a classification, another enum value
+    /// or text in JSON, other prose. Still valid JSON where JSON was asked for.
+    pub fn wrong_answer_rate(mut self, rate: f64) -> Self {
+        self.quality.wrong_answer_ppm = rate_ppm(rate);
+        self
+    }
+
+    /// Where in the call sequence the affected calls of the quality rates fall (default 0).
+    /// Whatever the seed, every block of calls the size of the rate's denominator holds
+    /// exactly its share of affected calls (one in every 4 calls for 0.25), so tests can
+    /// assert exact rates.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # tokio::time::pause();
+    /// use llm_tower_core::{ChatRequest, Message};
+    /// use llm_tower_providers::SimulatedLlm;
+    /// use tower::ServiceExt;
+    ///
+    /// let llm = SimulatedLlm::builder("sim").invalid_json_rate(0.25).quality_seed(7).build();
+    /// let mut broken = 0;
+    /// for i in 0..100 {
+    ///     let mut req = ChatRequest::new("m", vec![Message::user(format!("item {i}"))]);
+    ///     req.response_format = Some(serde_json::from_value(serde_json::json!({"type": "json_object"})).unwrap());
+    ///     let text = llm.clone().oneshot(req).await.unwrap().into_complete().await.unwrap().text();
+    ///     broken += usize::from(serde_json::from_str::<serde_json::Value>(&text).is_err());
+    /// }
+    /// assert_eq!(broken, 25);
+    /// # }
+    /// ```
+    pub fn quality_seed(mut self, seed: u64) -> Self {
+        self.quality.seed = seed;
+        self
+    }
+
     /// The service.
     pub fn build(self) -> SimulatedLlm {
         SimulatedLlm {
@@ -172,6 +295,7 @@ impl SimulatedLlmBuilder {
                 failure: self.failure,
                 retry_after: self.retry_after,
                 answer: self.answer,
+                quality: self.quality,
                 calls: AtomicU64::new(0),
             }),
         }
@@ -194,6 +318,7 @@ impl SimulatedLlm {
             failure: None,
             retry_after: Duration::from_secs(1),
             answer: None,
+            quality: Quality::default(),
         }
     }
 
@@ -207,12 +332,30 @@ impl SimulatedLlm {
         self.inner.calls.load(Ordering::Relaxed)
     }
 
-    /// The answer this service gives `req` (without delays or failures).
+    /// The answer this service gives `req` (without delays, failures or quality knobs).
     pub fn answer_text(&self, req: &ChatRequest) -> String {
         match &self.inner.answer {
             Some(f) => f(req),
-            None => generate(req),
+            None => generate(req, false),
         }
+    }
+
+    /// The answer of call number `call`: [`answer_text`](Self::answer_text), unless the
+    /// quality knobs pick this call for a wrong answer or broken JSON.
+    fn answer_for_call(&self, req: &ChatRequest, call: u64) -> String {
+        let q = &self.inner.quality;
+        let mut text = if q.wrong_answer(call) {
+            match &self.inner.answer {
+                Some(f) => wrong_variant(f(req)),
+                None => generate(req, true),
+            }
+        } else {
+            self.answer_text(req)
+        };
+        if q.invalid_json(call) && text.trim_start().starts_with(['{', '[']) {
+            text.pop();
+        }
+        text
     }
 
     fn failure(&self, call: u64) -> Option<LlmError> {
@@ -309,7 +452,7 @@ impl Service<ChatRequest> for SimulatedLlm {
                 return Err(err);
             }
             let model = inner.model.clone().unwrap_or_else(|| req.model.clone());
-            let (text, finish) = limit_words(this.answer_text(&req), req.output_limit());
+            let (text, finish) = limit_words(this.answer_for_call(&req, call), req.output_limit());
             let usage = Usage::new(
                 estimate_tokens(req.prompt_text_len()),
                 estimate_tokens(text.len()),
@@ -470,7 +613,7 @@ pub const SIMULATED_DIMENSIONS: usize = 256;
 
 /// A deterministic unit vector for `input` under `model` (splitmix64 seeded by FNV-1a): the
 /// same input always gets the same vector, different inputs different ones.
-pub(crate) fn embed(model: &str, input: &EmbeddingInput, dims: usize) -> Vec<f32> {
+pub fn embed(model: &str, input: &EmbeddingInput, dims: usize) -> Vec<f32> {
     let mut seed = match input {
         EmbeddingInput::Text(t) => fnv(t),
         EmbeddingInput::Tokens(t) => t.iter().fold(fnv("tokens"), |h, id| {
@@ -564,8 +707,29 @@ fn system_text(req: &ChatRequest) -> String {
         .join(" ")
 }
 
-/// The built-in deterministic answer.
-fn generate(req: &ChatRequest) -> String {
+/// Another answer made from `text` (a custom answer function's): inside JSON, its string
+/// values get a prefix; other text, a suffix.
+fn wrong_variant(text: String) -> String {
+    match serde_json::from_str::<Value>(&text) {
+        Ok(mut v) => {
+            fn walk(v: &mut Value) {
+                match v {
+                    Value::String(s) => s.insert_str(0, "alt: "),
+                    Value::Array(a) => a.iter_mut().for_each(walk),
+                    Value::Object(o) => o.values_mut().for_each(walk),
+                    Value::Bool(b) => *b = !*b,
+                    _ => {}
+                }
+            }
+            walk(&mut v);
+            v.to_string()
+        }
+        Err(_) => format!("{text} (alternative)"),
+    }
+}
+
+/// The built-in deterministic answer; `variant` gives a different one (a wrong answer).
+fn generate(req: &ChatRequest, variant: bool) -> String {
     let prompt = last_user_text(req);
     let h = fnv(&prompt) ^ fnv(&req.model).rotate_left(7);
     let task = req
@@ -574,15 +738,21 @@ fn generate(req: &ChatRequest) -> String {
         .unwrap_or_default();
     let hint = format!("{task} {}", system_text(req).to_ascii_lowercase());
     let prose = if hint.contains("classif") {
-        ["positive", "negative", "neutral"][(h % 3) as usize].to_owned()
+        // From the prompt alone: every simulated model agrees on a label (unless told to
+        // answer wrongly), so evaluations and shadow comparisons have a truth to find.
+        let hc = fnv(&prompt);
+        ["positive", "negative", "neutral"][((hc % 3 + u64::from(variant)) % 3) as usize].to_owned()
     } else if hint.contains("summar") {
         let words: Vec<&str> = prompt.split_whitespace().take(12).collect();
-        format!("Summary: {}.", words.join(" ").trim_end_matches('.'))
+        let head = if variant { "In short" } else { "Summary" };
+        format!("{head}: {}.", words.join(" ").trim_end_matches('.'))
     } else {
         let topic: Vec<&str> = prompt.split_whitespace().take(8).collect();
         let topic = topic.join(" ");
-        let pick =
-            |list: &[&'static str], shift: u32| list[((h >> shift) % list.len() as u64) as usize];
+        let v = u64::from(variant);
+        let pick = |list: &[&'static str], shift: u32| {
+            list[(((h >> shift) % list.len() as u64 + v) % list.len() as u64) as usize]
+        };
         let mut s = format!(
             "{} About \"{}\": {}",
             pick(OPENERS, 0),
@@ -605,10 +775,62 @@ fn generate(req: &ChatRequest) -> String {
                 .and_then(|f| f.json_schema.as_ref())
                 .and_then(|s| s.schema.clone())
                 .unwrap_or(Value::Null);
-            let v = value_for_schema(&schema, &schema, &prose, 0);
+            let mut v = value_for_schema(&schema, &schema, &prose, 0);
+            if variant {
+                vary(&mut v, &schema, &schema, 0);
+            }
             v.to_string()
         }
         _ => prose,
+    }
+}
+
+/// Changes `v` (made by [`value_for_schema`]) into another value the schema accepts where
+/// it can: the next `enum` value, a flipped boolean, a string with a different start.
+fn vary(v: &mut Value, schema: &Value, root: &Value, depth: usize) {
+    if depth > 16 {
+        return;
+    }
+    let Some(obj) = schema.as_object() else {
+        if let Value::Object(m) = v {
+            m.values_mut()
+                .for_each(|x| vary(x, &Value::Null, root, depth + 1));
+        } else if let Value::String(s) = v {
+            s.insert_str(0, "Alt: ");
+        }
+        return;
+    };
+    if let Some(r) = obj.get("$ref").and_then(Value::as_str)
+        && let Some(target) = r.strip_prefix('#').and_then(|p| root.pointer(p))
+    {
+        return vary(v, target, root, depth + 1);
+    }
+    if obj.contains_key("const") {
+        return;
+    }
+    if let Some(e) = obj.get("enum").and_then(Value::as_array) {
+        if let Some(next) = e.get(1) {
+            *v = next.clone();
+        }
+        return;
+    }
+    match v {
+        Value::Object(m) => {
+            let props = obj.get("properties").and_then(Value::as_object);
+            for (k, x) in m.iter_mut() {
+                let sub = props.and_then(|p| p.get(k)).unwrap_or(&Value::Null);
+                vary(x, sub, root, depth + 1);
+            }
+        }
+        Value::Array(a) => {
+            let item = obj.get("items").unwrap_or(&Value::Null);
+            a.iter_mut().for_each(|x| vary(x, item, root, depth + 1));
+        }
+        Value::String(s) if !obj.contains_key("maxLength") && !obj.contains_key("pattern") => {
+            s.insert_str(0, "Alt: ");
+        }
+        Value::Bool(b) => *b = !*b,
+        _ => {}
     }
 }
 
