@@ -115,6 +115,41 @@ async fn slow_member_gets_less_traffic_then_recovers() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_given_up_raises_the_members_estimate() {
+    // A call dropped before its answer (a hedge's loser, a client gone) took at least that
+    // long: a member whose slow calls are always cancelled must not keep looking fast.
+    let a = Member::new("a", 100);
+    let b = Member::new("b", 100);
+    let mut group = Balance::new(vec![a.target(), b.target()]);
+    let stats = group.stats();
+    send(&mut group, 10).await;
+    a.latency_ms.store(60_000, Ordering::Relaxed);
+    // Calls until one goes to "a"; that one is given up after 5 s.
+    loop {
+        let fut = group.ready().await.unwrap().call(req());
+        if stats.snapshot()[0].in_flight == 1 {
+            let r = tokio::time::timeout(Duration::from_secs(5), fut).await;
+            assert!(r.is_err(), "a hangs for 60 s");
+            break;
+        }
+        fut.await.unwrap();
+    }
+    let snap = stats.snapshot();
+    assert_eq!(snap[0].in_flight, 0);
+    assert!(snap[0].latency >= Duration::from_secs(5), "{snap:?}");
+    // So "b" serves the next calls.
+    let served = send(&mut group, 20).await;
+    assert_eq!(count(&served, "b"), 20, "{served:?}");
+
+    // A call given up sooner than the estimate says nothing: the estimate stays.
+    let before = stats.snapshot()[1].latency;
+    let fut = group.ready().await.unwrap().call(req());
+    assert_eq!(stats.snapshot()[1].in_flight, 1);
+    drop(fut);
+    assert_eq!(stats.snapshot()[1].latency, before);
+}
+
+#[tokio::test(start_paused = true)]
 async fn in_flight_requests_spread_over_equal_members() {
     let a = Member::new("a", 1_000);
     let b = Member::new("b", 1_000);

@@ -67,8 +67,10 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if !self.reported {
-            // Dropped without an answer (the caller gave up): no verdict on the member.
-            self.shared.release(self.idx, self.probe);
+            // Dropped without an answer (the caller gave up): no verdict on the member,
+            // but a lower bound of its latency.
+            self.shared
+                .given_up(self.idx, self.probe, self.start.elapsed());
         }
         self.shared.done(self.idx);
     }

@@ -320,7 +320,14 @@ impl Shared {
             .observe(h, Instant::now(), self.config.default_reset);
     }
 
-    pub(super) fn release(&self, i: usize, probe: Option<u64>) {
+    /// A call given up before its answer (the caller dropped it: a hedge's loser, a
+    /// client gone, a timeout above): no verdict for the breaker, but the member took at
+    /// least `elapsed`, which raises its latency estimate if higher. Without this, a
+    /// member whose slow calls are always cancelled by a hedge would never look slow.
+    pub(super) fn given_up(&self, i: usize, probe: Option<u64>, elapsed: Duration) {
+        lock(&self.members[i].load)
+            .ewma
+            .at_least(elapsed, Instant::now(), self.config.decay_ns);
         self.breakers.release_probe(i, probe);
     }
 

@@ -46,6 +46,16 @@ impl PeakEwma {
         self.update(now, nanos(rtt), decay_ns);
     }
 
+    /// A call that was given up after `at_least`: it would have taken at least that long.
+    /// Raises the estimate to it if it is higher (as a peak does); a lower bound below the
+    /// estimate says nothing.
+    pub(super) fn at_least(&mut self, at_least: Duration, now: Instant, decay_ns: f64) {
+        let rtt_ns = nanos(at_least);
+        if self.estimate(now, decay_ns) < rtt_ns {
+            self.rtt_ns = rtt_ns;
+        }
+    }
+
     /// The estimate now, in nanoseconds (decayed since the last update).
     pub(super) fn estimate(&mut self, now: Instant, decay_ns: f64) -> f64 {
         self.update(now, 0.0, decay_ns)

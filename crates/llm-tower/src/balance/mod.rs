@@ -17,7 +17,11 @@
 //!     sample replaces the estimate at once; faster ones pull it down over
 //!     [`decay`](BalanceLayer::decay) (10 s), and an idle member's estimate decays towards
 //!     zero, so a member that was slow is tried again and, once fast, keeps its traffic.
-//!     Before its first answer a member counts [`DEFAULT_RTT`] (1 s).
+//!     Before its first answer a member counts [`DEFAULT_RTT`] (1 s). A call given up
+//!     before its answer (dropped: a [`Hedge`](crate::hedge)'s losing attempt, a client
+//!     gone, a timeout above) took at least as long as it ran: that raises the estimate
+//!     if it is higher, and says nothing otherwise. So a member whose slow calls are
+//!     cancelled by a hedge still looks slower than one that answers.
 //!   - **In flight** counts a stream until it ends or is dropped.
 //!   - **Headroom**: the `x-ratelimit-*` counts a provider reports
 //!     ([`ResponseMeta::headroom`](crate::ResponseMeta)), counted down by each pick until

@@ -44,8 +44,8 @@ pub const DEFAULT_BUDGET: f64 = 0.05;
 /// The default window of the latency histogram (60 s; the percentile is read from the
 /// previous full window, or from the current one until a window has passed).
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(60);
-/// Longest latency the histogram records (1 h); longer samples count as 1 h.
-const MAX_MS: u64 = 3_600_000;
+/// Longest latency the histogram records (1 h, in microseconds); longer samples count as 1 h.
+const MAX_US: u64 = 3_600_000_000;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Config {
@@ -78,7 +78,11 @@ struct Rotating {
 
 impl Rotating {
     fn new(period: Duration) -> Self {
-        let h = || Histogram::new_with_bounds(1, MAX_MS, 2).expect("valid histogram bounds");
+        // Microseconds, two significant digits (buckets under 1 % wide): whole milliseconds
+        // would put a tight 50 ms latency in one or two buckets, and the percentile, read
+        // as a bucket's value, below most of the latencies in that bucket, so that far
+        // more than 5 % of first attempts ran past a p95 delay and were hedged.
+        let h = || Histogram::new_with_bounds(1, MAX_US, 2).expect("valid histogram bounds");
         Self {
             read: h(),
             write: h(),
@@ -104,11 +108,11 @@ impl Rotating {
 
     fn record(&mut self, latency: Duration) {
         self.rotate(Instant::now());
-        let ms = u64::try_from(latency.as_millis())
-            .unwrap_or(MAX_MS)
-            .clamp(1, MAX_MS);
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(MAX_US)
+            .clamp(1, MAX_US);
         // In bounds after the clamp.
-        let _ = self.write.record(ms);
+        let _ = self.write.record(us);
     }
 
     fn quantile(&mut self, q: f64, min_samples: u64) -> Option<Duration> {
@@ -120,7 +124,9 @@ impl Rotating {
         } else {
             return None;
         };
-        Some(Duration::from_millis(h.value_at_quantile(q).max(1)))
+        // The highest value of the percentile's bucket: no more than the share of samples
+        // above the percentile lies above the delay.
+        Some(Duration::from_micros(h.value_at_quantile(q).max(1)))
     }
 }
 
@@ -399,5 +405,55 @@ where
         let ready = std::mem::replace(&mut self.inner, fresh);
         let spare = self.inner.clone();
         ResponseFuture::race(Race::new(shared.clone(), ready, spare, req, copy, delay))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` latencies spread evenly over [50 ms, 51 ms): a tight distribution, as a fast
+    /// upstream's is.
+    fn tight(n: u64) -> impl Iterator<Item = Duration> {
+        (0..n).map(move |i| Duration::from_micros(50_000 + i * 1_000 / n))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_p95_delay_leaves_at_most_5_percent_of_samples_above_it() {
+        // In whole milliseconds every one of these read as 50 ms, the p95 too, and a
+        // request taking 50.5 ms was hedged: nearly every request ran past the delay.
+        let shared = Shared::new(Config::default());
+        for d in tight(1_000) {
+            shared.record(d);
+        }
+        let delay = shared.delay().expect("enough samples");
+        let above = tight(1_000).filter(|d| *d > delay).count();
+        assert!(
+            above <= 50,
+            "{above} of 1000 samples above the p95 delay {delay:?}"
+        );
+        // Still the p95, to the histogram's precision (under 1 %).
+        assert!(
+            delay >= Duration::from_micros(50_950) && delay <= Duration::from_micros(51_400),
+            "{delay:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_and_short_latencies_are_kept_in_range() {
+        let shared = Shared::new(Config::default());
+        for _ in 0..20 {
+            shared.record(Duration::ZERO);
+        }
+        assert_eq!(shared.delay(), Some(Duration::from_micros(1)));
+        let shared = Shared::new(Config::default());
+        for _ in 0..20 {
+            shared.record(Duration::MAX);
+        }
+        let delay = shared.delay().expect("enough samples");
+        assert!(
+            delay >= Duration::from_secs(3_600) && delay <= Duration::from_secs(3_640),
+            "{delay:?}"
+        );
     }
 }
