@@ -18,7 +18,10 @@ fi
 MOCK_BIN="$TARGET_DIR/$DIR/llm-tower-mock"
 BARE_BIN="$TARGET_DIR/$DIR/llm-tower-bare-proxy"
 
-BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'
+# BODY: the request sent (default: a short non-streamed chat request); e.g. a streamed one
+# for instructions.sh.
+DEFAULT_BODY='{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark"}],"temperature":0}'
+BODY="${BODY:-$DEFAULT_BODY}"
 PIDS=()
 LUA="$(mktemp --suffix=.lua)"
 cleanup() {
@@ -29,4 +32,4 @@ cleanup() {
 trap cleanup EXIT
 # Every request skips the cache lookup (no-cache) and stores its answer: the miss path.
 . scripts/bench-lib.sh
-wrk_lua "$LUA" "$BODY" no-cache
+wrk_lua "$LUA" "$BODY" "${CACHE_CONTROL:-no-cache}"

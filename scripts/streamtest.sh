@@ -44,8 +44,9 @@ done
 OUT="${OUT:-$TARGET_DIR/streamtest.md}"
 
 STREAM_BODY='{"model":"bench","stream":true,"messages":[{"role":"user","content":"one two three four five six seven eight nine ten eleven twelve thirteen"}]}'
-HIT_BODY='{"model":"bench","messages":[{"role":"user","content":"a cached question"}]}'
-HIT_STREAM_BODY='{"model":"bench","stream":true,"messages":[{"role":"user","content":"one two three four five six seven eight nine ten eleven twelve thirteen"}]}'
+# Cache hits need a deterministic request (temperature 0): anything else bypasses the cache.
+HIT_BODY='{"model":"bench","temperature":0,"messages":[{"role":"user","content":"a cached question"}]}'
+HIT_STREAM_BODY='{"model":"bench","temperature":0,"stream":true,"messages":[{"role":"user","content":"one two three four five six seven eight nine ten eleven twelve thirteen"}]}'
 LUA_S="$(mktemp --suffix=.lua)"; LUA_H="$(mktemp --suffix=.lua)"; LUA_HS="$(mktemp --suffix=.lua)"
 BODY_FILE="$(mktemp)"; CURL_CFG="$(mktemp)"
 wrk_lua "$LUA_S" "$STREAM_BODY" no-cache
@@ -70,6 +71,14 @@ events() { curl -sfN -H 'content-type: application/json' -H 'authorization: Bear
 for base in "http://$MOCK_ADDR" "http://$GW_ADDR"; do
   n="$(events "$base")"
   [ "$n" = "$CHUNKS" ] || { echo "streamtest: $base streams $n content chunks, not $CHUNKS" >&2; exit 1; }
+done
+
+# The cache-hit runs really hit: the first request stores, the second is served from it.
+hit() { curl -sf -o /dev/null -D - -H 'content-type: application/json' -H 'authorization: Bearer sk-bench' \
+  -H 'cache-control: max-age=3600' -d "$1" "http://$GW_ADDR$CHAT" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-llm-cache" { print $2 }'; }
+for body in "$HIT_BODY" "$HIT_STREAM_BODY"; do
+  hit "$body" >/dev/null
+  [ "$(hit "$body")" = hit ] || { echo "streamtest: a repeated request is not a cache hit: $body" >&2; exit 1; }
 done
 
 echo "== warm-up" >&2

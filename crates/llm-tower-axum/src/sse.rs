@@ -47,17 +47,37 @@ pub fn sse_body(stream: ChunkStream, include_usage: bool) -> Body {
 /// a burst of events is never held in one growing buffer.
 const MAX_WRITE_BYTES: usize = 64 * 1024;
 
+/// How many times in a row one write is held back to gather more events (see
+/// [`SseStream`]); bounds the delay a steady trickle of events can add to a write.
+const MAX_GATHER_ROUNDS: u8 = 32;
+
 /// The stream of SSE writes; the first event may already have been taken from the inner
 /// stream (the handler waits for it before sending headers).
 ///
 /// An encoded chunk (see [`llm_tower_core::EncodedChunk`]) is forwarded as the JSON its
 /// upstream sent, framed `data: …\n\n`; a typed one is encoded. Every event ready at one
 /// poll goes into the same write (hyper then writes and flushes once for all of them).
+///
+/// Events that arrive together leave together, also across the upstream connection: an
+/// HTTP/1 client body hands its frames over one at a time, each after the connection's
+/// task runs again, so a burst the upstream sent in one packet would otherwise leave as
+/// one write (one syscall, one packet) per event. After the first write (time to first
+/// byte is never delayed), a poll that took events and then found the stream pending
+/// gives the scheduler one turn before writing: when the upstream connection had more,
+/// they join the same write; when two turns bring nothing, what was gathered leaves. Each
+/// event waits at most two scheduler turns; a write at most [`MAX_GATHER_ROUNDS`] turns.
 pub(crate) struct SseStream {
     first: Option<StreamEvent>,
     inner: ChunkStream,
     include_usage: bool,
     done: bool,
+    /// Whether a write went out already.
+    wrote: bool,
+    /// Events gathered for the next write, and the turns they have waited.
+    gathered: Vec<u8>,
+    rounds: u8,
+    /// Polls in a row since the last event that found nothing new.
+    idle: u8,
 }
 
 impl SseStream {
@@ -67,6 +87,10 @@ impl SseStream {
             inner,
             include_usage,
             done: false,
+            wrote: false,
+            gathered: Vec::new(),
+            rounds: 0,
+            idle: 0,
         }
     }
 
@@ -131,15 +155,33 @@ impl Stream for SseStream {
         if this.done {
             return Poll::Ready(None);
         }
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut this.gathered);
+        let mut took = false;
         while out.len() < MAX_WRITE_BYTES {
             let next = match this.first.take() {
                 Some(first) => Some(Ok(first)),
                 None => match this.inner.poll_next_event(cx) {
-                    Poll::Pending => break,
+                    Poll::Pending => {
+                        if this.wrote && !out.is_empty() && this.rounds < MAX_GATHER_ROUNDS {
+                            // Nothing new twice in a row: the upstream connection had its
+                            // turn and nothing more (hyper polls a body again at once when
+                            // it returns pending, so one empty poll proves nothing).
+                            this.idle = if took { 0 } else { this.idle + 1 };
+                            if this.idle < 2 {
+                                // Give the upstream connection its turn (see the type's
+                                // docs); the inner stream's waker is registered too.
+                                this.rounds += 1;
+                                this.gathered = out;
+                                cx.waker().wake_by_ref();
+                                return Poll::Pending;
+                            }
+                        }
+                        break;
+                    }
                     Poll::Ready(item) => item,
                 },
             };
+            took = true;
             match next {
                 Some(Ok(event)) => {
                     if let Err(e) = this.frame(event, &mut out) {
@@ -165,6 +207,9 @@ impl Stream for SseStream {
             // Nothing ready (the inner stream registered the waker).
             return Poll::Pending;
         }
+        this.wrote = true;
+        this.rounds = 0;
+        this.idle = 0;
         Poll::Ready(Some(Ok(Bytes::from(out))))
     }
 }
@@ -243,6 +288,75 @@ mod tests {
             "{rest}"
         );
         assert!(sse.next().await.is_none());
+    }
+
+    /// Events as an HTTP/1 client body hands them over: one per turn of the connection's
+    /// task (here: pending, with a wake-up, between any two events).
+    fn one_per_turn(
+        events: Vec<StreamEvent>,
+    ) -> impl futures_core::Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static {
+        let mut events = events.into_iter();
+        let mut ready = false;
+        futures_util::stream::poll_fn(move |cx| {
+            ready = !ready;
+            if ready {
+                Poll::Ready(events.next().map(Ok))
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_burst_handed_over_one_event_per_turn_leaves_in_one_write_after_the_first() {
+        let events = (0..20).map(|_| enc(TEXT)).collect();
+        let s = ChunkStream::from_events(one_per_turn(events));
+        let out = writes(SseStream::new(None, s, true)).await;
+        // The first event leaves at once (time to first byte); the rest together.
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0], format!("data: {TEXT}\n\n"));
+        assert_eq!(
+            out[1],
+            format!("data: {TEXT}\n\n").repeat(19) + "data: [DONE]\n\n"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_event_is_not_held_back() {
+        let (tx, rx) = futures_channel_like();
+        let s = ChunkStream::from_events(rx);
+        let mut sse = SseStream::new(Some(enc(TEXT)), s, true);
+        assert_eq!(
+            sse.next().await.unwrap().unwrap(),
+            format!("data: {TEXT}\n\n")
+        );
+        tx.send(Ok(enc(TEXT))).unwrap();
+        // Nothing follows it (the sender stays open): it leaves after one scheduler turn.
+        let second = tokio::time::timeout(std::time::Duration::from_millis(1), sse.next()).await;
+        assert_eq!(
+            second.expect("held back").unwrap().unwrap(),
+            format!("data: {TEXT}\n\n")
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_steady_trickle_still_leaves_every_few_turns() {
+        let events = (0..200).map(|_| enc(TEXT)).collect();
+        let s = ChunkStream::from_events(one_per_turn(events));
+        let out = writes(SseStream::new(None, s, true)).await;
+        // Gathering stops after MAX_GATHER_ROUNDS turns: no write waits for the whole stream.
+        let frames_per_write: Vec<usize> =
+            out.iter().map(|w| w.matches("data: ").count()).collect();
+        assert!(out.len() > 2, "{frames_per_write:?}");
+        assert!(
+            frames_per_write
+                .iter()
+                .all(|&n| n <= usize::from(MAX_GATHER_ROUNDS) + 2),
+            "{frames_per_write:?}"
+        );
+        assert_eq!(frames_per_write.iter().sum::<usize>(), 201);
     }
 
     type Tx = tokio::sync::mpsc::UnboundedSender<Result<StreamEvent, LlmError>>;

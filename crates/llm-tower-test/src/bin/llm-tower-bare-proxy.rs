@@ -1,7 +1,13 @@
-//! `llm-tower-bare-proxy`: the floor that `scripts/loadtest.sh` measures the gateway
-//! against. It forwards every request's bytes to one upstream and the answer's bytes back,
-//! over the same HTTP stack as the gateway (hyper-util's server and pooled client, one
-//! `current_thread` runtime), and does nothing else: no JSON, no layers, no metrics.
+//! `llm-tower-bare-proxy`: the floor that `scripts/loadtest.sh` and
+//! `scripts/streamtest.sh` measure the gateway against. It forwards every request's bytes
+//! to one upstream and the answer's bytes back, over the same HTTP stack as the gateway
+//! (hyper-util's server and pooled client, one `current_thread` runtime), and does nothing
+//! else: no JSON, no layers, no metrics.
+//!
+//! A JSON answer is read whole and sent in one piece; a server-sent event stream
+//! (`text/event-stream`) is forwarded frame by frame as it arrives, as any proxy that
+//! serves streamed LLM answers must (one that buffered it would hold every token back
+//! until the last).
 //!
 //! ```text
 //! llm-tower-bare-proxy --addr 127.0.0.1:9102 --upstream 127.0.0.1:9100
@@ -16,6 +22,7 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::Parser;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -93,9 +100,10 @@ async fn forward(
     client: Upstream,
     upstream: std::sync::Arc<str>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<BoxBody<Bytes, hyper::Error>>, Infallible> {
+    let full = |b: Bytes| Full::new(b).map_err(|never| match never {}).boxed();
     let bad_gateway = || {
-        let mut r = Response::new(Full::new(Bytes::new()));
+        let mut r = Response::new(full(Bytes::new()));
         *r.status_mut() = StatusCode::BAD_GATEWAY;
         r
     };
@@ -116,8 +124,15 @@ async fn forward(
         return Ok(bad_gateway());
     };
     let (parts, body) = resp.into_parts();
+    let streamed = parts
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if streamed {
+        return Ok(Response::from_parts(parts, body.boxed()));
+    }
     let Ok(body) = body.collect().await.map(|c| c.to_bytes()) else {
         return Ok(bad_gateway());
     };
-    Ok(Response::from_parts(parts, Full::new(body)))
+    Ok(Response::from_parts(parts, full(body)))
 }
