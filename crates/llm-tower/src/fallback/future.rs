@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use llm_tower_core::{
@@ -281,16 +281,16 @@ impl ResponseFuture {
         }
     }
 
-    /// A timeout error if the armed limit has passed.
-    fn timed_out(&mut self, cx: &mut Context<'_>) -> Option<LlmError> {
-        let why = self.armed?;
-        let timer = self.timer.as_mut()?;
-        if timer.as_mut().poll(cx).is_pending() {
-            return None;
-        }
+    /// The timeout arm of every waiting state: `Ready` with a timeout error once the armed
+    /// limit has passed, else `Pending` (the timer's waker is registered).
+    fn poll_timeout(&mut self, cx: &mut Context<'_>) -> Poll<LlmError> {
+        let (Some(why), Some(timer)) = (self.armed, self.timer.as_mut()) else {
+            return Poll::Pending;
+        };
+        ready!(timer.as_mut().poll(cx));
         let name = &self.targets[self.idx].name;
         self.deadline_hit = matches!(why, Limit::Deadline);
-        Some(LlmError::timeout(match why {
+        Poll::Ready(LlmError::timeout(match why {
             Limit::Total(d) => format!("{name} did not answer within {d:?}"),
             Limit::FirstChunk(d) => format!("{name} sent no first chunk within {d:?}"),
             Limit::Deadline => format!("the request's deadline passed while waiting for {name}"),
@@ -305,7 +305,8 @@ impl Future for ResponseFuture {
         // Every field is Unpin (the timer and the inner futures are boxed).
         let this = self.get_mut();
         loop {
-            match &mut this.state {
+            // Each state either returns, moves on (`continue`), or yields the attempt's error.
+            let error = match &mut this.state {
                 State::Next => {
                     if this.idx >= this.targets.len() {
                         this.state = State::Done;
@@ -338,6 +339,7 @@ impl Future for ResponseFuture {
                     }
                     this.arm(now);
                     this.state = State::Ready(this.targets[this.idx].service.clone());
+                    continue;
                 }
                 State::Ready(svc) => match svc.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
@@ -350,43 +352,22 @@ impl Future for ResponseFuture {
                         this.cur_model = Some(req.model.clone());
                         let fut = svc.call(req);
                         this.state = State::Calling(fut);
+                        continue;
                     }
-                    Poll::Ready(Err(e)) => {
-                        if let Some(e) = this.fail(e) {
-                            return Poll::Ready(Err(e));
-                        }
-                    }
-                    Poll::Pending => match this.timed_out(cx) {
-                        Some(e) => {
-                            if let Some(e) = this.fail(e) {
-                                return Poll::Ready(Err(e));
-                            }
-                        }
-                        None => return Poll::Pending,
-                    },
+                    Poll::Ready(Err(e)) => e,
+                    Poll::Pending => ready!(this.poll_timeout(cx)),
                 },
                 State::Calling(fut) => match fut.as_mut().poll(cx) {
                     Poll::Ready(Ok(resp)) => {
                         if resp.is_stream() {
                             this.pending = Some(Box::new(resp));
                             this.state = State::FirstChunk;
-                        } else {
-                            return Poll::Ready(Ok(this.succeed(resp)));
+                            continue;
                         }
+                        return Poll::Ready(Ok(this.succeed(resp)));
                     }
-                    Poll::Ready(Err(e)) => {
-                        if let Some(e) = this.fail(e) {
-                            return Poll::Ready(Err(e));
-                        }
-                    }
-                    Poll::Pending => match this.timed_out(cx) {
-                        Some(e) => {
-                            if let Some(e) = this.fail(e) {
-                                return Poll::Ready(Err(e));
-                            }
-                        }
-                        None => return Poll::Pending,
-                    },
+                    Poll::Ready(Err(e)) => e,
+                    Poll::Pending => ready!(this.poll_timeout(cx)),
                 },
                 State::FirstChunk => {
                     let slot = &mut this.pending;
@@ -412,25 +393,11 @@ impl Future for ResponseFuture {
                             }
                             return Poll::Ready(Ok(this.succeed(*resp)));
                         }
-                        Poll::Ready(Some(Err(e))) => {
-                            if let Some(e) = this.fail(e) {
-                                return Poll::Ready(Err(e));
-                            }
-                        }
+                        Poll::Ready(Some(Err(e))) => e,
                         Poll::Ready(None) => {
-                            let e = LlmError::transport("the stream ended before its first chunk");
-                            if let Some(e) = this.fail(e) {
-                                return Poll::Ready(Err(e));
-                            }
+                            LlmError::transport("the stream ended before its first chunk")
                         }
-                        Poll::Pending => match this.timed_out(cx) {
-                            Some(e) => {
-                                if let Some(e) = this.fail(e) {
-                                    return Poll::Ready(Err(e));
-                                }
-                            }
-                            None => return Poll::Pending,
-                        },
+                        Poll::Pending => ready!(this.poll_timeout(cx)),
                     }
                 }
                 State::Done => {
@@ -438,6 +405,11 @@ impl Future for ResponseFuture {
                         "fallback future polled after completion",
                     )));
                 }
+            };
+            // The failure arm of every state: move on to the next target, or hand the error
+            // to the caller now.
+            if let Some(e) = this.fail(error) {
+                return Poll::Ready(Err(e));
             }
         }
     }

@@ -1,7 +1,9 @@
 //! An ordered fallback chain — primary, cheaper primary, free model — with per-attempt
 //! timeouts, a cooldown (circuit breaker) per target and a commit point for streams.
 //!
-//! # Which errors move on
+//! # Rules
+//!
+//! ## Which errors move on
 //!
 //! The next target is tried only for errors whose
 //! [`should_fall_back`](crate::LlmError::should_fall_back) is true: rate limited, timeouts,
@@ -12,7 +14,7 @@
 //! error is [`LlmError::all_failed`](crate::LlmError::all_failed): it says so, lists every
 //! attempt and keeps each attempt's error in [`attempts`](crate::LlmError::attempts).
 //!
-//! # Timeouts
+//! ## Timeouts
 //!
 //! Each attempt has up to three limits, each failing the attempt with
 //! [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) (so the chain moves on):
@@ -25,7 +27,7 @@
 //! A request's [`Deadline`](crate::Deadline) extension caps every attempt, and a target is
 //! skipped once the deadline has passed.
 //!
-//! # Commit point for streams
+//! ## Commit point for streams
 //!
 //! A stream may fall back only **before its first chunk reaches the caller**: the future polls
 //! the first chunk itself, and only then returns the response. After that, an upstream
@@ -33,7 +35,7 @@
 //! [`FallbackLayer::require_finish_reason`]) a stream that simply stops before any finish
 //! reason also ends with an error item — never a clean end that looks like success.
 //!
-//! # Cooldown
+//! ## Cooldown
 //!
 //! When, within [`Cooldown`]'s sliding `window`, at least `min_calls` attempts were made and
 //! at least its failure ratio of them failed in a way that moves on, a target is skipped for
@@ -44,14 +46,7 @@
 //! 5 minutes), whatever the upstream asks. The state lives in an `Arc` shared by every
 //! clone of the service and the layer; [`FallbackHealth::snapshot`] reads it for metrics.
 //!
-//! # Readiness
-//!
-//! [`Fallback`] reports ready at once and drives each target's readiness inside the response
-//! future, on a clone of that target: waiting for every target to be ready would stall the
-//! chain on exactly the provider it exists to route around. Time spent waiting for
-//! readiness counts towards the attempt's total timeout.
-//!
-//! # Response meta
+//! ## Response meta
 //!
 //! [`ResponseMeta::attempts`](crate::ResponseMeta) lists every target tried or skipped, with
 //! the model asked for and why it failed; the last one served.
@@ -61,6 +56,13 @@
 //! ahead of its commit point) was paid for: it is carried, with the model that target
 //! served, in the `paid_attempts` of the response (or the error) the chain returns, so that
 //! the cost and rate-limit layers above count it.
+//!
+//! # Readiness
+//!
+//! [`Fallback`] reports ready at once and drives each target's readiness inside the response
+//! future, on a clone of that target: waiting for every target to be ready would stall the
+//! chain on exactly the provider it exists to route around. Time spent waiting for
+//! readiness counts towards the attempt's total timeout.
 //!
 //! # Example
 //!
