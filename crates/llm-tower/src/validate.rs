@@ -56,6 +56,14 @@
 //! many outputs failed, how many retries were sent, how many retries fixed the output and
 //! how many requests gave up.
 //!
+//! # Readiness
+//!
+//! `poll_ready` delegates to the inner service. A request that needs checking moves the
+//! instance that was polled ready into its future (leaving a fresh clone behind), and a
+//! retry waits for that instance's readiness again before calling it. A request that fails
+//! its plan (a `response_format` schema that does not compile) is answered at once without
+//! calling the inner service.
+//!
 //! # Example
 //!
 //! ```
