@@ -1,4 +1,4 @@
-//! The response future of [`CostTracking`](super::CostTracking).
+//! The response future of [`Cost`](super::Cost).
 
 use super::*;
 use std::future::Future;
@@ -16,7 +16,7 @@ pin_project! {
 }
 
 pin_project! {
-    /// The response future of [`CostTracking`](super::CostTracking): reserves the
+    /// The response future of [`Cost`](super::Cost): reserves the
     /// budgets (if the store is asynchronous), calls the inner service, prices the
     /// response and arranges the settlement.
     pub struct ResponseFuture<S>

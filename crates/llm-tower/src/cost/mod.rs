@@ -121,9 +121,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use llm_tower_core::Cost as ResponseCost;
 use llm_tower_core::{
-    CacheStatus, ChatRequest, Cost, ErrorKind, LlmError, LlmResponse, NanoUsd, Outcome,
-    PaidAttempt, ResponseBody, Usage,
+    CacheStatus, ChatRequest, ErrorKind, LlmError, LlmResponse, NanoUsd, Outcome, PaidAttempt,
+    ResponseBody, Usage,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -251,7 +252,7 @@ pub struct CostRecord {
     /// The usage, if reported.
     pub usage: Option<Usage>,
     /// The cost (`None` if the usage or the price is unknown).
-    pub cost: Option<Cost>,
+    pub cost: Option<ResponseCost>,
     /// Whether it was a cache hit.
     pub cache_hit: bool,
     /// Whether the response was delivered completely.
@@ -290,7 +291,7 @@ struct Config {
     hold_ttl: Duration,
 }
 
-/// Applies [`CostTracking`] to a service. See the [module docs](self) for an example.
+/// Applies [`Cost`] to a service. See the [module docs](self) for an example.
 ///
 /// # Clone
 ///
@@ -479,10 +480,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl<S> Layer<S> for CostLayer {
-    type Service = CostTracking<S>;
+    type Service = Cost<S>;
 
-    fn layer(&self, inner: S) -> CostTracking<S> {
-        CostTracking {
+    fn layer(&self, inner: S) -> Cost<S> {
+        Cost {
             inner,
             layer: self.clone(),
         }
@@ -493,12 +494,12 @@ impl<S> Layer<S> for CostLayer {
 
 /// The cost service. See the [module docs](self).
 #[derive(Clone, Debug)]
-pub struct CostTracking<S> {
+pub struct Cost<S> {
     inner: S,
     layer: CostLayer,
 }
 
-impl<S> CostTracking<S> {
+impl<S> Cost<S> {
     /// Wraps `inner` with `layer`.
     pub fn new(inner: S, layer: CostLayer) -> Self {
         Self { inner, layer }
@@ -651,7 +652,7 @@ impl Ticket {
             }
         };
         resp.meta.cost = match cost {
-            Some(c) if paid > 0 => Some(Cost {
+            Some(c) if paid > 0 => Some(ResponseCost {
                 nano_usd: c.nano_usd.saturating_add(paid),
                 ..c
             }),
@@ -721,16 +722,20 @@ impl Ticket {
     }
 }
 
-fn price_usage(price: Option<ModelPrice>, usage: Option<&Usage>, hit: bool) -> Option<Cost> {
+fn price_usage(
+    price: Option<ModelPrice>,
+    usage: Option<&Usage>,
+    hit: bool,
+) -> Option<ResponseCost> {
     let (price, usage) = (price?, usage?);
     let full = price.cost(usage);
     Some(if hit {
-        Cost {
+        ResponseCost {
             nano_usd: 0,
             saved_nano_usd: full,
         }
     } else {
-        Cost {
+        ResponseCost {
             nano_usd: full,
             saved_nano_usd: 0,
         }
@@ -752,7 +757,7 @@ fn rejected_before_generation(kind: ErrorKind) -> bool {
     )
 }
 
-impl<S> Service<ChatRequest> for CostTracking<S>
+impl<S> Service<ChatRequest> for Cost<S>
 where
     S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone,
 {
