@@ -558,18 +558,7 @@ impl<S> Validate<S> {
         ValidateStats(self.shared.clone())
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// The inner service, consuming `self`.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 
     /// The rules that apply to `req`, or `None` when none does.
     fn plan(&self, req: &ChatRequest) -> Result<Option<Plan>, LlmError> {

@@ -1259,7 +1259,7 @@ async fn build_cost(
         let price = p
             .model_price()
             .map_err(|e| setup(format!("price of {model:?}"), e))?;
-        prices.insert(model.clone(), price);
+        prices = prices.with(model.clone(), price);
     }
     let mut layer = CostLayer::new(prices);
     for b in &config.budgets.limits {

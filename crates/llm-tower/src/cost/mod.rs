@@ -501,25 +501,14 @@ pub struct Cost<S> {
 
 impl<S> Cost<S> {
     /// Wraps `inner` with `layer`.
-    pub fn new(inner: S, layer: CostLayer) -> Self {
-        Self { inner, layer }
+    pub fn new(inner: S, layer: &CostLayer) -> Self {
+        layer.layer(inner)
     }
     /// A snapshot of the totals.
     pub fn totals(&self) -> CostSnapshot {
         self.layer.totals()
     }
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 }
 
 /// The request's part of the accounting, carried to the completion hook. Its hold is

@@ -342,8 +342,8 @@ pub struct RateLimit<S> {
 
 impl<S> RateLimit<S> {
     /// Wraps `inner` with `layer`'s rules.
-    pub fn new(inner: S, layer: RateLimitLayer) -> Self {
-        Self { inner, layer }
+    pub fn new(inner: S, layer: &RateLimitLayer) -> Self {
+        layer.layer(inner)
     }
     /// A [`RateLimitLayer`] with no rules (add them with its builder methods).
     pub fn layer() -> RateLimitLayer {
@@ -353,18 +353,7 @@ impl<S> RateLimit<S> {
     pub fn stats(&self) -> RateLimitStats {
         self.layer.stats()
     }
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 }
 
 /// What one request takes: its bucket checks, and which of them are token buckets.
