@@ -24,10 +24,10 @@ use futures_util::StreamExt;
 use http::{HeaderName, HeaderValue, StatusCode, header};
 use llm_tower_core::dialect::messages::{self, EventEncoder};
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, NativeRequest, Outcome,
-    ResponseBody, ResponseMeta, Tenant,
+    BoxableLlmService, ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse,
+    NativeRequest, Outcome, ResponseBody, ResponseMeta, Tenant,
 };
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
 
@@ -128,12 +128,7 @@ fn refuse(finish: Finish, status: Option<StatusCode>, err: &LlmError) -> Respons
 /// `POST /v1/messages`.
 pub(crate) async fn messages<S>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let start = Instant::now();
     let tenant = tenant_of(&req);
@@ -165,12 +160,7 @@ async fn messages_inner<S>(
     tenant: Tenant,
 ) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let mut finish = Finish::new(
         st.metrics.clone(),

@@ -111,7 +111,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use llm_tower_core::{BoxLlmService, ChatRequest, LlmError, LlmResponse, boxed};
+use llm_tower_core::{BoxLlmService, BoxableLlmService, ChatRequest, LlmError, LlmResponse, boxed};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -142,12 +142,7 @@ impl FallbackTarget {
     /// The target `name`, served by `service` (boxed, so targets may differ in type).
     pub fn new<S>(name: impl Into<Arc<str>>, service: S) -> Self
     where
-        S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
+        S: BoxableLlmService,
     {
         Self::from_boxed(name, boxed(service))
     }
@@ -416,12 +411,7 @@ fn names(primary: &Arc<str>, rest: &[FallbackTarget]) -> Vec<Arc<str>> {
 
 impl<S> Layer<S> for FallbackLayer
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     type Service = Fallback;
 
