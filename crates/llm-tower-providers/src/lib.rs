@@ -57,4 +57,4 @@ pub use config::ProviderConfig;
 pub use http::{HttpClient, HttpClientConfig, TlsRoots};
 pub use limits::ResponseLimits;
 pub use openai::{OpenAiConfig, OpenAiProvider};
-pub use secret::ApiKey;
+pub use secret::{ApiKey, Secret};

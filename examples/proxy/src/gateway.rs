@@ -45,14 +45,14 @@ use llm_tower::rate_limit::{
     HeadroomTracker, OnLimit as LimitPolicy, RateLimitLayer, Rule as LimitRule,
 };
 use llm_tower::route::{Route, RoutePolicy};
-use llm_tower::validate::{Rule as ValidateRule, ValidateLayer};
+use llm_tower::validate::ValidateLayer;
 use llm_tower::{BoxLlmService, ChatRequest, ErrorKind, LlmServiceBuilderExt, boxed};
 use llm_tower_axum::{ClientKeys, Metrics, MetricsAccess, ModelEntry, OpenAiRouter, Server};
 use llm_tower_jobs::{
     Jobs, JobsApiLimits, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router_with,
 };
 use llm_tower_providers::{
-    AnthropicConfig, AnthropicProvider, ApiKey, HttpClient, OpenAiConfig, OpenAiProvider,
+    AnthropicConfig, AnthropicProvider, HttpClient, OpenAiConfig, OpenAiProvider,
 };
 use llm_tower_redis::{RedisConn, RedisOptions};
 use llm_tower_test::SimulatedLlm;
@@ -61,7 +61,7 @@ use tower::ServiceBuilder;
 use crate::config::{
     BudgetScope, BudgetWindow, ChainConfig, ChainStep, Config, ConfigError, GroupPick, HedgeConfig,
     JobsStoreKind, LimitKey, OnLimit, ProviderConfig, ProviderKind, Secret, Secrets,
-    SimulatedFailure, StoreKind, ValidatorKind, parse_digest,
+    SimulatedFailure, StoreKind, parse_digest,
 };
 use crate::reload::{Carry, CarryState, Fp, fp, secret_fp};
 use crate::status::{
@@ -684,7 +684,7 @@ fn provider_service(
             if p.kind == ProviderKind::Openai {
                 let mut c = OpenAiConfig {
                     name: name.to_owned(),
-                    api_key: key.map(|k| ApiKey::new(k.expose())),
+                    api_key: key.cloned(),
                     api_key_env: None,
                     models,
                     headers: headers.clone(),
@@ -704,7 +704,7 @@ fn provider_service(
             } else {
                 let mut c = AnthropicConfig {
                     name: name.to_owned(),
-                    api_key: key.map(|k| ApiKey::new(k.expose())),
+                    api_key: key.cloned(),
                     api_key_env: None,
                     models,
                     headers: headers.clone(),
@@ -1455,18 +1455,12 @@ fn build_validate(config: &Config) -> Result<Option<ValidateLayer>, BuildError> 
         return Ok(None);
     }
     let mut layer = ValidateLayer::new();
-    for (task, v) in &config.validators {
-        let vc = v.get_ref();
-        let rule = match vc.kind {
-            ValidatorKind::Json => ValidateRule::json(),
-            ValidatorKind::JsonSchema => {
-                let schema = config
-                    .validator_schema(vc)?
-                    .ok_or_else(|| setup(format!("validator {task:?}"), "no schema"))?;
-                ValidateRule::json_schema(&schema)
-                    .map_err(|e| setup(format!("validator {task:?}"), e))?
-            }
-        };
+    for task in config.validators.keys() {
+        // The rule the config check built: its schema is compiled once, there.
+        let rule = config
+            .validator_rule(task)
+            .cloned()
+            .ok_or_else(|| setup(format!("validator {task:?}"), "no rule"))?;
         layer = layer.task(task.as_str(), rule);
     }
     Ok(Some(layer))
