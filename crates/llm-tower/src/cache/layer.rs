@@ -111,7 +111,7 @@ impl CacheLayer {
 
     /// TTL for requests of task type `task` (the [`TaskType`](llm_tower_core::TaskType)
     /// extension), e.g. explanations 24 h, recommendations 10 min. `Duration::ZERO` means
-    /// never cache this task (personalised answers), even with [`CachePolicy::Force`].
+    /// never cache this task (personalised answers), even with [`CachePolicy::Force`](crate::CachePolicy::Force).
     #[must_use]
     pub fn task_ttl(mut self, task: impl Into<Arc<str>>, ttl: Duration) -> Self {
         self.config_mut().task_ttls.insert(task.into(), ttl);

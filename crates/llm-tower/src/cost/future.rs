@@ -1,4 +1,4 @@
-//! The response future of [`Cost`](super::Cost).
+//! The response future of [`super::Cost`].
 
 use super::*;
 use std::future::Future;

@@ -39,7 +39,7 @@ enum Limit {
     Deadline,
 }
 
-/// The response future of [`Fallback`]: a state machine over the targets (tower's retry
+/// The response future of [`Fallback`](super::Fallback): a state machine over the targets (tower's retry
 /// future shape): next → ready → calling → first chunk → done.
 pub struct ResponseFuture {
     targets: Arc<[FallbackTarget]>,

@@ -1,4 +1,4 @@
-//! The response future of [`RateLimit`](super::RateLimit).
+//! The response future of [`super::RateLimit`].
 
 use super::*;
 use std::future::Future;

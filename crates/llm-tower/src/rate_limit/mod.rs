@@ -28,7 +28,7 @@
 //!
 //! - Attempts paid for and discarded below this layer (an answer validation rejected
 //!   before its retry, a fallback attempt that failed after reporting usage; see
-//!   [`PaidAttempt`]) are settled too: their tokens are added to the response's (or the
+//!   [`PaidAttempt`](crate::PaidAttempt)) are settled too: their tokens are added to the response's (or the
 //!   error's) own.
 //! - Usage unknown (a stream dropped before its usage chunk, a provider that sends none,
 //!   an upstream timeout): **no refund**, the estimate stands (settled as the actual).
