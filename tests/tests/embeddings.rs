@@ -56,10 +56,7 @@ async fn embeddings_are_routed_cached_per_input_and_priced() {
     let v = r.json();
     let b64 = v["data"][1]["embedding"].as_str().unwrap();
     let alpha: Vec<f32> = serde_json::from_value(first["data"][0]["embedding"].clone()).unwrap();
-    assert_eq!(
-        llm_tower_core::embeddings::decode_base64(b64).unwrap(),
-        alpha
-    );
+    assert_eq!(llm_tower::embeddings::decode_base64(b64).unwrap(), alpha);
 
     // All cached: no upstream call, priced at 0.
     let calls = openai.request_count();

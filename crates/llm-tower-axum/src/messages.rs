@@ -24,10 +24,9 @@ use futures_util::StreamExt;
 use http::{HeaderName, StatusCode};
 use llm_tower_core::dialect::messages::{self, EventEncoder};
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, NativeRequest,
+    BoxableLlmService, ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, NativeRequest,
     ResponseBody, Tenant,
 };
-use tower::Service;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
 
@@ -120,12 +119,7 @@ fn refuse(finish: Finish, status: Option<StatusCode>, err: &LlmError) -> Respons
 /// `POST /v1/messages`.
 pub(crate) async fn messages<S>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let start = Instant::now();
     let tenant = tenant_of(&req);
@@ -142,12 +136,7 @@ async fn messages_inner<S>(
     tenant: Tenant,
 ) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let finish = native::finish_for(&st, &tenant, start);
     // The client's trace context, read before the request is consumed (only when tracing).

@@ -14,11 +14,11 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use llm_tower_core::{
-    CacheStatus, ChatRequest, ChatResponse, LlmError, LlmResponse, Outcome, ResponseBody,
-    ResponseMeta, Tenant, Usage,
+    BoxableLlmService, CacheStatus, ChatRequest, ChatResponse, LlmError, LlmResponse, Outcome,
+    ResponseBody, ResponseMeta, Tenant, Usage,
 };
 use serde::Serialize;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -177,12 +177,7 @@ impl<S> fmt::Debug for OpenAiRouter<S> {
 
 impl<S> OpenAiRouter<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     /// A router over `service` with no models listed, authentication off (tenant
     /// `"anonymous"`), a 4 MiB body limit and a private Prometheus recorder.
@@ -924,12 +919,7 @@ impl Drop for CancelGuard {
 
 async fn chat<S>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let start = Instant::now();
     let tenant = req
@@ -963,12 +953,7 @@ async fn chat_inner<S>(
     tenant: Tenant,
 ) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let mut finish = Finish::new(
         st.metrics.clone(),

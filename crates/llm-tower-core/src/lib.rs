@@ -46,4 +46,4 @@ pub use response::{
     ChatChunk, ChatResponse, Choice, ChunkChoice, CompletionTokensDetails, Delta,
     FunctionCallDelta, PromptTokensDetails, ToolCallDelta, Usage,
 };
-pub use service::{BoxLlmService, LlmService, boxed};
+pub use service::{BoxLlmService, BoxableLlmService, LlmService, boxed};

@@ -34,7 +34,7 @@
 //! - [`JobContext`] for handlers: [`step`](JobContext::step),
 //!   [`set_total_steps`](JobContext::set_total_steps), [`chat`](JobContext::chat).
 //! - [`jobs_router`] / [`jobs_router_with`] ([`JobsApiLimits`]): the HTTP endpoints as
-//!   an axum `Router`.
+//!   an axum `Router` (feature `http`, on by default).
 //!
 //! # Clocks
 //!
@@ -80,13 +80,20 @@
 //! # Ok(()) }
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(feature = "http")]
 mod http;
 mod jobs;
 mod store;
 mod types;
 mod worker;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod ws;
 
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use http::{DEFAULT_JOBS_BODY_LIMIT, JobsApiLimits, jobs_router, jobs_router_with};
 pub use jobs::{CHAT_KIND, DEFAULT_TENANT, Jobs, JobsBuilder};
 pub use store::{JobStore, PostgresStore, SqliteStore, StoreFuture};
@@ -95,4 +102,6 @@ pub use types::{
     Progress, Submitted,
 };
 pub use worker::{FaultPoint, JobContext, Worker, WorkerBuilder, WorkerHandle, WorkerStats};
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use ws::{JobsWsLimits, JobsWsStats};

@@ -1,6 +1,8 @@
 //! The HTTP endpoints: submit, poll, SSE from submit to the final state, cancel, 404,
 //! idempotency, tenant isolation.
 
+#![cfg(feature = "http")]
+
 mod common;
 
 use std::time::Duration;

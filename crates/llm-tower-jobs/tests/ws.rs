@@ -3,6 +3,8 @@
 //! socket, tenant scoping, the subscription cap, bad messages, the frame size limit and
 //! the idle timeout.
 
+#![cfg(feature = "http")]
+
 mod common;
 
 use std::sync::Arc;

@@ -63,7 +63,7 @@ pub use config::ProviderConfig;
 pub use http::{HttpClient, HttpClientConfig, TlsRoots};
 pub use limits::ResponseLimits;
 pub use openai::{OpenAiConfig, OpenAiProvider};
-pub use secret::ApiKey;
+pub use secret::{ApiKey, Secret};
 #[cfg(feature = "simulated")]
 #[cfg_attr(docsrs, doc(cfg(feature = "simulated")))]
 pub use simulated::{SIMULATED_DIMENSIONS, SimulatedFuture, SimulatedLlm, SimulatedLlmBuilder};

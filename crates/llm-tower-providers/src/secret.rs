@@ -1,4 +1,5 @@
-//! `ApiKey`: a secret that never shows in `Debug`, `Display`, errors or logs.
+//! `Secret` (and its provider-facing name `ApiKey`): a value that never shows in `Debug`,
+//! `Display`, errors or logs.
 
 use std::fmt;
 use std::sync::Arc;
@@ -6,22 +7,26 @@ use std::sync::Arc;
 use llm_tower_core::LlmError;
 use serde::{Deserialize, Deserializer};
 
-/// An API key. Its `Debug` and `Display` print `ApiKey(<redacted>)`; the only way to read
-/// it is [`expose`](Self::expose), which the providers call once, when they build the
+/// A secret: an API key, a header value, a URL with a password. `Debug` prints
+/// `Secret(<redacted>)` and `Display` prints `<redacted>`; the only way to read it is
+/// [`expose`](Self::expose), which the providers call once, when they build the
 /// `authorization` header (marked sensitive, so hyper and tracing never print it either).
 ///
 /// ```
 /// use llm_tower_providers::ApiKey;
 ///
 /// let key = ApiKey::new("sk-secret-123");
-/// assert_eq!(format!("{key:?}"), "ApiKey(<redacted>)");
+/// assert_eq!(format!("{key:?}"), "Secret(<redacted>)");
 /// assert!(!format!("{key}").contains("secret"));
 /// assert_eq!(key.expose(), "sk-secret-123");
 /// ```
 #[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(Arc<str>);
+pub struct Secret(Arc<str>);
 
-impl ApiKey {
+/// A provider's API key: a [`Secret`].
+pub type ApiKey = Secret;
+
+impl Secret {
     /// A key from its value.
     pub fn new(key: impl Into<String>) -> Self {
         Self(Arc::from(key.into()))
@@ -52,19 +57,19 @@ impl ApiKey {
     }
 }
 
-impl fmt::Debug for ApiKey {
+impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
+        f.write_str("Secret(<redacted>)")
     }
 }
 
-impl fmt::Display for ApiKey {
+impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
 }
 
-impl<'de> Deserialize<'de> for ApiKey {
+impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         Ok(Self::new(s))

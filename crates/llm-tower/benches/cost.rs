@@ -45,7 +45,7 @@ fn prices() -> PriceTable {
         ("gpt-4o", 2.5, 10.0),
         ("claude-3-5-haiku", 0.8, 4.0),
     ] {
-        t.insert(
+        t = t.with(
             m,
             ModelPrice::per_mtok_usd(i, o, None).expect("valid price"),
         );

@@ -11,6 +11,28 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 #[allow(dead_code)] // used by some features only
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// `get_ref`, `get_mut` and `into_inner` for a middleware service whose wrapped service is
+/// its `inner` field (the same three methods on every layer's service).
+#[allow(unused_macros)] // not every feature set has a layer
+macro_rules! inner_service_accessors {
+    () => {
+        /// The inner service.
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The inner service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// Consumes `self`, returning the inner service.
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    };
+}
+
 mod builder;
 
 /// Reports `event` to the request's [`Observer`], if it has one (feature `observe`;

@@ -72,7 +72,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use llm_tower_core::{BoxLlmService, ChatRequest, LlmError, LlmResponse, boxed};
+use llm_tower_core::{BoxLlmService, BoxableLlmService, ChatRequest, LlmError, LlmResponse, boxed};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -127,12 +127,7 @@ impl RoutePolicy {
     #[must_use]
     pub fn target<S>(mut self, name: impl Into<Arc<str>>, service: S) -> Self
     where
-        S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
+        S: BoxableLlmService,
     {
         self.insert(name.into(), boxed(service));
         self
@@ -381,12 +376,7 @@ impl RouteLayer {
 
 impl<S> Layer<S> for RouteLayer
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     type Service = Route;
 

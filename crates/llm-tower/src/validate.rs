@@ -56,6 +56,14 @@
 //! many outputs failed, how many retries were sent, how many retries fixed the output and
 //! how many requests gave up.
 //!
+//! # Readiness
+//!
+//! `poll_ready` delegates to the inner service. A request that needs checking moves the
+//! instance that was polled ready into its future (leaving a fresh clone behind), and a
+//! retry waits for that instance's readiness again before calling it. A request that fails
+//! its plan (a `response_format` schema that does not compile) is answered at once without
+//! calling the inner service.
+//!
 //! # Example
 //!
 //! ```
@@ -550,18 +558,7 @@ impl<S> Validate<S> {
         ValidateStats(self.shared.clone())
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// The inner service, consuming `self`.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 
     /// The rules that apply to `req`, or `None` when none does.
     fn plan(&self, req: &ChatRequest) -> Result<Option<Plan>, LlmError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use llm_tower::cache::CacheLayer;
 use llm_tower::rate_limit::{RateLimitLayer, Rule};
 use llm_tower::route::{RouteLayer, RoutePolicy};
-use llm_tower::{BoxLlmService, ChatRequest, LlmError, LlmResponse, LlmServiceBuilderExt, boxed};
+use llm_tower::{BoxLlmService, BoxableLlmService, LlmServiceBuilderExt, boxed};
 use llm_tower_test::SimulatedLlm;
 use tower::ServiceBuilder;
 
@@ -26,12 +26,7 @@ use tower::ServiceBuilder;
 /// the cache and the limits.
 pub fn llm_stack<S>(provider: S) -> BoxLlmService
 where
-    S: tower::Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let limits = RateLimitLayer::new()
         .rule(Rule::requests(120, Duration::from_secs(60)).per_tenant())

@@ -844,7 +844,7 @@ pub fn validator_for(
     config: &crate::config::Config,
     task: &str,
 ) -> Result<Option<Rule>, EvalError> {
-    crate::gateway::validator_rule(config, task).map_err(|e| err(e.to_string()))
+    Ok(config.validator_rule(task).cloned())
 }
 
 /// The configuration's price table.

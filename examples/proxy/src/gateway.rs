@@ -40,6 +40,7 @@ use llm_tower::cache::{CacheLayer, MemoryStore};
 use llm_tower::cost::{
     Budget, BudgetScope as CostScope, BudgetWindow as CostWindow, CostLayer, PriceTable,
 };
+use llm_tower::dialect::responses::MemoryResponseStore;
 use llm_tower::fallback::{Cooldown, Fallback, FallbackTarget};
 use llm_tower::hedge::{HedgeDelay, HedgeLayer, HedgeStats};
 use llm_tower::observe::ObserveLayer;
@@ -47,16 +48,15 @@ use llm_tower::rate_limit::{
     HeadroomTracker, OnLimit as LimitPolicy, RateLimitLayer, Rule as LimitRule,
 };
 use llm_tower::route::{Route, RoutePolicy};
-use llm_tower::validate::{Rule as ValidateRule, ValidateLayer};
+use llm_tower::validate::ValidateLayer;
 use llm_tower::{BoxLlmService, ChatRequest, ErrorKind, LlmServiceBuilderExt, boxed};
 use llm_tower_axum::{ClientKeys, Metrics, MetricsAccess, ModelEntry, OpenAiRouter, Server};
-use llm_tower_core::dialect::responses::MemoryResponseStore;
 use llm_tower_jobs::{
     Jobs, JobsApiLimits, PostgresStore, SqliteStore, Worker, WorkerHandle, jobs_router_with,
 };
 use llm_tower_providers::SimulatedLlm;
 use llm_tower_providers::{
-    AnthropicConfig, AnthropicProvider, ApiKey, HttpClient, OpenAiConfig, OpenAiProvider,
+    AnthropicConfig, AnthropicProvider, HttpClient, OpenAiConfig, OpenAiProvider,
 };
 use llm_tower_redis::{RedisConn, RedisOptions};
 use tower::ServiceBuilder;
@@ -64,7 +64,7 @@ use tower::ServiceBuilder;
 use crate::config::{
     BudgetScope, BudgetWindow, ChainConfig, ChainStep, Config, ConfigError, GroupPick, HedgeConfig,
     JobsStoreKind, LimitKey, OnLimit, ProviderConfig, ProviderKind, Secret, Secrets,
-    SimulatedFailure, StoreKind, ValidatorKind, parse_digest,
+    SimulatedFailure, StoreKind, parse_digest,
 };
 use crate::reload::{Carry, CarryState, Fp, fp, secret_fp};
 use crate::shadow::{ShadowLayer, ShadowTarget};
@@ -709,7 +709,7 @@ fn provider_service(
             if p.kind == ProviderKind::Openai {
                 let mut c = OpenAiConfig {
                     name: name.to_owned(),
-                    api_key: key.map(|k| ApiKey::new(k.expose())),
+                    api_key: key.cloned(),
                     api_key_env: None,
                     models,
                     headers: headers.clone(),
@@ -730,7 +730,7 @@ fn provider_service(
             } else {
                 let mut c = AnthropicConfig {
                     name: name.to_owned(),
-                    api_key: key.map(|k| ApiKey::new(k.expose())),
+                    api_key: key.cloned(),
                     api_key_env: None,
                     models,
                     headers: headers.clone(),
@@ -1500,8 +1500,8 @@ fn build_shadow(config: &Config, built: &CarryState) -> Result<Option<ShadowLaye
         if let Some(seed) = s.seed {
             t = t.seed(seed);
         }
-        if let Some(rule) = validator_rule(config, task)? {
-            t = t.validator(rule);
+        if let Some(rule) = config.validator_rule(task) {
+            t = t.validator(rule.clone());
         }
         layer = layer.target(t);
     }
@@ -1516,31 +1516,9 @@ pub(crate) fn price_table(config: &Config) -> Result<PriceTable, BuildError> {
         let price = p
             .model_price()
             .map_err(|e| setup(format!("price of {model:?}"), e))?;
-        prices.insert(model.clone(), price);
+        prices = prices.with(model.clone(), price);
     }
     Ok(prices)
-}
-
-/// The validator of `task` (`[validators.TASK]`), if it has one.
-pub(crate) fn validator_rule(
-    config: &Config,
-    task: &str,
-) -> Result<Option<ValidateRule>, BuildError> {
-    let Some(v) = config.validators.get(task) else {
-        return Ok(None);
-    };
-    let vc = v.get_ref();
-    let rule = match vc.kind {
-        ValidatorKind::Json => ValidateRule::json(),
-        ValidatorKind::JsonSchema => {
-            let schema = config
-                .validator_schema(vc)?
-                .ok_or_else(|| setup(format!("validator {task:?}"), "no schema"))?;
-            ValidateRule::json_schema(&schema)
-                .map_err(|e| setup(format!("validator {task:?}"), e))?
-        }
-    };
-    Ok(Some(rule))
 }
 
 fn build_validate(config: &Config) -> Result<Option<ValidateLayer>, BuildError> {
@@ -1549,9 +1527,12 @@ fn build_validate(config: &Config) -> Result<Option<ValidateLayer>, BuildError> 
     }
     let mut layer = ValidateLayer::new();
     for task in config.validators.keys() {
-        if let Some(rule) = validator_rule(config, task)? {
-            layer = layer.task(task.as_str(), rule);
-        }
+        // The rule the config check built: its schema is compiled once, there.
+        let rule = config
+            .validator_rule(task)
+            .cloned()
+            .ok_or_else(|| setup(format!("validator {task:?}"), "no rule"))?;
+        layer = layer.task(task.as_str(), rule);
     }
     Ok(Some(layer))
 }

@@ -21,7 +21,7 @@
 use std::pin::Pin;
 
 use futures_util::{Stream, StreamExt};
-use llm_tower_core::{ChatRequest, ErrorKind, LlmError, LlmService, Message};
+use llm_tower_core::{BoxableLlmService, ChatRequest, ErrorKind, LlmError, Message};
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 
@@ -115,8 +115,7 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<ExplainChunk, Status>> + Sen
 #[tonic::async_trait]
 impl<S> pb::assistant_server::Assistant for AssistantService<S>
 where
-    S: LlmService + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     async fn explain(
         &self,

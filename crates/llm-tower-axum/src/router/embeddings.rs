@@ -8,8 +8,10 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use http::StatusCode;
-use llm_tower_core::{ChatRequest, EmbeddingsRequest, LlmError, LlmResponse, ResponseBody, Tenant};
-use tower::{Service, ServiceExt};
+use llm_tower_core::{
+    BoxableLlmService, ChatRequest, EmbeddingsRequest, LlmError, ResponseBody, Tenant,
+};
+use tower::ServiceExt;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
 
@@ -21,12 +23,7 @@ use crate::metrics::{FailedAttempt, Labels};
 
 pub(super) async fn embeddings<S>(State(st): State<Arc<AppState<S>>>, req: Request) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let start = Instant::now();
     let tenant = req
@@ -54,12 +51,7 @@ where
 
 async fn inner<S>(st: Arc<AppState<S>>, req: Request, start: Instant, tenant: Tenant) -> Response
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     let mut finish = Finish::new(
         st.metrics.clone(),

@@ -7,7 +7,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use llm_tower_core::{
-    BoxLlmService, ChatRequest, LlmError, LlmResponse, RateLimitHeadroom, TakenTargets, boxed,
+    BoxLlmService, BoxableLlmService, ChatRequest, LlmError, LlmResponse, RateLimitHeadroom,
+    TakenTargets, boxed,
 };
 use tokio::time::Instant;
 use tower::util::rng::{HasherRng, Rng};
@@ -42,12 +43,7 @@ impl BalanceTarget {
     /// The member `name`, served by `service` (boxed, so members may differ in type).
     pub fn new<S>(name: impl Into<Arc<str>>, service: S) -> Self
     where
-        S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
+        S: BoxableLlmService,
     {
         Self::from_boxed(name, boxed(service))
     }
@@ -518,12 +514,7 @@ impl BalanceLayer {
 
 impl<S> Layer<S> for BalanceLayer
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: BoxableLlmService,
 {
     type Service = Balance;
 

@@ -10,7 +10,7 @@ use llm_tower_core::{
 };
 use tower_service::Service;
 
-use super::layer::Shared;
+use super::shared::Shared;
 use super::{CacheKey, CachedBody, CachedEntry};
 
 /// One input's cached vector and its share of the original usage.

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use super::flight::{FlightGuard, Join, Landing, Waited, wait};
-use super::layer::Shared;
+use super::shared::Shared;
 use super::{CacheKey, CachedEntry};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

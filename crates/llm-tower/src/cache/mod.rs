@@ -110,6 +110,7 @@ mod future;
 mod key;
 mod layer;
 mod memory;
+mod shared;
 mod stats;
 mod store;
 

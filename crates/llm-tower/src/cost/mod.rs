@@ -105,6 +105,8 @@
 mod budget;
 mod price;
 
+pub mod future;
+
 pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
 pub use budget::{
     Budget, BudgetCharge, BudgetScope, BudgetStore, BudgetWindow, InMemoryBudgetStore, Reserve,
@@ -119,9 +121,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use llm_tower_core::Cost as ResponseCost;
 use llm_tower_core::{
-    CacheStatus, ChatRequest, Cost, ErrorKind, LlmError, LlmResponse, NanoUsd, Outcome,
-    PaidAttempt, ResponseBody, Usage,
+    CacheStatus, ChatRequest, ErrorKind, LlmError, LlmResponse, NanoUsd, Outcome, PaidAttempt,
+    ResponseBody, Usage,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -249,7 +252,7 @@ pub struct CostRecord {
     /// The usage, if reported.
     pub usage: Option<Usage>,
     /// The cost (`None` if the usage or the price is unknown).
-    pub cost: Option<Cost>,
+    pub cost: Option<ResponseCost>,
     /// Whether it was a cache hit.
     pub cache_hit: bool,
     /// Whether the response was delivered completely.
@@ -288,7 +291,7 @@ struct Config {
     hold_ttl: Duration,
 }
 
-/// Applies [`CostTracking`] to a service. See the [module docs](self) for an example.
+/// Applies [`Cost`] to a service. See the [module docs](self) for an example.
 ///
 /// # Clone
 ///
@@ -477,10 +480,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl<S> Layer<S> for CostLayer {
-    type Service = CostTracking<S>;
+    type Service = Cost<S>;
 
-    fn layer(&self, inner: S) -> CostTracking<S> {
-        CostTracking {
+    fn layer(&self, inner: S) -> Cost<S> {
+        Cost {
             inner,
             layer: self.clone(),
         }
@@ -491,32 +494,21 @@ impl<S> Layer<S> for CostLayer {
 
 /// The cost service. See the [module docs](self).
 #[derive(Clone, Debug)]
-pub struct CostTracking<S> {
+pub struct Cost<S> {
     inner: S,
     layer: CostLayer,
 }
 
-impl<S> CostTracking<S> {
+impl<S> Cost<S> {
     /// Wraps `inner` with `layer`.
-    pub fn new(inner: S, layer: CostLayer) -> Self {
-        Self { inner, layer }
+    pub fn new(inner: S, layer: &CostLayer) -> Self {
+        layer.layer(inner)
     }
     /// A snapshot of the totals.
     pub fn totals(&self) -> CostSnapshot {
         self.layer.totals()
     }
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 }
 
 /// The request's part of the accounting, carried to the completion hook. Its hold is
@@ -649,7 +641,7 @@ impl Ticket {
             }
         };
         resp.meta.cost = match cost {
-            Some(c) if paid > 0 => Some(Cost {
+            Some(c) if paid > 0 => Some(ResponseCost {
                 nano_usd: c.nano_usd.saturating_add(paid),
                 ..c
             }),
@@ -719,16 +711,20 @@ impl Ticket {
     }
 }
 
-fn price_usage(price: Option<ModelPrice>, usage: Option<&Usage>, hit: bool) -> Option<Cost> {
+fn price_usage(
+    price: Option<ModelPrice>,
+    usage: Option<&Usage>,
+    hit: bool,
+) -> Option<ResponseCost> {
     let (price, usage) = (price?, usage?);
     let full = price.cost(usage);
     Some(if hit {
-        Cost {
+        ResponseCost {
             nano_usd: 0,
             saved_nano_usd: full,
         }
     } else {
-        Cost {
+        ResponseCost {
             nano_usd: full,
             saved_nano_usd: 0,
         }
@@ -750,7 +746,7 @@ fn rejected_before_generation(kind: ErrorKind) -> bool {
     )
 }
 
-impl<S> Service<ChatRequest> for CostTracking<S>
+impl<S> Service<ChatRequest> for Cost<S>
 where
     S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone,
 {
@@ -790,163 +786,6 @@ where
                 let inner = std::mem::replace(&mut self.inner, fresh);
                 let ticket = Ticket::new(self.layer.clone(), &req, charges, hold);
                 future::ResponseFuture::reserving(fut, inner, req, ticket)
-            }
-        }
-    }
-}
-
-// ===== future =====
-
-/// The response future of [`CostTracking`].
-pub mod future {
-    use super::*;
-    use std::future::Future;
-    use std::pin::Pin;
-
-    use pin_project_lite::pin_project;
-
-    pin_project! {
-        #[project = StateProj]
-        enum State<S, F> {
-            Reserving { fut: ReserveFuture, inner: Option<S>, req: Option<ChatRequest> },
-            Calling { #[pin] fut: F },
-            Ready { result: Option<Result<LlmResponse, LlmError>> },
-        }
-    }
-
-    pin_project! {
-        /// The response future of [`CostTracking`](super::CostTracking): reserves the
-        /// budgets (if the store is asynchronous), calls the inner service, prices the
-        /// response and arranges the settlement.
-        pub struct ResponseFuture<S>
-        where
-            S: Service<ChatRequest>,
-        {
-            #[pin]
-            state: State<S, S::Future>,
-            // Dropped unsettled (the caller went away): the ticket settles itself on drop.
-            ticket: Option<Ticket>,
-        }
-    }
-
-    impl<S> fmt::Debug for ResponseFuture<S>
-    where
-        S: Service<ChatRequest>,
-    {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.debug_struct("ResponseFuture").finish_non_exhaustive()
-        }
-    }
-
-    impl<S> ResponseFuture<S>
-    where
-        S: Service<ChatRequest>,
-    {
-        pub(super) fn ready(result: Result<LlmResponse, LlmError>) -> Self {
-            Self {
-                state: State::Ready {
-                    result: Some(result),
-                },
-                ticket: None,
-            }
-        }
-        pub(super) fn calling(fut: S::Future, ticket: Ticket) -> Self {
-            Self {
-                state: State::Calling { fut },
-                ticket: Some(ticket),
-            }
-        }
-        pub(super) fn reserving(
-            fut: ReserveFuture,
-            inner: S,
-            req: ChatRequest,
-            ticket: Ticket,
-        ) -> Self {
-            Self {
-                state: State::Reserving {
-                    fut,
-                    inner: Some(inner),
-                    req: Some(req),
-                },
-                ticket: Some(ticket),
-            }
-        }
-    }
-
-    impl<S> Future for ResponseFuture<S>
-    where
-        S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
-    {
-        type Output = Result<LlmResponse, LlmError>;
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            let mut this = self.project();
-            loop {
-                match this.state.as_mut().project() {
-                    StateProj::Ready { result } => {
-                        return Poll::Ready(result.take().unwrap_or_else(|| {
-                            Err(LlmError::internal("cost future polled after completion"))
-                        }));
-                    }
-                    StateProj::Reserving { fut, inner, req } => {
-                        let r = match fut.as_mut().poll(cx) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(r) => r,
-                        };
-                        match r {
-                            Ok(Reserve::Reserved { .. }) => {
-                                let (Some(mut inner), Some(req)) = (inner.take(), req.take())
-                                else {
-                                    return Poll::Ready(Err(LlmError::internal(
-                                        "cost future state lost",
-                                    )));
-                                };
-                                if let Some(t) = this.ticket.as_mut() {
-                                    t.called = true;
-                                }
-                                let fut = inner.call(req);
-                                this.state.set(State::Calling { fut });
-                            }
-                            Ok(Reserve::Exceeded { index, spent }) => {
-                                let result = match this.ticket.take() {
-                                    Some(mut t) => {
-                                        let e = t.layer.exceeded(&t.charges, index, spent);
-                                        t.disarm();
-                                        Err(e)
-                                    }
-                                    None => Err(LlmError::budget_exceeded("budget exhausted")),
-                                };
-                                this.state.set(State::Ready {
-                                    result: Some(result),
-                                });
-                            }
-                            Err(e) => {
-                                // A store failing closed: the ticket settles at zero on
-                                // drop, in case the reservation still lands.
-                                *this.ticket = None;
-                                this.state.set(State::Ready {
-                                    result: Some(Err(e)),
-                                });
-                            }
-                        }
-                    }
-                    StateProj::Calling { fut } => {
-                        let result = match fut.poll(cx) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(r) => r,
-                        };
-                        let result = match (this.ticket.take(), result) {
-                            (Some(t), Ok(resp)) => Ok(t.on_response(resp)),
-                            (Some(t), Err(e)) => {
-                                t.on_error(&e);
-                                Err(e)
-                            }
-                            (None, r) => r,
-                        };
-                        this.state.set(State::Ready { result: None });
-                        return Poll::Ready(result);
-                    }
-                }
             }
         }
     }

@@ -261,13 +261,8 @@ impl PriceTable {
     /// Adds (or replaces) the price of `model`.
     #[must_use]
     pub fn with(mut self, model: impl Into<String>, price: ModelPrice) -> Self {
-        self.insert(model, price);
-        self
-    }
-
-    /// Adds (or replaces) the price of `model`.
-    pub fn insert(&mut self, model: impl Into<String>, price: ModelPrice) {
         self.prices.insert(model.into(), price);
+        self
     }
 
     /// Number of models priced.

@@ -1,9 +1,11 @@
 //! Validation of a parsed configuration: one function per table, each naming the line
 //! of the offending value.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 
+use llm_tower::validate::Rule as ValidateRule;
 use toml::Spanned;
 
 use super::{
@@ -89,7 +91,7 @@ impl Config {
     }
 
     /// Checks every table, in file order; the first error wins.
-    pub(super) fn validate(&self, lines: &Lines<'_>) -> Result<(), ConfigError> {
+    pub(super) fn validate(&mut self, lines: &Lines<'_>) -> Result<(), ConfigError> {
         self.check_server(lines)?;
         self.check_upstream()?;
         self.check_providers(lines)?;
@@ -99,12 +101,14 @@ impl Config {
         self.check_rate_limits(lines)?;
         self.check_prices(lines)?;
         self.check_budgets(lines)?;
-        self.check_validators(lines)?;
+        let rules = self.check_validators(lines)?;
         self.check_auth(lines)?;
         self.check_jobs(lines)?;
         self.check_responses()?;
         self.check_telemetry(lines)?;
-        self.check_shadow(lines)
+        self.check_shadow(lines)?;
+        self.validator_rules = rules;
+        Ok(())
     }
 
     /// `[server]`: addresses, limits and timeouts.
@@ -487,13 +491,18 @@ impl Config {
     }
 
     /// `[validators]`: a schema exactly where the kind needs one, and a valid one.
-    fn check_validators(&self, lines: &Lines<'_>) -> Result<(), ConfigError> {
+    /// Returns each task's rule, its schema compiled here once (the gateway uses these).
+    fn check_validators(
+        &self,
+        lines: &Lines<'_>,
+    ) -> Result<BTreeMap<String, ValidateRule>, ConfigError> {
         let err = |span: &Range<usize>, msg: String| self.invalid(lines.line(span), msg);
+        let mut rules = BTreeMap::new();
         for (task, v) in &self.validators {
             let span = v.span();
             let vc = v.get_ref();
-            match (vc.kind, vc.schema.is_some(), vc.schema_file.is_some()) {
-                (ValidatorKind::Json, false, false) => {}
+            let rule = match (vc.kind, vc.schema.is_some(), vc.schema_file.is_some()) {
+                (ValidatorKind::Json, false, false) => ValidateRule::json(),
                 (ValidatorKind::Json, _, _) => {
                     return Err(err(
                         &span,
@@ -516,16 +525,17 @@ impl Config {
                         }
                         other => other,
                     })?;
-                    if let Some(Err(e)) = schema.as_ref().map(jsonschema::validator_for) {
-                        return Err(err(
-                            &span,
-                            format!("validators.{task:?}: invalid JSON Schema: {e}"),
-                        ));
-                    }
+                    let Some(schema) = schema else {
+                        return Err(err(&span, format!("validators.{task:?}: no schema")));
+                    };
+                    // Compiled once, here; the gateway's validate layer takes this rule.
+                    ValidateRule::json_schema(&schema)
+                        .map_err(|e| err(&span, format!("validators.{task:?}: {}", e.message())))?
                 }
-            }
+            };
+            rules.insert(task.clone(), rule);
         }
-        Ok(())
+        Ok(rules)
     }
 
     /// `[shadow]`: each names a defined chain, with values in range.

@@ -199,6 +199,12 @@ impl Config {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
     }
 
+    /// The rule of the validator of `task`, built (its JSON Schema compiled) when the file
+    /// was checked.
+    pub fn validator_rule(&self, task: &str) -> Option<&llm_tower::validate::Rule> {
+        self.validator_rules.get(task)
+    }
+
     /// The JSON Schema of a validator, read from its inline value or its file.
     pub fn validator_schema(
         &self,

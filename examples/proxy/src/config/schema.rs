@@ -59,6 +59,9 @@ pub struct Config {
     /// The file's path as errors name it (`<inline>` for text).
     #[serde(skip)]
     pub(super) source_path: PathBuf,
+    /// Each validator's rule, its JSON Schema compiled once by the check.
+    #[serde(skip)]
+    pub(super) validator_rules: BTreeMap<String, llm_tower::validate::Rule>,
 }
 
 /// `[server]`.

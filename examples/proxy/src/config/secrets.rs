@@ -1,38 +1,14 @@
-//! Secrets: the [`Secret`] type and their resolution from the environment.
+//! Secrets: their resolution from the environment into [`Secret`]s.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use toml::Spanned;
 
 use super::{Config, ConfigError};
 
-/// A secret value read from the environment. `Debug` and `Display` print `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The secret itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+/// A secret value read from the environment: the providers' [`Secret`], whose `Debug` and
+/// `Display` are redacted.
+pub use llm_tower_providers::Secret;
 
 impl Config {
     /// Reads every secret named by the file from the environment, through `env` (use
