@@ -685,6 +685,7 @@ fn provider_service(
                 .latency(Duration::from_millis(sim.latency_ms))
                 .token_delay(Duration::from_millis(sim.token_delay_ms))
                 .fail_every(sim.fail_every, kind)
+                .retry_after(Duration::from_secs(sim.retry_after_secs))
                 .invalid_json_rate(sim.invalid_json_rate)
                 .wrong_answer_rate(sim.wrong_answer_rate)
                 .quality_seed(sim.quality_seed)

@@ -26,7 +26,7 @@ metrics_token_env = "STATUS_TOKEN"
 
 [providers.flaky]
 kind = "simulated"
-simulated = {{ latency_ms = 2, token_delay_ms = 0, fail_every = 2, fail_kind = "unavailable" }}
+simulated = {{ latency_ms = 2, token_delay_ms = 0, fail_every = 2, fail_kind = "unavailable", retry_after_secs = 600 }}
 
 [providers.steady]
 kind = "simulated"
@@ -259,7 +259,11 @@ async fn the_page_shows_the_json_figures_and_updates_after_traffic() {
         );
     }
     // `flaky` answers 503 with a retry-after: its breaker opened, `steady` serves now.
-    assert_eq!(status["chains"]["main"]["serving"], "steady");
+    assert_eq!(
+        status["chains"]["main"]["serving"], "steady",
+        "{}",
+        status["providers"]
+    );
     assert_eq!(figure(&dom, "chain:main:serving"), Some("steady"));
     assert_eq!(status["providers"]["flaky"]["breaker"], "open");
     assert_eq!(figure(&dom, "provider:flaky:breaker"), Some("open"));

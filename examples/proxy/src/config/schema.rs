@@ -297,6 +297,10 @@ pub struct SimulatedConfig {
     /// How the scripted failures fail (default `unavailable`, a 503).
     #[serde(default)]
     pub fail_kind: SimulatedFailure,
+    /// The retry-after of a scripted failure, in seconds (default 1): how long the
+    /// fallback's breaker skips the provider after one.
+    #[serde(default = "default_sim_retry_after")]
+    pub retry_after_secs: u64,
     /// Share of answers (0 to 1) whose JSON is broken (cut short), spread evenly over calls.
     #[serde(default)]
     pub invalid_json_rate: f64,
@@ -307,6 +311,10 @@ pub struct SimulatedConfig {
     /// Where the affected calls fall in the call sequence (default 0).
     #[serde(default)]
     pub quality_seed: u64,
+}
+
+fn default_sim_retry_after() -> u64 {
+    1
 }
 
 /// The error kind of a simulated provider's scripted failures.
@@ -331,6 +339,7 @@ impl Default for SimulatedConfig {
             token_delay_ms: default_sim_token(),
             fail_every: 0,
             fail_kind: SimulatedFailure::default(),
+            retry_after_secs: default_sim_retry_after(),
             invalid_json_rate: 0.0,
             wrong_answer_rate: 0.0,
             quality_seed: 0,
