@@ -155,12 +155,8 @@ pub(crate) async fn complete(
     }
 }
 
-/// Hooks the request's recording to the stream's end and waits for its first chunk
-/// (headers go out with it: a failure before it is an HTTP error).
-pub(crate) async fn open_stream(
-    finish: Finish,
-    response: LlmResponse,
-) -> Result<(Option<ChatChunk>, ChunkStream), LlmError> {
+/// The answer's stream, with the request's recording (metrics, trace) hooked to its end.
+pub(crate) fn watched_stream(finish: Finish, response: LlmResponse) -> ChunkStream {
     let mut stream = response.into_stream();
     let mut finish = finish;
     #[cfg(feature = "otel")]
@@ -175,6 +171,16 @@ pub(crate) async fn open_stream(
         };
         finish.record(status, outcome.usage());
     });
+    stream
+}
+
+/// [`watched_stream`], then its first chunk (headers go out with it: a failure before it
+/// is an HTTP error).
+pub(crate) async fn open_stream(
+    finish: Finish,
+    response: LlmResponse,
+) -> Result<(Option<ChatChunk>, ChunkStream), LlmError> {
+    let mut stream = watched_stream(finish, response);
     match stream.next().await {
         Some(Ok(chunk)) => Ok((Some(chunk), stream)),
         Some(Err(e)) => Err(e),

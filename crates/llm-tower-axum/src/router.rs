@@ -8,14 +8,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use llm_tower_core::{
-    BoxableLlmService, CacheStatus, ChatRequest, ChatResponse, LlmError, LlmResponse, Outcome,
-    ResponseBody, ResponseMeta, Tenant, Usage,
+    BoxableLlmService, CacheStatus, ChatRequest, ChatResponse, LlmError, LlmResponse, ResponseBody,
+    ResponseMeta, Tenant, Usage,
 };
 use serde::Serialize;
 use tower::{ServiceBuilder, ServiceExt};
@@ -1067,19 +1067,7 @@ where
         return out;
     }
 
-    let mut stream = resp.into_stream();
-    #[cfg(feature = "otel")]
-    if let Some(t) = &finish.trace {
-        t.watch(&mut stream);
-    }
-    stream.on_finish(move |outcome: &Outcome| {
-        let status = match outcome {
-            Outcome::Completed { .. } => "ok",
-            Outcome::Failed { error, .. } => error.kind().as_str(),
-            Outcome::Dropped { .. } => "dropped",
-        };
-        finish.record(status, outcome.usage());
-    });
+    let mut stream = crate::native::watched_stream(finish, resp);
     // Headers go out with the first chunk: an upstream that fails before it still gets a
     // proper HTTP error status (the commit point), and the timing is time-to-headers.
     let first = match stream.next_event().await {
@@ -1091,22 +1079,11 @@ where
         }
         None => None,
     };
-    let mut out = Response::new(Body::from_stream(SseStream::new(
-        first,
-        stream,
-        include_usage,
-    )));
-    let h = out.headers_mut();
-    *h = http::HeaderMap::with_capacity(16);
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // Tells nginx-style proxies not to buffer the stream.
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers::write_meta_headers(h, &meta, start.elapsed());
-    out.into_response()
+    crate::native::sse_response(
+        Body::from_stream(SseStream::new(first, stream, include_usage)),
+        &meta,
+        start,
+    )
 }
 
 /// A complete response as JSON, in a buffer about the upstream body's size (`hint`): no
