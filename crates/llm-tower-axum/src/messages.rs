@@ -33,6 +33,7 @@ use tracing::Instrument;
 use crate::headers;
 use crate::native::{self, tenant_of};
 use crate::router::{AppState, Finish, json_response, read_body};
+use crate::sse::Gather;
 
 /// Counts the input tokens of a `count_tokens` request (see
 /// [`OpenAiRouter::count_tokens`](crate::OpenAiRouter::count_tokens)).
@@ -191,6 +192,7 @@ where
             inner: stream,
             encoder: EventEncoder::new(),
             done: false,
+            gather: Gather::default(),
         }),
         &meta,
         start,
@@ -229,6 +231,7 @@ struct MessagesSse {
     inner: ChunkStream,
     encoder: EventEncoder,
     done: bool,
+    gather: Gather,
 }
 
 impl Stream for MessagesSse {
@@ -236,17 +239,22 @@ impl Stream for MessagesSse {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let mut out = Vec::new();
+        let mut out = this.gather.take();
+        let mut took = false;
         while !this.done {
             let next = match this.first.take() {
                 Some(first) => Some(Ok(first)),
                 None => match this.inner.poll_next_unpin(cx) {
-                    // What is ready is written together.
+                    // What is ready is written together, and what keeps arriving too.
+                    Poll::Pending if this.gather.hold(&mut out, took, cx) => {
+                        return Poll::Pending;
+                    }
                     Poll::Pending if out.is_empty() => return Poll::Pending,
                     Poll::Pending => break,
                     Poll::Ready(item) => item,
                 },
             };
+            took = true;
             match next {
                 Some(Ok(chunk)) => this.encoder.push(&chunk, &mut out),
                 Some(Err(e)) => {
@@ -267,7 +275,45 @@ impl Stream for MessagesSse {
         if out.is_empty() {
             Poll::Ready(None)
         } else {
+            this.gather.wrote();
             Poll::Ready(Some(Ok(Bytes::from(out))))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::tests::one_per_turn;
+
+    #[tokio::test]
+    async fn a_burst_handed_over_one_chunk_per_turn_leaves_in_one_write_after_the_first() {
+        let chunks = (0..10)
+            .map(|_| ChatChunk::text("c", "m", "hi").into())
+            .collect();
+        let sse = MessagesSse {
+            first: None,
+            inner: ChunkStream::from_events(one_per_turn(chunks)),
+            encoder: EventEncoder::new(),
+            done: false,
+            gather: Gather::default(),
+        };
+        let writes: Vec<String> = sse
+            .map(|w| String::from_utf8(w.unwrap().to_vec()).unwrap())
+            .collect()
+            .await;
+        // The first chunk leaves at once (time to first byte); the rest together.
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        assert!(
+            writes[0].starts_with("event: message_start"),
+            "{}",
+            writes[0]
+        );
+        assert_eq!(writes[1].matches("event: content_block_delta").count(), 9);
+        assert!(
+            writes[1].ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+            "{}",
+            writes[1]
+        );
     }
 }

@@ -71,13 +71,54 @@ pub(crate) struct SseStream {
     inner: ChunkStream,
     include_usage: bool,
     done: bool,
+    gather: Gather,
+}
+
+/// Holds a write back for a scheduler turn while events keep arriving (see [`SseStream`];
+/// every SSE writer of the crate uses it).
+#[derive(Debug, Default)]
+pub(crate) struct Gather {
     /// Whether a write went out already.
     wrote: bool,
     /// Events gathered for the next write, and the turns they have waited.
-    gathered: Vec<u8>,
+    held: Vec<u8>,
     rounds: u8,
     /// Polls in a row since the last event that found nothing new.
     idle: u8,
+}
+
+impl Gather {
+    /// What was held back at the last poll: the start of this poll's write.
+    pub(crate) fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// The inner stream is pending with `out` gathered (`took`: this poll took events):
+    /// whether to hold it for a turn. When it does, it keeps `out` and wakes the task.
+    pub(crate) fn hold(&mut self, out: &mut Vec<u8>, took: bool, cx: &Context<'_>) -> bool {
+        if !self.wrote || out.is_empty() || self.rounds >= MAX_GATHER_ROUNDS {
+            return false;
+        }
+        // Nothing new twice in a row: the upstream connection had its turn and nothing
+        // more (hyper polls a body again at once when it returns pending, so one empty
+        // poll proves nothing).
+        self.idle = if took { 0 } else { self.idle + 1 };
+        if self.idle >= 2 {
+            return false;
+        }
+        self.rounds += 1;
+        self.held = std::mem::take(out);
+        // Give the upstream connection its turn; the inner stream's waker is registered too.
+        cx.waker().wake_by_ref();
+        true
+    }
+
+    /// A write is going out.
+    pub(crate) fn wrote(&mut self) {
+        self.wrote = true;
+        self.rounds = 0;
+        self.idle = 0;
+    }
 }
 
 impl SseStream {
@@ -87,10 +128,7 @@ impl SseStream {
             inner,
             include_usage,
             done: false,
-            wrote: false,
-            gathered: Vec::new(),
-            rounds: 0,
-            idle: 0,
+            gather: Gather::default(),
         }
     }
 
@@ -155,26 +193,15 @@ impl Stream for SseStream {
         if this.done {
             return Poll::Ready(None);
         }
-        let mut out = std::mem::take(&mut this.gathered);
+        let mut out = this.gather.take();
         let mut took = false;
         while out.len() < MAX_WRITE_BYTES {
             let next = match this.first.take() {
                 Some(first) => Some(Ok(first)),
                 None => match this.inner.poll_next_event(cx) {
                     Poll::Pending => {
-                        if this.wrote && !out.is_empty() && this.rounds < MAX_GATHER_ROUNDS {
-                            // Nothing new twice in a row: the upstream connection had its
-                            // turn and nothing more (hyper polls a body again at once when
-                            // it returns pending, so one empty poll proves nothing).
-                            this.idle = if took { 0 } else { this.idle + 1 };
-                            if this.idle < 2 {
-                                // Give the upstream connection its turn (see the type's
-                                // docs); the inner stream's waker is registered too.
-                                this.rounds += 1;
-                                this.gathered = out;
-                                cx.waker().wake_by_ref();
-                                return Poll::Pending;
-                            }
+                        if this.gather.hold(&mut out, took, cx) {
+                            return Poll::Pending;
                         }
                         break;
                     }
@@ -207,15 +234,13 @@ impl Stream for SseStream {
             // Nothing ready (the inner stream registered the waker).
             return Poll::Pending;
         }
-        this.wrote = true;
-        this.rounds = 0;
-        this.idle = 0;
+        this.gather.wrote();
         Poll::Ready(Some(Ok(Bytes::from(out))))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use futures_util::StreamExt;
     use llm_tower_core::{ChatChunk, EncodedChunk};
@@ -292,7 +317,7 @@ mod tests {
 
     /// Events as an HTTP/1 client body hands them over: one per turn of the connection's
     /// task (here: pending, with a wake-up, between any two events).
-    fn one_per_turn(
+    pub(crate) fn one_per_turn(
         events: Vec<StreamEvent>,
     ) -> impl futures_core::Stream<Item = Result<StreamEvent, LlmError>> + Send + 'static {
         let mut events = events.into_iter();
