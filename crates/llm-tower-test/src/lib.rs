@@ -1,13 +1,4 @@
-//! Test support for llm-tower.
-//!
-//! - [`MockLlm`]: a scriptable in-process LLM service (responses, errors, latency, streams
-//!   that fail after N chunks), recording the requests it saw.
-//! - [`MockUpstream`]: a real mock HTTP upstream speaking the OpenAI and Anthropic APIs
-//!   (JSON and SSE, error statuses with the providers' bodies and headers, latency, dropped
-//!   and malformed streams), scripted with [`Scenario`]s; also the `llm-tower-mock` binary.
-//! - [`SimulatedLlm`]: an in-process simulated provider for demos (no network, no key):
-//!   plausible deterministic answers, streaming word by word, usage, scripted failures;
-//!   re-exported from `llm-tower-providers` (feature `simulated`).
+#![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod mock;
