@@ -121,6 +121,24 @@ impl EncodedResponse {
         })
     }
 
+    /// The same answer with its JSON in an allocation of its own size (an upstream's body
+    /// is often a slice of a larger read buffer, which the slice keeps alive whole): what a
+    /// store that keeps answers in memory keeps. Nothing is parsed again.
+    ///
+    /// ```
+    /// use llm_tower_core::{Dialect, EncodedResponse};
+    /// let json = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":3,"output_tokens":1}}"#;
+    /// let r = EncodedResponse::from_messages_json(json.as_slice().into()).unwrap();
+    /// let c = r.compacted();
+    /// assert_eq!((c.json(), c.dialect(), c.usage()), (r.json(), Dialect::Messages, r.usage()));
+    /// ```
+    pub fn compacted(&self) -> Self {
+        Self {
+            json: Bytes::copy_from_slice(&self.json),
+            ..self.clone()
+        }
+    }
+
     /// The dialect of the document: [`Dialect::Chat`] unless built by
     /// [`from_messages_json`](Self::from_messages_json) or
     /// [`from_responses_json`](Self::from_responses_json).

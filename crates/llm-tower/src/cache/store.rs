@@ -300,9 +300,7 @@ impl CachedEntry {
     /// `None` when there is nothing to compact.
     pub fn compacted(&self) -> Option<Self> {
         let body = match &self.body {
-            CachedBody::Encoded(r) => {
-                CachedBody::Encoded(EncodedResponse::from_json(r.json().to_vec().into()).ok()?)
-            }
+            CachedBody::Encoded(r) => CachedBody::Encoded(r.compacted()),
             CachedBody::Chunks(c) if c.iter().any(|e| matches!(e, StreamEvent::Encoded(_))) => {
                 CachedBody::Chunks(StreamEvent::compacted(c))
             }
@@ -419,4 +417,30 @@ fn accumulate(events: &[StreamEvent]) -> Result<ChatResponse, LlmError> {
 
 fn replay(chunks: Vec<ChatChunk>) -> ChunkStream {
     ChunkStream::new(futures_util::stream::iter(chunks).map(Ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use llm_tower_core::Dialect;
+
+    #[test]
+    fn an_encoded_answer_of_any_dialect_is_compacted_as_it_is() {
+        let messages = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":3,"output_tokens":1}}"#;
+        // A slice of a larger read buffer, as an upstream's body is.
+        let buffer = Bytes::from([messages.as_slice(), b"<rest of the read buffer>"].concat());
+        let body = buffer.slice(..messages.len());
+        let r = EncodedResponse::from_messages_json(body).unwrap();
+        let entry = CachedEntry::encoded(r, &ResponseMeta::default());
+        let compacted = entry.compacted().expect("an encoded answer is compacted");
+        let CachedBody::Encoded(c) = &compacted.body else {
+            panic!("still encoded");
+        };
+        assert_eq!(c.dialect(), Dialect::Messages);
+        assert_eq!(c.json().as_ref(), messages.as_slice());
+        // Its own allocation, not the read buffer's.
+        assert_ne!(c.json().as_ptr(), buffer.as_ptr());
+        assert_eq!(compacted, entry);
+    }
 }
