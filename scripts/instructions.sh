@@ -6,6 +6,7 @@
 #   CONFIG=my.toml DURATION=30s scripts/instructions.sh
 #   PROFILE=release scripts/instructions.sh          # default: dist (as loadtest.sh)
 #   PROXY=bare scripts/instructions.sh               # the baseline proxy instead (the floor)
+#   ENDPOINT=/v1/messages BODY='{"model":…}' CONFIG=… scripts/instructions.sh   # another front door
 #
 # Runs the gateway under `valgrind --tool=callgrind` (≈50× slower, so a few thousand
 # requests) in front of the mock upstream, sends requests with wrk (8 connections), and
@@ -18,6 +19,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 DURATION="${DURATION:-15s}"
+ENDPOINT="${ENDPOINT:-/v1/chat/completions}"
 
 for tool in valgrind callgrind_annotate callgrind_control wrk curl; do
   command -v "$tool" >/dev/null || { echo "instructions: $tool is required" >&2; exit 1; }
@@ -46,9 +48,9 @@ for _ in $(seq 1 120); do
 done
 # A first request through the whole stack, then count from zero.
 curl -sf -o /dev/null -H 'content-type: application/json' -H 'authorization: Bearer sk-bench' \
-  -H 'cache-control: no-cache' -d "$BODY" http://127.0.0.1:9101/v1/chat/completions
+  -H 'cache-control: no-cache' -d "$BODY" "http://127.0.0.1:9101$ENDPOINT"
 callgrind_control --zero "$GW_PID" >/dev/null 2>&1
-N=$(wrk -t1 -c8 -d"$DURATION" -s "$LUA" http://127.0.0.1:9101/v1/chat/completions |
+N=$(wrk -t1 -c8 -d"$DURATION" -s "$LUA" "http://127.0.0.1:9101$ENDPOINT" |
   awk '/requests in/ { print $1 }')
 kill "$STOP" "$GW_PID"
 wait "$GW_PID" || true
