@@ -78,12 +78,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use llm_tower::NanoUsd;
 use llm_tower::cost::{BudgetCharge, BudgetStore, Reserve, ReserveFuture};
 use llm_tower::ledger::Hold;
-use llm_tower::{LlmError, NanoUsd};
 use redis::Script;
 
-use crate::settle::{Settler, Stamp};
+use crate::settle::{Settler, Stamp, run_script, unavailable};
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
@@ -296,7 +296,7 @@ impl RedisBudgetStore {
         let args = ["2", "", "0", "0", "0", "0", "0", "0"]
             .map(str::to_owned)
             .to_vec();
-        let reply = Self::run(self.conn.clone(), self.script.clone(), keys, args).await?;
+        let reply = run_script(self.conn.clone(), self.script.clone(), keys, args).await?;
         let nano = |v: i64| u64::try_from(v).unwrap_or(0);
         match reply[..] {
             [settled, held] => Ok(BudgetLedger {
@@ -346,25 +346,6 @@ impl RedisBudgetStore {
         }
         (keys, args)
     }
-
-    async fn run(
-        conn: RedisConn,
-        script: Arc<Script>,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<Vec<i64>, RedisStoreError> {
-        conn.run(move |mut c| async move {
-            let mut inv = script.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
-            }
-            inv.invoke_async::<Vec<i64>>(&mut c).await
-        })
-        .await
-    }
 }
 
 fn decode(reply: &[i64], n: usize) -> Result<Reserve, RedisStoreError> {
@@ -401,26 +382,14 @@ impl BudgetStore for RedisBudgetStore {
         let settler = self.settler.clone();
         let fail_open = self.fail_open;
         Box::pin(async move {
-            match Self::run(conn, script, keys, args)
+            match run_script(conn, script, keys, args)
                 .await
                 .and_then(|reply| decode(&reply, n))
             {
                 Ok(r) => Ok(r),
-                Err(e) => {
-                    settler.error();
-                    if fail_open {
-                        tracing::warn!(error = %e, "budget store unavailable; failing open");
-                        Ok(Reserve::Reserved {
-                            spent: vec![None; n],
-                        })
-                    } else {
-                        tracing::warn!(error = %e, "budget store unavailable; failing closed");
-                        Err(
-                            LlmError::unavailable(format!("budget store unavailable: {e}"))
-                                .with_source(e),
-                        )
-                    }
-                }
+                Err(e) => unavailable(&settler, fail_open, "budget", e, || Reserve::Reserved {
+                    spent: vec![None; n],
+                }),
             }
         })
     }
@@ -440,7 +409,7 @@ impl BudgetStore for RedisBudgetStore {
         );
         let (conn, script) = (self.conn.clone(), self.script.clone());
         self.settler.spawn("budget", move || {
-            let settle = Self::run(conn.clone(), script.clone(), keys.clone(), args.clone());
+            let settle = run_script(conn.clone(), script.clone(), keys.clone(), args.clone());
             async move { settle.await.map(drop) }
         });
     }

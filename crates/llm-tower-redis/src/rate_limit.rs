@@ -70,12 +70,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use llm_tower::LlmError;
 use llm_tower::ledger::Hold;
 use llm_tower::rate_limit::{Acquire, AcquireFuture, BucketCheck, RateLimitStore};
 use redis::Script;
 
-use crate::settle::{Settler, Stamp};
+use crate::settle::{Settler, Stamp, run_script, unavailable};
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
@@ -310,7 +309,7 @@ impl RedisRateLimitStore {
             final_ms: 0,
         };
         let (keys, args) = self.keys_and_args(2, "", &zero, std::iter::once((&check, 0)));
-        let reply = Self::run(self.conn.clone(), self.script.clone(), keys, args).await?;
+        let reply = run_script(self.conn.clone(), self.script.clone(), keys, args).await?;
         match reply[..] {
             [level, open] => Ok(BucketState {
                 level: level as f64 / 1000.0,
@@ -350,26 +349,6 @@ impl RedisRateLimitStore {
         }
         (keys, args)
     }
-
-    /// Runs the script; the raw reply.
-    async fn run(
-        conn: RedisConn,
-        script: Arc<Script>,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<Vec<i64>, RedisStoreError> {
-        conn.run(move |mut c| async move {
-            let mut inv = script.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
-            }
-            inv.invoke_async::<Vec<i64>>(&mut c).await
-        })
-        .await
-    }
 }
 
 fn decode(reply: &[i64], n: usize) -> Result<Acquire, RedisStoreError> {
@@ -406,26 +385,14 @@ impl RateLimitStore for RedisRateLimitStore {
         let settler = self.settler.clone();
         let fail_open = self.fail_open;
         Box::pin(async move {
-            let result = Self::run(conn, script, keys, args)
+            let result = run_script(conn, script, keys, args)
                 .await
                 .and_then(|reply| decode(&reply, n));
             match result {
                 Ok(a) => Ok(a),
-                Err(e) => {
-                    settler.error();
-                    if fail_open {
-                        tracing::warn!(error = %e, "rate-limit store unavailable; failing open");
-                        Ok(Acquire::Allowed {
-                            remaining: vec![None; n],
-                        })
-                    } else {
-                        tracing::warn!(error = %e, "rate-limit store unavailable; failing closed");
-                        Err(
-                            LlmError::unavailable(format!("rate-limit store unavailable: {e}"))
-                                .with_source(e),
-                        )
-                    }
-                }
+                Err(e) => unavailable(&settler, fail_open, "rate-limit", e, || Acquire::Allowed {
+                    remaining: vec![None; n],
+                }),
             }
         })
     }
@@ -443,7 +410,7 @@ impl RateLimitStore for RedisRateLimitStore {
         );
         let (conn, script) = (self.conn.clone(), self.script.clone());
         self.settler.spawn("rate-limit", move || {
-            let settle = Self::run(conn.clone(), script.clone(), keys.clone(), args.clone());
+            let settle = run_script(conn.clone(), script.clone(), keys.clone(), args.clone());
             async move { settle.await.map(drop) }
         });
     }

@@ -164,3 +164,47 @@ impl Stamp {
         }
     }
 }
+
+/// Runs a ledger script with `keys` and `args` (through the connection's timeout and
+/// breaker); the raw reply.
+pub(crate) async fn run_script(
+    conn: RedisConn,
+    script: Arc<redis::Script>,
+    keys: Vec<String>,
+    args: Vec<String>,
+) -> Result<Vec<i64>, RedisStoreError> {
+    conn.run(move |mut c| async move {
+        let mut inv = script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        for a in &args {
+            inv.arg(a);
+        }
+        inv.invoke_async::<Vec<i64>>(&mut c).await
+    })
+    .await
+}
+
+/// What a ledger store answers when Redis did not: the error is counted, then `open()`
+/// when the store fails open, an `Unavailable` error (naming `what` store) when it fails
+/// closed.
+pub(crate) fn unavailable<T>(
+    settler: &Settler,
+    fail_open: bool,
+    what: &str,
+    e: RedisStoreError,
+    open: impl FnOnce() -> T,
+) -> Result<T, llm_tower::LlmError> {
+    settler.error();
+    if fail_open {
+        tracing::warn!(error = %e, "{what} store unavailable; failing open");
+        Ok(open())
+    } else {
+        tracing::warn!(error = %e, "{what} store unavailable; failing closed");
+        Err(
+            llm_tower::LlmError::unavailable(format!("{what} store unavailable: {e}"))
+                .with_source(e),
+        )
+    }
+}
