@@ -66,7 +66,6 @@
 //! # let _ = layer; Ok(()) }
 //! ```
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,7 +73,7 @@ use llm_tower::ledger::Hold;
 use llm_tower::rate_limit::{Acquire, AcquireFuture, BucketCheck, RateLimitStore};
 use redis::Script;
 
-use crate::settle::{Settler, Stamp, run_script, unavailable};
+use crate::settle::{Settler, Stamp, ledger_store, run_script, unavailable};
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
@@ -219,74 +218,19 @@ pub struct RedisRateLimitStore {
     settler: Settler,
 }
 
-impl fmt::Debug for RedisRateLimitStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisRateLimitStore")
-            .field("conn", &self.conn)
-            .field("fail_open", &self.fail_open)
-            .field("store_errors", &self.store_errors())
-            .field("settles_dropped", &self.settles_dropped())
-            .field("settles_lost", &self.settles_lost())
-            .finish()
-    }
-}
+ledger_store!(
+    RedisRateLimitStore,
+    script: SCRIPT,
+    fail_open: " Whether to allow requests when Redis does not answer (default `true`).",
+    fail_closed: " Refuse requests (`Unavailable`) when Redis does not answer.",
+    settle_retry: [
+        " How long a settlement is sent again while Redis does not answer (default 30 s).",
+    ],
+    store_errors:
+        " Acquisitions and settlement attempts that failed (timeout, error, open breaker).",
+);
 
 impl RedisRateLimitStore {
-    /// A store on `conn`, failing open.
-    pub fn new(conn: RedisConn) -> Self {
-        Self {
-            conn,
-            script: Arc::new(Script::new(SCRIPT)),
-            fail_open: true,
-            settler: Settler::default(),
-        }
-    }
-
-    /// Whether to allow requests when Redis does not answer (default `true`).
-    #[must_use]
-    pub fn fail_open(mut self, open: bool) -> Self {
-        self.fail_open = open;
-        self
-    }
-
-    /// Refuse requests (`Unavailable`) when Redis does not answer.
-    #[must_use]
-    pub fn fail_closed(self) -> Self {
-        self.fail_open(false)
-    }
-
-    /// How long a settlement is sent again while Redis does not answer (default 30 s).
-    #[must_use]
-    pub fn settle_retry(mut self, d: Duration) -> Self {
-        self.settler.set_retry_for(d);
-        self
-    }
-
-    /// Acquisitions and settlement attempts that failed (timeout, error, open breaker).
-    pub fn store_errors(&self) -> u64 {
-        self.settler.errors()
-    }
-
-    /// Settlements dropped because too many were in flight.
-    pub fn settles_dropped(&self) -> u64 {
-        self.settler.dropped()
-    }
-
-    /// Settlements given up after their retry period.
-    pub fn settles_lost(&self) -> u64 {
-        self.settler.lost()
-    }
-
-    /// Settlements being sent or waiting to be sent again.
-    pub fn settles_in_flight(&self) -> usize {
-        self.settler.inflight()
-    }
-
-    /// The connection.
-    pub fn conn(&self) -> &RedisConn {
-        &self.conn
-    }
-
     /// Bucket `key` (as in [`BucketCheck::key`]) now, refilled to now, for a bucket of
     /// `limit` per `window`.
     pub async fn bucket(
