@@ -352,10 +352,7 @@ impl BudgetStore for RedisBudgetStore {
                 .iter()
                 .map(|c| (c.key.as_str(), c.limit, actual, c.ttl)),
         );
-        let (conn, script) = (self.conn.clone(), self.script.clone());
-        self.settler.spawn("budget", move || {
-            let settle = run_script(conn.clone(), script.clone(), keys.clone(), args.clone());
-            async move { settle.await.map(drop) }
-        });
+        self.settler
+            .spawn_script("budget", self.conn.clone(), self.script.clone(), keys, args);
     }
 }

@@ -352,10 +352,12 @@ impl RateLimitStore for RedisRateLimitStore {
             &stamp,
             checks.iter().map(|c| (c, actual)),
         );
-        let (conn, script) = (self.conn.clone(), self.script.clone());
-        self.settler.spawn("rate-limit", move || {
-            let settle = run_script(conn.clone(), script.clone(), keys.clone(), args.clone());
-            async move { settle.await.map(drop) }
-        });
+        self.settler.spawn_script(
+            "rate-limit",
+            self.conn.clone(),
+            self.script.clone(),
+            keys,
+            args,
+        );
     }
 }

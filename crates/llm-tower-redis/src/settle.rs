@@ -85,6 +85,21 @@ impl Settler {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Sends a settlement that is one ledger script call (see [`spawn`](Self::spawn)).
+    pub(crate) fn spawn_script(
+        &self,
+        what: &'static str,
+        conn: RedisConn,
+        script: Arc<redis::Script>,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) {
+        self.spawn(what, move || {
+            let settle = run_script(conn.clone(), script.clone(), keys.clone(), args.clone());
+            async move { settle.await.map(drop) }
+        });
+    }
+
     /// Runs `settle()` on the current runtime unless too many are already in flight,
     /// again after a failure, until it succeeds or its retry period is over.
     pub(crate) fn spawn<M, F>(&self, what: &'static str, settle: M)
