@@ -74,16 +74,15 @@
 //! # let _ = layer; Ok(()) }
 //! ```
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use llm_tower::NanoUsd;
 use llm_tower::cost::{BudgetCharge, BudgetStore, Reserve, ReserveFuture};
 use llm_tower::ledger::Hold;
-use llm_tower::{LlmError, NanoUsd};
 use redis::Script;
 
-use crate::settle::{Settler, Stamp};
+use crate::settle::{Settler, Stamp, ledger_store, run_script, unavailable};
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
@@ -219,76 +218,22 @@ pub struct RedisBudgetStore {
     settler: Settler,
 }
 
-impl fmt::Debug for RedisBudgetStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisBudgetStore")
-            .field("conn", &self.conn)
-            .field("fail_open", &self.fail_open)
-            .field("store_errors", &self.store_errors())
-            .field("settles_dropped", &self.settles_dropped())
-            .field("settles_lost", &self.settles_lost())
-            .finish()
-    }
-}
+ledger_store!(
+    RedisBudgetStore,
+    script: SCRIPT,
+    fail_open:
+        " Whether requests go ahead (unreserved) when Redis does not answer (default `true`).",
+    fail_closed: " Refuse requests under a budget (`Unavailable`) when Redis does not answer.",
+    settle_retry: [
+        " How long a settlement is sent again while Redis does not answer (default 30 s).",
+        " Settled ids are remembered a little longer than this, so the Redis memory of a",
+        " budget is about (open holds + settlements of this period) × ~150 bytes.",
+    ],
+    store_errors:
+        " Reservations and settlement attempts that failed (timeout, error, open breaker).",
+);
 
 impl RedisBudgetStore {
-    /// A store on `conn`, failing open.
-    pub fn new(conn: RedisConn) -> Self {
-        Self {
-            conn,
-            script: Arc::new(Script::new(SCRIPT)),
-            fail_open: true,
-            settler: Settler::default(),
-        }
-    }
-
-    /// Whether requests go ahead (unreserved) when Redis does not answer (default `true`).
-    #[must_use]
-    pub fn fail_open(mut self, open: bool) -> Self {
-        self.fail_open = open;
-        self
-    }
-
-    /// Refuse requests under a budget (`Unavailable`) when Redis does not answer.
-    #[must_use]
-    pub fn fail_closed(self) -> Self {
-        self.fail_open(false)
-    }
-
-    /// How long a settlement is sent again while Redis does not answer (default 30 s).
-    /// Settled ids are remembered a little longer than this, so the Redis memory of a
-    /// budget is about (open holds + settlements of this period) × ~150 bytes.
-    #[must_use]
-    pub fn settle_retry(mut self, d: Duration) -> Self {
-        self.settler.set_retry_for(d);
-        self
-    }
-
-    /// Reservations and settlement attempts that failed (timeout, error, open breaker).
-    pub fn store_errors(&self) -> u64 {
-        self.settler.errors()
-    }
-
-    /// Settlements dropped because too many were in flight.
-    pub fn settles_dropped(&self) -> u64 {
-        self.settler.dropped()
-    }
-
-    /// Settlements given up after their retry period.
-    pub fn settles_lost(&self) -> u64 {
-        self.settler.lost()
-    }
-
-    /// Settlements being sent or waiting to be sent again.
-    pub fn settles_in_flight(&self) -> usize {
-        self.settler.inflight()
-    }
-
-    /// The connection.
-    pub fn conn(&self) -> &RedisConn {
-        &self.conn
-    }
-
     /// What budget `key` (as in [`BudgetCharge::key`]) has settled and holds (expired
     /// holds released first).
     pub async fn ledger(&self, key: &str) -> Result<BudgetLedger, RedisStoreError> {
@@ -296,7 +241,7 @@ impl RedisBudgetStore {
         let args = ["2", "", "0", "0", "0", "0", "0", "0"]
             .map(str::to_owned)
             .to_vec();
-        let reply = Self::run(self.conn.clone(), self.script.clone(), keys, args).await?;
+        let reply = run_script(self.conn.clone(), self.script.clone(), keys, args).await?;
         let nano = |v: i64| u64::try_from(v).unwrap_or(0);
         match reply[..] {
             [settled, held] => Ok(BudgetLedger {
@@ -346,25 +291,6 @@ impl RedisBudgetStore {
         }
         (keys, args)
     }
-
-    async fn run(
-        conn: RedisConn,
-        script: Arc<Script>,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<Vec<i64>, RedisStoreError> {
-        conn.run(move |mut c| async move {
-            let mut inv = script.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
-            }
-            inv.invoke_async::<Vec<i64>>(&mut c).await
-        })
-        .await
-    }
 }
 
 fn decode(reply: &[i64], n: usize) -> Result<Reserve, RedisStoreError> {
@@ -401,26 +327,14 @@ impl BudgetStore for RedisBudgetStore {
         let settler = self.settler.clone();
         let fail_open = self.fail_open;
         Box::pin(async move {
-            match Self::run(conn, script, keys, args)
+            match run_script(conn, script, keys, args)
                 .await
                 .and_then(|reply| decode(&reply, n))
             {
                 Ok(r) => Ok(r),
-                Err(e) => {
-                    settler.error();
-                    if fail_open {
-                        tracing::warn!(error = %e, "budget store unavailable; failing open");
-                        Ok(Reserve::Reserved {
-                            spent: vec![None; n],
-                        })
-                    } else {
-                        tracing::warn!(error = %e, "budget store unavailable; failing closed");
-                        Err(
-                            LlmError::unavailable(format!("budget store unavailable: {e}"))
-                                .with_source(e),
-                        )
-                    }
-                }
+                Err(e) => unavailable(&settler, fail_open, "budget", e, || Reserve::Reserved {
+                    spent: vec![None; n],
+                }),
             }
         })
     }
@@ -438,10 +352,7 @@ impl BudgetStore for RedisBudgetStore {
                 .iter()
                 .map(|c| (c.key.as_str(), c.limit, actual, c.ttl)),
         );
-        let (conn, script) = (self.conn.clone(), self.script.clone());
-        self.settler.spawn("budget", move || {
-            let settle = Self::run(conn.clone(), script.clone(), keys.clone(), args.clone());
-            async move { settle.await.map(drop) }
-        });
+        self.settler
+            .spawn_script("budget", self.conn.clone(), self.script.clone(), keys, args);
     }
 }

@@ -66,16 +66,14 @@
 //! # let _ = layer; Ok(()) }
 //! ```
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use llm_tower::LlmError;
 use llm_tower::ledger::Hold;
 use llm_tower::rate_limit::{Acquire, AcquireFuture, BucketCheck, RateLimitStore};
 use redis::Script;
 
-use crate::settle::{Settler, Stamp};
+use crate::settle::{Settler, Stamp, ledger_store, run_script, unavailable};
 use crate::{RedisConn, RedisStoreError};
 
 /// The key namespace, versioned with the script.
@@ -220,74 +218,19 @@ pub struct RedisRateLimitStore {
     settler: Settler,
 }
 
-impl fmt::Debug for RedisRateLimitStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisRateLimitStore")
-            .field("conn", &self.conn)
-            .field("fail_open", &self.fail_open)
-            .field("store_errors", &self.store_errors())
-            .field("settles_dropped", &self.settles_dropped())
-            .field("settles_lost", &self.settles_lost())
-            .finish()
-    }
-}
+ledger_store!(
+    RedisRateLimitStore,
+    script: SCRIPT,
+    fail_open: " Whether to allow requests when Redis does not answer (default `true`).",
+    fail_closed: " Refuse requests (`Unavailable`) when Redis does not answer.",
+    settle_retry: [
+        " How long a settlement is sent again while Redis does not answer (default 30 s).",
+    ],
+    store_errors:
+        " Acquisitions and settlement attempts that failed (timeout, error, open breaker).",
+);
 
 impl RedisRateLimitStore {
-    /// A store on `conn`, failing open.
-    pub fn new(conn: RedisConn) -> Self {
-        Self {
-            conn,
-            script: Arc::new(Script::new(SCRIPT)),
-            fail_open: true,
-            settler: Settler::default(),
-        }
-    }
-
-    /// Whether to allow requests when Redis does not answer (default `true`).
-    #[must_use]
-    pub fn fail_open(mut self, open: bool) -> Self {
-        self.fail_open = open;
-        self
-    }
-
-    /// Refuse requests (`Unavailable`) when Redis does not answer.
-    #[must_use]
-    pub fn fail_closed(self) -> Self {
-        self.fail_open(false)
-    }
-
-    /// How long a settlement is sent again while Redis does not answer (default 30 s).
-    #[must_use]
-    pub fn settle_retry(mut self, d: Duration) -> Self {
-        self.settler.set_retry_for(d);
-        self
-    }
-
-    /// Acquisitions and settlement attempts that failed (timeout, error, open breaker).
-    pub fn store_errors(&self) -> u64 {
-        self.settler.errors()
-    }
-
-    /// Settlements dropped because too many were in flight.
-    pub fn settles_dropped(&self) -> u64 {
-        self.settler.dropped()
-    }
-
-    /// Settlements given up after their retry period.
-    pub fn settles_lost(&self) -> u64 {
-        self.settler.lost()
-    }
-
-    /// Settlements being sent or waiting to be sent again.
-    pub fn settles_in_flight(&self) -> usize {
-        self.settler.inflight()
-    }
-
-    /// The connection.
-    pub fn conn(&self) -> &RedisConn {
-        &self.conn
-    }
-
     /// Bucket `key` (as in [`BucketCheck::key`]) now, refilled to now, for a bucket of
     /// `limit` per `window`.
     pub async fn bucket(
@@ -310,7 +253,7 @@ impl RedisRateLimitStore {
             final_ms: 0,
         };
         let (keys, args) = self.keys_and_args(2, "", &zero, std::iter::once((&check, 0)));
-        let reply = Self::run(self.conn.clone(), self.script.clone(), keys, args).await?;
+        let reply = run_script(self.conn.clone(), self.script.clone(), keys, args).await?;
         match reply[..] {
             [level, open] => Ok(BucketState {
                 level: level as f64 / 1000.0,
@@ -350,26 +293,6 @@ impl RedisRateLimitStore {
         }
         (keys, args)
     }
-
-    /// Runs the script; the raw reply.
-    async fn run(
-        conn: RedisConn,
-        script: Arc<Script>,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<Vec<i64>, RedisStoreError> {
-        conn.run(move |mut c| async move {
-            let mut inv = script.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
-            }
-            inv.invoke_async::<Vec<i64>>(&mut c).await
-        })
-        .await
-    }
 }
 
 fn decode(reply: &[i64], n: usize) -> Result<Acquire, RedisStoreError> {
@@ -406,26 +329,14 @@ impl RateLimitStore for RedisRateLimitStore {
         let settler = self.settler.clone();
         let fail_open = self.fail_open;
         Box::pin(async move {
-            let result = Self::run(conn, script, keys, args)
+            let result = run_script(conn, script, keys, args)
                 .await
                 .and_then(|reply| decode(&reply, n));
             match result {
                 Ok(a) => Ok(a),
-                Err(e) => {
-                    settler.error();
-                    if fail_open {
-                        tracing::warn!(error = %e, "rate-limit store unavailable; failing open");
-                        Ok(Acquire::Allowed {
-                            remaining: vec![None; n],
-                        })
-                    } else {
-                        tracing::warn!(error = %e, "rate-limit store unavailable; failing closed");
-                        Err(
-                            LlmError::unavailable(format!("rate-limit store unavailable: {e}"))
-                                .with_source(e),
-                        )
-                    }
-                }
+                Err(e) => unavailable(&settler, fail_open, "rate-limit", e, || Acquire::Allowed {
+                    remaining: vec![None; n],
+                }),
             }
         })
     }
@@ -441,10 +352,12 @@ impl RateLimitStore for RedisRateLimitStore {
             &stamp,
             checks.iter().map(|c| (c, actual)),
         );
-        let (conn, script) = (self.conn.clone(), self.script.clone());
-        self.settler.spawn("rate-limit", move || {
-            let settle = Self::run(conn.clone(), script.clone(), keys.clone(), args.clone());
-            async move { settle.await.map(drop) }
-        });
+        self.settler.spawn_script(
+            "rate-limit",
+            self.conn.clone(),
+            self.script.clone(),
+            keys,
+            args,
+        );
     }
 }

@@ -85,6 +85,21 @@ impl Settler {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Sends a settlement that is one ledger script call (see [`spawn`](Self::spawn)).
+    pub(crate) fn spawn_script(
+        &self,
+        what: &'static str,
+        conn: RedisConn,
+        script: Arc<redis::Script>,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) {
+        self.spawn(what, move || {
+            let settle = run_script(conn.clone(), script.clone(), keys.clone(), args.clone());
+            async move { settle.await.map(drop) }
+        });
+    }
+
     /// Runs `settle()` on the current runtime unless too many are already in flight,
     /// again after a failure, until it succeeds or its retry period is over.
     pub(crate) fn spawn<M, F>(&self, what: &'static str, settle: M)
@@ -164,3 +179,131 @@ impl Stamp {
         }
     }
 }
+
+/// Runs a ledger script with `keys` and `args` (through the connection's timeout and
+/// breaker); the raw reply.
+pub(crate) async fn run_script(
+    conn: RedisConn,
+    script: Arc<redis::Script>,
+    keys: Vec<String>,
+    args: Vec<String>,
+) -> Result<Vec<i64>, RedisStoreError> {
+    conn.run(move |mut c| async move {
+        let mut inv = script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        for a in &args {
+            inv.arg(a);
+        }
+        inv.invoke_async::<Vec<i64>>(&mut c).await
+    })
+    .await
+}
+
+/// What a ledger store answers when Redis did not: the error is counted, then `open()`
+/// when the store fails open, an `Unavailable` error (naming `what` store) when it fails
+/// closed.
+pub(crate) fn unavailable<T>(
+    settler: &Settler,
+    fail_open: bool,
+    what: &str,
+    e: RedisStoreError,
+    open: impl FnOnce() -> T,
+) -> Result<T, llm_tower::LlmError> {
+    settler.error();
+    if fail_open {
+        tracing::warn!(error = %e, "{what} store unavailable; failing open");
+        Ok(open())
+    } else {
+        tracing::warn!(error = %e, "{what} store unavailable; failing closed");
+        Err(
+            llm_tower::LlmError::unavailable(format!("{what} store unavailable: {e}"))
+                .with_source(e),
+        )
+    }
+}
+
+/// The `Debug`, constructor, fail-open options, settle retry and counters of a ledger store
+/// (a struct with the fields `conn`, `script`, `fail_open` and `settler`): the same for the
+/// budget and rate-limit stores. The doc lines that differ are arguments.
+macro_rules! ledger_store {
+    (
+        $store:ident,
+        script: $script:expr,
+        fail_open: $open_doc:literal,
+        fail_closed: $closed_doc:literal,
+        settle_retry: [$($retry_doc:literal),+ $(,)?],
+        store_errors: $errors_doc:literal $(,)?
+    ) => {
+        impl std::fmt::Debug for $store {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($store))
+                    .field("conn", &self.conn)
+                    .field("fail_open", &self.fail_open)
+                    .field("store_errors", &self.store_errors())
+                    .field("settles_dropped", &self.settles_dropped())
+                    .field("settles_lost", &self.settles_lost())
+                    .finish()
+            }
+        }
+
+        impl $store {
+            /// A store on `conn`, failing open.
+            pub fn new(conn: RedisConn) -> Self {
+                Self {
+                    conn,
+                    script: std::sync::Arc::new(redis::Script::new($script)),
+                    fail_open: true,
+                    settler: $crate::settle::Settler::default(),
+                }
+            }
+
+            #[doc = $open_doc]
+            #[must_use]
+            pub fn fail_open(mut self, open: bool) -> Self {
+                self.fail_open = open;
+                self
+            }
+
+            #[doc = $closed_doc]
+            #[must_use]
+            pub fn fail_closed(self) -> Self {
+                self.fail_open(false)
+            }
+
+            $(#[doc = $retry_doc])+
+            #[must_use]
+            pub fn settle_retry(mut self, d: std::time::Duration) -> Self {
+                self.settler.set_retry_for(d);
+                self
+            }
+
+            #[doc = $errors_doc]
+            pub fn store_errors(&self) -> u64 {
+                self.settler.errors()
+            }
+
+            /// Settlements dropped because too many were in flight.
+            pub fn settles_dropped(&self) -> u64 {
+                self.settler.dropped()
+            }
+
+            /// Settlements given up after their retry period.
+            pub fn settles_lost(&self) -> u64 {
+                self.settler.lost()
+            }
+
+            /// Settlements being sent or waiting to be sent again.
+            pub fn settles_in_flight(&self) -> usize {
+                self.settler.inflight()
+            }
+
+            /// The connection.
+            pub fn conn(&self) -> &RedisConn {
+                &self.conn
+            }
+        }
+    };
+}
+pub(crate) use ledger_store;

@@ -5,6 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use sqlx::SqlSafeStr as _;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
 use tokio::sync::Notify;
 
 use crate::types::{Finish, Job, JobError, JobId, Lease, LlmCall, NewJob, Submitted};
@@ -350,4 +352,72 @@ pub(crate) fn llm_call(
         u32::try_from(starts).unwrap_or(u32::MAX),
         response,
     ))
+}
+
+/// The migrations of a store, as `(version, name, SQL)`: the SQL text is per dialect, the
+/// list's shape is the same for both.
+pub(crate) fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
+    Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|&(version, name, sql)| {
+                Migration::new(
+                    version,
+                    name.into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The outcome of a fenced write: it must have changed exactly the job's row, otherwise the
+/// lease is no longer current.
+pub(crate) fn fenced(rows_affected: u64) -> Result<(), JobError> {
+    if rows_affected == 1 {
+        Ok(())
+    } else {
+        Err(JobError::LeaseLost)
+    }
+}
+
+/// The lease a claim returns with the claimed job: its epoch, and the claim's token.
+pub(crate) fn leased(job: Job, token: uuid::Uuid) -> (Job, Lease) {
+    let lease = Lease {
+        id: job.id,
+        epoch: job.lease_epoch,
+        token,
+    };
+    (job, lease)
+}
+
+/// The answer to a submit whose idempotency key names `existing`: that job, when the
+/// request is the same.
+pub(crate) fn resubmitted(existing: Job, new: &NewJob) -> Result<Submitted, JobError> {
+    same_request(&existing, new)?;
+    Ok(Submitted {
+        job: existing,
+        created: false,
+    })
+}
+
+/// Maps `(name, output)` rows of `llm_job_steps` to the step outputs.
+pub(crate) fn step_outputs(
+    rows: Vec<(String, String)>,
+) -> Result<Vec<(String, serde_json::Value)>, JobError> {
+    rows.into_iter()
+        .map(|(n, o)| Ok((n, serde_json::from_str(&o).map_err(JobError::store)?)))
+        .collect()
+}
+
+/// The `LIMIT` parameter of [`JobStore::count_queued`] (saturating).
+pub(crate) fn limit_param(limit: u64) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// A count from the database (never negative in practice) as `u64`.
+pub(crate) fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }

@@ -4,12 +4,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::SqlSafeStr as _;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::Notify;
 
-use super::{JobStore, StoreFuture, cols, job_from_row, json_text, llm_call, same_request};
+use super::{
+    JobStore, StoreFuture, cols, count, fenced, job_from_row, json_text, leased, limit_param,
+    llm_call, resubmitted, step_outputs,
+};
 use crate::types::{
     Finish, Job, JobError, JobId, Lease, LlmCall, NewJob, Progress, Submitted, dur_ms,
 };
@@ -58,27 +60,21 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![
-        Migration::new(
+    super::migrator(&[
+        (
             1,
-            "jobs".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/postgres/0001_jobs.sql").into_sql_str(),
-            false,
+            "jobs",
+            include_str!("../../migrations/postgres/0001_jobs.sql"),
         ),
-        Migration::new(
+        (
             2,
-            "llm_calls".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/postgres/0002_llm_calls.sql").into_sql_str(),
-            false,
+            "llm_calls",
+            include_str!("../../migrations/postgres/0002_llm_calls.sql"),
         ),
-        Migration::new(
+        (
             3,
-            "responses".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/postgres/0003_responses.sql").into_sql_str(),
-            false,
+            "responses",
+            include_str!("../../migrations/postgres/0003_responses.sql"),
         ),
     ])
 }
@@ -170,11 +166,7 @@ impl PostgresStore {
             .execute(&self.fast)
             .await
             .map_err(JobError::store)?;
-        if r.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(JobError::LeaseLost)
-        }
+        fenced(r.rows_affected())
     }
 
     async fn notify(&self) {
@@ -250,12 +242,7 @@ impl JobStore for PostgresStore {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(JobError::store)?;
-            let existing = job_from_row!(&row)?;
-            same_request(&existing, &job)?;
-            Ok(Submitted {
-                job: existing,
-                created: false,
-            })
+            resubmitted(job_from_row!(&row)?, &job)
         })
     }
 
@@ -334,18 +321,8 @@ impl JobStore for PostgresStore {
             .fetch_optional(&self.fast)
             .await
             .map_err(JobError::store)?;
-            match row {
-                None => Ok(None),
-                Some(r) => {
-                    let job = job_from_row!(&r)?;
-                    let lease = Lease {
-                        id: job.id,
-                        epoch: job.lease_epoch,
-                        token,
-                    };
-                    Ok(Some((job, lease)))
-                }
-            }
+            row.map(|r| Ok(leased(job_from_row!(&r)?, token)))
+                .transpose()
         })
     }
 
@@ -375,9 +352,7 @@ impl JobStore for PostgresStore {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(JobError::store)?;
-            rows.into_iter()
-                .map(|(n, o)| Ok((n, serde_json::from_str(&o).map_err(JobError::store)?)))
-                .collect()
+            step_outputs(rows)
         })
     }
 
@@ -403,9 +378,7 @@ impl JobStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(JobError::store)?;
-            if r.rows_affected() != 1 {
-                return Err(JobError::LeaseLost);
-            }
+            fenced(r.rows_affected())?;
             sqlx::query(
                 "INSERT INTO llm_job_steps (job_id, name, output, created_at) \
                  VALUES ($1, $2, $3, $4)",
@@ -490,9 +463,7 @@ impl JobStore for PostgresStore {
                 .execute(&self.pool)
                 .await
                 .map_err(JobError::store)?;
-            if r.rows_affected() != 1 {
-                return Err(JobError::LeaseLost);
-            }
+            fenced(r.rows_affected())?;
             if matches!(finish, Finish::Release) {
                 self.notify().await;
             }
@@ -611,11 +582,11 @@ impl JobStore for PostgresStore {
                  WHERE tenant = $1 AND status = 'queued' LIMIT $2) AS q",
             )
             .bind(tenant)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(limit_param(limit))
             .fetch_one(&self.pool)
             .await
             .map_err(JobError::store)?;
-            Ok(u64::try_from(n).unwrap_or(0))
+            Ok(count(n))
         })
     }
 
