@@ -574,14 +574,26 @@ pub fn usage_from(v: &Value) -> Usage {
             _ => None,
         })
     };
-    let input = n("input_tokens").unwrap_or(0);
-    let output = n("output_tokens").unwrap_or(0);
-    let write = n("cache_creation_input_tokens");
-    let read = n("cache_read_input_tokens");
+    counts_usage(
+        n("input_tokens"),
+        n("output_tokens"),
+        n("cache_creation_input_tokens"),
+        n("cache_read_input_tokens"),
+    )
+}
+
+/// [`usage_from`] on counts already read: input, output, cache writes, cache reads.
+fn counts_usage(
+    input: Option<u64>,
+    output: Option<u64>,
+    write: Option<u64>,
+    read: Option<u64>,
+) -> Usage {
     let prompt = input
+        .unwrap_or(0)
         .saturating_add(write.unwrap_or(0))
         .saturating_add(read.unwrap_or(0));
-    let mut u = Usage::new(prompt, output);
+    let mut u = Usage::new(prompt, output.unwrap_or(0));
     if write.is_some() || read.is_some() {
         u.prompt_tokens_details = Some(PromptTokensDetails {
             cached_tokens: Some(read.unwrap_or(0)),
@@ -783,11 +795,12 @@ fn message_id(id: &str) -> String {
 /// What a complete Messages API answer must look like: its `model` and `usage` are read,
 /// the rest checked for type and left as it is.
 #[derive(Deserialize)]
-struct Shape {
-    #[serde(rename = "id")]
-    _id: String,
-    #[serde(rename = "type")]
-    kind: String,
+struct Shape<'a> {
+    // Borrowed: nothing is copied for a check.
+    #[serde(rename = "id", borrow)]
+    _id: std::borrow::Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
     #[serde(rename = "role", default)]
     _role: serde::de::IgnoredAny,
     model: String,
@@ -820,21 +833,12 @@ pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<
     }
     let usage = shape.usage.map(|u| {
         let c = |x: Option<crate::json::Count>| x.and_then(|c| c.0);
-        let mut m = Map::new();
-        for (k, v) in [
-            ("input_tokens", c(u.input_tokens)),
-            ("output_tokens", c(u.output_tokens)),
-            (
-                "cache_creation_input_tokens",
-                c(u.cache_creation_input_tokens),
-            ),
-            ("cache_read_input_tokens", c(u.cache_read_input_tokens)),
-        ] {
-            if let Some(v) = v {
-                m.insert(k.into(), v.into());
-            }
-        }
-        usage_from(&Value::Object(m))
+        counts_usage(
+            c(u.input_tokens),
+            c(u.output_tokens),
+            c(u.cache_creation_input_tokens),
+            c(u.cache_read_input_tokens),
+        )
     });
     Ok((shape.model, usage))
 }
