@@ -2,6 +2,7 @@
 
 mod common;
 use common::{conn, unique_prefix};
+use llm_tower::LlmService;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -10,7 +11,7 @@ use llm_tower::cost::{Budget, BudgetWindow, CostLayer, ModelPrice, PriceTable};
 use llm_tower::{ChatRequest, ErrorKind, LlmError, LlmResponse, Message, Usage};
 use llm_tower_redis::budget::RedisBudgetStore;
 use llm_tower_test::{MockLlm, Step};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 
 /// Estimate 100 tokens at 1000 nano-dollars each: 100 000.
 fn req(tenant: &str) -> ChatRequest {
@@ -27,7 +28,7 @@ fn layer(store: RedisBudgetStore) -> CostLayer {
 
 async fn call<S>(svc: &mut S, r: ChatRequest) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     svc.ready().await?.call(r).await
 }

@@ -1,6 +1,7 @@
 //! A Redis outage must not hang requests: fail-open stores let them through, fail-closed
 //! stores refuse them promptly. Redis is "down" here: nothing listens on 127.0.0.1:1.
 
+use llm_tower::LlmService;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use llm_tower_redis::budget::RedisBudgetStore;
 use llm_tower_redis::rate_limit::RedisRateLimitStore;
 use llm_tower_redis::{RedisConn, RedisOptions};
 use llm_tower_test::MockLlm;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 
 fn down() -> RedisConn {
     let opts = RedisOptions {
@@ -28,7 +29,7 @@ fn req() -> ChatRequest {
 
 async fn call<S>(svc: &mut S, r: ChatRequest) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     svc.ready().await?.call(r).await
 }

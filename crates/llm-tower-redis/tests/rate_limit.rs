@@ -2,6 +2,7 @@
 
 mod common;
 use common::{conn, unique_prefix};
+use llm_tower::LlmService;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use llm_tower::{ChatRequest, ErrorKind, LlmError, LlmResponse, Message, Usage};
 use llm_tower_redis::RedisConn;
 use llm_tower_redis::rate_limit::RedisRateLimitStore;
 use llm_tower_test::{MockLlm, Step};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 
 /// Estimate: 100 tokens.
 fn req(tenant: &str) -> ChatRequest {
@@ -22,7 +23,7 @@ fn req(tenant: &str) -> ChatRequest {
 
 async fn call<S>(svc: &mut S, r: ChatRequest) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     svc.ready().await?.call(r).await
 }

@@ -4,6 +4,7 @@
 //!
 //! `cargo bench -p llm-tower --features route,fallback,validate --bench layers_route_fallback_validate`
 
+use llm_tower::LlmService;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -35,7 +36,7 @@ fn request() -> ChatRequest {
 
 fn run<S>(c: &mut Criterion, name: &str, mut svc: S)
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     let req = request();
     c.bench_function(name, |b| {

@@ -56,6 +56,7 @@
 //! # Ok(()) }
 //! ```
 
+use llm_tower_core::LlmService;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -118,7 +119,7 @@ impl<S> Observe<S> {
 
 impl<S> Service<ChatRequest> for Observe<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     type Response = LlmResponse;
     type Error = LlmError;

@@ -98,6 +98,7 @@
 //! # Ok(()) }
 //! ```
 
+use llm_tower_core::LlmService;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -698,7 +699,7 @@ fn outputs(resp: &ChatResponse) -> Vec<Output<'_>> {
 
 impl<S> Service<ChatRequest> for Validate<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone + Send + 'static,
+    S: LlmService + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = LlmResponse;
@@ -757,7 +758,7 @@ struct RetryCtx<S> {
 /// reminder while retries are left.
 async fn run<S>(first: LlmResponse, ctx: RetryCtx<S>) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     let RetryCtx {
         mut svc,

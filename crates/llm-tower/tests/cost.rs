@@ -1,6 +1,7 @@
 //! Tests of the cost layer, on paused time with the scripted mock.
 #![cfg(feature = "cost")]
 
+use llm_tower::LlmService;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -30,7 +31,7 @@ fn prices() -> PriceTable {
 
 async fn call<S>(svc: &mut S, r: ChatRequest) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     svc.ready().await?.call(r).await
 }

@@ -7,6 +7,7 @@
     feature = "rate-limit"
 ))]
 
+use llm_tower::LlmService;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,7 +110,7 @@ fn emb_req(inputs: &[&str]) -> ChatRequest {
 
 async fn call<S>(svc: &mut S, req: ChatRequest) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     svc.ready().await?.call(req).await
 }

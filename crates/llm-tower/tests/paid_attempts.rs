@@ -9,6 +9,7 @@
     feature = "rate-limit"
 ))]
 
+use llm_tower::LlmService;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,7 +80,7 @@ impl Books {
         inner: S,
     ) -> impl Service<ChatRequest, Response = LlmResponse, Error = LlmError> + use<S>
     where
-        S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone + Send + 'static,
+        S: LlmService + Clone + Send + 'static,
         S::Future: Send + 'static,
     {
         self.limit().layer(self.cost.layer(inner))
@@ -109,7 +110,7 @@ fn tokens(u: &Usage) -> u64 {
 
 async fn call<S>(svc: &mut S, r: ChatRequest) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     svc.ready().await?.call(r).await
 }

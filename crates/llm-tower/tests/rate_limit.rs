@@ -1,6 +1,7 @@
 //! Tests of the rate-limit layer, on paused time with the scripted mock.
 #![cfg(feature = "rate-limit")]
 
+use llm_tower::LlmService;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ fn stream_req(tenant: &str) -> ChatRequest {
 
 async fn call<S>(svc: &mut S, r: ChatRequest) -> Result<LlmResponse, LlmError>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     svc.ready().await?.call(r).await
 }

@@ -32,7 +32,7 @@ use futures_util::StreamExt;
 use llm_tower::NanoUsd;
 use llm_tower::cost::PriceTable;
 use llm_tower::validate::Rule;
-use llm_tower::{BoxLlmService, ChatRequest, LlmError, LlmResponse, ResponseBody};
+use llm_tower::{BoxLlmService, ChatRequest, LlmError, LlmResponse, LlmService, ResponseBody};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
@@ -554,7 +554,7 @@ struct Plan {
 
 impl<S> Service<ChatRequest> for Shadow<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     type Response = LlmResponse;
     type Error = LlmError;

@@ -824,7 +824,7 @@ struct ShapeUsage {
 
 /// Checks that `json` is a Messages API answer; returns its model and usage.
 pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<Usage>)> {
-    let shape: Shape = crate::json::from_slice(json)?;
+    let shape: Shape<'_> = crate::json::from_slice(json)?;
     if shape.kind != "message" {
         return Err(serde::de::Error::custom(format!(
             "`type` is `{}`, not `message`",

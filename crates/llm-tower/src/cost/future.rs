@@ -1,6 +1,7 @@
 //! The response future of [`super::Cost`].
 
 use super::*;
+use llm_tower_core::LlmService;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -76,7 +77,7 @@ where
 
 impl<S> Future for ResponseFuture<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     type Output = Result<LlmResponse, LlmError>;
 

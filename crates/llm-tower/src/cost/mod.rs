@@ -114,6 +114,7 @@ pub use budget::{
 };
 pub use price::{InvalidPrice, ModelPrice, PicoUsd, PriceConfig, PriceTable, usd_to_nano};
 
+use llm_tower_core::LlmService;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -748,7 +749,7 @@ fn rejected_before_generation(kind: ErrorKind) -> bool {
 
 impl<S> Service<ChatRequest> for Cost<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone,
+    S: LlmService + Clone,
 {
     type Response = LlmResponse;
     type Error = LlmError;

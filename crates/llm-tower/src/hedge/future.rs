@@ -1,5 +1,6 @@
 //! The response future of [`Hedge`](super::Hedge): a measured call, or a race of two.
 
+use llm_tower_core::LlmService;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -72,7 +73,7 @@ impl<F> ResponseFuture<F> {
 
     pub(super) fn race<S>(race: Race<S>) -> Self
     where
-        S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Send + 'static,
+        S: LlmService + Send + 'static,
         S::Future: Send + 'static,
     {
         Self {
@@ -176,7 +177,7 @@ enum Step {
 
 impl<S> Leg<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Step {
         loop {
@@ -273,7 +274,7 @@ impl<S: Service<ChatRequest>> Unpin for Race<S> {}
 
 impl<S> Race<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     pub(super) fn new(
         shared: Arc<Shared>,
@@ -348,7 +349,7 @@ where
 
 impl<S> Future for Race<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     type Output = Result<LlmResponse, LlmError>;
 

@@ -1,5 +1,6 @@
 //! [`HedgeLayer`], [`Hedge`], the latency histogram and the budget.
 
+use llm_tower_core::LlmService;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -377,7 +378,7 @@ impl<S> Hedge<S> {
 
 impl<S> Service<ChatRequest> for Hedge<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone + Send + 'static,
+    S: LlmService + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = LlmResponse;

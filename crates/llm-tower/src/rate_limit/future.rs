@@ -1,6 +1,7 @@
 //! The response future of [`super::RateLimit`].
 
 use super::*;
+use llm_tower_core::LlmService;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -80,7 +81,7 @@ where
 
 impl<S> ResponseFuture<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     pub(super) fn failed(e: LlmError) -> Self {
         Self {
@@ -145,7 +146,7 @@ fn on_refusal<S>(ctx: &mut Ctx<S>, retry_after: Duration) -> Option<Duration> {
 
 impl<S> Future for ResponseFuture<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError>,
+    S: LlmService,
 {
     type Output = Result<LlmResponse, LlmError>;
 

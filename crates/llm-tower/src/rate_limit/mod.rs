@@ -123,6 +123,7 @@ pub mod future;
 
 pub use crate::ledger::{DEFAULT_HOLD_TTL, Hold, HoldId, MIN_HOLD_TTL};
 pub use headroom::{HeadroomTracker, WeakHeadroomTracker};
+use llm_tower_core::LlmService;
 pub(crate) use rule::rejected_before_generation;
 pub use rule::{InvalidRule, KeyBy, LimitUnit, Rule, TokenEstimator};
 use rule::{paid_tokens, used_tokens};
@@ -436,7 +437,7 @@ impl RateLimitLayer {
 
 impl<S> Service<ChatRequest> for RateLimit<S>
 where
-    S: Service<ChatRequest, Response = LlmResponse, Error = LlmError> + Clone,
+    S: LlmService + Clone,
 {
     type Response = LlmResponse;
     type Error = LlmError;
