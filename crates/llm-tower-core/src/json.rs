@@ -57,6 +57,79 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
+/// A JSON object's members in order, keys borrowed where they can be: for a parser that
+/// reads a handful of top-level fields once each (a `Map` builds a B-tree of owned keys
+/// to be looked up a few times and dropped). A repeated key keeps its last value, as in a
+/// `Map`.
+pub(crate) struct Members<'de>(Vec<(Key<'de>, serde_json::Value)>);
+
+impl<'de> Members<'de> {
+    fn new(mut members: Vec<(Key<'de>, serde_json::Value)>) -> Self {
+        // Linear for the usual few members; a set for many (a hostile body may have
+        // hundreds of thousands), so the check stays O(n).
+        let n = members.len();
+        let repeats = if n <= 16 {
+            (0..n).any(|i| {
+                let k = members[i].0.as_str();
+                members[i + 1..].iter().any(|(l, _)| l.as_str() == k)
+            })
+        } else {
+            let mut seen = std::collections::HashSet::with_capacity(n);
+            !members.iter().all(|(k, _)| seen.insert(k.as_str()))
+        };
+        if repeats {
+            // The last of each key stays.
+            let keep: Vec<bool> = {
+                let mut seen = std::collections::HashSet::with_capacity(n);
+                let mut keep: Vec<bool> = members
+                    .iter()
+                    .rev()
+                    .map(|(k, _)| seen.insert(k.as_str()))
+                    .collect();
+                keep.reverse();
+                keep
+            };
+            let mut keep = keep.into_iter();
+            members.retain(|_| keep.next().unwrap_or(true));
+        }
+        Self(members)
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &serde_json::Value)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    out.push((k, map.next_value()?));
+                }
+                Ok(Members::new(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// A token count from an upstream, read without trust: any JSON number, saturating
 /// (negative → 0, past `u64::MAX` or a float → truncated and capped), or `null` (absent).
 /// Anything else is an error, as for a `u64`.
@@ -194,3 +267,30 @@ macro_rules! deserialize_with_extra {
     };
 }
 pub(crate) use deserialize_with_extra;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_keep_the_last_of_a_repeated_key_and_their_order() {
+        let m: Members<'_> = from_slice(br#"{"b":1,"a":2,"b":3}"#).unwrap();
+        assert_eq!(m.get("b"), Some(&serde_json::json!(3)));
+        let keys: Vec<&str> = m.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["a", "b"]);
+        assert!(m.get("c").is_none());
+    }
+
+    #[test]
+    fn many_members_with_repeats_are_read_in_linear_time() {
+        // 200 000 members, every key twice: quadratic work would take minutes.
+        let mut body = String::from("{");
+        for i in 0..200_000 {
+            body.push_str(&format!("\"k{}\":{i},", i % 100_000));
+        }
+        body.push_str("\"z\":0}");
+        let m: Members<'_> = from_slice(body.as_bytes()).unwrap();
+        assert_eq!(m.iter().count(), 100_001);
+        assert_eq!(m.get("k7"), Some(&serde_json::json!(100_007)));
+    }
+}

@@ -298,6 +298,7 @@ pub(crate) fn headroom(headers: &HeaderMap) -> (Option<RateLimitHeadroom>, u32) 
     let mut openai = RateLimitHeadroom::default();
     let mut anthropic = RateLimitHeadroom::default();
     let mut bad = 0u32;
+    let mut last_reset: Option<(&str, Option<Duration>)> = None;
     // Anthropic reports combined tokens, and input / output tokens separately; the
     // tightest of them is the headroom.
     let min = |slot: &mut Option<u64>, v: Option<u64>| {
@@ -349,7 +350,15 @@ pub(crate) fn headroom(headers: &HeaderMap) -> (Option<RateLimitHeadroom>, u32) 
                 | "tokens-reset"
                 | "input-tokens-reset"
                 | "output-tokens-reset" => {
-                    let r = value.and_then(parse_reset);
+                    // The four are usually one timestamp: parsed once.
+                    let r = match (value, last_reset) {
+                        (Some(v), Some((last, r))) if v == last => r,
+                        _ => {
+                            let r = value.and_then(parse_reset);
+                            last_reset = value.map(|v| (v, r));
+                            r
+                        }
+                    };
                     bad += u32::from(r.is_none());
                     match r {
                         Some(r) if rest == "requests-reset" => anthropic.reset_requests = Some(r),

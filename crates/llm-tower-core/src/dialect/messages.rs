@@ -98,7 +98,7 @@ fn parse(body: Bytes, needs_max_tokens: bool) -> Result<ChatRequest, LlmError> {
             body.len()
         )));
     }
-    let top: Map<String, Value> =
+    let top: crate::json::Members<'_> =
         crate::json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))?;
     let mut p = Parser {
         req: ChatRequest::default(),
@@ -139,7 +139,11 @@ impl Parser {
         }
     }
 
-    fn top(&mut self, top: &Map<String, Value>, needs_max_tokens: bool) -> Result<(), LlmError> {
+    fn top(
+        &mut self,
+        top: &crate::json::Members<'_>,
+        needs_max_tokens: bool,
+    ) -> Result<(), LlmError> {
         match top.get("model") {
             Some(Value::String(m)) if !m.trim().is_empty() => self.req.model.clone_from(m),
             Some(Value::String(_)) => {
@@ -254,10 +258,10 @@ impl Parser {
             self.req.extra.insert("top_k".into(), k.clone());
             self.cannot("top_k", "`top_k` sampling");
         }
-        for (k, v) in top {
-            if !KNOWN.contains(&k.as_str()) {
+        for (k, v) in top.iter() {
+            if !KNOWN.contains(&k) {
                 // Kept in the view, so that the cache key tells such requests apart.
-                self.req.extra.insert(k.clone(), v.clone());
+                self.req.extra.insert(k.to_owned(), v.clone());
                 self.cannot(k, "this field");
             }
         }

@@ -181,9 +181,10 @@ impl NativeRequest {
         let _ = view;
         let bad =
             |e: serde_json::Error| LlmError::bad_request(format!("invalid request body: {e}"));
-        let top: Vec<(String, &RawValue)> = crate::json::from_slice::<TopLevel<'_>>(&self.body)
-            .map_err(bad)?
-            .0;
+        let top: Vec<(crate::json::Key<'_>, &RawValue)> =
+            crate::json::from_slice::<TopLevel<'_>>(&self.body)
+                .map_err(bad)?
+                .0;
         let mut out = Vec::with_capacity(self.body.len() + model.len() + 64);
         out.push(b'{');
         let list = match self.dialect {
@@ -191,6 +192,7 @@ impl NativeRequest {
             _ => "messages",
         };
         for (key, value) in &top {
+            let key = key.as_str();
             if key == "model" {
                 continue;
             }
@@ -233,7 +235,7 @@ impl NativeRequest {
 }
 
 /// A JSON object's members, values left as their text, in order.
-struct TopLevel<'a>(Vec<(String, &'a RawValue)>);
+struct TopLevel<'a>(Vec<(crate::json::Key<'a>, &'a RawValue)>);
 
 impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -250,7 +252,7 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
                 while let Some(k) = map.next_key::<crate::json::Key<'de>>()? {
                     let v: &'de RawValue = map.next_value()?;
-                    out.push((k.into_owned(), v));
+                    out.push((k, v));
                 }
                 Ok(TopLevel(out))
             }
