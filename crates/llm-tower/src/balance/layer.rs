@@ -7,8 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use llm_tower_core::{
-    BoxLlmService, BoxableLlmService, ChatRequest, LlmError, LlmResponse, RateLimitHeadroom,
-    TakenTargets, boxed,
+    BoxableLlmService, ChatRequest, LlmError, LlmResponse, RateLimitHeadroom, TakenTargets,
 };
 use tokio::time::Instant;
 use tower::util::rng::{HasherRng, Rng};
@@ -17,58 +16,14 @@ use tower_service::Service;
 
 use super::future::{Guard, ResponseFuture};
 use super::load::{Headroom, PeakEwma, Weight};
-use crate::fallback::{self, Admit, Breakers, Cooldown};
+use crate::fallback::{self, Admit, Breakers, Cooldown, FallbackTarget};
 
 // ===== members =====
 
 /// One member of a balanced group: a named LLM service and, optionally, the model to ask
-/// it for (the same model at another provider, region or key).
-#[derive(Clone)]
-pub struct BalanceTarget {
-    pub(super) name: Arc<str>,
-    pub(super) service: BoxLlmService,
-    pub(super) model: Option<String>,
-}
-
-impl fmt::Debug for BalanceTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BalanceTarget")
-            .field("name", &self.name)
-            .field("model", &self.model)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BalanceTarget {
-    /// The member `name`, served by `service` (boxed, so members may differ in type).
-    pub fn new<S>(name: impl Into<Arc<str>>, service: S) -> Self
-    where
-        S: BoxableLlmService,
-    {
-        Self::from_boxed(name, boxed(service))
-    }
-
-    /// The member `name`, served by an already boxed service.
-    pub fn from_boxed(name: impl Into<Arc<str>>, service: BoxLlmService) -> Self {
-        Self {
-            name: name.into(),
-            service,
-            model: None,
-        }
-    }
-
-    /// Rewrites the request's model when this member serves it.
-    #[must_use]
-    pub fn with_model(mut self, model: impl Into<String>) -> Self {
-        self.model = Some(model.into());
-        self
-    }
-
-    /// The member's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
+/// it for (the same model at another provider, region or key). The same type as a
+/// fallback chain's step, so a step and a member are built alike.
+pub type BalanceTarget = FallbackTarget;
 
 /// How a member is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -124,9 +124,9 @@ pub use future::ResponseFuture;
 /// One link of the chain: a named LLM service and, optionally, the model to ask it for.
 #[derive(Clone)]
 pub struct FallbackTarget {
-    name: Arc<str>,
-    service: BoxLlmService,
-    model: Option<String>,
+    pub(crate) name: Arc<str>,
+    pub(crate) service: BoxLlmService,
+    pub(crate) model: Option<String>,
 }
 
 impl fmt::Debug for FallbackTarget {
