@@ -754,15 +754,7 @@ impl Decoder for ResponsesDecoder {
             ev.event().unwrap_or(kind),
             &String::from_utf8_lossy(ev.data()),
         );
-        match chunks.front_mut() {
-            Some(first) => messages::attach_native(first, frame),
-            None => {
-                let mut carrier = self.chunk(Delta::default(), None);
-                carrier.choices.clear();
-                messages::attach_native(&mut carrier, frame);
-                chunks.push_back(carrier);
-            }
-        }
+        messages::carry_native(&mut chunks, frame, || self.chunk(Delta::default(), None));
         out.extend(chunks.into_iter().map(StreamEvent::from));
         Ok(())
     }

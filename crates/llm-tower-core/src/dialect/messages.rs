@@ -1157,6 +1157,25 @@ pub fn attach_native(chunk: &mut ChatChunk, frame: Value) {
     chunk.extra.insert(NATIVE_EVENT.into(), frame);
 }
 
+/// Puts the native `frame` on the first of the chunks an upstream event decoded to, or,
+/// when it decoded to none (a ping, a block's stop), on a `carrier` chunk stripped of its
+/// choices: every upstream event reaches a writer that forwards them.
+pub fn carry_native(
+    chunks: &mut std::collections::VecDeque<ChatChunk>,
+    frame: Value,
+    carrier: impl FnOnce() -> ChatChunk,
+) {
+    match chunks.front_mut() {
+        Some(first) => attach_native(first, frame),
+        None => {
+            let mut c = carrier();
+            c.choices.clear();
+            attach_native(&mut c, frame);
+            chunks.push_back(c);
+        }
+    }
+}
+
 /// Rough input token count of a view, for `count_tokens` when no upstream counts: about
 /// four bytes of text per token, plus a few per message and for the tool definitions.
 pub fn estimate_input_tokens(req: &ChatRequest) -> u64 {

@@ -235,6 +235,7 @@ impl Breakers {
 
     /// Time left while target `i` is open (`Some(ZERO)`: half-open with a probe in
     /// flight), without counting a skip or taking the probe slot; `None` if it may be tried.
+    #[cfg(feature = "balance")]
     pub(crate) fn open_for(&self, i: usize, now: Instant, cfg: &Config) -> Option<Duration> {
         let b = self.lock(i);
         let until = b.open_until?;
