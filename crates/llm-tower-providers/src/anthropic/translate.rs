@@ -604,6 +604,13 @@ impl AnthropicDecoder {
         ev: &SseEvent,
         out: &mut VecDeque<ChatChunk>,
     ) -> Result<String, LlmError> {
+        if let Some(text) = text_delta_of(ev.data()) {
+            if !self.started {
+                return Err(self.malformed("`content_block_delta` before `message_start`"));
+            }
+            out.push_back(self.chunk(text_delta(&text), None));
+            return Ok("content_block_delta".to_owned());
+        }
         let v: Value = serde_json::from_slice(ev.data()).map_err(|e| self.malformed(e))?;
         let kind = v
             .get("type")
@@ -730,4 +737,30 @@ impl AnthropicDecoder {
         }
         Ok(kind.to_owned())
     }
+}
+
+/// The text of a `content_block_delta` event carrying a `text_delta` (most events of a
+/// streamed answer), read into borrowed fields instead of a JSON tree; `None` for any
+/// other event, or one that does not parse so (the general path words the error).
+fn text_delta_of(data: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+        // Required, as on the general path.
+        #[serde(rename = "index")]
+        _index: u64,
+        #[serde(borrow)]
+        delta: Delta<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Delta<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+        #[serde(borrow, default)]
+        text: Cow<'a, str>,
+    }
+    let ev: Event<'_> = serde_json::from_slice(data).ok()?;
+    (ev.kind == "content_block_delta" && ev.delta.kind == "text_delta").then_some(ev.delta.text)
 }

@@ -115,9 +115,9 @@ use llm_tower_core::{BoxLlmService, BoxableLlmService, ChatRequest, LlmError, Ll
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub(crate) use breaker::Breakers;
 #[cfg(feature = "balance")]
 pub(crate) use breaker::Admit;
+pub(crate) use breaker::Breakers;
 pub use breaker::{CircuitState, FallbackHealth, TargetHealth};
 pub use future::ResponseFuture;
 
