@@ -1,5 +1,6 @@
 //! The OpenAI Responses front door: `POST /v1/responses`, `GET` and
-//! `DELETE /v1/responses/{id}`, over the same LLM service as chat completions.
+//! `DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`, over the same
+//! LLM service as chat completions.
 //!
 //! The body is parsed into the chat view the layers act on
 //! ([`responses::request_from_bytes`]), which keeps the original body for a provider that
@@ -22,11 +23,13 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use http::StatusCode;
-use llm_tower_core::dialect::responses::{self, Echo, EventEncoder, ResponseStore, StoredResponse};
+use llm_tower_core::dialect::responses::{
+    self, Echo, EventEncoder, InputItemsQuery, ResponseStore, StoredResponse,
+};
 use llm_tower_core::{
     ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, ResponseBody, Tenant,
 };
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tower::Service;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
@@ -123,7 +126,8 @@ fn bad(msg: impl Into<String>) -> LlmError {
     LlmError::bad_request(msg.into())
 }
 
-/// Reads the body, resolves `previous_response_id`, parses the view.
+/// Reads the body (parsed once), resolves `previous_response_id`, builds the view. The
+/// conversation's input is taken out of the parsed body only when the answer is stored.
 async fn prepare<S>(
     st: &AppState<S>,
     req: Request,
@@ -133,53 +137,22 @@ async fn prepare<S>(
     let bytes = read_body(body, &parts.headers, st.body_limit)
         .await
         .map_err(|(s, e)| (Some(s), e))?;
-    let mut top: Map<String, Value> = serde_json::from_slice(&bytes)
-        .map_err(|e| (None, bad(format!("invalid request body: {e}"))))?;
+    let mut top = responses::parse_body(&bytes).map_err(|e| (None, e))?;
     let store = st.responses.is_some() && top.get("store") != Some(&Value::Bool(false));
-    let mut input = match top.get("input") {
-        Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
-        Some(Value::Array(items)) => items.clone(),
-        // The parser words the error.
-        _ => Vec::new(),
+    let prev = match top.remove("previous_response_id") {
+        Some(Value::String(prev)) => Some(prev),
+        Some(Value::Null) | None => None,
+        Some(_) => {
+            return Err((
+                None,
+                bad("`previous_response_id` must be a string").with_param("previous_response_id"),
+            ));
+        }
     };
-    let mut echo = Echo::from_body(&bytes);
-    let body = match top.get("previous_response_id") {
-        Some(Value::String(prev)) => {
-            let prev = prev.clone();
-            let found = match &st.responses {
-                Some(s) => s
-                    .store
-                    .get_response(&tenant.0, &prev, now_ms())
-                    .await
-                    .map_err(|e| (None, e))?,
-                None => None,
-            };
-            let Some(found) = found else {
-                return Err((None, not_found(&prev, "previous_response_id")));
-            };
-            let mut full = match found.input {
-                Value::Array(items) => items,
-                _ => Vec::new(),
-            };
-            if let Some(Value::Array(out)) = found.response.get("output") {
-                full.extend(out.iter().cloned());
-            }
-            full.append(&mut input);
-            if full.len() > MAX_CONVERSATION_ITEMS {
-                return Err((
-                    None,
-                    bad(format!(
-                        "the conversation has {} items, more than {MAX_CONVERSATION_ITEMS}",
-                        full.len()
-                    ))
-                    .with_param("previous_response_id")
-                    .with_code("conversation_too_long"),
-                ));
-            }
-            top.remove("previous_response_id");
-            top.insert("input".into(), Value::Array(full.clone()));
-            input = full;
-            echo.set("previous_response_id", Value::String(prev));
+    let body = match &prev {
+        Some(prev) => {
+            let full = conversation(st, tenant, prev, top.remove("input")).await?;
+            top.insert("input".into(), Value::Array(full));
             let body = serde_json::to_vec(&top)
                 .map_err(|e| (None, LlmError::internal(format!("cannot encode: {e}"))))?;
             if body.len() > st.body_limit {
@@ -195,26 +168,84 @@ async fn prepare<S>(
             }
             Bytes::from(body)
         }
-        Some(Value::Null) | None => bytes,
-        Some(_) => {
-            return Err((
-                None,
-                bad("`previous_response_id` must be a string").with_param("previous_response_id"),
-            ));
-        }
+        None => bytes,
     };
-    let mut view = responses::request_from_bytes(body).map_err(|e| (None, e))?;
+    let mut view = responses::request_from_map(&top, body).map_err(|e| (None, e))?;
     headers::request_metadata(&parts.headers, &mut view).map_err(|e| (None, e))?;
     view.extensions.insert(tenant.clone());
     if let Some(id) = parts.extensions.get::<RequestId>() {
         view.extensions.insert(id.clone());
     }
+    let mut echo = Echo::from_map(&top);
+    if let Some(prev) = prev {
+        echo.set("previous_response_id", Value::String(prev));
+    }
+    let input = if store {
+        match top.remove("input") {
+            Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
     Ok(Prepared {
         view,
         echo,
         store,
         input,
     })
+}
+
+/// The whole conversation before a request that continues from `prev`: the stored input,
+/// the stored output, then the request's own `input`.
+async fn conversation<S>(
+    st: &AppState<S>,
+    tenant: &Tenant,
+    prev: &str,
+    input: Option<Value>,
+) -> Result<Vec<Value>, (Option<StatusCode>, LlmError)> {
+    let found = match &st.responses {
+        Some(s) => s
+            .store
+            .get_response(&tenant.0, prev, now_ms())
+            .await
+            .map_err(|e| (None, e))?,
+        None => None,
+    };
+    let Some(found) = found else {
+        return Err((None, not_found(prev, "previous_response_id")));
+    };
+    let mut full = match found.input {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    };
+    if let Some(Value::Array(out)) = found.response.get("output") {
+        full.extend(out.iter().cloned());
+    }
+    match input {
+        Some(Value::String(s)) => full.push(serde_json::json!({"role": "user", "content": s})),
+        Some(Value::Array(mut items)) => full.append(&mut items),
+        // As the parser words it without a previous response.
+        _ => {
+            return Err((
+                None,
+                bad("`input` must be a string or an array of input items").with_param("input"),
+            ));
+        }
+    }
+    if full.len() > MAX_CONVERSATION_ITEMS {
+        return Err((
+            None,
+            bad(format!(
+                "the conversation has {} items, more than {MAX_CONVERSATION_ITEMS}",
+                full.len()
+            ))
+            .with_param("previous_response_id")
+            .with_code("conversation_too_long"),
+        ));
+    }
+    Ok(full)
 }
 
 /// `POST /v1/responses`.
@@ -282,7 +313,11 @@ where
             ResponseBody::Encoded(r) if r.dialect() == Dialect::Responses => {
                 let mut finish = finish;
                 finish.record("ok", r.usage().or(meta.usage.as_ref()));
-                Ok((r.into_json(), None))
+                match echo.previous_response_id() {
+                    // Resolved here, so the upstream says `null`: the client reads its id.
+                    Some(prev) => with_previous_id(&r.into_json(), prev),
+                    None => Ok((r.into_json(), None)),
+                }
             }
             body => native::complete(finish, body, &meta).await.and_then(|r| {
                 let v = responses::response_to_json(&r, &id, &echo);
@@ -328,6 +363,18 @@ where
             .map(|b| (Ok::<_, Infallible>(b), sse))
     });
     native::sse_response(Body::from_stream(body), &meta, start)
+}
+
+/// An upstream's Responses answer with `previous_response_id` set to `prev`, and its value.
+fn with_previous_id(json: &[u8], prev: &str) -> Result<(Bytes, Option<Value>), LlmError> {
+    let mut v: Value = serde_json::from_slice(json)
+        .map_err(|e| LlmError::internal(format!("cannot read the response: {e}")))?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("previous_response_id".into(), prev.into());
+    }
+    let b = serde_json::to_vec(&v)
+        .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))?;
+    Ok((Bytes::from(b), Some(v)))
 }
 
 /// The Responses SSE body: chunks → events ([`EventEncoder`]); the first chunk may already
@@ -404,6 +451,34 @@ pub(crate) async fn retrieve<S>(
             Err(e) => error_response(&LlmError::internal(format!("cannot encode: {e}"))),
         },
         Ok(None) => error_response(&not_found(&id, "response_id")),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `GET /v1/responses/{id}/input_items`: a page of the conversation's input items of the
+/// tenant's stored response (see [`responses::input_items_page`]).
+pub(crate) async fn input_items<S>(
+    State(st): State<Arc<AppState<S>>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let tenant = tenant_of(&req);
+    let query = match InputItemsQuery::parse(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return error_response(&e),
+    };
+    let Some(storage) = &st.responses else {
+        return error_response(&not_found(&id, "response_id"));
+    };
+    let found = match storage.store.get_response(&tenant.0, &id, now_ms()).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return error_response(&not_found(&id, "response_id")),
+        Err(e) => return error_response(&e),
+    };
+    match responses::input_items_page(&found.id, &found.input, &query).and_then(|page| {
+        serde_json::to_vec(&page).map_err(|e| LlmError::internal(format!("cannot encode: {e}")))
+    }) {
+        Ok(b) => json_response(StatusCode::OK, b),
         Err(e) => error_response(&e),
     }
 }
