@@ -13,15 +13,19 @@
 //! layer sees the request. An unknown, expired or other tenant's id is a 404.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_core::Stream;
+use futures_util::StreamExt;
 use http::StatusCode;
 use llm_tower_core::dialect::responses::{
     self, Echo, EventEncoder, InputItemsQuery, ResponseStore, StoredResponse,
@@ -38,6 +42,7 @@ use crate::error::error_response;
 use crate::headers;
 use crate::native::{self, tenant_of};
 use crate::router::{AppState, json_response, read_body};
+use crate::sse::Gather;
 
 /// Input items a stored conversation may reach (with `previous_response_id`).
 pub(crate) const MAX_CONVERSATION_ITEMS: usize = 4096;
@@ -62,16 +67,10 @@ impl ResponseStorage {
         }
     }
 
-    /// Keeps `response` (with its conversation's `input`) for the tenant; a failure is
-    /// logged, not the client's problem (its answer is already paid for).
-    async fn save(&self, tenant: &str, input: Vec<Value>, response: Value) {
-        let Some(id) = response
-            .get("id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            return;
-        };
+    /// Keeps `response` (its JSON, with its conversation's `input`) under `id` for the
+    /// tenant; a failure is logged, not the client's problem (its answer is already paid
+    /// for).
+    async fn save(&self, tenant: &str, id: String, input: Vec<Value>, response: Bytes) {
         let now = now_ms();
         let row = StoredResponse {
             id,
@@ -216,13 +215,12 @@ async fn conversation<S>(
     let Some(found) = found else {
         return Err((None, not_found(prev, "previous_response_id")));
     };
+    let output = found.output();
     let mut full = match found.input {
         Value::Array(items) => items,
         _ => Vec::new(),
     };
-    if let Some(Value::Array(out)) = found.response.get("output") {
-        full.extend(out.iter().cloned());
-    }
+    full.extend(output);
     match input {
         Some(Value::String(s)) => full.push(serde_json::json!({"role": "user", "content": s})),
         Some(Value::Array(mut items)) => full.append(&mut items),
@@ -305,7 +303,6 @@ where
         Ok(d) => d,
         Err((finish, e)) => return finish.reject_with(&e, error_response),
     };
-    let id = responses::new_response_id();
 
     if !wants_stream {
         let json = match resp.body {
@@ -320,19 +317,21 @@ where
                 }
             }
             body => native::complete(finish, body, &meta).await.and_then(|r| {
+                let id = responses::new_response_id();
                 let v = responses::response_to_json(&r, &id, &echo);
                 serde_json::to_vec(&v)
-                    .map(|b| (Bytes::from(b), Some(v)))
+                    .map(|b| (Bytes::from(b), Some(id)))
                     .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))
             }),
         };
         let mut out = match json {
-            Ok((json, value)) => {
-                if let Some(storage) = &storage {
-                    let value = value.or_else(|| serde_json::from_slice(&json).ok());
-                    if let Some(v) = value {
-                        storage.save(&tenant.0, input, v).await;
-                    }
+            Ok((json, id)) => {
+                if let Some(storage) = &storage
+                    && let Some(id) = id.or_else(|| responses::response_id(&json))
+                {
+                    // A copy of its own size: the body may be a slice of a larger read.
+                    let copy = Bytes::copy_from_slice(&json);
+                    storage.save(&tenant.0, id, input, copy).await;
                 }
                 json_response(StatusCode::OK, json)
             }
@@ -350,23 +349,25 @@ where
             return out;
         }
     };
+    // An upstream's own events keep its id: one is made only for a translated stream.
+    let id = match &first {
+        Some(c) if llm_tower_core::dialect::native_event(c).is_some() => String::new(),
+        _ => responses::new_response_id(),
+    };
     let sse = Sse {
         first,
         inner: stream,
         encoder: EventEncoder::new(id, echo),
         done: false,
+        gather: Gather::default(),
         save: storage.map(|s| (s, tenant.0.to_string(), input)),
+        saving: None,
     };
-    let body = futures_util::stream::unfold(sse, |mut sse| async move {
-        sse.next_batch()
-            .await
-            .map(|b| (Ok::<_, Infallible>(b), sse))
-    });
-    native::sse_response(Body::from_stream(body), &meta, start)
+    native::sse_response(Body::from_stream(sse), &meta, start)
 }
 
-/// An upstream's Responses answer with `previous_response_id` set to `prev`, and its value.
-fn with_previous_id(json: &[u8], prev: &str) -> Result<(Bytes, Option<Value>), LlmError> {
+/// An upstream's Responses answer with `previous_response_id` set to `prev`, and its id.
+fn with_previous_id(json: &[u8], prev: &str) -> Result<(Bytes, Option<String>), LlmError> {
     let mut v: Value = serde_json::from_slice(json)
         .map_err(|e| LlmError::internal(format!("cannot read the response: {e}")))?;
     if let Some(o) = v.as_object_mut() {
@@ -374,19 +375,27 @@ fn with_previous_id(json: &[u8], prev: &str) -> Result<(Bytes, Option<Value>), L
     }
     let b = serde_json::to_vec(&v)
         .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))?;
-    Ok((Bytes::from(b), Some(v)))
+    let id = v.get("id").and_then(Value::as_str).map(str::to_owned);
+    Ok((Bytes::from(b), id))
 }
 
-/// The Responses SSE body: chunks → events ([`EventEncoder`]); the first chunk may already
-/// have been taken. The answer is stored before its last event is sent, so a client that
-/// continues from it at once finds it.
+/// The Responses SSE body: chunks → events ([`EventEncoder`]: an upstream's own events
+/// as they came, anything else translated); the first chunk may already have been taken.
+/// Events that arrive together leave in one write ([`Gather`]). The answer is stored
+/// before the write with its last event, so a client that continues from it at once
+/// finds it.
 struct Sse {
     first: Option<ChatChunk>,
     inner: ChunkStream,
     encoder: EventEncoder,
     done: bool,
+    gather: Gather,
     save: Option<(ResponseStorage, String, Vec<Value>)>,
+    /// The store's write of the answer, and the last write, sent once it is done.
+    saving: Option<(SaveFuture, Vec<u8>)>,
 }
+
+type SaveFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Sse {
     fn take(&mut self, next: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>) {
@@ -406,32 +415,64 @@ impl Sse {
             self.done = true;
         }
     }
+}
 
-    async fn next_batch(&mut self) -> Option<Bytes> {
-        if self.done {
-            return None;
+impl Stream for Sse {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some((saving, _)) = &mut this.saving {
+            if saving.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let out = this.saving.take().map(|(_, out)| out).unwrap_or_default();
+            return Poll::Ready((!out.is_empty()).then(|| Ok(Bytes::from(out))));
         }
-        let mut out = Vec::new();
-        let next = match self.first.take() {
-            Some(c) => Some(Ok(c)),
-            None => self.inner.next().await,
-        };
-        self.take(next, &mut out);
-        // What is ready is written together, in bounded batches.
-        while !self.done && out.len() < 64 * 1024 {
-            match self.inner.next().now_or_never() {
-                Some(next) => self.take(next, &mut out),
-                None => break,
+        let mut out = this.gather.take();
+        let mut took = false;
+        while !this.done {
+            let next = match this.first.take() {
+                Some(first) => Some(Ok(first)),
+                None => match this.inner.poll_next_unpin(cx) {
+                    // What is ready is written together, and what keeps arriving too.
+                    Poll::Pending if this.gather.hold(&mut out, took, cx) => {
+                        return Poll::Pending;
+                    }
+                    Poll::Pending if out.is_empty() => return Poll::Pending,
+                    Poll::Pending => break,
+                    Poll::Ready(item) => item,
+                },
+            };
+            took = true;
+            this.take(next, &mut out);
+            // Bounded batches: a fast upstream does not grow one write without end.
+            if out.len() >= 64 * 1024 {
+                break;
             }
         }
-        if self.done
-            && let Some((storage, tenant, input)) = self.save.take()
-            && let Some(r) = self.encoder.final_response()
+        if this.done
+            && let Some((storage, tenant, input)) = this.save.take()
+            && let Some(r) = this.encoder.take_final_response()
             && r.get("status").and_then(Value::as_str) != Some("failed")
         {
-            storage.save(&tenant, input, r.clone()).await;
+            this.gather.wrote();
+            let id = r.get("id").and_then(Value::as_str).map(str::to_owned);
+            let json = serde_json::to_vec(&r).map(Bytes::from);
+            let save = Box::pin(async move {
+                if let (Some(id), Ok(json)) = (id, json) {
+                    storage.save(&tenant, id, input, json).await;
+                }
+            });
+            this.saving = Some((save, out));
+            return self.poll_next(cx);
         }
-        Some(Bytes::from(out))
+        if out.is_empty() {
+            Poll::Ready(None)
+        } else {
+            this.gather.wrote();
+            Poll::Ready(Some(Ok(Bytes::from(out))))
+        }
     }
 }
 
@@ -446,10 +487,7 @@ pub(crate) async fn retrieve<S>(
         return error_response(&not_found(&id, "response_id"));
     };
     match storage.store.get_response(&tenant.0, &id, now_ms()).await {
-        Ok(Some(r)) => match serde_json::to_vec(&r.response) {
-            Ok(b) => json_response(StatusCode::OK, b),
-            Err(e) => error_response(&LlmError::internal(format!("cannot encode: {e}"))),
-        },
+        Ok(Some(r)) => json_response(StatusCode::OK, r.response),
         Ok(None) => error_response(&not_found(&id, "response_id")),
         Err(e) => error_response(&e),
     }
@@ -501,5 +539,70 @@ pub(crate) async fn delete<S>(
         ),
         Ok(false) => error_response(&not_found(&id, "response_id")),
         Err(e) => error_response(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::tests::one_per_turn;
+    use llm_tower_core::dialect::responses::MemoryResponseStore;
+
+    fn sse(chunks: usize, save: Option<(ResponseStorage, String, Vec<Value>)>) -> Sse {
+        let chunks = (0..chunks)
+            .map(|_| ChatChunk::text("c", "m", "hi").into())
+            .collect();
+        Sse {
+            first: None,
+            inner: ChunkStream::from_events(one_per_turn(chunks)),
+            encoder: EventEncoder::new("resp_t".into(), Echo::default()),
+            done: false,
+            gather: Gather::default(),
+            save,
+            saving: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_handed_over_one_chunk_per_turn_leaves_in_one_write_after_the_first() {
+        let writes: Vec<String> = sse(10, None)
+            .map(|w| String::from_utf8(w.unwrap().to_vec()).unwrap())
+            .collect()
+            .await;
+        // The first chunk leaves at once (time to first byte); the rest together.
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        assert!(writes[0].starts_with("event: response.created\n"));
+        assert_eq!(
+            writes[1]
+                .matches("event: response.output_text.delta")
+                .count(),
+            9
+        );
+        assert!(writes[1].contains("event: response.completed\n"));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_stored_before_its_last_write() {
+        let store = Arc::new(MemoryResponseStore::new(10));
+        let storage = ResponseStorage::new(store.clone(), Duration::from_secs(60));
+        let input = vec![serde_json::json!({"role": "user", "content": "x"})];
+        let mut body = sse(3, Some((storage, "acme".into(), input.clone())));
+        let mut last = String::new();
+        while let Some(w) = body.next().await {
+            last = String::from_utf8(w.unwrap().to_vec()).unwrap();
+            if last.contains("event: response.completed") {
+                break;
+            }
+        }
+        assert!(last.contains("event: response.completed"), "{last}");
+        let row = store
+            .get_response("acme", "resp_t", now_ms())
+            .await
+            .unwrap()
+            .expect("stored when the last write leaves");
+        assert_eq!(row.input, Value::Array(input));
+        let response: Value = serde_json::from_slice(&row.response).unwrap();
+        assert_eq!(response["output"][0]["content"][0]["text"], "hihihi");
+        assert!(body.next().await.is_none());
     }
 }

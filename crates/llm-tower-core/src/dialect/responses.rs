@@ -1284,6 +1284,11 @@ impl EventEncoder {
         self.last.as_ref()
     }
 
+    /// [`final_response`](Self::final_response), taken out of the encoder.
+    pub fn take_final_response(&mut self) -> Option<Value> {
+        self.last.take()
+    }
+
     fn event(&mut self, mut v: Value, out: &mut Vec<u8>) {
         v["sequence_number"] = self.seq.into();
         self.seq = self.seq.saturating_add(1);
@@ -1594,13 +1599,51 @@ pub struct StoredResponse {
     pub tenant: String,
     /// The whole conversation's input items up to this response (previous ones included).
     pub input: Value,
-    /// The response object as the client received it (its `output` continues the
-    /// conversation).
-    pub response: Value,
+    /// The response object as the client received it, as JSON text (kept as text:
+    /// storing an upstream's answer parses nothing; its `output` continues the
+    /// conversation, see [`output`](Self::output)).
+    pub response: Bytes,
     /// Unix milliseconds.
     pub created_at: i64,
     /// Unix milliseconds after which the response is gone.
     pub expires_at: i64,
+}
+
+impl StoredResponse {
+    /// The response's `output` items (none when the stored JSON has none).
+    ///
+    /// ```
+    /// use llm_tower_core::dialect::responses::StoredResponse;
+    /// let r = StoredResponse { id: "resp_1".into(), tenant: "a".into(), input: serde_json::json!([]),
+    ///     response: r#"{"id":"resp_1","output":[{"type":"message"}]}"#.into(),
+    ///     created_at: 0, expires_at: 10 };
+    /// assert_eq!(r.output()[0]["type"], "message");
+    /// ```
+    pub fn output(&self) -> Vec<Value> {
+        #[derive(serde::Deserialize)]
+        struct Output {
+            #[serde(default)]
+            output: Vec<Value>,
+        }
+        crate::json::from_slice::<Output>(&self.response)
+            .map(|o| o.output)
+            .unwrap_or_default()
+    }
+}
+
+/// The `id` of a Responses API answer's JSON, read without building the rest.
+///
+/// ```
+/// use llm_tower_core::dialect::responses::response_id;
+/// assert_eq!(response_id(br#"{"object":"response","id":"resp_1","output":[]}"#).as_deref(), Some("resp_1"));
+/// assert_eq!(response_id(b"[]"), None);
+/// ```
+pub fn response_id(json: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    crate::json::from_slice::<Id>(json).ok().map(|i| i.id)
 }
 
 /// The future every [`ResponseStore`] method returns.
@@ -1633,7 +1676,7 @@ pub trait ResponseStore: Send + Sync + std::fmt::Debug + 'static {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = MemoryResponseStore::new(100);
 /// let r = StoredResponse { id: "resp_1".into(), tenant: "a".into(), input: serde_json::json!([]),
-///     response: serde_json::json!({}), created_at: 0, expires_at: 10 };
+///     response: "{}".into(), created_at: 0, expires_at: 10 };
 /// store.put_response(r).await.unwrap();
 /// assert!(store.get_response("a", "resp_1", 5).await.unwrap().is_some());
 /// assert!(store.get_response("b", "resp_1", 5).await.unwrap().is_none());
@@ -1872,7 +1915,7 @@ mod tests {
             id: id.into(),
             tenant: tenant.into(),
             input: json!([]),
-            response: json!({"id": id}),
+            response: Bytes::from(json!({"id": id}).to_string()),
             created_at: 0,
             expires_at,
         }
