@@ -8,7 +8,8 @@ The gateway must run the demo config (examples/proxy/demo.toml; client key "sk-d
 Checks a plain call, a streamed call, the gateway's headers through the SDK's raw
 response, a cache hit, that an error surfaces as the SDK's typed exception,
 embeddings (float, base64, a half-cached batch), and the Responses API (plain,
-streamed, a function-call round trip with previous_response_id, retrieve, delete).
+streamed, a function-call round trip with previous_response_id, its input items,
+retrieve, delete).
 Exits non-zero on the first failure.
 """
 
@@ -174,6 +175,14 @@ def responses_checks(client):
     # 10. Retrieve and delete.
     got = client.responses.retrieve(second.id)
     check(got.id == second.id and got.output_text == second.output_text, "responses.retrieve returns it")
+    items = list(client.responses.input_items.list(second.id, order="asc", limit=2))
+    check(
+        len(items) >= 3
+        and items[0].type == "message"
+        and items[-1].type == "function_call_output"
+        and len({i.id for i in items}) == len(items),
+        f"responses.input_items.list pages through the conversation ({len(items)} items)",
+    )
     client.responses.delete(second.id)
     try:
         client.responses.retrieve(second.id)

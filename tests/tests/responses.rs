@@ -28,6 +28,12 @@ struct Upstream {
 }
 
 async fn upstream() -> Upstream {
+    upstream_with(false).await
+}
+
+/// The corpus answers' ids, `resp_up{n}` for the n-th request when `numbered` (so that
+/// every answer is stored under its own id).
+async fn upstream_with(numbered: bool) -> Upstream {
     let bodies: Arc<Mutex<Vec<Bytes>>> = Arc::default();
     let seen = bodies.clone();
     let app = axum::Router::new().route(
@@ -39,16 +45,30 @@ async fn upstream() -> Upstream {
                     .ok()
                     .and_then(|v| v["stream"].as_bool())
                     .unwrap_or(false);
-                seen.lock().unwrap().push(body);
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(body);
+                    seen.len()
+                };
+                let id = |text: String, corpus_id: &str| {
+                    if numbered {
+                        text.replace(corpus_id, &format!("\"resp_up{n}\""))
+                    } else {
+                        text
+                    }
+                };
                 if stream {
                     (
                         [("content-type", "text/event-stream")],
-                        corpus("stream_text.sse"),
+                        id(corpus("stream_text.sse"), "\"resp_1\""),
                     )
                 } else {
                     (
                         [("content-type", "application/json")],
-                        corpus("response_basic.json"),
+                        id(
+                            corpus("response_basic.json"),
+                            "\"resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b\"",
+                        ),
                     )
                 }
             }
@@ -258,4 +278,230 @@ async fn an_anthropic_provider_answers_a_responses_request_by_translation() {
     assert_eq!(resp.status, StatusCode::BAD_REQUEST);
     assert_eq!(resp.json()["error"]["param"], "tools[0]");
     assert_eq!(anthropic.request_count(), before);
+}
+
+/// The response objects in a stream's events (`response.created`, `.completed`, …).
+fn streamed_responses(sse: &str) -> Vec<Value> {
+    sse.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|mut v| v.get_mut("response").map(Value::take))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_passthrough_answer_names_the_previous_response_id_the_gateway_resolved() {
+    let up = upstream_with(true).await;
+    let anthropic = MockUpstream::start().await;
+    let gw = TestGateway::start(&config(&up.base, &anthropic.base_url())).await;
+    let acme = Client::with_key(ACME_KEY);
+    let url = gw.url("/v1/responses");
+
+    // JSON: the upstream says `null` (it never saw the id); the client and the stored
+    // copy read the id the client sent. Everything else stays the upstream's.
+    let first = acme
+        .post(
+            &url,
+            &[],
+            &json!({"model": "gpt-4.1", "input": "Tell me a story."}),
+        )
+        .await;
+    assert_eq!(first.json()["id"], "resp_up1");
+    assert_eq!(first.json()["previous_response_id"], Value::Null);
+    let next = acme
+        .post(
+            &url,
+            &[],
+            &json!({"model": "gpt-4.1", "previous_response_id": "resp_up1", "input": "More."}),
+        )
+        .await;
+    assert_eq!(next.status, StatusCode::OK, "{}", next.text());
+    let got = next.json();
+    assert_eq!(got["id"], "resp_up2");
+    assert_eq!(got["previous_response_id"], "resp_up1");
+    let mut want: Value = serde_json::from_str(&corpus("response_basic.json")).unwrap();
+    want["id"] = "resp_up2".into();
+    want["previous_response_id"] = "resp_up1".into();
+    assert_eq!(got, want);
+    let stored = acme.get(&gw.url("/v1/responses/resp_up2")).await;
+    assert_eq!(stored.json()["previous_response_id"], "resp_up1");
+
+    // Streamed: the same in `response.created`, `.in_progress` and `.completed`, and in
+    // the copy stored from the last one; the other events as they came.
+    let resp = acme
+        .post(
+            &url,
+            &[],
+            &json!({"model": "gpt-4.1", "previous_response_id": "resp_up2", "input": "Again.",
+                    "stream": true}),
+        )
+        .await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let text = resp.text();
+    let objects = streamed_responses(&text);
+    assert_eq!(objects.len(), 3, "{text}");
+    for r in &objects {
+        assert_eq!(r["id"], "resp_up3");
+        assert_eq!(r["previous_response_id"], "resp_up2", "{text}");
+    }
+    let sent = corpus("stream_text.sse");
+    let deltas = |t: &str| -> Vec<String> {
+        t.split("\n\n")
+            .filter(|f| f.contains("response.output_text.delta"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(deltas(&text), deltas(&sent));
+    assert_eq!(
+        text.matches("event: ").count(),
+        sent.matches("event: ").count()
+    );
+    let stored = acme.get(&gw.url("/v1/responses/resp_up3")).await;
+    assert_eq!(stored.status, StatusCode::OK);
+    assert_eq!(stored.json()["previous_response_id"], "resp_up2");
+    assert_eq!(stored.json()["status"], "completed");
+
+    // Without a previous id, a stream is forwarded byte for byte.
+    let resp = acme
+        .post(
+            &url,
+            &[],
+            &json!({"model": "gpt-4.1", "input": "x", "stream": true}),
+        )
+        .await;
+    assert_eq!(resp.text(), sent.replace("\"resp_1\"", "\"resp_up4\""));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn input_items_are_listed_in_pages_for_the_responses_tenant_only() {
+    let up = upstream_with(true).await;
+    let anthropic = MockUpstream::start().await;
+    let gw = TestGateway::start(&config(&up.base, &anthropic.base_url())).await;
+    let acme = Client::with_key(ACME_KEY);
+    let url = gw.url("/v1/responses");
+    let input: Vec<Value> = (0..5)
+        .map(|i| json!({"role": "user", "content": format!("turn {i}")}))
+        .collect();
+    let first = acme
+        .post(&url, &[], &json!({"model": "gpt-4.1", "input": input}))
+        .await;
+    assert_eq!(first.json()["id"], "resp_up1");
+    let list = |q: &str| {
+        let acme = &acme;
+        let url = gw.url(&format!("/v1/responses/resp_up1/input_items{q}"));
+        async move { acme.get(&url).await }
+    };
+    let texts = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["content"][0]["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Default: newest first, up to 20, every item a message with an id and input_text.
+    let all = list("").await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.text());
+    let all = all.json();
+    assert_eq!(all["object"], "list");
+    assert_eq!(
+        texts(&all),
+        ["turn 4", "turn 3", "turn 2", "turn 1", "turn 0"]
+    );
+    assert_eq!(all["has_more"], false);
+    assert_eq!(all["first_id"], all["data"][0]["id"]);
+    assert_eq!(all["last_id"], all["data"][4]["id"]);
+    let item = &all["data"][0];
+    assert_eq!(item["type"], "message");
+    assert_eq!(item["role"], "user");
+    assert_eq!(item["content"][0]["type"], "input_text");
+
+    // Ascending pages of two, each continuing after the last id of the one before.
+    let mut seen = Vec::new();
+    let mut query = "?order=asc&limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let page = list(&query).await.json();
+        pages += 1;
+        seen.extend(texts(&page));
+        if page["has_more"] == false {
+            break;
+        }
+        query = format!(
+            "?order=asc&limit=2&after={}",
+            page["last_id"].as_str().unwrap()
+        );
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["turn 0", "turn 1", "turn 2", "turn 3", "turn 4"]);
+    // Descending after an id: the older ones.
+    let after = all["data"][1]["id"].as_str().unwrap().to_owned();
+    let page = list(&format!("?after={after}&limit=100")).await.json();
+    assert_eq!(texts(&page), ["turn 2", "turn 1", "turn 0"]);
+
+    // A continued conversation lists the previous input, the previous output (its own
+    // id) and the new input.
+    let next = acme
+        .post(
+            &url,
+            &[],
+            &json!({"model": "gpt-4.1", "previous_response_id": "resp_up1",
+                    "input": [{"type": "message", "role": "user",
+                               "content": [{"type": "input_text", "text": "and then?"}]}]}),
+        )
+        .await;
+    assert_eq!(next.json()["id"], "resp_up2");
+    let page = acme
+        .get(&gw.url("/v1/responses/resp_up2/input_items?order=asc"))
+        .await
+        .json();
+    let data = page["data"].as_array().unwrap();
+    assert_eq!(data.len(), 7);
+    let stored: Value = serde_json::from_str(&corpus("response_basic.json")).unwrap();
+    assert_eq!(data[5]["id"], stored["output"][0]["id"]);
+    assert_eq!(data[6]["content"][0]["text"], "and then?");
+
+    // Another tenant's, an unknown and a deleted id: 404 in OpenAI's error shape.
+    let globex = Client::with_key(GLOBEX_KEY);
+    let other = globex
+        .get(&gw.url("/v1/responses/resp_up1/input_items"))
+        .await;
+    assert_eq!(other.status, StatusCode::NOT_FOUND);
+    let e = other.json();
+    assert!(e["error"]["type"].is_string(), "{e}");
+    assert_eq!(e["error"]["code"], "not_found");
+    assert_eq!(e["error"]["param"], "response_id");
+    assert!(e["error"]["message"].as_str().unwrap().contains("resp_up1"));
+    let unknown = acme
+        .get(&gw.url("/v1/responses/resp_nope/input_items"))
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    acme.send(Method::DELETE, &gw.url("/v1/responses/resp_up2"), &[], None)
+        .await;
+    let deleted = acme
+        .get(&gw.url("/v1/responses/resp_up2/input_items"))
+        .await;
+    assert_eq!(deleted.status, StatusCode::NOT_FOUND);
+
+    // Bad query values: 400 naming the parameter.
+    for (q, param) in [
+        ("?limit=0", "limit"),
+        ("?limit=101", "limit"),
+        ("?limit=ten", "limit"),
+        ("?order=newest", "order"),
+        ("?after=msg_unknown", "after"),
+        ("?after=", "after"),
+    ] {
+        let r = list(q).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{q}");
+    }
+    // `include` (and what the gateway does not know) is ignored.
+    assert_eq!(
+        list("?include[]=message.input_image.image_url&limit=1")
+            .await
+            .status,
+        StatusCode::OK
+    );
 }

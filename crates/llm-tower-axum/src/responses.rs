@@ -1,5 +1,6 @@
 //! The OpenAI Responses front door: `POST /v1/responses`, `GET` and
-//! `DELETE /v1/responses/{id}`, over the same LLM service as chat completions.
+//! `DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`, over the same
+//! LLM service as chat completions.
 //!
 //! The body is parsed into the chat view the layers act on
 //! ([`responses::request_from_bytes`]), which keeps the original body for a provider that
@@ -12,17 +13,23 @@
 //! layer sees the request. An unknown, expired or other tenant's id is a 404.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_core::Stream;
+use futures_util::StreamExt;
 use http::StatusCode;
-use llm_tower_core::dialect::responses::{self, Echo, EventEncoder, ResponseStore, StoredResponse};
+use llm_tower_core::dialect::responses::{
+    self, Echo, EventEncoder, InputItemsQuery, ResponseStore, StoredResponse,
+};
 use llm_tower_core::{
     ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, ResponseBody, Tenant,
 };
@@ -35,6 +42,7 @@ use crate::error::error_response;
 use crate::headers;
 use crate::native::{self, tenant_of};
 use crate::router::{AppState, json_response, read_body};
+use crate::sse::Gather;
 
 /// Input items a stored conversation may reach (with `previous_response_id`).
 pub(crate) const MAX_CONVERSATION_ITEMS: usize = 4096;
@@ -59,16 +67,10 @@ impl ResponseStorage {
         }
     }
 
-    /// Keeps `response` (with its conversation's `input`) for the tenant; a failure is
-    /// logged, not the client's problem (its answer is already paid for).
-    async fn save(&self, tenant: &str, input: Vec<Value>, response: Value) {
-        let Some(id) = response
-            .get("id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            return;
-        };
+    /// Keeps `response` (its JSON, with its conversation's `input`) under `id` for the
+    /// tenant; a failure is logged, not the client's problem (its answer is already paid
+    /// for).
+    async fn save(&self, tenant: &str, id: String, input: Vec<Value>, response: Bytes) {
         let now = now_ms();
         let row = StoredResponse {
             id,
@@ -110,76 +112,74 @@ fn not_found(id: &str, param: &str) -> LlmError {
         .with_code("not_found")
 }
 
-/// The request prepared for the service: the view, what to echo, and the conversation's
-/// input to store.
+/// What the handler keeps of a request besides its view: the parsed body (what to echo
+/// and the conversation's input to store are read from it only when needed), the resolved
+/// `previous_response_id`, whether to store the answer.
 struct Prepared {
-    view: ChatRequest,
-    echo: Echo,
+    top: Map<String, Value>,
+    prev: Option<String>,
     store: bool,
-    input: Vec<Value>,
+}
+
+impl Prepared {
+    /// The fields a translated answer echoes.
+    fn echo(&self) -> Echo {
+        let mut echo = Echo::from_map(&self.top);
+        if let Some(prev) = &self.prev {
+            echo.set("previous_response_id", Value::String(prev.clone()));
+        }
+        echo
+    }
+
+    /// What an upstream's own answer needs of the echo: the resolved previous id.
+    fn native_echo(&self) -> Echo {
+        let mut echo = Echo::default();
+        if let Some(prev) = &self.prev {
+            echo.set("previous_response_id", Value::String(prev.clone()));
+        }
+        echo
+    }
+
+    /// The conversation's input items, to store (taken out of the body).
+    fn take_input(&mut self) -> Vec<Value> {
+        match self.top.remove("input") {
+            Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        }
+    }
 }
 
 fn bad(msg: impl Into<String>) -> LlmError {
     LlmError::bad_request(msg.into())
 }
 
-/// Reads the body, resolves `previous_response_id`, parses the view.
+/// Reads the body (parsed once), resolves `previous_response_id`, builds the view.
 async fn prepare<S>(
     st: &AppState<S>,
     req: Request,
     tenant: &Tenant,
-) -> Result<Prepared, (Option<StatusCode>, LlmError)> {
+) -> Result<(ChatRequest, Prepared), (Option<StatusCode>, LlmError)> {
     let (parts, body) = req.into_parts();
     let bytes = read_body(body, &parts.headers, st.body_limit)
         .await
         .map_err(|(s, e)| (Some(s), e))?;
-    let mut top: Map<String, Value> = serde_json::from_slice(&bytes)
-        .map_err(|e| (None, bad(format!("invalid request body: {e}"))))?;
+    let mut top = responses::parse_body(&bytes).map_err(|e| (None, e))?;
     let store = st.responses.is_some() && top.get("store") != Some(&Value::Bool(false));
-    let mut input = match top.get("input") {
-        Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
-        Some(Value::Array(items)) => items.clone(),
-        // The parser words the error.
-        _ => Vec::new(),
+    let prev = match top.remove("previous_response_id") {
+        Some(Value::String(prev)) => Some(prev),
+        Some(Value::Null) | None => None,
+        Some(_) => {
+            return Err((
+                None,
+                bad("`previous_response_id` must be a string").with_param("previous_response_id"),
+            ));
+        }
     };
-    let mut echo = Echo::from_body(&bytes);
-    let body = match top.get("previous_response_id") {
-        Some(Value::String(prev)) => {
-            let prev = prev.clone();
-            let found = match &st.responses {
-                Some(s) => s
-                    .store
-                    .get_response(&tenant.0, &prev, now_ms())
-                    .await
-                    .map_err(|e| (None, e))?,
-                None => None,
-            };
-            let Some(found) = found else {
-                return Err((None, not_found(&prev, "previous_response_id")));
-            };
-            let mut full = match found.input {
-                Value::Array(items) => items,
-                _ => Vec::new(),
-            };
-            if let Some(Value::Array(out)) = found.response.get("output") {
-                full.extend(out.iter().cloned());
-            }
-            full.append(&mut input);
-            if full.len() > MAX_CONVERSATION_ITEMS {
-                return Err((
-                    None,
-                    bad(format!(
-                        "the conversation has {} items, more than {MAX_CONVERSATION_ITEMS}",
-                        full.len()
-                    ))
-                    .with_param("previous_response_id")
-                    .with_code("conversation_too_long"),
-                ));
-            }
-            top.remove("previous_response_id");
-            top.insert("input".into(), Value::Array(full.clone()));
-            input = full;
-            echo.set("previous_response_id", Value::String(prev));
+    let body = match &prev {
+        Some(prev) => {
+            let full = conversation(st, tenant, prev, top.remove("input")).await?;
+            top.insert("input".into(), Value::Array(full));
             let body = serde_json::to_vec(&top)
                 .map_err(|e| (None, LlmError::internal(format!("cannot encode: {e}"))))?;
             if body.len() > st.body_limit {
@@ -195,26 +195,65 @@ async fn prepare<S>(
             }
             Bytes::from(body)
         }
-        Some(Value::Null) | None => bytes,
-        Some(_) => {
-            return Err((
-                None,
-                bad("`previous_response_id` must be a string").with_param("previous_response_id"),
-            ));
-        }
+        None => bytes,
     };
-    let mut view = responses::request_from_bytes(body).map_err(|e| (None, e))?;
+    let mut view = responses::request_from_map(&top, body).map_err(|e| (None, e))?;
     headers::request_metadata(&parts.headers, &mut view).map_err(|e| (None, e))?;
     view.extensions.insert(tenant.clone());
     if let Some(id) = parts.extensions.get::<RequestId>() {
         view.extensions.insert(id.clone());
     }
-    Ok(Prepared {
-        view,
-        echo,
-        store,
-        input,
-    })
+    Ok((view, Prepared { top, prev, store }))
+}
+
+/// The whole conversation before a request that continues from `prev`: the stored input,
+/// the stored output, then the request's own `input`.
+async fn conversation<S>(
+    st: &AppState<S>,
+    tenant: &Tenant,
+    prev: &str,
+    input: Option<Value>,
+) -> Result<Vec<Value>, (Option<StatusCode>, LlmError)> {
+    let found = match &st.responses {
+        Some(s) => s
+            .store
+            .get_response(&tenant.0, prev, now_ms())
+            .await
+            .map_err(|e| (None, e))?,
+        None => None,
+    };
+    let Some(found) = found else {
+        return Err((None, not_found(prev, "previous_response_id")));
+    };
+    let output = found.output();
+    let mut full = match found.input {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    };
+    full.extend(output);
+    match input {
+        Some(Value::String(s)) => full.push(serde_json::json!({"role": "user", "content": s})),
+        Some(Value::Array(mut items)) => full.append(&mut items),
+        // As the parser words it without a previous response.
+        _ => {
+            return Err((
+                None,
+                bad("`input` must be a string or an array of input items").with_param("input"),
+            ));
+        }
+    }
+    if full.len() > MAX_CONVERSATION_ITEMS {
+        return Err((
+            None,
+            bad(format!(
+                "the conversation has {} items, more than {MAX_CONVERSATION_ITEMS}",
+                full.len()
+            ))
+            .with_param("previous_response_id")
+            .with_code("conversation_too_long"),
+        ));
+    }
+    Ok(full)
 }
 
 /// `POST /v1/responses`.
@@ -249,12 +288,7 @@ where
 {
     let finish = native::finish_for(&st, &tenant, start);
     let incoming = st.traces().then(|| req.headers().clone());
-    let Prepared {
-        view,
-        echo,
-        store,
-        input,
-    } = match prepare(&st, req, &tenant).await {
+    let (view, mut prepared) = match prepare(&st, req, &tenant).await {
         Ok(p) => p,
         Err((status, e)) => {
             let mut resp = finish.reject_with(&e, error_response);
@@ -264,7 +298,11 @@ where
             return resp;
         }
     };
-    let storage = if store { st.responses.clone() } else { None };
+    let storage = if prepared.store {
+        st.responses.clone()
+    } else {
+        None
+    };
     let native::Dispatched {
         finish,
         response: resp,
@@ -274,7 +312,6 @@ where
         Ok(d) => d,
         Err((finish, e)) => return finish.reject_with(&e, error_response),
     };
-    let id = responses::new_response_id();
 
     if !wants_stream {
         let json = match resp.body {
@@ -282,22 +319,30 @@ where
             ResponseBody::Encoded(r) if r.dialect() == Dialect::Responses => {
                 let mut finish = finish;
                 finish.record("ok", r.usage().or(meta.usage.as_ref()));
-                Ok((r.into_json(), None))
+                match prepared.prev.as_deref() {
+                    // Resolved here, so the upstream says `null`: the client reads its id.
+                    Some(prev) => with_previous_id(&r.into_json(), prev),
+                    None => Ok((r.into_json(), None)),
+                }
             }
             body => native::complete(finish, body, &meta).await.and_then(|r| {
-                let v = responses::response_to_json(&r, &id, &echo);
+                let id = responses::new_response_id();
+                let v = responses::response_to_json(&r, &id, &prepared.echo());
                 serde_json::to_vec(&v)
-                    .map(|b| (Bytes::from(b), Some(v)))
+                    .map(|b| (Bytes::from(b), Some(id)))
                     .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))
             }),
         };
         let mut out = match json {
-            Ok((json, value)) => {
-                if let Some(storage) = &storage {
-                    let value = value.or_else(|| serde_json::from_slice(&json).ok());
-                    if let Some(v) = value {
-                        storage.save(&tenant.0, input, v).await;
-                    }
+            Ok((json, id)) => {
+                if let Some(storage) = &storage
+                    && let Some(id) = id.or_else(|| responses::response_id(&json))
+                {
+                    // A copy of its own size: the body may be a slice of a larger read.
+                    let copy = Bytes::copy_from_slice(&json);
+                    storage
+                        .save(&tenant.0, id, prepared.take_input(), copy)
+                        .await;
                 }
                 json_response(StatusCode::OK, json)
             }
@@ -315,31 +360,57 @@ where
             return out;
         }
     };
+    // An upstream's own events keep its id and echo: made only for a translated stream.
+    let encoder = match &first {
+        Some(c) if llm_tower_core::dialect::native_event(c).is_some() => {
+            EventEncoder::new(String::new(), prepared.native_echo())
+        }
+        _ => EventEncoder::new(responses::new_response_id(), prepared.echo()),
+    };
+    let save = storage.map(|s| (s, tenant.0.to_string(), prepared.take_input()));
+    let encoder = encoder.keep_final(save.is_some());
     let sse = Sse {
         first,
         inner: stream,
-        encoder: EventEncoder::new(id, echo),
+        encoder,
         done: false,
-        save: storage.map(|s| (s, tenant.0.to_string(), input)),
+        gather: Gather::default(),
+        save,
+        saving: None,
     };
-    let body = futures_util::stream::unfold(sse, |mut sse| async move {
-        sse.next_batch()
-            .await
-            .map(|b| (Ok::<_, Infallible>(b), sse))
-    });
-    native::sse_response(Body::from_stream(body), &meta, start)
+    native::sse_response(Body::from_stream(sse), &meta, start)
 }
 
-/// The Responses SSE body: chunks → events ([`EventEncoder`]); the first chunk may already
-/// have been taken. The answer is stored before its last event is sent, so a client that
-/// continues from it at once finds it.
+/// An upstream's Responses answer with `previous_response_id` set to `prev`, and its id.
+fn with_previous_id(json: &[u8], prev: &str) -> Result<(Bytes, Option<String>), LlmError> {
+    let mut v: Value = serde_json::from_slice(json)
+        .map_err(|e| LlmError::internal(format!("cannot read the response: {e}")))?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("previous_response_id".into(), prev.into());
+    }
+    let b = serde_json::to_vec(&v)
+        .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))?;
+    let id = v.get("id").and_then(Value::as_str).map(str::to_owned);
+    Ok((Bytes::from(b), id))
+}
+
+/// The Responses SSE body: chunks → events ([`EventEncoder`]: an upstream's own events
+/// as they came, anything else translated); the first chunk may already have been taken.
+/// Events that arrive together leave in one write ([`Gather`]). The answer is stored
+/// before the write with its last event, so a client that continues from it at once
+/// finds it.
 struct Sse {
     first: Option<ChatChunk>,
     inner: ChunkStream,
     encoder: EventEncoder,
     done: bool,
+    gather: Gather,
     save: Option<(ResponseStorage, String, Vec<Value>)>,
+    /// The store's write of the answer, and the last write, sent once it is done.
+    saving: Option<(SaveFuture, Vec<u8>)>,
 }
+
+type SaveFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Sse {
     fn take(&mut self, next: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>) {
@@ -359,32 +430,64 @@ impl Sse {
             self.done = true;
         }
     }
+}
 
-    async fn next_batch(&mut self) -> Option<Bytes> {
-        if self.done {
-            return None;
+impl Stream for Sse {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some((saving, _)) = &mut this.saving {
+            if saving.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let out = this.saving.take().map(|(_, out)| out).unwrap_or_default();
+            return Poll::Ready((!out.is_empty()).then(|| Ok(Bytes::from(out))));
         }
-        let mut out = Vec::new();
-        let next = match self.first.take() {
-            Some(c) => Some(Ok(c)),
-            None => self.inner.next().await,
-        };
-        self.take(next, &mut out);
-        // What is ready is written together, in bounded batches.
-        while !self.done && out.len() < 64 * 1024 {
-            match self.inner.next().now_or_never() {
-                Some(next) => self.take(next, &mut out),
-                None => break,
+        let mut out = this.gather.take();
+        let mut took = false;
+        while !this.done {
+            let next = match this.first.take() {
+                Some(first) => Some(Ok(first)),
+                None => match this.inner.poll_next_unpin(cx) {
+                    // What is ready is written together, and what keeps arriving too.
+                    Poll::Pending if this.gather.hold(&mut out, took, cx) => {
+                        return Poll::Pending;
+                    }
+                    Poll::Pending if out.is_empty() => return Poll::Pending,
+                    Poll::Pending => break,
+                    Poll::Ready(item) => item,
+                },
+            };
+            took = true;
+            this.take(next, &mut out);
+            // Bounded batches: a fast upstream does not grow one write without end.
+            if out.len() >= 64 * 1024 {
+                break;
             }
         }
-        if self.done
-            && let Some((storage, tenant, input)) = self.save.take()
-            && let Some(r) = self.encoder.final_response()
+        if this.done
+            && let Some((storage, tenant, input)) = this.save.take()
+            && let Some(r) = this.encoder.take_final_response()
             && r.get("status").and_then(Value::as_str) != Some("failed")
         {
-            storage.save(&tenant, input, r.clone()).await;
+            this.gather.wrote();
+            let id = r.get("id").and_then(Value::as_str).map(str::to_owned);
+            let json = serde_json::to_vec(&r).map(Bytes::from);
+            let save = Box::pin(async move {
+                if let (Some(id), Ok(json)) = (id, json) {
+                    storage.save(&tenant, id, input, json).await;
+                }
+            });
+            this.saving = Some((save, out));
+            return self.poll_next(cx);
         }
-        Some(Bytes::from(out))
+        if out.is_empty() {
+            Poll::Ready(None)
+        } else {
+            this.gather.wrote();
+            Poll::Ready(Some(Ok(Bytes::from(out))))
+        }
     }
 }
 
@@ -399,11 +502,36 @@ pub(crate) async fn retrieve<S>(
         return error_response(&not_found(&id, "response_id"));
     };
     match storage.store.get_response(&tenant.0, &id, now_ms()).await {
-        Ok(Some(r)) => match serde_json::to_vec(&r.response) {
-            Ok(b) => json_response(StatusCode::OK, b),
-            Err(e) => error_response(&LlmError::internal(format!("cannot encode: {e}"))),
-        },
+        Ok(Some(r)) => json_response(StatusCode::OK, r.response),
         Ok(None) => error_response(&not_found(&id, "response_id")),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `GET /v1/responses/{id}/input_items`: a page of the conversation's input items of the
+/// tenant's stored response (see [`responses::input_items_page`]).
+pub(crate) async fn input_items<S>(
+    State(st): State<Arc<AppState<S>>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let tenant = tenant_of(&req);
+    let query = match InputItemsQuery::parse(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return error_response(&e),
+    };
+    let Some(storage) = &st.responses else {
+        return error_response(&not_found(&id, "response_id"));
+    };
+    let found = match storage.store.get_response(&tenant.0, &id, now_ms()).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return error_response(&not_found(&id, "response_id")),
+        Err(e) => return error_response(&e),
+    };
+    match responses::input_items_page(&found.id, &found.input, &query).and_then(|page| {
+        serde_json::to_vec(&page).map_err(|e| LlmError::internal(format!("cannot encode: {e}")))
+    }) {
+        Ok(b) => json_response(StatusCode::OK, b),
         Err(e) => error_response(&e),
     }
 }
@@ -426,5 +554,70 @@ pub(crate) async fn delete<S>(
         ),
         Ok(false) => error_response(&not_found(&id, "response_id")),
         Err(e) => error_response(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::tests::one_per_turn;
+    use llm_tower_core::dialect::responses::MemoryResponseStore;
+
+    fn sse(chunks: usize, save: Option<(ResponseStorage, String, Vec<Value>)>) -> Sse {
+        let chunks = (0..chunks)
+            .map(|_| ChatChunk::text("c", "m", "hi").into())
+            .collect();
+        Sse {
+            first: None,
+            inner: ChunkStream::from_events(one_per_turn(chunks)),
+            encoder: EventEncoder::new("resp_t".into(), Echo::default()),
+            done: false,
+            gather: Gather::default(),
+            save,
+            saving: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_handed_over_one_chunk_per_turn_leaves_in_one_write_after_the_first() {
+        let writes: Vec<String> = sse(10, None)
+            .map(|w| String::from_utf8(w.unwrap().to_vec()).unwrap())
+            .collect()
+            .await;
+        // The first chunk leaves at once (time to first byte); the rest together.
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        assert!(writes[0].starts_with("event: response.created\n"));
+        assert_eq!(
+            writes[1]
+                .matches("event: response.output_text.delta")
+                .count(),
+            9
+        );
+        assert!(writes[1].contains("event: response.completed\n"));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_stored_before_its_last_write() {
+        let store = Arc::new(MemoryResponseStore::new(10));
+        let storage = ResponseStorage::new(store.clone(), Duration::from_secs(60));
+        let input = vec![serde_json::json!({"role": "user", "content": "x"})];
+        let mut body = sse(3, Some((storage, "acme".into(), input.clone())));
+        let mut last = String::new();
+        while let Some(w) = body.next().await {
+            last = String::from_utf8(w.unwrap().to_vec()).unwrap();
+            if last.contains("event: response.completed") {
+                break;
+            }
+        }
+        assert!(last.contains("event: response.completed"), "{last}");
+        let row = store
+            .get_response("acme", "resp_t", now_ms())
+            .await
+            .unwrap()
+            .expect("stored when the last write leaves");
+        assert_eq!(row.input, Value::Array(input));
+        let response: Value = serde_json::from_slice(&row.response).unwrap();
+        assert_eq!(response["output"][0]["content"][0]["text"], "hihihi");
+        assert!(body.next().await.is_none());
     }
 }

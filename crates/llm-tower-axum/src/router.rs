@@ -105,6 +105,7 @@ impl MakeRequestId for MakeRequestUuidV7 {
 /// | `POST /v1/messages/count_tokens` | yes | `{"input_tokens": n}` (see [`count_tokens`](Self::count_tokens)) |
 /// | `POST /v1/responses` | yes | OpenAI Responses: JSON, or its typed SSE events; `store` / `previous_response_id` (see [`response_store`](Self::response_store)) |
 /// | `GET`, `DELETE /v1/responses/{id}` | yes | a stored response of the caller's tenant |
+/// | `GET /v1/responses/{id}/input_items` | yes | its input items, paged (`limit`, `order`, `after`) |
 /// | `GET /v1/models` | yes | the configured [`models`](Self::models) |
 /// | `GET /healthz` | no | `{"status":"ok"}` |
 /// | `GET /metrics` | see [`metrics_access`](Self::metrics_access) | Prometheus text ([`Metrics::render`]); 404 when disabled |
@@ -408,6 +409,10 @@ where
             .route(
                 "/v1/responses/{id}",
                 get(crate::responses::retrieve::<S>).delete(crate::responses::delete::<S>),
+            )
+            .route(
+                "/v1/responses/{id}/input_items",
+                get(crate::responses::input_items::<S>),
             )
             .with_state(state);
         for r in self.protected {

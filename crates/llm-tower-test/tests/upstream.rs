@@ -1047,3 +1047,115 @@ async fn rate_cap_answers_429_above_the_limit_over_every_scenario() {
     assert_eq!(r4.status(), StatusCode::OK);
     assert_eq!(up.request_count(), 4);
 }
+
+const RESPONSES: &str = "/v1/responses";
+
+fn responses_body(stream: bool) -> Value {
+    json!({
+        "model": "gpt-4.1",
+        "instructions": "Be brief.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "What is tower?"}]}],
+        "stream": stream
+    })
+}
+
+#[tokio::test]
+async fn responses_json_has_the_response_object_shape_and_openai_headers() {
+    let up = MockUpstream::start().await;
+    up.push(Scenario::ok().text("Hello there").usage(7, 2));
+    let resp = post(&up, RESPONSES, &responses_body(false)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(header(&resp, "x-request-id").starts_with("req_mock"));
+    assert!(!header(&resp, "x-ratelimit-remaining-requests").is_empty());
+    let v = json_of(resp).await;
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["model"], "gpt-4.1");
+    assert!(v["id"].as_str().unwrap().starts_with("resp_"));
+    assert_eq!(v["previous_response_id"], Value::Null);
+    assert_eq!(v["output"][0]["type"], "message");
+    assert_eq!(v["output"][0]["content"][0]["text"], "Hello there");
+    assert_eq!(v["usage"]["input_tokens"], 7);
+    assert_eq!(v["usage"]["total_tokens"], 9);
+    let chat = llm_tower_core::dialect::responses::response_from_json(&v).unwrap();
+    assert_eq!(chat.text(), "Hello there");
+
+    // The default answer echoes the last user text; no `input` is OpenAI's 400.
+    let v = json_of(post(&up, RESPONSES, &json!({"model": "m", "input": "ping"})).await).await;
+    assert_eq!(v["output"][0]["content"][0]["text"], "mock answer to: ping");
+    let resp = post(&up, RESPONSES, &json!({"model": "m"})).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        json_of(resp).await["error"]["type"],
+        "invalid_request_error"
+    );
+}
+
+#[tokio::test]
+async fn responses_stream_sends_typed_events_in_order() {
+    let up = MockUpstream::start().await;
+    up.push(Scenario::ok().text("Hello from tower").usage(9, 4));
+    let resp = post(&up, RESPONSES, &responses_body(true)).await;
+    assert_eq!(
+        header(&resp, "content-type"),
+        "text/event-stream; charset=utf-8"
+    );
+    let events = sse(&text(resp).await);
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_deref().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    let data: Vec<Value> = events
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    for (i, ((name, _), d)) in events.iter().zip(&data).enumerate() {
+        assert_eq!(d["type"].as_str(), name.as_deref());
+        assert_eq!(d["sequence_number"], i);
+    }
+    assert_eq!(data[0]["response"]["status"], "in_progress");
+    let deltas: String = data[4..7]
+        .iter()
+        .map(|d| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, "Hello from tower");
+    assert_eq!(data[7]["text"], "Hello from tower");
+    let item_id = &data[2]["item"]["id"];
+    assert!(
+        data[4..10]
+            .iter()
+            .all(|d| d["item_id"] == *item_id || d["item"]["id"] == *item_id)
+    );
+    let done = &data[10]["response"];
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["output"][0]["content"][0]["text"], "Hello from tower");
+    assert_eq!(done["usage"]["output_tokens"], 4);
+
+    // A failure mid-stream is an `error` event, and no `response.completed`.
+    up.push(Scenario::ok().text("a b c").error_event_after_chunks(1));
+    let events = sse(&text(post(&up, RESPONSES, &responses_body(true)).await).await);
+    let last = events.last().unwrap();
+    assert_eq!(last.0.as_deref(), Some("error"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&last.1).unwrap()["code"],
+        "server_error"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|(e, _)| e.as_deref() != Some("response.completed"))
+    );
+}

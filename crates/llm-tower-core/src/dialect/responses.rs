@@ -110,19 +110,44 @@ pub fn request_from_slice(body: &[u8]) -> Result<ChatRequest, LlmError> {
 
 /// [`request_from_slice`] on a body already in [`Bytes`] (kept without a copy).
 pub fn request_from_bytes(body: Bytes) -> Result<ChatRequest, LlmError> {
+    let top = parse_body(&body)?;
+    request_from_map(&top, body)
+}
+
+/// A Responses request body's top-level object: the one parse an HTTP edge makes of it
+/// (it reads `store` and `previous_response_id` there, then builds the view with
+/// [`request_from_map`] and the echo with [`Echo::from_map`]). Not JSON, not an object or
+/// over [`MAX_REQUEST_BYTES`] is a bad request.
+///
+/// ```
+/// use llm_tower_core::dialect::responses::{Echo, parse_body, request_from_map};
+/// let body = bytes::Bytes::from_static(br#"{"model":"m","input":"Hi","store":false}"#);
+/// let top = parse_body(&body).unwrap();
+/// assert_eq!(top["store"], false);
+/// let view = request_from_map(&top, body.clone()).unwrap();
+/// assert_eq!(view.messages[0].text(), "Hi");
+/// assert!(Echo::from_map(&top).previous_response_id().is_none());
+/// assert!(parse_body(b"[1]").is_err());
+/// ```
+pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, LlmError> {
     if body.len() > MAX_REQUEST_BYTES {
         return Err(bad(format!(
             "request body of {} bytes exceeds the limit of {MAX_REQUEST_BYTES} bytes",
             body.len()
         )));
     }
-    let top: Map<String, Value> =
-        crate::json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    crate::json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))
+}
+
+/// The [`ChatRequest`] view of the parsed request `top` (see [`parse_body`]), with `body`
+/// (what a provider that speaks Responses receives: `top` as JSON) kept as its
+/// [`NativeRequest`].
+pub fn request_from_map(top: &Map<String, Value>, body: Bytes) -> Result<ChatRequest, LlmError> {
     let mut p = Parser {
         req: ChatRequest::default(),
         first: None,
     };
-    p.top(&top)?;
+    p.top(top)?;
     let Parser { mut req, first } = p;
     let mut native = NativeRequest::new(Dialect::Responses, body, req.messages.len());
     if let Some(e) = first {
@@ -130,6 +155,75 @@ pub fn request_from_bytes(body: Bytes) -> Result<ChatRequest, LlmError> {
     }
     req.extensions.insert(native);
     Ok(req)
+}
+
+/// The known top-level fields of a request, found in one pass over its members (a
+/// lookup per field in the map costs several string comparisons each).
+#[derive(Default)]
+struct Fields<'a> {
+    model: Option<&'a Value>,
+    input: Option<&'a Value>,
+    instructions: Option<&'a Value>,
+    tools: Option<&'a Value>,
+    tool_choice: Option<&'a Value>,
+    text: Option<&'a Value>,
+    max_output_tokens: Option<&'a Value>,
+    temperature: Option<&'a Value>,
+    top_p: Option<&'a Value>,
+    metadata: Option<&'a Value>,
+    stream: Option<&'a Value>,
+    store: Option<&'a Value>,
+    previous_response_id: Option<&'a Value>,
+    parallel_tool_calls: Option<&'a Value>,
+    user: Option<&'a Value>,
+    reasoning: Option<&'a Value>,
+    truncation: Option<&'a Value>,
+    service_tier: Option<&'a Value>,
+    prompt_cache_key: Option<&'a Value>,
+    safety_identifier: Option<&'a Value>,
+    include: Option<&'a Value>,
+    background: Option<&'a Value>,
+    /// A member not in [`KNOWN`].
+    unknown: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn of(top: &'a Map<String, Value>) -> Self {
+        let mut f = Self::default();
+        for (k, v) in top {
+            let slot = match k.as_str() {
+                "model" => &mut f.model,
+                "input" => &mut f.input,
+                "instructions" => &mut f.instructions,
+                "tools" => &mut f.tools,
+                "tool_choice" => &mut f.tool_choice,
+                "text" => &mut f.text,
+                "max_output_tokens" => &mut f.max_output_tokens,
+                "temperature" => &mut f.temperature,
+                "top_p" => &mut f.top_p,
+                "metadata" => &mut f.metadata,
+                "stream" => &mut f.stream,
+                "store" => &mut f.store,
+                "previous_response_id" => &mut f.previous_response_id,
+                "parallel_tool_calls" => &mut f.parallel_tool_calls,
+                "user" => &mut f.user,
+                "reasoning" => &mut f.reasoning,
+                "truncation" => &mut f.truncation,
+                "service_tier" => &mut f.service_tier,
+                "prompt_cache_key" => &mut f.prompt_cache_key,
+                "safety_identifier" => &mut f.safety_identifier,
+                "include" => &mut f.include,
+                "background" => &mut f.background,
+                "stream_options" => continue,
+                _ => {
+                    f.unknown = true;
+                    continue;
+                }
+            };
+            *slot = Some(v);
+        }
+        f
+    }
 }
 
 struct Parser {
@@ -162,7 +256,8 @@ impl Parser {
     }
 
     fn top(&mut self, top: &Map<String, Value>) -> Result<(), LlmError> {
-        match top.get("model") {
+        let f = Fields::of(top);
+        match f.model {
             Some(Value::String(m)) if !m.trim().is_empty() => self.req.model.clone_from(m),
             Some(Value::String(_)) => {
                 return Err(bad("`model` must not be empty").with_param("model"));
@@ -170,14 +265,14 @@ impl Parser {
             Some(_) => return Err(bad("`model` must be a string").with_param("model")),
             None => return Err(bad("`model`: field required").with_param("model")),
         }
-        match top.get("instructions") {
+        match f.instructions {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => self.req.messages.push(Message::system(s.as_str())),
             Some(_) => {
                 return Err(bad("`instructions` must be a string").with_param("instructions"));
             }
         }
-        match top.get("input") {
+        match f.input {
             Some(Value::String(s)) => self.req.messages.push(Message::user(s.as_str())),
             Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
@@ -190,13 +285,13 @@ impl Parser {
                 );
             }
         }
-        if let Some(t) = top.get("temperature").filter(|v| !v.is_null()) {
+        if let Some(t) = f.temperature.filter(|v| !v.is_null()) {
             self.req.temperature = Some(number(t, "temperature")?);
         }
-        if let Some(t) = top.get("top_p").filter(|v| !v.is_null()) {
+        if let Some(t) = f.top_p.filter(|v| !v.is_null()) {
             self.req.top_p = Some(number(t, "top_p")?);
         }
-        match top.get("max_output_tokens") {
+        match f.max_output_tokens {
             None | Some(Value::Null) => {}
             Some(v) => {
                 let n = v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
@@ -206,7 +301,7 @@ impl Parser {
                 self.req.max_tokens = Some(n);
             }
         }
-        match top.get("stream") {
+        match f.stream {
             None | Some(Value::Null) => {}
             Some(Value::Bool(s)) => {
                 self.req.stream = Some(*s);
@@ -219,51 +314,51 @@ impl Parser {
             }
             Some(_) => return Err(bad("`stream` must be a boolean").with_param("stream")),
         }
-        for key in ["store", "background"] {
-            match top.get(key) {
+        for (key, v) in [("store", f.store), ("background", f.background)] {
+            match v {
                 None | Some(Value::Null | Value::Bool(_)) => {}
                 Some(_) => return Err(bad(format!("`{key}` must be a boolean")).with_param(key)),
             }
         }
-        if top.get("background") == Some(&Value::Bool(true)) {
+        if f.background == Some(&Value::Bool(true)) {
             self.cannot("background", "a background response");
         }
-        match top.get("previous_response_id") {
+        match f.previous_response_id {
             None | Some(Value::Null | Value::String(_)) => {}
             Some(_) => {
                 return Err(bad("`previous_response_id` must be a string")
                     .with_param("previous_response_id"));
             }
         }
-        match top.get("metadata") {
+        match f.metadata {
             None | Some(Value::Null | Value::Object(_)) => {}
             Some(_) => return Err(bad("`metadata` must be an object").with_param("metadata")),
         }
-        match top.get("user") {
+        match f.user {
             None | Some(Value::Null) => {}
             Some(Value::String(u)) => self.req.user = Some(u.clone()),
             Some(_) => return Err(bad("`user` must be a string").with_param("user")),
         }
-        for key in [
-            "parallel_tool_calls",
-            "service_tier",
-            "prompt_cache_key",
-            "safety_identifier",
+        for (key, v) in [
+            ("parallel_tool_calls", f.parallel_tool_calls),
+            ("service_tier", f.service_tier),
+            ("prompt_cache_key", f.prompt_cache_key),
+            ("safety_identifier", f.safety_identifier),
         ] {
-            if let Some(v) = top.get(key).filter(|v| !v.is_null()) {
+            if let Some(v) = v.filter(|v| !v.is_null()) {
                 self.req.extra.insert(key.into(), v.clone());
             }
         }
-        if let Some(tools) = top.get("tools").filter(|v| !v.is_null()) {
+        if let Some(tools) = f.tools.filter(|v| !v.is_null()) {
             self.tools(tools)?;
         }
-        if let Some(choice) = top.get("tool_choice").filter(|v| !v.is_null()) {
+        if let Some(choice) = f.tool_choice.filter(|v| !v.is_null()) {
             self.tool_choice(choice)?;
         }
-        if let Some(text) = top.get("text").filter(|v| !v.is_null()) {
+        if let Some(text) = f.text.filter(|v| !v.is_null()) {
             self.text(text)?;
         }
-        match top.get("reasoning") {
+        match f.reasoning {
             None | Some(Value::Null) => {}
             Some(Value::Object(r)) => {
                 for (k, v) in r {
@@ -278,18 +373,18 @@ impl Parser {
             }
             Some(_) => return Err(bad("`reasoning` must be an object").with_param("reasoning")),
         }
-        match top.get("truncation") {
+        match f.truncation {
             None | Some(Value::Null) => {}
             Some(Value::String(t)) if t == "disabled" => {}
             Some(_) => self.cannot("truncation", "automatic truncation"),
         }
-        match top.get("include") {
+        match f.include {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) if a.is_empty() => {}
             Some(_) => self.cannot("include", "`include`"),
         }
         for (k, v) in top {
-            if !KNOWN.contains(&k.as_str()) {
+            if f.unknown && !KNOWN.contains(&k.as_str()) {
                 // Kept in the view, so that the cache key tells such requests apart.
                 self.req.extra.insert(k.clone(), v.clone());
                 self.cannot(k, "this field");
@@ -573,9 +668,25 @@ impl Echo {
         )
     }
 
+    /// The echoed fields of a parsed request (see [`parse_body`]).
+    pub fn from_map(top: &Map<String, Value>) -> Self {
+        Self(
+            top.iter()
+                // ECHOED is sorted.
+                .filter(|(k, _)| ECHOED.binary_search(&k.as_str()).is_ok())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
     /// Sets an echoed field.
     pub fn set(&mut self, key: &str, value: Value) {
         self.0.insert(key.to_owned(), value);
+    }
+
+    /// The `previous_response_id` echoed, if one was given.
+    pub fn previous_response_id(&self) -> Option<&str> {
+        self.0.get("previous_response_id").and_then(Value::as_str)
     }
 
     fn get(&self, key: &str) -> Value {
@@ -877,6 +988,29 @@ pub fn response_from_json(v: &Value) -> Result<ChatResponse, String> {
     })
 }
 
+/// A JSON array whose items are skipped.
+struct IgnoredArray;
+
+impl<'de> serde::Deserialize<'de> for IgnoredArray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IgnoredArray;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<IgnoredArray, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(IgnoredArray)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
 /// Checks that `json` is a Responses API answer (`"object": "response"`, a string `id` and
 /// `model`, an `output` array); returns its model and usage.
 pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<Usage>)> {
@@ -886,10 +1020,24 @@ pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<
         _id: String,
         object: String,
         model: String,
+        // Checked to be an array, its items skipped (not collected).
         #[serde(rename = "output")]
-        _output: Vec<serde::de::IgnoredAny>,
+        _output: IgnoredArray,
         #[serde(default)]
-        usage: Option<Value>,
+        usage: Option<ShapeUsage>,
+    }
+    // The counts as `usage_from` reads them (anything else in them is ignored), without
+    // building the object.
+    #[derive(serde::Deserialize)]
+    struct ShapeUsage {
+        #[serde(default)]
+        input_tokens: Option<Value>,
+        #[serde(default)]
+        output_tokens: Option<Value>,
+        #[serde(default)]
+        input_tokens_details: Option<Value>,
+        #[serde(default)]
+        output_tokens_details: Option<Value>,
     }
     let shape: Shape = crate::json::from_slice(json)?;
     if shape.object != "response" {
@@ -898,8 +1046,246 @@ pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<
             shape.object
         )));
     }
-    let usage = shape.usage.filter(Value::is_object).map(|u| usage_from(&u));
+    let usage = shape.usage.map(|u| {
+        let n = |v: &Option<Value>| v.as_ref().and_then(Value::as_u64).unwrap_or(0);
+        let mut usage = Usage::new(n(&u.input_tokens), n(&u.output_tokens));
+        let detail = |v: &Option<Value>, k: &str| v.as_ref()?.get(k)?.as_u64();
+        if let Some(cached) = detail(&u.input_tokens_details, "cached_tokens") {
+            usage.prompt_tokens_details = Some(PromptTokensDetails {
+                cached_tokens: Some(cached),
+                ..PromptTokensDetails::default()
+            });
+        }
+        if let Some(r) = detail(&u.output_tokens_details, "reasoning_tokens") {
+            usage.completion_tokens_details = Some(CompletionTokensDetails {
+                reasoning_tokens: Some(r),
+                ..CompletionTokensDetails::default()
+            });
+        }
+        usage
+    });
     Ok((shape.model, usage))
+}
+
+// ===== input items =====
+
+/// The query of `GET /v1/responses/{id}/input_items`: `limit` (1 to 100, default 20),
+/// `order` (`asc` or `desc`, the default: the newest item first) and `after` (the id of
+/// the item the page starts after). `include` and unknown parameters are ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputItemsQuery {
+    /// Items per page.
+    pub limit: usize,
+    /// Oldest first.
+    pub ascending: bool,
+    /// The page starts after this item.
+    pub after: Option<String>,
+}
+
+impl Default for InputItemsQuery {
+    fn default() -> Self {
+        Self {
+            limit: 20,
+            ascending: false,
+            after: None,
+        }
+    }
+}
+
+/// Longest `after` cursor read (ids are far shorter).
+const MAX_CURSOR_BYTES: usize = 1024;
+
+impl InputItemsQuery {
+    /// Parses a URL query string (`limit=5&order=asc&after=msg_1`); a bad value is a 400
+    /// naming the parameter.
+    ///
+    /// ```
+    /// use llm_tower_core::dialect::responses::InputItemsQuery;
+    /// let q = InputItemsQuery::parse(Some("limit=5&order=asc&after=msg%5F1")).unwrap();
+    /// assert_eq!((q.limit, q.ascending, q.after.as_deref()), (5, true, Some("msg_1")));
+    /// assert_eq!(InputItemsQuery::parse(None).unwrap(), InputItemsQuery::default());
+    /// assert!(InputItemsQuery::parse(Some("limit=0")).is_err());
+    /// assert!(InputItemsQuery::parse(Some("order=up")).is_err());
+    /// ```
+    pub fn parse(query: Option<&str>) -> Result<Self, LlmError> {
+        let mut q = Self::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value)
+                .ok_or_else(|| bad(format!("`{key}` is not valid UTF-8")).with_param(key))?;
+            match key {
+                "limit" => {
+                    q.limit = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=100).contains(n))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "`limit` must be an integer from 1 to 100, not `{}`",
+                                shorten(&value)
+                            ))
+                            .with_param("limit")
+                        })?;
+                }
+                "order" => {
+                    q.ascending = match value.as_str() {
+                        "asc" => true,
+                        "desc" => false,
+                        other => {
+                            return Err(bad(format!(
+                                "`order` must be `asc` or `desc`, not `{}`",
+                                shorten(other)
+                            ))
+                            .with_param("order"));
+                        }
+                    };
+                }
+                "after" => {
+                    if value.is_empty() || value.len() > MAX_CURSOR_BYTES {
+                        return Err(bad("`after` must be an item id").with_param("after"));
+                    }
+                    q.after = Some(value);
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// An input item's id: its own, or one made from the response id and its position (the
+/// same on every call, so `after` finds it again).
+fn input_item_id(response_id: &str, n: usize, item: &Value) -> String {
+    if let Some(id) = item.get("id").and_then(Value::as_str) {
+        return id.to_owned();
+    }
+    let prefix = match item.get("type").and_then(Value::as_str) {
+        None | Some("message") => "msg",
+        Some("function_call") => "fc",
+        Some("function_call_output") => "fco",
+        Some("reasoning") => "rs",
+        Some(_) => "item",
+    };
+    let base = response_id.strip_prefix("resp_").unwrap_or(response_id);
+    format!("{prefix}_{base}_in{n}")
+}
+
+/// An input item as OpenAI lists it: with its id, a message with its `type`, `status` and
+/// its content as parts (a string becomes one `input_text`, `output_text` for the
+/// assistant).
+fn listed_item(id: String, item: &Value) -> Value {
+    let mut v = match item {
+        Value::Object(o) => o.clone(),
+        other => return json!({"id": id, "type": "message", "content": other}),
+    };
+    v.insert("id".into(), id.into());
+    if v.get("type").is_none_or(|t| t == "message") {
+        v.entry("type").or_insert_with(|| "message".into());
+        v.entry("status").or_insert_with(|| "completed".into());
+        if let Some(Value::String(text)) = v.get("content") {
+            let kind = if v.get("role").and_then(Value::as_str) == Some("assistant") {
+                "output_text"
+            } else {
+                "input_text"
+            };
+            let part = json!([{"type": kind, "text": text}]);
+            v.insert("content".into(), part);
+        }
+    }
+    Value::Object(v)
+}
+
+/// A page of `GET /v1/responses/{id}/input_items`: the list object (`data`, `first_id`,
+/// `last_id`, `has_more`) over the conversation `input` stored with response
+/// `response_id`. An `after` that names no item is a 400.
+///
+/// ```
+/// use llm_tower_core::dialect::responses::{InputItemsQuery, input_items_page};
+/// let input = serde_json::json!([{"role": "user", "content": "Hi"},
+///                                {"id": "msg_a", "type": "message", "role": "assistant",
+///                                 "content": [{"type": "output_text", "text": "Hello"}]},
+///                                {"role": "user", "content": "More"}]);
+/// let q = InputItemsQuery { limit: 2, ..InputItemsQuery::default() };
+/// let page = input_items_page("resp_1", &input, &q).unwrap();
+/// assert_eq!(page["object"], "list");
+/// assert_eq!(page["data"][0]["content"][0]["text"], "More"); // newest first
+/// assert_eq!(page["last_id"], "msg_a");
+/// assert_eq!(page["has_more"], true);
+/// ```
+pub fn input_items_page(
+    response_id: &str,
+    input: &Value,
+    q: &InputItemsQuery,
+) -> Result<Value, LlmError> {
+    let items: &[Value] = input.as_array().map_or(&[], Vec::as_slice);
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    if !q.ascending {
+        order.reverse();
+    }
+    let start = match &q.after {
+        None => 0,
+        Some(after) => {
+            order
+                .iter()
+                .position(|&n| input_item_id(response_id, n, &items[n]) == *after)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`after`: no input item `{}` in response '{response_id}'",
+                        shorten(after)
+                    ))
+                    .with_param("after")
+                })?
+                + 1
+        }
+    };
+    let rest = &order[start.min(order.len())..];
+    let page = &rest[..rest.len().min(q.limit)];
+    let data: Vec<Value> = page
+        .iter()
+        .map(|&n| listed_item(input_item_id(response_id, n, &items[n]), &items[n]))
+        .collect();
+    let id_at = |i: Option<&Value>| i.and_then(|v| v.get("id")).cloned().unwrap_or(Value::Null);
+    Ok(json!({
+        "object": "list",
+        "first_id": id_at(data.first()),
+        "last_id": id_at(data.last()),
+        "has_more": rest.len() > page.len(),
+        "data": data,
+    }))
+}
+
+/// At most 64 bytes of `s`, for an error message.
+fn shorten(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `%XX` and `+` decoded; `None` when the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |at: usize| b.get(at).and_then(|c| (*c as char).to_digit(16));
+        match b[i] {
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(h), Some(l)) => {
+                    // Two hex digits: at most 255.
+                    out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 // ===== errors =====
@@ -948,7 +1334,9 @@ enum Open {
 /// `response.function_call_arguments.done`, `response.output_item.done`; at the end
 /// `response.completed` (or `response.incomplete`) with the whole response. A failure
 /// after the start is `response.failed`. Chunks that carry their original event
-/// ([`NATIVE_EVENT`](super::NATIVE_EVENT)) are written as they are.
+/// ([`NATIVE_EVENT`](super::NATIVE_EVENT)) are written as they are, except that when
+/// the echo names a `previous_response_id` (the edge resolved it, so the upstream never
+/// saw it) the response objects of `response.created`, `.completed`, … say that id.
 ///
 /// ```
 /// use llm_tower_core::ChatChunk;
@@ -983,6 +1371,7 @@ pub struct EventEncoder {
     tools_seen: Vec<u32>,
     pending_call: Option<Value>,
     last: Option<Value>,
+    keep_final: bool,
 }
 
 impl EventEncoder {
@@ -1007,7 +1396,16 @@ impl EventEncoder {
             tools_seen: Vec::new(),
             pending_call: None,
             last: None,
+            keep_final: true,
         }
+    }
+
+    /// Whether to keep the whole response of the stream's end for
+    /// [`final_response`](Self::final_response) (default `true`). Without it, an
+    /// upstream's last event is written without being parsed.
+    pub fn keep_final(mut self, keep: bool) -> Self {
+        self.keep_final = keep;
+        self
     }
 
     /// Whether the stream's end or an error was written.
@@ -1019,6 +1417,11 @@ impl EventEncoder {
     /// `.failed`), translated or as the upstream sent it.
     pub fn final_response(&self) -> Option<&Value> {
         self.last.as_ref()
+    }
+
+    /// [`final_response`](Self::final_response), taken out of the encoder.
+    pub fn take_final_response(&mut self) -> Option<Value> {
+        self.last.take()
     }
 
     fn event(&mut self, mut v: Value, out: &mut Vec<u8>) {
@@ -1114,17 +1517,43 @@ impl EventEncoder {
             self.native = true;
             self.started = true;
             self.seq = self.seq.saturating_add(1);
-            out.extend_from_slice(frame.as_bytes());
-            for end in [
-                "event: response.completed",
-                "event: response.incomplete",
-                "event: response.failed",
-            ] {
-                if frame.starts_with(end) {
-                    self.ended = true;
-                    self.last =
-                        frame_data(frame).and_then(|mut v| v.get_mut("response").map(Value::take));
+            let ends = [
+                "event: response.completed\n",
+                "event: response.incomplete\n",
+                "event: response.failed\n",
+            ]
+            .iter()
+            .any(|end| frame.starts_with(end));
+            match self
+                .echo
+                .previous_response_id()
+                .filter(|_| carries_response(frame))
+            {
+                // The edge resolved `previous_response_id` and removed it, so the upstream
+                // says `null`: the client must read the id it sent.
+                Some(prev) => match frame_data(frame) {
+                    Some(mut v) => {
+                        if let Some(r) = v.get_mut("response").and_then(Value::as_object_mut) {
+                            r.insert("previous_response_id".into(), prev.into());
+                        }
+                        let name = frame_name(frame).unwrap_or("message");
+                        write_frame(out, name, &v.to_string());
+                        if ends {
+                            self.last = v.get_mut("response").map(Value::take);
+                        }
+                    }
+                    None => out.extend_from_slice(frame.as_bytes()),
+                },
+                None => {
+                    out.extend_from_slice(frame.as_bytes());
+                    if ends && self.keep_final {
+                        self.last = frame_data(frame)
+                            .and_then(|mut v| v.get_mut("response").map(Value::take));
+                    }
                 }
+            }
+            if ends {
+                self.ended = true;
             }
             return;
         }
@@ -1262,6 +1691,20 @@ impl EventEncoder {
     }
 }
 
+/// The event name of an SSE frame as [`write_frame`] writes it.
+fn frame_name(frame: &str) -> Option<&str> {
+    frame.strip_prefix("event: ")?.split('\n').next()
+}
+
+/// Whether a native frame is one of the events that carry the whole response object
+/// (`response.created`, `.in_progress`, `.completed`, `.incomplete`, `.failed`,
+/// `.queued`): one dot in the name, where the item events have two.
+fn carries_response(frame: &str) -> bool {
+    frame_name(frame)
+        .and_then(|n| n.strip_prefix("response."))
+        .is_some_and(|rest| !rest.contains('.'))
+}
+
 /// The JSON data of an SSE frame as [`write_frame`] writes it.
 fn frame_data(frame: &str) -> Option<Value> {
     let mut data = String::new();
@@ -1291,13 +1734,80 @@ pub struct StoredResponse {
     pub tenant: String,
     /// The whole conversation's input items up to this response (previous ones included).
     pub input: Value,
-    /// The response object as the client received it (its `output` continues the
-    /// conversation).
-    pub response: Value,
+    /// The response object as the client received it, as JSON text (kept as text:
+    /// storing an upstream's answer parses nothing; its `output` continues the
+    /// conversation, see [`output`](Self::output)).
+    pub response: Bytes,
     /// Unix milliseconds.
     pub created_at: i64,
     /// Unix milliseconds after which the response is gone.
     pub expires_at: i64,
+}
+
+impl StoredResponse {
+    /// The response's `output` items (none when the stored JSON has none).
+    ///
+    /// ```
+    /// use llm_tower_core::dialect::responses::StoredResponse;
+    /// let r = StoredResponse { id: "resp_1".into(), tenant: "a".into(), input: serde_json::json!([]),
+    ///     response: r#"{"id":"resp_1","output":[{"type":"message"}]}"#.into(),
+    ///     created_at: 0, expires_at: 10 };
+    /// assert_eq!(r.output()[0]["type"], "message");
+    /// ```
+    pub fn output(&self) -> Vec<Value> {
+        #[derive(serde::Deserialize)]
+        struct Output {
+            #[serde(default)]
+            output: Vec<Value>,
+        }
+        crate::json::from_slice::<Output>(&self.response)
+            .map(|o| o.output)
+            .unwrap_or_default()
+    }
+}
+
+/// The `id` of a Responses API answer's JSON, read without building the rest. When the
+/// document is one already checked (an [`EncodedResponse`](crate::EncodedResponse) of
+/// this dialect: valid JSON, one `id`) and `id` is its first member, as OpenAI writes it,
+/// nothing after it is read.
+///
+/// ```
+/// use llm_tower_core::dialect::responses::response_id;
+/// assert_eq!(response_id(br#"{"id":"resp_1","object":"response","output":[]}"#).as_deref(), Some("resp_1"));
+/// assert_eq!(response_id(br#"{"object":"response","id":"resp_1","output":[]}"#).as_deref(), Some("resp_1"));
+/// assert_eq!(response_id(b"[]"), None);
+/// ```
+pub fn response_id(json: &[u8]) -> Option<String> {
+    if let Some(id) = leading_id(json) {
+        return Some(id.to_owned());
+    }
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    crate::json::from_slice::<Id>(json).ok().map(|i| i.id)
+}
+
+/// `{"id":"…"` at the start of `json` (whitespace allowed), the id without escapes.
+fn leading_id(json: &[u8]) -> Option<&str> {
+    fn ws(b: &[u8]) -> &[u8] {
+        let n = b
+            .iter()
+            .take_while(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t'))
+            .count();
+        &b[n..]
+    }
+    let rest = ws(json).strip_prefix(b"{")?;
+    let rest = ws(rest).strip_prefix(b"\"id\"")?;
+    let rest = ws(rest).strip_prefix(b":")?;
+    let rest = ws(rest).strip_prefix(b"\"")?;
+    let end = rest
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 /// The future every [`ResponseStore`] method returns.
@@ -1330,7 +1840,7 @@ pub trait ResponseStore: Send + Sync + std::fmt::Debug + 'static {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = MemoryResponseStore::new(100);
 /// let r = StoredResponse { id: "resp_1".into(), tenant: "a".into(), input: serde_json::json!([]),
-///     response: serde_json::json!({}), created_at: 0, expires_at: 10 };
+///     response: "{}".into(), created_at: 0, expires_at: 10 };
 /// store.put_response(r).await.unwrap();
 /// assert!(store.get_response("a", "resp_1", 5).await.unwrap().is_some());
 /// assert!(store.get_response("b", "resp_1", 5).await.unwrap().is_none());
@@ -1340,7 +1850,14 @@ pub trait ResponseStore: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug)]
 pub struct MemoryResponseStore {
     capacity: usize,
-    rows: std::sync::Mutex<std::collections::VecDeque<StoredResponse>>,
+    rows: std::sync::Mutex<MemoryRows>,
+}
+
+/// The rows by tenant and id, and their keys in the order they came (for eviction).
+#[derive(Debug, Default)]
+struct MemoryRows {
+    by_key: std::collections::HashMap<(String, String), StoredResponse>,
+    order: std::collections::VecDeque<(String, String)>,
 }
 
 impl MemoryResponseStore {
@@ -1348,11 +1865,11 @@ impl MemoryResponseStore {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
-            rows: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            rows: std::sync::Mutex::new(MemoryRows::default()),
         }
     }
 
-    fn rows(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<StoredResponse>> {
+    fn rows(&self) -> std::sync::MutexGuard<'_, MemoryRows> {
         self.rows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1362,11 +1879,17 @@ impl MemoryResponseStore {
 impl ResponseStore for MemoryResponseStore {
     fn put_response(&self, r: StoredResponse) -> StoreFuture<'_, ()> {
         let mut rows = self.rows();
-        rows.retain(|x| !(x.tenant == r.tenant && x.id == r.id));
-        while rows.len() >= self.capacity {
-            rows.pop_front();
+        let key = (r.tenant.clone(), r.id.clone());
+        // A replaced row keeps its place in the eviction order.
+        if rows.by_key.insert(key.clone(), r).is_none() {
+            rows.order.push_back(key);
         }
-        rows.push_back(r);
+        while rows.by_key.len() > self.capacity {
+            let Some(oldest) = rows.order.pop_front() else {
+                break;
+            };
+            rows.by_key.remove(&oldest);
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -1378,25 +1901,30 @@ impl ResponseStore for MemoryResponseStore {
     ) -> StoreFuture<'a, Option<StoredResponse>> {
         let found = self
             .rows()
-            .iter()
-            .find(|x| x.tenant == tenant && x.id == id && x.expires_at > now)
+            .by_key
+            .get(&(tenant.to_owned(), id.to_owned()))
+            .filter(|x| x.expires_at > now)
             .cloned();
         Box::pin(async move { Ok(found) })
     }
 
     fn delete_response<'a>(&'a self, tenant: &'a str, id: &'a str) -> StoreFuture<'a, bool> {
         let mut rows = self.rows();
-        let before = rows.len();
-        rows.retain(|x| !(x.tenant == tenant && x.id == id));
-        let gone = rows.len() < before;
+        let key = (tenant.to_owned(), id.to_owned());
+        let gone = rows.by_key.remove(&key).is_some();
+        if gone {
+            rows.order.retain(|k| *k != key);
+        }
         Box::pin(async move { Ok(gone) })
     }
 
     fn purge_expired_responses(&self, now: i64) -> StoreFuture<'_, u64> {
         let mut rows = self.rows();
-        let before = rows.len();
-        rows.retain(|x| x.expires_at > now);
-        let n = (before - rows.len()) as u64;
+        let before = rows.by_key.len();
+        rows.by_key.retain(|_, x| x.expires_at > now);
+        let MemoryRows { by_key, order } = &mut *rows;
+        order.retain(|k| by_key.contains_key(k));
+        let n = (before - by_key.len()) as u64;
         Box::pin(async move { Ok(n) })
     }
 }
@@ -1544,5 +2072,155 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, (0..8).collect::<Vec<_>>());
+    }
+
+    fn stored(tenant: &str, id: &str, expires_at: i64) -> StoredResponse {
+        StoredResponse {
+            id: id.into(),
+            tenant: tenant.into(),
+            input: json!([]),
+            response: Bytes::from(json!({"id": id}).to_string()),
+            created_at: 0,
+            expires_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_evicts_the_oldest_and_scopes_by_tenant() {
+        let store = MemoryResponseStore::new(2);
+        store.put_response(stored("a", "r1", 100)).await.unwrap();
+        store.put_response(stored("b", "r1", 100)).await.unwrap();
+        // Replacing keeps the count; a third row evicts the oldest.
+        store.put_response(stored("a", "r1", 200)).await.unwrap();
+        assert_eq!(
+            store
+                .get_response("a", "r1", 150)
+                .await
+                .unwrap()
+                .unwrap()
+                .expires_at,
+            200
+        );
+        store.put_response(stored("a", "r2", 100)).await.unwrap();
+        assert!(store.get_response("a", "r1", 0).await.unwrap().is_none());
+        assert!(store.get_response("b", "r1", 0).await.unwrap().is_some());
+        assert!(!store.delete_response("a", "r1").await.unwrap());
+        assert!(store.delete_response("b", "r1").await.unwrap());
+        assert_eq!(store.purge_expired_responses(100).await.unwrap(), 1);
+        assert!(store.get_response("a", "r2", 0).await.unwrap().is_none());
+        // After a delete and a purge, the capacity is whole again.
+        for i in 0..3 {
+            store
+                .put_response(stored("a", &format!("n{i}"), 100))
+                .await
+                .unwrap();
+        }
+        assert!(store.get_response("a", "n0", 0).await.unwrap().is_none());
+        assert!(store.get_response("a", "n2", 0).await.unwrap().is_some());
+    }
+
+    #[test]
+    fn input_items_page_in_both_orders_with_stable_ids() {
+        let input = json!([
+            {"role": "user", "content": "a"},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "x"},
+            {"id": "msg_own", "type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "b"}]},
+            {"role": "assistant", "content": "c"},
+        ]);
+        let q = |limit, ascending, after: Option<&str>| InputItemsQuery {
+            limit,
+            ascending,
+            after: after.map(str::to_owned),
+        };
+        let ids = |page: &Value| -> Vec<String> {
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let all = input_items_page("resp_x", &input, &q(100, true, None)).unwrap();
+        assert_eq!(
+            ids(&all),
+            ["msg_x_in0", "fc_x_in1", "fco_x_in2", "msg_own", "msg_x_in4"]
+        );
+        assert_eq!(all["data"][0]["content"][0]["type"], "input_text");
+        assert_eq!(all["data"][4]["content"][0]["type"], "output_text");
+        assert_eq!(all["data"][4]["type"], "message");
+        assert_eq!(all["data"][1]["type"], "function_call");
+        assert!(all["data"][1].get("status").is_none());
+        let desc = input_items_page("resp_x", &input, &q(2, false, Some("msg_own"))).unwrap();
+        assert_eq!(ids(&desc), ["fco_x_in2", "fc_x_in1"]);
+        assert_eq!(desc["has_more"], true);
+        assert_eq!(desc["first_id"], "fco_x_in2");
+        assert_eq!(desc["last_id"], "fc_x_in1");
+        let end = input_items_page("resp_x", &input, &q(2, true, Some("msg_x_in4"))).unwrap();
+        assert_eq!(ids(&end), Vec::<String>::new());
+        assert_eq!(end["first_id"], Value::Null);
+        assert_eq!(end["has_more"], false);
+        let e = input_items_page("resp_x", &input, &q(2, true, Some("nope"))).unwrap_err();
+        assert_eq!(e.param(), Some("after"));
+    }
+
+    #[test]
+    fn input_items_queries_are_checked() {
+        let q =
+            InputItemsQuery::parse(Some("include%5B%5D=x&limit=100&order=desc&after=a+b")).unwrap();
+        assert_eq!(q.limit, 100);
+        assert!(!q.ascending);
+        assert_eq!(q.after.as_deref(), Some("a b"));
+        for (query, param) in [
+            ("limit=101", "limit"),
+            ("limit=-1", "limit"),
+            ("limit=", "limit"),
+            ("order=ASC", "order"),
+            ("after=", "after"),
+            ("after=%FF", "after"),
+        ] {
+            let e = InputItemsQuery::parse(Some(query)).unwrap_err();
+            assert_eq!(e.param(), Some(param), "{query}");
+        }
+        assert_eq!(percent_decode("%4").as_deref(), Some("%4"));
+    }
+
+    #[test]
+    fn native_response_events_name_the_resolved_previous_response_id() {
+        let mut echo = Echo::default();
+        echo.set("previous_response_id", "resp_prev".into());
+        let mut enc = EventEncoder::new("resp_unused".into(), echo);
+        let mut out = Vec::new();
+        let native = |name: &str, data: &str| {
+            let mut c = ChatChunk::default();
+            super::super::messages::attach_native(
+                &mut c,
+                super::super::messages::native_frame(name, data),
+            );
+            c
+        };
+        let created = r#"{"type":"response.created","response":{"id":"resp_u","previous_response_id":null},"sequence_number":0}"#;
+        let delta = r#"{"type":"response.output_text.delta","delta":"previous_response_id","sequence_number":1}"#;
+        let done = r#"{"type":"response.completed","response":{"id":"resp_u","previous_response_id":null,"output":[]},"sequence_number":2}"#;
+        enc.push(&native("response.created", created), &mut out);
+        enc.push(&native("response.output_text.delta", delta), &mut out);
+        enc.push(&native("response.completed", done), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let frames: Vec<&str> = text.split_terminator("\n\n").collect();
+        assert_eq!(frames.len(), 3, "{text}");
+        assert!(
+            frames[0].contains(r#""previous_response_id":"resp_prev""#),
+            "{text}"
+        );
+        // Other events are written as they came.
+        assert_eq!(
+            frames[1],
+            format!("event: response.output_text.delta\ndata: {delta}")
+        );
+        assert!(enc.is_ended());
+        let last = enc.final_response().unwrap();
+        assert_eq!(last["previous_response_id"], "resp_prev");
+        assert_eq!(last["id"], "resp_u");
     }
 }

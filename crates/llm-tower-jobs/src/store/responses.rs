@@ -15,7 +15,7 @@ fn row_to_stored(
     tenant: String,
     id: String,
     input: &str,
-    response: &str,
+    response: String,
     created_at: i64,
     expires_at: i64,
 ) -> Result<StoredResponse, LlmError> {
@@ -23,7 +23,7 @@ fn row_to_stored(
         id,
         tenant,
         input: serde_json::from_str(input).map_err(store_error)?,
-        response: serde_json::from_str(response).map_err(store_error)?,
+        response: response.into(),
         created_at,
         expires_at,
     })
@@ -34,11 +34,12 @@ macro_rules! impl_response_store {
         impl ResponseStore for $store {
             fn put_response(&self, r: StoredResponse) -> StoreFuture<'_, ()> {
                 Box::pin(async move {
+                    let response = std::str::from_utf8(&r.response).map_err(store_error)?;
                     sqlx::query($upsert)
                         .bind(&r.tenant)
                         .bind(&r.id)
                         .bind(r.input.to_string())
-                        .bind(r.response.to_string())
+                        .bind(response)
                         .bind(r.created_at)
                         .bind(r.expires_at)
                         .execute(self.pool())
@@ -69,7 +70,7 @@ macro_rules! impl_response_store {
                             tenant.to_owned(),
                             id.to_owned(),
                             &input,
-                            &response,
+                            response,
                             r.try_get("created_at").map_err(store_error)?,
                             r.try_get("expires_at").map_err(store_error)?,
                         )
@@ -142,7 +143,9 @@ mod tests {
             id: id.into(),
             tenant: tenant.into(),
             input: json!([{"role": "user", "content": "hi"}]),
-            response: json!({"id": id, "object": "response", "output": [{"type": "message"}]}),
+            response: json!({"id": id, "object": "response", "output": [{"type": "message"}]})
+                .to_string()
+                .into(),
             created_at: 1,
             expires_at,
         }

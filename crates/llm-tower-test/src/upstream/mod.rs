@@ -7,6 +7,11 @@
 //! - `POST /v1/messages`: Anthropic Messages, JSON or SSE (`message_start`,
 //!   `content_block_start`, `ping`, `content_block_delta`, `content_block_stop`,
 //!   `message_delta`, `message_stop`);
+//! - `POST /v1/responses`: OpenAI Responses, JSON or its typed SSE events
+//!   (`response.created`, `response.in_progress`, `response.output_item.added`,
+//!   `response.content_part.added`, `response.output_text.delta`…, `.done`,
+//!   `response.content_part.done`, `response.output_item.done`, `response.completed` with
+//!   usage);
 //! - `GET /v1/models`: the model list (Anthropic's shape when the request carries
 //!   `anthropic-version`, OpenAI's otherwise).
 //!
@@ -529,8 +534,9 @@ async fn handle(
     let api = match (route, &parts.method) {
         ("/chat/completions" | "/embeddings", &Method::POST) => Api::OpenAi,
         ("/messages", &Method::POST) => Api::Anthropic,
+        ("/responses", &Method::POST) => Api::Responses,
         ("/models", &Method::GET) => return Ok(models(&parts.headers)),
-        ("/chat/completions" | "/messages" | "/models" | "/embeddings", _) => {
+        ("/chat/completions" | "/messages" | "/responses" | "/models" | "/embeddings", _) => {
             return Ok(openai_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
@@ -658,6 +664,7 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
             let events = match api {
                 Api::OpenAi => render::openai_stream(&p, &answer, s),
                 Api::Anthropic => render::anthropic_stream(&p, &answer, s),
+                Api::Responses => render::responses_stream(&p, &answer, s),
             };
             let mut r = Response::new(Either::Right(StreamBody::new(event_stream(
                 events,
@@ -686,6 +693,7 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
             let body = match api {
                 Api::OpenAi => render::openai_completion(&p, &answer),
                 Api::Anthropic => render::anthropic_message(&p, &answer),
+                Api::Responses => render::responses_object(&p, &answer),
             };
             full(status, JSON, body)
         };
@@ -695,7 +703,7 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
 
     let h = resp.headers_mut();
     let rid_name = match api {
-        Api::OpenAi => "x-request-id",
+        Api::OpenAi | Api::Responses => "x-request-id",
         Api::Anthropic => "request-id",
     };
     if let Ok(v) = HeaderValue::from_str(&rid) {
@@ -703,7 +711,7 @@ fn respond(shared: &Shared, api: Api, seq: usize, body: &Bytes, s: &Scenario) ->
     }
     if let Some(secs) = s.retry_after_secs {
         h.insert(RETRY_AFTER, HeaderValue::from(secs));
-        if api == Api::OpenAi {
+        if api != Api::Anthropic {
             h.insert(
                 HeaderName::from_static("retry-after-ms"),
                 HeaderValue::from(secs.saturating_mul(1000)),
@@ -809,9 +817,16 @@ fn hostile_body(
         let mut events = match api {
             Api::OpenAi => render::openai_stream(p, a, s),
             Api::Anthropic => render::anthropic_stream(p, a, s),
+            Api::Responses => render::responses_stream(p, a, s),
         };
-        // The preamble: OpenAI's role chunk; Anthropic's message_start, content_block_start, ping.
-        let rest = events.split_off(if api == Api::OpenAi { 1 } else { 3 }.min(events.len()));
+        // The preamble: OpenAI's role chunk; Anthropic's message_start, content_block_start,
+        // ping; Responses' created, in_progress, output_item.added, content_part.added.
+        let pre = match api {
+            Api::OpenAi => 1,
+            Api::Anthropic => 3,
+            Api::Responses => 4,
+        };
+        let rest = events.split_off(pre.min(events.len()));
         let pre = event_stream(events, s.first_chunk_delay, s.chunk_delay);
         let rest = event_stream(rest, s.chunk_delay, s.chunk_delay);
         if s.endless_body {
@@ -841,6 +856,7 @@ fn hostile_body(
         let base = match api {
             Api::OpenAi => render::openai_completion(p, a),
             Api::Anthropic => render::anthropic_message(p, a),
+            Api::Responses => render::responses_object(p, a),
         };
         // `{…}` → `{…,"pad":"` + a… + `"}`: still the answer, and valid JSON.
         let mut prefix = base[..base.len().saturating_sub(1)].to_vec();
@@ -899,7 +915,9 @@ fn fill_stream(unit: Bytes, total: Option<usize>, every: Duration) -> EventStrea
 
 fn bad_request(api: Api, msg: &str) -> Response<Body> {
     match api {
-        Api::OpenAi => openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
+        Api::OpenAi | Api::Responses => {
+            openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", msg)
+        }
         Api::Anthropic => {
             let v = serde_json::json!({
                 "type": "error",

@@ -16,6 +16,8 @@ use super::scenario::{ErrorFlavor, Scenario};
 pub(crate) enum Api {
     OpenAi,
     Anthropic,
+    /// OpenAI's Responses API (its errors and headers are OpenAI's).
+    Responses,
 }
 
 /// What the renderers need from a request.
@@ -46,6 +48,26 @@ struct RawRequest<'a> {
     response_format: Option<RawFormat<'a>>,
     #[serde(borrow, default)]
     system: Option<RawContent<'a>>,
+    // Responses: `input` and `instructions` instead of `messages` and `system`.
+    #[serde(borrow, default)]
+    input: Option<RawInput<'a>>,
+    #[serde(borrow, default)]
+    instructions: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    text: Option<RawText<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawInput<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Items(#[serde(borrow)] Vec<RawMessage<'a>>),
+}
+
+#[derive(Deserialize)]
+struct RawText<'a> {
+    #[serde(borrow, default)]
+    format: Option<RawFormat<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -109,11 +131,14 @@ impl Parsed {
     pub(crate) fn from_slice(api: Api, body: &[u8]) -> Result<Self, String> {
         let raw: RawRequest<'_> = serde_json::from_slice(body)
             .map_err(|e| format!("We could not parse the JSON body of your request: {e}"))?;
+        if api == Api::Responses {
+            return Self::responses(raw);
+        }
         let messages = raw
             .messages
             .ok_or_else(|| "'messages' is a required property".to_owned())?;
         let default_model = match api {
-            Api::OpenAi => "gpt-4o-mini",
+            Api::OpenAi | Api::Responses => "gpt-4o-mini",
             Api::Anthropic => "claude-3-5-haiku-latest",
         };
         let mut input_bytes = raw.system.as_ref().map_or(0, RawContent::len);
@@ -136,6 +161,46 @@ impl Parsed {
                 Some("json_object" | "json_schema")
             ),
             last_user: last_user.map(RawContent::text).unwrap_or_default(),
+            input_bytes,
+        })
+    }
+}
+
+impl Parsed {
+    fn responses(raw: RawRequest<'_>) -> Result<Self, String> {
+        let input = raw
+            .input
+            .ok_or_else(|| "Missing required parameter: 'input'.".to_owned())?;
+        let mut input_bytes = raw.instructions.as_ref().map_or(0, |i| i.len());
+        let last_user = match &input {
+            RawInput::Text(t) => {
+                input_bytes += t.len();
+                t.to_string()
+            }
+            RawInput::Items(items) => {
+                let mut last = None;
+                for m in items {
+                    input_bytes += m.content.as_ref().map_or(0, RawContent::len);
+                    if m.role.as_deref() == Some("user") {
+                        last = m.content.as_ref();
+                    }
+                }
+                last.map(RawContent::text).unwrap_or_default()
+            }
+        };
+        Ok(Self {
+            model: raw.model.as_deref().unwrap_or("gpt-4o-mini").to_owned(),
+            stream: raw.stream.unwrap_or(false),
+            // Responses report usage in `response.completed`, always.
+            include_usage: true,
+            json_mode: matches!(
+                raw.text
+                    .as_ref()
+                    .and_then(|t| t.format.as_ref())
+                    .and_then(|f| f.kind.as_deref()),
+                Some("json_object" | "json_schema")
+            ),
+            last_user,
             input_bytes,
         })
     }
@@ -186,6 +251,7 @@ impl Answer {
         let id = match api {
             Api::OpenAi => format!("chatcmpl-mock{seq:012}"),
             Api::Anthropic => format!("msg_mock{seq:016}"),
+            Api::Responses => format!("resp_mock{seq:016}"),
         };
         Self {
             id,
@@ -654,13 +720,317 @@ pub(crate) fn anthropic_stream(p: &Parsed, a: &Answer, s: &Scenario) -> Vec<Ev> 
     out
 }
 
+// ---------------------------------------------------------------- Responses
+
+#[derive(Serialize)]
+struct RsUsage {
+    input_tokens: u64,
+    input_tokens_details: RsCached,
+    output_tokens: u64,
+    output_tokens_details: RsReasoning,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct RsCached {
+    cached_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct RsReasoning {
+    reasoning_tokens: u64,
+}
+
+fn responses_usage(a: &Answer) -> RsUsage {
+    RsUsage {
+        input_tokens: a.prompt_tokens,
+        input_tokens_details: RsCached {
+            cached_tokens: a.cached_tokens,
+        },
+        output_tokens: a.completion_tokens,
+        output_tokens_details: RsReasoning {
+            reasoning_tokens: 0,
+        },
+        total_tokens: a.prompt_tokens + a.completion_tokens,
+    }
+}
+
+#[derive(Serialize)]
+struct RsPart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [(); 0],
+    logprobs: [(); 0],
+}
+
+#[derive(Serialize)]
+struct RsItem<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    status: &'static str,
+    role: &'static str,
+    content: Vec<RsPart<'a>>,
+}
+
+#[derive(Serialize)]
+struct RsReasoningEcho {
+    effort: Option<()>,
+    summary: Option<()>,
+}
+
+#[derive(Serialize)]
+struct RsFormat {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct RsTextEcho {
+    format: RsFormat,
+}
+
+/// The response object as OpenAI writes it (request fields echoed with their defaults).
+#[derive(Serialize)]
+struct RsResponse<'a> {
+    id: &'a str,
+    object: &'static str,
+    created_at: u64,
+    status: &'static str,
+    error: Option<()>,
+    incomplete_details: Option<()>,
+    instructions: Option<()>,
+    max_output_tokens: Option<()>,
+    model: &'a str,
+    output: Vec<RsItem<'a>>,
+    parallel_tool_calls: bool,
+    previous_response_id: Option<()>,
+    reasoning: RsReasoningEcho,
+    store: bool,
+    temperature: f64,
+    text: RsTextEcho,
+    tool_choice: &'static str,
+    tools: [(); 0],
+    top_p: f64,
+    truncation: &'static str,
+    usage: Option<RsUsage>,
+    user: Option<()>,
+    metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The id of the answer's one message item.
+fn message_id(a: &Answer) -> String {
+    format!("msg_{}", a.id.strip_prefix("resp_").unwrap_or(&a.id))
+}
+
+fn rs_response<'a>(p: &'a Parsed, a: &'a Answer, item_id: &'a str, done: bool) -> RsResponse<'a> {
+    RsResponse {
+        id: &a.id,
+        object: "response",
+        created_at: a.created,
+        status: if done { "completed" } else { "in_progress" },
+        error: None,
+        incomplete_details: None,
+        instructions: None,
+        max_output_tokens: None,
+        model: &p.model,
+        output: if done {
+            vec![rs_message(item_id, &a.text, "completed")]
+        } else {
+            Vec::new()
+        },
+        parallel_tool_calls: true,
+        previous_response_id: None,
+        reasoning: RsReasoningEcho {
+            effort: None,
+            summary: None,
+        },
+        store: true,
+        temperature: 1.0,
+        text: RsTextEcho {
+            format: RsFormat { kind: "text" },
+        },
+        tool_choice: "auto",
+        tools: [],
+        top_p: 1.0,
+        truncation: "disabled",
+        usage: done.then(|| responses_usage(a)),
+        user: None,
+        metadata: serde_json::Map::new(),
+    }
+}
+
+fn rs_message<'a>(id: &'a str, text: &'a str, status: &'static str) -> RsItem<'a> {
+    RsItem {
+        id,
+        kind: "message",
+        status,
+        role: "assistant",
+        content: vec![RsPart {
+            kind: "output_text",
+            text,
+            annotations: [],
+            logprobs: [],
+        }],
+    }
+}
+
+/// A complete Responses API answer (`POST /v1/responses`).
+pub(crate) fn responses_object(p: &Parsed, a: &Answer) -> Bytes {
+    let item = message_id(a);
+    to_bytes(&rs_response(p, a, &item, true))
+}
+
+/// A streamed Responses event: `event: <name>` and its data: `type`, `fields`'s members,
+/// `sequence_number` (then counted on).
+fn rs_event(name: &'static str, seq: &mut u64, fields: &impl Serialize) -> Bytes {
+    #[derive(Serialize)]
+    struct Event<'a, T> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(flatten)]
+        fields: &'a T,
+        sequence_number: u64,
+    }
+    let b = sse_event(
+        name,
+        &Event {
+            kind: name,
+            fields,
+            sequence_number: *seq,
+        },
+    );
+    *seq += 1;
+    b
+}
+
+#[derive(Serialize)]
+struct RsTextDelta<'a> {
+    item_id: &'a str,
+    output_index: u32,
+    content_index: u32,
+    delta: &'a str,
+    logprobs: [(); 0],
+}
+
+/// A Responses stream, as OpenAI sends it: `response.created`, `response.in_progress`,
+/// `response.output_item.added`, `response.content_part.added`, one
+/// `response.output_text.delta` per word, `response.output_text.done`,
+/// `response.content_part.done`, `response.output_item.done`, `response.completed` with
+/// the whole response and its usage. A mid-stream failure is an `error` event.
+pub(crate) fn responses_stream(p: &Parsed, a: &Answer, s: &Scenario) -> Vec<Ev> {
+    let chunks: Vec<&str> = a.chunks().collect();
+    let item = message_id(a);
+    let mut seq = 0_u64;
+    let mut out = Vec::with_capacity(chunks.len() + 8);
+    let started = rs_response(p, a, &item, false);
+    for name in ["response.created", "response.in_progress"] {
+        out.push(Ev::Bytes(rs_event(
+            name,
+            &mut seq,
+            &json!({ "response": &started }),
+        )));
+    }
+    let added = RsItem {
+        id: &item,
+        kind: "message",
+        status: "in_progress",
+        role: "assistant",
+        content: Vec::new(),
+    };
+    out.push(Ev::Bytes(rs_event(
+        "response.output_item.added",
+        &mut seq,
+        &json!({ "output_index": 0, "item": added }),
+    )));
+    let empty = RsPart {
+        kind: "output_text",
+        text: "",
+        annotations: [],
+        logprobs: [],
+    };
+    out.push(Ev::Bytes(rs_event(
+        "response.content_part.added",
+        &mut seq,
+        &json!({ "item_id": &item, "output_index": 0, "content_index": 0, "part": empty }),
+    )));
+    let delta = |c: &str, seq: &mut u64| {
+        rs_event(
+            "response.output_text.delta",
+            seq,
+            &RsTextDelta {
+                item_id: &item,
+                output_index: 0,
+                content_index: 0,
+                delta: c,
+                logprobs: [],
+            },
+        )
+    };
+    let texts = chunks.iter().map(|c| delta(c, &mut seq)).collect();
+    let broken = Bytes::from_static(
+        b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\n\n",
+    );
+    let unframed = |c: &str| {
+        let mut b = delta(c, &mut 0).to_vec();
+        b.pop(); // one newline only: the events run together
+        Bytes::from(b)
+    };
+    let complete = push_text_events(&mut out, s, texts, broken, unframed, &chunks);
+    if !complete {
+        if s.error_event_after_chunks.is_some() && !s.malformed_sse {
+            out.push(Ev::Bytes(rs_event(
+                "error",
+                &mut seq,
+                &json!({
+                    "code": "server_error",
+                    "message": "The server had an error while processing your request. Sorry about that!",
+                    "param": null
+                }),
+            )));
+        }
+        return out;
+    }
+    let part = RsPart {
+        kind: "output_text",
+        text: &a.text,
+        annotations: [],
+        logprobs: [],
+    };
+    out.push(Ev::Bytes(rs_event(
+        "response.output_text.done",
+        &mut seq,
+        &json!({ "item_id": &item, "output_index": 0, "content_index": 0, "text": &a.text,
+                 "logprobs": [] }),
+    )));
+    out.push(Ev::Bytes(rs_event(
+        "response.content_part.done",
+        &mut seq,
+        &json!({ "item_id": &item, "output_index": 0, "content_index": 0, "part": part }),
+    )));
+    out.push(Ev::Bytes(rs_event(
+        "response.output_item.done",
+        &mut seq,
+        &json!({ "output_index": 0, "item": rs_message(&item, &a.text, "completed") }),
+    )));
+    if !s.no_terminal_event {
+        out.push(Ev::Bytes(rs_event(
+            "response.completed",
+            &mut seq,
+            &json!({ "response": rs_response(p, a, &item, true) }),
+        )));
+    }
+    out
+}
+
 // ---------------------------------------------------------------- errors
 
 /// The error body the real provider sends for this status on this API.
 pub(crate) fn error_body(api: Api, s: &Scenario, model: &str, request_id: &str) -> Bytes {
     let status = s.status;
     let v = match api {
-        Api::OpenAi => {
+        Api::OpenAi | Api::Responses => {
             let (message, kind, param, code): (String, &str, Option<&str>, Option<&str>) =
                 match (status, s.error) {
                     (_, Some(ErrorFlavor::ContextLengthExceeded)) => (
@@ -793,7 +1163,7 @@ pub(crate) const LIMIT_TOKENS: u64 = 2_000_000;
 /// Replaces the request-count reset header with `reset` from now.
 pub(crate) fn requests_reset_header(api: Api, h: &mut HeaderMap, reset: Duration) {
     match api {
-        Api::OpenAi => put_str(
+        Api::OpenAi | Api::Responses => put_str(
             h,
             "x-ratelimit-reset-requests",
             &format!("{}ms", reset.as_millis().max(1)),
@@ -814,7 +1184,7 @@ pub(crate) fn ratelimit_headers(
     remaining_tokens: u64,
 ) {
     match api {
-        Api::OpenAi => {
+        Api::OpenAi | Api::Responses => {
             put(h, "x-ratelimit-limit-requests", LIMIT_REQUESTS);
             put(h, "x-ratelimit-remaining-requests", remaining_requests);
             put(h, "x-ratelimit-limit-tokens", LIMIT_TOKENS);
