@@ -33,6 +33,7 @@ use crate::metrics::{FailedAttempt, Labels, Metrics, Observation};
 use crate::sse::SseStream;
 
 mod embeddings;
+mod errors;
 
 /// Default request body limit: 4 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
@@ -87,9 +88,10 @@ pub struct MakeRequestUuidV7;
 
 impl MakeRequestId for MakeRequestUuidV7 {
     fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
-        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
-            .ok()
-            .map(RequestId::new)
+        // Encoded on the stack: no `fmt` machinery and no `String` per request.
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(id).ok().map(RequestId::new)
     }
 }
 
@@ -428,7 +430,7 @@ where
                     .layer(SetRequestIdLayer::x_request_id(MakeRequestUuidV7))
                     .layer(PropagateRequestIdLayer::x_request_id())
                     .layer(CatchPanicLayer::custom(panic_response))
-                    .layer(axum::middleware::map_response(json_errors))
+                    .layer(errors::JsonErrorsLayer)
                     .option_layer(known_tasks.map(|known| {
                         tower::util::MapRequestLayer::new(move |mut req: Request| {
                             normalize_task(req.headers_mut(), &known);
@@ -588,7 +590,7 @@ impl Metrics {
             .merge(extra)
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
-            .layer(axum::middleware::map_response(json_errors))
+            .layer(errors::JsonErrorsLayer)
     }
 }
 
@@ -741,52 +743,7 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
     status_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
 }
 
-/// Largest plain-text error body rewritten into JSON (axum rejections are short).
-const MAX_REWRITTEN_ERROR: usize = 16 * 1024;
-
-/// Gives every error response an OpenAI JSON body: empty ones (405, bare status codes)
-/// and plain-text ones (axum extractor rejections in merged routers) alike.
-async fn json_errors(resp: Response) -> Response {
-    let status = resp.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    let content_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_ascii_lowercase);
-    let message = match content_type.as_deref() {
-        None => status.canonical_reason().unwrap_or("error").to_owned(),
-        Some(ct) if ct.starts_with("text/plain") => {
-            let (parts, body) = resp.into_parts();
-            let text = match http_body_util::Limited::new(body, MAX_REWRITTEN_ERROR)
-                .collect()
-                .await
-            {
-                Ok(c) => String::from_utf8_lossy(&c.to_bytes()).trim().to_owned(),
-                Err(_) => String::new(),
-            };
-            let mut out = status_response(
-                status,
-                if text.is_empty() {
-                    status.canonical_reason().unwrap_or("error").to_owned()
-                } else {
-                    text
-                },
-            );
-            keep_headers(&parts.headers, &mut out);
-            return out;
-        }
-        Some(_) => return resp,
-    };
-    let (parts, _) = resp.into_parts();
-    let mut out = status_response(status, message);
-    keep_headers(&parts.headers, &mut out);
-    out
-}
-
-fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
+pub(crate) fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
     for (name, value) in from {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
             to.headers_mut().append(name, value.clone());

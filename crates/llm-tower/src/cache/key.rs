@@ -221,6 +221,7 @@ struct KeyHasher {
 }
 
 impl KeyHasher {
+    #[inline]
     fn new() -> Self {
         Self {
             hasher: blake3::Hasher::new(),
@@ -246,7 +247,8 @@ impl KeyHasher {
         self.flushed = true;
     }
 
-    fn finish(mut self) -> [u8; 32] {
+    // By reference: the hasher is ~2 KB, and a move into the call was a copy of it.
+    fn finish(&mut self) -> [u8; 32] {
         if !self.flushed && self.buf.len() > PAD_ABOVE {
             // blake3 compresses the 1 KiB chunks of an input in parallel (SIMD) only when
             // it sees several at once; a 1–4 KiB input is otherwise hashed one chunk after
