@@ -1073,8 +1073,8 @@ pub(crate) async fn read_body(
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(too_big());
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
+    match collect_limited(body, limit, announced).await {
+        Ok(b) => Ok(b),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
         Err(e) if is_body_timeout(&*e) => Err((
             StatusCode::REQUEST_TIMEOUT,
@@ -1088,6 +1088,38 @@ pub(crate) async fn read_body(
     }
 }
 
+/// The body's data up to `limit` bytes. A body of one data frame (the usual request) is
+/// returned as that frame, without the frame list and copy of `collect`; more frames are
+/// joined in one buffer sized by `announced` (the content length) when known.
+async fn collect_limited(
+    body: Body,
+    limit: usize,
+    announced: Option<u64>,
+) -> Result<Bytes, axum::BoxError> {
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            // Trailers carry no body bytes.
+            continue;
+        };
+        if let Some(buf) = joined.as_mut() {
+            buf.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            // Bounded: `Limited` has refused more than `limit` bytes already.
+            let hint = announced.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+            let mut buf = Vec::with_capacity(hint.max(head.len() + data.len()));
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(&data);
+            joined = Some(buf);
+        } else {
+            first = Some(data);
+        }
+    }
+    Ok(joined.map_or_else(|| first.unwrap_or_default(), Bytes::from))
+}
+
 /// Whether reading the body failed on the server's body read timeout.
 fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -1098,4 +1130,46 @@ fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunked(parts: &[&'static str]) -> Body {
+        let frames: Vec<Result<Bytes, std::io::Error>> = parts
+            .iter()
+            .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+            .collect();
+        Body::from_stream(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_in_one_frame_or_many() {
+        let h = http::HeaderMap::new();
+        let one = read_body(Body::from("{\"a\":1}"), &h, 64).await.unwrap();
+        assert_eq!(one, "{\"a\":1}");
+        let many = read_body(chunked(&["{\"a\"", ":", "1}"]), &h, 64)
+            .await
+            .unwrap();
+        assert_eq!(many, "{\"a\":1}");
+        let empty = read_body(Body::empty(), &h, 64).await.unwrap();
+        assert!(empty.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_announced_or_not() {
+        let h = http::HeaderMap::new();
+        let Err((status, _)) = read_body(chunked(&["0123456789", "0123456789"]), &h, 15).await
+        else {
+            panic!("read past the limit");
+        };
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let mut announced = http::HeaderMap::new();
+        announced.insert(header::CONTENT_LENGTH, HeaderValue::from_static("20"));
+        let Err((status, _)) = read_body(Body::from("x"), &announced, 15).await else {
+            panic!("an announced body over the limit was read");
+        };
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
 }
