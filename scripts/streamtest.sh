@@ -102,8 +102,10 @@ load() { # pid lua url -> "req/s cpu_us_per_request"
 # one connection (curl's own timers, from the request's start).
 ttfb() {
   : >"$CURL_CFG"
-  for _ in $(seq 1 "$TTFB_N"); do
-    printf 'url = "%s"\nheader = "content-type: application/json"\nheader = "authorization: Bearer sk-bench"\nheader = "cache-control: %s"\ndata-binary = "@%s"\noutput = "/dev/null"\nwrite-out = "%%{time_pretransfer} %%{time_starttransfer} %%{time_total}\\n"\nno-buffer\nnext\n' \
+  for i in $(seq 1 "$TTFB_N"); do
+    # `next` between entries only: one after the last is an entry without a URL.
+    if [ "$i" -gt 1 ]; then printf 'next\n' >>"$CURL_CFG"; fi
+    printf 'url = "%s"\nheader = "content-type: application/json"\nheader = "authorization: Bearer sk-bench"\nheader = "cache-control: %s"\ndata-binary = "@%s"\noutput = "/dev/null"\nwrite-out = "%%{time_pretransfer} %%{time_starttransfer} %%{time_total}\\n"\nno-buffer\n' \
       "$1" "$2" "$BODY_FILE" >>"$CURL_CFG"
   done
   # Skip the first (connection set-up); time from the request's start (pretransfer).

@@ -33,6 +33,7 @@ use crate::metrics::{FailedAttempt, Labels, Metrics, Observation};
 use crate::sse::SseStream;
 
 mod embeddings;
+mod errors;
 
 /// Default request body limit: 4 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
@@ -87,9 +88,10 @@ pub struct MakeRequestUuidV7;
 
 impl MakeRequestId for MakeRequestUuidV7 {
     fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
-        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
-            .ok()
-            .map(RequestId::new)
+        // Encoded on the stack: no `fmt` machinery and no `String` per request.
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(id).ok().map(RequestId::new)
     }
 }
 
@@ -433,7 +435,7 @@ where
                     .layer(SetRequestIdLayer::x_request_id(MakeRequestUuidV7))
                     .layer(PropagateRequestIdLayer::x_request_id())
                     .layer(CatchPanicLayer::custom(panic_response))
-                    .layer(axum::middleware::map_response(json_errors))
+                    .layer(errors::JsonErrorsLayer)
                     .option_layer(known_tasks.map(|known| {
                         tower::util::MapRequestLayer::new(move |mut req: Request| {
                             normalize_task(req.headers_mut(), &known);
@@ -593,7 +595,7 @@ impl Metrics {
             .merge(extra)
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
-            .layer(axum::middleware::map_response(json_errors))
+            .layer(errors::JsonErrorsLayer)
     }
 }
 
@@ -746,52 +748,7 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
     status_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
 }
 
-/// Largest plain-text error body rewritten into JSON (axum rejections are short).
-const MAX_REWRITTEN_ERROR: usize = 16 * 1024;
-
-/// Gives every error response an OpenAI JSON body: empty ones (405, bare status codes)
-/// and plain-text ones (axum extractor rejections in merged routers) alike.
-async fn json_errors(resp: Response) -> Response {
-    let status = resp.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    let content_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_ascii_lowercase);
-    let message = match content_type.as_deref() {
-        None => status.canonical_reason().unwrap_or("error").to_owned(),
-        Some(ct) if ct.starts_with("text/plain") => {
-            let (parts, body) = resp.into_parts();
-            let text = match http_body_util::Limited::new(body, MAX_REWRITTEN_ERROR)
-                .collect()
-                .await
-            {
-                Ok(c) => String::from_utf8_lossy(&c.to_bytes()).trim().to_owned(),
-                Err(_) => String::new(),
-            };
-            let mut out = status_response(
-                status,
-                if text.is_empty() {
-                    status.canonical_reason().unwrap_or("error").to_owned()
-                } else {
-                    text
-                },
-            );
-            keep_headers(&parts.headers, &mut out);
-            return out;
-        }
-        Some(_) => return resp,
-    };
-    let (parts, _) = resp.into_parts();
-    let mut out = status_response(status, message);
-    keep_headers(&parts.headers, &mut out);
-    out
-}
-
-fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
+pub(crate) fn keep_headers(from: &http::HeaderMap, to: &mut Response) {
     for (name, value) in from {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
             to.headers_mut().append(name, value.clone());
@@ -1121,8 +1078,8 @@ pub(crate) async fn read_body(
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(too_big());
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
+    match collect_limited(body, limit, announced).await {
+        Ok(b) => Ok(b),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
         Err(e) if is_body_timeout(&*e) => Err((
             StatusCode::REQUEST_TIMEOUT,
@@ -1136,6 +1093,38 @@ pub(crate) async fn read_body(
     }
 }
 
+/// The body's data up to `limit` bytes. A body of one data frame (the usual request) is
+/// returned as that frame, without the frame list and copy of `collect`; more frames are
+/// joined in one buffer sized by `announced` (the content length) when known.
+async fn collect_limited(
+    body: Body,
+    limit: usize,
+    announced: Option<u64>,
+) -> Result<Bytes, axum::BoxError> {
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            // Trailers carry no body bytes.
+            continue;
+        };
+        if let Some(buf) = joined.as_mut() {
+            buf.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            // Bounded: `Limited` has refused more than `limit` bytes already.
+            let hint = announced.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+            let mut buf = Vec::with_capacity(hint.max(head.len() + data.len()));
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(&data);
+            joined = Some(buf);
+        } else {
+            first = Some(data);
+        }
+    }
+    Ok(joined.map_or_else(|| first.unwrap_or_default(), Bytes::from))
+}
+
 /// Whether reading the body failed on the server's body read timeout.
 fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -1146,4 +1135,46 @@ fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunked(parts: &[&'static str]) -> Body {
+        let frames: Vec<Result<Bytes, std::io::Error>> = parts
+            .iter()
+            .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+            .collect();
+        Body::from_stream(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_in_one_frame_or_many() {
+        let h = http::HeaderMap::new();
+        let one = read_body(Body::from("{\"a\":1}"), &h, 64).await.unwrap();
+        assert_eq!(one, "{\"a\":1}");
+        let many = read_body(chunked(&["{\"a\"", ":", "1}"]), &h, 64)
+            .await
+            .unwrap();
+        assert_eq!(many, "{\"a\":1}");
+        let empty = read_body(Body::empty(), &h, 64).await.unwrap();
+        assert!(empty.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_announced_or_not() {
+        let h = http::HeaderMap::new();
+        let Err((status, _)) = read_body(chunked(&["0123456789", "0123456789"]), &h, 15).await
+        else {
+            panic!("read past the limit");
+        };
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let mut announced = http::HeaderMap::new();
+        announced.insert(header::CONTENT_LENGTH, HeaderValue::from_static("20"));
+        let Err((status, _)) = read_body(Body::from("x"), &announced, 15).await else {
+            panic!("an announced body over the limit was read");
+        };
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
 }
