@@ -33,7 +33,7 @@ use llm_tower_core::dialect::responses::{
 use llm_tower_core::{
     ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, ResponseBody, Tenant,
 };
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tower::Service;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
@@ -112,26 +112,54 @@ fn not_found(id: &str, param: &str) -> LlmError {
         .with_code("not_found")
 }
 
-/// The request prepared for the service: the view, what to echo, and the conversation's
-/// input to store.
+/// What the handler keeps of a request besides its view: the parsed body (what to echo
+/// and the conversation's input to store are read from it only when needed), the resolved
+/// `previous_response_id`, whether to store the answer.
 struct Prepared {
-    view: ChatRequest,
-    echo: Echo,
+    top: Map<String, Value>,
+    prev: Option<String>,
     store: bool,
-    input: Vec<Value>,
+}
+
+impl Prepared {
+    /// The fields a translated answer echoes.
+    fn echo(&self) -> Echo {
+        let mut echo = Echo::from_map(&self.top);
+        if let Some(prev) = &self.prev {
+            echo.set("previous_response_id", Value::String(prev.clone()));
+        }
+        echo
+    }
+
+    /// What an upstream's own answer needs of the echo: the resolved previous id.
+    fn native_echo(&self) -> Echo {
+        let mut echo = Echo::default();
+        if let Some(prev) = &self.prev {
+            echo.set("previous_response_id", Value::String(prev.clone()));
+        }
+        echo
+    }
+
+    /// The conversation's input items, to store (taken out of the body).
+    fn take_input(&mut self) -> Vec<Value> {
+        match self.top.remove("input") {
+            Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        }
+    }
 }
 
 fn bad(msg: impl Into<String>) -> LlmError {
     LlmError::bad_request(msg.into())
 }
 
-/// Reads the body (parsed once), resolves `previous_response_id`, builds the view. The
-/// conversation's input is taken out of the parsed body only when the answer is stored.
+/// Reads the body (parsed once), resolves `previous_response_id`, builds the view.
 async fn prepare<S>(
     st: &AppState<S>,
     req: Request,
     tenant: &Tenant,
-) -> Result<Prepared, (Option<StatusCode>, LlmError)> {
+) -> Result<(ChatRequest, Prepared), (Option<StatusCode>, LlmError)> {
     let (parts, body) = req.into_parts();
     let bytes = read_body(body, &parts.headers, st.body_limit)
         .await
@@ -175,25 +203,7 @@ async fn prepare<S>(
     if let Some(id) = parts.extensions.get::<RequestId>() {
         view.extensions.insert(id.clone());
     }
-    let mut echo = Echo::from_map(&top);
-    if let Some(prev) = prev {
-        echo.set("previous_response_id", Value::String(prev));
-    }
-    let input = if store {
-        match top.remove("input") {
-            Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
-            Some(Value::Array(items)) => items,
-            _ => Vec::new(),
-        }
-    } else {
-        Vec::new()
-    };
-    Ok(Prepared {
-        view,
-        echo,
-        store,
-        input,
-    })
+    Ok((view, Prepared { top, prev, store }))
 }
 
 /// The whole conversation before a request that continues from `prev`: the stored input,
@@ -278,12 +288,7 @@ where
 {
     let finish = native::finish_for(&st, &tenant, start);
     let incoming = st.traces().then(|| req.headers().clone());
-    let Prepared {
-        view,
-        echo,
-        store,
-        input,
-    } = match prepare(&st, req, &tenant).await {
+    let (view, mut prepared) = match prepare(&st, req, &tenant).await {
         Ok(p) => p,
         Err((status, e)) => {
             let mut resp = finish.reject_with(&e, error_response);
@@ -293,7 +298,11 @@ where
             return resp;
         }
     };
-    let storage = if store { st.responses.clone() } else { None };
+    let storage = if prepared.store {
+        st.responses.clone()
+    } else {
+        None
+    };
     let native::Dispatched {
         finish,
         response: resp,
@@ -310,7 +319,7 @@ where
             ResponseBody::Encoded(r) if r.dialect() == Dialect::Responses => {
                 let mut finish = finish;
                 finish.record("ok", r.usage().or(meta.usage.as_ref()));
-                match echo.previous_response_id() {
+                match prepared.prev.as_deref() {
                     // Resolved here, so the upstream says `null`: the client reads its id.
                     Some(prev) => with_previous_id(&r.into_json(), prev),
                     None => Ok((r.into_json(), None)),
@@ -318,7 +327,7 @@ where
             }
             body => native::complete(finish, body, &meta).await.and_then(|r| {
                 let id = responses::new_response_id();
-                let v = responses::response_to_json(&r, &id, &echo);
+                let v = responses::response_to_json(&r, &id, &prepared.echo());
                 serde_json::to_vec(&v)
                     .map(|b| (Bytes::from(b), Some(id)))
                     .map_err(|e| LlmError::internal(format!("cannot encode the response: {e}")))
@@ -331,7 +340,9 @@ where
                 {
                     // A copy of its own size: the body may be a slice of a larger read.
                     let copy = Bytes::copy_from_slice(&json);
-                    storage.save(&tenant.0, id, input, copy).await;
+                    storage
+                        .save(&tenant.0, id, prepared.take_input(), copy)
+                        .await;
                 }
                 json_response(StatusCode::OK, json)
             }
@@ -349,18 +360,21 @@ where
             return out;
         }
     };
-    // An upstream's own events keep its id: one is made only for a translated stream.
-    let id = match &first {
-        Some(c) if llm_tower_core::dialect::native_event(c).is_some() => String::new(),
-        _ => responses::new_response_id(),
+    // An upstream's own events keep its id and echo: made only for a translated stream.
+    let encoder = match &first {
+        Some(c) if llm_tower_core::dialect::native_event(c).is_some() => {
+            EventEncoder::new(String::new(), prepared.native_echo())
+        }
+        _ => EventEncoder::new(responses::new_response_id(), prepared.echo()),
     };
+    let save = storage.map(|s| (s, tenant.0.to_string(), prepared.take_input()));
     let sse = Sse {
         first,
         inner: stream,
-        encoder: EventEncoder::new(id, echo),
+        encoder,
         done: false,
         gather: Gather::default(),
-        save: storage.map(|s| (s, tenant.0.to_string(), input)),
+        save,
         saving: None,
     };
     native::sse_response(Body::from_stream(sse), &meta, start)

@@ -111,6 +111,18 @@ impl EncodedResponse {
     /// assert_eq!(r.decode().unwrap().text(), "hi");
     /// ```
     pub fn from_responses_json(json: Bytes) -> serde_json::Result<Self> {
+        // As `from_json`: the hand-written pass reads the common case, serde the rest.
+        if let Ok(text) = std::str::from_utf8(&json)
+            && let Some(found) = scan::check_responses(text.as_bytes())
+        {
+            return Ok(Self {
+                model: text[found.model].to_owned(),
+                usage: found.usage.map(Box::new),
+                choices: 1,
+                json,
+                dialect: Dialect::Responses,
+            });
+        }
         let (model, usage) = crate::dialect::responses::check_response(&json)?;
         Ok(Self {
             json,

@@ -157,6 +157,75 @@ pub fn request_from_map(top: &Map<String, Value>, body: Bytes) -> Result<ChatReq
     Ok(req)
 }
 
+/// The known top-level fields of a request, found in one pass over its members (a
+/// lookup per field in the map costs several string comparisons each).
+#[derive(Default)]
+struct Fields<'a> {
+    model: Option<&'a Value>,
+    input: Option<&'a Value>,
+    instructions: Option<&'a Value>,
+    tools: Option<&'a Value>,
+    tool_choice: Option<&'a Value>,
+    text: Option<&'a Value>,
+    max_output_tokens: Option<&'a Value>,
+    temperature: Option<&'a Value>,
+    top_p: Option<&'a Value>,
+    metadata: Option<&'a Value>,
+    stream: Option<&'a Value>,
+    store: Option<&'a Value>,
+    previous_response_id: Option<&'a Value>,
+    parallel_tool_calls: Option<&'a Value>,
+    user: Option<&'a Value>,
+    reasoning: Option<&'a Value>,
+    truncation: Option<&'a Value>,
+    service_tier: Option<&'a Value>,
+    prompt_cache_key: Option<&'a Value>,
+    safety_identifier: Option<&'a Value>,
+    include: Option<&'a Value>,
+    background: Option<&'a Value>,
+    /// A member not in [`KNOWN`].
+    unknown: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn of(top: &'a Map<String, Value>) -> Self {
+        let mut f = Self::default();
+        for (k, v) in top {
+            let slot = match k.as_str() {
+                "model" => &mut f.model,
+                "input" => &mut f.input,
+                "instructions" => &mut f.instructions,
+                "tools" => &mut f.tools,
+                "tool_choice" => &mut f.tool_choice,
+                "text" => &mut f.text,
+                "max_output_tokens" => &mut f.max_output_tokens,
+                "temperature" => &mut f.temperature,
+                "top_p" => &mut f.top_p,
+                "metadata" => &mut f.metadata,
+                "stream" => &mut f.stream,
+                "store" => &mut f.store,
+                "previous_response_id" => &mut f.previous_response_id,
+                "parallel_tool_calls" => &mut f.parallel_tool_calls,
+                "user" => &mut f.user,
+                "reasoning" => &mut f.reasoning,
+                "truncation" => &mut f.truncation,
+                "service_tier" => &mut f.service_tier,
+                "prompt_cache_key" => &mut f.prompt_cache_key,
+                "safety_identifier" => &mut f.safety_identifier,
+                "include" => &mut f.include,
+                "background" => &mut f.background,
+                "stream_options" => continue,
+                _ => {
+                    f.unknown = true;
+                    continue;
+                }
+            };
+            *slot = Some(v);
+        }
+        f
+    }
+}
+
 struct Parser {
     req: ChatRequest,
     first: Option<LlmError>,
@@ -187,7 +256,8 @@ impl Parser {
     }
 
     fn top(&mut self, top: &Map<String, Value>) -> Result<(), LlmError> {
-        match top.get("model") {
+        let f = Fields::of(top);
+        match f.model {
             Some(Value::String(m)) if !m.trim().is_empty() => self.req.model.clone_from(m),
             Some(Value::String(_)) => {
                 return Err(bad("`model` must not be empty").with_param("model"));
@@ -195,14 +265,14 @@ impl Parser {
             Some(_) => return Err(bad("`model` must be a string").with_param("model")),
             None => return Err(bad("`model`: field required").with_param("model")),
         }
-        match top.get("instructions") {
+        match f.instructions {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => self.req.messages.push(Message::system(s.as_str())),
             Some(_) => {
                 return Err(bad("`instructions` must be a string").with_param("instructions"));
             }
         }
-        match top.get("input") {
+        match f.input {
             Some(Value::String(s)) => self.req.messages.push(Message::user(s.as_str())),
             Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
@@ -215,13 +285,13 @@ impl Parser {
                 );
             }
         }
-        if let Some(t) = top.get("temperature").filter(|v| !v.is_null()) {
+        if let Some(t) = f.temperature.filter(|v| !v.is_null()) {
             self.req.temperature = Some(number(t, "temperature")?);
         }
-        if let Some(t) = top.get("top_p").filter(|v| !v.is_null()) {
+        if let Some(t) = f.top_p.filter(|v| !v.is_null()) {
             self.req.top_p = Some(number(t, "top_p")?);
         }
-        match top.get("max_output_tokens") {
+        match f.max_output_tokens {
             None | Some(Value::Null) => {}
             Some(v) => {
                 let n = v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
@@ -231,7 +301,7 @@ impl Parser {
                 self.req.max_tokens = Some(n);
             }
         }
-        match top.get("stream") {
+        match f.stream {
             None | Some(Value::Null) => {}
             Some(Value::Bool(s)) => {
                 self.req.stream = Some(*s);
@@ -244,51 +314,51 @@ impl Parser {
             }
             Some(_) => return Err(bad("`stream` must be a boolean").with_param("stream")),
         }
-        for key in ["store", "background"] {
-            match top.get(key) {
+        for (key, v) in [("store", f.store), ("background", f.background)] {
+            match v {
                 None | Some(Value::Null | Value::Bool(_)) => {}
                 Some(_) => return Err(bad(format!("`{key}` must be a boolean")).with_param(key)),
             }
         }
-        if top.get("background") == Some(&Value::Bool(true)) {
+        if f.background == Some(&Value::Bool(true)) {
             self.cannot("background", "a background response");
         }
-        match top.get("previous_response_id") {
+        match f.previous_response_id {
             None | Some(Value::Null | Value::String(_)) => {}
             Some(_) => {
                 return Err(bad("`previous_response_id` must be a string")
                     .with_param("previous_response_id"));
             }
         }
-        match top.get("metadata") {
+        match f.metadata {
             None | Some(Value::Null | Value::Object(_)) => {}
             Some(_) => return Err(bad("`metadata` must be an object").with_param("metadata")),
         }
-        match top.get("user") {
+        match f.user {
             None | Some(Value::Null) => {}
             Some(Value::String(u)) => self.req.user = Some(u.clone()),
             Some(_) => return Err(bad("`user` must be a string").with_param("user")),
         }
-        for key in [
-            "parallel_tool_calls",
-            "service_tier",
-            "prompt_cache_key",
-            "safety_identifier",
+        for (key, v) in [
+            ("parallel_tool_calls", f.parallel_tool_calls),
+            ("service_tier", f.service_tier),
+            ("prompt_cache_key", f.prompt_cache_key),
+            ("safety_identifier", f.safety_identifier),
         ] {
-            if let Some(v) = top.get(key).filter(|v| !v.is_null()) {
+            if let Some(v) = v.filter(|v| !v.is_null()) {
                 self.req.extra.insert(key.into(), v.clone());
             }
         }
-        if let Some(tools) = top.get("tools").filter(|v| !v.is_null()) {
+        if let Some(tools) = f.tools.filter(|v| !v.is_null()) {
             self.tools(tools)?;
         }
-        if let Some(choice) = top.get("tool_choice").filter(|v| !v.is_null()) {
+        if let Some(choice) = f.tool_choice.filter(|v| !v.is_null()) {
             self.tool_choice(choice)?;
         }
-        if let Some(text) = top.get("text").filter(|v| !v.is_null()) {
+        if let Some(text) = f.text.filter(|v| !v.is_null()) {
             self.text(text)?;
         }
-        match top.get("reasoning") {
+        match f.reasoning {
             None | Some(Value::Null) => {}
             Some(Value::Object(r)) => {
                 for (k, v) in r {
@@ -303,18 +373,18 @@ impl Parser {
             }
             Some(_) => return Err(bad("`reasoning` must be an object").with_param("reasoning")),
         }
-        match top.get("truncation") {
+        match f.truncation {
             None | Some(Value::Null) => {}
             Some(Value::String(t)) if t == "disabled" => {}
             Some(_) => self.cannot("truncation", "automatic truncation"),
         }
-        match top.get("include") {
+        match f.include {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) if a.is_empty() => {}
             Some(_) => self.cannot("include", "`include`"),
         }
         for (k, v) in top {
-            if !KNOWN.contains(&k.as_str()) {
+            if f.unknown && !KNOWN.contains(&k.as_str()) {
                 // Kept in the view, so that the cache key tells such requests apart.
                 self.req.extra.insert(k.clone(), v.clone());
                 self.cannot(k, "this field");
@@ -601,9 +671,10 @@ impl Echo {
     /// The echoed fields of a parsed request (see [`parse_body`]).
     pub fn from_map(top: &Map<String, Value>) -> Self {
         Self(
-            ECHOED
-                .iter()
-                .filter_map(|k| top.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+            top.iter()
+                // ECHOED is sorted.
+                .filter(|(k, _)| ECHOED.binary_search(&k.as_str()).is_ok())
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         )
     }
@@ -917,6 +988,29 @@ pub fn response_from_json(v: &Value) -> Result<ChatResponse, String> {
     })
 }
 
+/// A JSON array whose items are skipped.
+struct IgnoredArray;
+
+impl<'de> serde::Deserialize<'de> for IgnoredArray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IgnoredArray;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<IgnoredArray, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(IgnoredArray)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
 /// Checks that `json` is a Responses API answer (`"object": "response"`, a string `id` and
 /// `model`, an `output` array); returns its model and usage.
 pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<Usage>)> {
@@ -926,10 +1020,24 @@ pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<
         _id: String,
         object: String,
         model: String,
+        // Checked to be an array, its items skipped (not collected).
         #[serde(rename = "output")]
-        _output: Vec<serde::de::IgnoredAny>,
+        _output: IgnoredArray,
         #[serde(default)]
-        usage: Option<Value>,
+        usage: Option<ShapeUsage>,
+    }
+    // The counts as `usage_from` reads them (anything else in them is ignored), without
+    // building the object.
+    #[derive(serde::Deserialize)]
+    struct ShapeUsage {
+        #[serde(default)]
+        input_tokens: Option<Value>,
+        #[serde(default)]
+        output_tokens: Option<Value>,
+        #[serde(default)]
+        input_tokens_details: Option<Value>,
+        #[serde(default)]
+        output_tokens_details: Option<Value>,
     }
     let shape: Shape = crate::json::from_slice(json)?;
     if shape.object != "response" {
@@ -938,7 +1046,24 @@ pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<
             shape.object
         )));
     }
-    let usage = shape.usage.filter(Value::is_object).map(|u| usage_from(&u));
+    let usage = shape.usage.map(|u| {
+        let n = |v: &Option<Value>| v.as_ref().and_then(Value::as_u64).unwrap_or(0);
+        let mut usage = Usage::new(n(&u.input_tokens), n(&u.output_tokens));
+        let detail = |v: &Option<Value>, k: &str| v.as_ref()?.get(k)?.as_u64();
+        if let Some(cached) = detail(&u.input_tokens_details, "cached_tokens") {
+            usage.prompt_tokens_details = Some(PromptTokensDetails {
+                cached_tokens: Some(cached),
+                ..PromptTokensDetails::default()
+            });
+        }
+        if let Some(r) = detail(&u.output_tokens_details, "reasoning_tokens") {
+            usage.completion_tokens_details = Some(CompletionTokensDetails {
+                reasoning_tokens: Some(r),
+                ..CompletionTokensDetails::default()
+            });
+        }
+        usage
+    });
     Ok((shape.model, usage))
 }
 
@@ -1631,19 +1756,48 @@ impl StoredResponse {
     }
 }
 
-/// The `id` of a Responses API answer's JSON, read without building the rest.
+/// The `id` of a Responses API answer's JSON, read without building the rest. When the
+/// document is one already checked (an [`EncodedResponse`](crate::EncodedResponse) of
+/// this dialect: valid JSON, one `id`) and `id` is its first member, as OpenAI writes it,
+/// nothing after it is read.
 ///
 /// ```
 /// use llm_tower_core::dialect::responses::response_id;
+/// assert_eq!(response_id(br#"{"id":"resp_1","object":"response","output":[]}"#).as_deref(), Some("resp_1"));
 /// assert_eq!(response_id(br#"{"object":"response","id":"resp_1","output":[]}"#).as_deref(), Some("resp_1"));
 /// assert_eq!(response_id(b"[]"), None);
 /// ```
 pub fn response_id(json: &[u8]) -> Option<String> {
+    if let Some(id) = leading_id(json) {
+        return Some(id.to_owned());
+    }
     #[derive(serde::Deserialize)]
     struct Id {
         id: String,
     }
     crate::json::from_slice::<Id>(json).ok().map(|i| i.id)
+}
+
+/// `{"id":"…"` at the start of `json` (whitespace allowed), the id without escapes.
+fn leading_id(json: &[u8]) -> Option<&str> {
+    fn ws(b: &[u8]) -> &[u8] {
+        let n = b
+            .iter()
+            .take_while(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t'))
+            .count();
+        &b[n..]
+    }
+    let rest = ws(json).strip_prefix(b"{")?;
+    let rest = ws(rest).strip_prefix(b"\"id\"")?;
+    let rest = ws(rest).strip_prefix(b":")?;
+    let rest = ws(rest).strip_prefix(b"\"")?;
+    let end = rest
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 /// The future every [`ResponseStore`] method returns.

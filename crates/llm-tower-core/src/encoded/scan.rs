@@ -35,6 +35,28 @@ pub(super) fn check(json: &[u8]) -> Option<Found> {
     (s.i == json.len()).then_some(found)
 }
 
+/// What the check of a Responses API answer reads.
+pub(super) struct ResponsesFound {
+    pub(super) model: Range<usize>,
+    pub(super) usage: Option<Usage>,
+}
+
+/// The shape check of a Responses API answer, by hand (the serde check is
+/// `dialect::responses::check_response`, under the same contract as [`check`]): `id` and
+/// `model` strings, `object` exactly `response`, `output` an array, `usage` absent, `null`
+/// or its counts. `json` must be valid UTF-8 (checked by the caller).
+pub(super) fn check_responses(json: &[u8]) -> Option<ResponsesFound> {
+    let mut s = Scanner {
+        b: json,
+        i: 0,
+        depth: 0,
+        strict: false,
+    };
+    let found = s.responses_top()?;
+    s.ws();
+    (s.i == json.len()).then_some(found)
+}
+
 // Below serde_json's own recursion limit (128), so that anything deeper is serde's call.
 const MAX_DEPTH: u32 = 100;
 
@@ -566,6 +588,90 @@ impl Scanner<'_> {
         Some(u)
     }
 
+    fn responses_top(&mut self) -> Option<ResponsesFound> {
+        let (mut id, mut object, mut output) = (false, false, false);
+        let (mut model, mut usage) = (None, None);
+        self.object(|s, key| {
+            match key {
+                b"id" => {
+                    once(&mut id)?;
+                    s.plain_string()?;
+                }
+                b"object" => {
+                    once(&mut object)?;
+                    let r = s.plain_string()?;
+                    (&s.b[r] == b"response").then_some(())?;
+                }
+                b"output" => {
+                    once(&mut output)?;
+                    s.array(Self::value)?;
+                }
+                b"model" if model.is_none() => model = Some(s.plain_string()?),
+                b"usage" if usage.is_none() => usage = Some(s.responses_usage()?),
+                b"model" | b"usage" => return None,
+                _ => s.value()?,
+            }
+            Some(())
+        })?;
+        (id && object && output).then_some(())?;
+        Some(ResponsesFound {
+            model: model?,
+            usage: usage.flatten(),
+        })
+    }
+
+    /// `null`, or a Responses usage object of `u64` counts: `input_tokens`,
+    /// `output_tokens`, `total_tokens`, and the details' `cached_tokens` /
+    /// `reasoning_tokens` (each `null` or a `u64`); anything else is left to serde.
+    fn responses_usage(&mut self) -> Option<Option<Usage>> {
+        if self.null() {
+            return Some(None);
+        }
+        let mut seen = [false; 5];
+        let (mut input, mut output) = (0, 0);
+        let (mut cached, mut reasoning) = (None, None);
+        self.object(|s, key| {
+            match key {
+                b"input_tokens" => {
+                    once(&mut seen[0])?;
+                    input = s.u64()?;
+                }
+                b"output_tokens" => {
+                    once(&mut seen[1])?;
+                    output = s.u64()?;
+                }
+                b"total_tokens" => {
+                    once(&mut seen[2])?;
+                    s.u64()?;
+                }
+                b"input_tokens_details" => {
+                    once(&mut seen[3])?;
+                    cached = s.counts([b"cached_tokens"])?.and_then(|[c]| c);
+                }
+                b"output_tokens_details" => {
+                    once(&mut seen[4])?;
+                    reasoning = s.counts([b"reasoning_tokens"])?.and_then(|[r]| r);
+                }
+                _ => return None,
+            }
+            Some(())
+        })?;
+        let mut u = Usage::new(input, output);
+        if cached.is_some() {
+            u.prompt_tokens_details = Some(PromptTokensDetails {
+                cached_tokens: cached,
+                ..PromptTokensDetails::default()
+            });
+        }
+        if reasoning.is_some() {
+            u.completion_tokens_details = Some(CompletionTokensDetails {
+                reasoning_tokens: reasoning,
+                ..CompletionTokensDetails::default()
+            });
+        }
+        Some(Some(u))
+    }
+
     /// `null`, or an object of the named counts, each `null` or a `u64` (any other field
     /// is left to serde: it goes to `extra`).
     fn counts<const N: usize>(&mut self, names: [&[u8]; N]) -> Option<Option<[Option<u64>; N]>> {
@@ -616,7 +722,54 @@ fn skip_plain(b: &[u8], mut i: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::skip_plain;
+    use super::{check_responses, skip_plain};
+    use crate::dialect::responses::check_response;
+
+    /// The Responses check must never accept what serde refuses, nor read other values:
+    /// on every document one byte away from the seeds (deleted, replaced or inserted).
+    #[test]
+    fn the_responses_pass_is_never_more_lenient_than_serde() {
+        const BYTES: &[u8] = b"\"\\,:{}[]0-9.eEnu \x01a";
+        let seeds: [&[u8]; 3] = [
+            br#"{"id":"resp_1","object":"response","created_at":1,"model":"gpt-4o","output":[{"type":"message","content":[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":3,"input_tokens_details":{"cached_tokens":1},"output_tokens":2,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":5},"metadata":{}}"#,
+            br#"{"id":"r","object":"response","model":"m","output":[],"usage":null}"#,
+            br#"{"object":"response","output":[1],"model":"m","id":"r","usage":{"input_tokens":1,"output_tokens":10}}"#,
+        ];
+        let mut accepted = 0;
+        let mut check = |doc: &[u8]| {
+            let Some(text) = std::str::from_utf8(doc).ok() else {
+                return;
+            };
+            let Some(found) = check_responses(text.as_bytes()) else {
+                return;
+            };
+            accepted += 1;
+            let (model, usage) = check_response(doc)
+                .unwrap_or_else(|e| panic!("serde refuses what the scan accepted ({e}): {text}"));
+            assert_eq!(&text[found.model], model, "{text}");
+            assert_eq!(found.usage, usage, "{text}");
+        };
+        for seed in seeds {
+            check(seed);
+            for i in 0..seed.len() {
+                let mut d = seed.to_vec();
+                d.remove(i);
+                check(&d);
+                for &b in BYTES {
+                    let mut d = seed.to_vec();
+                    d[i] = b;
+                    check(&d);
+                    let mut d = seed.to_vec();
+                    d.insert(i, b);
+                    check(&d);
+                }
+            }
+        }
+        assert!(
+            accepted > 100,
+            "the seeds and many neighbours are read by hand"
+        );
+    }
 
     #[test]
     fn skip_plain_stops_at_the_first_special_byte_at_any_offset() {
