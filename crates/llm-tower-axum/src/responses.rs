@@ -368,6 +368,7 @@ where
         _ => EventEncoder::new(responses::new_response_id(), prepared.echo()),
     };
     let save = storage.map(|s| (s, tenant.0.to_string(), prepared.take_input()));
+    let encoder = encoder.keep_final(save.is_some());
     let sse = Sse {
         first,
         inner: stream,

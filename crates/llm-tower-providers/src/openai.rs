@@ -739,10 +739,108 @@ impl ResponsesDecoder {
     }
 }
 
+/// The members of a Responses event that [`ResponsesDecoder::view`] reads, parsed without
+/// building the rest (the `response` objects of `response.created` / `.completed` carry
+/// the whole answer, which a full parse would build only to drop it).
+#[derive(Deserialize)]
+struct LightEvent<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    output_index: Option<Value>,
+    #[serde(default)]
+    delta: Option<Value>,
+    #[serde(default)]
+    item: Option<LightFields<LightItemKeys>>,
+    #[serde(default)]
+    response: Option<LightFields<LightResponseKeys>>,
+}
+
+/// The named members of an object, each as it is (`null` members included).
+struct LightFields<K>(serde_json::Map<String, Value>, std::marker::PhantomData<K>);
+
+trait LightKeys {
+    const KEYS: &'static [&'static str];
+}
+
+struct LightItemKeys;
+impl LightKeys for LightItemKeys {
+    const KEYS: &'static [&'static str] = &["type", "call_id", "name", "arguments"];
+}
+
+struct LightResponseKeys;
+impl LightKeys for LightResponseKeys {
+    const KEYS: &'static [&'static str] = &["id", "model", "created_at", "usage"];
+}
+
+impl<'de, K: LightKeys> Deserialize<'de> for LightFields<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<K>(std::marker::PhantomData<K>);
+        impl<'de, K: LightKeys> serde::de::Visitor<'de> for V<K> {
+            type Value = LightFields<K>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut m = serde_json::Map::new();
+                while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if K::KEYS.contains(&&*k) {
+                        // The last of duplicates wins, as in a `Value`.
+                        m.insert(k.into_owned(), a.next_value::<Value>()?);
+                    } else {
+                        a.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(LightFields(m, std::marker::PhantomData))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+impl LightEvent<'_> {
+    /// The event as the `Value` [`ResponsesDecoder::view`] reads: only the members it reads.
+    fn into_value(self) -> Value {
+        let mut m = serde_json::Map::new();
+        if let Some(k) = self.kind {
+            m.insert("type".into(), Value::String(k.into_owned()));
+        }
+        for (k, v) in [("output_index", self.output_index), ("delta", self.delta)] {
+            if let Some(v) = v {
+                m.insert(k.into(), v);
+            }
+        }
+        if let Some(item) = self.item {
+            m.insert("item".into(), Value::Object(item.0));
+        }
+        if let Some(r) = self.response {
+            m.insert("response".into(), Value::Object(r.0));
+        }
+        Value::Object(m)
+    }
+}
+
+impl ResponsesDecoder {
+    /// The event's JSON as [`view`](Self::view) reads it: its few members when it parses
+    /// so (the common case), else the whole document (errors and failures, which are
+    /// classified from all of it, and anything the light parse refuses, worded by serde).
+    fn event_value(&self, data: &[u8]) -> Result<Value, LlmError> {
+        if let Ok(light) = serde_json::from_slice::<LightEvent<'_>>(data)
+            && !matches!(light.kind.as_deref(), Some("response.failed" | "error"))
+        {
+            return Ok(light.into_value());
+        }
+        serde_json::from_slice(data)
+            .map_err(|e| classify::malformed(&self.provider, "JSON in a stream event", e))
+    }
+}
+
 impl Decoder for ResponsesDecoder {
     fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<StreamEvent>) -> Result<(), LlmError> {
-        let v: Value = serde_json::from_slice(ev.data())
-            .map_err(|e| classify::malformed(&self.provider, "JSON in a stream event", e))?;
+        let v = self.event_value(ev.data())?;
         let mut chunks = VecDeque::new();
         self.view(&v, &mut chunks)?;
         let kind = v
@@ -881,5 +979,46 @@ impl Decoder for OpenAiDecoder {
 
     fn terminal(&self) -> &'static str {
         "data: [DONE]"
+    }
+}
+
+#[cfg(test)]
+mod light_event_tests {
+    use super::*;
+
+    /// The light parse gives `view` the same members as the whole document would.
+    #[test]
+    fn the_light_parse_keeps_what_the_view_reads() {
+        let d = ResponsesDecoder::new(Arc::from("openai"), None, "m");
+        for data in [
+            r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","created_at":7,"model":"gpt-4.1","output":[{"type":"message","content":[{"type":"output_text","text":"x"}]}],"usage":null,"metadata":{}}}"#,
+            r#"{"type":"response.output_item.added","output_index":1,"item":{"id":"fc_1","type":"function_call","call_id":"c","name":"get","arguments":"","status":"in_progress"}}"#,
+            r#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"content_index":0,"delta":"hi","logprobs":[]}"#,
+            r#"{"type":"response.completed","response":{"id":"r","model":"m","output":[],"usage":{"input_tokens":9,"output_tokens":4,"input_tokens_details":{"cached_tokens":2}}}}"#,
+            r#"{"type":"response.output_item.added","item":null,"delta":{"odd":1}}"#,
+        ] {
+            let full: Value = serde_json::from_str(data).unwrap();
+            let light = d.event_value(data.as_bytes()).unwrap();
+            for key in ["type", "output_index", "delta"] {
+                assert_eq!(light.get(key), full.get(key), "{key}: {data}");
+            }
+            for (obj, keys) in [
+                ("item", LightItemKeys::KEYS),
+                ("response", LightResponseKeys::KEYS),
+            ] {
+                for k in keys {
+                    let at = |v: &Value| v.get(obj).and_then(|o| o.get(k)).cloned();
+                    assert_eq!(at(&light), at(&full), "{obj}.{k}: {data}");
+                }
+            }
+        }
+        // Failures are read whole (they are classified from all of it); a member of an
+        // unexpected type falls back to the whole document too.
+        let failed = r#"{"type":"response.failed","response":{"error":{"code":"x"},"other":1}}"#;
+        let v = d.event_value(failed.as_bytes()).unwrap();
+        assert_eq!(v["response"]["other"], 1);
+        let odd = r#"{"type":"response.created","response":"text"}"#;
+        assert_eq!(d.event_value(odd.as_bytes()).unwrap()["response"], "text");
+        assert!(d.event_value(b"{").is_err());
     }
 }

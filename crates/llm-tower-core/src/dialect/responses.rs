@@ -1371,6 +1371,7 @@ pub struct EventEncoder {
     tools_seen: Vec<u32>,
     pending_call: Option<Value>,
     last: Option<Value>,
+    keep_final: bool,
 }
 
 impl EventEncoder {
@@ -1395,7 +1396,16 @@ impl EventEncoder {
             tools_seen: Vec::new(),
             pending_call: None,
             last: None,
+            keep_final: true,
         }
+    }
+
+    /// Whether to keep the whole response of the stream's end for
+    /// [`final_response`](Self::final_response) (default `true`). Without it, an
+    /// upstream's last event is written without being parsed.
+    pub fn keep_final(mut self, keep: bool) -> Self {
+        self.keep_final = keep;
+        self
     }
 
     /// Whether the stream's end or an error was written.
@@ -1536,7 +1546,7 @@ impl EventEncoder {
                 },
                 None => {
                     out.extend_from_slice(frame.as_bytes());
-                    if ends {
+                    if ends && self.keep_final {
                         self.last = frame_data(frame)
                             .and_then(|mut v| v.get_mut("response").map(Value::take));
                     }
