@@ -239,45 +239,29 @@ impl Stream for MessagesSse {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let mut out = this.gather.take();
-        let mut took = false;
-        while !this.done {
-            let next = match this.first.take() {
-                Some(first) => Some(Ok(first)),
-                None => match this.inner.poll_next_unpin(cx) {
-                    // What is ready is written together, and what keeps arriving too.
-                    Poll::Pending if this.gather.hold(&mut out, took, cx) => {
-                        return Poll::Pending;
-                    }
-                    Poll::Pending if out.is_empty() => return Poll::Pending,
-                    Poll::Pending => break,
-                    Poll::Ready(item) => item,
-                },
-            };
-            took = true;
-            match next {
-                Some(Ok(chunk)) => this.encoder.push(&chunk, &mut out),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "stream failed after it started");
-                    this.encoder.error(&e, &mut out);
-                    this.done = true;
-                }
-                None => {
-                    this.encoder.finish(&mut out);
-                    this.done = true;
-                }
+        let (first, inner, encoder) = (&mut this.first, &mut this.inner, &mut this.encoder);
+        let next = |cx: &mut Context<'_>| match first.take() {
+            Some(first) => Poll::Ready(Some(Ok(first))),
+            None => inner.poll_next_unpin(cx),
+        };
+        let take = |item: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>| match item {
+            Some(Ok(chunk)) => {
+                encoder.push(&chunk, out);
+                false
             }
-            // Bounded batches: a fast upstream does not grow one frame without end.
-            if out.len() >= 64 * 1024 {
-                break;
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "stream failed after it started");
+                encoder.error(&e, out);
+                true
             }
-        }
-        if out.is_empty() {
-            Poll::Ready(None)
-        } else {
-            this.gather.wrote();
-            Poll::Ready(Some(Ok(Bytes::from(out))))
-        }
+            None => {
+                encoder.finish(out);
+                true
+            }
+        };
+        this.gather
+            .poll_write(cx, &mut this.done, next, take)
+            .map(|w| w.map(Ok))
     }
 }
 

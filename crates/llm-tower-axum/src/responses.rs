@@ -17,7 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -407,30 +407,10 @@ struct Sse {
     gather: Gather,
     save: Option<(ResponseStorage, String, Vec<Value>)>,
     /// The store's write of the answer, and the last write, sent once it is done.
-    saving: Option<(SaveFuture, Vec<u8>)>,
+    saving: Option<(SaveFuture, Option<Bytes>)>,
 }
 
 type SaveFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-impl Sse {
-    fn take(&mut self, next: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>) {
-        match next {
-            Some(Ok(chunk)) => self.encoder.push(&chunk, out),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "stream failed after it started");
-                self.encoder.error(&e, out);
-                self.done = true;
-            }
-            None => {
-                self.encoder.finish(out);
-                self.done = true;
-            }
-        }
-        if self.encoder.is_ended() {
-            self.done = true;
-        }
-    }
-}
 
 impl Stream for Sse {
     type Item = Result<Bytes, Infallible>;
@@ -441,37 +421,35 @@ impl Stream for Sse {
             if saving.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let out = this.saving.take().map(|(_, out)| out).unwrap_or_default();
-            return Poll::Ready((!out.is_empty()).then(|| Ok(Bytes::from(out))));
+            let write = this.saving.take().and_then(|(_, write)| write);
+            return Poll::Ready(write.map(Ok));
         }
-        let mut out = this.gather.take();
-        let mut took = false;
-        while !this.done {
-            let next = match this.first.take() {
-                Some(first) => Some(Ok(first)),
-                None => match this.inner.poll_next_unpin(cx) {
-                    // What is ready is written together, and what keeps arriving too.
-                    Poll::Pending if this.gather.hold(&mut out, took, cx) => {
-                        return Poll::Pending;
-                    }
-                    Poll::Pending if out.is_empty() => return Poll::Pending,
-                    Poll::Pending => break,
-                    Poll::Ready(item) => item,
-                },
-            };
-            took = true;
-            this.take(next, &mut out);
-            // Bounded batches: a fast upstream does not grow one write without end.
-            if out.len() >= 64 * 1024 {
-                break;
+        let (first, inner, encoder) = (&mut this.first, &mut this.inner, &mut this.encoder);
+        let next = |cx: &mut Context<'_>| match first.take() {
+            Some(first) => Poll::Ready(Some(Ok(first))),
+            None => inner.poll_next_unpin(cx),
+        };
+        let take = |item: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>| {
+            match item {
+                Some(Ok(chunk)) => encoder.push(&chunk, out),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "stream failed after it started");
+                    encoder.error(&e, out);
+                    return true;
+                }
+                None => {
+                    encoder.finish(out);
+                    return true;
+                }
             }
-        }
+            encoder.is_ended()
+        };
+        let write = ready!(this.gather.poll_write(cx, &mut this.done, next, take));
         if this.done
             && let Some((storage, tenant, input)) = this.save.take()
             && let Some(r) = this.encoder.take_final_response()
             && r.get("status").and_then(Value::as_str) != Some("failed")
         {
-            this.gather.wrote();
             let id = r.get("id").and_then(Value::as_str).map(str::to_owned);
             let json = serde_json::to_vec(&r).map(Bytes::from);
             let save = Box::pin(async move {
@@ -479,15 +457,10 @@ impl Stream for Sse {
                     storage.save(&tenant, id, input, json).await;
                 }
             });
-            this.saving = Some((save, out));
+            this.saving = Some((save, write));
             return self.poll_next(cx);
         }
-        if out.is_empty() {
-            Poll::Ready(None)
-        } else {
-            this.gather.wrote();
-            Poll::Ready(Some(Ok(Bytes::from(out))))
-        }
+        Poll::Ready(write.map(Ok))
     }
 }
 

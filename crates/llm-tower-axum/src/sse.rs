@@ -119,6 +119,40 @@ impl Gather {
         self.rounds = 0;
         self.idle = 0;
     }
+
+    /// The poll of an SSE writer: what `next` has ready, each item written into the batch
+    /// by `take` (which answers whether the stream has ended, setting `done`), up to
+    /// [`MAX_WRITE_BYTES`] a write. `Ready(Some(write))`, `Ready(None)` once ended with
+    /// nothing left, `Pending` while nothing is ready or a burst is held back a turn
+    /// ([`hold`](Self::hold)).
+    pub(crate) fn poll_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        done: &mut bool,
+        mut next: impl FnMut(&mut Context<'_>) -> Poll<Option<T>>,
+        mut take: impl FnMut(Option<T>, &mut Vec<u8>) -> bool,
+    ) -> Poll<Option<Bytes>> {
+        let mut out = self.take();
+        let mut took = false;
+        while !*done && out.len() < MAX_WRITE_BYTES {
+            match next(cx) {
+                // What is ready is written together, and what keeps arriving too.
+                Poll::Pending if self.hold(&mut out, took, cx) => return Poll::Pending,
+                // Nothing ready (the inner stream registered the waker).
+                Poll::Pending if out.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+                Poll::Ready(item) => {
+                    took = true;
+                    *done = take(item, &mut out);
+                }
+            }
+        }
+        if out.is_empty() {
+            return Poll::Ready(None);
+        }
+        self.wrote();
+        Poll::Ready(Some(Bytes::from(out)))
+    }
 }
 
 impl SseStream {
@@ -133,16 +167,16 @@ impl SseStream {
     }
 
     /// Appends the frame for `event` to `out` (nothing if it is not forwarded).
-    fn frame(&self, event: StreamEvent, out: &mut Vec<u8>) -> Result<(), LlmError> {
+    fn frame(include_usage: bool, event: StreamEvent, out: &mut Vec<u8>) -> Result<(), LlmError> {
         if let StreamEvent::Encoded(c) = &event
-            && (self.include_usage || c.usage().is_none())
+            && (include_usage || c.usage().is_none())
         {
             push_frame(out, c.json());
             return Ok(());
         }
         // The usage must come off, or the chunk is typed: through the typed encoder.
         let mut chunk = event.into_chunk()?;
-        if !self.include_usage {
+        if !include_usage {
             if chunk.choices.is_empty() && chunk.usage().is_some() {
                 return Ok(());
             }
@@ -190,52 +224,32 @@ impl Stream for SseStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        let mut out = this.gather.take();
-        let mut took = false;
-        while out.len() < MAX_WRITE_BYTES {
-            let next = match this.first.take() {
-                Some(first) => Some(Ok(first)),
-                None => match this.inner.poll_next_event(cx) {
-                    Poll::Pending => {
-                        if this.gather.hold(&mut out, took, cx) {
-                            return Poll::Pending;
-                        }
-                        break;
-                    }
-                    Poll::Ready(item) => item,
-                },
-            };
-            took = true;
-            match next {
-                Some(Ok(event)) => {
-                    if let Err(e) = this.frame(event, &mut out) {
-                        this.done = true;
-                        out.extend_from_slice(&error_frame(&e));
-                        break;
-                    }
-                }
-                Some(Err(e)) => {
-                    this.done = true;
-                    tracing::warn!(error = %e, "stream failed after it started");
+        let (first, inner, include_usage) = (&mut this.first, &mut this.inner, this.include_usage);
+        let next = |cx: &mut Context<'_>| match first.take() {
+            Some(first) => Poll::Ready(Some(Ok(first))),
+            None => inner.poll_next_event(cx),
+        };
+        let take = |item: Option<Result<StreamEvent, LlmError>>, out: &mut Vec<u8>| match item {
+            Some(Ok(event)) => match Self::frame(include_usage, event, out) {
+                Ok(()) => false,
+                Err(e) => {
                     out.extend_from_slice(&error_frame(&e));
-                    break;
+                    true
                 }
-                None => {
-                    this.done = true;
-                    out.extend_from_slice(DONE);
-                    break;
-                }
+            },
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "stream failed after it started");
+                out.extend_from_slice(&error_frame(&e));
+                true
             }
-        }
-        if out.is_empty() {
-            // Nothing ready (the inner stream registered the waker).
-            return Poll::Pending;
-        }
-        this.gather.wrote();
-        Poll::Ready(Some(Ok(Bytes::from(out))))
+            None => {
+                out.extend_from_slice(DONE);
+                true
+            }
+        };
+        this.gather
+            .poll_write(cx, &mut this.done, next, take)
+            .map(|w| w.map(Ok))
     }
 }
 
