@@ -1109,11 +1109,8 @@ impl InputItemsQuery {
     /// ```
     pub fn parse(query: Option<&str>) -> Result<Self, LlmError> {
         let mut q = Self::default();
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value)
-                .ok_or_else(|| bad(format!("`{key}` is not valid UTF-8")).with_param(key))?;
-            match key {
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
                 "limit" => {
                     q.limit = value
                         .parse::<usize>()
@@ -1128,7 +1125,7 @@ impl InputItemsQuery {
                         })?;
                 }
                 "order" => {
-                    q.ascending = match value.as_str() {
+                    q.ascending = match &*value {
                         "asc" => true,
                         "desc" => false,
                         other => {
@@ -1141,10 +1138,14 @@ impl InputItemsQuery {
                     };
                 }
                 "after" => {
-                    if value.is_empty() || value.len() > MAX_CURSOR_BYTES {
+                    // Invalid UTF-8 decodes to U+FFFD, which no item id holds.
+                    if value.is_empty()
+                        || value.len() > MAX_CURSOR_BYTES
+                        || value.contains(char::REPLACEMENT_CHARACTER)
+                    {
                         return Err(bad("`after` must be an item id").with_param("after"));
                     }
-                    q.after = Some(value);
+                    q.after = Some(value.into_owned());
                 }
                 _ => {}
             }
@@ -1261,31 +1262,6 @@ fn shorten(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// `%XX` and `+` decoded; `None` when the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |at: usize| b.get(at).and_then(|c| (*c as char).to_digit(16));
-        match b[i] {
-            b'%' => match (hex(i + 1), hex(i + 2)) {
-                (Some(h), Some(l)) => {
-                    // Two hex digits: at most 255.
-                    out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 // ===== errors =====
@@ -2183,7 +2159,9 @@ mod tests {
             let e = InputItemsQuery::parse(Some(query)).unwrap_err();
             assert_eq!(e.param(), Some(param), "{query}");
         }
-        assert_eq!(percent_decode("%4").as_deref(), Some("%4"));
+        // An escape that is not one stays as it is.
+        let q = InputItemsQuery::parse(Some("after=%4")).unwrap();
+        assert_eq!(q.after.as_deref(), Some("%4"));
     }
 
     #[test]
