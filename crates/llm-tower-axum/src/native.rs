@@ -40,6 +40,7 @@ pub(crate) fn request_span(dialect: Dialect, tenant: &Tenant, req: &Request) -> 
         model = tracing::field::Empty,
         stream = tracing::field::Empty,
     );
+    // Recorded, not formatted into the span up front: a disabled span costs nothing.
     if let Some(id) = req
         .headers()
         .get(&X_REQUEST_ID)

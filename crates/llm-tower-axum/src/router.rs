@@ -14,8 +14,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use llm_tower_core::{
-    BoxableLlmService, CacheStatus, ChatRequest, ChatResponse, LlmError, LlmResponse, ResponseBody,
-    ResponseMeta, Tenant, Usage,
+    BoxableLlmService, CacheStatus, ChatRequest, ChatResponse, Dialect, LlmError, LlmResponse,
+    ResponseBody, ResponseMeta, Tenant, Usage,
 };
 use serde::Serialize;
 use tower::{ServiceBuilder, ServiceExt};
@@ -26,7 +26,7 @@ use tower_http::request_id::{
 use tracing::Instrument;
 
 use crate::activity::Activity;
-use crate::auth::{ANONYMOUS_TENANT, AuthLayer, ClientKeys};
+use crate::auth::{AuthLayer, ClientKeys};
 use crate::error::{error_response, status_response};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::metrics::{FailedAttempt, Labels, Metrics, Observation};
@@ -884,27 +884,8 @@ where
     S: BoxableLlmService,
 {
     let start = Instant::now();
-    let tenant = req
-        .extensions()
-        .get::<Tenant>()
-        .cloned()
-        .unwrap_or_else(|| Tenant::from(ANONYMOUS_TENANT));
-    let span = tracing::info_span!(
-        "llm_request",
-        request_id = tracing::field::Empty,
-        tenant = %tenant,
-        task = tracing::field::Empty,
-        model = tracing::field::Empty,
-        stream = tracing::field::Empty,
-    );
-    // Recorded, not formatted into the span up front: a disabled span costs nothing.
-    if let Some(id) = req
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-    {
-        span.record("request_id", id);
-    }
+    let tenant = crate::native::tenant_of(&req);
+    let span = crate::native::request_span(Dialect::Chat, &tenant, &req);
     chat_inner(st, req, start, tenant).instrument(span).await
 }
 
