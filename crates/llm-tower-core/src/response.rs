@@ -131,18 +131,37 @@ fn object_chunk() -> String {
 impl ChatChunk {
     /// A chunk carrying a text delta for choice 0.
     pub fn text(id: impl Into<String>, model: impl Into<String>, text: impl Into<String>) -> Self {
+        let delta = Delta {
+            content: Some(Some(text.into())),
+            ..Delta::default()
+        };
+        Self::for_delta(id.into(), unix_now(), model.into(), delta, None)
+    }
+
+    /// A chunk carrying `delta` for choice 0 with its `finish_reason` (`None` while the
+    /// choice goes on): what a decoder of another dialect's stream builds per event.
+    ///
+    /// ```
+    /// use llm_tower_core::{ChatChunk, Delta};
+    /// let c = ChatChunk::for_delta("c1".into(), 7, "m".into(), Delta::default(), Some("stop".into()));
+    /// assert_eq!((c.created, c.choices[0].finish_reason.clone()), (7, Some(Some("stop".into()))));
+    /// ```
+    pub fn for_delta(
+        id: String,
+        created: u64,
+        model: String,
+        delta: Delta,
+        finish: Option<String>,
+    ) -> Self {
         Self {
-            id: id.into(),
+            id,
             object: object_chunk(),
-            created: unix_now(),
-            model: model.into(),
+            created,
+            model,
             choices: vec![ChunkChoice {
                 index: 0,
-                delta: Delta {
-                    content: Some(Some(text.into())),
-                    ..Delta::default()
-                },
-                finish_reason: Some(None),
+                delta,
+                finish_reason: Some(finish),
                 extra: Extra::new(),
             }],
             usage: None,

@@ -8,9 +8,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use llm_tower_core::dialect::{messages, responses};
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChunkChoice, Delta, Dialect, EmbeddingsResponse, EncodedChunk,
-    EncodedResponse, FunctionCallDelta, LlmError, LlmResponse, NativeRequest, StreamEvent,
-    StreamOptions, ToolCallDelta, TraceParent,
+    ChatChunk, ChatRequest, Delta, Dialect, EmbeddingsResponse, EncodedChunk, EncodedResponse,
+    FunctionCallDelta, LlmError, LlmResponse, NativeRequest, StreamEvent, StreamOptions,
+    ToolCallDelta, TraceParent,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -594,20 +594,13 @@ impl ResponsesDecoder {
     }
 
     fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatChunk {
-        ChatChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk".into(),
-            created: self.created,
-            model: self.model.clone(),
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason: Some(finish),
-                extra: llm_tower_core::Extra::new(),
-            }],
-            usage: None,
-            extra: llm_tower_core::Extra::new(),
-        }
+        ChatChunk::for_delta(
+            self.id.clone(),
+            self.created,
+            self.model.clone(),
+            delta,
+            finish,
+        )
     }
 
     fn tool(&self, index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> ChatChunk {

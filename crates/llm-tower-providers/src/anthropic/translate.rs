@@ -5,8 +5,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, ChunkChoice, Content, ContentPart, Delta, Extra,
-    FunctionCallDelta, LlmError, Message, PaidAttempt, Role, StreamEvent, ToolCallDelta,
+    ChatChunk, ChatRequest, ChatResponse, Content, ContentPart, Delta, Extra, FunctionCallDelta,
+    LlmError, Message, PaidAttempt, Role, StreamEvent, ToolCallDelta,
 };
 use serde_json::{Map, Value, json};
 
@@ -498,20 +498,13 @@ impl AnthropicDecoder {
     }
 
     fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatChunk {
-        ChatChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk".into(),
-            created: self.created,
-            model: self.model.clone(),
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason: Some(finish),
-                extra: Extra::new(),
-            }],
-            usage: None,
-            extra: Extra::new(),
-        }
+        ChatChunk::for_delta(
+            self.id.clone(),
+            self.created,
+            self.model.clone(),
+            delta,
+            finish,
+        )
     }
 
     fn malformed(&self, what: impl std::fmt::Display) -> LlmError {
