@@ -168,11 +168,16 @@ impl SseStream {
 
     /// Appends the frame for `event` to `out` (nothing if it is not forwarded).
     fn frame(include_usage: bool, event: StreamEvent, out: &mut Vec<u8>) -> Result<(), LlmError> {
-        if let StreamEvent::Encoded(c) = &event
-            && (include_usage || c.usage().is_none())
-        {
-            push_frame(out, c.json());
-            return Ok(());
+        if let StreamEvent::Encoded(c) = &event {
+            if include_usage || c.usage().is_none() {
+                push_frame(out, c.json());
+                return Ok(());
+            }
+            // The usage-only chunk the gateway asked for and the client did not: dropped
+            // without decoding it.
+            if c.choice_count() == 0 {
+                return Ok(());
+            }
         }
         // The usage must come off, or the chunk is typed: through the typed encoder.
         let mut chunk = event.into_chunk()?;
