@@ -99,6 +99,9 @@ pub struct NativeRequest {
     view_messages: usize,
     untranslatable: Option<LlmError>,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// Where the value of the body's one top-level `model` stands, when the parser saw
+    /// exactly one: [`body_for`](Self::body_for) then writes the routed model there.
+    model_at: Option<std::ops::Range<usize>>,
 }
 
 impl NativeRequest {
@@ -111,6 +114,17 @@ impl NativeRequest {
             view_messages,
             untranslatable: None,
             headers: Vec::new(),
+            model_at: None,
+        }
+    }
+
+    /// Records that the body's only top-level `model` value is `raw`, a slice of the body
+    /// (anything else is ignored).
+    pub(crate) fn set_model_value(&mut self, raw: &str) {
+        let start = (raw.as_ptr() as usize).wrapping_sub(self.body.as_ptr() as usize);
+        let at = start..start.saturating_add(raw.len());
+        if self.body.get(at.clone()) == Some(raw.as_bytes()) {
+            self.model_at = Some(at);
         }
     }
 
@@ -167,8 +181,11 @@ impl NativeRequest {
 
     /// The body to send to a provider of this dialect: the original one with its top-level
     /// `model` set to `model` and the (already translated) `append`ed items added to its
-    /// `messages` array (`input` for Responses, a string `input` becoming one user item). Every other field stays as the client sent it (the top level is
-    /// re-assembled, so only its whitespace and key order may differ).
+    /// `messages` array (`input` for Responses, a string `input` becoming one user item).
+    /// Every other field stays as the client sent it. With nothing to append, the new
+    /// model is written in place of the old one's value and every other byte is the
+    /// client's; otherwise the top level is re-assembled, so only its whitespace and key
+    /// order may differ.
     ///
     /// `view` is unused today; it is taken so that later dialects can read what layers
     /// changed in it.
@@ -181,6 +198,14 @@ impl NativeRequest {
         let _ = view;
         let bad =
             |e: serde_json::Error| LlmError::bad_request(format!("invalid request body: {e}"));
+        if let (Some(at), true) = (&self.model_at, append.is_empty()) {
+            // The common case, spliced: no second parse of the body, no re-assembly.
+            let mut out = Vec::with_capacity(self.body.len() + model.len() + 8);
+            out.extend_from_slice(&self.body[..at.start]);
+            serde_json::to_writer(&mut out, model).map_err(bad)?;
+            out.extend_from_slice(&self.body[at.end..]);
+            return Ok(out);
+        }
         let top: Vec<(crate::json::Key<'_>, &RawValue)> =
             crate::json::from_slice::<TopLevel<'_>>(&self.body)
                 .map_err(bad)?
