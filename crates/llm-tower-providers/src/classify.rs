@@ -308,8 +308,13 @@ pub(crate) fn headroom(headers: &HeaderMap) -> (Option<RateLimitHeadroom>, u32) 
     };
     for (name, value) in headers {
         let name = name.as_str();
-        // Names first: most headers are not about rate limits.
-        if !name.starts_with("x-ratelimit-") && !name.starts_with("anthropic-ratelimit-") {
+        // Names first, by their first byte: most headers are not about rate limits.
+        let wanted = match name.as_bytes().first() {
+            Some(b'x') => name.starts_with("x-ratelimit-"),
+            Some(b'a') => name.starts_with("anthropic-ratelimit-"),
+            _ => false,
+        };
+        if !wanted {
             continue;
         }
         let value = value.to_str().ok().map(str::trim);
@@ -382,13 +387,16 @@ pub(crate) fn headroom(headers: &HeaderMap) -> (Option<RateLimitHeadroom>, u32) 
 /// seconds, or an RFC 3339 timestamp (Anthropic), as the time left from now, capped at
 /// [`MAX_UPSTREAM_DELAY`]. `None` for anything else (NaN, `inf`, negatives, garbage).
 pub(crate) fn parse_reset(v: &str) -> Option<Duration> {
+    // A timestamp first: neither a number nor a Go duration has a `-` after four
+    // characters, and trying those two first costs two float parses on every
+    // Anthropic answer.
+    if let Some(at) = parse_rfc3339(v) {
+        return Some(until(at));
+    }
     if let Ok(s) = v.parse::<f64>() {
         return secs(s);
     }
-    if let Some(d) = parse_go_duration(v) {
-        return Some(d);
-    }
-    parse_rfc3339(v).map(until)
+    parse_go_duration(v)
 }
 
 fn parse_go_duration(v: &str) -> Option<Duration> {
@@ -440,13 +448,11 @@ fn parse_rfc3339(v: &str) -> Option<SystemTime> {
     {
         return None;
     }
+    // Digits only (no sign), at most four: no overflow.
     let n = |r: std::ops::Range<usize>| {
-        let s = v.get(r)?;
-        // Digits only: `parse::<i64>` would take a sign.
-        s.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| s.parse::<i64>().ok())
-            .flatten()
+        b.get(r)?.iter().try_fold(0i64, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
     };
     let (year, month, day) = (n(0..4)?, n(5..7)?, n(8..10)?);
     let (hour, min, sec) = (n(11..13)?, n(14..16)?, n(17..19)?);

@@ -15,9 +15,12 @@
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde::de::Error as _;
+use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value, json};
 
 use super::{Dialect, NATIVE_EVENT, NativeRequest};
+use crate::json::Key;
 use crate::{
     ChatChunk, ChatRequest, ChatResponse, Choice, Content, ContentPart, ErrorKind, Extra,
     FunctionCall, FunctionDef, ImageUrl, LlmError, MAX_REQUEST_BYTES, Message, PromptTokensDetails,
@@ -98,8 +101,19 @@ fn parse(body: Bytes, needs_max_tokens: bool) -> Result<ChatRequest, LlmError> {
             body.len()
         )));
     }
-    let top: crate::json::Members<'_> =
-        crate::json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    // The typed read takes every well-formed request; anything it refuses (bad JSON, a
+    // turn of another shape) is read again as JSON values, whose checks name the fault.
+    let (top, model_value) = match crate::json::from_slice::<Top<'_>>(&body) {
+        Ok(top) => {
+            let model = top.model_value;
+            (top, model)
+        }
+        Err(_) => {
+            let members: crate::json::Members<'_> = crate::json::from_slice(&body)
+                .map_err(|e| bad(format!("invalid request body: {e}")))?;
+            (Top::from(members), None)
+        }
+    };
     let mut p = Parser {
         req: ChatRequest::default(),
         first_untranslatable: None,
@@ -109,12 +123,196 @@ fn parse(body: Bytes, needs_max_tokens: bool) -> Result<ChatRequest, LlmError> {
         mut req,
         first_untranslatable,
     } = p;
-    let mut native = NativeRequest::new(Dialect::Messages, body, req.messages.len());
+    let mut native = NativeRequest::new(Dialect::Messages, body.clone(), req.messages.len());
+    if let Some(raw) = model_value {
+        native.set_model_value(raw);
+    }
     if let Some(e) = first_untranslatable {
         native.set_untranslatable(e);
     }
     req.extensions.insert(native);
     Ok(req)
+}
+
+/// A request's top-level members in order (a repeated key reads as its last value, as in
+/// a `Map`), with `messages` read straight into [`Turn`]s when every one has the usual
+/// shape: no JSON value is built for them.
+struct Top<'de> {
+    members: Vec<(Key<'de>, Member<'de>)>,
+    /// The text of the `model` value, when there is exactly one and it is a string.
+    model_value: Option<&'de str>,
+}
+
+enum Member<'de> {
+    Value(Value),
+    Turns(Vec<Turn<'de>>),
+}
+
+/// One entry of `messages` with a string `role` and a `content` that is a string or an
+/// array (other members are read, and not used).
+struct Turn<'de> {
+    role: Key<'de>,
+    content: TurnContent<'de>,
+}
+
+enum TurnContent<'de> {
+    Text(Key<'de>),
+    Blocks(Vec<Value>),
+}
+
+/// What `messages` holds: turns read typed, or the JSON value (from a body the typed read
+/// refused).
+enum Turns<'a, 'de> {
+    Typed(&'a [Turn<'de>]),
+    Value(&'a Value),
+}
+
+impl<'de> Top<'de> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        match self.member(key)? {
+            Member::Value(v) => Some(v),
+            Member::Turns(_) => None,
+        }
+    }
+
+    fn member(&self, key: &str) -> Option<&Member<'de>> {
+        self.members
+            .iter()
+            .rev()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v)
+    }
+
+    fn messages(&self) -> Option<Turns<'_, 'de>> {
+        Some(match self.member("messages")? {
+            Member::Value(v) => Turns::Value(v),
+            Member::Turns(t) => Turns::Typed(t),
+        })
+    }
+
+    /// The members held as JSON values, in order.
+    fn values(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.members.iter().filter_map(|(k, v)| match v {
+            Member::Value(v) => Some((k.as_str(), v)),
+            Member::Turns(_) => None,
+        })
+    }
+}
+
+impl<'de> From<crate::json::Members<'de>> for Top<'de> {
+    fn from(m: crate::json::Members<'de>) -> Self {
+        Top {
+            members: m
+                .into_inner()
+                .into_iter()
+                .map(|(k, v)| (k, Member::Value(v)))
+                .collect(),
+            model_value: None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Top<'de>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                let mut model_value = None;
+                let mut models = 0u32;
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    let v = match k.as_str() {
+                        "messages" => Member::Turns(map.next_value()?),
+                        "model" => {
+                            // Its text is kept, for the body to be sent with another model
+                            // in its place; a model that is not a string is the slow read's
+                            // to refuse.
+                            let raw: &'de RawValue = map.next_value()?;
+                            let model: Key<'de> =
+                                serde_json::from_str(raw.get()).map_err(A::Error::custom)?;
+                            models += 1;
+                            model_value = Some(raw.get());
+                            Member::Value(Value::String(model.into_owned()))
+                        }
+                        _ => Member::Value(map.next_value()?),
+                    };
+                    members.push((k, v));
+                }
+                Ok(Top {
+                    members,
+                    model_value: model_value.filter(|_| models == 1),
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Turn<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Turn<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Turn<'de>, A::Error> {
+                let (mut role, mut content) = (None, None);
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    match k.as_str() {
+                        "role" => role = Some(map.next_value()?),
+                        "content" => content = Some(map.next_value()?),
+                        // Read as a value, so that what the slow read refuses is refused.
+                        _ => drop(map.next_value::<Value>()?),
+                    }
+                }
+                match (role, content) {
+                    (Some(role), Some(content)) => Ok(Turn { role, content }),
+                    _ => Err(A::Error::custom("not a message")),
+                }
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for TurnContent<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TurnContent<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of content blocks")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<TurnContent<'de>, E> {
+                Ok(TurnContent::Text(Key::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<TurnContent<'de>, E> {
+                Ok(TurnContent::Text(Key::Owned(s.to_owned())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<TurnContent<'de>, E> {
+                Ok(TurnContent::Text(Key::Owned(s)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<TurnContent<'de>, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(TurnContent::Blocks)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 struct Parser {
@@ -139,11 +337,7 @@ impl Parser {
         }
     }
 
-    fn top(
-        &mut self,
-        top: &crate::json::Members<'_>,
-        needs_max_tokens: bool,
-    ) -> Result<(), LlmError> {
+    fn top(&mut self, top: &Top<'_>, needs_max_tokens: bool) -> Result<(), LlmError> {
         match top.get("model") {
             Some(Value::String(m)) if !m.trim().is_empty() => self.req.model.clone_from(m),
             Some(Value::String(_)) => {
@@ -187,11 +381,24 @@ impl Parser {
                     .with_param("system"));
             }
         }
-        let Some(Value::Array(messages)) = top.get("messages") else {
-            return Err(bad("`messages` must be an array of messages").with_param("messages"));
-        };
-        for (i, m) in messages.iter().enumerate() {
-            self.message(m, i)?;
+        match top.messages() {
+            Some(Turns::Typed(turns)) => {
+                for (i, t) in turns.iter().enumerate() {
+                    let content = match &t.content {
+                        TurnContent::Text(s) => Ok(s.as_str()),
+                        TurnContent::Blocks(b) => Err(b.as_slice()),
+                    };
+                    self.turn(role(t.role.as_str(), i)?, content, i)?;
+                }
+            }
+            Some(Turns::Value(Value::Array(messages))) => {
+                for (i, m) in messages.iter().enumerate() {
+                    self.message(m, i)?;
+                }
+            }
+            _ => {
+                return Err(bad("`messages` must be an array of messages").with_param("messages"));
+            }
         }
         if let Some(t) = top.get("temperature") {
             self.req.temperature = Some(number(t, "temperature")?);
@@ -258,7 +465,7 @@ impl Parser {
             self.req.extra.insert("top_k".into(), k.clone());
             self.cannot("top_k", "`top_k` sampling");
         }
-        for (k, v) in top.iter() {
+        for (k, v) in top.values() {
             if !KNOWN.contains(&k) {
                 // Kept in the view, so that the cache key tells such requests apart.
                 self.req.extra.insert(k.to_owned(), v.clone());
@@ -289,27 +496,16 @@ impl Parser {
         })
     }
 
+    /// `messages[i]` as a JSON value (a body the typed read refused).
     fn message(&mut self, m: &Value, i: usize) -> Result<(), LlmError> {
         let at = format!("messages[{i}]");
         if !m.is_object() {
             return Err(bad(format!("`{at}` must be an object")).with_param(at));
         }
-        let role = match str_field(m, "role", &at)? {
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            other => {
-                return Err(bad(format!(
-                    "`{at}.role` must be `user` or `assistant`, not `{other}`"
-                ))
-                .with_param(format!("{at}.role")));
-            }
-        };
-        let blocks = match m.get("content") {
-            Some(Value::String(s)) => {
-                self.req.messages.push(Message::new(role, s.as_str()));
-                return Ok(());
-            }
-            Some(Value::Array(b)) => b,
+        let role = role(str_field(m, "role", &at)?, i)?;
+        let content = match m.get("content") {
+            Some(Value::String(s)) => Ok(s.as_str()),
+            Some(Value::Array(b)) => Err(b.as_slice()),
             _ => {
                 return Err(bad(format!(
                     "`{at}.content` must be a string or an array of content blocks"
@@ -317,6 +513,24 @@ impl Parser {
                 .with_param(format!("{at}.content")));
             }
         };
+        self.turn(role, content, i)
+    }
+
+    /// `messages[i]`: its content, a string (`Ok`) or blocks (`Err`).
+    fn turn(
+        &mut self,
+        role: Role,
+        content: Result<&str, &[Value]>,
+        i: usize,
+    ) -> Result<(), LlmError> {
+        let blocks = match content {
+            Ok(s) => {
+                self.req.messages.push(Message::new(role, s));
+                return Ok(());
+            }
+            Err(b) => b,
+        };
+        let at = format!("messages[{i}]");
         let mut parts = Vec::new();
         let mut calls = Vec::new();
         for (j, b) in blocks.iter().enumerate() {
@@ -518,6 +732,21 @@ impl Parser {
         }
         self.req.tool_choice = Some(choice);
         Ok(())
+    }
+}
+
+/// The role of `messages[i]`.
+fn role(role: &str, i: usize) -> Result<Role, LlmError> {
+    match role {
+        "user" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        other => {
+            let at = format!("messages[{i}]");
+            Err(bad(format!(
+                "`{at}.role` must be `user` or `assistant`, not `{other}`"
+            ))
+            .with_param(format!("{at}.role")))
+        }
     }
 }
 
@@ -1189,4 +1418,80 @@ pub fn estimate_input_tokens(req: &ChatRequest) -> u64 {
         }
     }
     (bytes / 4).saturating_add(4u64.saturating_mul(req.messages.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_member_reads_as_its_last_value_in_both_reads() {
+        // Typed; then with a turn of another shape, so as JSON values.
+        for turn in [
+            r#"{"role":"user","content":"x"}"#,
+            r#"{"role":"user","content":"x","n":1}"#,
+        ] {
+            let body = format!(
+                r#"{{"model":"a","max_tokens":1,"messages":[],"max_tokens":7,"messages":[{turn}],"model":"b"}}"#
+            );
+            let req = request_from_slice(body.as_bytes()).unwrap();
+            assert_eq!(req.model, "b");
+            assert_eq!(req.max_tokens, Some(7));
+            assert_eq!(req.messages.len(), 1);
+        }
+    }
+
+    #[test]
+    fn turns_of_another_shape_are_refused_as_before() {
+        for (turn, want) in [
+            ("1", "`messages[0]` must be an object"),
+            (r#"{"content":"x"}"#, "`messages[0]` needs `role`"),
+            (
+                r#"{"role":5,"content":"x"}"#,
+                "`messages[0].role` must be a string",
+            ),
+            (
+                r#"{"role":"system"}"#,
+                "`messages[0].role` must be `user` or `assistant`, not `system`",
+            ),
+            (
+                r#"{"role":"user"}"#,
+                "`messages[0].content` must be a string or an array",
+            ),
+            (
+                r#"{"role":"user","content":null}"#,
+                "`messages[0].content` must be a string",
+            ),
+        ] {
+            let body = format!(r#"{{"model":"m","max_tokens":1,"messages":[{turn}]}}"#);
+            let e = request_from_slice(body.as_bytes()).unwrap_err();
+            assert!(e.message().contains(want), "{turn}: {}", e.message());
+        }
+        let e = request_from_slice(
+            br#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"x","n":1e999}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.message().starts_with("invalid request body"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
+    fn the_body_sent_is_the_clients_with_the_model_written_in_place() {
+        let body = br#"{ "model" : "claude",  "max_tokens":5, "messages":[{"role":"user","content":"hi"}], "z": [1.50] }"#;
+        let req = request_from_slice(body).unwrap();
+        let native = req.extensions.get::<NativeRequest>().unwrap();
+        let sent = native.body_for(&req, "claude-\"x\"", &[]).unwrap();
+        let want = String::from_utf8_lossy(body).replace(r#""claude""#, r#""claude-\"x\"""#);
+        assert_eq!(String::from_utf8(sent).unwrap(), want);
+        // Two `model`s: re-assembled, with one.
+        let req = request_from_slice(br#"{"model":"a","max_tokens":5,"messages":[],"model":"b"}"#)
+            .unwrap();
+        let native = req.extensions.get::<NativeRequest>().unwrap();
+        let sent: Value =
+            serde_json::from_slice(&native.body_for(&req, "c", &[]).unwrap()).unwrap();
+        assert_eq!(sent, json!({"max_tokens":5,"messages":[],"model":"c"}));
+    }
 }

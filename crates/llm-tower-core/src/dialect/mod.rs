@@ -99,6 +99,9 @@ pub struct NativeRequest {
     view_messages: usize,
     untranslatable: Option<LlmError>,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// Where the value of the body's one top-level `model` stands, when the parser saw
+    /// exactly one: [`body_for`](Self::body_for) then writes the routed model there.
+    model_at: Option<std::ops::Range<usize>>,
 }
 
 impl NativeRequest {
@@ -111,6 +114,17 @@ impl NativeRequest {
             view_messages,
             untranslatable: None,
             headers: Vec::new(),
+            model_at: None,
+        }
+    }
+
+    /// Records that the body's only top-level `model` value is `raw`, a slice of the body
+    /// (anything else is ignored).
+    pub(crate) fn set_model_value(&mut self, raw: &str) {
+        let start = (raw.as_ptr() as usize).wrapping_sub(self.body.as_ptr() as usize);
+        let at = start..start.saturating_add(raw.len());
+        if self.body.get(at.clone()) == Some(raw.as_bytes()) {
+            self.model_at = Some(at);
         }
     }
 
@@ -167,8 +181,11 @@ impl NativeRequest {
 
     /// The body to send to a provider of this dialect: the original one with its top-level
     /// `model` set to `model` and the (already translated) `append`ed items added to its
-    /// `messages` array (`input` for Responses, a string `input` becoming one user item). Every other field stays as the client sent it (the top level is
-    /// re-assembled, so only its whitespace and key order may differ).
+    /// `messages` array (`input` for Responses, a string `input` becoming one user item).
+    /// Every other field stays as the client sent it. With nothing to append, the new
+    /// model is written in place of the old one's value and every other byte is the
+    /// client's; otherwise the top level is re-assembled, so only its whitespace and key
+    /// order may differ.
     ///
     /// `view` is unused today; it is taken so that later dialects can read what layers
     /// changed in it.
@@ -181,6 +198,17 @@ impl NativeRequest {
         let _ = view;
         let bad =
             |e: serde_json::Error| LlmError::bad_request(format!("invalid request body: {e}"));
+        if append.is_empty()
+            && let Some(at) = self.model_at.clone().or_else(|| model_value(&self.body))
+            && let (Some(head), Some(tail)) = (self.body.get(..at.start), self.body.get(at.end..))
+        {
+            // The common case, spliced: no re-assembly of the top level.
+            let mut out = Vec::with_capacity(self.body.len() + model.len() + 8);
+            out.extend_from_slice(head);
+            serde_json::to_writer(&mut out, model).map_err(bad)?;
+            out.extend_from_slice(tail);
+            return Ok(out);
+        }
         let top: Vec<(crate::json::Key<'_>, &RawValue)> =
             crate::json::from_slice::<TopLevel<'_>>(&self.body)
                 .map_err(bad)?
@@ -234,6 +262,43 @@ impl NativeRequest {
     }
 }
 
+/// Where the value of the one top-level `model` of `body` (a JSON object) stands; `None`
+/// when the body is not an object or has no `model`, or more than one. Values are skipped,
+/// not read.
+fn model_value(body: &[u8]) -> Option<std::ops::Range<usize>> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Option<&'de RawValue>, A::Error> {
+            let (mut found, mut n) = (None, 0u32);
+            while let Some(k) = map.next_key::<crate::json::Key<'de>>()? {
+                if k.as_str() == "model" {
+                    found = Some(map.next_value::<&'de RawValue>()?);
+                    n += 1;
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(found.filter(|_| n == 1))
+        }
+    }
+    struct Model<'a>(Option<&'a RawValue>);
+    impl<'de> serde::Deserialize<'de> for Model<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(V).map(Model)
+        }
+    }
+    let raw = crate::json::from_slice::<Model<'_>>(body).ok()?.0?.get();
+    let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    Some(start..start.checked_add(raw.len())?)
+}
+
 /// A JSON object's members, values left as their text, in order.
 struct TopLevel<'a>(Vec<(crate::json::Key<'a>, &'a RawValue)>);
 
@@ -276,8 +341,9 @@ mod tests {
         let mut want: Value = serde_json::from_slice(body).unwrap();
         want["model"] = "b\"c".into();
         assert_eq!(v, want);
-        // Numbers keep their spelling.
-        assert!(String::from_utf8(out).unwrap().contains("2.50"));
+        // Every byte but the model's is the client's.
+        let want = String::from_utf8_lossy(body).replace(r#""a""#, r#""b\"c""#);
+        assert_eq!(String::from_utf8(out).unwrap(), want);
         let add = [json!({"role":"user","content":"again"})];
         let v: Value = serde_json::from_slice(&n.body_for(&view, "m", &add).unwrap()).unwrap();
         assert_eq!(v["messages"][1]["content"], "again");
