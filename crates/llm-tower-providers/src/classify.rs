@@ -308,13 +308,8 @@ pub(crate) fn headroom(headers: &HeaderMap) -> (Option<RateLimitHeadroom>, u32) 
     };
     for (name, value) in headers {
         let name = name.as_str();
-        // Names first, by their first byte: most headers are not about rate limits.
-        let wanted = match name.as_bytes().first() {
-            Some(b'x') => name.starts_with("x-ratelimit-"),
-            Some(b'a') => name.starts_with("anthropic-ratelimit-"),
-            _ => false,
-        };
-        if !wanted {
+        // Names first: most headers are not about rate limits.
+        if !name.starts_with("x-ratelimit-") && !name.starts_with("anthropic-ratelimit-") {
             continue;
         }
         let value = value.to_str().ok().map(str::trim);
