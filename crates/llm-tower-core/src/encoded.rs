@@ -10,7 +10,7 @@ use crate::{ChatResponse, Dialect, LlmError, Usage};
 
 mod chunk;
 mod native;
-mod scan;
+pub(crate) mod scan;
 
 pub use chunk::EncodedChunk;
 pub use native::{NativeEvent, StreamHead};

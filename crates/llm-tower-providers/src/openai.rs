@@ -679,7 +679,7 @@ impl Decoder for ResponsesDecoder {
             ev.data_bytes().clone(),
             self.head.clone(),
         )
-        .ok_or_else(|| self.malformed("an event that is not UTF-8"))?;
+        .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
         if scan.has_content(tool) {
             event = event.with_choice(scan.is_end());
         }

@@ -892,18 +892,25 @@ pub fn write_frame(out: &mut Vec<u8>, name: &str, data: &str) {
 
 /// [`write_frame`] on bytes.
 pub(crate) fn write_frame_bytes(out: &mut Vec<u8>, name: &[u8], data: &[u8]) {
+    fn line(out: &mut Vec<u8>, mut line: &[u8]) {
+        while let Some(l) = line.strip_suffix(b"\r") {
+            line = l;
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
     out.reserve(name.len() + data.len() + 16);
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name);
     out.push(b'\n');
-    for line in data.split(|&b| b == b'\n') {
-        out.extend_from_slice(b"data: ");
-        let mut line = line;
-        while let Some(l) = line.strip_suffix(b"\r") {
-            line = l;
+    // The common case is one line (`contains` on bytes is a `memchr`).
+    if data.contains(&b'\n') {
+        for l in data.split(|&b| b == b'\n') {
+            line(out, l);
         }
-        out.extend_from_slice(line);
-        out.push(b'\n');
+    } else {
+        line(out, data);
     }
     out.push(b'\n');
 }
@@ -1241,7 +1248,46 @@ struct ScanMessage<'a> {
 impl<'a> StreamScan<'a> {
     /// Reads an event's data: a JSON object (anything else is refused).
     pub fn parse(data: &'a [u8]) -> serde_json::Result<Self> {
+        // The common events (text deltas, pings, ends) by hand; the rest through serde.
+        if let Ok(text) = std::str::from_utf8(data)
+            && let Some(scan) = Self::common(text)
+        {
+            return Ok(scan);
+        }
         crate::json::from_object(data)
+    }
+
+    /// [`parse`](Self::parse) of the events the hand-written check reads
+    /// ([`check_messages_event`](crate::encoded::scan::check_messages_event)).
+    fn common(text: &'a str) -> Option<Self> {
+        use crate::json::Key;
+        let found = crate::encoded::scan::check_messages_event(text.as_bytes())?;
+        let borrowed = |r: std::ops::Range<usize>| LenientStr(Some(Key::Borrowed(&text[r])));
+        let delta = match found.delta {
+            None => None,
+            Some((kind, body)) => Some(ScanDelta {
+                kind: borrowed(kind),
+                text: match body {
+                    None => LenientStr::default(),
+                    Some((r, false)) => borrowed(r),
+                    // Escapes: decoded by serde (the range is between the quotes).
+                    Some((r, true)) => LenientStr(Some(Key::Owned(
+                        serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
+                    ))),
+                },
+                partial_json: LenientStr::default(),
+                thinking: LenientStr::default(),
+                stop_reason: LenientStr::default(),
+            }),
+        };
+        Some(Self {
+            kind: borrowed(found.kind),
+            index: found.index.map(Value::from),
+            delta,
+            content_block: None,
+            message: None,
+            usage: None,
+        })
     }
 
     /// The event's `type` (`""` without one).

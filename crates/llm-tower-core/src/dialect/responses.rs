@@ -805,7 +805,35 @@ struct ScanResponse<'a> {
 impl<'a> StreamScan<'a> {
     /// Reads an event's data: a JSON object (anything else is refused).
     pub fn parse(data: &'a [u8]) -> serde_json::Result<Self> {
+        // The common events (deltas, parts, items' ends) by hand; the rest through serde.
+        if let Ok(text) = std::str::from_utf8(data)
+            && let Some(scan) = Self::common(text)
+        {
+            return Ok(scan);
+        }
         crate::json::from_object(data)
+    }
+
+    /// [`parse`](Self::parse) of the events the hand-written check reads
+    /// ([`check_responses_event`](crate::encoded::scan::check_responses_event)).
+    fn common(text: &'a str) -> Option<Self> {
+        use crate::json::Key;
+        let found = crate::encoded::scan::check_responses_event(text.as_bytes())?;
+        let delta = match found.delta {
+            None => LenientStr::default(),
+            Some((r, false)) => LenientStr(Some(Key::Borrowed(&text[r]))),
+            // Escapes: decoded by serde (the range is between the quotes).
+            Some((r, true)) => LenientStr(Some(Key::Owned(
+                serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
+            ))),
+        };
+        Some(Self {
+            kind: LenientStr(Some(Key::Borrowed(&text[found.kind]))),
+            output_index: found.output_index.map(Value::from),
+            delta,
+            item: None,
+            response: None,
+        })
     }
 
     /// The event's `type` (`""` without one).

@@ -66,11 +66,11 @@ pub struct NativeEvent {
 }
 
 impl NativeEvent {
-    /// The event `name` with its `data`, of a stream in `dialect` whose events share
-    /// `head`; no content, no usage. `None` unless both are UTF-8.
+    /// The event `name` with its `data` (written as they are; [`decode`](Self::decode)
+    /// refuses data that is not the JSON of an event), of a stream in `dialect` whose
+    /// events share `head`; no content, no usage. `None` unless the name is UTF-8.
     pub fn new(dialect: Dialect, name: Bytes, data: Bytes, head: Arc<StreamHead>) -> Option<Self> {
         std::str::from_utf8(&name).ok()?;
-        std::str::from_utf8(&data).ok()?;
         Some(Self {
             dialect,
             name,
@@ -168,8 +168,8 @@ impl NativeEvent {
     pub fn frame(&self) -> String {
         let mut out = Vec::with_capacity(self.frame_len());
         self.write_frame(&mut out);
-        // Both parts were checked to be UTF-8.
-        String::from_utf8(out).unwrap_or_default()
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// The chat view of the event (see the type's documentation); a

@@ -645,7 +645,7 @@ impl Decoder for AnthropicDecoder {
             ev.data_bytes().clone(),
             self.head.clone(),
         )
-        .ok_or_else(|| self.malformed("an event that is not UTF-8"))?;
+        .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
         if content {
             event = event.with_choice(finish);
         }
