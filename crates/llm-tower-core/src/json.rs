@@ -315,6 +315,31 @@ macro_rules! deserialize_with_extra {
 }
 pub(crate) use deserialize_with_extra;
 
+/// Calls `check` with every document one byte away from `seed` (deleted, replaced or
+/// inserted, with the bytes that matter to JSON); returns how many there were.
+#[cfg(test)]
+pub(crate) fn one_byte_away(seed: &str, mut check: impl FnMut(&[u8])) -> usize {
+    const BYTES: &[u8] = b"\"\\,:{}[]0-9.eEnu \x01a";
+    let seed = seed.as_bytes();
+    let mut n = 0;
+    for i in 0..seed.len() {
+        let mut d = seed.to_vec();
+        d.remove(i);
+        check(&d);
+        n += 1;
+        for &b in BYTES {
+            let mut d = seed.to_vec();
+            d[i] = b;
+            check(&d);
+            let mut d = seed.to_vec();
+            d.insert(i, b);
+            check(&d);
+            n += 2;
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1517,25 +1517,6 @@ pub fn attach_native(chunk: &mut ChatChunk, frame: Value) {
     chunk.extra.insert(NATIVE_EVENT.into(), frame);
 }
 
-/// Puts the native `frame` on the first of the chunks an upstream event decoded to, or,
-/// when it decoded to none (a ping, a block's stop), on a `carrier` chunk stripped of its
-/// choices: every upstream event reaches a writer that forwards them.
-pub fn carry_native(
-    chunks: &mut std::collections::VecDeque<ChatChunk>,
-    frame: Value,
-    carrier: impl FnOnce() -> ChatChunk,
-) {
-    match chunks.front_mut() {
-        Some(first) => attach_native(first, frame),
-        None => {
-            let mut c = carrier();
-            c.choices.clear();
-            attach_native(&mut c, frame);
-            chunks.push_back(c);
-        }
-    }
-}
-
 /// Rough input token count of a view, for `count_tokens` when no upstream counts: about
 /// four bytes of text per token, plus a few per message and for the tool definitions.
 pub fn estimate_input_tokens(req: &ChatRequest) -> u64 {
@@ -1549,4 +1530,42 @@ pub fn estimate_input_tokens(req: &ChatRequest) -> u64 {
         }
     }
     (bytes / 4).saturating_add(4u64.saturating_mul(req.messages.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written read of the common events reads what serde reads, and never
+    /// accepts what serde refuses (checked on every document one byte away).
+    #[test]
+    fn the_hand_read_of_common_events_is_serdes() {
+        let seeds = [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi \"x\"\n \u00e9\ud83d\ude00"}}"#,
+            r#"{"type":"content_block_delta","index":2,"delta":{"type":"text_delta","text":"plain"}}"#,
+            r#"{"type":"ping"}"#,
+            r#"{"type":"content_block_stop","index":3}"#,
+            r#" { "delta" : { "text" : "a" , "type" : "text_delta" } , "index" : 12 , "type" : "content_block_delta" } "#,
+        ];
+        let head = StreamHead::default();
+        let read = |s: &StreamScan<'_>| (s.kind().to_owned(), s.index(), s.view(&head, None, None));
+        let mut accepted = 0;
+        for seed in seeds {
+            let fast = StreamScan::common(seed).expect(seed);
+            let slow: StreamScan<'_> = crate::json::from_object(seed.as_bytes()).unwrap();
+            assert_eq!(read(&fast), read(&slow), "{seed}");
+            crate::json::one_byte_away(seed, |doc| {
+                let Ok(text) = std::str::from_utf8(doc) else {
+                    return;
+                };
+                if let Some(fast) = StreamScan::common(text) {
+                    accepted += 1;
+                    let slow: StreamScan<'_> = crate::json::from_object(doc)
+                        .unwrap_or_else(|e| panic!("serde refuses {text}: {e}"));
+                    assert_eq!(read(&fast), read(&slow), "{text}");
+                }
+            });
+        }
+        assert!(accepted > 100, "{accepted}");
+    }
 }

@@ -2175,6 +2175,44 @@ impl ResponseStore for MemoryResponseStore {
 mod tests {
     use super::*;
 
+    /// The hand-written read of the common events reads what serde reads, and never
+    /// accepts what serde refuses (checked on every document one byte away).
+    #[test]
+    fn the_hand_read_of_common_events_is_serdes() {
+        let seeds = [
+            r#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"content_index":0,"delta":"Hi \"x\"\n \u00e9","logprobs":[],"sequence_number":4}"#,
+            r#"{"type":"response.function_call_arguments.delta","output_index":1,"delta":"{\"a\":","sequence_number":9}"#,
+            r#"{"type":"response.content_part.added","content_index":0,"item_id":"m","output_index":0,"part":{"annotations":[],"logprobs":[],"text":"","type":"output_text"},"sequence_number":3}"#,
+            r#" { "delta" : "x" , "type" : "response.output_text.delta" , "n" : [ 1 , 2.5e-3 , -0 , true , null ] } "#,
+        ];
+        let head = StreamHead::default();
+        let read = |s: &StreamScan<'_>| {
+            (
+                s.kind().to_owned(),
+                s.output_index(),
+                s.view(&head, Some(0), None),
+            )
+        };
+        let mut accepted = 0;
+        for seed in seeds {
+            let fast = StreamScan::common(seed).expect(seed);
+            let slow: StreamScan<'_> = crate::json::from_object(seed.as_bytes()).unwrap();
+            assert_eq!(read(&fast), read(&slow), "{seed}");
+            crate::json::one_byte_away(seed, |doc| {
+                let Ok(text) = std::str::from_utf8(doc) else {
+                    return;
+                };
+                if let Some(fast) = StreamScan::common(text) {
+                    accepted += 1;
+                    let slow: StreamScan<'_> = crate::json::from_object(doc)
+                        .unwrap_or_else(|e| panic!("serde refuses {text}: {e}"));
+                    assert_eq!(read(&fast), read(&slow), "{text}");
+                }
+            });
+        }
+        assert!(accepted > 100, "{accepted}");
+    }
+
     #[test]
     fn items_become_chat_turns() {
         let req = request_from_slice(

@@ -104,8 +104,12 @@ pub(super) fn check_chunk(json: &[u8]) -> Option<ChunkFound> {
 pub(crate) struct MessagesEventFound {
     pub(crate) kind: Range<usize>,
     pub(crate) index: Option<u64>,
-    pub(crate) delta: Option<(Range<usize>, Option<(Range<usize>, bool)>)>,
+    /// The delta's `type`, and its `text`.
+    pub(crate) delta: Option<(Range<usize>, Option<StringFound>)>,
 }
+
+/// A string's range between the quotes, and whether it holds escapes.
+pub(crate) type StringFound = (Range<usize>, bool);
 
 /// The shape check of the common streamed Messages events (text deltas, pings, a block's
 /// end, the message's end): an object of `type`, `index` and a `delta` of `type` and
@@ -167,7 +171,7 @@ pub(crate) fn check_messages_event(json: &[u8]) -> Option<MessagesEventFound> {
 pub(crate) struct ResponsesEventFound {
     pub(crate) kind: Range<usize>,
     pub(crate) output_index: Option<u64>,
-    pub(crate) delta: Option<(Range<usize>, bool)>,
+    pub(crate) delta: Option<StringFound>,
 }
 
 /// The shape check of the common streamed Responses events (text and argument deltas,
