@@ -20,12 +20,11 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_core::Stream;
-use futures_util::StreamExt;
 use http::{HeaderName, StatusCode};
 use llm_tower_core::dialect::messages::{self, EventEncoder};
 use llm_tower_core::{
-    BoxableLlmService, ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, NativeRequest,
-    ResponseBody, Tenant,
+    BoxableLlmService, ChatRequest, ChunkStream, Dialect, LlmError, NativeRequest, ResponseBody,
+    StreamEvent, Tenant,
 };
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
@@ -223,11 +222,12 @@ pub(crate) async fn count_tokens<S>(State(st): State<Arc<AppState<S>>>, req: Req
     }
 }
 
-/// The Messages SSE body: chunks → events ([`EventEncoder`]); the first chunk may already
-/// have been taken (the handler waits for it before sending headers). A stream that fails
-/// ends with an `error` event and no `message_stop`.
+/// The Messages SSE body: an upstream's own events as they came, chunks translated
+/// ([`EventEncoder`]); the first event may already have been taken (the handler waits for
+/// it before sending headers). A stream that fails ends with an `error` event and no
+/// `message_stop`.
 struct MessagesSse {
-    first: Option<ChatChunk>,
+    first: Option<StreamEvent>,
     inner: ChunkStream,
     encoder: EventEncoder,
     done: bool,
@@ -242,23 +242,9 @@ impl Stream for MessagesSse {
         let (first, inner, encoder) = (&mut this.first, &mut this.inner, &mut this.encoder);
         let next = |cx: &mut Context<'_>| match first.take() {
             Some(first) => Poll::Ready(Some(Ok(first))),
-            None => inner.poll_next_unpin(cx),
+            None => inner.poll_next_native(cx),
         };
-        let take = |item: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>| match item {
-            Some(Ok(chunk)) => {
-                encoder.push(&chunk, out);
-                false
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "stream failed after it started");
-                encoder.error(&e, out);
-                true
-            }
-            None => {
-                encoder.finish(out);
-                true
-            }
-        };
+        let take = |item, out: &mut Vec<u8>| native::write_item(encoder, item, out);
         this.gather
             .poll_write(cx, &mut this.done, next, take)
             .map(|w| w.map(Ok))
@@ -269,6 +255,8 @@ impl Stream for MessagesSse {
 mod tests {
     use super::*;
     use crate::sse::tests::one_per_turn;
+    use futures_util::StreamExt;
+    use llm_tower_core::ChatChunk;
 
     #[tokio::test]
     async fn a_burst_handed_over_one_chunk_per_turn_leaves_in_one_write_after_the_first() {

@@ -8,11 +8,10 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
-use futures_util::StreamExt;
 use http::{HeaderValue, header};
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, ChunkStream, Dialect, LlmError, LlmResponse, Outcome,
-    ResponseBody, ResponseMeta, Tenant,
+    ChatChunk, ChatRequest, ChatResponse, ChunkStream, Dialect, LlmError, LlmResponse, NativeEvent,
+    Outcome, ResponseBody, ResponseMeta, StreamEvent, Tenant,
 };
 use tower::{Service, ServiceExt};
 
@@ -175,17 +174,87 @@ pub(crate) fn watched_stream(finish: Finish, response: LlmResponse) -> ChunkStre
     stream
 }
 
-/// [`watched_stream`], then its first chunk (headers go out with it: a failure before it
+/// [`watched_stream`], then its first event (headers go out with it: a failure before it
 /// is an HTTP error).
 pub(crate) async fn open_stream(
     finish: Finish,
     response: LlmResponse,
-) -> Result<(Option<ChatChunk>, ChunkStream), LlmError> {
+) -> Result<(Option<StreamEvent>, ChunkStream), LlmError> {
     let mut stream = watched_stream(finish, response);
-    match stream.next().await {
-        Some(Ok(chunk)) => Ok((Some(chunk), stream)),
+    match std::future::poll_fn(|cx| stream.poll_next_native(cx)).await {
+        Some(Ok(event)) => Ok((Some(event), stream)),
         Some(Err(e)) => Err(e),
         None => Ok((None, stream)),
+    }
+}
+
+/// A writer of a dialect's streamed events (the Messages and Responses
+/// `EventEncoder`s).
+pub(crate) trait DialectEncoder {
+    /// Writes the events for a typed chunk (translated).
+    fn push(&mut self, chunk: &ChatChunk, out: &mut Vec<u8>);
+    /// Writes an upstream's own event, as it came.
+    fn push_native(&mut self, event: &NativeEvent, out: &mut Vec<u8>);
+    /// Writes the failure of a stream that started.
+    fn error(&mut self, error: &LlmError, out: &mut Vec<u8>);
+    /// Writes the end of a stream that completed.
+    fn finish(&mut self, out: &mut Vec<u8>);
+}
+
+macro_rules! dialect_encoder {
+    ($t:ty) => {
+        impl DialectEncoder for $t {
+            fn push(&mut self, chunk: &ChatChunk, out: &mut Vec<u8>) {
+                <$t>::push(self, chunk, out);
+            }
+            fn push_native(&mut self, event: &NativeEvent, out: &mut Vec<u8>) {
+                <$t>::push_native(self, event, out);
+            }
+            fn error(&mut self, error: &LlmError, out: &mut Vec<u8>) {
+                <$t>::error(self, error, out);
+            }
+            fn finish(&mut self, out: &mut Vec<u8>) {
+                <$t>::finish(self, out);
+            }
+        }
+    };
+}
+dialect_encoder!(llm_tower_core::dialect::messages::EventEncoder);
+dialect_encoder!(llm_tower_core::dialect::responses::EventEncoder);
+
+/// Writes `item`, the next item of a stream taken with
+/// [`ChunkStream::poll_next_native`], with `encoder`. Returns whether the stream ended.
+pub(crate) fn write_item<E: DialectEncoder>(
+    encoder: &mut E,
+    item: Option<Result<StreamEvent, LlmError>>,
+    out: &mut Vec<u8>,
+) -> bool {
+    match item {
+        Some(Ok(StreamEvent::Native(event))) => {
+            encoder.push_native(&event, out);
+            false
+        }
+        Some(Ok(StreamEvent::Chunk(chunk))) => {
+            encoder.push(&chunk, out);
+            false
+        }
+        // Not given by `poll_next_native`: decoded here all the same.
+        Some(Ok(event)) => match event.into_chunk() {
+            Ok(chunk) => {
+                encoder.push(&chunk, out);
+                false
+            }
+            Err(e) => write_item(encoder, Some(Err(e)), out),
+        },
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "stream failed after it started");
+            encoder.error(&e, out);
+            true
+        }
+        None => {
+            encoder.finish(out);
+            true
+        }
     }
 }
 

@@ -25,13 +25,12 @@ use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_core::Stream;
-use futures_util::StreamExt;
 use http::StatusCode;
 use llm_tower_core::dialect::responses::{
     self, Echo, EventEncoder, InputItemsQuery, ResponseStore, StoredResponse,
 };
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, ResponseBody, Tenant,
+    ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, ResponseBody, StreamEvent, Tenant,
 };
 use serde_json::{Map, Value};
 use tower::Service;
@@ -362,7 +361,8 @@ where
     };
     // An upstream's own events keep its id and echo: made only for a translated stream.
     let encoder = match &first {
-        Some(c) if llm_tower_core::dialect::native_event(c).is_some() => {
+        Some(StreamEvent::Native(_)) => EventEncoder::new(String::new(), prepared.native_echo()),
+        Some(StreamEvent::Chunk(c)) if llm_tower_core::dialect::native_event(c).is_some() => {
             EventEncoder::new(String::new(), prepared.native_echo())
         }
         _ => EventEncoder::new(responses::new_response_id(), prepared.echo()),
@@ -400,7 +400,7 @@ fn with_previous_id(json: &[u8], prev: &str) -> Result<(Bytes, Option<String>), 
 /// before the write with its last event, so a client that continues from it at once
 /// finds it.
 struct Sse {
-    first: Option<ChatChunk>,
+    first: Option<StreamEvent>,
     inner: ChunkStream,
     encoder: EventEncoder,
     done: bool,
@@ -427,23 +427,10 @@ impl Stream for Sse {
         let (first, inner, encoder) = (&mut this.first, &mut this.inner, &mut this.encoder);
         let next = |cx: &mut Context<'_>| match first.take() {
             Some(first) => Poll::Ready(Some(Ok(first))),
-            None => inner.poll_next_unpin(cx),
+            None => inner.poll_next_native(cx),
         };
-        let take = |item: Option<Result<ChatChunk, LlmError>>, out: &mut Vec<u8>| {
-            match item {
-                Some(Ok(chunk)) => encoder.push(&chunk, out),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "stream failed after it started");
-                    encoder.error(&e, out);
-                    return true;
-                }
-                None => {
-                    encoder.finish(out);
-                    return true;
-                }
-            }
-            encoder.is_ended()
-        };
+        let take =
+            |item, out: &mut Vec<u8>| native::write_item(encoder, item, out) || encoder.is_ended();
         let write = ready!(this.gather.poll_write(cx, &mut this.done, next, take));
         if this.done
             && let Some((storage, tenant, input)) = this.save.take()
@@ -534,6 +521,8 @@ pub(crate) async fn delete<S>(
 mod tests {
     use super::*;
     use crate::sse::tests::one_per_turn;
+    use futures_util::StreamExt;
+    use llm_tower_core::ChatChunk;
     use llm_tower_core::dialect::responses::MemoryResponseStore;
 
     fn sse(chunks: usize, save: Option<(ResponseStorage, String, Vec<Value>)>) -> Sse {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{
     ChatChunk, ChatResponse, EmbeddingsResponse, EncodedChunk, EncodedResponse, LlmError,
-    ResponseMeta, Usage,
+    NativeEvent, ResponseMeta, Usage,
 };
 
 /// A boxed stream of typed chunks.
@@ -47,6 +47,8 @@ pub enum StreamEvent {
     Chunk(Box<ChatChunk>),
     /// A chunk in its upstream's JSON.
     Encoded(EncodedChunk),
+    /// An event in the client's own dialect (Messages, Responses), as its upstream sent it.
+    Native(NativeEvent),
 }
 
 impl StreamEvent {
@@ -55,6 +57,7 @@ impl StreamEvent {
         match self {
             StreamEvent::Chunk(c) => c.usage(),
             StreamEvent::Encoded(c) => c.usage(),
+            StreamEvent::Native(e) => e.usage(),
         }
     }
 
@@ -63,6 +66,7 @@ impl StreamEvent {
         match self {
             StreamEvent::Chunk(c) => c.choices.len(),
             StreamEvent::Encoded(c) => c.choice_count(),
+            StreamEvent::Native(e) => e.choice_count(),
         }
     }
 
@@ -71,6 +75,7 @@ impl StreamEvent {
         match self {
             StreamEvent::Chunk(c) => c.choices.iter().any(|c| c.finish_reason().is_some()),
             StreamEvent::Encoded(c) => c.has_finish(),
+            StreamEvent::Native(e) => e.has_finish(),
         }
     }
 
@@ -85,6 +90,7 @@ impl StreamEvent {
                 Some((seen | bit, fin | f))
             }),
             StreamEvent::Encoded(c) => c.choice_indices(),
+            StreamEvent::Native(e) => Some(e.choice_indices()),
         }
     }
 
@@ -93,10 +99,11 @@ impl StreamEvent {
         match self {
             StreamEvent::Chunk(c) => Ok(*c),
             StreamEvent::Encoded(c) => c.decode(),
+            StreamEvent::Native(e) => e.decode(),
         }
     }
 
-    /// The events with the encoded chunks' JSON copied into one allocation of their total
+    /// The events with the encoded chunks' JSON (and native events' name and data) copied into one allocation of their total
     /// size: each is otherwise a slice of a read buffer, which it keeps alive whole. What a
     /// store keeping events in memory keeps.
     pub fn compacted(events: &[StreamEvent]) -> Vec<StreamEvent> {
@@ -104,13 +111,16 @@ impl StreamEvent {
             .iter()
             .map(|e| match e {
                 StreamEvent::Encoded(c) => c.json().len(),
+                StreamEvent::Native(e) => e.name().len() + e.data().len(),
                 StreamEvent::Chunk(_) => 0,
             })
             .sum();
         let mut all = bytes::BytesMut::with_capacity(total);
         for e in events {
-            if let StreamEvent::Encoded(c) = e {
-                all.extend_from_slice(c.json());
+            match e {
+                StreamEvent::Encoded(c) => all.extend_from_slice(c.json()),
+                StreamEvent::Native(e) => e.copy_into(&mut all),
+                StreamEvent::Chunk(_) => {}
             }
         }
         let mut all = all.freeze();
@@ -121,22 +131,24 @@ impl StreamEvent {
                 StreamEvent::Encoded(c) => {
                     StreamEvent::Encoded(c.with_json(all.split_to(c.json().len())))
                 }
+                StreamEvent::Native(e) => StreamEvent::Native(e.with_parts(&mut all)),
             })
             .collect()
     }
 }
 
-/// Two events are equal when they hold the same document (two encoded ones) or the same
-/// chunk (a typed one against any, the encoded one decoded).
+/// Two events are equal when they hold the same document (two encoded ones, two native
+/// ones) or the same chunk (otherwise, each decoded).
 impl PartialEq for StreamEvent {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (StreamEvent::Chunk(a), StreamEvent::Chunk(b)) => a == b,
             (StreamEvent::Encoded(a), StreamEvent::Encoded(b)) => a == b,
-            (StreamEvent::Chunk(c), StreamEvent::Encoded(e))
-            | (StreamEvent::Encoded(e), StreamEvent::Chunk(c)) => {
-                e.decode().is_ok_and(|d| d == **c)
-            }
+            (StreamEvent::Native(a), StreamEvent::Native(b)) => a == b,
+            (a, b) => match (a.clone().into_chunk(), b.clone().into_chunk()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            },
         }
     }
 }
@@ -153,12 +165,19 @@ impl From<EncodedChunk> for StreamEvent {
     }
 }
 
+impl From<NativeEvent> for StreamEvent {
+    fn from(event: NativeEvent) -> Self {
+        StreamEvent::Native(event)
+    }
+}
+
 /// Serializes as the chunk's JSON.
 impl Serialize for StreamEvent {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             StreamEvent::Chunk(c) => c.serialize(s),
             StreamEvent::Encoded(c) => c.serialize(s),
+            StreamEvent::Native(e) => e.serialize(s),
         }
     }
 }
@@ -373,6 +392,37 @@ impl ChunkStream {
                 self.finish(Outcome::Completed { usage });
                 Poll::Ready(None)
             }
+        }
+    }
+
+    /// The next event for a writer of the client's dialect: a [`NativeEvent`] as it came,
+    /// any other decoded into a typed chunk ([`StreamEvent::Chunk`]); one that does not
+    /// decode ends the stream with its error, as for [`poll_next`](Stream::poll_next).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use llm_tower_core::{ChunkStream, EncodedChunk, StreamEvent};
+    ///
+    /// let json = br#"{"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+    /// let event = StreamEvent::from(EncodedChunk::from_json(json.as_slice().into()).unwrap());
+    /// let mut s = ChunkStream::from_events(futures_util::stream::iter([Ok(event)]));
+    /// let next = std::future::poll_fn(|cx| s.poll_next_native(cx)).await;
+    /// assert!(matches!(next, Some(Ok(StreamEvent::Chunk(_)))));
+    /// # }
+    /// ```
+    pub fn poll_next_native(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<StreamEvent, LlmError>>> {
+        match self.poll_next_event(cx) {
+            Poll::Ready(Some(Ok(event @ (StreamEvent::Native(_) | StreamEvent::Chunk(_))))) => {
+                Poll::Ready(Some(Ok(event)))
+            }
+            Poll::Ready(Some(Ok(event))) => match event.into_chunk() {
+                Ok(chunk) => Poll::Ready(Some(Ok(chunk.into()))),
+                Err(e) => Poll::Ready(Some(Err(self.fail(e)))),
+            },
+            other => other,
         }
     }
 

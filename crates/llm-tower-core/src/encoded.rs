@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::{ChatResponse, Dialect, LlmError, Usage};
 
 mod chunk;
-mod scan;
+mod native;
+pub(crate) mod scan;
 
 pub use chunk::EncodedChunk;
+pub use native::{NativeEvent, StreamHead};
 
 /// A complete chat-completions response kept in the JSON encoding its upstream sent, so
 /// that an OpenAI-compatible gateway forwards it as it came instead of decoding it into a

@@ -12,6 +12,15 @@ pub(crate) fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json:
     }
 }
 
+/// [`from_slice`] of a type that reads a JSON object, refusing any other document (serde
+/// reads a struct from an array too).
+pub(crate) fn from_object<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => from_slice(bytes),
+        _ => Err(serde::de::Error::custom("expected a JSON object")),
+    }
+}
+
 /// A string (an object key, a role), borrowed from the input when it has no escapes
 /// (serde's `Cow<str>` always allocates).
 pub(crate) enum Key<'de> {
@@ -54,6 +63,72 @@ impl<'de> Deserialize<'de> for Key<'de> {
             }
         }
         d.deserialize_str(V)
+    }
+}
+
+/// A string member read as leniently as `Value::as_str` reads it: a string (borrowed where
+/// it can be), anything else `None`, so a member of another type is skipped, not refused.
+#[derive(Default)]
+pub(crate) struct LenientStr<'de>(pub(crate) Option<Key<'de>>);
+
+impl LenientStr<'_> {
+    pub(crate) fn as_deref(&self) -> Option<&str> {
+        self.0.as_ref().map(Key::as_str)
+    }
+}
+
+impl std::fmt::Debug for LenientStr<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_deref().fmt(f)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for LenientStr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess};
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = LenientStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(LenientStr(Some(Key::Borrowed(s))))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(LenientStr(Some(Key::Owned(s.to_owned()))))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+                Ok(LenientStr(Some(Key::Owned(s))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LenientStr(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LenientStr(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(LenientStr(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LenientStr(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LenientStr(None))
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(LenientStr(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(LenientStr(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(LenientStr(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
     }
 }
 
@@ -230,6 +305,31 @@ macro_rules! deserialize_with_extra {
     };
 }
 pub(crate) use deserialize_with_extra;
+
+/// Calls `check` with every document one byte away from `seed` (deleted, replaced or
+/// inserted, with the bytes that matter to JSON); returns how many there were.
+#[cfg(test)]
+pub(crate) fn one_byte_away(seed: &str, mut check: impl FnMut(&[u8])) -> usize {
+    const BYTES: &[u8] = b"\"\\,:{}[]0-9.eEnu \x01a";
+    let seed = seed.as_bytes();
+    let mut n = 0;
+    for i in 0..seed.len() {
+        let mut d = seed.to_vec();
+        d.remove(i);
+        check(&d);
+        n += 1;
+        for &b in BYTES {
+            let mut d = seed.to_vec();
+            d[i] = b;
+            check(&d);
+            let mut d = seed.to_vec();
+            d.insert(i, b);
+            check(&d);
+            n += 2;
+        }
+    }
+    n
+}
 
 #[cfg(test)]
 mod tests {

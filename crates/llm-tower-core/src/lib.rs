@@ -27,7 +27,7 @@ pub use embeddings::{
     EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, EncodingFormat,
     MAX_EMBEDDING_DIMENSIONS, MAX_EMBEDDING_INPUTS,
 };
-pub use encoded::{EncodedChunk, EncodedResponse};
+pub use encoded::{EncodedChunk, EncodedResponse, NativeEvent, StreamHead};
 pub use error::{ErrorKind, LlmError, MAX_RETRY_AFTER};
 pub use ext::{CachePolicy, Deadline, IdempotencyKey, TakenTargets, TaskType, Tenant};
 pub use meta::{

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use llm_tower_core::dialect::{messages, responses};
+use llm_tower_core::dialect::responses::StreamScan;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, Delta, Dialect, EmbeddingsResponse, EncodedChunk, EncodedResponse,
-    FunctionCallDelta, LlmError, LlmResponse, NativeRequest, StreamEvent, StreamOptions,
-    ToolCallDelta, TraceParent,
+    ChatChunk, ChatRequest, Dialect, EmbeddingsResponse, EncodedChunk, EncodedResponse, LlmError,
+    LlmResponse, NativeEvent, NativeRequest, StreamEvent, StreamHead, StreamOptions, TraceParent,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -562,15 +561,14 @@ impl OpenAiProvider {
     }
 }
 
-/// Responses API events → chunks that carry their frames
-/// ([`NATIVE_EVENT`](llm_tower_core::dialect::NATIVE_EVENT)) and, for the layers, the
-/// chat view of what they say (text, tool calls, the end and its usage).
+/// Responses API events → the events as they came ([`NativeEvent`]s), each with what the
+/// layers read (its content, the end and its usage) and what its chat view needs. Each
+/// event is read once into borrowed fields ([`StreamScan`]); the decoder keeps only the
+/// function calls' output indices.
 pub(crate) struct ResponsesDecoder {
     provider: Arc<str>,
     key: Option<ApiKey>,
-    model: String,
-    id: String,
-    created: u64,
+    head: Arc<StreamHead>,
     /// `output_index` of each function call → its chat tool index (bounded: a call
     /// beyond [`MAX_TOOL_CALLS`] is malformed).
     tools: Vec<u64>,
@@ -585,268 +583,113 @@ impl ResponsesDecoder {
         Self {
             provider,
             key,
-            model: model.to_owned(),
-            id: String::new(),
-            created: 0,
+            head: Arc::new(StreamHead {
+                id: String::new(),
+                model: model.to_owned(),
+                created: 0,
+            }),
             tools: Vec::new(),
             done: false,
         }
     }
 
-    fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatChunk {
-        ChatChunk::for_delta(
-            self.id.clone(),
-            self.created,
-            self.model.clone(),
-            delta,
-            finish,
-        )
+    fn malformed(&self, what: impl fmt::Display) -> LlmError {
+        classify::malformed(&self.provider, "stream event", what)
     }
 
-    fn tool(&self, index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> ChatChunk {
-        self.chunk(
-            Delta {
-                tool_calls: Some(vec![ToolCallDelta {
-                    index,
-                    id: id.map(str::to_owned),
-                    kind: id.map(|_| "function".to_owned()),
-                    function: Some(FunctionCallDelta {
-                        name: name.map(str::to_owned),
-                        arguments: Some(args.to_owned()),
-                        extra: llm_tower_core::Extra::new(),
-                    }),
-                    extra: llm_tower_core::Extra::new(),
-                }]),
-                ..Delta::default()
+    /// A `response.failed` or `error` event, classified from all of it.
+    fn failure(&self, kind: &str, data: &[u8]) -> LlmError {
+        let v: Value = match serde_json::from_slice(data) {
+            Ok(v) => v,
+            Err(e) => return classify::malformed(&self.provider, "JSON in a stream event", e),
+        };
+        if kind == "response.failed" {
+            let r = v.get("response").cloned().unwrap_or(Value::Null);
+            return classify::classify_inline(&self.provider, &r, self.key.as_ref())
+                .unwrap_or_else(|| {
+                    LlmError::unavailable(format!("{}: the response failed", self.provider))
+                        .with_provider(&*self.provider)
+                });
+        }
+        let wrapped = serde_json::json!({"error": v});
+        classify::classify_inline(&self.provider, &wrapped, self.key.as_ref()).unwrap_or_else(
+            || {
+                LlmError::unavailable(format!("{}: the stream reported an error", self.provider))
+                    .with_provider(&*self.provider)
             },
-            None,
         )
-    }
-
-    fn view(&mut self, v: &Value, out: &mut VecDeque<ChatChunk>) -> Result<(), LlmError> {
-        let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
-        let output_index = v.get("output_index").and_then(Value::as_u64);
-        match kind {
-            "response.created" => {
-                let r = v.get("response");
-                let s = |k: &str| r.and_then(|r| r.get(k)).and_then(Value::as_str);
-                if let Some(id) = s("id") {
-                    self.id = id.to_owned();
-                }
-                if let Some(m) = s("model") {
-                    self.model = m.to_owned();
-                }
-                self.created = r
-                    .and_then(|r| r.get("created_at"))
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
-                out.push_back(self.chunk(
-                    Delta {
-                        role: Some(llm_tower_core::Role::Assistant),
-                        content: Some(Some(String::new())),
-                        ..Delta::default()
-                    },
-                    None,
-                ));
-            }
-            "response.output_text.delta" => {
-                let t = v.get("delta").and_then(Value::as_str).unwrap_or("");
-                out.push_back(self.chunk(
-                    Delta {
-                        content: Some(Some(t.to_owned())),
-                        ..Delta::default()
-                    },
-                    None,
-                ));
-            }
-            "response.output_item.added" => {
-                let item = v.get("item");
-                if item.and_then(|i| i.get("type")).and_then(Value::as_str) == Some("function_call")
-                {
-                    if self.tools.len() >= MAX_TOOL_CALLS {
-                        return Err(classify::malformed(
-                            &self.provider,
-                            "stream event",
-                            format!("more than {MAX_TOOL_CALLS} function calls"),
-                        ));
-                    }
-                    let t = u32::try_from(self.tools.len()).unwrap_or(u32::MAX);
-                    self.tools.push(output_index.unwrap_or(u64::MAX));
-                    let s = |k: &str| item.and_then(|i| i.get(k)).and_then(Value::as_str);
-                    let args = s("arguments").unwrap_or("");
-                    out.push_back(self.tool(t, Some(s("call_id").unwrap_or("")), s("name"), args));
-                }
-            }
-            "response.function_call_arguments.delta" => {
-                if let Some(t) = self.tools.iter().position(|i| Some(*i) == output_index) {
-                    let d = v.get("delta").and_then(Value::as_str).unwrap_or("");
-                    let t = u32::try_from(t).unwrap_or(u32::MAX);
-                    out.push_back(self.tool(t, None, None, d));
-                }
-            }
-            "response.completed" | "response.incomplete" => {
-                self.done = true;
-                let finish = if !self.tools.is_empty() {
-                    "tool_calls"
-                } else if kind == "response.incomplete" {
-                    "length"
-                } else {
-                    "stop"
-                };
-                out.push_back(self.chunk(Delta::default(), Some(finish.to_owned())));
-                let mut last = self.chunk(Delta::default(), None);
-                last.choices.clear();
-                last.usage = v
-                    .get("response")
-                    .and_then(|r| r.get("usage"))
-                    .filter(|u| u.is_object())
-                    .map(|u| Some(responses::usage_from(u)));
-                out.push_back(last);
-            }
-            "response.failed" => {
-                let r = v.get("response").cloned().unwrap_or(Value::Null);
-                return Err(
-                    classify::classify_inline(&self.provider, &r, self.key.as_ref())
-                        .unwrap_or_else(|| {
-                            LlmError::unavailable(format!("{}: the response failed", self.provider))
-                                .with_provider(&*self.provider)
-                        }),
-                );
-            }
-            "error" => {
-                let wrapped = serde_json::json!({"error": v});
-                return Err(
-                    classify::classify_inline(&self.provider, &wrapped, self.key.as_ref())
-                        .unwrap_or_else(|| {
-                            LlmError::unavailable(format!(
-                                "{}: the stream reported an error",
-                                self.provider
-                            ))
-                            .with_provider(&*self.provider)
-                        }),
-                );
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-/// The members of a Responses event that [`ResponsesDecoder::view`] reads, parsed without
-/// building the rest (the `response` objects of `response.created` / `.completed` carry
-/// the whole answer, which a full parse would build only to drop it).
-#[derive(Deserialize)]
-struct LightEvent<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    output_index: Option<Value>,
-    #[serde(default)]
-    delta: Option<Value>,
-    #[serde(default)]
-    item: Option<LightFields<LightItemKeys>>,
-    #[serde(default)]
-    response: Option<LightFields<LightResponseKeys>>,
-}
-
-/// The named members of an object, each as it is (`null` members included).
-struct LightFields<K>(serde_json::Map<String, Value>, std::marker::PhantomData<K>);
-
-trait LightKeys {
-    const KEYS: &'static [&'static str];
-}
-
-struct LightItemKeys;
-impl LightKeys for LightItemKeys {
-    const KEYS: &'static [&'static str] = &["type", "call_id", "name", "arguments"];
-}
-
-struct LightResponseKeys;
-impl LightKeys for LightResponseKeys {
-    const KEYS: &'static [&'static str] = &["id", "model", "created_at", "usage"];
-}
-
-impl<'de, K: LightKeys> Deserialize<'de> for LightFields<K> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<K>(std::marker::PhantomData<K>);
-        impl<'de, K: LightKeys> serde::de::Visitor<'de> for V<K> {
-            type Value = LightFields<K>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut m = serde_json::Map::new();
-                while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if K::KEYS.contains(&&*k) {
-                        // The last of duplicates wins, as in a `Value`.
-                        m.insert(k.into_owned(), a.next_value::<Value>()?);
-                    } else {
-                        a.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-                Ok(LightFields(m, std::marker::PhantomData))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-impl LightEvent<'_> {
-    /// The event as the `Value` [`ResponsesDecoder::view`] reads: only the members it reads.
-    fn into_value(self) -> Value {
-        let mut m = serde_json::Map::new();
-        if let Some(k) = self.kind {
-            m.insert("type".into(), Value::String(k.into_owned()));
-        }
-        for (k, v) in [("output_index", self.output_index), ("delta", self.delta)] {
-            if let Some(v) = v {
-                m.insert(k.into(), v);
-            }
-        }
-        if let Some(item) = self.item {
-            m.insert("item".into(), Value::Object(item.0));
-        }
-        if let Some(r) = self.response {
-            m.insert("response".into(), Value::Object(r.0));
-        }
-        Value::Object(m)
-    }
-}
-
-impl ResponsesDecoder {
-    /// The event's JSON as [`view`](Self::view) reads it: its few members when it parses
-    /// so (the common case), else the whole document (errors and failures, which are
-    /// classified from all of it, and anything the light parse refuses, worded by serde).
-    fn event_value(&self, data: &[u8]) -> Result<Value, LlmError> {
-        if let Ok(light) = serde_json::from_slice::<LightEvent<'_>>(data)
-            && !matches!(light.kind.as_deref(), Some("response.failed" | "error"))
-        {
-            return Ok(light.into_value());
-        }
-        serde_json::from_slice(data)
-            .map_err(|e| classify::malformed(&self.provider, "JSON in a stream event", e))
     }
 }
 
 impl Decoder for ResponsesDecoder {
     fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<StreamEvent>) -> Result<(), LlmError> {
-        let v = self.event_value(ev.data())?;
-        let mut chunks = VecDeque::new();
-        self.view(&v, &mut chunks)?;
-        let kind = v
-            .get("type")
-            .and_then(Value::as_str)
-            .or(ev.event())
-            .unwrap_or("message");
-        let frame = messages::native_frame(
-            ev.event().unwrap_or(kind),
-            &String::from_utf8_lossy(ev.data()),
-        );
-        messages::carry_native(&mut chunks, frame, || self.chunk(Delta::default(), None));
-        out.extend(chunks.into_iter().map(StreamEvent::from));
+        let scan = StreamScan::parse(ev.data())
+            .map_err(|e| classify::malformed(&self.provider, "JSON in a stream event", e))?;
+        let kind = scan.kind();
+        if matches!(kind, "response.failed" | "error") {
+            return Err(self.failure(kind, ev.data()));
+        }
+        let mut tool = None;
+        let mut usage = None;
+        match kind {
+            "response.created" => {
+                let (id, model, created) = scan.response_head();
+                let mut head = (*self.head).clone();
+                if let Some(id) = id {
+                    id.clone_into(&mut head.id);
+                }
+                if let Some(m) = model {
+                    m.clone_into(&mut head.model);
+                }
+                head.created = created;
+                self.head = Arc::new(head);
+            }
+            "response.output_item.added" if scan.adds_call() => {
+                if self.tools.len() >= MAX_TOOL_CALLS {
+                    return Err(
+                        self.malformed(format!("more than {MAX_TOOL_CALLS} function calls"))
+                    );
+                }
+                tool = u32::try_from(self.tools.len()).ok();
+                self.tools.push(scan.output_index().unwrap_or(u64::MAX));
+            }
+            "response.function_call_arguments.delta" => {
+                let at = scan.output_index();
+                tool = self
+                    .tools
+                    .iter()
+                    .position(|i| Some(*i) == at)
+                    .and_then(|t| u32::try_from(t).ok());
+            }
+            _ if scan.is_end() => {
+                self.done = true;
+                tool = u32::try_from(self.tools.len()).ok();
+                usage = scan.usage();
+            }
+            _ => {}
+        }
+        let name = match ev.event_bytes().filter(|_| ev.event().is_some()) {
+            Some(name) => name.clone(),
+            None if kind.is_empty() => Bytes::from_static(b"message"),
+            None => Bytes::copy_from_slice(kind.as_bytes()),
+        };
+        let mut event = NativeEvent::new(
+            Dialect::Responses,
+            name,
+            ev.data_bytes().clone(),
+            self.head.clone(),
+        )
+        .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
+        if scan.has_content(tool) {
+            event = event.with_choice(scan.is_end());
+        }
+        if let Some(t) = tool {
+            event = event.with_tool(t);
+        }
+        if let Some(u) = usage {
+            event = event.with_usage(u);
+        }
+        out.push_back(event.into());
         Ok(())
     }
 
@@ -964,46 +807,5 @@ impl Decoder for OpenAiDecoder {
 
     fn terminal(&self) -> &'static str {
         "data: [DONE]"
-    }
-}
-
-#[cfg(test)]
-mod light_event_tests {
-    use super::*;
-
-    /// The light parse gives `view` the same members as the whole document would.
-    #[test]
-    fn the_light_parse_keeps_what_the_view_reads() {
-        let d = ResponsesDecoder::new(Arc::from("openai"), None, "m");
-        for data in [
-            r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","created_at":7,"model":"gpt-4.1","output":[{"type":"message","content":[{"type":"output_text","text":"x"}]}],"usage":null,"metadata":{}}}"#,
-            r#"{"type":"response.output_item.added","output_index":1,"item":{"id":"fc_1","type":"function_call","call_id":"c","name":"get","arguments":"","status":"in_progress"}}"#,
-            r#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"content_index":0,"delta":"hi","logprobs":[]}"#,
-            r#"{"type":"response.completed","response":{"id":"r","model":"m","output":[],"usage":{"input_tokens":9,"output_tokens":4,"input_tokens_details":{"cached_tokens":2}}}}"#,
-            r#"{"type":"response.output_item.added","item":null,"delta":{"odd":1}}"#,
-        ] {
-            let full: Value = serde_json::from_str(data).unwrap();
-            let light = d.event_value(data.as_bytes()).unwrap();
-            for key in ["type", "output_index", "delta"] {
-                assert_eq!(light.get(key), full.get(key), "{key}: {data}");
-            }
-            for (obj, keys) in [
-                ("item", LightItemKeys::KEYS),
-                ("response", LightResponseKeys::KEYS),
-            ] {
-                for k in keys {
-                    let at = |v: &Value| v.get(obj).and_then(|o| o.get(k)).cloned();
-                    assert_eq!(at(&light), at(&full), "{obj}.{k}: {data}");
-                }
-            }
-        }
-        // Failures are read whole (they are classified from all of it); a member of an
-        // unexpected type falls back to the whole document too.
-        let failed = r#"{"type":"response.failed","response":{"error":{"code":"x"},"other":1}}"#;
-        let v = d.event_value(failed.as_bytes()).unwrap();
-        assert_eq!(v["response"]["other"], 1);
-        let odd = r#"{"type":"response.created","response":"text"}"#;
-        assert_eq!(d.event_value(odd.as_bytes()).unwrap()["response"], "text");
-        assert!(d.event_value(b"{").is_err());
     }
 }

@@ -42,6 +42,10 @@ impl SseEvent {
             .as_deref()
             .and_then(|b| std::str::from_utf8(b).ok())
     }
+    /// The `event:` name as shared bytes, if the event had one.
+    pub fn event_bytes(&self) -> Option<&Bytes> {
+        self.event.as_ref()
+    }
     /// The data: the `data:` lines joined with `\n`.
     pub fn data(&self) -> &[u8] {
         &self.data

@@ -214,6 +214,13 @@ impl Heap for StreamEvent {
                     + c.usage()
                         .map_or(0, |u| alloc(size_of::<Usage>()) + u.heap())
             }
+            // Likewise the name and the data; the head is shared by the stream's events.
+            StreamEvent::Native(e) => {
+                alloc(e.name().len())
+                    + alloc(e.data().len())
+                    + e.usage()
+                        .map_or(0, |u| alloc(size_of::<Usage>()) + u.heap())
+            }
         }
     }
 }

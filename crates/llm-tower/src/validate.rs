@@ -913,7 +913,7 @@ async fn assemble(
                 }
                 match &event {
                     StreamEvent::Chunk(c) => acc.push(c),
-                    StreamEvent::Encoded(c) => match c.decode() {
+                    other => match other.clone().into_chunk() {
                         Ok(c) => acc.push(&c),
                         Err(e) => return Err((Assemble::Failed(e), stream.usage().cloned())),
                     },

@@ -1138,9 +1138,7 @@ async fn a_stream_of_encoded_events_is_stored_and_replayed_as_sent() {
             .iter()
             .map(|e| match e {
                 llm_tower::StreamEvent::Encoded(c) => c.json().as_ref(),
-                other @ llm_tower::StreamEvent::Chunk(_) => {
-                    panic!("round {round}: typed event {other:?}")
-                }
+                other => panic!("round {round}: not encoded: {other:?}"),
             })
             .collect();
         assert_eq!(json, ENC.map(str::as_bytes).to_vec(), "round {round}");

@@ -20,11 +20,12 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value, json};
 
 use super::{Dialect, NATIVE_EVENT, NativeRequest};
-use crate::json::Key;
+use crate::json::{Key, LenientStr};
 use crate::{
-    ChatChunk, ChatRequest, ChatResponse, Choice, Content, ContentPart, ErrorKind, Extra,
-    FunctionCall, FunctionDef, ImageUrl, LlmError, MAX_REQUEST_BYTES, Message, PromptTokensDetails,
-    Role, StreamOptions, Tool, ToolCall, Usage,
+    ChatChunk, ChatRequest, ChatResponse, Choice, Content, ContentPart, Delta, ErrorKind, Extra,
+    FunctionCall, FunctionCallDelta, FunctionDef, ImageUrl, LlmError, MAX_REQUEST_BYTES, Message,
+    NativeEvent, PromptTokensDetails, Role, StreamHead, StreamOptions, Tool, ToolCall,
+    ToolCallDelta, Usage,
 };
 
 /// Top-level request fields this module maps (any other one is kept in the view's `extra`
@@ -1114,13 +1115,30 @@ pub fn error_json(e: &LlmError) -> Value {
 /// Writes one SSE frame: `event: {name}\ndata: {json}\n\n` (a multi-line `data` one
 /// `data:` line each).
 pub fn write_frame(out: &mut Vec<u8>, name: &str, data: &str) {
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(name.as_bytes());
-    out.push(b'\n');
-    for line in data.split('\n') {
+    write_frame_bytes(out, name.as_bytes(), data.as_bytes());
+}
+
+/// [`write_frame`] on bytes.
+pub(crate) fn write_frame_bytes(out: &mut Vec<u8>, name: &[u8], data: &[u8]) {
+    fn line(out: &mut Vec<u8>, mut line: &[u8]) {
+        while let Some(l) = line.strip_suffix(b"\r") {
+            line = l;
+        }
         out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+        out.extend_from_slice(line);
         out.push(b'\n');
+    }
+    out.reserve(name.len() + data.len() + 16);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name);
+    out.push(b'\n');
+    // The common case is one line (`contains` on bytes is a `memchr`).
+    if data.contains(&b'\n') {
+        for l in data.split(|&b| b == b'\n') {
+            line(out, l);
+        }
+    } else {
+        line(out, data);
     }
     out.push(b'\n');
 }
@@ -1249,6 +1267,20 @@ impl EventEncoder {
         );
     }
 
+    /// Writes an upstream's own event (see [`NativeEvent`]) as it came; the encoder then
+    /// writes nothing of its own.
+    pub fn push_native(&mut self, event: &NativeEvent, out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        self.native = true;
+        self.started = true;
+        event.write_frame(out);
+        if event.name() == "message_stop" {
+            self.ended = true;
+        }
+    }
+
     /// Adds the events for `chunk` to `out`.
     pub fn push(&mut self, chunk: &ChatChunk, out: &mut Vec<u8>) {
         if self.ended {
@@ -1372,6 +1404,333 @@ impl EventEncoder {
     }
 }
 
+/// One streamed Messages API event, read into borrowed fields (no JSON tree is built):
+/// what a decoder of the stream needs to follow it ([`kind`](Self::kind),
+/// [`index`](Self::index), the block's type, the message's id, model and usage) and what
+/// its chat view ([`view`](Self::view)) reads.
+///
+/// ```
+/// use llm_tower_core::StreamHead;
+/// use llm_tower_core::dialect::messages::StreamScan;
+///
+/// let data = br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}"#;
+/// let scan = StreamScan::parse(data).unwrap();
+/// assert_eq!((scan.kind(), scan.index()), ("content_block_delta", Some(0)));
+/// let chunk = scan.view(&StreamHead::default(), None, None).unwrap();
+/// assert_eq!(chunk.choices[0].delta.text(), Some("hi"));
+/// ```
+#[derive(Debug, Deserialize)]
+pub struct StreamScan<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: LenientStr<'a>,
+    #[serde(default)]
+    index: Option<Value>,
+    #[serde(borrow, default)]
+    delta: Option<ScanDelta<'a>>,
+    #[serde(borrow, default)]
+    content_block: Option<ScanBlock<'a>>,
+    #[serde(borrow, default)]
+    message: Option<ScanMessage<'a>>,
+    #[serde(borrow, default)]
+    usage: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScanDelta<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: LenientStr<'a>,
+    #[serde(borrow, default)]
+    text: LenientStr<'a>,
+    #[serde(borrow, default)]
+    partial_json: LenientStr<'a>,
+    #[serde(borrow, default)]
+    thinking: LenientStr<'a>,
+    #[serde(borrow, default)]
+    stop_reason: LenientStr<'a>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScanBlock<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: LenientStr<'a>,
+    #[serde(borrow, default)]
+    text: LenientStr<'a>,
+    #[serde(borrow, default)]
+    id: LenientStr<'a>,
+    #[serde(borrow, default)]
+    name: LenientStr<'a>,
+    #[serde(borrow, default)]
+    input: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScanMessage<'a> {
+    #[serde(borrow, default)]
+    id: LenientStr<'a>,
+    #[serde(borrow, default)]
+    model: LenientStr<'a>,
+    #[serde(borrow, default)]
+    usage: Option<&'a serde_json::value::RawValue>,
+}
+
+impl<'a> StreamScan<'a> {
+    /// Reads an event's data: a JSON object (anything else is refused).
+    pub fn parse(data: &'a [u8]) -> serde_json::Result<Self> {
+        // The common events (text deltas, pings, ends) by hand; the rest through serde.
+        if let Ok(text) = std::str::from_utf8(data)
+            && let Some(scan) = Self::common(text)
+        {
+            return Ok(scan);
+        }
+        crate::json::from_object(data)
+    }
+
+    /// [`parse`](Self::parse) of the events the hand-written check reads
+    /// ([`check_messages_event`](crate::encoded::scan::check_messages_event)).
+    fn common(text: &'a str) -> Option<Self> {
+        use crate::json::Key;
+        let found = crate::encoded::scan::check_messages_event(text.as_bytes())?;
+        let borrowed = |r: std::ops::Range<usize>| LenientStr(Some(Key::Borrowed(&text[r])));
+        let delta = match found.delta {
+            None => None,
+            Some((kind, body)) => Some(ScanDelta {
+                kind: borrowed(kind),
+                text: match body {
+                    None => LenientStr::default(),
+                    Some((r, false)) => borrowed(r),
+                    // Escapes: decoded by serde (the range is between the quotes).
+                    Some((r, true)) => LenientStr(Some(Key::Owned(
+                        serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
+                    ))),
+                },
+                partial_json: LenientStr::default(),
+                thinking: LenientStr::default(),
+                stop_reason: LenientStr::default(),
+            }),
+        };
+        Some(Self {
+            kind: borrowed(found.kind),
+            index: found.index.map(Value::from),
+            delta,
+            content_block: None,
+            message: None,
+            usage: None,
+        })
+    }
+
+    /// The event's `type` (`""` without one).
+    pub fn kind(&self) -> &str {
+        self.kind.as_deref().unwrap_or_default()
+    }
+
+    /// The content block index, when it is a whole number.
+    pub fn index(&self) -> Option<usize> {
+        self.index
+            .as_ref()
+            .and_then(Value::as_u64)
+            .map(|i| usize::try_from(i).unwrap_or(usize::MAX))
+    }
+
+    /// Whether a `content_block_delta` has its `delta`.
+    pub fn has_delta(&self) -> bool {
+        self.delta.is_some()
+    }
+
+    /// The type of a `content_block_start`'s block.
+    pub fn block_kind(&self) -> Option<&str> {
+        self.content_block.as_ref()?.kind.as_deref()
+    }
+
+    /// Whether a `message_start` has its `message`.
+    pub fn has_message(&self) -> bool {
+        self.message.is_some()
+    }
+
+    /// A `message_start`'s message id and model.
+    pub fn message_id_model(&self) -> (Option<&str>, Option<&str>) {
+        let m = self.message.as_ref();
+        (
+            m.and_then(|m| m.id.as_deref()),
+            m.and_then(|m| m.model.as_deref()),
+        )
+    }
+
+    /// The usage object of the event (a `message_start`'s message's, a `message_delta`'s),
+    /// as its text; `None` when absent or `null`.
+    pub fn usage_json(&self) -> Option<&'a str> {
+        let raw = match self.kind() {
+            "message_start" => self.message.as_ref()?.usage?,
+            _ => self.usage?,
+        };
+        Some(raw.get())
+    }
+
+    /// A `message_delta`'s stop reason.
+    pub fn stop_reason(&self) -> Option<&str> {
+        self.delta.as_ref()?.stop_reason.as_deref()
+    }
+
+    /// Whether the event's chat view has a choice (see [`view`](Self::view)), given the
+    /// chat tool index of its block (`tool`, a tool block's).
+    pub fn has_content(&self, tool: Option<u32>) -> bool {
+        match self.kind() {
+            "message_start" => true,
+            "message_delta" => self.stop_reason().is_some(),
+            "content_block_start" => match self.block_kind() {
+                Some("text") => self
+                    .content_block
+                    .as_ref()
+                    .and_then(|b| b.text.as_deref())
+                    .is_some_and(|t| !t.is_empty()),
+                Some("tool_use") => true,
+                _ => false,
+            },
+            "content_block_delta" => match self.delta.as_ref().and_then(|d| d.kind.as_deref()) {
+                Some("text_delta" | "thinking_delta") => true,
+                Some("input_json_delta") => tool.is_some(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// The event's chat view: the chunk a chat client gets for it, with `head`'s id and
+    /// model, `tool` the chat tool index of its block (a tool block's start and arguments)
+    /// and `usage` the stream's usage (the chunk of `message_stop`); `None` for an event
+    /// with no chat meaning (a ping, a block's end, a signature).
+    pub fn view(
+        &self,
+        head: &StreamHead,
+        tool: Option<u32>,
+        usage: Option<&Usage>,
+    ) -> Option<ChatChunk> {
+        let chunk = |delta: Delta, finish: Option<String>| {
+            ChatChunk::for_delta(
+                head.id.clone(),
+                head.created,
+                head.model.clone(),
+                delta,
+                finish,
+            )
+        };
+        let text = |t: &str| Delta {
+            content: Some(Some(t.to_owned())),
+            ..Delta::default()
+        };
+        match self.kind() {
+            "message_start" => Some(chunk(
+                Delta {
+                    role: Some(Role::Assistant),
+                    content: Some(Some(String::new())),
+                    ..Delta::default()
+                },
+                None,
+            )),
+            "content_block_start" => {
+                let block = self.content_block.as_ref()?;
+                match block.kind.as_deref() {
+                    Some("text") => {
+                        let t = block.text.as_deref().filter(|t| !t.is_empty())?;
+                        Some(chunk(text(t), None))
+                    }
+                    Some("tool_use") => {
+                        // `input` is `{}` here; the arguments arrive as `input_json_delta`.
+                        let args = match block
+                            .input
+                            .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+                        {
+                            Some(Value::Object(o)) if !o.is_empty() => Value::Object(o).to_string(),
+                            _ => String::new(),
+                        };
+                        Some(chunk(
+                            tool_delta(
+                                tool.unwrap_or_default(),
+                                Some(block.id.as_deref().unwrap_or_default()),
+                                Some(block.name.as_deref().unwrap_or_default()),
+                                &args,
+                            ),
+                            None,
+                        ))
+                    }
+                    _ => None,
+                }
+            }
+            "content_block_delta" => {
+                let delta = self.delta.as_ref()?;
+                match (delta.kind.as_deref(), tool) {
+                    (Some("text_delta"), _) => {
+                        Some(chunk(text(delta.text.as_deref().unwrap_or_default()), None))
+                    }
+                    (Some("input_json_delta"), Some(t)) => Some(chunk(
+                        tool_delta(
+                            t,
+                            None,
+                            None,
+                            delta.partial_json.as_deref().unwrap_or_default(),
+                        ),
+                        None,
+                    )),
+                    (Some("thinking_delta"), _) => {
+                        let mut d = Delta::default();
+                        let t = delta.thinking.as_deref().unwrap_or_default();
+                        d.extra.insert("reasoning_content".into(), Value::from(t));
+                        Some(chunk(d, None))
+                    }
+                    _ => None, // signature deltas, citations, server tool input
+                }
+            }
+            "message_delta" => {
+                let r = self.stop_reason()?;
+                Some(chunk(Delta::default(), Some(finish_reason(r).to_owned())))
+            }
+            "message_stop" => {
+                let mut last = chunk(Delta::default(), None);
+                last.choices.clear();
+                last.usage = Some(Some(usage.cloned().unwrap_or_default()));
+                Some(last)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn tool_delta(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> Delta {
+    Delta {
+        tool_calls: Some(vec![ToolCallDelta {
+            index,
+            id: id.map(str::to_owned),
+            kind: id.map(|_| "function".to_owned()),
+            function: Some(FunctionCallDelta {
+                name: name.map(str::to_owned),
+                arguments: Some(args.to_owned()),
+                extra: Extra::new(),
+            }),
+            extra: Extra::new(),
+        }]),
+        ..Delta::default()
+    }
+}
+
+/// The chat view of a native Messages event ([`NativeEvent::decode`]): its
+/// [`StreamScan::view`], or a chunk with no choices for an event with no chat meaning.
+pub(crate) fn native_view(ev: &NativeEvent) -> Result<ChatChunk, LlmError> {
+    let scan = StreamScan::parse(ev.data())
+        .map_err(|e| LlmError::transport(format!("malformed JSON in a stream event: {e}")))?;
+    Ok(scan
+        .view(ev.head(), ev.tool(), ev.usage())
+        .unwrap_or_else(|| {
+            let mut c = ChatChunk::for_delta(
+                ev.head().id.clone(),
+                ev.head().created,
+                ev.head().model.clone(),
+                Delta::default(),
+                None,
+            );
+            c.choices.clear();
+            c
+        }))
+}
+
 /// The frame for a native event, as [`NATIVE_EVENT`] holds it: the event's name and its
 /// data as the upstream sent them.
 pub fn native_frame(name: &str, data: &str) -> Value {
@@ -1384,25 +1743,6 @@ pub fn native_frame(name: &str, data: &str) -> Value {
 /// Marks `chunk` as carrying the native `frame` (see [`NATIVE_EVENT`]).
 pub fn attach_native(chunk: &mut ChatChunk, frame: Value) {
     chunk.extra.insert(NATIVE_EVENT.into(), frame);
-}
-
-/// Puts the native `frame` on the first of the chunks an upstream event decoded to, or,
-/// when it decoded to none (a ping, a block's stop), on a `carrier` chunk stripped of its
-/// choices: every upstream event reaches a writer that forwards them.
-pub fn carry_native(
-    chunks: &mut std::collections::VecDeque<ChatChunk>,
-    frame: Value,
-    carrier: impl FnOnce() -> ChatChunk,
-) {
-    match chunks.front_mut() {
-        Some(first) => attach_native(first, frame),
-        None => {
-            let mut c = carrier();
-            c.choices.clear();
-            attach_native(&mut c, frame);
-            chunks.push_back(c);
-        }
-    }
 }
 
 /// Rough input token count of a view, for `count_tokens` when no upstream counts: about
@@ -1493,5 +1833,38 @@ mod tests {
         let sent: Value =
             serde_json::from_slice(&native.body_for(&req, "c", &[]).unwrap()).unwrap();
         assert_eq!(sent, json!({"max_tokens":5,"messages":[],"model":"c"}));
+    }
+
+    /// The hand-written read of the common events reads what serde reads, and never
+    /// accepts what serde refuses (checked on every document one byte away).
+    #[test]
+    fn the_hand_read_of_common_events_is_serdes() {
+        let seeds = [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi \"x\"\n \u00e9\ud83d\ude00"}}"#,
+            r#"{"type":"content_block_delta","index":2,"delta":{"type":"text_delta","text":"plain"}}"#,
+            r#"{"type":"ping"}"#,
+            r#"{"type":"content_block_stop","index":3}"#,
+            r#" { "delta" : { "text" : "a" , "type" : "text_delta" } , "index" : 12 , "type" : "content_block_delta" } "#,
+        ];
+        let head = StreamHead::default();
+        let read = |s: &StreamScan<'_>| (s.kind().to_owned(), s.index(), s.view(&head, None, None));
+        let mut accepted = 0;
+        for seed in seeds {
+            let fast = StreamScan::common(seed).expect(seed);
+            let slow: StreamScan<'_> = crate::json::from_object(seed.as_bytes()).unwrap();
+            assert_eq!(read(&fast), read(&slow), "{seed}");
+            crate::json::one_byte_away(seed, |doc| {
+                let Ok(text) = std::str::from_utf8(doc) else {
+                    return;
+                };
+                if let Some(fast) = StreamScan::common(text) {
+                    accepted += 1;
+                    let slow: StreamScan<'_> = crate::json::from_object(doc)
+                        .unwrap_or_else(|e| panic!("serde refuses {text}: {e}"));
+                    assert_eq!(read(&fast), read(&slow), "{text}");
+                }
+            });
+        }
+        assert!(accepted > 100, "{accepted}");
     }
 }

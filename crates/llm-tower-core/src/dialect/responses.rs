@@ -22,11 +22,12 @@ use serde_json::{Map, Number, Value, json};
 
 use super::messages::write_frame;
 use super::{Dialect, NativeRequest};
+use crate::json::LenientStr;
 use crate::{
     ChatChunk, ChatRequest, ChatResponse, Choice, CompletionTokensDetails, Content, ContentPart,
-    ErrorKind, Extra, FunctionCall, FunctionDef, ImageUrl, JsonSchemaFormat, LlmError,
-    MAX_REQUEST_BYTES, Message, PromptTokensDetails, ResponseFormat, Role, StreamOptions, Tool,
-    ToolCall, Usage,
+    Delta, ErrorKind, Extra, FunctionCall, FunctionCallDelta, FunctionDef, ImageUrl,
+    JsonSchemaFormat, LlmError, MAX_REQUEST_BYTES, Message, NativeEvent, PromptTokensDetails,
+    ResponseFormat, Role, StreamHead, StreamOptions, Tool, ToolCall, ToolCallDelta, Usage,
 };
 
 /// Top-level fields this module maps or that the gateway handles; any other one is kept in
@@ -746,6 +747,246 @@ pub fn usage_from(v: &Value) -> Usage {
         });
     }
     u
+}
+
+/// One streamed Responses API event, read into borrowed fields (no JSON tree is built; the
+/// `response` objects of `response.created` and `.completed` carry the whole answer, which
+/// a full parse would build only to drop it): what a decoder of the stream needs to follow
+/// it and what its chat view ([`view`](Self::view)) reads.
+///
+/// ```
+/// use llm_tower_core::StreamHead;
+/// use llm_tower_core::dialect::responses::StreamScan;
+///
+/// let data = br#"{"type":"response.output_text.delta","output_index":0,"delta":"hi","sequence_number":3}"#;
+/// let scan = StreamScan::parse(data).unwrap();
+/// assert_eq!(scan.kind(), "response.output_text.delta");
+/// let chunk = scan.view(&StreamHead::default(), None, None).unwrap();
+/// assert_eq!(chunk.choices[0].delta.text(), Some("hi"));
+/// ```
+#[derive(Debug, serde::Deserialize)]
+pub struct StreamScan<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: LenientStr<'a>,
+    #[serde(default)]
+    output_index: Option<Value>,
+    #[serde(borrow, default)]
+    delta: LenientStr<'a>,
+    #[serde(borrow, default)]
+    item: Option<ScanItem<'a>>,
+    #[serde(borrow, default)]
+    response: Option<ScanResponse<'a>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ScanItem<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: LenientStr<'a>,
+    #[serde(borrow, default)]
+    call_id: LenientStr<'a>,
+    #[serde(borrow, default)]
+    name: LenientStr<'a>,
+    #[serde(borrow, default)]
+    arguments: LenientStr<'a>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ScanResponse<'a> {
+    #[serde(borrow, default)]
+    id: LenientStr<'a>,
+    #[serde(borrow, default)]
+    model: LenientStr<'a>,
+    #[serde(default)]
+    created_at: Option<Value>,
+    #[serde(borrow, default)]
+    usage: Option<&'a serde_json::value::RawValue>,
+}
+
+impl<'a> StreamScan<'a> {
+    /// Reads an event's data: a JSON object (anything else is refused).
+    pub fn parse(data: &'a [u8]) -> serde_json::Result<Self> {
+        // The common events (deltas, parts, items' ends) by hand; the rest through serde.
+        if let Ok(text) = std::str::from_utf8(data)
+            && let Some(scan) = Self::common(text)
+        {
+            return Ok(scan);
+        }
+        crate::json::from_object(data)
+    }
+
+    /// [`parse`](Self::parse) of the events the hand-written check reads
+    /// ([`check_responses_event`](crate::encoded::scan::check_responses_event)).
+    fn common(text: &'a str) -> Option<Self> {
+        use crate::json::Key;
+        let found = crate::encoded::scan::check_responses_event(text.as_bytes())?;
+        let delta = match found.delta {
+            None => LenientStr::default(),
+            Some((r, false)) => LenientStr(Some(Key::Borrowed(&text[r]))),
+            // Escapes: decoded by serde (the range is between the quotes).
+            Some((r, true)) => LenientStr(Some(Key::Owned(
+                serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
+            ))),
+        };
+        Some(Self {
+            kind: LenientStr(Some(Key::Borrowed(&text[found.kind]))),
+            output_index: found.output_index.map(Value::from),
+            delta,
+            item: None,
+            response: None,
+        })
+    }
+
+    /// The event's `type` (`""` without one).
+    pub fn kind(&self) -> &str {
+        self.kind.as_deref().unwrap_or_default()
+    }
+
+    /// The event's `output_index`, when it is a whole number.
+    pub fn output_index(&self) -> Option<u64> {
+        self.output_index.as_ref().and_then(Value::as_u64)
+    }
+
+    /// Whether an `response.output_item.added` adds a function call.
+    pub fn adds_call(&self) -> bool {
+        self.item.as_ref().and_then(|i| i.kind.as_deref()) == Some("function_call")
+    }
+
+    /// The `response` object's id, model and `created_at` (`response.created`).
+    pub fn response_head(&self) -> (Option<&str>, Option<&str>, u64) {
+        let r = self.response.as_ref();
+        (
+            r.and_then(|r| r.id.as_deref()),
+            r.and_then(|r| r.model.as_deref()),
+            r.and_then(|r| r.created_at.as_ref())
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        )
+    }
+
+    /// The usage of the `response` object, when it is an object.
+    pub fn usage(&self) -> Option<Usage> {
+        let raw = self.response.as_ref()?.usage?;
+        let v: Value = serde_json::from_str(raw.get()).ok()?;
+        v.is_object().then(|| usage_from(&v))
+    }
+
+    /// Whether the event ends the answer (`response.completed`, `.incomplete`).
+    pub fn is_end(&self) -> bool {
+        matches!(self.kind(), "response.completed" | "response.incomplete")
+    }
+
+    /// Whether the event's chat view has a choice (see [`view`](Self::view)), given the
+    /// chat tool index of its function call (`tool`).
+    pub fn has_content(&self, tool: Option<u32>) -> bool {
+        match self.kind() {
+            "response.created" | "response.output_text.delta" => true,
+            "response.output_item.added" => self.adds_call(),
+            "response.function_call_arguments.delta" => tool.is_some(),
+            _ => self.is_end(),
+        }
+    }
+
+    /// The event's chat view: the chunk a chat client gets for it, with `head`'s id and
+    /// model; `tool` is the chat tool index of a function call's events and, on the end,
+    /// how many calls the answer made (its finish reason is then `tool_calls`); `usage`
+    /// the answer's usage, on its end. `None` for an event with no chat meaning.
+    pub fn view(
+        &self,
+        head: &StreamHead,
+        tool: Option<u32>,
+        usage: Option<&Usage>,
+    ) -> Option<ChatChunk> {
+        let chunk = |delta: Delta, finish: Option<String>| {
+            ChatChunk::for_delta(
+                head.id.clone(),
+                head.created,
+                head.model.clone(),
+                delta,
+                finish,
+            )
+        };
+        let call = |index: u32, id: Option<&str>, name: Option<&str>, args: &str| Delta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index,
+                id: id.map(str::to_owned),
+                kind: id.map(|_| "function".to_owned()),
+                function: Some(FunctionCallDelta {
+                    name: name.map(str::to_owned),
+                    arguments: Some(args.to_owned()),
+                    extra: Extra::new(),
+                }),
+                extra: Extra::new(),
+            }]),
+            ..Delta::default()
+        };
+        match self.kind() {
+            "response.created" => Some(chunk(
+                Delta {
+                    role: Some(Role::Assistant),
+                    content: Some(Some(String::new())),
+                    ..Delta::default()
+                },
+                None,
+            )),
+            "response.output_text.delta" => Some(chunk(
+                Delta {
+                    content: Some(Some(self.delta.as_deref().unwrap_or_default().to_owned())),
+                    ..Delta::default()
+                },
+                None,
+            )),
+            "response.output_item.added" if self.adds_call() => {
+                let item = self.item.as_ref()?;
+                Some(chunk(
+                    call(
+                        tool.unwrap_or_default(),
+                        Some(item.call_id.as_deref().unwrap_or_default()),
+                        item.name.as_deref(),
+                        item.arguments.as_deref().unwrap_or_default(),
+                    ),
+                    None,
+                ))
+            }
+            "response.function_call_arguments.delta" => Some(chunk(
+                call(tool?, None, None, self.delta.as_deref().unwrap_or_default()),
+                None,
+            )),
+            kind @ ("response.completed" | "response.incomplete") => {
+                let finish = if tool.is_some_and(|n| n > 0) {
+                    "tool_calls"
+                } else if kind == "response.incomplete" {
+                    "length"
+                } else {
+                    "stop"
+                };
+                let mut last = chunk(Delta::default(), Some(finish.to_owned()));
+                last.usage = usage.map(|u| Some(u.clone()));
+                Some(last)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The chat view of a native Responses event ([`NativeEvent::decode`]): its
+/// [`StreamScan::view`], or a chunk with no choices for an event with no chat meaning.
+pub(crate) fn native_view(ev: &NativeEvent) -> Result<ChatChunk, LlmError> {
+    let scan = StreamScan::parse(ev.data())
+        .map_err(|e| LlmError::transport(format!("malformed JSON in a stream event: {e}")))?;
+    Ok(scan
+        .view(ev.head(), ev.tool(), ev.usage())
+        .unwrap_or_else(|| {
+            let h = ev.head();
+            let mut c = ChatChunk::for_delta(
+                h.id.clone(),
+                h.created,
+                h.model.clone(),
+                Delta::default(),
+                None,
+            );
+            c.choices.clear();
+            c
+        }))
 }
 
 fn item_suffix(id: &str, n: usize) -> String {
@@ -1484,53 +1725,79 @@ impl EventEncoder {
         self.open = Open::None;
     }
 
+    /// Writes an upstream's own event (see [`NativeEvent`]) as it came (but see the type's
+    /// documentation for `previous_response_id`); the encoder then writes nothing of its
+    /// own.
+    pub fn push_native(&mut self, event: &NativeEvent, out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        let data = std::str::from_utf8(event.data()).unwrap_or_default();
+        self.native(event.name(), data, |out| event.write_frame(out), out);
+    }
+
+    /// An upstream's own event `name` with its `data`; `write` writes it as it came.
+    fn native(
+        &mut self,
+        name: &str,
+        data: &str,
+        write: impl FnOnce(&mut Vec<u8>),
+        out: &mut Vec<u8>,
+    ) {
+        self.native = true;
+        self.started = true;
+        self.seq = self.seq.saturating_add(1);
+        let ends = matches!(
+            name,
+            "response.completed" | "response.incomplete" | "response.failed"
+        );
+        match self
+            .echo
+            .previous_response_id()
+            .filter(|_| carries_response(name))
+        {
+            // The edge resolved `previous_response_id` and removed it, so the upstream
+            // says `null`: the client must read the id it sent.
+            Some(prev) => match serde_json::from_str::<Value>(data) {
+                Ok(mut v) => {
+                    if let Some(r) = v.get_mut("response").and_then(Value::as_object_mut) {
+                        r.insert("previous_response_id".into(), prev.into());
+                    }
+                    write_frame(out, name, &v.to_string());
+                    if ends {
+                        self.last = v.get_mut("response").map(Value::take);
+                    }
+                }
+                Err(_) => write(out),
+            },
+            None => {
+                write(out);
+                if ends && self.keep_final {
+                    self.last = serde_json::from_str::<Value>(data)
+                        .ok()
+                        .and_then(|mut v| v.get_mut("response").map(Value::take));
+                }
+            }
+        }
+        if ends {
+            self.ended = true;
+        }
+    }
+
     /// Adds the events for `chunk` to `out`.
     pub fn push(&mut self, chunk: &ChatChunk, out: &mut Vec<u8>) {
         if self.ended {
             return;
         }
         if let Some(frame) = super::native_event(chunk) {
-            self.native = true;
-            self.started = true;
-            self.seq = self.seq.saturating_add(1);
-            let ends = [
-                "event: response.completed\n",
-                "event: response.incomplete\n",
-                "event: response.failed\n",
-            ]
-            .iter()
-            .any(|end| frame.starts_with(end));
-            match self
-                .echo
-                .previous_response_id()
-                .filter(|_| carries_response(frame))
-            {
-                // The edge resolved `previous_response_id` and removed it, so the upstream
-                // says `null`: the client must read the id it sent.
-                Some(prev) => match frame_data(frame) {
-                    Some(mut v) => {
-                        if let Some(r) = v.get_mut("response").and_then(Value::as_object_mut) {
-                            r.insert("previous_response_id".into(), prev.into());
-                        }
-                        let name = frame_name(frame).unwrap_or("message");
-                        write_frame(out, name, &v.to_string());
-                        if ends {
-                            self.last = v.get_mut("response").map(Value::take);
-                        }
-                    }
-                    None => out.extend_from_slice(frame.as_bytes()),
-                },
-                None => {
-                    out.extend_from_slice(frame.as_bytes());
-                    if ends && self.keep_final {
-                        self.last = frame_data(frame)
-                            .and_then(|mut v| v.get_mut("response").map(Value::take));
-                    }
-                }
-            }
-            if ends {
-                self.ended = true;
-            }
+            let name = frame_name(frame).unwrap_or("message");
+            let data = frame_data_text(frame);
+            self.native(
+                name,
+                &data,
+                |out| out.extend_from_slice(frame.as_bytes()),
+                out,
+            );
             return;
         }
         if self.native {
@@ -1675,14 +1942,13 @@ fn frame_name(frame: &str) -> Option<&str> {
 /// Whether a native frame is one of the events that carry the whole response object
 /// (`response.created`, `.in_progress`, `.completed`, `.incomplete`, `.failed`,
 /// `.queued`): one dot in the name, where the item events have two.
-fn carries_response(frame: &str) -> bool {
-    frame_name(frame)
-        .and_then(|n| n.strip_prefix("response."))
+fn carries_response(name: &str) -> bool {
+    name.strip_prefix("response.")
         .is_some_and(|rest| !rest.contains('.'))
 }
 
-/// The JSON data of an SSE frame as [`write_frame`] writes it.
-fn frame_data(frame: &str) -> Option<Value> {
+/// The data of an SSE frame as [`write_frame`] writes it.
+fn frame_data_text(frame: &str) -> String {
     let mut data = String::new();
     for line in frame.lines() {
         if let Some(d) = line
@@ -1695,7 +1961,7 @@ fn frame_data(frame: &str) -> Option<Value> {
             data.push_str(d);
         }
     }
-    serde_json::from_str(&data).ok()
+    data
 }
 
 // ===== the store =====
@@ -1908,6 +2174,44 @@ impl ResponseStore for MemoryResponseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hand-written read of the common events reads what serde reads, and never
+    /// accepts what serde refuses (checked on every document one byte away).
+    #[test]
+    fn the_hand_read_of_common_events_is_serdes() {
+        let seeds = [
+            r#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"content_index":0,"delta":"Hi \"x\"\n \u00e9","logprobs":[],"sequence_number":4}"#,
+            r#"{"type":"response.function_call_arguments.delta","output_index":1,"delta":"{\"a\":","sequence_number":9}"#,
+            r#"{"type":"response.content_part.added","content_index":0,"item_id":"m","output_index":0,"part":{"annotations":[],"logprobs":[],"text":"","type":"output_text"},"sequence_number":3}"#,
+            r#" { "delta" : "x" , "type" : "response.output_text.delta" , "n" : [ 1 , 2.5e-3 , -0 , true , null ] } "#,
+        ];
+        let head = StreamHead::default();
+        let read = |s: &StreamScan<'_>| {
+            (
+                s.kind().to_owned(),
+                s.output_index(),
+                s.view(&head, Some(0), None),
+            )
+        };
+        let mut accepted = 0;
+        for seed in seeds {
+            let fast = StreamScan::common(seed).expect(seed);
+            let slow: StreamScan<'_> = crate::json::from_object(seed.as_bytes()).unwrap();
+            assert_eq!(read(&fast), read(&slow), "{seed}");
+            crate::json::one_byte_away(seed, |doc| {
+                let Ok(text) = std::str::from_utf8(doc) else {
+                    return;
+                };
+                if let Some(fast) = StreamScan::common(text) {
+                    accepted += 1;
+                    let slow: StreamScan<'_> = crate::json::from_object(doc)
+                        .unwrap_or_else(|e| panic!("serde refuses {text}: {e}"));
+                    assert_eq!(read(&fast), read(&slow), "{text}");
+                }
+            });
+        }
+        assert!(accepted > 100, "{accepted}");
+    }
 
     #[test]
     fn items_become_chat_turns() {

@@ -98,6 +98,124 @@ pub(super) fn check_chunk(json: &[u8]) -> Option<ChunkFound> {
     (s.i == json.len()).then_some(found)
 }
 
+/// What the check of a streamed Messages event reads: its `type`, its block `index`, and
+/// its `delta`'s `type` and `text` (the range between the quotes, and whether it holds
+/// escapes).
+pub(crate) struct MessagesEventFound {
+    pub(crate) kind: Range<usize>,
+    pub(crate) index: Option<u64>,
+    /// The delta's `type`, and its `text`.
+    pub(crate) delta: Option<(Range<usize>, Option<StringFound>)>,
+}
+
+/// A string's range between the quotes, and whether it holds escapes.
+pub(crate) type StringFound = (Range<usize>, bool);
+
+/// The shape check of the common streamed Messages events (text deltas, pings, a block's
+/// end, the message's end): an object of `type`, `index` and a `delta` of `type` and
+/// `text`, nothing else. `None` for any other event or anything unusual (another field,
+/// escaped keys or type, duplicates, deep nesting, lone surrogates, any error): the
+/// caller then reads it with serde. `json` must be valid UTF-8 (checked by the caller).
+pub(crate) fn check_messages_event(json: &[u8]) -> Option<MessagesEventFound> {
+    let mut s = Scanner {
+        b: json,
+        i: 0,
+        depth: 0,
+        strict: true,
+    };
+    let (mut seen_kind, mut seen_index, mut seen_delta) = (false, false, false);
+    let (mut kind, mut index, mut delta) = (None, None, None);
+    s.object(|s, key| match key {
+        b"type" => {
+            once(&mut seen_kind)?;
+            kind = Some(s.plain_string()?);
+            Some(())
+        }
+        b"index" => {
+            once(&mut seen_index)?;
+            index = Some(s.u64()?);
+            Some(())
+        }
+        b"delta" => {
+            once(&mut seen_delta)?;
+            let (mut seen_type, mut seen_text) = (false, false);
+            let (mut dkind, mut text) = (None, None);
+            s.object(|s, key| match key {
+                b"type" => {
+                    once(&mut seen_type)?;
+                    dkind = Some(s.plain_string()?);
+                    Some(())
+                }
+                b"text" => {
+                    once(&mut seen_text)?;
+                    text = Some(s.string()?);
+                    Some(())
+                }
+                _ => None,
+            })?;
+            delta = Some((dkind?, text));
+            Some(())
+        }
+        _ => None,
+    })?;
+    s.ws();
+    (s.i == json.len()).then_some(MessagesEventFound {
+        kind: kind?,
+        index,
+        delta,
+    })
+}
+
+/// What the check of a streamed Responses event reads: its `type`, `output_index` and
+/// `delta` (the range between the quotes, and whether it holds escapes).
+pub(crate) struct ResponsesEventFound {
+    pub(crate) kind: Range<usize>,
+    pub(crate) output_index: Option<u64>,
+    pub(crate) delta: Option<StringFound>,
+}
+
+/// The shape check of the common streamed Responses events (text and argument deltas,
+/// content parts, items' ends): an object whose `type` is a string, `output_index` a
+/// `u64` and `delta` a string, any other member but `item` and `response` skipped. `None`
+/// for those two (the events that carry the answer or a new item), or anything unusual
+/// (escaped keys or type, duplicates, deep nesting, lone surrogates, any error): the
+/// caller then reads it with serde. `json` must be valid UTF-8 (checked by the caller).
+pub(crate) fn check_responses_event(json: &[u8]) -> Option<ResponsesEventFound> {
+    let mut s = Scanner {
+        b: json,
+        i: 0,
+        depth: 0,
+        strict: true,
+    };
+    let (mut seen_kind, mut seen_index, mut seen_delta) = (false, false, false);
+    let (mut kind, mut output_index, mut delta) = (None, None, None);
+    s.object(|s, key| match key {
+        b"type" => {
+            once(&mut seen_kind)?;
+            kind = Some(s.plain_string()?);
+            Some(())
+        }
+        b"output_index" => {
+            once(&mut seen_index)?;
+            output_index = Some(s.u64()?);
+            Some(())
+        }
+        b"delta" => {
+            once(&mut seen_delta)?;
+            delta = Some(s.string()?);
+            Some(())
+        }
+        b"item" | b"response" => None,
+        _ => s.value(),
+    })?;
+    s.ws();
+    (s.i == json.len()).then_some(ResponsesEventFound {
+        kind: kind?,
+        output_index,
+        delta,
+    })
+}
+
 /// The choice indices of a chunk, as bit sets.
 #[derive(Default)]
 struct ChoiceSets {

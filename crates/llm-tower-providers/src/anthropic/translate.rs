@@ -4,9 +4,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use llm_tower_core::dialect::Dialect;
+use llm_tower_core::dialect::messages::StreamScan;
 use llm_tower_core::{
-    ChatChunk, ChatRequest, ChatResponse, Content, ContentPart, Delta, Extra, FunctionCallDelta,
-    LlmError, Message, PaidAttempt, Role, StreamEvent, ToolCallDelta,
+    ChatRequest, ChatResponse, Content, ContentPart, LlmError, Message, NativeEvent, PaidAttempt,
+    Role, StreamEvent, StreamHead, Usage,
 };
 use serde_json::{Map, Value, json};
 
@@ -14,7 +17,6 @@ use crate::classify;
 use crate::common::Decoder;
 use crate::secret::ApiKey;
 use crate::sse::SseEvent;
-use llm_tower_core::dialect::messages;
 
 /// How a [`ChatRequest`] becomes a Messages API request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -457,19 +459,21 @@ enum Block {
 /// Most content blocks one streamed message may have.
 const MAX_BLOCKS: usize = 4096;
 
-/// Anthropic streaming events → chunks. See [`AnthropicProvider`](super::AnthropicProvider).
+/// Anthropic streaming events → chunks (for a chat client) or the events as they came
+/// ([`NativeEvent`]s, for a client that spoke Messages). Each event is read once into
+/// borrowed fields ([`StreamScan`]); the decoder keeps only what following the stream
+/// needs: the blocks' kinds, the tool calls' count, the merged usage.
+/// See [`AnthropicProvider`](super::AnthropicProvider).
 pub(crate) struct AnthropicDecoder {
     provider: Arc<str>,
     key: Option<ApiKey>,
-    id: String,
-    model: String,
-    created: u64,
+    head: Arc<StreamHead>,
     blocks: Vec<Block>,
     tools: u32,
-    usage: Value,
+    usage: Map<String, Value>,
     started: bool,
     done: bool,
-    /// Each chunk carries its original event (the request was in the Messages dialect).
+    /// Events are kept as they came (the request was in the Messages dialect).
     native: bool,
 }
 
@@ -479,46 +483,42 @@ impl AnthropicDecoder {
             native: false,
             provider,
             key,
-            id: String::new(),
-            model,
-            created: unix_now(),
+            head: Arc::new(StreamHead {
+                id: String::new(),
+                model,
+                created: unix_now(),
+            }),
             blocks: Vec::new(),
             tools: 0,
-            usage: Value::Object(Map::new()),
+            usage: Map::new(),
             started: false,
             done: false,
         }
     }
 
-    /// Chunks carry their original events ([`NATIVE_EVENT`](llm_tower_core::dialect::NATIVE_EVENT)),
-    /// and events with no chat meaning get a chunk of their own.
+    /// Events are kept as they came ([`NativeEvent`]), events with no chat meaning
+    /// included.
     pub(crate) fn native(mut self, on: bool) -> Self {
         self.native = on;
         self
-    }
-
-    fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatChunk {
-        ChatChunk::for_delta(
-            self.id.clone(),
-            self.created,
-            self.model.clone(),
-            delta,
-            finish,
-        )
     }
 
     fn malformed(&self, what: impl std::fmt::Display) -> LlmError {
         classify::malformed(&self.provider, "stream event", what)
     }
 
-    fn merge_usage(&mut self, u: Option<&Value>) {
-        if let (Some(Value::Object(src)), Value::Object(dst)) = (u, &mut self.usage) {
+    fn merge_usage(&mut self, u: Option<&str>) {
+        if let Some(Ok(Value::Object(src))) = u.map(serde_json::from_str::<Value>) {
             for (k, v) in src {
                 if !v.is_null() {
-                    dst.insert(k.clone(), v.clone());
+                    self.usage.insert(k, v);
                 }
             }
         }
+    }
+
+    fn usage(&self) -> Usage {
+        usage_from(&Value::Object(self.usage.clone()))
     }
 
     /// The block at `index`, created if new; an index past [`MAX_BLOCKS`] is malformed
@@ -534,44 +534,128 @@ impl AnthropicDecoder {
         }
         Ok(&mut self.blocks[index])
     }
-}
 
-fn text_delta(text: &str) -> Delta {
-    Delta {
-        content: Some(Some(text.to_owned())),
-        ..Delta::default()
+    /// Follows one event: checks its order and shape and updates the state. Returns the
+    /// chat tool index its view speaks of, and the usage it carries (on `message_stop`).
+    fn follow(&mut self, scan: &StreamScan<'_>, kind: &str) -> Result<Step, LlmError> {
+        if kind != "message_start" && kind != "ping" && kind != "error" && !self.started {
+            return Err(self.malformed(format!("`{kind}` before `message_start`")));
+        }
+        let mut step = Step::default();
+        match kind {
+            "message_start" => {
+                if !scan.has_message() {
+                    return Err(self.malformed("message_start without `message`"));
+                }
+                self.started = true;
+                let (id, model) = scan.message_id_model();
+                if id.is_some() || model.is_some() {
+                    let mut head = (*self.head).clone();
+                    if let Some(id) = id {
+                        id.clone_into(&mut head.id);
+                    }
+                    if let Some(m) = model {
+                        m.clone_into(&mut head.model);
+                    }
+                    self.head = Arc::new(head);
+                }
+                self.merge_usage(scan.usage_json());
+            }
+            "content_block_start" => {
+                let i = scan
+                    .index()
+                    .ok_or_else(|| self.malformed("content_block_start without `index`"))?;
+                let block = match scan.block_kind() {
+                    Some("text") => Block::Text,
+                    Some("tool_use") => {
+                        let t = self.tools;
+                        self.tools = self.tools.saturating_add(1);
+                        step.tool = Some(t);
+                        Block::Tool(t)
+                    }
+                    Some("thinking") => Block::Thinking,
+                    _ => Block::Other,
+                };
+                *self.block_mut(i)? = block;
+            }
+            "content_block_delta" => {
+                let i = scan
+                    .index()
+                    .ok_or_else(|| self.malformed("content_block_delta without `index`"))?;
+                if !scan.has_delta() {
+                    return Err(self.malformed("content_block_delta without `delta`"));
+                }
+                if let Some(Block::Tool(t)) = self.blocks.get(i) {
+                    step.tool = Some(*t);
+                }
+            }
+            "message_delta" => self.merge_usage(scan.usage_json()),
+            "message_stop" => {
+                self.done = true;
+                step.usage = Some(self.usage());
+            }
+            _ => {} // new event types are ignored, as Anthropic's versioning policy asks
+        }
+        Ok(step)
+    }
+
+    /// An `error` event, classified.
+    fn error_event(&self, data: &[u8]) -> LlmError {
+        match serde_json::from_slice::<Value>(data) {
+            Ok(v) => classify::classify_inline(&self.provider, &v, self.key.as_ref())
+                .unwrap_or_else(|| self.malformed("an error event without details")),
+            Err(e) => self.malformed(e),
+        }
     }
 }
 
-fn tool_delta(index: u32, id: Option<&str>, name: Option<&str>, args: &str) -> Delta {
-    Delta {
-        tool_calls: Some(vec![ToolCallDelta {
-            index,
-            id: id.map(str::to_owned),
-            kind: id.map(|_| "function".to_owned()),
-            function: Some(FunctionCallDelta {
-                name: name.map(str::to_owned),
-                arguments: Some(args.to_owned()),
-                extra: Extra::new(),
-            }),
-            extra: Extra::new(),
-        }]),
-        ..Delta::default()
-    }
+/// What following one event found (see [`AnthropicDecoder::follow`]).
+#[derive(Default)]
+struct Step {
+    tool: Option<u32>,
+    usage: Option<Usage>,
 }
 
 impl Decoder for AnthropicDecoder {
     fn decode(&mut self, ev: &SseEvent, out: &mut VecDeque<StreamEvent>) -> Result<(), LlmError> {
-        let mut chunks = VecDeque::new();
-        let kind = self.decode_event(ev, &mut chunks)?;
-        if self.native {
-            let frame = messages::native_frame(
-                ev.event().unwrap_or(&kind),
-                &String::from_utf8_lossy(ev.data()),
-            );
-            messages::carry_native(&mut chunks, frame, || self.chunk(Delta::default(), None));
+        let scan = StreamScan::parse(ev.data()).map_err(|e| self.malformed(e))?;
+        let kind = match scan.kind() {
+            "" => ev.event().unwrap_or_default(),
+            kind => kind,
+        };
+        if kind == "error" {
+            return Err(self.error_event(ev.data()));
         }
-        out.extend(chunks.into_iter().map(StreamEvent::from));
+        let step = self.follow(&scan, kind)?;
+        if !self.native {
+            if let Some(chunk) = scan.view(&self.head, step.tool, step.usage.as_ref()) {
+                out.push_back(chunk.into());
+            }
+            return Ok(());
+        }
+        let name = match ev.event_bytes().filter(|_| ev.event().is_some()) {
+            Some(name) => name.clone(),
+            None => Bytes::copy_from_slice(kind.as_bytes()),
+        };
+        let content = scan.has_content(step.tool);
+        let finish = kind == "message_delta" && scan.stop_reason().is_some();
+        let mut event = NativeEvent::new(
+            Dialect::Messages,
+            name,
+            ev.data_bytes().clone(),
+            self.head.clone(),
+        )
+        .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
+        if content {
+            event = event.with_choice(finish);
+        }
+        if let Some(t) = step.tool {
+            event = event.with_tool(t);
+        }
+        if let Some(u) = step.usage {
+            event = event.with_usage(u);
+        }
+        out.push_back(event.into());
         Ok(())
     }
 
@@ -580,180 +664,11 @@ impl Decoder for AnthropicDecoder {
     }
 
     fn usage_so_far(&self) -> Option<PaidAttempt> {
-        let seen = matches!(&self.usage, Value::Object(m) if !m.is_empty());
-        (self.started && seen)
-            .then(|| PaidAttempt::new(Some(self.model.clone()), usage_from(&self.usage)))
+        (self.started && !self.usage.is_empty())
+            .then(|| PaidAttempt::new(Some(self.head.model.clone()), self.usage()))
     }
 
     fn terminal(&self) -> &'static str {
         "message_stop"
     }
-}
-
-impl AnthropicDecoder {
-    /// Decodes one event into chunks; returns its type.
-    fn decode_event(
-        &mut self,
-        ev: &SseEvent,
-        out: &mut VecDeque<ChatChunk>,
-    ) -> Result<String, LlmError> {
-        if let Some(text) = text_delta_of(ev.data()) {
-            if !self.started {
-                return Err(self.malformed("`content_block_delta` before `message_start`"));
-            }
-            out.push_back(self.chunk(text_delta(&text), None));
-            return Ok("content_block_delta".to_owned());
-        }
-        let v: Value = serde_json::from_slice(ev.data()).map_err(|e| self.malformed(e))?;
-        let kind = v
-            .get("type")
-            .and_then(Value::as_str)
-            .or(ev.event())
-            .unwrap_or("");
-        if kind != "message_start" && kind != "ping" && kind != "error" && !self.started {
-            return Err(self.malformed(format!("`{kind}` before `message_start`")));
-        }
-        let index = || {
-            v.get("index")
-                .and_then(Value::as_u64)
-                .map(|i| usize::try_from(i).unwrap_or(usize::MAX))
-        };
-        match kind {
-            "message_start" => {
-                let msg = v
-                    .get("message")
-                    .ok_or_else(|| self.malformed("message_start without `message`"))?;
-                self.started = true;
-                if let Some(id) = msg.get("id").and_then(Value::as_str) {
-                    self.id = id.to_owned();
-                }
-                if let Some(m) = msg.get("model").and_then(Value::as_str) {
-                    self.model = m.to_owned();
-                }
-                self.merge_usage(msg.get("usage"));
-                out.push_back(self.chunk(
-                    Delta {
-                        role: Some(Role::Assistant),
-                        content: Some(Some(String::new())),
-                        ..Delta::default()
-                    },
-                    None,
-                ));
-            }
-            "content_block_start" => {
-                let i =
-                    index().ok_or_else(|| self.malformed("content_block_start without `index`"))?;
-                let block = v.get("content_block").cloned().unwrap_or(Value::Null);
-                match block.get("type").and_then(Value::as_str) {
-                    Some("text") => {
-                        *self.block_mut(i)? = Block::Text;
-                        if let Some(t) = block
-                            .get("text")
-                            .and_then(Value::as_str)
-                            .filter(|t| !t.is_empty())
-                        {
-                            out.push_back(self.chunk(text_delta(t), None));
-                        }
-                    }
-                    Some("tool_use") => {
-                        let t = self.tools;
-                        self.tools = self.tools.saturating_add(1);
-                        *self.block_mut(i)? = Block::Tool(t);
-                        let id = block.get("id").and_then(Value::as_str).unwrap_or("");
-                        let name = block.get("name").and_then(Value::as_str).unwrap_or("");
-                        // `input` is `{}` here; the arguments arrive as `input_json_delta`.
-                        let args = match block.get("input") {
-                            Some(Value::Object(o)) if !o.is_empty() => {
-                                Value::Object(o.clone()).to_string()
-                            }
-                            _ => String::new(),
-                        };
-                        out.push_back(self.chunk(tool_delta(t, Some(id), Some(name), &args), None));
-                    }
-                    Some("thinking") => *self.block_mut(i)? = Block::Thinking,
-                    _ => *self.block_mut(i)? = Block::Other,
-                }
-            }
-            "content_block_delta" => {
-                let i =
-                    index().ok_or_else(|| self.malformed("content_block_delta without `index`"))?;
-                let delta = v
-                    .get("delta")
-                    .ok_or_else(|| self.malformed("content_block_delta without `delta`"))?;
-                let block = self.blocks.get(i).copied().unwrap_or(Block::Other);
-                match (delta.get("type").and_then(Value::as_str), block) {
-                    (Some("text_delta"), _) => {
-                        let t = delta.get("text").and_then(Value::as_str).unwrap_or("");
-                        out.push_back(self.chunk(text_delta(t), None));
-                    }
-                    (Some("input_json_delta"), Block::Tool(t)) => {
-                        let p = delta
-                            .get("partial_json")
-                            .and_then(Value::as_str)
-                            .unwrap_or("");
-                        out.push_back(self.chunk(tool_delta(t, None, None, p), None));
-                    }
-                    (Some("thinking_delta"), _) => {
-                        let t = delta.get("thinking").and_then(Value::as_str).unwrap_or("");
-                        let mut d = Delta::default();
-                        d.extra.insert("reasoning_content".into(), Value::from(t));
-                        out.push_back(self.chunk(d, None));
-                    }
-                    _ => {} // signature deltas, citations, server tool input
-                }
-            }
-            "content_block_stop" | "ping" => {}
-            "message_delta" => {
-                self.merge_usage(v.get("usage"));
-                if let Some(r) = v
-                    .get("delta")
-                    .and_then(|d| d.get("stop_reason"))
-                    .and_then(Value::as_str)
-                {
-                    out.push_back(self.chunk(Delta::default(), Some(finish_reason(r).to_owned())));
-                }
-            }
-            "message_stop" => {
-                self.done = true;
-                let mut last = self.chunk(Delta::default(), None);
-                last.choices.clear();
-                last.usage = Some(Some(usage_from(&self.usage)));
-                out.push_back(last);
-            }
-            "error" => {
-                return Err(
-                    classify::classify_inline(&self.provider, &v, self.key.as_ref())
-                        .unwrap_or_else(|| self.malformed("an error event without details")),
-                );
-            }
-            _ => {} // new event types are ignored, as Anthropic's versioning policy asks
-        }
-        Ok(kind.to_owned())
-    }
-}
-
-/// The text of a `content_block_delta` event carrying a `text_delta` (most events of a
-/// streamed answer), read into borrowed fields instead of a JSON tree; `None` for any
-/// other event, or one that does not parse so (the general path words the error).
-fn text_delta_of(data: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
-    use std::borrow::Cow;
-    #[derive(serde::Deserialize)]
-    struct Event<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: Cow<'a, str>,
-        // Required, as on the general path.
-        #[serde(rename = "index")]
-        _index: u64,
-        #[serde(borrow)]
-        delta: Delta<'a>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Delta<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: Cow<'a, str>,
-        #[serde(borrow, default)]
-        text: Cow<'a, str>,
-    }
-    let ev: Event<'_> = serde_json::from_slice(data).ok()?;
-    (ev.kind == "content_block_delta" && ev.delta.kind == "text_delta").then_some(ev.delta.text)
 }

@@ -402,6 +402,8 @@ impl Writer {
 fn event_size(e: &StreamEvent) -> usize {
     match e {
         StreamEvent::Encoded(c) => c.json().len(),
+        // Stored as its chat view carrying its frame: about the frame twice over.
+        StreamEvent::Native(e) => 2 * e.frame_len() + 160,
         StreamEvent::Chunk(c) => chunk_size(c),
     }
 }

@@ -301,7 +301,10 @@ impl CachedEntry {
     pub fn compacted(&self) -> Option<Self> {
         let body = match &self.body {
             CachedBody::Encoded(r) => CachedBody::Encoded(r.compacted()),
-            CachedBody::Chunks(c) if c.iter().any(|e| matches!(e, StreamEvent::Encoded(_))) => {
+            CachedBody::Chunks(c)
+                if c.iter()
+                    .any(|e| matches!(e, StreamEvent::Encoded(_) | StreamEvent::Native(_))) =>
+            {
                 CachedBody::Chunks(StreamEvent::compacted(c))
             }
             _ => return None,
@@ -410,6 +413,7 @@ fn accumulate(events: &[StreamEvent]) -> Result<ChatResponse, LlmError> {
         match e {
             StreamEvent::Chunk(c) => acc.push(c),
             StreamEvent::Encoded(c) => acc.push(&c.decode()?),
+            StreamEvent::Native(e) => acc.push(&e.decode()?),
         }
     }
     Ok(acc.finish())

@@ -1,0 +1,239 @@
+//! [`NativeEvent`]: one streamed event kept as its upstream sent it, in the client's own
+//! dialect (Messages, Responses).
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use serde::{Serialize, Serializer};
+
+use crate::dialect::{self, Dialect};
+use crate::{ChatChunk, LlmError, Usage};
+
+/// What every event of one stream shares in its chat view: the answer's id, model and
+/// creation time (one allocation per stream, shared by its events).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamHead {
+    /// The answer's id (the chunks' `id`).
+    pub id: String,
+    /// The model that answered.
+    pub model: String,
+    /// Creation time, in seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// A server-sent event of a stream in the dialect the client spoke (an Anthropic upstream
+/// behind the Messages front door, a Responses upstream behind the Responses one), kept
+/// as its upstream sent it: the event's name and data are slices of the read buffer, and
+/// the HTTP surface writes them as they are instead of decoding the event into a
+/// [`ChatChunk`] and encoding it again.
+///
+/// The provider that read the event sets what layers need from a stream: the usage (on
+/// the event that ends the answer), whether the event has chat content (one choice) and
+/// whether it finishes the answer. [`decode`](Self::decode) gives the chat view of the
+/// event (the chunk the provider would have made for a chat client), carrying its frame
+/// under [`NATIVE_EVENT`](crate::dialect::NATIVE_EVENT), so a layer that works on typed
+/// chunks still hands the edge the event as it came.
+///
+/// ```
+/// use std::sync::Arc;
+/// use llm_tower_core::{NativeEvent, StreamHead};
+/// use llm_tower_core::dialect::Dialect;
+///
+/// let head = Arc::new(StreamHead { id: "msg_1".into(), model: "claude".into(), created: 7 });
+/// let data = br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}"#;
+/// let ev = NativeEvent::new(Dialect::Messages, "content_block_delta".into(), data.as_slice().into(), head)
+///     .unwrap()
+///     .with_choice(false);
+/// let mut out = Vec::new();
+/// ev.write_frame(&mut out);
+/// assert!(out.starts_with(b"event: content_block_delta\ndata: {\"type\""));
+/// assert_eq!((ev.choice_count(), ev.has_finish()), (1, false));
+/// let chunk = ev.decode().unwrap();
+/// assert_eq!((chunk.id.as_str(), chunk.choices[0].delta.text()), ("msg_1", Some("hi")));
+/// ```
+#[derive(Clone, PartialEq)]
+pub struct NativeEvent {
+    dialect: Dialect,
+    name: Bytes,
+    data: Bytes,
+    head: Arc<StreamHead>,
+    // Boxed: only the event that ends a stream carries it.
+    usage: Option<Box<Usage>>,
+    choice: bool,
+    finish: bool,
+    tool: Option<u32>,
+}
+
+impl NativeEvent {
+    /// The event `name` with its `data` (written as they are; [`decode`](Self::decode)
+    /// refuses data that is not the JSON of an event), of a stream in `dialect` whose
+    /// events share `head`; no content, no usage. `None` unless the name is UTF-8.
+    pub fn new(dialect: Dialect, name: Bytes, data: Bytes, head: Arc<StreamHead>) -> Option<Self> {
+        std::str::from_utf8(&name).ok()?;
+        Some(Self {
+            dialect,
+            name,
+            data,
+            head,
+            usage: None,
+            choice: false,
+            finish: false,
+            tool: None,
+        })
+    }
+
+    /// The event has chat content (its view has one choice); `finish`: it ends the answer.
+    #[must_use]
+    pub fn with_choice(mut self, finish: bool) -> Self {
+        self.choice = true;
+        self.finish = finish;
+        self
+    }
+
+    /// The usage the event carries (set on the event that ends the answer).
+    #[must_use]
+    pub fn with_usage(mut self, usage: Usage) -> Self {
+        self.usage = Some(Box::new(usage));
+        self
+    }
+
+    /// The chat tool-call index the event speaks of (a tool block's start or arguments),
+    /// or, on the event that ends a Responses stream, how many calls the answer made.
+    #[must_use]
+    pub fn with_tool(mut self, tool: u32) -> Self {
+        self.tool = Some(tool);
+        self
+    }
+
+    /// The dialect of the stream.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The event's name (`event:` line).
+    pub fn name(&self) -> &str {
+        std::str::from_utf8(&self.name).unwrap_or_default()
+    }
+
+    /// The event's data, as received.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// What the stream's events share.
+    pub fn head(&self) -> &StreamHead {
+        &self.head
+    }
+
+    /// The tool index set by [`with_tool`](Self::with_tool).
+    pub fn tool(&self) -> Option<u32> {
+        self.tool
+    }
+
+    /// The usage, on the event that ends the answer.
+    pub fn usage(&self) -> Option<&Usage> {
+        self.usage.as_deref()
+    }
+
+    /// 1 when the event has chat content, else 0 (framing events: pings, a block's end).
+    pub fn choice_count(&self) -> usize {
+        usize::from(self.choice)
+    }
+
+    /// Whether the event ends the answer with a finish reason.
+    pub fn has_finish(&self) -> bool {
+        self.finish
+    }
+
+    /// The choice indices in the event and those that finished in it, as bit sets (see
+    /// [`EncodedChunk::choice_indices`](crate::EncodedChunk::choice_indices)): these
+    /// dialects have one choice, index 0.
+    pub fn choice_indices(&self) -> (u64, u64) {
+        (u64::from(self.choice), u64::from(self.finish))
+    }
+
+    /// Bytes [`write_frame`](Self::write_frame) writes (for a single-line data).
+    pub fn frame_len(&self) -> usize {
+        self.name.len() + self.data.len() + 16
+    }
+
+    /// Appends the event's frame: `event: {name}\ndata: {data}\n\n` (a multi-line data
+    /// one `data:` line each, as it arrived).
+    pub fn write_frame(&self, out: &mut Vec<u8>) {
+        dialect::messages::write_frame_bytes(out, &self.name, &self.data);
+    }
+
+    /// The event's frame as [`NATIVE_EVENT`](crate::dialect::NATIVE_EVENT) holds it.
+    pub fn frame(&self) -> String {
+        let mut out = Vec::with_capacity(self.frame_len());
+        self.write_frame(&mut out);
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+
+    /// The chat view of the event (see the type's documentation); a
+    /// [`Transport`](crate::ErrorKind::Transport) error when its data is not the event
+    /// it was read as.
+    pub fn decode(&self) -> Result<ChatChunk, LlmError> {
+        let mut chunk = match self.dialect {
+            Dialect::Messages => dialect::messages::native_view(self),
+            Dialect::Responses => dialect::responses::native_view(self),
+            Dialect::Chat => Err(LlmError::internal("a chat event kept as a native one")),
+        }?;
+        dialect::messages::attach_native(&mut chunk, self.frame().into());
+        Ok(chunk)
+    }
+
+    /// The same event with its name and data in one allocation of their own size (see
+    /// [`EncodedChunk::compacted`](crate::EncodedChunk::compacted)).
+    pub fn compacted(&self) -> Self {
+        let mut all = BytesMut::with_capacity(self.name.len() + self.data.len());
+        self.copy_into(&mut all);
+        self.with_parts(&mut all.freeze())
+    }
+
+    /// Appends the name and the data to `buf` (see [`with_parts`](Self::with_parts)).
+    pub(crate) fn copy_into(&self, buf: &mut BytesMut) {
+        buf.extend_from_slice(&self.name);
+        buf.extend_from_slice(&self.data);
+    }
+
+    /// The same event with its name and data taken from the front of `buf`, a copy made
+    /// by [`copy_into`](Self::copy_into).
+    pub(crate) fn with_parts(&self, buf: &mut Bytes) -> Self {
+        let name = buf.split_to(self.name.len().min(buf.len()));
+        let data = buf.split_to(self.data.len().min(buf.len()));
+        debug_assert!(name == self.name && data == self.data);
+        Self {
+            name,
+            data,
+            ..self.clone()
+        }
+    }
+}
+
+impl fmt::Debug for NativeEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NativeEvent")
+            .field("dialect", &self.dialect)
+            .field("name", &self.name())
+            .field("data", &String::from_utf8_lossy(&self.data))
+            .field("usage", &self.usage)
+            .field("choice", &self.choice)
+            .field("finish", &self.finish)
+            .field("tool", &self.tool)
+            .finish()
+    }
+}
+
+/// Serializes as its chat view ([`decode`](NativeEvent::decode)), which carries the frame:
+/// what a stored stream of such events reads back as, and what a writer of the dialect
+/// writes as it came.
+impl Serialize for NativeEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.decode()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+}
