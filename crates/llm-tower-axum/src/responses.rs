@@ -27,12 +27,12 @@ use bytes::Bytes;
 use futures_core::Stream;
 use http::StatusCode;
 use llm_tower_core::dialect::responses::{
-    self, Echo, EventEncoder, InputItemsQuery, ResponseStore, StoredResponse,
+    self, Echo, EventEncoder, InputItemsQuery, RequestBody, ResponseStore, StoredResponse,
 };
 use llm_tower_core::{
     ChatRequest, ChunkStream, Dialect, LlmError, LlmResponse, ResponseBody, StreamEvent, Tenant,
 };
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tower::Service;
 use tower_http::request_id::RequestId;
 use tracing::Instrument;
@@ -40,7 +40,7 @@ use tracing::Instrument;
 use crate::error::error_response;
 use crate::headers;
 use crate::native::{self, tenant_of};
-use crate::router::{AppState, json_response, read_body};
+use crate::router::{AppState, Finish, json_response, read_body};
 use crate::sse::Gather;
 
 /// Input items a stored conversation may reach (with `previous_response_id`).
@@ -111,19 +111,19 @@ fn not_found(id: &str, param: &str) -> LlmError {
         .with_code("not_found")
 }
 
-/// What the handler keeps of a request besides its view: the parsed body (what to echo
-/// and the conversation's input to store are read from it only when needed), the resolved
-/// `previous_response_id`, whether to store the answer.
-struct Prepared {
-    top: Map<String, Value>,
+/// What the handler keeps of a request besides its view: the body's members (what to
+/// echo and the conversation's input to store are read from them only when needed), the
+/// resolved `previous_response_id`, whether to store the answer.
+struct Prepared<'a> {
+    top: RequestBody<'a>,
     prev: Option<String>,
     store: bool,
 }
 
-impl Prepared {
+impl Prepared<'_> {
     /// The fields a translated answer echoes.
     fn echo(&self) -> Echo {
-        let mut echo = Echo::from_map(&self.top);
+        let mut echo = self.top.echo();
         if let Some(prev) = &self.prev {
             echo.set("previous_response_id", Value::String(prev.clone()));
         }
@@ -153,18 +153,27 @@ fn bad(msg: impl Into<String>) -> LlmError {
     LlmError::bad_request(msg.into())
 }
 
-/// Reads the body (parsed once), resolves `previous_response_id`, builds the view.
-async fn prepare<S>(
+/// Reads the body of `req` (only its head is left in `parts`).
+async fn read<S>(
     st: &AppState<S>,
     req: Request,
-    tenant: &Tenant,
-) -> Result<(ChatRequest, Prepared), (Option<StatusCode>, LlmError)> {
+) -> Result<(http::request::Parts, Bytes), (Option<StatusCode>, LlmError)> {
     let (parts, body) = req.into_parts();
     let bytes = read_body(body, &parts.headers, st.body_limit)
         .await
         .map_err(|(s, e)| (Some(s), e))?;
-    let mut top = responses::parse_body(&bytes).map_err(|e| (None, e))?;
-    let store = st.responses.is_some() && top.get("store") != Some(&Value::Bool(false));
+    Ok((parts, bytes))
+}
+
+/// Reads the body's members (once), resolves `previous_response_id`, builds the view.
+async fn prepare<'a, S>(
+    st: &AppState<S>,
+    parts: &http::request::Parts,
+    bytes: &'a Bytes,
+    tenant: &Tenant,
+) -> Result<(ChatRequest, Prepared<'a>), (Option<StatusCode>, LlmError)> {
+    let mut top = RequestBody::parse(bytes).map_err(|e| (None, e))?;
+    let store = st.responses.is_some() && top.store();
     let prev = match top.remove("previous_response_id") {
         Some(Value::String(prev)) => Some(prev),
         Some(Value::Null) | None => None,
@@ -178,9 +187,8 @@ async fn prepare<S>(
     let body = match &prev {
         Some(prev) => {
             let full = conversation(st, tenant, prev, top.remove("input")).await?;
-            top.insert("input".into(), Value::Array(full));
-            let body = serde_json::to_vec(&top)
-                .map_err(|e| (None, LlmError::internal(format!("cannot encode: {e}"))))?;
+            top.insert("input", Value::Array(full));
+            let body = top.to_vec().map_err(|e| (None, e))?;
             if body.len() > st.body_limit {
                 return Err((
                     Some(StatusCode::PAYLOAD_TOO_LARGE),
@@ -194,9 +202,9 @@ async fn prepare<S>(
             }
             Bytes::from(body)
         }
-        None => bytes,
+        None => bytes.clone(),
     };
-    let mut view = responses::request_from_map(&top, body).map_err(|e| (None, e))?;
+    let mut view = top.request(body).map_err(|e| (None, e))?;
     headers::request_metadata(&parts.headers, &mut view).map_err(|e| (None, e))?;
     view.extensions.insert(tenant.clone());
     if let Some(id) = parts.extensions.get::<RequestId>() {
@@ -287,16 +295,22 @@ where
 {
     let finish = native::finish_for(&st, &tenant, start);
     let incoming = st.traces().then(|| req.headers().clone());
-    let (view, mut prepared) = match prepare(&st, req, &tenant).await {
-        Ok(p) => p,
-        Err((status, e)) => {
-            let mut resp = finish.reject_with(&e, error_response);
-            if let Some(s) = status {
-                *resp.status_mut() = s;
-            }
-            return resp;
+    let reject = |finish: Finish, (status, e): (Option<StatusCode>, LlmError)| {
+        let mut resp = finish.reject_with(&e, error_response);
+        if let Some(s) = status {
+            *resp.status_mut() = s;
         }
+        resp
     };
+    let (parts, bytes) = match read(&st, req).await {
+        Ok(r) => r,
+        Err(e) => return reject(finish, e),
+    };
+    let (view, mut prepared) = match prepare(&st, &parts, &bytes, &tenant).await {
+        Ok(p) => p,
+        Err(e) => return reject(finish, e),
+    };
+    drop(parts);
     let storage = if prepared.store {
         st.responses.clone()
     } else {

@@ -23,6 +23,7 @@ pub(crate) fn from_object<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json
 
 /// A string (an object key, a role), borrowed from the input when it has no escapes
 /// (serde's `Cow<str>` always allocates).
+#[derive(Debug)]
 pub(crate) enum Key<'de> {
     Borrowed(&'de str),
     Owned(String),

@@ -22,7 +22,7 @@ use serde_json::{Map, Number, Value, json};
 
 use super::messages::write_frame;
 use super::{Dialect, NativeRequest};
-use crate::json::LenientStr;
+use crate::json::{Key, LenientStr};
 use crate::{
     ChatChunk, ChatRequest, ChatResponse, Choice, CompletionTokensDetails, Content, ContentPart,
     Delta, ErrorKind, Extra, FunctionCall, FunctionCallDelta, FunctionDef, ImageUrl,
@@ -111,59 +111,290 @@ pub fn request_from_slice(body: &[u8]) -> Result<ChatRequest, LlmError> {
 
 /// [`request_from_slice`] on a body already in [`Bytes`] (kept without a copy).
 pub fn request_from_bytes(body: Bytes) -> Result<ChatRequest, LlmError> {
-    let top = parse_body(&body)?;
-    request_from_map(&top, body)
+    RequestBody::parse(&body)?.request(body.clone())
 }
 
-/// A Responses request body's top-level object: the one parse an HTTP edge makes of it
-/// (it reads `store` and `previous_response_id` there, then builds the view with
-/// [`request_from_map`] and the echo with [`Echo::from_map`]). Not JSON, not an object or
-/// over [`MAX_REQUEST_BYTES`] is a bad request.
+/// A Responses request body's top-level members: the one read an HTTP edge makes of it
+/// (it reads `store` and takes `previous_response_id` there, then builds the view with
+/// [`request`](Self::request) and the echo with [`echo`](Self::echo)). `model` and a
+/// string `input` are borrowed from the body, every other member is a JSON value; a
+/// repeated member reads as its last value. Not JSON, not an object or over
+/// [`MAX_REQUEST_BYTES`] is a bad request.
 ///
 /// ```
-/// use llm_tower_core::dialect::responses::{Echo, parse_body, request_from_map};
+/// use llm_tower_core::dialect::responses::RequestBody;
 /// let body = bytes::Bytes::from_static(br#"{"model":"m","input":"Hi","store":false}"#);
-/// let top = parse_body(&body).unwrap();
-/// assert_eq!(top["store"], false);
-/// let view = request_from_map(&top, body.clone()).unwrap();
+/// let top = RequestBody::parse(&body).unwrap();
+/// assert!(!top.store());
+/// let view = top.request(body.clone()).unwrap();
 /// assert_eq!(view.messages[0].text(), "Hi");
-/// assert!(Echo::from_map(&top).previous_response_id().is_none());
-/// assert!(parse_body(b"[1]").is_err());
+/// assert!(top.echo().previous_response_id().is_none());
+/// assert!(RequestBody::parse(b"[1]").is_err());
 /// ```
-pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, LlmError> {
-    if body.len() > MAX_REQUEST_BYTES {
-        return Err(bad(format!(
-            "request body of {} bytes exceeds the limit of {MAX_REQUEST_BYTES} bytes",
-            body.len()
-        )));
-    }
-    crate::json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))
+#[derive(Debug)]
+pub struct RequestBody<'a> {
+    members: Vec<(Key<'a>, Member<'a>)>,
+    /// The text of the `model` value (quotes included), when there is exactly one and it
+    /// is a string without escapes: the body is then sent with the routed model in its
+    /// place.
+    model_value: Option<&'a str>,
 }
 
-/// The [`ChatRequest`] view of the parsed request `top` (see [`parse_body`]), with `body`
-/// (what a provider that speaks Responses receives: `top` as JSON) kept as its
-/// [`NativeRequest`].
-pub fn request_from_map(top: &Map<String, Value>, body: Bytes) -> Result<ChatRequest, LlmError> {
-    let mut p = Parser {
-        req: ChatRequest::default(),
-        first: None,
-    };
-    p.top(top)?;
-    let Parser { mut req, first } = p;
-    let mut native = NativeRequest::new(Dialect::Responses, body, req.messages.len());
-    if let Some(e) = first {
-        native.set_untranslatable(e);
+/// A top-level member: a string borrowed from the body (`model`, a string `input`), or
+/// a JSON value.
+#[derive(Debug)]
+enum Member<'a> {
+    Text(Key<'a>),
+    Value(Value),
+}
+
+impl Member<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Member::Text(s) => Some(s.as_str()),
+            Member::Value(Value::String(s)) => Some(s),
+            Member::Value(_) => None,
+        }
     }
-    req.extensions.insert(native);
-    Ok(req)
+
+    fn into_value(self) -> Value {
+        match self {
+            Member::Text(s) => Value::String(s.into_owned()),
+            Member::Value(v) => v,
+        }
+    }
+}
+
+impl<'a> RequestBody<'a> {
+    /// Reads `body` (see the type's docs).
+    pub fn parse(body: &'a [u8]) -> Result<Self, LlmError> {
+        if body.len() > MAX_REQUEST_BYTES {
+            return Err(bad(format!(
+                "request body of {} bytes exceeds the limit of {MAX_REQUEST_BYTES} bytes",
+                body.len()
+            )));
+        }
+        // The typed read takes every well-formed object; anything it refuses is read
+        // again as JSON values, whose error names the fault as before.
+        match crate::json::from_slice::<Self>(body) {
+            Ok(mut top) => {
+                // The model's text with its quotes (a string read borrowed has no escapes).
+                top.model_value = top.model_value.and_then(|m| {
+                    let at = (m.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+                    let raw = body.get(at.checked_sub(1)?..at + m.len() + 1)?;
+                    std::str::from_utf8(raw).ok()
+                });
+                Ok(top)
+            }
+            Err(_) => {
+                let members: crate::json::Members<'a> = crate::json::from_slice(body)
+                    .map_err(|e| bad(format!("invalid request body: {e}")))?;
+                Ok(Self {
+                    members: members
+                        .into_inner()
+                        .into_iter()
+                        .map(|(k, v)| (k, Member::Value(v)))
+                        .collect(),
+                    model_value: None,
+                })
+            }
+        }
+    }
+
+    fn member(&self, key: &str) -> Option<&Member<'a>> {
+        self.members
+            .iter()
+            .rev()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Whether the answer is to be stored: `store` is not `false` (the default is `true`).
+    pub fn store(&self) -> bool {
+        !matches!(
+            self.member("store"),
+            Some(Member::Value(Value::Bool(false)))
+        )
+    }
+
+    /// Takes the member `key` out (every occurrence), as a JSON value: the last one sent.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        let mut last = None;
+        let mut i = 0;
+        while i < self.members.len() {
+            if self.members[i].0.as_str() == key {
+                last = Some(self.members.remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        if key == "model" {
+            self.model_value = None;
+        }
+        last.map(Member::into_value)
+    }
+
+    /// Sets the member `key` to `value` (replacing any it had).
+    pub fn insert(&mut self, key: &str, value: Value) {
+        self.remove(key);
+        self.members
+            .push((Key::Owned(key.to_owned()), Member::Value(value)));
+    }
+
+    /// The members as JSON text, keys in order and once each (as a [`Map`] writes them).
+    pub fn to_vec(&self) -> Result<Vec<u8>, LlmError> {
+        let mut top = Map::new();
+        for (k, v) in &self.members {
+            let v = match v {
+                Member::Text(s) => Value::String(s.as_str().to_owned()),
+                Member::Value(v) => v.clone(),
+            };
+            top.insert(k.as_str().to_owned(), v);
+        }
+        serde_json::to_vec(&top).map_err(|e| LlmError::internal(format!("cannot encode: {e}")))
+    }
+
+    /// The fields a translated answer echoes.
+    pub fn echo(&self) -> Echo {
+        let mut echo = Map::new();
+        for (k, v) in &self.members {
+            // ECHOED is sorted; `model` and `input` are not echoed.
+            if let Member::Value(v) = v
+                && ECHOED.binary_search(&k.as_str()).is_ok()
+            {
+                echo.insert(k.as_str().to_owned(), v.clone());
+            }
+        }
+        Echo(echo)
+    }
+
+    /// The [`ChatRequest`] view, with `body` (what a provider that speaks Responses
+    /// receives: the body read, or these members as JSON) kept as its [`NativeRequest`].
+    pub fn request(&self, body: Bytes) -> Result<ChatRequest, LlmError> {
+        let mut p = Parser {
+            req: ChatRequest::default(),
+            first: None,
+        };
+        p.top(self)?;
+        let Parser { mut req, first } = p;
+        let mut native = NativeRequest::new(Dialect::Responses, body, req.messages.len());
+        if let Some(raw) = self.model_value {
+            // Ignored unless `raw` stands in `body` (not so in a body re-assembled).
+            native.set_model_value(raw);
+        }
+        if let Some(e) = first {
+            native.set_untranslatable(e);
+        }
+        req.extensions.insert(native);
+        Ok(req)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RequestBody<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RequestBody<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RequestBody<'de>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                let (mut model_value, mut models) = (None, 0u32);
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    let v = match k.as_str() {
+                        // A model that is not a string is the slow read's to refuse.
+                        "model" => {
+                            let m: Key<'de> = map.next_value()?;
+                            models += 1;
+                            // Widened to its quotes by `parse`.
+                            model_value = match &m {
+                                Key::Borrowed(s) => Some(*s),
+                                Key::Owned(_) => None,
+                            };
+                            Member::Text(m)
+                        }
+                        "input" => map.next_value::<TextOrValue<'de>>()?.0,
+                        _ => Member::Value(map.next_value()?),
+                    };
+                    members.push((k, v));
+                }
+                Ok(RequestBody {
+                    members,
+                    model_value: model_value.filter(|_| models == 1),
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A member read as borrowed text when it is a string without escapes, else as a value.
+struct TextOrValue<'de>(Member<'de>);
+
+impl<'de> serde::Deserialize<'de> for TextOrValue<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TextOrValue<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Text(Key::Borrowed(s))))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Text(Key::Owned(s.to_owned()))))
+            }
+            fn visit_string<E>(self, s: String) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Text(Key::Owned(s))))
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Value(Value::Bool(b))))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Value(n.into())))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Value(n.into())))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Value(
+                    Number::from_f64(n).map_or(Value::Null, Value::Number),
+                )))
+            }
+            fn visit_unit<E>(self) -> Result<TextOrValue<'de>, E> {
+                Ok(TextOrValue(Member::Value(Value::Null)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<TextOrValue<'de>, A::Error> {
+                serde::Deserialize::deserialize(SeqAccessDeserializer::new(seq))
+                    .map(|v| TextOrValue(Member::Value(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TextOrValue<'de>, A::Error> {
+                serde::Deserialize::deserialize(MapAccessDeserializer::new(map))
+                    .map(|v| TextOrValue(Member::Value(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The known top-level fields of a request, found in one pass over its members (a
-/// lookup per field in the map costs several string comparisons each).
+/// repeated one as its last value).
 #[derive(Default)]
-struct Fields<'a> {
-    model: Option<&'a Value>,
-    input: Option<&'a Value>,
+struct Fields<'a, 'b> {
+    model: Option<&'a Member<'b>>,
+    input: Option<&'a Member<'b>>,
     instructions: Option<&'a Value>,
     tools: Option<&'a Value>,
     tool_choice: Option<&'a Value>,
@@ -188,13 +419,18 @@ struct Fields<'a> {
     unknown: bool,
 }
 
-impl<'a> Fields<'a> {
-    fn of(top: &'a Map<String, Value>) -> Self {
+impl<'a, 'b> Fields<'a, 'b> {
+    fn of(top: &'a RequestBody<'b>) -> Self {
         let mut f = Self::default();
-        for (k, v) in top {
+        for (k, m) in &top.members {
+            match k.as_str() {
+                "model" => f.model = Some(m),
+                "input" => f.input = Some(m),
+                _ => {}
+            }
+            // Only `model` and `input` are read as text.
+            let Member::Value(v) = m else { continue };
             let slot = match k.as_str() {
-                "model" => &mut f.model,
-                "input" => &mut f.input,
                 "instructions" => &mut f.instructions,
                 "tools" => &mut f.tools,
                 "tool_choice" => &mut f.tool_choice,
@@ -215,7 +451,7 @@ impl<'a> Fields<'a> {
                 "safety_identifier" => &mut f.safety_identifier,
                 "include" => &mut f.include,
                 "background" => &mut f.background,
-                "stream_options" => continue,
+                "model" | "input" | "stream_options" => continue,
                 _ => {
                     f.unknown = true;
                     continue;
@@ -256,14 +492,14 @@ impl Parser {
         }
     }
 
-    fn top(&mut self, top: &Map<String, Value>) -> Result<(), LlmError> {
+    fn top(&mut self, top: &RequestBody<'_>) -> Result<(), LlmError> {
         let f = Fields::of(top);
-        match f.model {
-            Some(Value::String(m)) if !m.trim().is_empty() => self.req.model.clone_from(m),
-            Some(Value::String(_)) => {
+        match f.model.map(Member::as_str) {
+            Some(Some(m)) if !m.trim().is_empty() => m.clone_into(&mut self.req.model),
+            Some(Some(_)) => {
                 return Err(bad("`model` must not be empty").with_param("model"));
             }
-            Some(_) => return Err(bad("`model` must be a string").with_param("model")),
+            Some(None) => return Err(bad("`model` must be a string").with_param("model")),
             None => return Err(bad("`model`: field required").with_param("model")),
         }
         match f.instructions {
@@ -274,8 +510,11 @@ impl Parser {
             }
         }
         match f.input {
-            Some(Value::String(s)) => self.req.messages.push(Message::user(s.as_str())),
-            Some(Value::Array(items)) => {
+            Some(Member::Text(s)) => self.req.messages.push(Message::user(s.as_str())),
+            Some(Member::Value(Value::String(s))) => {
+                self.req.messages.push(Message::user(s.as_str()));
+            }
+            Some(Member::Value(Value::Array(items))) => {
                 for (i, item) in items.iter().enumerate() {
                     self.item(item, i)?;
                 }
@@ -384,10 +623,20 @@ impl Parser {
             Some(Value::Array(a)) if a.is_empty() => {}
             Some(_) => self.cannot("include", "`include`"),
         }
-        for (k, v) in top {
-            if f.unknown && !KNOWN.contains(&k.as_str()) {
+        if f.unknown {
+            // In key order, each once with its last value: the first named is the same
+            // whatever order the client sent them in.
+            let mut unknown = std::collections::BTreeMap::new();
+            for (k, m) in &top.members {
+                if let Member::Value(v) = m
+                    && !KNOWN.contains(&k.as_str())
+                {
+                    unknown.insert(k.as_str(), v);
+                }
+            }
+            for (k, v) in unknown {
                 // Kept in the view, so that the cache key tells such requests apart.
-                self.req.extra.insert(k.clone(), v.clone());
+                self.req.extra.insert(k.to_owned(), v.clone());
                 self.cannot(k, "this field");
             }
         }
@@ -665,17 +914,6 @@ impl Echo {
         Self(
             top.into_iter()
                 .filter(|(k, _)| ECHOED.contains(&k.as_str()))
-                .collect(),
-        )
-    }
-
-    /// The echoed fields of a parsed request (see [`parse_body`]).
-    pub fn from_map(top: &Map<String, Value>) -> Self {
-        Self(
-            top.iter()
-                // ECHOED is sorted.
-                .filter(|(k, _)| ECHOED.binary_search(&k.as_str()).is_ok())
-                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         )
     }
@@ -2245,6 +2483,55 @@ mod tests {
         assert_eq!(f.json_schema.as_ref().unwrap().name, "w");
         let native = req.extensions.get::<NativeRequest>().unwrap();
         assert!(native.check_translatable().is_ok());
+    }
+
+    #[test]
+    fn the_typed_read_and_the_value_read_agree() {
+        // Typed; then with a model that is not a string, so as JSON values.
+        let body = r#"{"model":"a","input":"x","z_b":1,"z_a":2,"input":"y","model":"b"}"#;
+        let req = request_from_slice(body.as_bytes()).unwrap();
+        assert_eq!(req.model, "b");
+        assert_eq!(req.messages[0].text(), "y");
+        let native = req.extensions.get::<NativeRequest>().unwrap();
+        // Unknown fields are named in key order, whatever order they came in.
+        assert_eq!(
+            native.check_translatable().unwrap_err().param(),
+            Some("z_a")
+        );
+        let e = request_from_slice(br#"{"model":1,"input":"x"}"#).unwrap_err();
+        assert_eq!(e.message(), "`model` must be a string");
+        let e = request_from_slice(b"[1]").unwrap_err();
+        assert!(
+            e.message().starts_with("invalid request body"),
+            "{}",
+            e.message()
+        );
+        let top = RequestBody::parse(br#"{"store":true,"store":false,"input":[1]}"#).unwrap();
+        assert!(!top.store());
+    }
+
+    #[test]
+    fn the_body_sent_is_the_clients_with_the_model_written_in_place() {
+        let body = br#"{ "model" : "gpt",  "input":"hi", "z": [1.50] }"#;
+        let req = request_from_slice(body).unwrap();
+        let native = req.extensions.get::<NativeRequest>().unwrap();
+        let sent = native.body_for(&req, "gpt-\"x\"", &[]).unwrap();
+        let want = String::from_utf8_lossy(body).replace(r#""gpt""#, r#""gpt-\"x\"""#);
+        assert_eq!(String::from_utf8(sent).unwrap(), want);
+        // Re-assembled members are sent as a `Map` writes them.
+        let mut top = RequestBody::parse(br#"{"model":"m","z":1,"input":"a"}"#).unwrap();
+        top.insert("input", json!([{"role": "user", "content": "b"}]));
+        let body = Bytes::from(top.to_vec().unwrap());
+        assert_eq!(
+            &body[..],
+            br#"{"input":[{"content":"b","role":"user"}],"model":"m","z":1}"#
+        );
+        let req = top.request(body).unwrap();
+        let native = req.extensions.get::<NativeRequest>().unwrap();
+        let sent: Value =
+            serde_json::from_slice(&native.body_for(&req, "n", &[]).unwrap()).unwrap();
+        assert_eq!(sent["model"], "n");
+        assert_eq!(sent["input"][0]["content"], "b");
     }
 
     #[test]
