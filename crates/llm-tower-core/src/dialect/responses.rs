@@ -1970,15 +1970,19 @@ impl EventEncoder {
         if self.ended {
             return;
         }
-        let data = std::str::from_utf8(event.data()).unwrap_or_default();
-        self.native(event.name(), data, |out| event.write_frame(out), out);
+        self.native(
+            event.name(),
+            event.data(),
+            |out| event.write_frame(out),
+            out,
+        );
     }
 
     /// An upstream's own event `name` with its `data`; `write` writes it as it came.
     fn native(
         &mut self,
         name: &str,
-        data: &str,
+        data: &[u8],
         write: impl FnOnce(&mut Vec<u8>),
         out: &mut Vec<u8>,
     ) {
@@ -1996,7 +2000,7 @@ impl EventEncoder {
         {
             // The edge resolved `previous_response_id` and removed it, so the upstream
             // says `null`: the client must read the id it sent.
-            Some(prev) => match serde_json::from_str::<Value>(data) {
+            Some(prev) => match serde_json::from_slice::<Value>(data) {
                 Ok(mut v) => {
                     if let Some(r) = v.get_mut("response").and_then(Value::as_object_mut) {
                         r.insert("previous_response_id".into(), prev.into());
@@ -2011,7 +2015,7 @@ impl EventEncoder {
             None => {
                 write(out);
                 if ends && self.keep_final {
-                    self.last = serde_json::from_str::<Value>(data)
+                    self.last = serde_json::from_slice::<Value>(data)
                         .ok()
                         .and_then(|mut v| v.get_mut("response").map(Value::take));
                 }
@@ -2032,7 +2036,7 @@ impl EventEncoder {
             let data = frame_data_text(frame);
             self.native(
                 name,
-                &data,
+                data.as_bytes(),
                 |out| out.extend_from_slice(frame.as_bytes()),
                 out,
             );
