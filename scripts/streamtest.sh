@@ -19,15 +19,8 @@
 #     from /proc/PID/stat);
 #   - c=64: cache hits through the gateway, non-streamed and streamed (same request every
 #     time), against the baseline's non-streamed and streamed round trip;
-#   - c=1, curl on core 1 (CURL_CORE), TTFB_N requests on one connection each to the mock
-#     directly, the baseline and the gateway: time to first byte and to last byte (p50).
-#     Not on core 0: a client there sees a proxy's first bytes only once the proxy gives
-#     up the core (the kernel does not preempt a proxy that is still writing the rest of
-#     the stream for the client it woke), so the figure would measure how much work each
-#     proxy has queued after its first write, and flips between runs (0 to +190 µs for
-#     the same binaries). On core 1 the client sees the bytes as they leave; the direct
-#     figure (client and mock on one core) is then a reference only, and the comparison
-#     is gateway against baseline.
+#   - c=1, curl on core 0, TTFB_N requests on one connection each to the mock directly, the
+#     baseline and the gateway: time to first byte and to last byte (p50).
 # Reports the medians over the rounds with their range, per request and per content chunk,
 # and the gateway's peak RSS (VmHWM). Writes the table to $OUT (default
 # $CARGO_TARGET_DIR/streamtest.md) too. Needs wrk, taskset, curl.
@@ -116,7 +109,7 @@ ttfb() {
       "$1" "$2" "$BODY_FILE" >>"$CURL_CFG"
   done
   # Skip the first (connection set-up); time from the request's start (pretransfer).
-  taskset -c "${CURL_CORE:-1}" curl -s -K "$CURL_CFG" | tail -n +2 |
+  taskset -c 0 curl -s -K "$CURL_CFG" | tail -n +2 |
     awk '{ printf "%.0f %.0f\n", ($2 - $1) * 1e6, ($3 - $1) * 1e6 }' >"$CURL_CFG.out"
   echo "$(med %.0f $(cut -d' ' -f1 "$CURL_CFG.out")) $(med %.0f $(cut -d' ' -f2 "$CURL_CFG.out"))"
   rm -f "$CURL_CFG.out"
@@ -180,5 +173,5 @@ mkdir -p "$(dirname "$OUT")"
   echo "| non-streamed | ${bnrps} req/s | ${hrps} req/s | ${hcpu} µs | ${bncpu} µs |"
   echo "| streamed ($CHUNKS content chunks) | ${brps} req/s | ${hsrps} req/s | ${hscpu} µs | ${bcpu} µs |"
   echo
-  echo "Median of $ROUNDS round(s), range in brackets. wrk -t1 -c64 ${DURATION} per run on core 1; curl on core ${CURL_CORE:-1}, $TTFB_N requests per target and round on one connection (times from the request's start); gateway \`${GW_BIN#"$PWD/"}\` (\`${CONFIG:-examples/proxy/bench.toml}\`) and baseline on core 0, mock on core 1; CPU = the proxy's user + kernel time / requests; $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); $(date -u +%FT%TZ)."
+  echo "Median of $ROUNDS round(s), range in brackets. wrk -t1 -c64 ${DURATION} per run on core 1; curl on core 0, $TTFB_N requests per target and round on one connection (times from the request's start); gateway \`${GW_BIN#"$PWD/"}\` (\`${CONFIG:-examples/proxy/bench.toml}\`) and baseline on core 0, mock on core 1; CPU = the proxy's user + kernel time / requests; $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); $(date -u +%FT%TZ)."
 } | tee "$OUT"
