@@ -180,7 +180,7 @@ fn native_events_pass_through_unchanged() {
     let last = frames(&sse).pop().unwrap();
     let data: Value =
         serde_json::from_str(last.lines().nth(1).unwrap().strip_prefix("data: ").unwrap()).unwrap();
-    assert_eq!(enc.final_response(), Some(&data["response"]));
+    assert_eq!(enc.final_response().as_ref(), Some(&data["response"]));
     // The frame helper writes what the upstream sent.
     let first = frames(&sse).remove(0);
     let (name, data) = first.trim_end().split_once('\n').unwrap();
@@ -211,7 +211,7 @@ fn translated_events_parse_and_agree_with_the_final_response() {
         }
     }
     let done = enc.final_response().unwrap();
-    assert_eq!(response_from_json(done).unwrap().text(), deltas);
+    assert_eq!(response_from_json(&done).unwrap().text(), deltas);
     assert_eq!(deltas, "Hi there!");
 }
 

@@ -1825,8 +1825,28 @@ pub struct EventEncoder {
     usage: Option<Usage>,
     tools_seen: Vec<u32>,
     pending_call: Option<Value>,
-    last: Option<Value>,
+    last: Option<Final>,
     keep_final: bool,
+}
+
+/// The whole response of a stream's end: built (a translated stream, or an upstream's
+/// patched with `previous_response_id`), or the upstream's JSON text as it came.
+#[derive(Debug)]
+enum Final {
+    Built(Value),
+    Raw(Box<serde_json::value::RawValue>),
+}
+
+/// The `response` member of an upstream's last event, as its JSON text (not parsed into a
+/// tree: it is stored as it came). `None` when the event is not an object with one.
+fn raw_response(data: &[u8]) -> Option<Box<serde_json::value::RawValue>> {
+    #[derive(serde::Deserialize)]
+    struct End<'a> {
+        #[serde(borrow)]
+        response: Option<&'a serde_json::value::RawValue>,
+    }
+    let end: End<'_> = serde_json::from_slice(data).ok()?;
+    end.response.map(ToOwned::to_owned)
 }
 
 impl EventEncoder {
@@ -1870,13 +1890,20 @@ impl EventEncoder {
 
     /// The whole response of a stream that ended (`response.completed` / `.incomplete` /
     /// `.failed`), translated or as the upstream sent it.
-    pub fn final_response(&self) -> Option<&Value> {
-        self.last.as_ref()
+    pub fn final_response(&self) -> Option<Value> {
+        match self.last.as_ref()? {
+            Final::Built(v) => Some(v.clone()),
+            Final::Raw(r) => serde_json::from_str(r.get()).ok(),
+        }
     }
 
-    /// [`final_response`](Self::final_response), taken out of the encoder.
-    pub fn take_final_response(&mut self) -> Option<Value> {
-        self.last.take()
+    /// [`final_response`](Self::final_response) as JSON text, taken out of the encoder:
+    /// an upstream's as it came, without a parse.
+    pub fn take_final_json(&mut self) -> Option<Bytes> {
+        match self.last.take()? {
+            Final::Built(v) => serde_json::to_vec(&v).ok().map(Bytes::from),
+            Final::Raw(r) => Some(Bytes::from(r.get().to_owned())),
+        }
     }
 
     fn event(&mut self, mut v: Value, out: &mut Vec<u8>) {
@@ -2007,7 +2034,7 @@ impl EventEncoder {
                     }
                     write_frame(out, name, &v.to_string());
                     if ends {
-                        self.last = v.get_mut("response").map(Value::take);
+                        self.last = v.get_mut("response").map(Value::take).map(Final::Built);
                     }
                 }
                 Err(_) => write(out),
@@ -2015,9 +2042,7 @@ impl EventEncoder {
             None => {
                 write(out);
                 if ends && self.keep_final {
-                    self.last = serde_json::from_slice::<Value>(data)
-                        .ok()
-                        .and_then(|mut v| v.get_mut("response").map(Value::take));
+                    self.last = raw_response(data).map(Final::Raw);
                 }
             }
         }
@@ -2152,7 +2177,7 @@ impl EventEncoder {
             "response.completed"
         };
         self.event(json!({"type": name, "response": r}), out);
-        self.last = Some(r);
+        self.last = Some(Final::Built(r));
         self.ended = true;
     }
 
