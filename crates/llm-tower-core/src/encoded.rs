@@ -456,38 +456,23 @@ mod tests {
     /// inserted, with the bytes that matter to JSON).
     #[test]
     fn the_hand_written_pass_is_never_more_lenient_than_serde() {
-        const BYTES: &[u8] = b"\"\\,:{}[]0-9.eEnu \x01a";
         let (mut variants, mut accepted) = (0, 0);
         for seed in SEEDS {
-            let seed = seed.as_bytes();
-            let mut check = |doc: Vec<u8>| {
+            crate::json::one_byte_away(seed, |doc| {
                 variants += 1;
-                if std::str::from_utf8(&doc).is_err() {
+                if std::str::from_utf8(doc).is_err() {
                     return;
                 }
-                let Some(found) = scan::check(&doc) else {
+                let Some(found) = scan::check(doc) else {
                     return;
                 };
                 accepted += 1;
-                let text = String::from_utf8_lossy(&doc);
-                let (model, usage, choices) = by_serde(&doc)
+                let text = String::from_utf8_lossy(doc);
+                let (model, usage, choices) = by_serde(doc)
                     .unwrap_or_else(|| panic!("serde refuses what the scan accepted: {text}"));
                 assert_eq!(String::from_utf8_lossy(&doc[found.model]), model, "{text}");
                 assert_eq!((found.usage, found.choices), (usage, choices), "{text}");
-            };
-            for i in 0..seed.len() {
-                let mut d = seed.to_vec();
-                d.remove(i);
-                check(d);
-                for &b in BYTES {
-                    let mut d = seed.to_vec();
-                    d[i] = b;
-                    check(d);
-                    let mut d = seed.to_vec();
-                    d.insert(i, b);
-                    check(d);
-                }
-            }
+            });
         }
         // Not vacuous: many variants stay valid (in strings, digits, spaces).
         assert!(

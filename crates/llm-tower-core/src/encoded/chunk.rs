@@ -221,18 +221,16 @@ mod tests {
     /// that matter to JSON).
     #[test]
     fn is_never_more_lenient_than_serde() {
-        const BYTES: &[u8] = b"\"\\,:{}[]0-9.eEnu \x01a";
         let (mut variants, mut accepted) = (0, 0);
         for seed in SEEDS {
-            let seed = seed.as_bytes();
-            let mut check = |doc: Vec<u8>| {
+            crate::json::one_byte_away(seed, |doc| {
                 variants += 1;
-                let Some(c) = EncodedChunk::from_json(Bytes::from(doc.clone())) else {
+                let Some(c) = EncodedChunk::from_json(Bytes::copy_from_slice(doc)) else {
                     return;
                 };
                 accepted += 1;
-                let text = String::from_utf8_lossy(&doc);
-                let want = by_serde(&doc)
+                let text = String::from_utf8_lossy(doc);
+                let want = by_serde(doc)
                     .unwrap_or_else(|| panic!("serde refuses what the check accepted: {text}"));
                 assert_eq!(
                     (c.usage().cloned(), c.choice_count(), c.has_finish()),
@@ -240,22 +238,9 @@ mod tests {
                     "{text}"
                 );
                 if let Some(got) = c.choice_indices() {
-                    assert_eq!(got, bits(&doc), "{text}");
+                    assert_eq!(got, bits(doc), "{text}");
                 }
-            };
-            for i in 0..seed.len() {
-                let mut d = seed.to_vec();
-                d.remove(i);
-                check(d);
-                for &b in BYTES {
-                    let mut d = seed.to_vec();
-                    d[i] = b;
-                    check(d);
-                    let mut d = seed.to_vec();
-                    d.insert(i, b);
-                    check(d);
-                }
-            }
+            });
         }
         assert!(
             variants > 20_000 && accepted > 2_000,
