@@ -1132,8 +1132,8 @@ pub(crate) fn write_frame_bytes(out: &mut Vec<u8>, name: &[u8], data: &[u8]) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name);
     out.push(b'\n');
-    // The common case is one line (`contains` on bytes is a `memchr`).
-    if data.contains(&b'\n') {
+    // The common case is one line.
+    if memchr::memchr(b'\n', data).is_some() {
         for l in data.split(|&b| b == b'\n') {
             line(out, l);
         }

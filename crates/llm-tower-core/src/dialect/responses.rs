@@ -1038,6 +1038,9 @@ struct ScanResponse<'a> {
     created_at: Option<Value>,
     #[serde(borrow, default)]
     usage: Option<&'a serde_json::value::RawValue>,
+    /// The usage as the hand-written check read it (`usage` is then not kept).
+    #[serde(skip)]
+    read_usage: Option<Option<Usage>>,
 }
 
 impl<'a> StreamScan<'a> {
@@ -1052,25 +1055,48 @@ impl<'a> StreamScan<'a> {
         crate::json::from_object(data)
     }
 
-    /// [`parse`](Self::parse) of the events the hand-written check reads
+    /// [`parse`](Self::parse) by the hand-written check
     /// ([`check_responses_event`](crate::encoded::scan::check_responses_event)).
     fn common(text: &'a str) -> Option<Self> {
+        use crate::encoded::scan::StringFound;
         use crate::json::Key;
+        // A string the check found: borrowed, or decoded by serde where it has escapes
+        // (the range is between the quotes).
+        let string = |found: Option<StringFound>| -> Option<LenientStr<'a>> {
+            Some(LenientStr(match found {
+                None => None,
+                Some((r, false)) => Some(Key::Borrowed(&text[r])),
+                Some((r, true)) => Some(Key::Owned(
+                    serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
+                )),
+            }))
+        };
         let found = crate::encoded::scan::check_responses_event(text.as_bytes())?;
-        let delta = match found.delta {
-            None => LenientStr::default(),
-            Some((r, false)) => LenientStr(Some(Key::Borrowed(&text[r]))),
-            // Escapes: decoded by serde (the range is between the quotes).
-            Some((r, true)) => LenientStr(Some(Key::Owned(
-                serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
-            ))),
+        let item = match found.item {
+            Some(i) => Some(ScanItem {
+                kind: string(i.kind)?,
+                call_id: string(i.call_id)?,
+                name: string(i.name)?,
+                arguments: string(i.arguments)?,
+            }),
+            None => None,
+        };
+        let response = match found.response {
+            Some(r) => Some(ScanResponse {
+                id: string(r.id)?,
+                model: string(r.model)?,
+                created_at: r.created_at.map(Value::from),
+                usage: None,
+                read_usage: Some(r.usage),
+            }),
+            None => None,
         };
         Some(Self {
             kind: LenientStr(Some(Key::Borrowed(&text[found.kind]))),
             output_index: found.output_index.map(Value::from),
-            delta,
-            item: None,
-            response: None,
+            delta: string(found.delta)?,
+            item,
+            response,
         })
     }
 
@@ -1103,7 +1129,11 @@ impl<'a> StreamScan<'a> {
 
     /// The usage of the `response` object, when it is an object.
     pub fn usage(&self) -> Option<Usage> {
-        let raw = self.response.as_ref()?.usage?;
+        let response = self.response.as_ref()?;
+        if let Some(read) = &response.read_usage {
+            return read.clone();
+        }
+        let raw = response.usage?;
         let v: Value = serde_json::from_str(raw.get()).ok()?;
         v.is_object().then(|| usage_from(&v))
     }
@@ -2451,12 +2481,22 @@ mod tests {
             r#"{"type":"response.function_call_arguments.delta","output_index":1,"delta":"{\"a\":","sequence_number":9}"#,
             r#"{"type":"response.content_part.added","content_index":0,"item_id":"m","output_index":0,"part":{"annotations":[],"logprobs":[],"text":"","type":"output_text"},"sequence_number":3}"#,
             r#" { "delta" : "x" , "type" : "response.output_text.delta" , "n" : [ 1 , 2.5e-3 , -0 , true , null ] } "#,
+            r#"{"type":"response.created","response":{"created_at":1796386973,"error":null,"id":"resp_1","model":"gpt-4o-mini","output":[],"text":{"format":{"type":"text"}},"tools":[],"usage":null},"sequence_number":0}"#,
+            r#"{"type":"response.completed","response":{"id":"r\u00e9","created_at":-1,"model":7,"output":[{"type":"message","content":[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":2},"output_tokens":3,"output_tokens_details":{"reasoning_tokens":null},"total_tokens":15}}}"#,
+            r#"{"type":"response.output_item.added","output_index":1,"item":{"type":"function_call","id":"fc_1","call_id":"call_\"1","name":"get","arguments":"","status":"in_progress"}}"#,
+            r#"{"type":"response.output_item.done","item":null,"response":{"usage":"x","created_at":null}}"#,
         ];
         let head = StreamHead::default();
         let read = |s: &StreamScan<'_>| {
             (
                 s.kind().to_owned(),
                 s.output_index(),
+                s.adds_call(),
+                {
+                    let (id, model, created) = s.response_head();
+                    (id.map(str::to_owned), model.map(str::to_owned), created)
+                },
+                s.usage(),
                 s.view(&head, Some(0), None),
             )
         };

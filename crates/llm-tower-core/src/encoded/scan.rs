@@ -147,40 +147,73 @@ pub(crate) fn check_messages_event(json: &[u8]) -> Option<MessagesEventFound> {
 }
 
 /// What the check of a streamed Responses event reads: its `type`, `output_index` and
-/// `delta` (the range between the quotes, and whether it holds escapes).
+/// `delta` (the range between the quotes, and whether it holds escapes), and what is read
+/// of its `item` and `response`, when it has them.
 pub(crate) struct ResponsesEventFound {
     pub(crate) kind: Range<usize>,
     pub(crate) output_index: Option<u64>,
     pub(crate) delta: Option<StringFound>,
+    pub(crate) item: Option<ItemFound>,
+    pub(crate) response: Option<ResponseFound>,
 }
 
-/// The shape check of the common streamed Responses events (text and argument deltas,
-/// content parts, items' ends): an object whose `type` is a string, `output_index` a
-/// `u64` and `delta` a string, any other member but `item` and `response` skipped. `None`
-/// for those two (the events that carry the answer or a new item), or anything unusual
-/// (escaped keys or type, duplicates, deep nesting, lone surrogates, any error): the
-/// caller then reads it with serde. `json` must be valid UTF-8 (checked by the caller).
+/// An event's `item`: its `type`, `call_id`, `name` and `arguments`, each where it is a
+/// string (a member of another type reads as absent, as `Value::as_str` reads it).
+#[derive(Default)]
+pub(crate) struct ItemFound {
+    pub(crate) kind: Option<StringFound>,
+    pub(crate) call_id: Option<StringFound>,
+    pub(crate) name: Option<StringFound>,
+    pub(crate) arguments: Option<StringFound>,
+}
+
+/// An event's `response`: its `id` and `model` where they are strings, `created_at`
+/// where it is a `u64`, and its usage (`None` when absent, `null` or not an object).
+#[derive(Default)]
+pub(crate) struct ResponseFound {
+    pub(crate) id: Option<StringFound>,
+    pub(crate) model: Option<StringFound>,
+    pub(crate) created_at: Option<u64>,
+    pub(crate) usage: Option<Usage>,
+}
+
+/// The shape check of a streamed Responses event: an object whose `type` is a string,
+/// `output_index` a `u64`, `delta` a string, `item` and `response` `null` or objects
+/// (read for [`ItemFound`] and [`ResponseFound`]), any other member skipped. `None` for
+/// anything unusual (escaped keys or type, duplicates, deep nesting, lone surrogates, a
+/// usage with fields it does not know, any error): the caller then reads it with serde.
+/// `json` must be valid UTF-8 (checked by the caller).
 pub(crate) fn check_responses_event(json: &[u8]) -> Option<ResponsesEventFound> {
     let mut s = Scanner::new(json, true);
-    let (mut seen_kind, mut seen_index, mut seen_delta) = (false, false, false);
+    let mut seen = [false; 5];
     let (mut kind, mut output_index, mut delta) = (None, None, None);
+    let (mut item, mut response) = (None, None);
     s.object(|s, key| match key {
         b"type" => {
-            once(&mut seen_kind)?;
+            once(&mut seen[0])?;
             kind = Some(s.plain_string()?);
             Some(())
         }
         b"output_index" => {
-            once(&mut seen_index)?;
+            once(&mut seen[1])?;
             output_index = Some(s.u64()?);
             Some(())
         }
         b"delta" => {
-            once(&mut seen_delta)?;
+            once(&mut seen[2])?;
             delta = Some(s.string()?);
             Some(())
         }
-        b"item" | b"response" => None,
+        b"item" => {
+            once(&mut seen[3])?;
+            item = s.event_item()?;
+            Some(())
+        }
+        b"response" => {
+            once(&mut seen[4])?;
+            response = s.event_response()?;
+            Some(())
+        }
         _ => s.value(),
     })?;
     s.ws();
@@ -188,6 +221,8 @@ pub(crate) fn check_responses_event(json: &[u8]) -> Option<ResponsesEventFound> 
         kind: kind?,
         output_index,
         delta,
+        item,
+        response,
     })
 }
 
@@ -688,6 +723,82 @@ impl<'a> Scanner<'a> {
             Some(())
         })?;
         Some(u)
+    }
+
+    /// `null` (`Some(None)`), or an object whose members of the given names are read
+    /// by `field` at most once each (a repeated one gives up, as serde refuses it) and the
+    /// rest skipped.
+    fn opt_object<const N: usize>(
+        &mut self,
+        names: [&[u8]; N],
+        mut field: impl FnMut(&mut Self, usize) -> Option<()>,
+    ) -> Option<Option<()>> {
+        if self.null() {
+            return Some(None);
+        }
+        if self.peek()? != b'{' {
+            return None;
+        }
+        let mut seen = [false; N];
+        self.object(|s, key| match names.iter().position(|&n| n == key) {
+            Some(i) => {
+                once(&mut seen[i])?;
+                field(s, i)
+            }
+            None => s.value(),
+        })?;
+        Some(Some(()))
+    }
+
+    /// A member read as `Value::as_str` reads it: a string, or any other value (checked
+    /// and skipped) as absent.
+    fn lenient_string(&mut self) -> Option<Option<StringFound>> {
+        if self.peek()? == b'"' {
+            self.string().map(Some)
+        } else {
+            self.value().map(|()| None)
+        }
+    }
+
+    /// A streamed event's `item` (see [`ItemFound`]).
+    fn event_item(&mut self) -> Option<Option<ItemFound>> {
+        let mut item = ItemFound::default();
+        let read = self.opt_object([b"type", b"call_id", b"name", b"arguments"], |s, i| {
+            let v = s.lenient_string()?;
+            match i {
+                0 => item.kind = v,
+                1 => item.call_id = v,
+                2 => item.name = v,
+                _ => item.arguments = v,
+            }
+            Some(())
+        })?;
+        Some(read.map(|()| item))
+    }
+
+    /// A streamed event's `response` (see [`ResponseFound`]).
+    fn event_response(&mut self) -> Option<Option<ResponseFound>> {
+        let mut r = ResponseFound::default();
+        let read = self.opt_object([b"id", b"model", b"created_at", b"usage"], |s, i| {
+            match i {
+                0 => r.id = s.lenient_string()?,
+                1 => r.model = s.lenient_string()?,
+                2 => {
+                    r.created_at = match s.peek()? {
+                        b'0'..=b'9' => Some(s.u64()?),
+                        _ => s.value().map(|()| None)?,
+                    }
+                }
+                _ => {
+                    r.usage = match s.peek()? {
+                        b'{' | b'n' => s.responses_usage()?,
+                        _ => s.value().map(|()| None)?,
+                    }
+                }
+            }
+            Some(())
+        })?;
+        Some(read.map(|()| r))
     }
 
     fn responses_top(&mut self) -> Option<ResponsesFound> {
