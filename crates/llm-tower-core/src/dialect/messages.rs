@@ -1058,6 +1058,18 @@ struct ShapeUsage {
 
 /// Checks that `json` is a Messages API answer; returns its model and usage.
 pub(crate) fn check_response(json: &[u8]) -> serde_json::Result<(String, Option<Usage>)> {
+    // The hand-written pass reads the common case, serde the rest (errors included).
+    if let Ok(text) = std::str::from_utf8(json)
+        && let Some(found) = crate::encoded::scan::check_messages(text.as_bytes())
+    {
+        let usage = found.usage.map(|[i, o, w, r]| counts_usage(i, o, w, r));
+        return Ok((text[found.model].to_owned(), usage));
+    }
+    check_response_serde(json)
+}
+
+/// [`check_response`] through serde.
+fn check_response_serde(json: &[u8]) -> serde_json::Result<(String, Option<Usage>)> {
     let shape: Shape<'_> = crate::json::from_slice(json)?;
     if shape.kind != "message" {
         return Err(serde::de::Error::custom(format!(
@@ -1763,6 +1775,37 @@ pub fn estimate_input_tokens(req: &ChatRequest) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hand-written check of an answer never accepts what serde refuses, and reads
+    /// the same model and usage (checked on every document one byte away).
+    #[test]
+    fn the_hand_check_of_an_answer_is_serdes() {
+        let seeds = [
+            r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":3,"output_tokens":5,"service_tier":"standard","cache_creation":{"ephemeral_5m_input_tokens":0}}}"#,
+            r#" { "content" : [ ] , "model" : "m" , "type" : "message" , "id" : "i" , "usage" : null } "#,
+            r#"{"id":"i","type":"message","model":"m","content":[1,2.5e-3,true],"usage":{"output_tokens":null}}"#,
+        ];
+        let mut accepted = 0;
+        let mut check = |doc: &[u8]| {
+            let Ok(text) = std::str::from_utf8(doc) else {
+                return;
+            };
+            let Some(found) = crate::encoded::scan::check_messages(doc) else {
+                return;
+            };
+            accepted += 1;
+            let (model, usage) = check_response_serde(doc)
+                .unwrap_or_else(|e| panic!("serde refuses what the scan accepted ({e}): {text}"));
+            assert_eq!(&text[found.model], model, "{text}");
+            let hand = found.usage.map(|[i, o, w, r]| counts_usage(i, o, w, r));
+            assert_eq!(hand, usage, "{text}");
+        };
+        for seed in seeds {
+            check(seed.as_bytes());
+            crate::json::one_byte_away(seed, &mut check);
+        }
+        assert!(accepted > 100, "{accepted}");
+    }
 
     #[test]
     fn a_repeated_member_reads_as_its_last_value_in_both_reads() {

@@ -83,6 +83,79 @@ pub(super) fn check_chunk(json: &[u8]) -> Option<ChunkFound> {
     (s.i == json.len()).then_some(found)
 }
 
+/// What the check of a Messages API answer reads: its model, and its usage's
+/// `input_tokens`, `output_tokens`, `cache_creation_input_tokens` and
+/// `cache_read_input_tokens` (each `null` or a `u64`).
+pub(crate) struct MessagesFound {
+    pub(crate) model: Range<usize>,
+    pub(crate) usage: Option<[Option<u64>; 4]>,
+}
+
+/// The shape check of a Messages API answer, by hand (the serde check is
+/// `dialect::messages::check_response`, under the same contract as [`check`]): `id` and
+/// `model` strings, `type` exactly `message`, `content` an array, `usage` absent, `null`
+/// or an object whose counts are read (its other members skipped). `json` must be valid
+/// UTF-8 (checked by the caller).
+pub(crate) fn check_messages(json: &[u8]) -> Option<MessagesFound> {
+    const COUNTS: [&[u8]; 4] = [
+        b"input_tokens",
+        b"output_tokens",
+        b"cache_creation_input_tokens",
+        b"cache_read_input_tokens",
+    ];
+    let mut s = Scanner::new(json, false);
+    let mut seen = [false; 6];
+    let (mut model, mut usage) = (None, None);
+    s.object(|s, key| {
+        match key {
+            b"id" => {
+                once(&mut seen[0])?;
+                s.plain_string()?;
+            }
+            b"type" => {
+                once(&mut seen[1])?;
+                let r = s.plain_string()?;
+                (&s.b[r] == b"message").then_some(())?;
+            }
+            b"role" => {
+                once(&mut seen[2])?;
+                s.value()?;
+            }
+            b"model" => {
+                once(&mut seen[3])?;
+                model = Some(s.plain_string()?);
+            }
+            b"content" => {
+                once(&mut seen[4])?;
+                s.array(Scanner::value)?;
+            }
+            b"usage" => {
+                once(&mut seen[5])?;
+                if !s.null() {
+                    let mut counts = [None; 4];
+                    let mut read = [false; 4];
+                    s.object(|s, key| match COUNTS.iter().position(|&n| n == key) {
+                        Some(i) => {
+                            once(&mut read[i])?;
+                            counts[i] = s.opt_u64()?;
+                            Some(())
+                        }
+                        None => s.value(),
+                    })?;
+                    usage = Some(counts);
+                }
+            }
+            _ => s.value()?,
+        }
+        Some(())
+    })?;
+    s.ws();
+    (s.i == json.len() && seen[0] && seen[1] && seen[4]).then_some(MessagesFound {
+        model: model?,
+        usage,
+    })
+}
+
 /// What the check of a streamed Messages event reads: its `type`, its block `index`, and
 /// its `delta`'s `type` and `text` (the range between the quotes, and whether it holds
 /// escapes).
