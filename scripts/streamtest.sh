@@ -6,6 +6,7 @@
 #   ROUNDS=5 DURATION=4s scripts/streamtest.sh # more rounds on a noisy machine
 #   GW_BIN=path/to/llm-tower-proxy scripts/streamtest.sh   # another gateway build
 #   PROFILE=dev ROUNDS=1 DURATION=1s TTFB_N=20 scripts/streamtest.sh   # check the script only
+#   TTFB_CORE=1 scripts/streamtest.sh          # curl beside the mock instead (see below)
 #
 # The servers and cores are loadtest.sh's: the mock upstream on core 1, the gateway
 # (examples/proxy/bench.toml, full stack) and the baseline `llm-tower-bare-proxy` on core 0.
@@ -19,8 +20,8 @@
 #     from /proc/PID/stat);
 #   - c=64: cache hits through the gateway, non-streamed and streamed (same request every
 #     time), against the baseline's non-streamed and streamed round trip;
-#   - c=1, curl on core 0, TTFB_N requests on one connection each to the mock directly, the
-#     baseline and the gateway: time to first byte and to last byte (p50).
+#   - c=1, curl on core TTFB_CORE (default 0), TTFB_N requests on one connection each to the
+#     mock directly, the baseline and the gateway: time to first byte and to last byte (p50).
 # Reports the medians over the rounds with their range, per request and per content chunk,
 # and the gateway's peak RSS (VmHWM). Writes the table to $OUT (default
 # $CARGO_TARGET_DIR/streamtest.md) too. Needs wrk, taskset, curl.
@@ -30,6 +31,11 @@ cd "$(dirname "$0")/.."
 DURATION="${DURATION:-5s}"
 ROUNDS="${ROUNDS:-3}"
 TTFB_N="${TTFB_N:-300}"
+# Where curl runs for the c=1 times. On core 0 (the proxies' core) it sees a proxy's first
+# bytes only once the proxy gives up the core, so a proxy with more of the stream to
+# write is seen later than it wrote; on core 1 it sees them when they are written, and
+# every proxied request pays the wake-up of the other core (the baseline's too).
+TTFB_CORE="${TTFB_CORE:-0}"
 CHUNKS=16
 MOCK_ADDR=127.0.0.1:9100
 GW_ADDR=127.0.0.1:9101
@@ -109,7 +115,7 @@ ttfb() {
       "$1" "$2" "$BODY_FILE" >>"$CURL_CFG"
   done
   # Skip the first (connection set-up); time from the request's start (pretransfer).
-  taskset -c 0 curl -s -K "$CURL_CFG" | tail -n +2 |
+  taskset -c "$TTFB_CORE" curl -s -K "$CURL_CFG" | tail -n +2 |
     awk '{ printf "%.0f %.0f\n", ($2 - $1) * 1e6, ($3 - $1) * 1e6 }' >"$CURL_CFG.out"
   echo "$(med %.0f $(cut -d' ' -f1 "$CURL_CFG.out")) $(med %.0f $(cut -d' ' -f2 "$CURL_CFG.out"))"
   rm -f "$CURL_CFG.out"
@@ -173,5 +179,5 @@ mkdir -p "$(dirname "$OUT")"
   echo "| non-streamed | ${bnrps} req/s | ${hrps} req/s | ${hcpu} µs | ${bncpu} µs |"
   echo "| streamed ($CHUNKS content chunks) | ${brps} req/s | ${hsrps} req/s | ${hscpu} µs | ${bcpu} µs |"
   echo
-  echo "Median of $ROUNDS round(s), range in brackets. wrk -t1 -c64 ${DURATION} per run on core 1; curl on core 0, $TTFB_N requests per target and round on one connection (times from the request's start); gateway \`${GW_BIN#"$PWD/"}\` (\`${CONFIG:-examples/proxy/bench.toml}\`) and baseline on core 0, mock on core 1; CPU = the proxy's user + kernel time / requests; $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); $(date -u +%FT%TZ)."
+  echo "Median of $ROUNDS round(s), range in brackets. wrk -t1 -c64 ${DURATION} per run on core 1; curl on core $TTFB_CORE, $TTFB_N requests per target and round on one connection (times from the request's start); gateway \`${GW_BIN#"$PWD/"}\` (\`${CONFIG:-examples/proxy/bench.toml}\`) and baseline on core 0, mock on core 1; CPU = the proxy's user + kernel time / requests; $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); $(date -u +%FT%TZ)."
 } | tee "$OUT"
