@@ -160,6 +160,43 @@ async fn a_responses_request_reaches_a_responses_upstream_as_sent_and_comes_back
     assert_eq!(resp.text(), corpus("stream_text.sse"));
 }
 
+/// A streamed passthrough answer is read to its end, past its last event: the cache keeps
+/// it (the repeat is a hit and never reaches the upstream), and it is counted as answered,
+/// not as dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_passthrough_answer_is_cached_and_counted_as_answered() {
+    let up = upstream().await;
+    let anthropic = MockUpstream::start().await;
+    let toml = format!(
+        "{}\n[cache]\nstore = \"memory\"\n",
+        config(&up.base, &anthropic.base_url())
+    );
+    let gw = TestGateway::start(&toml).await;
+    let body = corpus("request_basic.json")
+        .replace("\"store\": true", "\"stream\": true")
+        .replace("\"temperature\": 0.7", "\"temperature\": 0");
+    let client = Client::with_key(ACME_KEY);
+    for want in ["miss", "hit"] {
+        let resp = client
+            .send(Method::POST, &gw.url("/v1/responses"), &[], Some(body.clone()))
+            .await;
+        assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+        assert_eq!(resp.header("x-llm-cache"), want);
+        assert_eq!(resp.text(), corpus("stream_text.sse"));
+    }
+    assert_eq!(up.bodies.lock().unwrap().len(), 1, "the hit went upstream");
+
+    let page = Client::new().get(&gw.url("/metrics")).await.text();
+    let count = |status: &str| {
+        page.lines()
+            .filter(|l| l.starts_with("llm_requests_total{"))
+            .filter(|l| l.contains(&format!(r#"status="{status}""#)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!((count("ok"), count("dropped")), (2, 0), "{page}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stored_passthrough_answer_continues_with_previous_response_id_for_its_tenant() {
     let (up, _anthropic, gw) = setup().await;

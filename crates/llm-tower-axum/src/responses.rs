@@ -460,8 +460,9 @@ impl Stream for Sse {
             Some(first) => Poll::Ready(Some(Ok(first))),
             None => inner.poll_next_native(cx),
         };
-        let take =
-            |item, out: &mut Vec<u8>| native::write_item(encoder, item, out) || encoder.is_ended();
+        // Read to the inner stream's end, past the terminal event (the encoder writes
+        // nothing after it): a stream left before its end counts as dropped.
+        let take = |item, out: &mut Vec<u8>| native::write_item(encoder, item, out);
         let write = ready!(this.gather.poll_write(cx, &mut this.done, next, take));
         if this.done
             && let Some((storage, tenant, input)) = this.save.take()
