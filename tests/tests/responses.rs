@@ -178,7 +178,12 @@ async fn a_streamed_passthrough_answer_is_cached_and_counted_as_answered() {
     let client = Client::with_key(ACME_KEY);
     for want in ["miss", "hit"] {
         let resp = client
-            .send(Method::POST, &gw.url("/v1/responses"), &[], Some(body.clone()))
+            .send(
+                Method::POST,
+                &gw.url("/v1/responses"),
+                &[],
+                Some(body.clone()),
+            )
             .await;
         assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
         assert_eq!(resp.header("x-llm-cache"), want);
