@@ -105,23 +105,6 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The id of a streamed answer's final response to store (read without building its
-/// tree); `None` for a failed one, which is not stored, or one without an id.
-fn stored_id(json: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Head<'a> {
-        #[serde(borrow)]
-        id: Option<std::borrow::Cow<'a, str>>,
-        #[serde(borrow)]
-        status: Option<std::borrow::Cow<'a, str>>,
-    }
-    let head: Head<'_> = serde_json::from_slice(json).ok()?;
-    if head.status.as_deref() == Some("failed") {
-        return None;
-    }
-    head.id.map(std::borrow::Cow::into_owned)
-}
-
 fn not_found(id: &str, param: &str) -> LlmError {
     LlmError::not_found(format!("Response with id '{id}' not found."))
         .with_param(param)
@@ -466,8 +449,8 @@ impl Stream for Sse {
         let write = ready!(this.gather.poll_write(cx, &mut this.done, next, take));
         if this.done
             && let Some((storage, tenant, input)) = this.save.take()
+            && let Some(id) = this.encoder.final_store_id().map(str::to_owned)
             && let Some(json) = this.encoder.take_final_json()
-            && let Some(id) = stored_id(&json)
         {
             let save = Box::pin(async move {
                 storage.save(&tenant, id, input, json).await;

@@ -1860,23 +1860,63 @@ pub struct EventEncoder {
 }
 
 /// The whole response of a stream's end: built (a translated stream, or an upstream's
-/// patched with `previous_response_id`), or the upstream's JSON text as it came.
+/// patched with `previous_response_id`), or the upstream's JSON text as it came, with the
+/// id it is stored under (see [`EventEncoder::final_store_id`]).
 #[derive(Debug)]
 enum Final {
     Built(Value),
-    Raw(Box<serde_json::value::RawValue>),
+    Raw {
+        json: Bytes,
+        store_id: Option<String>,
+    },
 }
 
 /// The `response` member of an upstream's last event, as its JSON text (not parsed into a
-/// tree: it is stored as it came). `None` when the event is not an object with one.
-fn raw_response(data: &[u8]) -> Option<Box<serde_json::value::RawValue>> {
+/// tree: it is stored as it came; a slice of `data` where the hand-written scan reads it).
+/// `None` when the event is not an object with one.
+fn raw_response(data: &Bytes) -> Option<Final> {
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Some(found) = crate::encoded::scan::final_response(text.as_bytes())
+    {
+        let failed = found.status.is_some_and(|r| &text[r] == "failed");
+        return Some(Final::Raw {
+            json: data.slice(found.response),
+            store_id: found.id.filter(|_| !failed).map(|r| text[r].to_owned()),
+        });
+    }
+    raw_response_serde(data)
+}
+
+/// [`raw_response`] through serde.
+fn raw_response_serde(data: &[u8]) -> Option<Final> {
     #[derive(serde::Deserialize)]
     struct End<'a> {
         #[serde(borrow)]
         response: Option<&'a serde_json::value::RawValue>,
     }
     let end: End<'_> = serde_json::from_slice(data).ok()?;
-    end.response.map(ToOwned::to_owned)
+    let json = end.response?.get();
+    Some(Final::Raw {
+        json: Bytes::copy_from_slice(json.as_bytes()),
+        store_id: store_id(json.as_bytes()),
+    })
+}
+
+/// The id a response (JSON text) is stored under: its `id`, unless its `status` is
+/// `failed`.
+fn store_id(json: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+    }
+    let head: Head<'_> = serde_json::from_slice(json).ok()?;
+    if head.status.as_deref() == Some("failed") {
+        return None;
+    }
+    head.id.map(std::borrow::Cow::into_owned)
 }
 
 impl EventEncoder {
@@ -1923,7 +1963,18 @@ impl EventEncoder {
     pub fn final_response(&self) -> Option<Value> {
         match self.last.as_ref()? {
             Final::Built(v) => Some(v.clone()),
-            Final::Raw(r) => serde_json::from_str(r.get()).ok(),
+            Final::Raw { json, .. } => serde_json::from_slice(json).ok(),
+        }
+    }
+
+    /// The id to store the [`final_response`](Self::final_response) under: its `id`,
+    /// unless its `status` is `failed` (or it has no string `id`).
+    pub fn final_store_id(&self) -> Option<&str> {
+        match self.last.as_ref()? {
+            Final::Built(v) => (v.get("status").and_then(Value::as_str) != Some("failed"))
+                .then(|| v.get("id").and_then(Value::as_str))
+                .flatten(),
+            Final::Raw { store_id, .. } => store_id.as_deref(),
         }
     }
 
@@ -1932,7 +1983,7 @@ impl EventEncoder {
     pub fn take_final_json(&mut self) -> Option<Bytes> {
         match self.last.take()? {
             Final::Built(v) => serde_json::to_vec(&v).ok().map(Bytes::from),
-            Final::Raw(r) => Some(Bytes::from(r.get().to_owned())),
+            Final::Raw { json, .. } => Some(json),
         }
     }
 
@@ -2039,7 +2090,7 @@ impl EventEncoder {
     fn native(
         &mut self,
         name: &str,
-        data: &[u8],
+        data: &Bytes,
         write: impl FnOnce(&mut Vec<u8>),
         out: &mut Vec<u8>,
     ) {
@@ -2072,7 +2123,7 @@ impl EventEncoder {
             None => {
                 write(out);
                 if ends && self.keep_final {
-                    self.last = raw_response(data).map(Final::Raw);
+                    self.last = raw_response(data);
                 }
             }
         }
@@ -2088,10 +2139,10 @@ impl EventEncoder {
         }
         if let Some(frame) = super::native_event(chunk) {
             let name = frame_name(frame).unwrap_or("message");
-            let data = frame_data_text(frame);
+            let data = Bytes::from(frame_data_text(frame));
             self.native(
                 name,
-                data.as_bytes(),
+                &data,
                 |out| out.extend_from_slice(frame.as_bytes()),
                 out,
             );
@@ -2516,6 +2567,41 @@ mod tests {
                     assert_eq!(read(&fast), read(&slow), "{text}");
                 }
             });
+        }
+        assert!(accepted > 100, "{accepted}");
+    }
+
+    /// The hand-written scan of a stream's last event reads what serde reads (the
+    /// response's JSON text and the id it is stored under) and never accepts what serde
+    /// refuses (checked on every document one byte away).
+    #[test]
+    fn the_hand_read_of_the_last_event_is_serdes() {
+        let seeds = [
+            r#"{"type":"response.completed","response":{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message","content":[]}],"usage":{"input_tokens":1}},"sequence_number":9}"#,
+            r#" { "response" : { "status" : "failed" , "id" : "r" } , "type" : "response.failed" } "#,
+            r#"{"response":{"id":null,"status":null,"n":[1,2.5e-3,true,"\u00e9"]}}"#,
+        ];
+        let read = |f: Final| match f {
+            Final::Raw { json, store_id } => (json, store_id),
+            Final::Built(_) => unreachable!("a raw response"),
+        };
+        let mut accepted = 0;
+        let mut check = |doc: &[u8]| {
+            let Ok(text) = std::str::from_utf8(doc) else {
+                return;
+            };
+            if crate::encoded::scan::final_response(doc).is_none() {
+                return;
+            }
+            accepted += 1;
+            let fast = raw_response(&Bytes::copy_from_slice(doc)).map(read);
+            let slow = raw_response_serde(doc).map(read);
+            assert!(slow.is_some(), "serde refuses {text}");
+            assert_eq!(fast, slow, "{text}");
+        };
+        for seed in seeds {
+            check(seed.as_bytes());
+            crate::json::one_byte_away(seed, &mut check);
         }
         assert!(accepted > 100, "{accepted}");
     }

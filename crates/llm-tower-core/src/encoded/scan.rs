@@ -131,19 +131,13 @@ pub(crate) fn check_messages(json: &[u8]) -> Option<MessagesFound> {
             }
             b"usage" => {
                 once(&mut seen[5])?;
-                if !s.null() {
-                    let mut counts = [None; 4];
-                    let mut read = [false; 4];
-                    s.object(|s, key| match COUNTS.iter().position(|&n| n == key) {
-                        Some(i) => {
-                            once(&mut read[i])?;
-                            counts[i] = s.opt_u64()?;
-                            Some(())
-                        }
-                        None => s.value(),
-                    })?;
-                    usage = Some(counts);
-                }
+                let mut counts = [None; 4];
+                usage = s
+                    .opt_object(COUNTS, |s, i| {
+                        counts[i] = s.opt_u64()?;
+                        Some(())
+                    })?
+                    .map(|()| counts);
             }
             _ => s.value()?,
         }
@@ -154,6 +148,55 @@ pub(crate) fn check_messages(json: &[u8]) -> Option<MessagesFound> {
         model: model?,
         usage,
     })
+}
+
+/// What the scan of a Responses stream's last event reads: the range of its `response`
+/// object, and that object's `id` and `status` (`None` when absent or `null`).
+pub(crate) struct FinalFound {
+    pub(crate) response: Range<usize>,
+    pub(crate) id: Option<Range<usize>>,
+    pub(crate) status: Option<Range<usize>>,
+}
+
+/// The scan of a Responses stream's last event: an object whose `response` member is an
+/// object, with `id` and `status` strings without escapes, or `null`. `None` for anything
+/// else or anything unusual (escapes in those, duplicates, deep nesting, any error): the
+/// caller then reads it with serde. `json` must be valid UTF-8 (checked by the caller).
+pub(crate) fn final_response(json: &[u8]) -> Option<FinalFound> {
+    let mut s = Scanner::new(json, false);
+    let mut found = None;
+    s.object(|s, key| {
+        if key != b"response" {
+            return s.value();
+        }
+        if found.is_some() {
+            return None;
+        }
+        s.ws();
+        let start = s.i;
+        let mut seen = [false; 2];
+        let (mut id, mut status) = (None, None);
+        s.object(|s, key| {
+            let (slot, seen) = match key {
+                b"id" => (&mut id, &mut seen[0]),
+                b"status" => (&mut status, &mut seen[1]),
+                _ => return s.value(),
+            };
+            once(seen)?;
+            if !s.null() {
+                *slot = Some(s.plain_string()?);
+            }
+            Some(())
+        })?;
+        found = Some(FinalFound {
+            response: start..s.i,
+            id,
+            status,
+        });
+        Some(())
+    })?;
+    s.ws();
+    (s.i == json.len()).then_some(found?)
 }
 
 /// What the check of a streamed Messages event reads: its `type`, its block `index`, and
