@@ -1983,7 +1983,9 @@ impl EventEncoder {
     pub fn take_final_json(&mut self) -> Option<Bytes> {
         match self.last.take()? {
             Final::Built(v) => serde_json::to_vec(&v).ok().map(Bytes::from),
-            Final::Raw { json, .. } => Some(json),
+            // A copy of its own size: the slice would keep the upstream's read buffer
+            // alive for as long as a store keeps it.
+            Final::Raw { json, .. } => Some(Bytes::copy_from_slice(&json)),
         }
     }
 
