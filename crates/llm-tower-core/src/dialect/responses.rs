@@ -1836,6 +1836,9 @@ enum Open {
 /// assert!(text.starts_with("event: response.created\n"));
 /// assert!(text.contains("event: response.output_text.delta\n"));
 /// assert_eq!(enc.final_response().unwrap()["output"][0]["content"][0]["text"], "Hello");
+/// // What a response store keeps: the id, and the response as JSON text.
+/// assert_eq!(enc.final_store_id(), Some("resp_1"));
+/// assert!(enc.take_final_json().unwrap().starts_with(b"{"));
 /// ```
 #[derive(Debug)]
 pub struct EventEncoder {
