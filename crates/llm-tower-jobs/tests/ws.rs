@@ -157,8 +157,12 @@ async fn step_progress_is_pushed_and_the_final_message_carries_the_result() {
 
     // Step two waits for the gate: the socket must show step two running before it opens.
     let mut seen_steps = Vec::new();
+    // Updates received: each was counted before it was sent. How many there are depends
+    // on how far the job got before the subscription (a state is sent, not every step).
+    let mut received = 0;
     loop {
         let m = next(&mut ws).await;
+        received += 1;
         assert_eq!(m["type"], "job", "{m}");
         assert_eq!(m["job"]["id"], id);
         if let Some(step) = m["job"]["progress"]["step"].as_str() {
@@ -172,6 +176,7 @@ async fn step_progress_is_pushed_and_the_final_message_carries_the_result() {
     s.gate.notify_one();
     let fin = loop {
         let m = next(&mut ws).await;
+        received += 1;
         if m["type"] == "final" {
             break m;
         }
@@ -179,7 +184,8 @@ async fn step_progress_is_pushed_and_the_final_message_carries_the_result() {
     };
     assert_eq!(fin["job"]["status"], "succeeded");
     assert_eq!(fin["job"]["result"], json!({"sum": 6}));
-    assert!(s.stats.updates() >= 3);
+    assert!(received >= 2);
+    assert!(s.stats.updates() >= received, "{received}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
