@@ -174,20 +174,15 @@ pub(crate) fn final_response(json: &[u8]) -> Option<FinalFound> {
         }
         s.ws();
         let start = s.i;
-        let mut seen = [false; 2];
-        let (mut id, mut status) = (None, None);
-        s.object(|s, key| {
-            let (slot, seen) = match key {
-                b"id" => (&mut id, &mut seen[0]),
-                b"status" => (&mut status, &mut seen[1]),
-                _ => return s.value(),
-            };
-            once(seen)?;
+        let mut read = [None, None];
+        // A `null` response is left to serde too (the second `?`).
+        s.opt_object([b"id", b"status"], |s, i| {
             if !s.null() {
-                *slot = Some(s.plain_string()?);
+                read[i] = Some(s.plain_string()?);
             }
             Some(())
-        })?;
+        })??;
+        let [id, status] = read;
         found = Some(FinalFound {
             response: start..s.i,
             id,
