@@ -72,9 +72,25 @@ impl<'de> Deserialize<'de> for Key<'de> {
 #[derive(Default)]
 pub(crate) struct LenientStr<'de>(pub(crate) Option<Key<'de>>);
 
-impl LenientStr<'_> {
+impl<'a> LenientStr<'a> {
     pub(crate) fn as_deref(&self) -> Option<&str> {
         self.0.as_ref().map(Key::as_str)
+    }
+
+    /// A string a hand-written scan found in `text` (its range between the quotes, and
+    /// whether it holds escapes): borrowed, or decoded by serde where it has escapes.
+    /// `None` when it does not decode.
+    pub(crate) fn scanned(
+        text: &'a str,
+        found: Option<crate::encoded::scan::StringFound>,
+    ) -> Option<Self> {
+        Some(LenientStr(match found {
+            None => None,
+            Some((r, false)) => Some(Key::Borrowed(text.get(r)?)),
+            Some((r, true)) => Some(Key::Owned(
+                serde_json::from_str(text.get(r.start.checked_sub(1)?..r.end + 1)?).ok()?,
+            )),
+        }))
     }
 }
 

@@ -1507,14 +1507,7 @@ impl<'a> StreamScan<'a> {
             None => None,
             Some((kind, body)) => Some(ScanDelta {
                 kind: borrowed(kind),
-                text: match body {
-                    None => LenientStr::default(),
-                    Some((r, false)) => borrowed(r),
-                    // Escapes: decoded by serde (the range is between the quotes).
-                    Some((r, true)) => LenientStr(Some(Key::Owned(
-                        serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
-                    ))),
-                },
+                text: LenientStr::scanned(text, body)?,
                 partial_json: LenientStr::default(),
                 thinking: LenientStr::default(),
                 stop_reason: LenientStr::default(),

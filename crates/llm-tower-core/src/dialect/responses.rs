@@ -1058,19 +1058,8 @@ impl<'a> StreamScan<'a> {
     /// [`parse`](Self::parse) by the hand-written check
     /// ([`check_responses_event`](crate::encoded::scan::check_responses_event)).
     fn common(text: &'a str) -> Option<Self> {
-        use crate::encoded::scan::StringFound;
         use crate::json::Key;
-        // A string the check found: borrowed, or decoded by serde where it has escapes
-        // (the range is between the quotes).
-        let string = |found: Option<StringFound>| -> Option<LenientStr<'a>> {
-            Some(LenientStr(match found {
-                None => None,
-                Some((r, false)) => Some(Key::Borrowed(&text[r])),
-                Some((r, true)) => Some(Key::Owned(
-                    serde_json::from_str(text.get(r.start - 1..r.end + 1)?).ok()?,
-                )),
-            }))
-        };
+        let string = |found| LenientStr::scanned(text, found);
         let found = crate::encoded::scan::check_responses_event(text.as_bytes())?;
         let item = match found.item {
             Some(i) => Some(ScanItem {
@@ -1875,15 +1864,16 @@ enum Final {
 }
 
 /// The `response` member of an upstream's last event, as its JSON text (not parsed into a
-/// tree: it is stored as it came; a slice of `data` where the hand-written scan reads it).
-/// `None` when the event is not an object with one.
-fn raw_response(data: &Bytes) -> Option<Final> {
+/// tree: it is stored as it came), in a copy of its own size (a slice would keep the
+/// upstream's read buffer alive for as long as a store keeps it). `None` when the event is
+/// not an object with one.
+fn raw_response(data: &[u8]) -> Option<Final> {
     if let Ok(text) = std::str::from_utf8(data)
         && let Some(found) = crate::encoded::scan::final_response(text.as_bytes())
     {
         let failed = found.status.is_some_and(|r| &text[r] == "failed");
         return Some(Final::Raw {
-            json: data.slice(found.response),
+            json: Bytes::copy_from_slice(&data[found.response]),
             store_id: found.id.filter(|_| !failed).map(|r| text[r].to_owned()),
         });
     }
@@ -1986,9 +1976,7 @@ impl EventEncoder {
     pub fn take_final_json(&mut self) -> Option<Bytes> {
         match self.last.take()? {
             Final::Built(v) => serde_json::to_vec(&v).ok().map(Bytes::from),
-            // A copy of its own size: the slice would keep the upstream's read buffer
-            // alive for as long as a store keeps it.
-            Final::Raw { json, .. } => Some(Bytes::copy_from_slice(&json)),
+            Final::Raw { json, .. } => Some(json),
         }
     }
 
@@ -2095,7 +2083,7 @@ impl EventEncoder {
     fn native(
         &mut self,
         name: &str,
-        data: &Bytes,
+        data: &[u8],
         write: impl FnOnce(&mut Vec<u8>),
         out: &mut Vec<u8>,
     ) {
@@ -2144,10 +2132,10 @@ impl EventEncoder {
         }
         if let Some(frame) = super::native_event(chunk) {
             let name = frame_name(frame).unwrap_or("message");
-            let data = Bytes::from(frame_data_text(frame));
+            let data = frame_data_text(frame);
             self.native(
                 name,
-                &data,
+                data.as_bytes(),
                 |out| out.extend_from_slice(frame.as_bytes()),
                 out,
             );
@@ -2599,7 +2587,7 @@ mod tests {
                 return;
             }
             accepted += 1;
-            let fast = raw_response(&Bytes::copy_from_slice(doc)).map(read);
+            let fast = raw_response(doc).map(read);
             let slow = raw_response_serde(doc).map(read);
             assert!(slow.is_some(), "serde refuses {text}");
             assert_eq!(fast, slow, "{text}");
