@@ -111,7 +111,7 @@ impl StreamEvent {
             .iter()
             .map(|e| match e {
                 StreamEvent::Encoded(c) => c.json().len(),
-                StreamEvent::Native(e) => e.name().len() + e.data().len(),
+                StreamEvent::Native(e) => e.copied_len(),
                 StreamEvent::Chunk(_) => 0,
             })
             .sum();

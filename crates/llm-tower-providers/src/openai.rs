@@ -668,18 +668,23 @@ impl Decoder for ResponsesDecoder {
             }
             _ => {}
         }
-        let name = match ev.event_bytes().filter(|_| ev.event().is_some()) {
-            Some(name) => name.clone(),
-            None if kind.is_empty() => Bytes::from_static(b"message"),
-            None => Bytes::copy_from_slice(kind.as_bytes()),
+        // The upstream's name (one that is not UTF-8 gives way to the event's type).
+        let native = |name: Bytes| {
+            NativeEvent::new(
+                Dialect::Responses,
+                name,
+                ev.data_bytes().clone(),
+                self.head.clone(),
+            )
         };
-        let mut event = NativeEvent::new(
-            Dialect::Responses,
-            name,
-            ev.data_bytes().clone(),
-            self.head.clone(),
-        )
-        .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
+        let mut event = ev
+            .event_bytes()
+            .and_then(|name| native(name.clone()))
+            .or_else(|| match kind {
+                "" => native(Bytes::from_static(b"message")),
+                _ => native(Bytes::copy_from_slice(kind.as_bytes())),
+            })
+            .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
         if scan.has_content(tool) {
             event = event.with_choice(scan.is_end());
         }

@@ -362,3 +362,18 @@ data: {\"type\":\"response.failed\",\"sequence_number\":1,\"response\":{\"id\":\
     let (_, err) = run(vec![Bytes::from_static(failed.as_bytes())], decoder());
     assert!(err.unwrap().message().contains("boom"));
 }
+
+#[test]
+fn an_event_name_that_is_not_utf8_gives_way_to_the_events_type() {
+    use crate::openai::ResponsesDecoder;
+    use llm_tower_core::dialect::native_event;
+    // RESPONSES with its first event's name spoilt.
+    let first = RESPONSES.find('\n').unwrap();
+    let mut bad = b"event: \xff\xfe".to_vec();
+    bad.extend_from_slice(&RESPONSES.as_bytes()[first..]);
+    let decoder = ResponsesDecoder::new(Arc::from("openai"), None, "gpt-4.1");
+    let (chunks, err) = run(vec![Bytes::from(bad)], decoder);
+    assert!(err.is_none(), "{err:?}");
+    let frames: String = chunks.iter().filter_map(native_event).collect();
+    assert_eq!(frames, RESPONSES, "the type named the first event");
+}

@@ -1011,9 +1011,9 @@ pub struct StreamScan<'a> {
     #[serde(borrow, default)]
     delta: LenientStr<'a>,
     #[serde(borrow, default)]
-    item: Option<ScanItem<'a>>,
+    item: Option<Box<ScanItem<'a>>>,
     #[serde(borrow, default)]
-    response: Option<ScanResponse<'a>>,
+    response: Option<Box<ScanResponse<'a>>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -1062,22 +1062,22 @@ impl<'a> StreamScan<'a> {
         let string = |found| LenientStr::scanned(text, found);
         let found = crate::encoded::scan::check_responses_event(text.as_bytes())?;
         let item = match found.item {
-            Some(i) => Some(ScanItem {
+            Some(i) => Some(Box::new(ScanItem {
                 kind: string(i.kind)?,
                 call_id: string(i.call_id)?,
                 name: string(i.name)?,
                 arguments: string(i.arguments)?,
-            }),
+            })),
             None => None,
         };
         let response = match found.response {
-            Some(r) => Some(ScanResponse {
+            Some(r) => Some(Box::new(ScanResponse {
                 id: string(r.id)?,
                 model: string(r.model)?,
                 created_at: r.created_at.map(Value::from),
                 usage: None,
                 read_usage: Some(r.usage),
-            }),
+            })),
             None => None,
         };
         Some(Self {

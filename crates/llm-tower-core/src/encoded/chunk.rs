@@ -58,7 +58,7 @@ impl EncodedChunk {
         std::str::from_utf8(&json).ok()?;
         let found = scan::check_chunk(&json)?;
         Some(Self {
-            usage: found.usage.map(Box::new),
+            usage: found.usage,
             choices: u32::try_from(found.choices).ok()?,
             finish: found.finish,
             indices: found.indices,

@@ -55,7 +55,7 @@ pub struct StreamHead {
 #[derive(Clone, PartialEq)]
 pub struct NativeEvent {
     dialect: Dialect,
-    name: Bytes,
+    name: Name,
     data: Bytes,
     head: Arc<StreamHead>,
     // Boxed: only the event that ends a stream carries it.
@@ -70,10 +70,9 @@ impl NativeEvent {
     /// refuses data that is not the JSON of an event), of a stream in `dialect` whose
     /// events share `head`; no content, no usage. `None` unless the name is UTF-8.
     pub fn new(dialect: Dialect, name: Bytes, data: Bytes, head: Arc<StreamHead>) -> Option<Self> {
-        std::str::from_utf8(&name).ok()?;
         Some(Self {
             dialect,
-            name,
+            name: Name::new(name)?,
             data,
             head,
             usage: None,
@@ -113,7 +112,11 @@ impl NativeEvent {
 
     /// The event's name (`event:` line).
     pub fn name(&self) -> &str {
-        std::str::from_utf8(&self.name).unwrap_or_default()
+        match &self.name {
+            Name::Known(n) => n,
+            // Checked in `new`.
+            Name::Other(b) => std::str::from_utf8(b).unwrap_or_default(),
+        }
     }
 
     /// The event's data, as received.
@@ -155,13 +158,13 @@ impl NativeEvent {
 
     /// Bytes [`write_frame`](Self::write_frame) writes (for a single-line data).
     pub fn frame_len(&self) -> usize {
-        self.name.len() + self.data.len() + 16
+        self.name().len() + self.data.len() + 16
     }
 
     /// Appends the event's frame: `event: {name}\ndata: {data}\n\n` (a multi-line data
     /// one `data:` line each, as it arrived).
     pub fn write_frame(&self, out: &mut Vec<u8>) {
-        dialect::messages::write_frame_bytes(out, &self.name, &self.data);
+        dialect::messages::write_frame_bytes(out, self.name().as_bytes(), &self.data);
     }
 
     /// The event's frame as [`NATIVE_EVENT`](crate::dialect::NATIVE_EVENT) holds it.
@@ -188,21 +191,37 @@ impl NativeEvent {
     /// The same event with its name and data in one allocation of their own size (see
     /// [`EncodedChunk::compacted`](crate::EncodedChunk::compacted)).
     pub fn compacted(&self) -> Self {
-        let mut all = BytesMut::with_capacity(self.name.len() + self.data.len());
+        let mut all = BytesMut::with_capacity(self.copied_len());
         self.copy_into(&mut all);
         self.with_parts(&mut all.freeze())
     }
 
-    /// Appends the name and the data to `buf` (see [`with_parts`](Self::with_parts)).
+    /// What [`copy_into`](Self::copy_into) appends: the data, and the name unless it is
+    /// one of the dialects' own.
+    pub(crate) fn copied_len(&self) -> usize {
+        let name = match &self.name {
+            Name::Known(_) => 0,
+            Name::Other(b) => b.len(),
+        };
+        name + self.data.len()
+    }
+
+    /// Appends the name (unless it is one of the dialects' own) and the data to `buf`
+    /// (see [`with_parts`](Self::with_parts)).
     pub(crate) fn copy_into(&self, buf: &mut BytesMut) {
-        buf.extend_from_slice(&self.name);
+        if let Name::Other(b) = &self.name {
+            buf.extend_from_slice(b);
+        }
         buf.extend_from_slice(&self.data);
     }
 
     /// The same event with its name and data taken from the front of `buf`, a copy made
     /// by [`copy_into`](Self::copy_into).
     pub(crate) fn with_parts(&self, buf: &mut Bytes) -> Self {
-        let name = buf.split_to(self.name.len().min(buf.len()));
+        let name = match &self.name {
+            Name::Known(n) => Name::Known(n),
+            Name::Other(b) => Name::Other(buf.split_to(b.len().min(buf.len()))),
+        };
         let data = buf.split_to(self.data.len().min(buf.len()));
         debug_assert!(name == self.name && data == self.data);
         Self {
@@ -211,6 +230,62 @@ impl NativeEvent {
             ..self.clone()
         }
     }
+}
+
+/// An event's name. The dialects' own names (nearly every event) are kept as the static
+/// strings they equal: no slice of the read buffer to count, and no UTF-8 check each
+/// time the name is read.
+#[derive(Clone, PartialEq, Eq)]
+enum Name {
+    Known(&'static str),
+    /// Any other name, checked as UTF-8 when made.
+    Other(Bytes),
+}
+
+impl Name {
+    fn new(name: Bytes) -> Option<Self> {
+        if let Some(known) = known_name(&name) {
+            return Some(Self::Known(known));
+        }
+        std::str::from_utf8(&name).ok()?;
+        Some(Self::Other(name))
+    }
+}
+
+/// The Messages and Responses APIs' event names.
+fn known_name(name: &[u8]) -> Option<&'static str> {
+    Some(match name {
+        b"message_start" => "message_start",
+        b"message_delta" => "message_delta",
+        b"message_stop" => "message_stop",
+        b"content_block_start" => "content_block_start",
+        b"content_block_delta" => "content_block_delta",
+        b"content_block_stop" => "content_block_stop",
+        b"ping" => "ping",
+        b"error" => "error",
+        b"response.created" => "response.created",
+        b"response.in_progress" => "response.in_progress",
+        b"response.queued" => "response.queued",
+        b"response.completed" => "response.completed",
+        b"response.incomplete" => "response.incomplete",
+        b"response.failed" => "response.failed",
+        b"response.output_item.added" => "response.output_item.added",
+        b"response.output_item.done" => "response.output_item.done",
+        b"response.content_part.added" => "response.content_part.added",
+        b"response.content_part.done" => "response.content_part.done",
+        b"response.output_text.delta" => "response.output_text.delta",
+        b"response.output_text.done" => "response.output_text.done",
+        b"response.output_text.annotation.added" => "response.output_text.annotation.added",
+        b"response.refusal.delta" => "response.refusal.delta",
+        b"response.refusal.done" => "response.refusal.done",
+        b"response.function_call_arguments.delta" => "response.function_call_arguments.delta",
+        b"response.function_call_arguments.done" => "response.function_call_arguments.done",
+        b"response.reasoning_summary_part.added" => "response.reasoning_summary_part.added",
+        b"response.reasoning_summary_part.done" => "response.reasoning_summary_part.done",
+        b"response.reasoning_summary_text.delta" => "response.reasoning_summary_text.delta",
+        b"response.reasoning_summary_text.done" => "response.reasoning_summary_text.done",
+        _ => return None,
+    })
 }
 
 impl fmt::Debug for NativeEvent {
@@ -235,5 +310,64 @@ impl Serialize for NativeEvent {
         self.decode()
             .map_err(serde::ser::Error::custom)?
             .serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StreamEvent;
+
+    fn event(name: &[u8]) -> Option<NativeEvent> {
+        let data = Bytes::from_static(br#"{"type":"x"}"#);
+        NativeEvent::new(
+            Dialect::Responses,
+            Bytes::copy_from_slice(name),
+            data,
+            Arc::default(),
+        )
+    }
+
+    #[test]
+    fn names_of_the_dialects_and_others_read_and_frame_alike() {
+        for name in [
+            "response.output_text.delta",
+            "message_stop",
+            "a.name.of.its.own",
+        ] {
+            let ev = event(name.as_bytes()).unwrap();
+            assert_eq!(ev.name(), name);
+            let mut out = Vec::new();
+            ev.write_frame(&mut out);
+            assert_eq!(
+                out,
+                format!("event: {name}\ndata: {{\"type\":\"x\"}}\n\n").as_bytes()
+            );
+            assert_eq!(ev.frame_len(), name.len() + 12 + 16);
+        }
+        assert!(matches!(event(b"ping").unwrap().name, Name::Known(_)));
+        assert!(matches!(event(b"pong").unwrap().name, Name::Other(_)));
+        assert!(event(b"\xff\xfe").is_none(), "a name that is not UTF-8");
+    }
+
+    #[test]
+    fn compaction_keeps_every_name_and_copies_only_the_unknown_ones() {
+        let events: Vec<StreamEvent> = ["response.created", "vendor.extra", "response.completed"]
+            .into_iter()
+            .map(|n| event(n.as_bytes()).unwrap().into())
+            .collect();
+        let compacted = StreamEvent::compacted(&events);
+        assert_eq!(compacted, events);
+        let copied: usize = events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::Native(n) => n.copied_len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(copied, "vendor.extra".len() + 3 * r#"{"type":"x"}"#.len());
+        if let StreamEvent::Native(e) = &events[1] {
+            assert_eq!(e.compacted(), *e);
+        }
     }
 }

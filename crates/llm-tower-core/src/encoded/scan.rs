@@ -61,7 +61,9 @@ struct Scanner<'a> {
 
 /// What the chunk check reads.
 pub(super) struct ChunkFound {
-    pub(super) usage: Option<Usage>,
+    // Boxed: only the last chunk of a stream carries it, and every chunk's result is
+    // moved a few times.
+    pub(super) usage: Option<Box<Usage>>,
     pub(super) choices: usize,
     pub(super) finish: bool,
     /// Bit `i`: a choice of index `i` (< 64) is in the chunk / has a finish reason.
@@ -264,8 +266,9 @@ pub(crate) struct ResponsesEventFound {
     pub(crate) kind: Range<usize>,
     pub(crate) output_index: Option<u64>,
     pub(crate) delta: Option<StringFound>,
-    pub(crate) item: Option<ItemFound>,
-    pub(crate) response: Option<ResponseFound>,
+    // Boxed: few events carry them, and every event's result is moved a few times.
+    pub(crate) item: Option<Box<ItemFound>>,
+    pub(crate) response: Option<Box<ResponseFound>>,
 }
 
 /// An event's `item`: its `type`, `call_id`, `name` and `arguments`, each where it is a
@@ -652,7 +655,7 @@ impl<'a> Scanner<'a> {
                 }
                 b"usage" => {
                     once(&mut seen[5])?;
-                    usage = s.usage()?;
+                    usage = s.usage()?.map(Box::new);
                 }
                 b"error" => return None,
                 _ => s.value()?,
@@ -872,8 +875,8 @@ impl<'a> Scanner<'a> {
     }
 
     /// A streamed event's `item` (see [`ItemFound`]).
-    fn event_item(&mut self) -> Option<Option<ItemFound>> {
-        let mut item = ItemFound::default();
+    fn event_item(&mut self) -> Option<Option<Box<ItemFound>>> {
+        let mut item = Box::<ItemFound>::default();
         let read = self.opt_object([b"type", b"call_id", b"name", b"arguments"], |s, i| {
             let v = s.lenient_string()?;
             match i {
@@ -888,8 +891,8 @@ impl<'a> Scanner<'a> {
     }
 
     /// A streamed event's `response` (see [`ResponseFound`]).
-    fn event_response(&mut self) -> Option<Option<ResponseFound>> {
-        let mut r = ResponseFound::default();
+    fn event_response(&mut self) -> Option<Option<Box<ResponseFound>>> {
+        let mut r = Box::<ResponseFound>::default();
         let read = self.opt_object([b"id", b"model", b"created_at", b"usage"], |s, i| {
             match i {
                 0 => r.id = s.lenient_string()?,

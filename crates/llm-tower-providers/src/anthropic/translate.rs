@@ -633,19 +633,22 @@ impl Decoder for AnthropicDecoder {
             }
             return Ok(());
         }
-        let name = match ev.event_bytes().filter(|_| ev.event().is_some()) {
-            Some(name) => name.clone(),
-            None => Bytes::copy_from_slice(kind.as_bytes()),
-        };
         let content = scan.has_content(step.tool);
         let finish = kind == "message_delta" && scan.stop_reason().is_some();
-        let mut event = NativeEvent::new(
-            Dialect::Messages,
-            name,
-            ev.data_bytes().clone(),
-            self.head.clone(),
-        )
-        .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
+        // The upstream's name (one that is not UTF-8 gives way to the event's type).
+        let native = |name: Bytes| {
+            NativeEvent::new(
+                Dialect::Messages,
+                name,
+                ev.data_bytes().clone(),
+                self.head.clone(),
+            )
+        };
+        let mut event = ev
+            .event_bytes()
+            .and_then(|name| native(name.clone()))
+            .or_else(|| native(Bytes::copy_from_slice(kind.as_bytes())))
+            .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
         if content {
             event = event.with_choice(finish);
         }
