@@ -412,6 +412,12 @@ async fn a_passthrough_answer_names_the_previous_response_id_the_gateway_resolve
         )
         .await;
     assert_eq!(resp.text(), sent.replace("\"resp_1\"", "\"resp_up4\""));
+    // ...and its stored copy is the response object of its last event, as it came.
+    let stored = acme.get(&gw.url("/v1/responses/resp_up4")).await;
+    assert_eq!(stored.status, StatusCode::OK, "{}", stored.text());
+    let last = streamed_responses(&resp.text()).pop().unwrap();
+    assert_eq!(last["status"], "completed");
+    assert_eq!(stored.json(), last);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -694,6 +694,12 @@ impl Decoder for ResponsesDecoder {
         if let Some(u) = usage {
             event = event.with_usage(u);
         }
+        // The response object the last event carries, for a writer that stores it.
+        if self.done
+            && let Some((range, id)) = scan.stored_response()
+        {
+            event = event.with_answer(range, id.map(str::to_owned));
+        }
         out.push_back(event.into());
         Ok(())
     }

@@ -1041,6 +1041,11 @@ struct ScanResponse<'a> {
     /// The usage as the hand-written check read it (`usage` is then not kept).
     #[serde(skip)]
     read_usage: Option<Option<Usage>>,
+    /// Where the object is in the event's data and whether its `status` is `failed`, as
+    /// the hand-written check read them (`None` through serde, or where its `id` or
+    /// `status` is neither a string nor `null`).
+    #[serde(skip)]
+    stored: Option<(std::ops::Range<usize>, bool)>,
 }
 
 impl<'a> StreamScan<'a> {
@@ -1071,13 +1076,17 @@ impl<'a> StreamScan<'a> {
             None => None,
         };
         let response = match found.response {
-            Some(r) => Some(Box::new(ScanResponse {
-                id: string(r.id)?,
-                model: string(r.model)?,
-                created_at: r.created_at.map(Value::from),
-                usage: None,
-                read_usage: Some(r.usage),
-            })),
+            Some(r) => {
+                let failed = string(r.status)?.as_deref() == Some("failed");
+                Some(Box::new(ScanResponse {
+                    id: string(r.id)?,
+                    model: string(r.model)?,
+                    created_at: r.created_at.map(Value::from),
+                    usage: None,
+                    read_usage: Some(r.usage),
+                    stored: (!r.odd).then_some((r.range, failed)),
+                }))
+            }
             None => None,
         };
         Some(Self {
@@ -1125,6 +1134,15 @@ impl<'a> StreamScan<'a> {
         let raw = response.usage?;
         let v: Value = serde_json::from_str(raw.get()).ok()?;
         v.is_object().then(|| usage_from(&v))
+    }
+
+    /// Where the event's `response` object is in its data, and the id a response store
+    /// keeps it under (its `id`, unless its `status` is `failed`), when the hand-written
+    /// check read them; `None` otherwise (read the data itself).
+    pub fn stored_response(&self) -> Option<(std::ops::Range<usize>, Option<&str>)> {
+        let r = self.response.as_ref()?;
+        let (range, failed) = r.stored.clone()?;
+        Some((range, r.id.as_deref().filter(|_| !failed)))
     }
 
     /// Whether the event ends the answer (`response.completed`, `.incomplete`).
@@ -2074,16 +2092,19 @@ impl EventEncoder {
         self.native(
             event.name(),
             event.data(),
+            event.answer(),
             |out| event.write_frame(out),
             out,
         );
     }
 
-    /// An upstream's own event `name` with its `data`; `write` writes it as it came.
+    /// An upstream's own event `name` with its `data` and, where its reader found it, the
+    /// whole answer it carries (see [`NativeEvent::answer`]); `write` writes it as it came.
     fn native(
         &mut self,
         name: &str,
         data: &[u8],
+        answer: Option<(&[u8], Option<&str>)>,
         write: impl FnOnce(&mut Vec<u8>),
         out: &mut Vec<u8>,
     ) {
@@ -2116,7 +2137,15 @@ impl EventEncoder {
             None => {
                 write(out);
                 if ends && self.keep_final {
-                    self.last = raw_response(data);
+                    self.last = match answer {
+                        // A copy of its own size: a slice would keep the upstream's read
+                        // buffer alive for as long as a store keeps it.
+                        Some((json, id)) => Some(Final::Raw {
+                            json: Bytes::copy_from_slice(json),
+                            store_id: id.map(str::to_owned),
+                        }),
+                        None => raw_response(data),
+                    };
                 }
             }
         }
@@ -2136,6 +2165,7 @@ impl EventEncoder {
             self.native(
                 name,
                 data.as_bytes(),
+                None,
                 |out| out.extend_from_slice(frame.as_bytes()),
                 out,
             );
@@ -2597,6 +2627,55 @@ mod tests {
             crate::json::one_byte_away(seed, &mut check);
         }
         assert!(accepted > 100, "{accepted}");
+    }
+
+    /// Where the event reader found the last event's response and the id to store it
+    /// under ([`StreamScan::stored_response`], what the writer then takes without reading
+    /// the event again), serde reads the same (checked on every document one byte away).
+    #[test]
+    fn the_response_the_event_read_found_is_the_one_serde_reads() {
+        let seeds = [
+            r#"{"type":"response.completed","response":{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message","content":[]}],"usage":{"input_tokens":1,"output_tokens":2,"total_tokens":3}},"sequence_number":9}"#,
+            r#" { "response" : { "status" : "failed" , "id" : "r" } , "type" : "response.incomplete" } "#,
+            r#"{"type":"response.completed","response":{"id":"r\u00e9\"","status":null,"n":[1,2.5e-3,true,"\u00e9"]}}"#,
+            r#"{"type":"response.completed","response":{"id":null,"status":"incomplete"}}"#,
+        ];
+        let read = |f: Final| match f {
+            Final::Raw { json, store_id } => (json, store_id),
+            Final::Built(_) => unreachable!("a raw response"),
+        };
+        let mut found = 0;
+        let mut check = |doc: &[u8]| {
+            let Ok(text) = std::str::from_utf8(doc) else {
+                return;
+            };
+            let Some(scan) = StreamScan::common(text) else {
+                return;
+            };
+            let Some((range, id)) = scan.stored_response() else {
+                return;
+            };
+            found += 1;
+            let fast = (Bytes::copy_from_slice(&doc[range]), id.map(str::to_owned));
+            let slow = raw_response_serde(doc).map(read);
+            assert_eq!(Some(fast), slow, "{text}");
+        };
+        for seed in seeds {
+            let scan = StreamScan::common(seed).expect(seed);
+            assert!(scan.stored_response().is_some(), "the seed is read: {seed}");
+            check(seed.as_bytes());
+            crate::json::one_byte_away(seed, &mut check);
+        }
+        assert!(found > 100, "{found}");
+        // An `id` or `status` of another type: left to the writer's own read.
+        for doc in [
+            r#"{"type":"response.completed","response":{"id":7}}"#,
+            r#"{"type":"response.completed","response":{"id":"r","status":{}}}"#,
+        ] {
+            let scan = StreamScan::common(doc).unwrap();
+            assert_eq!(scan.stored_response(), None, "{doc}");
+            assert_eq!(raw_response(doc.as_bytes()).map(read).unwrap().1, None);
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! dialect (Messages, Responses).
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -58,8 +59,9 @@ pub struct NativeEvent {
     name: Name,
     data: Bytes,
     head: Arc<StreamHead>,
-    // Boxed: only the event that ends a stream carries it.
+    // Boxed: only the event that ends a stream carries them.
     usage: Option<Box<Usage>>,
+    answer: Option<Box<Answer>>,
     choice: bool,
     finish: bool,
     tool: Option<u32>,
@@ -76,6 +78,7 @@ impl NativeEvent {
             data,
             head,
             usage: None,
+            answer: None,
             choice: false,
             finish: false,
             tool: None,
@@ -95,6 +98,24 @@ impl NativeEvent {
     pub fn with_usage(mut self, usage: Usage) -> Self {
         self.usage = Some(Box::new(usage));
         self
+    }
+
+    /// Marks the event as carrying the whole answer (a Responses stream's last event
+    /// carries the response object): its `range` in the data, and the `store_id` a
+    /// response store keeps it under. An out-of-range `range` is ignored.
+    #[must_use]
+    pub fn with_answer(mut self, range: Range<usize>, store_id: Option<String>) -> Self {
+        if self.data.get(range.clone()).is_some() {
+            self.answer = Some(Box::new(Answer { range, store_id }));
+        }
+        self
+    }
+
+    /// The whole answer the event carries and the id to store it under, when its reader
+    /// marked it ([`with_answer`](Self::with_answer)).
+    pub fn answer(&self) -> Option<(&[u8], Option<&str>)> {
+        let a = self.answer.as_deref()?;
+        Some((self.data.get(a.range.clone())?, a.store_id.as_deref()))
     }
 
     /// The chat tool-call index the event speaks of (a tool block's start or arguments),
@@ -232,6 +253,13 @@ impl NativeEvent {
     }
 }
 
+/// Where the answer an event carries is in its data (see [`NativeEvent::with_answer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    range: Range<usize>,
+    store_id: Option<String>,
+}
+
 /// An event's name. The dialects' own names (nearly every event) are kept as the static
 /// strings they equal: no slice of the read buffer to count, and no UTF-8 check each
 /// time the name is read.
@@ -295,6 +323,7 @@ impl fmt::Debug for NativeEvent {
             .field("name", &self.name())
             .field("data", &String::from_utf8_lossy(&self.data))
             .field("usage", &self.usage)
+            .field("answer", &self.answer)
             .field("choice", &self.choice)
             .field("finish", &self.finish)
             .field("tool", &self.tool)

@@ -281,12 +281,17 @@ pub(crate) struct ItemFound {
     pub(crate) arguments: Option<StringFound>,
 }
 
-/// An event's `response`: its `id` and `model` where they are strings, `created_at`
-/// where it is a `u64`, and its usage (`None` when absent, `null` or not an object).
+/// An event's `response`: where the object is, its `id`, `model` and `status` where
+/// they are strings (`odd` when `id` or `status` is there and neither a string nor
+/// `null`), `created_at` where it is a `u64`, and its usage (`None` when absent, `null` or
+/// not an object).
 #[derive(Default)]
 pub(crate) struct ResponseFound {
+    pub(crate) range: Range<usize>,
     pub(crate) id: Option<StringFound>,
     pub(crate) model: Option<StringFound>,
+    pub(crate) status: Option<StringFound>,
+    pub(crate) odd: bool,
     pub(crate) created_at: Option<u64>,
     pub(crate) usage: Option<Usage>,
 }
@@ -893,11 +898,25 @@ impl<'a> Scanner<'a> {
     /// A streamed event's `response` (see [`ResponseFound`]).
     fn event_response(&mut self) -> Option<Option<Box<ResponseFound>>> {
         let mut r = Box::<ResponseFound>::default();
-        let read = self.opt_object([b"id", b"model", b"created_at", b"usage"], |s, i| {
+        self.ws();
+        let start = self.i;
+        let names = [
+            b"id".as_slice(),
+            b"model",
+            b"status",
+            b"created_at",
+            b"usage",
+        ];
+        let read = self.opt_object(names, |s, i| {
             match i {
-                0 => r.id = s.lenient_string()?,
+                0 | 2 => {
+                    let null = s.peek()? == b'n';
+                    let v = s.lenient_string()?;
+                    r.odd |= v.is_none() && !null;
+                    if i == 0 { r.id = v } else { r.status = v }
+                }
                 1 => r.model = s.lenient_string()?,
-                2 => {
+                3 => {
                     r.created_at = match s.peek()? {
                         b'0'..=b'9' => Some(s.u64()?),
                         _ => s.value().map(|()| None)?,
@@ -912,6 +931,7 @@ impl<'a> Scanner<'a> {
             }
             Some(())
         })?;
+        r.range = start..self.i;
         Some(read.map(|()| r))
     }
 
