@@ -103,6 +103,18 @@ impl NativeEvent {
     /// Marks the event as carrying the whole answer (a Responses stream's last event
     /// carries the response object): its `range` in the data, and the `store_id` a
     /// response store keeps it under. An out-of-range `range` is ignored.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use llm_tower_core::NativeEvent;
+    /// use llm_tower_core::dialect::Dialect;
+    ///
+    /// let data = br#"{"type":"response.completed","response":{"id":"resp_1"}}"#;
+    /// let ev = NativeEvent::new(Dialect::Responses, "response.completed".into(), data.as_slice().into(), Arc::default())
+    ///     .unwrap()
+    ///     .with_answer(40..55, Some("resp_1".into()));
+    /// assert_eq!(ev.answer(), Some((br#"{"id":"resp_1"}"#.as_slice(), Some("resp_1"))));
+    /// ```
     #[must_use]
     pub fn with_answer(mut self, range: Range<usize>, store_id: Option<String>) -> Self {
         if self.data.get(range.clone()).is_some() {
