@@ -214,7 +214,8 @@ impl Heap for StreamEvent {
                     + c.usage()
                         .map_or(0, |u| alloc(size_of::<Usage>()) + u.heap())
             }
-            // Likewise the name and the data; the head is shared by the stream's events.
+            // Likewise the data, and the name (an upper bound: the dialects' own names
+            // are static strings); the head is shared by the stream's events.
             StreamEvent::Native(e) => {
                 alloc(e.name().len())
                     + alloc(e.data().len())
