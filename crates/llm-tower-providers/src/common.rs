@@ -16,8 +16,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use llm_tower_core::dialect::Dialect;
 use llm_tower_core::{
-    Deadline, LlmError, LlmResponse, PaidAttempt, RateLimitHeadroom, StreamEvent, TraceParent,
+    Deadline, LlmError, LlmResponse, NativeEvent, PaidAttempt, RateLimitHeadroom, StreamEvent,
+    StreamHead, TraceParent,
 };
 use tokio::time::Instant;
 
@@ -529,6 +531,22 @@ impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
+}
+
+/// `ev` kept as its upstream sent it, in `dialect`: named by its `event:` line, or by
+/// `fallback` (the event's type) where that line is missing or not UTF-8. `None` when
+/// neither is a name.
+pub(crate) fn native_event(
+    dialect: Dialect,
+    ev: &SseEvent,
+    fallback: &str,
+    head: &Arc<StreamHead>,
+) -> Option<NativeEvent> {
+    let native =
+        |name: Bytes| NativeEvent::new(dialect, name, ev.data_bytes().clone(), head.clone());
+    ev.event_bytes()
+        .and_then(|name| native(name.clone()))
+        .or_else(|| native(Bytes::copy_from_slice(fallback.as_bytes())))
 }
 
 /// Applies the alias → provider model mapping and the default model.

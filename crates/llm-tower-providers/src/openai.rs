@@ -9,14 +9,14 @@ use bytes::Bytes;
 use llm_tower_core::dialect::responses::StreamScan;
 use llm_tower_core::{
     ChatChunk, ChatRequest, Dialect, EmbeddingsResponse, EncodedChunk, EncodedResponse, LlmError,
-    LlmResponse, NativeEvent, NativeRequest, StreamEvent, StreamHead, StreamOptions, TraceParent,
+    LlmResponse, NativeRequest, StreamEvent, StreamHead, StreamOptions, TraceParent,
 };
 use serde::Deserialize;
 use serde_json::Value;
 use tower_service::Service;
 
 use crate::classify;
-use crate::common::{Decoder, Endpoint, ResponseFuture, SseStream, map_model};
+use crate::common::{Decoder, Endpoint, ResponseFuture, SseStream, map_model, native_event};
 use crate::http::HttpClient;
 use crate::limits::ResponseLimits;
 use crate::secret::ApiKey;
@@ -668,22 +668,8 @@ impl Decoder for ResponsesDecoder {
             }
             _ => {}
         }
-        // The upstream's name (one that is not UTF-8 gives way to the event's type).
-        let native = |name: Bytes| {
-            NativeEvent::new(
-                Dialect::Responses,
-                name,
-                ev.data_bytes().clone(),
-                self.head.clone(),
-            )
-        };
-        let mut event = ev
-            .event_bytes()
-            .and_then(|name| native(name.clone()))
-            .or_else(|| match kind {
-                "" => native(Bytes::from_static(b"message")),
-                _ => native(Bytes::copy_from_slice(kind.as_bytes())),
-            })
+        let fallback = if kind.is_empty() { "message" } else { kind };
+        let mut event = native_event(Dialect::Responses, ev, fallback, &self.head)
             .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
         if scan.has_content(tool) {
             event = event.with_choice(scan.is_end());

@@ -4,17 +4,16 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use llm_tower_core::dialect::Dialect;
 use llm_tower_core::dialect::messages::StreamScan;
 use llm_tower_core::{
-    ChatRequest, ChatResponse, Content, ContentPart, LlmError, Message, NativeEvent, PaidAttempt,
-    Role, StreamEvent, StreamHead, Usage,
+    ChatRequest, ChatResponse, Content, ContentPart, LlmError, Message, PaidAttempt, Role,
+    StreamEvent, StreamHead, Usage,
 };
 use serde_json::{Map, Value, json};
 
 use crate::classify;
-use crate::common::Decoder;
+use crate::common::{Decoder, native_event};
 use crate::secret::ApiKey;
 use crate::sse::SseEvent;
 
@@ -635,19 +634,7 @@ impl Decoder for AnthropicDecoder {
         }
         let content = scan.has_content(step.tool);
         let finish = kind == "message_delta" && scan.stop_reason().is_some();
-        // The upstream's name (one that is not UTF-8 gives way to the event's type).
-        let native = |name: Bytes| {
-            NativeEvent::new(
-                Dialect::Messages,
-                name,
-                ev.data_bytes().clone(),
-                self.head.clone(),
-            )
-        };
-        let mut event = ev
-            .event_bytes()
-            .and_then(|name| native(name.clone()))
-            .or_else(|| native(Bytes::copy_from_slice(kind.as_bytes())))
+        let mut event = native_event(Dialect::Messages, ev, kind, &self.head)
             .ok_or_else(|| self.malformed("an event name that is not UTF-8"))?;
         if content {
             event = event.with_choice(finish);
