@@ -630,7 +630,7 @@ impl Decoder for ResponsesDecoder {
             return Err(self.failure(kind, ev.data()));
         }
         let mut tool = None;
-        let mut usage = None;
+        let (mut usage, mut answer) = (None, None);
         match kind {
             "response.created" => {
                 let (id, model, created) = scan.response_head();
@@ -665,6 +665,8 @@ impl Decoder for ResponsesDecoder {
                 self.done = true;
                 tool = u32::try_from(self.tools.len()).ok();
                 usage = scan.usage();
+                // The response object it carries, for a writer that stores it.
+                answer = scan.stored_response();
             }
             _ => {}
         }
@@ -680,10 +682,7 @@ impl Decoder for ResponsesDecoder {
         if let Some(u) = usage {
             event = event.with_usage(u);
         }
-        // The response object the last event carries, for a writer that stores it.
-        if self.done
-            && let Some((range, id)) = scan.stored_response()
-        {
+        if let Some((range, id)) = answer {
             event = event.with_answer(range, id.map(str::to_owned));
         }
         out.push_back(event.into());
