@@ -2594,6 +2594,14 @@ mod tests {
         assert!(accepted > 100, "{accepted}");
     }
 
+    /// A stream's last response as read for a store: its JSON text and store id.
+    fn raw(f: Final) -> (Bytes, Option<String>) {
+        match f {
+            Final::Raw { json, store_id } => (json, store_id),
+            Final::Built(_) => unreachable!("a raw response"),
+        }
+    }
+
     /// The hand-written scan of a stream's last event reads what serde reads (the
     /// response's JSON text and the id it is stored under) and never accepts what serde
     /// refuses (checked on every document one byte away).
@@ -2604,10 +2612,6 @@ mod tests {
             r#" { "response" : { "status" : "failed" , "id" : "r" } , "type" : "response.failed" } "#,
             r#"{"response":{"id":null,"status":null,"n":[1,2.5e-3,true,"\u00e9"]}}"#,
         ];
-        let read = |f: Final| match f {
-            Final::Raw { json, store_id } => (json, store_id),
-            Final::Built(_) => unreachable!("a raw response"),
-        };
         let mut accepted = 0;
         let mut check = |doc: &[u8]| {
             let Ok(text) = std::str::from_utf8(doc) else {
@@ -2617,8 +2621,8 @@ mod tests {
                 return;
             }
             accepted += 1;
-            let fast = raw_response(doc).map(read);
-            let slow = raw_response_serde(doc).map(read);
+            let fast = raw_response(doc).map(raw);
+            let slow = raw_response_serde(doc).map(raw);
             assert!(slow.is_some(), "serde refuses {text}");
             assert_eq!(fast, slow, "{text}");
         };
@@ -2640,10 +2644,6 @@ mod tests {
             r#"{"type":"response.completed","response":{"id":"r\u00e9\"","status":null,"n":[1,2.5e-3,true,"\u00e9"]}}"#,
             r#"{"type":"response.completed","response":{"id":null,"status":"incomplete"}}"#,
         ];
-        let read = |f: Final| match f {
-            Final::Raw { json, store_id } => (json, store_id),
-            Final::Built(_) => unreachable!("a raw response"),
-        };
         let mut found = 0;
         let mut check = |doc: &[u8]| {
             let Ok(text) = std::str::from_utf8(doc) else {
@@ -2657,7 +2657,7 @@ mod tests {
             };
             found += 1;
             let fast = (Bytes::copy_from_slice(&doc[range]), id.map(str::to_owned));
-            let slow = raw_response_serde(doc).map(read);
+            let slow = raw_response_serde(doc).map(raw);
             assert_eq!(Some(fast), slow, "{text}");
         };
         for seed in seeds {
@@ -2674,7 +2674,7 @@ mod tests {
         ] {
             let scan = StreamScan::common(doc).unwrap();
             assert_eq!(scan.stored_response(), None, "{doc}");
-            assert_eq!(raw_response(doc.as_bytes()).map(read).unwrap().1, None);
+            assert_eq!(raw_response(doc.as_bytes()).map(raw).unwrap().1, None);
         }
     }
 
