@@ -128,21 +128,28 @@ pub(crate) enum Closed {
     Already,
 }
 
+/// An open hold: its amount and when it is released if never settled.
 #[derive(Debug, Clone, Copy)]
-struct Entry {
+struct Open {
     amount: u64,
     expires: Instant,
-    open: bool,
 }
 
 /// The holds and tombstones of one account (a budget key, a bucket), with their expiry
 /// order. Empty tables do not allocate; a busy table reuses its capacity, so a request
 /// costs map and queue operations but no allocation in the steady state.
+///
+/// Its size is the open holds (the requests in flight) plus the tombstones (the request
+/// rate times the tombstone lifetime): open holds and tombstones are kept apart, so that
+/// the expiry heap holds only what open holds made and a tombstone costs an id and an
+/// instant twice (its map entry and its place in the queue).
 #[derive(Debug, Default)]
 pub(crate) struct HoldTable {
-    entries: crate::FastMap<HoldId, Entry>,
+    open: crate::FastMap<HoldId, Open>,
     /// Open holds by expiry (items of holds closed since are stale and skipped).
     by_expiry: BinaryHeap<Reverse<(Instant, HoldId)>>,
+    /// Tombstones: closed ids and until when they are remembered.
+    closed: crate::FastMap<HoldId, Instant>,
     /// Tombstones in the order they were made: a store gives them all one lifetime, so
     /// they also expire in this order and leave from the front, without a heap's cache
     /// misses on every request.
@@ -158,14 +165,13 @@ impl HoldTable {
                 break;
             }
             self.by_expiry.pop();
-            // Only a hold still open at this expiry is released; a closed one is a tombstone
-            // with its own expiry (or gone).
-            if let Some(e) = self.entries.get(&id)
-                && e.open
-                && e.expires == at
+            // Only a hold still open at this expiry is released (a closed one has left
+            // `open`; one opened again since has another expiry).
+            if let Some(&h) = self.open.get(&id)
+                && h.expires == at
             {
-                released = released.saturating_add(e.amount);
-                self.entries.remove(&id);
+                released = released.saturating_add(h.amount);
+                self.open.remove(&id);
             }
         }
         while let Some(&(at, id)) = self.tombs.front() {
@@ -173,11 +179,10 @@ impl HoldTable {
                 break;
             }
             self.tombs.pop_front();
-            if let Some(e) = self.entries.get(&id)
-                && !e.open
-                && e.expires == at
-            {
-                self.entries.remove(&id);
+            // Only the tombstone this item was made for (the id may have been held and
+            // closed again since, with a later expiry).
+            if self.closed.get(&id) == Some(&at) {
+                self.closed.remove(&id);
             }
         }
         released
@@ -185,60 +190,41 @@ impl HoldTable {
 
     /// Whether `id` is known (an open hold or a tombstone).
     pub(crate) fn contains(&self, id: HoldId) -> bool {
-        self.entries.contains_key(&id)
+        self.open.contains_key(&id) || self.closed.contains_key(&id)
     }
 
     /// Records an open hold (the caller checked it is new; the same id twice in one
     /// reservation, e.g. two charges on one key, adds up).
     pub(crate) fn hold(&mut self, id: HoldId, amount: u64, expires: Instant) {
-        match self.entries.get_mut(&id) {
-            Some(e) if e.open => e.amount = e.amount.saturating_add(amount),
-            _ => {
-                self.entries.insert(
-                    id,
-                    Entry {
-                        amount,
-                        expires,
-                        open: true,
-                    },
-                );
-                self.by_expiry.push(Reverse((expires, id)));
-            }
+        if let Some(h) = self.open.get_mut(&id) {
+            h.amount = h.amount.saturating_add(amount);
+            return;
         }
+        self.closed.remove(&id);
+        self.open.insert(id, Open { amount, expires });
+        self.by_expiry.push(Reverse((expires, id)));
     }
 
     /// Closes `id`: an open hold becomes a tombstone until `tomb_until`; a missing one
     /// leaves a tombstone; a tombstone stays as it is.
     pub(crate) fn close(&mut self, id: HoldId, tomb_until: Instant) -> Closed {
-        let tomb = Entry {
-            amount: 0,
-            expires: tomb_until,
-            open: false,
+        let found = match self.open.remove(&id) {
+            Some(h) => Closed::Held(h.amount),
+            None if self.closed.contains_key(&id) => return Closed::Already,
+            None => Closed::Missing,
         };
-        let found = match self.entries.get_mut(&id) {
-            Some(e) if !e.open => return Closed::Already,
-            Some(e) => {
-                let held = e.amount;
-                *e = tomb;
-                Closed::Held(held)
-            }
-            None => {
-                self.entries.insert(id, tomb);
-                Closed::Missing
-            }
-        };
+        self.closed.insert(id, tomb_until);
         self.tombs.push_back((tomb_until, id));
         // A closed hold's heap item (due at the hold's expiry, minutes away) is now stale.
         // Left alone, such items would pile up by the request rate times the hold
-        // lifetime; rebuilding from the open holds once the heap outgrows the entries keeps
-        // it within twice the entries, at O(1) amortized per close.
-        if self.by_expiry.len() > 2 * self.entries.len() + 64 {
+        // lifetime; rebuilding from the open holds once the heap outgrows them keeps it
+        // within twice the requests in flight, at O(1) amortized per close.
+        if self.by_expiry.len() > 2 * self.open.len() + 64 {
             // In place: the heap keeps its capacity, so a busy table does not free and
             // fault in its pages again on every rebuild.
-            let entries = &self.entries;
-            self.by_expiry.retain(|Reverse((at, id))| {
-                entries.get(id).is_some_and(|e| e.open && e.expires == *at)
-            });
+            let open = &self.open;
+            self.by_expiry
+                .retain(|Reverse((at, id))| open.get(id).is_some_and(|h| h.expires == *at));
         }
         found
     }
@@ -246,12 +232,12 @@ impl HoldTable {
     /// No hold and no tombstone.
     #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))]
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.open.is_empty() && self.closed.is_empty()
     }
 
     /// Open holds.
     pub(crate) fn open_holds(&self) -> usize {
-        self.entries.values().filter(|e| e.open).count()
+        self.open.len()
     }
 }
 
@@ -270,12 +256,53 @@ mod tests {
             t.sweep(at);
             t.hold(id, 1, at + Duration::from_secs(600));
             assert_eq!(t.close(id, at + Duration::from_secs(2)), Closed::Held(1));
-            assert!(t.by_expiry.len() <= 2 * t.entries.len() + 65);
+            // The heap holds what the open holds made, not what the tombstones did.
+            assert!(t.by_expiry.len() <= 65, "{}", t.by_expiry.len());
         }
         // Only the tombstones of the last 2 s are alive (40 000 at one request per 50 µs).
-        assert!(t.entries.len() <= 40_001, "{}", t.entries.len());
+        assert!(t.closed.len() <= 40_001, "{}", t.closed.len());
+        assert_eq!(t.tombs.len(), t.closed.len());
         assert_eq!(t.open_holds(), 0);
         assert_eq!(t.sweep(now + Duration::from_secs(3600)), 0);
+        assert!(t.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_heap_follows_the_holds_in_flight() {
+        let now = Instant::now();
+        let mut t = HoldTable::default();
+        // 500 requests in flight at any time, each settled 500 requests after it was held.
+        for i in 0..20_000u128 {
+            let at = now + Duration::from_micros(i as u64 * 50);
+            t.sweep(at);
+            t.hold(HoldId::from_u128(i), 1, at + Duration::from_secs(600));
+            if i >= 500 {
+                let old = HoldId::from_u128(i - 500);
+                assert_eq!(t.close(old, at + Duration::from_secs(2)), Closed::Held(1));
+            }
+            assert!(t.by_expiry.len() <= 2 * 501 + 64, "{}", t.by_expiry.len());
+        }
+        assert_eq!(t.open_holds(), 500);
+        // Every open hold is still released at its expiry.
+        assert_eq!(t.sweep(now + Duration::from_secs(3600)), 500);
+        assert!(t.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_id_held_again_keeps_its_new_tombstone() {
+        let now = Instant::now();
+        let mut t = HoldTable::default();
+        let a = HoldId::from_u128(7);
+        assert_eq!(t.close(a, now + Duration::from_secs(1)), Closed::Missing);
+        // Held again (a caller that did not check), then closed with a later tombstone.
+        t.hold(a, 3, now + Duration::from_secs(60));
+        assert_eq!(t.close(a, now + Duration::from_secs(5)), Closed::Held(3));
+        // The first tombstone's queue item passes without taking the second one along.
+        assert_eq!(t.sweep(now + Duration::from_secs(2)), 0);
+        assert!(t.contains(a));
+        assert_eq!(t.close(a, now + Duration::from_secs(9)), Closed::Already);
+        t.sweep(now + Duration::from_secs(5));
+        assert!(!t.contains(a));
         assert!(t.is_empty());
     }
 
