@@ -18,6 +18,7 @@
 //! So a budget's spend is *settled + open holds*, and never less than what was settled.
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
@@ -167,11 +168,10 @@ impl HoldTable {
             self.by_expiry.pop();
             // Only a hold still open at this expiry is released (a closed one has left
             // `open`; one opened again since has another expiry).
-            if let Some(&h) = self.open.get(&id)
-                && h.expires == at
+            if let Entry::Occupied(h) = self.open.entry(id)
+                && h.get().expires == at
             {
-                released = released.saturating_add(h.amount);
-                self.open.remove(&id);
+                released = released.saturating_add(h.remove().amount);
             }
         }
         while let Some(&(at, id)) = self.tombs.front() {
@@ -181,8 +181,10 @@ impl HoldTable {
             self.tombs.pop_front();
             // Only the tombstone this item was made for (the id may have been held and
             // closed again since, with a later expiry).
-            if self.closed.get(&id) == Some(&at) {
-                self.closed.remove(&id);
+            if let Entry::Occupied(t) = self.closed.entry(id)
+                && *t.get() == at
+            {
+                t.remove();
             }
         }
         released
