@@ -247,20 +247,28 @@ impl HoldTable {
 mod tests {
     use super::*;
 
+    /// `n` requests, one every 50 µs, each held for ten minutes and settled `in_flight`
+    /// requests later (tombstone: 2 s), with the heap's bound checked after each.
+    fn settle_in_turn(t: &mut HoldTable, now: Instant, n: u128, in_flight: u128) {
+        for i in 0..n {
+            let at = now + Duration::from_micros(i as u64 * 50);
+            t.sweep(at);
+            t.hold(HoldId::from_u128(i), 1, at + Duration::from_secs(600));
+            if i >= in_flight {
+                let id = HoldId::from_u128(i - in_flight);
+                assert_eq!(t.close(id, at + Duration::from_secs(2)), Closed::Held(1));
+            }
+            // The heap holds what the open holds made, not what the tombstones did.
+            let bound = 2 * (in_flight as usize + 1) + 64;
+            assert!(t.by_expiry.len() <= bound, "{}", t.by_expiry.len());
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn closed_holds_leave_no_stale_heap_items_behind() {
         let now = Instant::now();
         let mut t = HoldTable::default();
-        // Many requests, each held for ten minutes and settled at once (tombstone: 2 s).
-        for i in 0..100_000u128 {
-            let at = now + Duration::from_micros(i as u64 * 50);
-            let id = HoldId::from_u128(i);
-            t.sweep(at);
-            t.hold(id, 1, at + Duration::from_secs(600));
-            assert_eq!(t.close(id, at + Duration::from_secs(2)), Closed::Held(1));
-            // The heap holds what the open holds made, not what the tombstones did.
-            assert!(t.by_expiry.len() <= 65, "{}", t.by_expiry.len());
-        }
+        settle_in_turn(&mut t, now, 100_000, 0);
         // Only the tombstones of the last 2 s are alive (40 000 at one request per 50 µs).
         assert!(t.closed.len() <= 40_001, "{}", t.closed.len());
         assert_eq!(t.tombs.len(), t.closed.len());
@@ -273,17 +281,7 @@ mod tests {
     async fn the_heap_follows_the_holds_in_flight() {
         let now = Instant::now();
         let mut t = HoldTable::default();
-        // 500 requests in flight at any time, each settled 500 requests after it was held.
-        for i in 0..20_000u128 {
-            let at = now + Duration::from_micros(i as u64 * 50);
-            t.sweep(at);
-            t.hold(HoldId::from_u128(i), 1, at + Duration::from_secs(600));
-            if i >= 500 {
-                let old = HoldId::from_u128(i - 500);
-                assert_eq!(t.close(old, at + Duration::from_secs(2)), Closed::Held(1));
-            }
-            assert!(t.by_expiry.len() <= 2 * 501 + 64, "{}", t.by_expiry.len());
-        }
+        settle_in_turn(&mut t, now, 20_000, 500);
         assert_eq!(t.open_holds(), 500);
         // Every open hold is still released at its expiry.
         assert_eq!(t.sweep(now + Duration::from_secs(3600)), 500);
