@@ -212,10 +212,16 @@ impl HoldTable {
     pub(crate) fn close(&mut self, id: HoldId, tomb_until: Instant) -> Closed {
         let found = match self.open.remove(&id) {
             Some(h) => Closed::Held(h.amount),
-            None if self.closed.contains_key(&id) => return Closed::Already,
             None => Closed::Missing,
         };
-        self.closed.insert(id, tomb_until);
+        // An id is never open and a tombstone at once (`hold` drops the tombstone), so an
+        // existing tombstone means the id was not open: one lookup checks and inserts.
+        match self.closed.entry(id) {
+            Entry::Occupied(_) => return Closed::Already,
+            Entry::Vacant(t) => {
+                t.insert(tomb_until);
+            }
+        }
         self.tombs.push_back((tomb_until, id));
         // A closed hold's heap item (due at the hold's expiry, minutes away) is now stale.
         // Left alone, such items would pile up by the request rate times the hold
